@@ -1,0 +1,1 @@
+"""Keras layers for HipAtlas (ProST, inv-ProST, warps). Importing this registers them."""
