@@ -23,6 +23,7 @@ log = logging.getLogger("hipatlas")
 #: Modules that contribute subcommands through ``add_parser(subparsers)``.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "inference.cli_commands",
+    "inference.selftest",
 )
 
 EXIT_BAD_INPUT = 2
@@ -39,6 +40,9 @@ def build_parser(extra: Sequence[Callable[[argparse._SubParsersAction], None]] =
     parser.add_argument("--version", action="version", version=f"hipatlas {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--self-test", action="store_true",
+                        help="check the installation (resources, demo registration) and exit 0 or 1; "
+                        "same as the self-test subcommand")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in SUBCOMMAND_MODULES:
         importlib.import_module(module_name).add_parser(subparsers)
@@ -63,6 +67,10 @@ def run(argv: Sequence[str] | None = None,
     parser = build_parser(extra)
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
+    if args.self_test and not getattr(args, "handler", None):
+        from inference import selftest
+
+        args.handler = selftest.handle
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_BAD_INPUT

@@ -46,3 +46,8 @@ class ModelError(HipAtlasError):
 
 class Cancelled(HipAtlasError):
     """Long-running work was cancelled by the user."""
+
+
+class OutputError(HipAtlasError):
+    """An output file or folder cannot be written (exists and overwriting is not allowed, no
+    permission, unsupported file type)."""

@@ -1,0 +1,728 @@
+"""The planning session: everything the workstation knows about the open case, without Qt.
+
+The main window owns one :class:`Session` and calls its methods from slots; the session never
+imports Qt, so the whole workflow (open, edit masks, register, move landmarks, export, save a
+project) can be driven and tested without a display.
+
+Workflow state
+--------------
+* **Case**: a ``hipatlas-case/1`` folder (:func:`inference.io.load_case`), or two radiographs
+  imported with their calibration (:meth:`Session.import_radiographs` writes such a folder in the
+  session's work folder, so the pipeline always reads a case folder).
+* **Masks**: one bool mask per view: the case's mask file when there is one, else a proposal
+  (:func:`app.masks.propose_mask`). Each view must be *confirmed* before registering; any edit
+  withdraws the confirmation.
+* **Result**: the registration outputs loaded for display (:class:`LoadedResult`), built in the
+  worker thread by the job from :meth:`Session.registration_job`.
+* **Landmarks**: the surgeon may move landmarks; measurements are then recomputed with
+  :func:`inference.measure.measurements_from_landmarks`. The pipeline's values are kept to reset.
+
+Calibration JSON (for importing two radiographs that are not self-describing DICOM files)
+----------------------------------------------------------------------------------------
+``{"format": "hipatlas-calibration/1", "projection_matrix": [[4 numbers] x 3]}`` or, for a
+C-arm described by its parameters (:class:`inference.geometry.CArmView`, image size taken from the
+radiograph), ``{"format": "hipatlas-calibration/1", "carm": {"sdd_mm": ..., "sid_mm": ...,
+"lao_deg": ..., "cranial_deg": ..., "pixel_mm": ..., optional "pixel_v_mm", "principal_point_px",
+"isocentre_mm", "viewed_from"}}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import hashlib
+import io as _stdio
+import json
+import logging
+import os
+import pathlib
+import re
+import secrets
+import shutil
+import tempfile
+from typing import Any, Callable, Generator, Iterable, Sequence
+
+import numpy as np
+
+from app import imaging, masks as mask_ops
+from inference import __version__, geometry, io
+from inference.errors import CalibrationError, CaseFormatError, DataError, HipAtlasError, InputFileError, OutputError
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_FORMAT = "hipatlas-calibration/1"
+RESEARCH_NOTICE = "Research use only \u2014 not for diagnosis or treatment decisions."
+LENGTH_UNITS = {"mm": 1.0, "cm": 0.1}
+
+#: Rows of the measurements table: key in measurements.json, label, kind.
+MEASUREMENT_ROWS = (
+    ("hip_centre_mm", "Hip centre (x, y, z)", "point"),
+    ("head_radius_mm", "Femoral head radius", "length"),
+    ("femoral_offset_mm", "Femoral offset", "length"),
+    ("neck_shaft_angle_deg", "Neck-shaft angle (CCD)", "angle"),
+    ("vertical_offset_mm", "Vertical offset (head to lesser trochanter)", "length"),
+)
+
+#: Landmarks the surgeon may move, with labels (others found in a result are shown too).
+LANDMARK_LABELS = {
+    "head_centre": "Head centre",
+    "neck_point": "Neck axis point",
+    "shaft_point_proximal": "Shaft axis, proximal point",
+    "shaft_point_distal": "Shaft axis, distal point",
+    "lesser_trochanter": "Lesser trochanter",
+    "greater_trochanter": "Greater trochanter",
+}
+
+#: DICOM attributes that identify the patient (shown in the report unless anonymised).
+PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName")
+
+
+# --------------------------------------------------------------------------------------------
+# Data classes
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(eq=False)
+class ViewState:
+    """A view of the open case as the workstation shows and edits it."""
+
+    name: str
+    mask: np.ndarray                 # (rows, cols) bool, edited in place
+    mask_source: str                 # "case file", "proposed", "edited", "project"
+    confirmed: bool
+    calibration: dict[str, Any]      # {"source": ..., details...} for display and the report
+    display: np.ndarray              # (rows, cols) uint8 windowed radiograph
+
+
+@dataclasses.dataclass(frozen=True)
+class RadiographImport:
+    """One radiograph to import: the image, its calibration JSON (None: the DICOM geometry tags)
+    and optionally a mask image."""
+
+    name: str
+    image_path: pathlib.Path
+    calibration_path: pathlib.Path | None = None
+    mask_path: pathlib.Path | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class LoadedResult:
+    """Registration outputs loaded for display (built off the GUI thread)."""
+
+    out_dir: pathlib.Path
+    files: dict[str, pathlib.Path]
+    measurements: dict[str, Any]
+    landmarks_mm: dict[str, list[float]]
+    warnings: list[str]
+    report: dict[str, Any]
+    surface_vertices: np.ndarray     # (N, 3) world mm
+    surface_faces: np.ndarray        # (M, 3)
+    labels: np.ndarray               # (z, y, x) uint8
+    grid: geometry.VolumeGeometry
+    volume: np.ndarray | None        # (z, y, x) warped atlas intensities (HU) or None
+    contours: dict[str, np.ndarray]  # view name -> (rows, cols, 4) RGBA contour layer
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """What :meth:`Session.export` writes."""
+
+    surface_stl: bool = True
+    nifti: bool = True
+    measurements_json: bool = True
+    measurements_csv: bool = True
+    pdf_report: bool = True
+    anonymise: bool = False
+    units: str = "mm"
+
+    def __post_init__(self) -> None:
+        if self.units not in LENGTH_UNITS:
+            raise ValueError(f"units must be one of {sorted(LENGTH_UNITS)}, not {self.units!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers (pure)
+# --------------------------------------------------------------------------------------------
+def read_calibration_json(path: str | os.PathLike, image_shape: tuple[int, int]) -> tuple[np.ndarray, dict[str, Any]]:
+    """``(P, details)`` from a calibration JSON file (format in the module docstring)."""
+    path = pathlib.Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: calibration file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"{path}: cannot read the calibration file ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise CaseFormatError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
+        raise CaseFormatError(f'{path}: "format" must be "{CALIBRATION_FORMAT}"')
+    details: dict[str, Any] = {"file": path.name}
+    if "projection_matrix" in data:
+        try:
+            P = np.asarray(data["projection_matrix"], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise CaseFormatError(f"{path}: projection_matrix must be 3 rows of 4 numbers") from None
+        if P.shape != (3, 4):
+            raise CaseFormatError(f"{path}: projection_matrix has shape {P.shape}, expected 3 rows of 4 numbers")
+    elif isinstance(data.get("carm"), dict):
+        params = dict(data["carm"])
+        allowed = {"sdd_mm", "sid_mm", "lao_deg", "cranial_deg", "pixel_mm", "pixel_v_mm",
+                   "principal_point_px", "isocentre_mm", "viewed_from"}
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise CaseFormatError(f"{path}: unknown C-arm parameter(s) {', '.join(unknown)}")
+        missing = sorted({"sdd_mm", "sid_mm", "lao_deg", "cranial_deg", "pixel_mm"} - set(params))
+        if missing:
+            raise CaseFormatError(f"{path}: carm is missing {', '.join(missing)}")
+        for key in ("principal_point_px", "isocentre_mm"):
+            if key in params and params[key] is not None:
+                params[key] = tuple(params[key])
+        view = geometry.CArmView(rows=int(image_shape[0]), cols=int(image_shape[1]), **params)
+        P = geometry.projection_matrix(view)
+        details["carm"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data["carm"].items()}
+    else:
+        raise CaseFormatError(f"{path}: give either projection_matrix or carm parameters")
+    geometry.validate_projection_matrix(P, f"{path} projection_matrix")
+    return P, details
+
+
+def patient_identifiers(case: io.Case) -> dict[str, str]:
+    """Patient identifiers found in the case's DICOM headers (empty for PNG/TIFF cases)."""
+    found: dict[str, str] = {}
+    for view in case.views:
+        dataset = view.image.dicom_dataset
+        if dataset is None:
+            continue
+        for keyword in PATIENT_KEYWORDS:
+            value = getattr(dataset, keyword, None)
+            if value not in (None, "") and keyword not in found:
+                found[keyword] = str(value)
+    return found
+
+
+def format_length(value_mm: float, units: str) -> str:
+    return f"{value_mm * LENGTH_UNITS[units]:.{1 if units == 'mm' else 2}f}"
+
+
+def measurement_rows(measurements: dict[str, Any], units: str = "mm") -> list[tuple[str, str, str]]:
+    """``(label, value text, unit)`` rows for the measurements table and the PDF report."""
+    rows = []
+    shown = set()
+    for key, label, kind in MEASUREMENT_ROWS:
+        if key not in measurements or measurements[key] is None:
+            continue
+        shown.add(key)
+        value = measurements[key]
+        if kind == "point":
+            rows.append((label, ", ".join(format_length(float(v), units) for v in value), units))
+        elif kind == "length":
+            rows.append((label, format_length(float(value), units), units))
+        else:
+            rows.append((label, f"{float(value):.1f}", "deg"))
+    for key, value in measurements.items():
+        # Further scalar measurements a newer measure.py may add, shown with the unit of their name.
+        if key in shown or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if key.endswith("_mm"):
+            rows.append((key[:-3].replace("_", " ").capitalize(), format_length(float(value), units), units))
+        elif key.endswith("_deg"):
+            rows.append((key[:-4].replace("_", " ").capitalize(), f"{float(value):.1f}", "deg"))
+    return rows
+
+
+def landmark_label(name: str) -> str:
+    return LANDMARK_LABELS.get(name, name.replace("_", " ").capitalize())
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "view"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def mask_png_bytes(mask: np.ndarray) -> bytes:
+    """A mask as an 8-bit PNG (0/255), the form masks take in case folders and projects."""
+    from PIL import Image
+
+    buffer = _stdio.BytesIO()
+    Image.fromarray((np.asarray(mask, dtype=bool).astype(np.uint8) * 255)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def load_result(out_dir: str | os.PathLike, *, measurements: dict[str, Any], landmarks_mm: dict[str, Any],
+                warnings: Sequence[str], report: dict[str, Any], files: dict[str, Any] | None,
+                view_names: Sequence[str]) -> LoadedResult:
+    """Read a registration output folder for display (called in the worker thread).
+
+    ``files`` maps output keys to paths (the pipeline's ``RegistrationResult.files``); missing keys
+    fall back to the standard names of ``docs/case-format.md``.
+    """
+    from PIL import Image
+
+    from inference.data.mesh import read_stl
+
+    out_dir = pathlib.Path(out_dir)
+    names = {k: pathlib.Path(v).name for k, v in (files or {}).items()}
+    standard = {"femur_surface": "femur_surface.stl", "femur_labels": "femur_labels.nii.gz",
+                "warped_atlas": "warped_atlas.nii.gz", "measurements": "measurements.json",
+                "report": "report.json"}
+    for key, name in standard.items():
+        names.setdefault(key, name)
+    for view in view_names:
+        names.setdefault(f"overlay_{view}", f"overlay_{_safe_name(view)}.png")
+    paths = {k: out_dir / v for k, v in names.items() if (out_dir / v).is_file()}
+    for key in ("femur_surface", "femur_labels"):
+        if key not in paths:
+            raise InputFileError(f"{out_dir}: registration output {names[key]} is missing")
+    mesh = read_stl(paths["femur_surface"])
+    labels, grid = io.read_volume(paths["femur_labels"])
+    volume = None
+    if "warped_atlas" in paths:
+        volume, volume_grid = io.read_volume(paths["warped_atlas"])
+        if volume.shape != labels.shape:
+            log.warning("warped atlas and label map differ in shape; slices show labels only")
+            volume = None
+    contours = {}
+    for view in view_names:
+        path = paths.get(f"overlay_{view}")
+        if path is not None:
+            with Image.open(path) as image:
+                contours[view] = imaging.contour_rgba(np.asarray(image.convert("RGB")))
+    return LoadedResult(
+        out_dir=out_dir, files=paths, measurements=dict(measurements),
+        landmarks_mm={k: [float(x) for x in v] for k, v in (landmarks_mm or {}).items()},
+        warnings=list(warnings), report=dict(report or {}),
+        surface_vertices=np.asarray(mesh.vertices), surface_faces=np.asarray(mesh.faces),
+        labels=np.asarray(labels), grid=grid, volume=None if volume is None else np.asarray(volume),
+        contours=contours)
+
+
+def measurements_from_landmarks(landmarks_mm: dict[str, Sequence[float]], *, head_radius_mm: float | None,
+                                side: str) -> dict[str, Any]:
+    """Measurements recomputed from (moved) landmarks with :mod:`inference.measure`."""
+    from inference import measure
+
+    points = {k: np.asarray(v, dtype=np.float64) for k, v in landmarks_mm.items()}
+    return dict(measure.measurements_from_landmarks(points, head_radius_mm=head_radius_mm, side=side))
+
+
+# --------------------------------------------------------------------------------------------
+# The session
+# --------------------------------------------------------------------------------------------
+RegisterFunction = Callable[..., Generator[Any, None, Any]]
+
+
+class Session:
+    """One open case, its masks, registration result, landmarks and measurements (Qt-free).
+
+    Parameters
+    ----------
+    work_root : path, optional
+        Where the session's work folder is created (default: the system temp folder). Imported
+        cases, registration outputs and extracted projects live there until :meth:`close`.
+    register_fn : callable, optional
+        ``register_fn(case_dir, out_dir, *, model, overwrite, masks, cancel)``, a generator with
+        the contract of :func:`inference.pipeline.register_case` (the default, looked up at call
+        time).
+    """
+
+    def __init__(self, work_root: str | os.PathLike | None = None, register_fn: RegisterFunction | None = None):
+        self.work_dir = pathlib.Path(tempfile.mkdtemp(prefix="hipatlas-session-", dir=work_root))
+        self.register_fn = register_fn
+        self.case: io.Case | None = None
+        self.case_label = ""
+        self.views: list[ViewState] = []
+        self.pair_report: geometry.ViewPairReport | None = None
+        self.patient: dict[str, str] = {}
+        self.result: LoadedResult | None = None
+        self.landmarks_mm: dict[str, list[float]] = {}
+        self.measurements: dict[str, Any] = {}
+        self.landmarks_edited = False
+        self.project_path: pathlib.Path | None = None
+        self.pseudonym = "ANON-" + secrets.token_hex(4).upper()
+        self.dirty = False
+        self._runs = 0
+
+    # ---------------------------------------------------------------- case
+    @property
+    def has_case(self) -> bool:
+        return self.case is not None
+
+    def open_case(self, case_dir: str | os.PathLike, *, calibration_notes: Sequence[dict] | None = None,
+                  label: str | None = None) -> None:
+        """Open a case folder: load it, take its masks or propose masks, forget any result."""
+        case = io.load_case(case_dir)
+        views = []
+        for index, view in enumerate(case.views):
+            if view.mask is not None:
+                mask, source = np.array(view.mask, dtype=bool), "case file"
+            else:
+                mask, source = mask_ops.propose_mask(view.image.pixels), "proposed"
+            calibration = view.calibration.to_dict()
+            if calibration_notes is not None and calibration_notes[index]:
+                calibration = dict(calibration_notes[index])
+            views.append(ViewState(name=view.name, mask=mask, mask_source=source, confirmed=False,
+                                   calibration=calibration, display=imaging.window_to_uint8(view.image.pixels)))
+        self.pair_report = geometry.view_pair_check(case.views[0].P, case.views[1].P)
+        self.case = case
+        self.case_label = label or case.case_dir.resolve().name
+        self.views = views
+        self.patient = patient_identifiers(case)
+        self.clear_result()
+        self.project_path = None
+        self.dirty = True
+        log.info("opened case %s (%s)", case.case_dir, case.side)
+
+    def import_radiographs(self, imports: Sequence[RadiographImport], side: str) -> pathlib.Path:
+        """Make a case folder from two radiographs and their calibrations, then open it.
+
+        The images are copied unchanged (a DICOM keeps its geometry tags). A calibration JSON is
+        written into case.json as the view's projection_matrix; the view's calibration is shown
+        as coming from that file.
+        """
+        if len(imports) != 2:
+            raise CaseFormatError(f"two radiographs are needed, not {len(imports)}")
+        if side not in io.SIDES:
+            raise CaseFormatError(f'side must be "right" or "left", not {side!r}')
+        names = [spec.name.strip() for spec in imports]
+        if not all(names) or names[0] == names[1]:
+            raise CaseFormatError("give the two views different, non-empty names (e.g. AP and LAT)")
+        self._runs += 1
+        case_dir = self.work_dir / f"imported-{self._runs}"
+        entries, notes = [], []
+        with io.atomic_output_dir(case_dir) as tmp:
+            for index, spec in enumerate(imports):
+                image = io.load_radiograph(spec.image_path)
+                stem = f"{_safe_name(spec.name).lower()}_{index}"
+                suffix = "".join(pathlib.Path(spec.image_path).suffixes[-2:]) or ".img"
+                image_name = stem + suffix
+                shutil.copyfile(spec.image_path, tmp / image_name)
+                entry: dict[str, Any] = {"name": names[index], "image": image_name}
+                if spec.mask_path is not None:
+                    mask = io.load_mask(spec.mask_path, expected_shape=image.shape)
+                    (tmp / f"{stem}_mask.png").write_bytes(mask_png_bytes(mask))
+                    entry["mask"] = f"{stem}_mask.png"
+                if spec.calibration_path is not None:
+                    P, details = read_calibration_json(spec.calibration_path, image.shape)
+                    entry["projection_matrix"] = [[float(x) for x in row] for row in P]
+                    notes.append({"source": "calibration-json", **details})
+                elif image.source_format == "dicom":
+                    geometry.projection_from_dicom(image.dicom_dataset, name=str(spec.image_path))
+                    notes.append({})
+                else:
+                    raise CalibrationError(
+                        f"{spec.image_path}: a {image.source_format.upper()} image carries no geometry; "
+                        "choose a calibration JSON file for this view")
+                entries.append(entry)
+            io.write_json_atomic(tmp / io.CASE_JSON, {"format": io.CASE_FORMAT, "side": side, "views": entries})
+        label = pathlib.Path(imports[0].image_path).resolve().parent.name or "imported case"
+        self.open_case(case_dir, calibration_notes=notes, label=label)
+        return case_dir
+
+    def close(self) -> None:
+        """Delete the work folder (imported cases, outputs, extracted projects)."""
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    # ---------------------------------------------------------------- masks
+    def _view(self, index: int) -> ViewState:
+        if not 0 <= index < len(self.views):
+            raise IndexError(f"no view {index}; the case has {len(self.views)} views")
+        return self.views[index]
+
+    def _edited(self, index: int) -> None:
+        view = self._view(index)
+        view.mask_source = "edited"
+        view.confirmed = False
+        self.dirty = True
+
+    def paint(self, index: int, start_uv, end_uv, radius_px: float, value: bool) -> mask_ops.MaskEdit | None:
+        """Brush (``value=True``) or erase a stroke segment in view ``index``'s mask."""
+        edit = mask_ops.paint_segment(self._view(index).mask, start_uv, end_uv, radius_px, value)
+        if edit is not None and edit.changed_pixels:
+            self._edited(index)
+        return edit
+
+    def fill_polygon(self, index: int, points_uv, value: bool) -> mask_ops.MaskEdit | None:
+        edit = mask_ops.fill_polygon(self._view(index).mask, points_uv, value)
+        if edit is not None and edit.changed_pixels:
+            self._edited(index)
+        return edit
+
+    def apply_mask_edit(self, index: int, edit: mask_ops.MaskEdit, *, undo: bool = False) -> None:
+        """Redo (or undo) an edit (the undo stack calls this)."""
+        mask_ops.apply_edit(self._view(index).mask, edit, undo=undo)
+        self._edited(index)
+
+    def replace_mask(self, index: int, mask: np.ndarray, source: str = "edited") -> mask_ops.MaskEdit | None:
+        """Set a whole new mask (reset to the proposal, clear); returns the edit for undo."""
+        view = self._view(index)
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != view.mask.shape:
+            raise DataError(f"mask is {mask.shape[0]}x{mask.shape[1]} but view '{view.name}' is "
+                            f"{view.mask.shape[0]}x{view.mask.shape[1]}")
+        edit = mask_ops.edit_between(view.mask, mask)
+        if edit is not None:
+            mask_ops.apply_edit(view.mask, edit)
+            self._edited(index)
+            view.mask_source = source
+        return edit
+
+    def stroke_edit(self, index: int, before: np.ndarray) -> mask_ops.MaskEdit | None:
+        """Fold a finished brush stroke (mask was ``before`` at its start) into one edit."""
+        return mask_ops.edit_between(before, self._view(index).mask)
+
+    def proposed_mask(self, index: int) -> np.ndarray:
+        return mask_ops.propose_mask(self.case.views[index].image.pixels)
+
+    def case_mask(self, index: int) -> np.ndarray | None:
+        mask = self.case.views[index].mask
+        return None if mask is None else np.array(mask, dtype=bool)
+
+    def set_confirmed(self, index: int, confirmed: bool) -> None:
+        view = self._view(index)
+        if confirmed and not view.mask.any():
+            raise DataError(f"view '{view.name}': the mask is empty; draw the femur before confirming")
+        if view.confirmed != bool(confirmed):
+            view.confirmed = bool(confirmed)
+            self.dirty = True
+
+    @property
+    def all_confirmed(self) -> bool:
+        return bool(self.views) and all(v.confirmed for v in self.views)
+
+    def register_blocker(self) -> str | None:
+        """Why registration cannot start now, or None."""
+        if self.case is None:
+            return "open a case first"
+        unconfirmed = [v.name for v in self.views if not v.confirmed]
+        if unconfirmed:
+            return "confirm the mask of " + " and ".join(repr(n) for n in unconfirmed)
+        return None
+
+    # ---------------------------------------------------------------- registration
+    def registration_job(self, model: Any = None) -> Callable[[Callable[[], bool]], Generator[Any, None, LoadedResult]]:
+        """A job for the worker: ``job(cancel)`` is a generator of Progress returning a LoadedResult.
+
+        Everything the job needs is captured now, on the GUI thread (copies of the masks), so the
+        user may keep editing while it runs without changing what is registered.
+        """
+        blocker = self.register_blocker()
+        if blocker is not None:
+            raise DataError(f"cannot register yet: {blocker}")
+        from inference import pipeline
+
+        register = self.register_fn or pipeline.register_case
+        case_dir = self.case.case_dir
+        masks = [v.mask.copy() for v in self.views]
+        names = [v.name for v in self.views]
+        self._runs += 1
+        out_dir = self.work_dir / f"result-{self._runs}"
+
+        def job(cancel: Callable[[], bool]):
+            result = yield from register(case_dir, out_dir, model=model, overwrite=False, masks=masks, cancel=cancel)
+            yield pipeline.Progress(1.0, "Loading results for display")
+            return load_result(result.out_dir, measurements=result.measurements,
+                               landmarks_mm=getattr(result, "landmarks_mm", {}), warnings=result.warnings,
+                               report=result.report, files=result.files, view_names=names)
+
+        return job
+
+    def set_result(self, result: LoadedResult | None) -> None:
+        self.result = result
+        self.landmarks_mm = {k: list(v) for k, v in (result.landmarks_mm if result else {}).items()}
+        self.measurements = dict(result.measurements) if result else {}
+        self.landmarks_edited = False
+        self.dirty = True
+
+    def clear_result(self) -> None:
+        self.result = None
+        self.landmarks_mm = {}
+        self.measurements = {}
+        self.landmarks_edited = False
+
+    # ---------------------------------------------------------------- landmarks
+    def move_landmark(self, name: str, position_mm: Sequence[float]) -> dict[str, Any]:
+        """Move a landmark and recompute the measurements; returns the new measurements."""
+        if self.result is None:
+            raise DataError("register the case before moving landmarks")
+        if name not in self.landmarks_mm:
+            raise DataError(f"unknown landmark {name!r}")
+        point = [float(v) for v in position_mm]
+        if len(point) != 3 or not all(np.isfinite(point)):
+            raise DataError(f"landmark {name} needs 3 finite coordinates, not {position_mm!r}")
+        moved = dict(self.landmarks_mm)
+        moved[name] = point
+        measurements = measurements_from_landmarks(
+            moved, head_radius_mm=self.result.measurements.get("head_radius_mm"), side=self.case.side)
+        measurements.setdefault("side", self.case.side)
+        self.landmarks_mm = moved
+        self.measurements = measurements
+        self.landmarks_edited = True
+        self.dirty = True
+        return measurements
+
+    def reset_landmarks(self) -> None:
+        if self.result is not None:
+            self.landmarks_mm = {k: list(v) for k, v in self.result.landmarks_mm.items()}
+            self.measurements = dict(self.result.measurements)
+            self.landmarks_edited = False
+            self.dirty = True
+
+    def projected_landmarks(self, index: int) -> dict[str, tuple[float, float]]:
+        """Pixel ``(u, v)`` of each landmark (and the hip centre) in view ``index``."""
+        points = dict(self.landmarks_mm)
+        if "hip_centre_mm" in self.measurements:
+            points["hip_centre"] = self.measurements["hip_centre_mm"]
+        if not points or self.case is None:
+            return {}
+        names = list(points)
+        uv = geometry.project_points(self.case.views[index].P, np.array([points[n] for n in names], dtype=np.float64))
+        return {n: (float(u), float(v)) for n, (u, v) in zip(names, np.asarray(uv).reshape(-1, 2))}
+
+    # ---------------------------------------------------------------- report data
+    def views_provenance(self, anonymise: bool = False) -> list[dict[str, Any]]:
+        """Per view: name, calibration, image file and checksum, mask source, checksum, confirmed."""
+        rows = []
+        for state, view in zip(self.views, self.case.views if self.case else []):
+            calibration = dict(state.calibration)
+            if anonymise and "file" in calibration:
+                calibration["file"] = f"{_safe_name(state.name)}_calibration.json"
+            rows.append({
+                "name": state.name,
+                "image": f"{_safe_name(state.name)}{view.image_path.suffix}" if anonymise else view.image_path.name,
+                "image_sha256": view.image.sha256,
+                "image_size_px": list(view.image.shape),
+                "calibration": calibration,
+                "mask_source": state.mask_source,
+                "mask_confirmed": state.confirmed,
+                "mask_png_sha256": sha256_bytes(mask_png_bytes(state.mask)),
+            })
+        return rows
+
+    def model_identity(self) -> dict[str, Any]:
+        if self.result is None:
+            return {}
+        return dict(self.result.report.get("model") or {})
+
+    def provenance(self, anonymise: bool = False) -> dict[str, Any]:
+        case_block: dict[str, Any] = {"label": self.pseudonym if anonymise else self.case_label,
+                                      "side": self.case.side if self.case else None}
+        if not anonymise:
+            case_block.update({k: v for k, v in self.patient.items()})
+        return {
+            "software": {"name": "hipatlas", "version": __version__},
+            "model": self.model_identity(),
+            "case": case_block,
+            "views": self.views_provenance(anonymise),
+            "landmarks_edited": self.landmarks_edited,
+            "anonymised": bool(anonymise),
+            "notice": RESEARCH_NOTICE,
+        }
+
+    # ---------------------------------------------------------------- export
+    def export(self, out_dir: str | os.PathLike, options: ExportOptions = ExportOptions(),
+               screenshots: Iterable[tuple[str, bytes]] = (), *, overwrite: bool = False) -> dict[str, pathlib.Path]:
+        """Write the chosen outputs into ``out_dir`` (atomically: all or nothing).
+
+        Returns the written files by kind. With ``options.anonymise`` no patient identifier
+        (DICOM patient attributes, case folder name, input file names) appears in any file.
+        """
+        if self.result is None:
+            raise DataError("nothing to export yet: register the case first")
+        if not any((options.surface_stl, options.nifti, options.measurements_json,
+                    options.measurements_csv, options.pdf_report)):
+            raise OutputError("choose at least one thing to export")
+        provenance = self.provenance(options.anonymise)
+        screenshots = list(screenshots)
+        written: dict[str, str] = {}
+        with io.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+            if options.surface_stl:
+                written["surface_stl"] = self._copy_output("femur_surface", tmp / "femur_surface.stl")
+            if options.nifti:
+                written["labels_nifti"] = self._copy_output("femur_labels", tmp / "femur_labels.nii.gz")
+                if "warped_atlas" in self.result.files:
+                    written["atlas_nifti"] = self._copy_output("warped_atlas", tmp / "warped_atlas.nii.gz")
+            if options.measurements_json:
+                document = dict(self.measurements)
+                document["landmarks_mm"] = self.landmarks_mm
+                document["provenance"] = provenance
+                written["measurements_json"] = io.write_json_atomic(tmp / "measurements.json", document).name
+            if options.measurements_csv:
+                written["measurements_csv"] = self._write_csv(tmp / "measurements.csv").name
+            if options.pdf_report:
+                from app import report
+
+                content = self.report_content(options, screenshots, provenance)
+                written["pdf_report"] = report.write_planning_report(tmp / "planning_report.pdf", content).name
+        final = pathlib.Path(out_dir)
+        log.info("exported %s to %s", ", ".join(written), final)
+        return {k: final / v for k, v in written.items()}
+
+    def _copy_output(self, key: str, destination: pathlib.Path) -> str:
+        source = self.result.files.get(key)
+        if source is None or not pathlib.Path(source).is_file():
+            raise OutputError(f"the registration output {key} is missing from {self.result.out_dir}")
+        shutil.copyfile(source, destination)
+        return destination.name
+
+    def _write_csv(self, path: pathlib.Path) -> pathlib.Path:
+        buffer = _stdio.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["quantity", "value", "unit"])
+        m = self.measurements
+        for key, value in m.items():
+            if isinstance(value, bool) or value is None:
+                continue
+            if isinstance(value, (int, float)):
+                unit = "mm" if key.endswith("_mm") else "deg" if key.endswith("_deg") else ""
+                writer.writerow([key, repr(float(value)), unit])
+            elif isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value):
+                for axis, v in zip("xyz", value):
+                    writer.writerow([f"{key}_{axis}" if not key.endswith("_mm") else f"{key[:-3]}_{axis}_mm",
+                                     repr(float(v)), "mm" if key.endswith("_mm") else ""])
+            elif isinstance(value, dict):
+                for sub, vec in value.items():
+                    if isinstance(vec, (list, tuple)) and len(vec) == 3:
+                        for axis, v in zip("xyz", vec):
+                            writer.writerow([f"{key}.{sub}_{axis}", repr(float(v)), "mm" if sub.endswith("_mm") else ""])
+        for name, point in self.landmarks_mm.items():
+            for axis, v in zip("xyz", point):
+                writer.writerow([f"landmark.{name}_{axis}_mm", repr(float(v)), "mm"])
+        # Written straight into the export's temporary folder: atomic_output_dir publishes all
+        # files together or none.
+        path.write_text(buffer.getvalue(), encoding="utf-8")
+        return path
+
+    def report_content(self, options: ExportOptions, screenshots: Sequence[tuple[str, bytes]],
+                       provenance: dict[str, Any] | None = None):
+        """The data of the PDF planning report."""
+        from app import report
+
+        provenance = provenance or self.provenance(options.anonymise)
+        patient_lines = []
+        if options.anonymise:
+            patient_lines.append(("Case", self.pseudonym))
+            patient_lines.append(("Patient identifiers", "removed (anonymised export)"))
+        else:
+            patient_lines.append(("Case", self.case_label))
+            for keyword in PATIENT_KEYWORDS:
+                if keyword in self.patient:
+                    patient_lines.append((re.sub(r"(?<!^)(?=[A-Z])", " ", keyword), self.patient[keyword]))
+        model = provenance["model"]
+        return report.ReportContent(
+            title="HipAtlas hip planning report",
+            notice=RESEARCH_NOTICE,
+            created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            case_lines=patient_lines + [("Side", self.case.side)],
+            measurement_rows=measurement_rows(self.measurements, options.units),
+            landmark_rows=[(landmark_label(n), ", ".join(format_length(v, options.units) for v in p), options.units)
+                           for n, p in self.landmarks_mm.items()],
+            landmarks_edited=self.landmarks_edited,
+            views=provenance["views"],
+            software_version=__version__,
+            model_lines=[("Model", str(model.get("name", "unknown"))),
+                         ("Model sha256", str(model.get("sha256") or "not recorded"))],
+            warnings=list(self.result.warnings),
+            screenshots=list(screenshots),
+        )

@@ -1,0 +1,117 @@
+"""User settings (QSettings): model path, compute device, units, autosave, recent files."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from PySide6.QtCore import QSettings, QStandardPaths
+
+ORGANISATION = "HipAtlas"
+APPLICATION = "HipAtlas Planning Workstation"
+MAX_RECENT = 8
+DEVICES = ("cpu", "gpu")
+UNITS = ("mm", "cm")
+
+
+class Settings:
+    """Typed access to the workstation's QSettings.
+
+    Parameters
+    ----------
+    qsettings : QSettings, optional
+        Defaults to the user's native settings store; tests pass an INI file.
+    """
+
+    def __init__(self, qsettings: QSettings | None = None):
+        self.q = qsettings if qsettings is not None else QSettings(ORGANISATION, APPLICATION)
+
+    def _get(self, key: str, default):
+        value = self.q.value(key, default)
+        return default if value is None else value
+
+    # model ------------------------------------------------------------------------------
+    @property
+    def model_path(self) -> str:
+        """A .keras file or model folder; empty = the shipped model."""
+        return str(self._get("model/path", ""))
+
+    @model_path.setter
+    def model_path(self, value: str) -> None:
+        self.q.setValue("model/path", str(value or ""))
+
+    @property
+    def device(self) -> str:
+        value = str(self._get("compute/device", "cpu")).lower()
+        return value if value in DEVICES else "cpu"
+
+    @device.setter
+    def device(self, value: str) -> None:
+        if value not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, not {value!r}")
+        self.q.setValue("compute/device", value)
+
+    # display ----------------------------------------------------------------------------
+    @property
+    def units(self) -> str:
+        value = str(self._get("display/units", "mm"))
+        return value if value in UNITS else "mm"
+
+    @units.setter
+    def units(self, value: str) -> None:
+        if value not in UNITS:
+            raise ValueError(f"units must be one of {UNITS}, not {value!r}")
+        self.q.setValue("display/units", value)
+
+    # autosave ---------------------------------------------------------------------------
+    @property
+    def autosave_minutes(self) -> float:
+        try:
+            return max(0.0, float(self._get("autosave/minutes", 2.0)))
+        except (TypeError, ValueError):
+            return 2.0
+
+    @autosave_minutes.setter
+    def autosave_minutes(self, value: float) -> None:
+        self.q.setValue("autosave/minutes", float(value))
+
+    @property
+    def recovery_dir(self) -> pathlib.Path:
+        """Where autosaves live: a setting, else the platform's application data folder."""
+        configured = str(self._get("autosave/folder", ""))
+        if configured:
+            return pathlib.Path(configured)
+        base = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.AppDataLocation)
+        return pathlib.Path(base or os.path.expanduser("~/.hipatlas")) / "recovery"
+
+    @recovery_dir.setter
+    def recovery_dir(self, value: str | os.PathLike) -> None:
+        self.q.setValue("autosave/folder", str(value))
+
+    # recent files -----------------------------------------------------------------------
+    @property
+    def recent_files(self) -> list[str]:
+        value = self._get("recent/files", [])
+        if isinstance(value, str):
+            value = [value] if value else []
+        return [str(v) for v in value][:MAX_RECENT]
+
+    def add_recent(self, path: str | os.PathLike) -> list[str]:
+        path = str(pathlib.Path(path).resolve())
+        files = [path] + [p for p in self.recent_files if p != path]
+        self.q.setValue("recent/files", files[:MAX_RECENT])
+        return files[:MAX_RECENT]
+
+    def remove_recent(self, path: str | os.PathLike) -> None:
+        self.q.setValue("recent/files", [p for p in self.recent_files if p != str(path)])
+
+    @property
+    def last_folder(self) -> str:
+        return str(self._get("recent/folder", os.path.expanduser("~")))
+
+    @last_folder.setter
+    def last_folder(self, value: str | os.PathLike) -> None:
+        self.q.setValue("recent/folder", str(value))
+
+    def sync(self) -> None:
+        self.q.sync()

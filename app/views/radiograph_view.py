@@ -1,0 +1,367 @@
+"""A radiograph with its femur mask (editable), the registered contour and projected landmarks.
+
+Scene coordinates are radiograph pixel coordinates ``(u, v)`` with the centre of pixel (0, 0)
+at (0, 0) (``docs/case-format.md``), so mouse positions map to mask pixels without conversions.
+
+The view does not change masks itself: it emits the user's gestures (``segment``, ``stroke_*``,
+``polygon_closed``) and the main window applies them to the session and calls
+:meth:`RadiographView.update_mask_region`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PySide6.QtCore import QPointF, QRectF, Qt, Signal
+from PySide6.QtGui import QBrush, QColor, QFont, QImage, QPainter, QPainterPath, QPen
+from PySide6.QtWidgets import (QCheckBox, QFrame, QGraphicsEllipseItem, QGraphicsItem, QGraphicsPathItem,
+                               QGraphicsPixmapItem, QGraphicsScene, QGraphicsSimpleTextItem, QGraphicsView,
+                               QHBoxLayout, QLabel, QVBoxLayout, QWidget)
+from PySide6.QtGui import QPixmap
+
+from app import imaging
+from app.views.qimage import grey_qimage, rgba_qimage
+
+TOOLS = ("navigate", "brush", "eraser", "polygon")
+
+
+class LayerItem(QGraphicsItem):
+    """An RGBA image layer over the radiograph that can be updated one rectangle at a time.
+
+    A brush stroke changes a few hundred pixels of a possibly 3000 x 3000 mask; converting the
+    whole mask to a pixmap on every mouse move would take tens of milliseconds, so only the
+    changed rectangle is re-tinted and painted into the layer.
+    """
+
+    def __init__(self, rows: int, cols: int, parent=None):
+        super().__init__(parent)
+        self._image = QImage(cols, rows, QImage.Format.Format_RGBA8888)
+        self._image.fill(Qt.GlobalColor.transparent)
+        self.setPos(-0.5, -0.5)  # pixel (0, 0) covers [-0.5, 0.5]: its centre is at scene (0, 0)
+
+    def boundingRect(self) -> QRectF:
+        return QRectF(0, 0, self._image.width(), self._image.height())
+
+    def paint(self, painter: QPainter, option, widget=None) -> None:
+        exposed = option.exposedRect.toAlignedRect().intersected(self._image.rect())
+        if not exposed.isEmpty():
+            painter.drawImage(exposed.topLeft(), self._image, exposed)
+
+    def set_region(self, row0: int, col0: int, rgba: np.ndarray) -> None:
+        if rgba.size == 0:
+            return
+        patch = rgba_qimage(rgba)
+        painter = QPainter(self._image)
+        painter.setCompositionMode(QPainter.CompositionMode.CompositionMode_Source)
+        painter.drawImage(col0, row0, patch)
+        painter.end()
+        self.update(QRectF(col0, row0, rgba.shape[1], rgba.shape[0]))
+
+    def set_all(self, rgba: np.ndarray | None) -> None:
+        if rgba is None:
+            self._image.fill(Qt.GlobalColor.transparent)
+            self.update()
+        else:
+            self.set_region(0, 0, rgba)
+
+    def image(self) -> QImage:
+        return self._image
+
+
+class RadiographView(QGraphicsView):
+    """Zoomable radiograph with mask, contour and landmark layers; mask editing gestures."""
+
+    segment = Signal(float, float, float, float)   # u0, v0, u1, v1 of a brush/eraser drag
+    stroke_started = Signal()
+    stroke_finished = Signal()
+    polygon_closed = Signal(object, bool)          # (N, 2) array of (u, v); True = fill, False = erase
+    cursor_moved = Signal(float, float)            # u, v under the mouse
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setScene(QGraphicsScene(self))
+        self.setRenderHints(QPainter.RenderHint.SmoothPixmapTransform)
+        self.setTransformationAnchor(QGraphicsView.ViewportAnchor.AnchorUnderMouse)
+        self.setBackgroundBrush(QColor("#101317"))
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setMouseTracking(True)
+        self._image_item: QGraphicsPixmapItem | None = None
+        self._mask_layer: LayerItem | None = None
+        self._contour_layer: LayerItem | None = None
+        self._marker_items: list[QGraphicsItem] = []
+        self._brush_outline = QGraphicsEllipseItem()
+        self._brush_outline.setPen(QPen(QColor(255, 255, 255, 200), 0))
+        self._brush_outline.setZValue(10)
+        self._brush_outline.setVisible(False)
+        self.scene().addItem(self._brush_outline)
+        self._polygon_item = QGraphicsPathItem()
+        pen = QPen(QColor("#4FC3F7"), 0)
+        pen.setCosmetic(True)
+        self._polygon_item.setPen(pen)
+        self._polygon_item.setZValue(11)
+        self.scene().addItem(self._polygon_item)
+        self.tool = "navigate"
+        self.brush_radius_px = 8.0
+        self.editable = False
+        self._polygon: list[tuple[float, float]] = []
+        self._last_uv: tuple[float, float] | None = None
+        self._panning_from = None
+        self._fit_pending = True
+        self._shape = (0, 0)
+
+    # ------------------------------------------------------------------ content
+    def set_image(self, display_uint8: np.ndarray) -> None:
+        """Show a new radiograph (uint8 grey); clears the layers."""
+        self.clear_content()
+        rows, cols = display_uint8.shape
+        self._shape = (rows, cols)
+        self._image_item = QGraphicsPixmapItem(QPixmap.fromImage(grey_qimage(display_uint8)))
+        self._image_item.setPos(-0.5, -0.5)
+        self._image_item.setTransformationMode(Qt.TransformationMode.SmoothTransformation)
+        self.scene().addItem(self._image_item)
+        self._mask_layer = LayerItem(rows, cols)
+        self._mask_layer.setZValue(1)
+        self.scene().addItem(self._mask_layer)
+        self._contour_layer = LayerItem(rows, cols)
+        self._contour_layer.setZValue(2)
+        self.scene().addItem(self._contour_layer)
+        self.setSceneRect(QRectF(-0.5, -0.5, cols, rows))
+        self._fit_pending = True
+        self.fit()
+
+    def clear_content(self) -> None:
+        for item in (self._image_item, self._mask_layer, self._contour_layer, *self._marker_items):
+            if item is not None:
+                self.scene().removeItem(item)
+        self._image_item = self._mask_layer = self._contour_layer = None
+        self._marker_items = []
+        self._polygon = []
+        self._polygon_item.setPath(QPainterPath())
+        self._shape = (0, 0)
+
+    def set_mask(self, mask: np.ndarray) -> None:
+        if self._mask_layer is not None:
+            self._mask_layer.set_all(imaging.mask_rgba(mask))
+
+    def update_mask_region(self, row0: int, col0: int, mask_region: np.ndarray) -> None:
+        if self._mask_layer is not None:
+            self._mask_layer.set_region(row0, col0, imaging.mask_rgba(mask_region))
+
+    def set_mask_visible(self, visible: bool) -> None:
+        if self._mask_layer is not None:
+            self._mask_layer.setVisible(visible)
+
+    def set_contour(self, rgba: np.ndarray | None) -> None:
+        if self._contour_layer is not None:
+            self._contour_layer.set_all(rgba)
+
+    def set_contour_visible(self, visible: bool) -> None:
+        if self._contour_layer is not None:
+            self._contour_layer.setVisible(visible)
+
+    def set_markers(self, points_uv: dict[str, tuple[float, float]], highlight: str | None = "hip_centre") -> None:
+        """Small cross-hair markers (with names) at projected landmark positions."""
+        for item in self._marker_items:
+            self.scene().removeItem(item)
+        self._marker_items = []
+        rows, cols = self._shape
+        size = max(rows, cols) / 120.0 if rows else 4.0
+        font = QFont()
+        font.setPointSizeF(max(6.0, size * 1.2))
+        for name, (u, v) in points_uv.items():
+            colour = QColor("#00E5FF") if name == highlight else QColor("#C6FF00")
+            path = QPainterPath()
+            path.moveTo(u - size, v)
+            path.lineTo(u + size, v)
+            path.moveTo(u, v - size)
+            path.lineTo(u, v + size)
+            cross = QGraphicsPathItem(path)
+            pen = QPen(colour, 2)
+            pen.setCosmetic(True)
+            cross.setPen(pen)
+            cross.setZValue(5)
+            cross.setToolTip(name)
+            self.scene().addItem(cross)
+            self._marker_items.append(cross)
+        self.set_markers_visible(True)
+
+    def set_markers_visible(self, visible: bool) -> None:
+        for item in self._marker_items:
+            item.setVisible(visible)
+
+    def mask_layer_image(self) -> QImage | None:
+        return None if self._mask_layer is None else self._mask_layer.image()
+
+    # ------------------------------------------------------------------ navigation
+    def fit(self) -> None:
+        if self._image_item is not None:
+            self.fitInView(self.sceneRect(), Qt.AspectRatioMode.KeepAspectRatio)
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        if self._fit_pending:
+            self.fit()
+
+    def wheelEvent(self, event) -> None:
+        if self._image_item is None:
+            return
+        factor = 1.25 ** (event.angleDelta().y() / 120.0)
+        self._fit_pending = False
+        self.scale(factor, factor)
+
+    def set_tool(self, tool: str) -> None:
+        if tool not in TOOLS:
+            raise ValueError(f"unknown tool {tool!r}; one of {TOOLS}")
+        self.tool = tool
+        self._cancel_polygon()
+        self._brush_outline.setVisible(False)
+        self.setCursor(Qt.CursorShape.OpenHandCursor if tool == "navigate" or not self.editable
+                       else Qt.CursorShape.CrossCursor)
+
+    def set_editable(self, editable: bool) -> None:
+        self.editable = bool(editable)
+        self.set_tool(self.tool)
+
+    # ------------------------------------------------------------------ mouse
+    def _uv(self, event) -> tuple[float, float]:
+        point = self.mapToScene(event.position().toPoint())
+        return float(point.x()), float(point.y())
+
+    def _editing(self) -> bool:
+        return self.editable and self._image_item is not None and self.tool != "navigate"
+
+    def mousePressEvent(self, event) -> None:
+        button = event.button()
+        if button in (Qt.MouseButton.MiddleButton, Qt.MouseButton.RightButton) or (
+                button == Qt.MouseButton.LeftButton and not self._editing()):
+            self._panning_from = event.position()
+            self.setCursor(Qt.CursorShape.ClosedHandCursor)
+            return
+        if button != Qt.MouseButton.LeftButton:
+            return
+        uv = self._uv(event)
+        if self.tool in ("brush", "eraser"):
+            self.stroke_started.emit()
+            self._last_uv = uv
+            self.segment.emit(uv[0], uv[1], uv[0], uv[1])
+        elif self.tool == "polygon":
+            self._polygon.append(uv)
+            self._draw_polygon(uv)
+
+    def mouseMoveEvent(self, event) -> None:
+        if self._panning_from is not None:
+            delta = event.position() - self._panning_from
+            self._panning_from = event.position()
+            self.horizontalScrollBar().setValue(self.horizontalScrollBar().value() - int(delta.x()))
+            self.verticalScrollBar().setValue(self.verticalScrollBar().value() - int(delta.y()))
+            return
+        uv = self._uv(event)
+        self.cursor_moved.emit(*uv)
+        if self._editing() and self.tool in ("brush", "eraser"):
+            r = self.brush_radius_px
+            self._brush_outline.setRect(uv[0] - r, uv[1] - r, 2 * r, 2 * r)
+            self._brush_outline.setVisible(True)
+            if self._last_uv is not None and event.buttons() & Qt.MouseButton.LeftButton:
+                self.segment.emit(self._last_uv[0], self._last_uv[1], uv[0], uv[1])
+                self._last_uv = uv
+        elif self._editing() and self.tool == "polygon" and self._polygon:
+            self._draw_polygon(uv)
+
+    def mouseReleaseEvent(self, event) -> None:
+        if self._panning_from is not None:
+            self._panning_from = None
+            self.set_tool(self.tool)
+            return
+        if event.button() == Qt.MouseButton.LeftButton and self._last_uv is not None:
+            self._last_uv = None
+            self.stroke_finished.emit()
+
+    def mouseDoubleClickEvent(self, event) -> None:
+        if self._editing() and self.tool == "polygon":
+            self.close_polygon(fill=not bool(event.modifiers() & Qt.KeyboardModifier.ShiftModifier))
+        else:
+            self._fit_pending = True
+            self.fit()
+
+    def keyPressEvent(self, event) -> None:
+        key = event.key()
+        if self.tool == "polygon" and self._polygon:
+            if key in (Qt.Key.Key_Return, Qt.Key.Key_Enter):
+                self.close_polygon(fill=not bool(event.modifiers() & Qt.KeyboardModifier.ShiftModifier))
+                return
+            if key == Qt.Key.Key_Escape:
+                self._cancel_polygon()
+                return
+            if key == Qt.Key.Key_Backspace:
+                self._polygon.pop()
+                self._draw_polygon(None)
+                return
+        super().keyPressEvent(event)
+
+    def leaveEvent(self, event) -> None:
+        self._brush_outline.setVisible(False)
+        super().leaveEvent(event)
+
+    # ------------------------------------------------------------------ polygon
+    def _draw_polygon(self, hover_uv) -> None:
+        path = QPainterPath()
+        points = list(self._polygon) + ([hover_uv] if hover_uv is not None else [])
+        if points:
+            path.moveTo(QPointF(*points[0]))
+            for uv in points[1:]:
+                path.lineTo(QPointF(*uv))
+        self._polygon_item.setPath(path)
+
+    def close_polygon(self, fill: bool = True) -> None:
+        """Finish the polygon being drawn (>= 3 vertices) and emit it."""
+        points = self._polygon
+        # A double click also delivered a press at the same place: drop duplicate vertices.
+        deduplicated = [p for i, p in enumerate(points) if i == 0 or np.hypot(p[0] - points[i - 1][0], p[1] - points[i - 1][1]) > 1e-6]
+        self._cancel_polygon()
+        if len(deduplicated) >= 3:
+            self.polygon_closed.emit(np.asarray(deduplicated, dtype=np.float64), bool(fill))
+
+    def _cancel_polygon(self) -> None:
+        self._polygon = []
+        self._polygon_item.setPath(QPainterPath())
+
+
+class RadiographPanel(QWidget):
+    """A radiograph view with a header: view name, size, calibration source, mask state, Confirm."""
+
+    confirm_toggled = Signal(bool)
+
+    def __init__(self, index: int, parent=None):
+        super().__init__(parent)
+        self.index = index
+        self.view = RadiographView(self)
+        self.title = QLabel("No case open")
+        self.title.setObjectName("viewTitle")
+        self.details = QLabel("")
+        self.details.setObjectName("viewDetails")
+        self.details.setWordWrap(True)
+        self.confirm = QCheckBox("Mask confirmed")
+        self.confirm.setToolTip("Confirm that the femur mask of this view is correct. Editing the mask "
+                                "withdraws the confirmation.")
+        self.confirm.toggled.connect(self.confirm_toggled)
+        header = QHBoxLayout()
+        header.setContentsMargins(6, 4, 6, 2)
+        text = QVBoxLayout()
+        text.setSpacing(0)
+        text.addWidget(self.title)
+        text.addWidget(self.details)
+        header.addLayout(text, 1)
+        header.addWidget(self.confirm)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(0)
+        layout.addLayout(header)
+        layout.addWidget(self.view, 1)
+
+    def set_header(self, name: str, details: str) -> None:
+        self.title.setText(name)
+        self.details.setText(details)
+
+    def set_confirmed(self, confirmed: bool) -> None:
+        blocked = self.confirm.blockSignals(True)
+        self.confirm.setChecked(confirmed)
+        self.confirm.blockSignals(blocked)

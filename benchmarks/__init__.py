@@ -1,0 +1,1 @@
+"""Benchmark scripts (run each as ``python benchmarks/bench_<name>.py [--json]``)."""

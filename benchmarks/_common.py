@@ -1,0 +1,100 @@
+"""Small helpers shared by the benchmark scripts: timing and ``--json`` output.
+
+Every ``benchmarks/bench_<name>.py`` prints human-readable figures and, with ``--json``, ends with
+exactly one line of JSON holding the same figures, so CI and the lead can collect them:
+
+    from benchmarks._common import BenchReport, median_time
+
+    report = BenchReport("prost", description="ProST / DRR timings")
+    report.add("paper_forward_s", median_time(run_once, repeats=5), "s", "ProST paper forward")
+    report.finish()          # parses --json from sys.argv unless told otherwise
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["BenchReport", "median_time", "parse_args", "machine_info"]
+
+
+def parse_args(argv: Sequence[str] | None = None, description: str = "",
+               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """Parse the common benchmark options (``--json``, ``--repeats``, ``--quick``).
+
+    ``extra`` may add script-specific options to the parser.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--json", action="store_true",
+                        help="end the output with one line of JSON holding the figures")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed repeats per figure (the median is reported; default 5)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats and smaller optional workloads (smoke test)")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, not {args.repeats}")
+    return args
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs, after ``warmup`` untimed runs.
+
+    ``fn`` must block until its work is done (e.g. call ``.numpy()`` on TensorFlow results).
+    The median, not the mean or minimum, because the benchmark machines are shared: it ignores
+    a few runs slowed by other processes without rewarding a lucky one.
+    """
+    for _ in range(max(0, warmup)):
+        fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(statistics.median(times))
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the figures were measured (so figures from different machines are not compared)."""
+    return {"python": platform.python_version(), "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+
+
+class BenchReport:
+    """Collects named figures, prints them as they come, and emits the final JSON line."""
+
+    def __init__(self, name: str, json_output: bool = False, stream=None):
+        self.name = name
+        self.json_output = json_output
+        self.stream = stream if stream is not None else sys.stdout
+        self.figures: dict[str, Any] = {}
+
+    def add(self, key: str, value: Any, unit: str = "", label: str = "") -> Any:
+        """Record one figure and print it on its own line (``label: value unit [key]``)."""
+        self.figures[key] = value
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        text = f"{label or key}: {shown}{(' ' + unit) if unit else ''}"
+        if label:
+            text += f"  [{key}]"
+        print(text, file=self.stream, flush=True)
+        return value
+
+    def note(self, text: str) -> None:
+        """Print a free-text line (not part of the JSON)."""
+        print(text, file=self.stream, flush=True)
+
+    def finish(self) -> dict[str, Any]:
+        """Print the JSON line if requested; return the figures."""
+        if self.json_output:
+            payload = {"benchmark": self.name, **self.figures, "machine": machine_info()}
+            print(json.dumps(payload, sort_keys=False), file=self.stream, flush=True)
+        return self.figures

@@ -1,0 +1,57 @@
+"""Subcommands of ``hipatlas`` implemented in ``inference`` (see :mod:`inference.cli`).
+
+Handlers import their implementation lazily so that ``hipatlas --help`` does not load TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    register = subparsers.add_parser(
+        "register", help="reconstruct the femur of a case folder",
+        description="Register the atlas to a case's two radiographs and write the reconstruction, "
+        "measurements, overlays and a report to OUT_DIR (see docs/case-format).")
+    register.add_argument("case_dir", help="case folder holding case.json")
+    register.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    register.add_argument("--model", help="model folder or .keras file (default: the shipped model)")
+    register.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    register.add_argument("--quiet", action="store_true", help="no progress bar")
+    register.set_defaults(handler=_register)
+
+
+def _progress_printer(quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return lambda progress: log.info("%3.0f%% %s", 100 * progress.fraction, progress.message)
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, unit="%", leave=False, file=sys.stderr)
+
+    def show(progress):
+        bar.n = round(100 * progress.fraction)
+        bar.set_description(progress.message)
+        bar.refresh()
+        if progress.fraction >= 1.0:
+            bar.close()
+
+    return show
+
+
+def _register(args: argparse.Namespace) -> int:
+    from inference import pipeline
+
+    result = pipeline.run_to_completion(
+        pipeline.register_case(args.case_dir, args.out, model=args.model, overwrite=args.overwrite),
+        on_progress=_progress_printer(args.quiet))
+    print(json.dumps(result.measurements, indent=2))
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"outputs written to {pathlib.Path(args.out).resolve()}", file=sys.stderr)
+    return 0

@@ -1,0 +1,264 @@
+"""``hipatlas synth``, ``hipatlas prepare-ct`` and ``hipatlas simulate`` (see :mod:`inference.cli`).
+
+:func:`add_parser` declares the three subcommands; handlers import their implementation (and
+TensorFlow) lazily so that ``hipatlas --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["add_parser", "add_subcommands", "parse_split"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, not {value}")
+    return value
+
+
+def parse_split(items: list[str] | None) -> dict[str, list[str]] | None:
+    """``["train=TLEM2,MC22", "val=JIA", "test="]`` -> ``{"train": [...], "val": [...], "test": []}``."""
+    if not items:
+        return None
+    from inference.errors import ConfigError
+
+    split: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for item in items:
+        for part in item.split(";"):
+            if not part.strip():
+                continue
+            name, sep, specimens = part.partition("=")
+            name = name.strip()
+            if not sep or name not in split:
+                raise ConfigError(f"--split {part!r}: expected NAME=SPECIMEN[,SPECIMEN...] with NAME one of "
+                                  "train, val, test (e.g. --split train=TLEM2,MC22 --split val=JIA)")
+            split[name] = [s.strip() for s in specimens.split(",") if s.strip()]
+    return split
+
+
+def _counter_progress(quiet: bool, unit: str):
+    """progress(done, total) for the data commands: a tqdm bar on a terminal, else log lines."""
+    if quiet or not sys.stderr.isatty():
+        return lambda done, total: log.info("%d/%d %s", done, total, unit)
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def show(done: int, total: int) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, initial=done, unit=unit, file=sys.stderr)
+        else:
+            bar["bar"].update(done - bar["bar"].n)
+        if done >= total:
+            bar["bar"].close()
+
+    return show
+
+
+def _fraction_progress(quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return lambda fraction, message: log.info("%3.0f%% %s", 100 * fraction, message)
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, unit="%", leave=False, file=sys.stderr)
+
+    def show(fraction: float, message: str) -> None:
+        bar.n = round(100 * fraction)
+        bar.set_description(message)
+        bar.refresh()
+        if fraction >= 1.0:
+            bar.close()
+
+    return show
+
+
+# ----------------------------------------------------------------------------------------------
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``synth``, ``prepare-ct`` and ``simulate`` to the ``hipatlas`` parser."""
+    synth = subparsers.add_parser(
+        "synth", help="generate a synthetic DRR training data set",
+        description="Generate N CT phantoms of the shared bones (shape, pose and tissue augmented), each with "
+        "one calibrated view pair of realistic DRRs and femur masks, split by specimen into train/val/test "
+        "(docs/architecture.md, 'Data set on disk'). Resumable: run the same command again to continue.")
+    synth.add_argument("--out", required=True, help="data set folder (created; resumed if it holds the same set)")
+    synth.add_argument("--subjects", required=True, type=_positive_int, help="number of samples (phantoms) N")
+    synth.add_argument("--grid", choices=("compact", "paper"), default="compact", help="atlas grid (default compact)")
+    synth.add_argument("--geometry", choices=("orthogonal", "generalised"), default="orthogonal",
+                       help="orthogonal: AP + lateral; generalised: each angle within +-30 deg of those")
+    synth.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
+    synth.add_argument("--workers", type=_non_negative_int, default=2, help="parallel processes (default 2)")
+    synth.add_argument("--split", action="append", metavar="NAME=SPECIMENS",
+                       help="specimens of a split, e.g. --split train=TLEM2,MC22 --split val=JIA (default: "
+                       "train TLEM2+MC22, val JIA)")
+    synth.add_argument("--no-realism", action="store_true", help="clean DRRs (no noise, scatter, blur, gamma)")
+    synth.add_argument("--calibration-error", nargs=3, type=float, metavar=("DEG", "MM", "PX"),
+                       help="render with a random calibration error up to DEG rotation, MM translation and PX "
+                       "detector shift (stored matrices stay nominal); default none")
+    synth.add_argument("--oversample", type=_positive_int, default=2,
+                       help="render DRRs this many times finer than the network detector (default 2)")
+    synth.add_argument("--step-mm", type=float, help="ray-marching step (default: the grid's smallest spacing)")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    synth.set_defaults(handler=_synth)
+
+    prep = subparsers.add_parser(
+        "prepare-ct", help="make training samples from your own CT and femur labels",
+        description="Read a CT (DICOM series folder, NIfTI or MHA, in HU) and its label map, find the femur's "
+        "frame from the label, resample to the atlas grid and render calibrated DRR pairs in the data set "
+        "format of 'synth'. Appends to an existing data set made by prepare-ct.")
+    prep.add_argument("--ct", required=True, help="CT: DICOM series folder, .nii(.gz), .mha or .nrrd")
+    prep.add_argument("--labels", required=True, help="label map (any grid overlapping the CT)")
+    prep.add_argument("--side", required=True, choices=("left", "right"), help="which femur")
+    prep.add_argument("--out", required=True, help="data set folder")
+    prep.add_argument("--grid", choices=("compact", "paper", "both"), default="compact",
+                      help="atlas grid; 'both' writes OUT/compact and OUT/paper")
+    prep.add_argument("--pairs", type=_positive_int, default=1, help="view pairs (samples) per CT (default 1)")
+    prep.add_argument("--geometry", choices=("orthogonal", "generalised"), default="orthogonal")
+    prep.add_argument("--seed", type=_non_negative_int, default=0)
+    prep.add_argument("--subject", help="subject name in the manifest (default: the CT's file name)")
+    prep.add_argument("--split", choices=("train", "val", "test"), default="train")
+    prep.add_argument("--femur-label", type=int, default=1, help="label value of the femur (default 1)")
+    prep.add_argument("--pelvis-label", type=int, help="label value of the pelvis (optional)")
+    prep.add_argument("--no-realism", action="store_true", help="clean DRRs")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(handler=_prepare_ct)
+
+    sim = subparsers.add_parser(
+        "simulate", help="simulate a biplanar case from a CT or a phantom",
+        description="Render the two radiographs of a case folder (docs/case-format) from a CT and a geometry "
+        "file (a case.json whose views have projection_matrix, rows and cols but no images), or from a "
+        "phantom of a shared bone subject. With --write-geometry only, write a standard AP + lateral "
+        "geometry file.")
+    source = sim.add_mutually_exclusive_group()
+    source.add_argument("--ct", help="CT in HU: DICOM series folder, .nii(.gz), .mha or .nrrd")
+    source.add_argument("--phantom", metavar="SUBJECT", help="shared femur, e.g. MC22:left (see 'synth')")
+    sim.add_argument("--labels", help="label map of the CT (gives masks and checks the femur is in view)")
+    sim.add_argument("--femur-label", type=int, default=1)
+    sim.add_argument("--geometry", help="geometry file (case.json with matrices, rows, cols)")
+    sim.add_argument("--out", help="case folder to write")
+    sim.add_argument("--truth-out", help="with --phantom: folder for the ground truth (CT, labels, landmarks)")
+    sim.add_argument("--seed", type=_non_negative_int, default=0, help="phantom, placement, views and noise")
+    sim.add_argument("--side", choices=("left", "right"), help="with --phantom: side of the simulated femur")
+    sim.add_argument("--format", choices=("png", "nifti", "tiff"), default="png", help="image files (default png)")
+    sim.add_argument("--realism", action=argparse.BooleanOptionalAction, default=None,
+                     help="noise, scatter, blur and contrast (default: on for --phantom, off for --ct)")
+    sim.add_argument("--step-mm", type=float, help="ray-marching step (default: the CT's smallest spacing)")
+    sim.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    sim.add_argument("--write-geometry", metavar="PATH", help="write a standard geometry file")
+    sim.add_argument("--isocentre", nargs=3, type=float, metavar=("X", "Y", "Z"), default=(0.0, 0.0, 0.0),
+                     help="isocentre of --write-geometry views, world LPS mm")
+    sim.add_argument("--angles", nargs=2, type=float, metavar=("A1", "A2"),
+                     help="LAO angles of --write-geometry views (default 0 and +-90 for the side)")
+    sim.add_argument("--rows", type=_positive_int, default=768)
+    sim.add_argument("--cols", type=_positive_int, default=768)
+    sim.add_argument("--pixel-mm", type=float, default=0.4)
+    sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    sim.set_defaults(handler=_simulate)
+
+
+#: The name the task brief uses.
+add_subcommands = add_parser
+
+
+# ----------------------------------------------------------------------------------------------
+def _synth(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from inference.data import dataset as ds
+    from inference.data.augment import CalibrationErrorRanges, RealismRanges
+
+    config = ds.SynthConfig()
+    if args.no_realism:
+        config = dataclasses.replace(config, realism=RealismRanges(enabled=False))
+    if args.calibration_error:
+        deg, mm, px = args.calibration_error
+        config = dataclasses.replace(config, calibration_error=CalibrationErrorRanges(deg, mm, px))
+    config = dataclasses.replace(config, render=ds.RenderSettings(oversample=args.oversample, step_mm=args.step_mm))
+    manifest = ds.generate_dataset(args.out, args.subjects, args.grid, args.geometry, args.seed, args.workers,
+                                   config=config, split=parse_split(args.split),
+                                   progress=_counter_progress(args.quiet, "samples"))
+    print(f"data set written: {manifest}")
+    return 0
+
+
+def _prepare_ct(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from inference.data import ct_import
+    from inference.data import dataset as ds
+    from inference.data.augment import RealismRanges
+
+    config = ds.SynthConfig()
+    if args.no_realism:
+        config = dataclasses.replace(config, realism=RealismRanges(enabled=False))
+    grids = ("compact", "paper") if args.grid == "both" else (args.grid,)
+    kwargs = dict(pairs=args.pairs, geometry=args.geometry, seed=args.seed, subject=args.subject, split=args.split,
+                  femur_label=args.femur_label, pelvis_label=args.pelvis_label, config=config,
+                  progress=_counter_progress(args.quiet, "pairs"))
+    if args.grid == "both":
+        paths = ct_import.prepare_ct_grids(args.ct, args.labels, args.side, args.out, grids, **kwargs)
+    else:
+        paths = [ct_import.prepare_ct(args.ct, args.labels, args.side, args.out, grid=grids[0], **kwargs)]
+    for path in paths:
+        print(f"data set updated: {path}")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from inference import simulate
+    from inference.errors import ConfigError
+
+    if args.write_geometry:
+        side = args.side or "right"
+        geometry = simulate.standard_geometry(args.isocentre, side, angles_deg=args.angles, rows=args.rows,
+                                              cols=args.cols, pixel_mm=args.pixel_mm)
+        simulate.write_geometry_file(args.write_geometry, geometry)
+        print(f"geometry written: {args.write_geometry}")
+        if not (args.ct or args.phantom):
+            return 0
+    if not (args.ct or args.phantom):
+        raise ConfigError("simulate needs --ct CT (with --geometry) or --phantom SUBJECT, or --write-geometry PATH")
+    if not args.out:
+        raise ConfigError("simulate needs --out CASE_DIR")
+    geometry_file = args.geometry or args.write_geometry
+    progress = _fraction_progress(args.quiet)
+    if args.ct:
+        if not geometry_file:
+            raise ConfigError("simulate --ct needs --geometry GEOM.json (write one with --write-geometry)")
+        if args.truth_out:
+            raise ConfigError("--truth-out is for --phantom; a CT's truth is the CT itself")
+        realism_seed = args.seed if args.realism else None
+        path = simulate.simulate_case(args.ct, geometry_file, args.out, labels=args.labels,
+                                      femur_label=args.femur_label, image_format=args.format, step_mm=args.step_mm,
+                                      realism_seed=realism_seed, overwrite=args.overwrite, progress=progress)
+    else:
+        if args.labels:
+            raise ConfigError("--labels is for --ct; a phantom brings its own labels")
+        path = simulate.simulate_phantom_case(args.phantom, args.seed, args.out, side=args.side,
+                                              geometry_file=geometry_file, truth_out=args.truth_out,
+                                              image_format=args.format,
+                                              realism=True if args.realism is None else args.realism,
+                                              step_mm=args.step_mm, overwrite=args.overwrite, progress=progress)
+    print(f"case written: {path}")
+    if args.truth_out:
+        print(f"ground truth written: {args.truth_out}")
+    return 0

@@ -1,0 +1,287 @@
+"""Full-size digitally reconstructed radiographs (DRRs) from a CT, for data generation and simulation.
+
+A DRR pixel is the line integral of the linear attenuation coefficient ``mu`` along the ray from
+the X-ray source through the pixel centre (the Beer-Lambert exponent: transmitted intensity
+``I = I0 * exp(-DRR)``; larger = more attenuation, the radiograph convention of the project).
+
+The ray geometry is the one of ProST (:mod:`inference.layers.prost`, a single implementation):
+planes perpendicular to the principal direction between the near and far depths of the volume's
+bounding box, trilinear sampling (zero outside the grid), sum of value x step. Only the sample
+count differs: the network's ProST uses a fixed K, a full-size DRR samples densely enough to be
+accurate (by default a step along every ray of at most half the smallest voxel spacing).
+
+Memory stays bounded: the detector is rendered in chunks of rows, and inside each chunk the
+XLA kernel loops over chunks of depth planes (about 2 M sample points at a time). A 512 x 512
+DRR of a 256^3 CT needs the volume (64 MB as float32) plus a few hundred MB of temporaries.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from inference.errors import Cancelled, ConfigError, DataError, GeometryError
+from inference.geometry import validate_projection_matrix
+from inference.layers import prost
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MU_WATER_PER_MM",
+    "EFFECTIVE_ENERGY_KEV",
+    "HU_TO_MU_CONSTANTS",
+    "hu_to_mu",
+    "render_drr",
+    "render_path_length",
+    "samples_for_step",
+]
+
+#: Effective photon energy assumed for the HU -> mu conversion (keV). Diagnostic hip radiographs
+#: are taken at 70-90 kVp; the mean energy of such a filtered spectrum is about 50-70 keV.
+EFFECTIVE_ENERGY_KEV = 60.0
+#: Linear attenuation coefficient of water at EFFECTIVE_ENERGY_KEV, 1/mm (NIST XCOM: mass
+#: attenuation 0.2059 cm^2/g at 60 keV, density 1 g/cm^3 -> 0.2059 /cm).
+MU_WATER_PER_MM = 0.02059
+#: The constants of :func:`hu_to_mu` (recorded in data set manifests).
+HU_TO_MU_CONSTANTS = {
+    "formula": "mu = mu_water_per_mm * (1 + HU / 1000), clipped at 0",
+    "mu_water_per_mm": MU_WATER_PER_MM,
+    "effective_energy_kev": EFFECTIVE_ENERGY_KEV,
+}
+
+# Sample counts are rounded up to a multiple of this, so that views whose depth ranges differ a
+# little share one compiled XLA kernel (each new K would otherwise cost a compilation); rounding
+# up only makes the step finer.
+_SAMPLE_QUANTUM = 64
+
+ProgressCallback = Callable[[float], None]
+
+
+def hu_to_mu(hu: Any, mu_water_per_mm: float = MU_WATER_PER_MM) -> np.ndarray:
+    """Linear attenuation (1/mm) from Hounsfield units.
+
+    ``mu = mu_water * (1 + HU / 1000)`` (the definition of HU, with air at -1000 HU -> 0), clipped
+    at 0 so that noise below -1000 HU cannot make negative attenuation.
+
+    Parameters
+    ----------
+    hu : array_like
+        CT values in HU.
+    mu_water_per_mm : float
+        mu of water at the effective energy (default :data:`MU_WATER_PER_MM`, 60 keV).
+
+    Returns
+    -------
+    ndarray float32, same shape, 1/mm.
+    """
+    if not (isinstance(mu_water_per_mm, (int, float)) and math.isfinite(mu_water_per_mm)
+            and mu_water_per_mm > 0):
+        raise ConfigError(f"mu_water_per_mm must be a positive number, not {mu_water_per_mm!r}")
+    hu = np.asarray(hu, dtype=np.float32)
+    return np.maximum(np.float32(mu_water_per_mm) * (1.0 + hu / np.float32(1000.0)),
+                      np.float32(0.0)).astype(np.float32, copy=False)
+
+
+def _grid(volume_shape, geometry) -> np.ndarray:
+    """index_to_world (4, 4) from a VolumeGeometry (checked against the shape) or a 4x4 array."""
+    if hasattr(geometry, "index_to_world"):
+        shape = tuple(getattr(geometry, "shape_zyx", volume_shape))
+        if shape != tuple(volume_shape):
+            raise GeometryError(
+                f"the volume has shape {tuple(volume_shape)} (z, y, x) but its geometry describes "
+                f"a grid of shape {shape}; pass the geometry that belongs to this volume")
+        matrix = np.asarray(geometry.index_to_world(), dtype=np.float64)
+    else:
+        try:
+            matrix = np.array(geometry, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise GeometryError(
+                "geometry must be a VolumeGeometry or a 4x4 index_to_world matrix, "
+                f"not {type(geometry).__name__}") from None
+    if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+        raise GeometryError(f"index_to_world must be a finite 4x4 matrix, got shape {matrix.shape}")
+    if abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
+        raise GeometryError("index_to_world is singular (a voxel spacing is zero)")
+    return matrix
+
+
+def _positive_int(value, name) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, not {value!r}")
+    return int(value)
+
+
+def samples_for_step(projection, index_to_world, shape_zyx, rows, cols, step_mm=None) -> int:
+    """Number of depth planes so that the step along every ray of the detector is <= step_mm.
+
+    Parameters
+    ----------
+    projection : (3, 4) P of the (rows, cols) detector.
+    index_to_world : (4, 4)
+    shape_zyx : 3 ints
+    rows, cols : int, detector size.
+    step_mm : float, optional
+        Largest step along a ray; default half the smallest voxel spacing.
+
+    Returns
+    -------
+    int, a multiple of 64 (so nearby geometries share one compiled kernel).
+    """
+    spacing = np.linalg.norm(np.asarray(index_to_world)[:3, :3], axis=0)
+    if step_mm is None:
+        step_mm = 0.5 * float(spacing.min())
+    if not (isinstance(step_mm, (int, float)) and math.isfinite(step_mm) and step_mm > 0):
+        raise ConfigError(f"step_mm must be a positive number of millimetres, not {step_mm!r}")
+    p = np.asarray(projection, dtype=np.float64)[None]
+    m = np.asarray(index_to_world, dtype=np.float64)[None]
+    near, far = (float(x[0]) for x in prost.near_far(p, m, shape_zyx))
+    # |d| = 1 / cos is a convex function of (u, v), so its maximum over the detector is at a corner
+    corners = prost.ray_directions(p, tf.constant([0.0, rows - 1.0]),
+                                   tf.constant([0.0, cols - 1.0]))
+    max_ray_scale = float(tf.reduce_max(tf.norm(corners, axis=-1)))
+    needed = max(1, math.ceil((far - near) * max_ray_scale / step_mm))
+    return int(math.ceil(needed / _SAMPLE_QUANTUM) * _SAMPLE_QUANTUM)
+
+
+def _is_cancelled(cancel) -> bool:
+    if cancel is None:
+        return False
+    if hasattr(cancel, "is_set"):
+        return bool(cancel.is_set())
+    return bool(cancel())
+
+
+def _render(values_zyx, index_to_world, projection, rows, cols, step_mm, num_samples, chunk_rows,
+            progress, cancel, what) -> np.ndarray:
+    rows = _positive_int(rows, "rows")
+    cols = _positive_int(cols, "cols")
+    chunk_rows = _positive_int(chunk_rows, "chunk_rows")
+    projection = validate_projection_matrix(projection)
+    shape_zyx = values_zyx.shape
+    if num_samples is not None:
+        if step_mm is not None:
+            raise ConfigError("give either step_mm or num_samples, not both")
+        num_samples = _positive_int(num_samples, "num_samples")
+    else:
+        num_samples = samples_for_step(projection, index_to_world, shape_zyx, rows, cols, step_mm)
+    # equal chunks (e.g. 200 rows at chunk_rows=64 -> 4 x 50, not 4 x 64 with 56 wasted rows)
+    num_chunks = math.ceil(rows / chunk_rows)
+    chunk_rows = math.ceil(rows / num_chunks)
+    p = tf.constant(projection[None])
+    m = tf.constant(index_to_world[None])
+    near, far = prost.near_far(p, m, shape_zyx)
+    if not float(far[0]) > float(near[0]):
+        raise GeometryError(
+            f"the volume lies behind the X-ray source of this projection matrix ({what}); "
+            "check the matrix's sign convention (w > 0 in front of the source)")
+    volume = tf.constant(values_zyx[None, ..., None])
+    cols_t = tf.range(cols)
+    image = np.empty((rows, cols), dtype=np.float32)
+    logger.debug("rendering %s: %dx%d px, %d samples per ray, depth %.1f-%.1f mm", what, rows,
+                 cols, num_samples, float(near[0]), float(far[0]))
+    for index in range(num_chunks):
+        if _is_cancelled(cancel):
+            raise Cancelled(f"{what} rendering was cancelled")
+        start = index * chunk_rows
+        # every chunk has chunk_rows rows (the last one runs past the detector and is cropped) so
+        # all chunks share one compiled kernel
+        plan = prost.ray_march_plan(p, m, shape_zyx, tf.range(start, start + chunk_rows), cols_t,
+                                    num_samples, near=near, far=far)
+        block = prost.ray_integral(volume, plan, geometry_gradients=False)
+        stop = min(rows, start + chunk_rows)
+        image[start:stop] = block.numpy()[0, :stop - start, :, 0]
+        if progress is not None:
+            progress((index + 1) / num_chunks)
+    return image
+
+
+def render_drr(volume_zyx, geometry, projection, rows, cols, *, step_mm=None, num_samples=None,
+               chunk_rows=64, input="hu", mu_water_per_mm=MU_WATER_PER_MM,
+               progress: ProgressCallback | None = None, cancel=None) -> np.ndarray:
+    """Render a DRR (line integrals of mu) of a CT.
+
+    Parameters
+    ----------
+    volume_zyx : ndarray (Z, Y, X)
+        CT in HU (``input="hu"``) or attenuation in 1/mm (``input="mu"``).
+    geometry : VolumeGeometry or (4, 4) index_to_world
+        The volume's grid ([i, j, k, 1] -> world mm, array ``vol[k, j, i]``).
+    projection : (3, 4)
+        P of the (rows, cols) detector, world mm, ``w > 0`` in front of the source.
+    rows, cols : int
+        Detector size in pixels.
+    step_mm : float, optional
+        Largest step along any ray (default half the smallest voxel spacing). Exclusive with
+        ``num_samples``.
+    num_samples : int, optional
+        Fixed number of depth planes between near and far (as ProST).
+    chunk_rows : int
+        Detector rows rendered per call of the kernel (memory and progress granularity).
+    input : {"hu", "mu"}
+        Units of ``volume_zyx``; HU goes through :func:`hu_to_mu`.
+    mu_water_per_mm : float
+        For ``input="hu"``.
+    progress : callable(fraction), optional
+        Called after every chunk with the fraction done.
+    cancel : callable() -> bool or threading.Event, optional
+        Checked before every chunk; raises :class:`~inference.errors.Cancelled` when set.
+
+    Returns
+    -------
+    ndarray float32 (rows, cols)
+        Line integrals of mu along each pixel's ray (dimensionless; ``exp(-DRR)`` is the
+        transmission). With ``input="mu"`` in other units the result is in those units x mm.
+    """
+    if input not in ("hu", "mu"):
+        raise ConfigError(f"input must be 'hu' or 'mu', not {input!r}")
+    volume = np.asarray(volume_zyx)
+    if volume.ndim != 3 or min(volume.shape) == 0:
+        raise DataError(f"the CT volume must be a non-empty 3D (z, y, x) array, got shape "
+                        f"{volume.shape}")
+    if not np.issubdtype(volume.dtype, np.number) or np.issubdtype(volume.dtype, np.complexfloating):
+        raise DataError(f"the CT volume must hold real numbers, not {volume.dtype}")
+    index_to_world = _grid(volume.shape, geometry)
+    mu = hu_to_mu(volume, mu_water_per_mm) if input == "hu" else volume.astype(np.float32)
+    if not np.all(np.isfinite(mu)):
+        raise DataError("the CT volume contains NaN or infinite values; repair or re-export it")
+    return _render(mu, index_to_world, projection, rows, cols, step_mm, num_samples, chunk_rows,
+                   progress, cancel, "DRR")
+
+
+def render_path_length(labels_zyx, geometry, projection, rows, cols, label=1, *, step_mm=None,
+                       num_samples=None, chunk_rows=64, progress: ProgressCallback | None = None,
+                       cancel=None) -> np.ndarray:
+    """Length (mm) of each pixel's ray inside one label of a label map (e.g. projected masks).
+
+    The label's indicator is sampled trilinearly, so the path is measured to the 0.5 level of the
+    interpolated mask (sub-voxel accurate for surfaces resolved by the grid).
+
+    Parameters
+    ----------
+    labels_zyx : ndarray (Z, Y, X) of integers
+    geometry, projection, rows, cols, step_mm, num_samples, chunk_rows, progress, cancel
+        As :func:`render_drr`.
+    label : int
+        The label to measure.
+
+    Returns
+    -------
+    ndarray float32 (rows, cols), mm (0 where the ray misses the label).
+    """
+    labels = np.asarray(labels_zyx)
+    if labels.ndim != 3 or min(labels.shape) == 0:
+        raise DataError(f"the label map must be a non-empty 3D (z, y, x) array, got shape "
+                        f"{labels.shape}")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise DataError(f"the label map must hold integers, not {labels.dtype}")
+    index_to_world = _grid(labels.shape, geometry)
+    indicator = (labels == label).astype(np.float32)
+    if not indicator.any():
+        logger.warning("label %s does not occur in the label map; its path length is 0", label)
+    return _render(indicator, index_to_world, projection, rows, cols, step_mm, num_samples,
+                   chunk_rows, progress, cancel, f"label {label} path length")

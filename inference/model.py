@@ -1,0 +1,1244 @@
+"""The registration network of Van Houtte et al. (IJCARS 2022), built from a frozen config.
+
+The network registers a CT atlas of the proximal femur to two calibrated radiographs (AP and
+lateral). It has two parts, trained end to end:
+
+Affine module
+    Two ProST layers project the atlas along each view (line integrals). Each projection is stacked
+    with its radiograph (2 channels) and encoded by a per-view 2D encoder (``len(affine_widths)``
+    levels of strided conv, batch norm, leaky ReLU). With ``cross_view_fusion`` a fusion branch
+    concatenates, at every level, both views' features and the previous fused features (average
+    pooled to the level's size) and convolves them. A dense layer (zero bias, kernel drawn with
+    stddev ``affine_init_stddev``, so the module starts at the identity) regresses 7 parameters
+    (rotation, translation, log-scale) -> :class:`~inference.layers.warp.AffineToField` -> T.
+
+Local module
+    Per view: ProST (integral and beam output) of the affinely warped atlas; a 2D encoder (strided
+    conv + plain conv per level) of [projection of warped atlas, radiograph]; the last map is copied
+    ``depth_copies`` (M) times along the beam depth and decoded by a 3D decoder in *beam space*
+    (conv, leaky ReLU, upsample x2 per level) with skip connections (each 2D encoder map copied
+    along depth, 3D conv, batch norm, leaky ReLU, concatenated); the warped atlas's own beam samples
+    (average pooled to the decoder's beam grid) join the last level. inv-ProST maps each view's
+    beam-space feature volume onto the (possibly downsampled) atlas grid; both views are
+    concatenated and convolved to a 3-channel stationary velocity field; scaling and squaring gives
+    phi. The total field is ``Psi = phi + T o phi`` (first phi, then T).
+
+Inputs (a dict; B = batch, H, W = ``detector_hw``)
+    ``images`` (B, 2, H, W) float32 network-size radiographs (line integrals of mu, any scale);
+    ``masks`` (B, 2, H, W) float32 (0/1) femur masks; ``projection`` (B, 2, 3, 4) float32 P of each
+    network detector in world mm; ``index_to_world`` (B, 4, 4) float32 of the atlas grid.
+
+Outputs (a dict; Z, Y, X = ``shape_zyx``)
+    ``warped_affine`` (B, Z, Y, X, 1) atlas intensity warped by T; ``warped`` (B, Z, Y, X, 1) atlas
+    warped by Psi; ``warped_labels`` (B, Z, Y, X, 1) atlas labels warped by Psi (nearest);
+    ``phi`` (B, Z, Y, X, 3) and ``psi`` (B, Z, Y, X, 3) displacement fields (the convention of
+    :mod:`inference.layers.warp`); ``affine_params`` (B, 7); with ``dice_weight > 0`` also
+    ``warped_femur`` (B, Z, Y, X, 1), the atlas femur mask warped by Psi with trilinear weights
+    (differentiable, for the Dice term).
+
+Intensities and normalisation (decided here, applied inside the model so training and
+``hipatlas register`` cannot disagree)
+    * Atlas and fixed volumes use the *relative attenuation of the femur*:
+      ``max(HU + 1000, 0) / 1000`` (water = 1, air = 0) inside the femur label, 0 elsewhere
+      (:func:`femur_intensity`). The atlas is stored that way, as a non-trainable weight of the
+      :class:`AtlasVolume` layer (saved in the ``.keras`` file, with the atlas labels).
+    * Each radiograph is multiplied by its femur mask and divided by its mean over the mask;
+      each atlas projection is divided by its mean over its own support (pixels above 1e-3 of its
+      maximum). Dividing by a mean over the bone makes the inputs independent of the exposure,
+      of mu's units and of the detector pixel size, and cheap and differentiable (no percentile).
+
+The atlas is a constant of the model: ``build_model(config, atlas)`` stores it, so a saved model
+needs only its ``.keras`` file (plus atlas landmarks) to register a case.
+
+FLOPs (:func:`estimate_flops`) count 2 x the multiply-adds of every convolution and dense layer
+of one forward pass at batch 1; sampling (ProST, inv-ProST, warps, scaling and squaring), batch
+norm, activations and the loss are not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from inference.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+#: Label value of the femur in atlas and data set label maps (2 = pelvis).
+FEMUR_LABEL = 1
+#: Number of views the network takes (AP and lateral).
+NUM_VIEWS = 2
+#: Number of affine parameters: rotation (3), translation (3), log-scale (1).
+NUM_AFFINE_PARAMS = 7
+MODEL_CARD_FORMAT = "hipatlas-model-card/1"
+CONFIG_FORMAT = "hipatlas-model-config/1"
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+def _as_int_tuple(name: str, value: Any, length: int | None = None) -> tuple[int, ...]:
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be a sequence of integers, not {value!r}") from None
+    if length is not None and len(items) != length:
+        raise ConfigError(f"{name} must have {length} entries, not {len(items)} ({value!r})")
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, np.integer)) or item <= 0:
+            raise ConfigError(f"{name} must hold positive integers, not {value!r}")
+        out.append(int(item))
+    return tuple(out)
+
+
+def _as_float_tuple(name: str, value: Any, length: int) -> tuple[float, ...]:
+    try:
+        items = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be {length} numbers, not {value!r}") from None
+    if len(items) != length or not all(math.isfinite(v) and v > 0 for v in items):
+        raise ConfigError(f"{name} must be {length} positive numbers, not {value!r}")
+    return items
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines the network's shape (saved in the ``.keras`` file and model card).
+
+    Parameters
+    ----------
+    grid : str
+        Name of the atlas grid (``paper``, ``compact`` or a custom name).
+    shape_zyx : (int, int, int)
+        Atlas grid shape (z, y, x).
+    spacing_xyz_mm : (float, float, float)
+        Atlas voxel spacing (x, y, z) in mm (informative: the geometry comes from ``index_to_world``).
+    detector_hw : (int, int)
+        Network detector rows x columns; must be divisible by ``2 ** len(local_encoder_widths)``.
+    num_samples : int
+        K, ProST samples per ray; a multiple of the decoder's beam depth
+        ``depth_copies * 2 ** (len(decoder_widths) - 1)``.
+    affine_widths : tuple of int
+        Features of the affine 2D encoder levels (each halves the image size).
+    local_encoder_widths : tuple of int
+        Features of the local 2D encoder levels (each halves the image size).
+    depth_copies : int
+        M, copies of the last local encoder map along the beam depth.
+    decoder_widths : tuple of int
+        Features of the 3D beam-space decoder levels; ``len - 1`` upsamplings (<= encoder levels).
+        With fewer upsamplings than encoder levels the decoder stops at a coarser beam grid.
+    velocity_downsample : int
+        1 or 2: the velocity field and its integration live on the atlas grid divided by this
+        (then the displacement is linearly upsampled), as in VoxelMorph; 2 saves ~8x in sampling.
+    int_steps : int
+        Scaling-and-squaring steps (phi = exp(v) with 2**int_steps).
+    smooth_weight, dice_weight : float
+        Loss weights of the smoothness of phi and of the (optional) femur Dice term.
+    leaky_slope : float
+        Negative slope of the leaky ReLUs.
+    affine_init_stddev, velocity_init_stddev : float
+        Stddev of the normal initialiser of the affine dense layer and of the velocity conv
+        (tiny, so that the network starts at the identity transform).
+    cross_view_fusion, skip_connections, shared_decoder, use_inv_prost : bool
+        Ablation switches. Without inv-ProST the beam-space features are simply resized to the
+        grid (k -> z, v -> y, u -> x), ignoring the geometry.
+    """
+
+    grid: str = "compact"
+    shape_zyx: tuple[int, int, int] = (96, 64, 96)
+    spacing_xyz_mm: tuple[float, float, float] = (1.328, 1.328, 2.0)
+    detector_hw: tuple[int, int] = (80, 112)
+    num_samples: int = 128
+    affine_widths: tuple[int, ...] = (8, 16, 32, 32, 64)
+    local_encoder_widths: tuple[int, ...] = (8, 16, 32, 32)
+    depth_copies: int = 4
+    decoder_widths: tuple[int, ...] = (32, 16, 16, 8)
+    velocity_downsample: int = 2
+    int_steps: int = 7
+    smooth_weight: float = 0.01
+    dice_weight: float = 0.0
+    leaky_slope: float = 0.2
+    affine_init_stddev: float = 1e-5
+    velocity_init_stddev: float = 1e-5
+    cross_view_fusion: bool = True
+    skip_connections: bool = True
+    shared_decoder: bool = False
+    use_inv_prost: bool = True
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        if not isinstance(self.grid, str) or not self.grid.strip():
+            raise ConfigError(f"grid must be a non-empty name, not {self.grid!r}")
+        set_("shape_zyx", _as_int_tuple("shape_zyx", self.shape_zyx, 3))
+        set_("spacing_xyz_mm", _as_float_tuple("spacing_xyz_mm", self.spacing_xyz_mm, 3))
+        set_("detector_hw", _as_int_tuple("detector_hw", self.detector_hw, 2))
+        for name in ("num_samples", "depth_copies", "velocity_downsample", "int_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, not {value!r}")
+            set_(name, int(value))
+        for name in ("affine_widths", "local_encoder_widths", "decoder_widths"):
+            set_(name, _as_int_tuple(name, getattr(self, name)))
+            if not getattr(self, name):
+                raise ConfigError(f"{name} must have at least one level")
+        for name in ("smooth_weight", "dice_weight", "leaky_slope", "affine_init_stddev",
+                     "velocity_init_stddev"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+                    or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, not {value!r}")
+            set_(name, float(value))
+        for name in ("cross_view_fusion", "skip_connections", "shared_decoder", "use_inv_prost"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, not {getattr(self, name)!r}")
+
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples (K) must be >= 1, not {self.num_samples}")
+        if self.depth_copies < 1:
+            raise ConfigError(f"depth_copies (M) must be >= 1, not {self.depth_copies}")
+        if self.int_steps > 12:
+            raise ConfigError(f"int_steps must be <= 12 (2**int_steps squarings), not {self.int_steps}")
+        if self.velocity_downsample not in (1, 2):
+            raise ConfigError(f"velocity_downsample must be 1 or 2, not {self.velocity_downsample}")
+        levels = len(self.local_encoder_widths)
+        factor = 2 ** levels
+        if any(size % factor for size in self.detector_hw):
+            raise ConfigError(
+                f"detector_hw {self.detector_hw} must be divisible by 2**{levels} = {factor} "
+                f"(local_encoder_widths has {levels} levels, each halving the image)")
+        upsamplings = len(self.decoder_widths) - 1
+        if upsamplings > levels:
+            raise ConfigError(
+                f"decoder_widths has {len(self.decoder_widths)} levels ({upsamplings} upsamplings) "
+                f"but the detector {self.detector_hw} is only halved {levels} times by "
+                f"local_encoder_widths; use at most {levels + 1} decoder levels")
+        beam_depth = self.depth_copies * 2 ** upsamplings
+        if self.num_samples % beam_depth:
+            raise ConfigError(
+                f"num_samples (K = {self.num_samples}) must be a multiple of the decoder's beam depth "
+                f"depth_copies * 2**(len(decoder_widths) - 1) = {beam_depth}")
+        if any(size % self.velocity_downsample for size in self.shape_zyx):
+            raise ConfigError(
+                f"shape_zyx {self.shape_zyx} must be divisible by velocity_downsample "
+                f"{self.velocity_downsample}")
+        if min(self.shape_zyx) // self.velocity_downsample < 2:
+            raise ConfigError(f"shape_zyx {self.shape_zyx} is too small for velocity_downsample "
+                              f"{self.velocity_downsample}")
+        if not 0.0 <= self.leaky_slope < 1.0:
+            raise ConfigError(f"leaky_slope must be in [0, 1), not {self.leaky_slope}")
+
+    # Derived sizes -------------------------------------------------------------------------
+    @property
+    def decoder_upsamplings(self) -> int:
+        return len(self.decoder_widths) - 1
+
+    @property
+    def beam_shape(self) -> tuple[int, int, int]:
+        """(K', H', W') of the decoder's output beam-space grid."""
+        coarse = 2 ** (len(self.local_encoder_widths) - self.decoder_upsamplings)
+        return (self.depth_copies * 2 ** self.decoder_upsamplings,
+                self.detector_hw[0] // coarse, self.detector_hw[1] // coarse)
+
+    @property
+    def velocity_shape_zyx(self) -> tuple[int, int, int]:
+        return tuple(s // self.velocity_downsample for s in self.shape_zyx)  # type: ignore[return-value]
+
+    # Serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for key, value in data.items():
+            if isinstance(value, tuple):
+                data[key] = list(value)
+        return {"format": CONFIG_FORMAT, **data}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a model config must be a JSON object, not {type(data).__name__}")
+        data = dict(data)
+        fmt = data.pop("format", CONFIG_FORMAT)
+        if fmt != CONFIG_FORMAT:
+            raise ConfigError(f"model config format {fmt!r} is not supported (expected {CONFIG_FORMAT!r})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"model config is not valid JSON: {error}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+#: The grid and widths of the paper (about 722 GFLOPs in the paper's count).
+PAPER = ModelConfig(
+    grid="paper", shape_zyx=(192, 128, 192), spacing_xyz_mm=(0.664, 0.664, 1.0),
+    detector_hw=(160, 224), num_samples=256, affine_widths=(16, 32, 64, 128, 256),
+    local_encoder_widths=(16, 32, 64, 64, 64), depth_copies=4,
+    decoder_widths=(64, 32, 32, 16, 16, 16), velocity_downsample=1)
+
+#: Half-resolution grid with narrower widths for CPU training and tests of the full pipeline:
+#: 4 local levels (80 x 112 / 16 = 5 x 7), the decoder stops at beam grid (32, 40, 56) and the
+#: velocity field lives on the half grid (48, 32, 48), whose sizes match.
+COMPACT = ModelConfig()
+
+PRESETS: dict[str, ModelConfig] = {"paper": PAPER, "compact": COMPACT}
+
+
+def preset(name: str) -> ModelConfig:
+    """The preset config called ``name`` (``paper`` or ``compact``)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Small layers of the network (serialisable; no Lambda layers)
+# --------------------------------------------------------------------------------------------
+# TensorFlow and Keras are imported here, after the config, so that reading or validating a
+# config does not pay for them... but the layers below need them at class definition time.
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from inference.layers import warp as warp_layers  # noqa: E402
+from inference.layers.sampling import trilinear_sample  # noqa: E402
+
+_PACKAGE = "hipatlas"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ViewSelect(keras.layers.Layer):
+    """Pick one view of a stacked two-view tensor.
+
+    Input (B, V, ...); output (B, ...) for view ``view``, with a trailing channel axis added when
+    ``add_channel`` (images (B, 2, H, W) -> (B, H, W, 1)).
+    """
+
+    def __init__(self, view: int, add_channel: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(view, bool) or not isinstance(view, int) or view < 0:
+            raise ConfigError(f"view must be a non-negative integer, not {view!r}")
+        self.view = view
+        self.add_channel = bool(add_channel)
+
+    def call(self, inputs):
+        selected = inputs[:, self.view]
+        return selected[..., None] if self.add_channel else selected
+
+    def compute_output_shape(self, input_shape):
+        shape = (input_shape[0],) + tuple(input_shape[2:])
+        return shape + (1,) if self.add_channel else shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(view=self.view, add_channel=self.add_channel)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class AtlasVolume(keras.layers.Layer):
+    """The atlas, stored as two non-trainable weights and broadcast to the batch.
+
+    Call with any tensor whose first axis is the batch (e.g. ``index_to_world`` (B, 4, 4));
+    returns ``[intensity, labels]``, each (B, Z, Y, X, 1) float32: the femur's relative attenuation
+    (:func:`femur_intensity`) and the label map (0 background, 1 femur, 2 pelvis).
+
+    The model's :class:`ModelConfig` rides along in this layer's config (``model_config``), so a
+    ``.keras`` file carries the config that built it (:func:`model_config_of`).
+
+    Parameters
+    ----------
+    shape_zyx : 3 ints
+    model_config : dict or None
+        ``ModelConfig.to_dict()`` of the model (stored verbatim).
+    """
+
+    def __init__(self, shape_zyx, model_config: dict | None = None, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # geometry stays float32 under mixed precision
+        super().__init__(**kwargs)
+        self.shape_zyx = _as_int_tuple("shape_zyx", shape_zyx, 3)
+        self.model_config = None if model_config is None else dict(model_config)
+
+    def build(self, input_shape):
+        shape = self.shape_zyx + (1,)
+        self.intensity = self.add_weight(name="intensity", shape=shape, initializer="zeros",
+                                         trainable=False, dtype="float32")
+        self.labels = self.add_weight(name="labels", shape=shape, initializer="zeros",
+                                      trainable=False, dtype="float32")
+        self.built = True
+
+    def set_atlas(self, intensity: np.ndarray, labels: np.ndarray) -> None:
+        """Store the atlas arrays, each (Z, Y, X) (or (Z, Y, X, 1))."""
+        shape = self.shape_zyx + (1,)
+        for name, array in (("intensity", intensity), ("labels", labels)):
+            if np.asarray(array).reshape(-1).size != int(np.prod(shape)):
+                raise ConfigError(f"atlas {name} has shape {np.shape(array)}, the model grid is "
+                                  f"{self.shape_zyx}")
+        self.intensity.assign(np.asarray(intensity, np.float32).reshape(shape))
+        self.labels.assign(np.asarray(labels, np.float32).reshape(shape))
+
+    def call(self, reference):
+        batch = tf.shape(reference)[0]
+        shape = tf.concat([[batch], tf.constant(self.shape_zyx + (1,), tf.int32)], axis=0)
+        return [tf.broadcast_to(self.intensity[None], shape), tf.broadcast_to(self.labels[None], shape)]
+
+    def compute_output_shape(self, input_shape):
+        shape = (input_shape[0],) + self.shape_zyx + (1,)
+        return [shape, shape]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(shape_zyx=list(self.shape_zyx), model_config=self.model_config)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class LabelMask(keras.layers.Layer):
+    """1.0 where a label map equals ``label``, else 0.0; shape unchanged (B, ..., 1)."""
+
+    def __init__(self, label: int = FEMUR_LABEL, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.label = int(label)
+
+    def call(self, labels):
+        return tf.cast(tf.equal(tf.round(labels), float(self.label)), tf.float32)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(label=self.label)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class MaskedMeanScale(keras.layers.Layer):
+    """Mask an image and divide it by its mean inside the mask.
+
+    Call with ``[image, mask]``, both (B, H, W, 1); returns (B, H, W, 1)
+    ``image * mask / mean(image | mask)``. The mean over the femur makes the radiograph's scale
+    (exposure, mu units, pixel size) irrelevant; an empty mask gives zeros.
+    """
+
+    def __init__(self, epsilon: float = 1e-6, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+
+    def call(self, inputs):
+        image, mask = inputs
+        mask = tf.cast(mask > 0.5, image.dtype)
+        masked = image * mask
+        count = tf.reduce_sum(mask, axis=[1, 2, 3], keepdims=True)
+        mean = tf.reduce_sum(masked, axis=[1, 2, 3], keepdims=True) / tf.maximum(count, 1.0)
+        return masked / (tf.abs(mean) + self.epsilon)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(epsilon=self.epsilon)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SupportMeanScale(keras.layers.Layer):
+    """Divide a projection by its mean over its own support.
+
+    Input and output (B, H, W, C). The support is where the image exceeds ``relative_threshold``
+    times its maximum (per item and channel): for a projection of the bone-only atlas that is
+    the bone's shadow, so the result is on the same footing as :class:`MaskedMeanScale`.
+    """
+
+    def __init__(self, relative_threshold: float = 1e-3, epsilon: float = 1e-6, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.relative_threshold = float(relative_threshold)
+        self.epsilon = float(epsilon)
+
+    def call(self, image):
+        peak = tf.reduce_max(image, axis=[1, 2], keepdims=True)
+        # The support is a hard threshold: no gradient flows through it (only through the sums).
+        support = tf.cast(image > self.relative_threshold * peak, image.dtype)
+        count = tf.reduce_sum(support, axis=[1, 2], keepdims=True)
+        mean = tf.reduce_sum(image * support, axis=[1, 2], keepdims=True) / tf.maximum(count, 1.0)
+        return image / (tf.abs(mean) + self.epsilon)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(relative_threshold=self.relative_threshold, epsilon=self.epsilon)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class StopGradient(keras.layers.Layer):
+    """Identity in the forward pass, no gradient backwards (shape unchanged)."""
+
+    def call(self, inputs):
+        return tf.stop_gradient(inputs)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class CopyAlongDepth(keras.layers.Layer):
+    """Copy a 2D feature map along a new beam-depth axis: (B, H, W, C) -> (B, D, H, W, C)."""
+
+    def __init__(self, copies: int, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+            raise ConfigError(f"copies must be a positive integer, not {copies!r}")
+        self.copies = copies
+
+    def call(self, inputs):
+        return tf.repeat(inputs[:, None], self.copies, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.copies) + tuple(input_shape[1:])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(copies=self.copies)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class UpsampleField(keras.layers.Layer):
+    """Linear x2 upsampling of a voxel-unit displacement field to a grid twice as fine.
+
+    Input (B, Z, Y, X, 3) on the coarse grid; output (B, 2Z, 2Y, 2X, 3) in fine-grid voxels.
+    Coarse voxel ``a`` sits at fine index ``2a + 0.5`` (the grids share their outer edges), so
+    fine index ``2i`` reads coarse coordinate ``i - 1/4`` and ``2i + 1`` reads ``i + 1/4``:
+    weights 3/4 and 1/4 along each axis, with the border value repeated (as the fields are
+    extended by clamping in :mod:`inference.layers.warp`). Displacements double in length
+    because fine voxels are half as big.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    @staticmethod
+    def _upsample_axis(field, axis):
+        before = tf.concat([tf.gather(field, [0], axis=axis),
+                            tf.gather(field, tf.range(tf.shape(field)[axis] - 1), axis=axis)], axis)
+        after = tf.concat([tf.gather(field, tf.range(1, tf.shape(field)[axis]), axis=axis),
+                           tf.gather(field, [tf.shape(field)[axis] - 1], axis=axis)], axis)
+        even = 0.75 * field + 0.25 * before
+        odd = 0.75 * field + 0.25 * after
+        stacked = tf.stack([even, odd], axis=axis + 1)  # (..., n, 2, ...) interleaves on reshape
+        shape = tf.shape(field)
+        new_shape = tf.concat([shape[:axis], [2 * shape[axis]], shape[axis + 1:]], axis=0)
+        return tf.reshape(stacked, new_shape)
+
+    def call(self, field):
+        for axis in (1, 2, 3):
+            field = self._upsample_axis(field, axis)
+        return 2.0 * field
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0],) + tuple(None if s is None else 2 * s for s in input_shape[1:4]) \
+            + (input_shape[4],)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class CoarseIndexToWorld(keras.layers.Layer):
+    """``index_to_world`` of a grid coarsened by an integer factor (same outer edges).
+
+    Input and output (B, 4, 4). Coarse index ``a`` lies at fine index ``f a + (f - 1) / 2``.
+    """
+
+    def __init__(self, factor: int, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ConfigError(f"factor must be a positive integer, not {factor!r}")
+        self.factor = factor
+
+    def call(self, index_to_world):
+        f = float(self.factor)
+        shift = (f - 1.0) / 2.0
+        coarse_to_fine = tf.constant([[f, 0, 0, shift], [0, f, 0, shift], [0, 0, f, shift],
+                                      [0, 0, 0, 1]], dtype=index_to_world.dtype)
+        return tf.matmul(index_to_world, coarse_to_fine)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(factor=self.factor)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ResizeToGrid(keras.layers.Layer):
+    """Trilinear resize of a beam-space volume to the atlas grid, ignoring the geometry.
+
+    The ablation alternative to inv-ProST: input (B, K', H', W', C) is stretched to
+    (B, Z, Y, X, C) with axis k -> z, v -> y, u -> x (cell centres aligned, border clamped).
+    """
+
+    def __init__(self, shape_zyx, **kwargs):
+        super().__init__(**kwargs)
+        self.shape_zyx = _as_int_tuple("shape_zyx", shape_zyx, 3)
+
+    def call(self, volume):
+        source = tf.cast(tf.shape(volume)[1:4], tf.float32)
+        axes = []
+        for axis, size in enumerate(self.shape_zyx):
+            centres = (tf.range(size, dtype=tf.float32) + 0.5) * source[axis] / size - 0.5
+            axes.append(tf.clip_by_value(centres, 0.0, source[axis] - 1.0))
+        zz, yy, xx = tf.meshgrid(*axes, indexing="ij")
+        coords = tf.stack([zz, yy, xx], axis=-1)[None]
+        coords = tf.broadcast_to(coords, tf.concat([tf.shape(volume)[:1], tf.shape(coords)[1:]], 0))
+        return trilinear_sample(volume, coords)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0],) + self.shape_zyx + (input_shape[-1],)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(shape_zyx=list(self.shape_zyx))
+        return config
+
+
+# --------------------------------------------------------------------------------------------
+# Intensities
+# --------------------------------------------------------------------------------------------
+
+def femur_intensity(volume_hu: np.ndarray, labels: np.ndarray, label: int = FEMUR_LABEL) -> np.ndarray:
+    """Relative attenuation of the femur: ``max(HU + 1000, 0) / 1000`` inside ``label``, else 0.
+
+    Water is 1 and air 0; it is mu / mu_water, so the projection of this volume is proportional
+    to the femur's share of a radiograph's line integrals. Used for the atlas (stored in the
+    model) and for the fixed volume of the training loss, so both are on the same scale.
+
+    Parameters
+    ----------
+    volume_hu : array (Z, Y, X) (or with a batch axis), Hounsfield units
+    labels : array of the same shape, integer labels (1 = femur)
+
+    Returns
+    -------
+    array, float32, same shape
+    """
+    volume_hu = np.asarray(volume_hu, dtype=np.float32)
+    labels = np.asarray(labels)
+    if volume_hu.shape != labels.shape:
+        raise ConfigError(f"volume shape {volume_hu.shape} and label shape {labels.shape} differ")
+    relative = np.maximum(volume_hu + 1000.0, 0.0) / 1000.0
+    return np.where(labels == label, relative, 0.0).astype(np.float32)
+
+
+def _atlas_arrays(atlas: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(volume in HU, labels) from a Mapping with ``volume``/``labels`` (the npz keys), an object
+    with ``volume_hu`` (or ``volume``) and ``labels`` attributes, or a (volume, labels) pair."""
+    if isinstance(atlas, Mapping):
+        volume = atlas.get("volume_hu", atlas.get("volume"))
+        labels = atlas.get("labels")
+    elif isinstance(atlas, (tuple, list)) and len(atlas) == 2:
+        volume, labels = atlas
+    else:
+        volume = getattr(atlas, "volume_hu", getattr(atlas, "volume", None))
+        labels = getattr(atlas, "labels", None)
+    if volume is None or labels is None:
+        raise ConfigError("the atlas must provide a volume in HU and a label map "
+                          "(keys or attributes 'volume' / 'volume_hu' and 'labels')")
+    volume, labels = np.asarray(volume), np.asarray(labels)
+    if volume.ndim == 4 and volume.shape[-1] == 1:
+        volume, labels = volume[..., 0], labels.reshape(volume.shape[:3])
+    return volume, labels
+
+
+# --------------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------------
+
+def grid_matrix(config: ModelConfig) -> np.ndarray:
+    """Index-to-grid-frame matrix used to express the affine parameters.
+
+    The affine parameters are rotations about the atlas grid's own axes (through its centre) and
+    translations in mm along them; only the voxel spacing matters for that, not where the grid
+    sits in the world, so the model works wherever ``index_to_world`` places the grid.
+    """
+    sx, sy, sz = config.spacing_xyz_mm
+    return np.diag([sx, sy, sz, 1.0])
+
+
+def _conv_bn_act(x, filters, strides, name, config, dims=2, kernel_size=3):
+    conv = keras.layers.Conv2D if dims == 2 else keras.layers.Conv3D
+    # No conv bias: the batch norm right after it has its own offset.
+    x = conv(filters, kernel_size, strides=strides, padding="same", use_bias=False,
+             name=f"{name}_conv")(x)
+    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+    return keras.layers.LeakyReLU(negative_slope=config.leaky_slope, name=f"{name}_act")(x)
+
+
+def _affine_module(config, view_inputs):
+    """Per-view 2D encoders + cross-view fusion + dense regression of the 7 parameters."""
+    features = []
+    for view, x in enumerate(view_inputs):
+        levels = []
+        for level, width in enumerate(config.affine_widths):
+            x = _conv_bn_act(x, width, 2, f"affine_v{view}_l{level}", config)
+            levels.append(x)
+        features.append(levels)
+    if config.cross_view_fusion:
+        fused = None
+        for level, width in enumerate(config.affine_widths):
+            parts = [features[0][level], features[1][level]]
+            if fused is not None:
+                # "same" pooling rounds up exactly like the strided "same" convolutions.
+                parts.append(keras.layers.AveragePooling2D(2, padding="same",
+                                                           name=f"affine_fusion_l{level}_pool")(fused))
+            merged = keras.layers.Concatenate(name=f"affine_fusion_l{level}_concat")(parts)
+            fused = _conv_bn_act(merged, width, 1, f"affine_fusion_l{level}", config)
+        top = fused
+    else:
+        top = keras.layers.Concatenate(name="affine_top_concat")([features[0][-1], features[1][-1]])
+    flat = keras.layers.Flatten(name="affine_flatten")(top)
+    # A tiny kernel and zero bias make the raw parameters ~0 at initialisation, i.e. T ~ identity,
+    # so training starts from the atlas as it is instead of a random pose.
+    return keras.layers.Dense(
+        NUM_AFFINE_PARAMS, name="affine_params", dtype="float32",
+        kernel_initializer=keras.initializers.RandomNormal(stddev=config.affine_init_stddev),
+        bias_initializer="zeros")(flat)
+
+
+def _local_encoder(config, x, view):
+    """2D encoder of the local module; returns the maps at every scale (input first)."""
+    maps = [x]
+    for level, width in enumerate(config.local_encoder_widths):
+        x = _conv_bn_act(x, width, 2, f"local_v{view}_l{level}_down", config)
+        x = _conv_bn_act(x, width, 1, f"local_v{view}_l{level}", config)
+        maps.append(x)
+    return maps
+
+
+class _BeamDecoder:
+    """The 3D beam-space decoder's layers; one instance per view, or one for both views."""
+
+    def __init__(self, config, prefix):
+        self.config = config
+        self.convs = []
+        self.skips = []
+        for level, width in enumerate(config.decoder_widths):
+            self.convs.append((
+                keras.layers.Conv3D(width, 3, padding="same", name=f"{prefix}_l{level}_conv"),
+                keras.layers.LeakyReLU(negative_slope=config.leaky_slope, name=f"{prefix}_l{level}_act")))
+            if level > 0 and config.skip_connections:
+                self.skips.append((
+                    keras.layers.Conv3D(width, 3, padding="same", use_bias=False,
+                                        name=f"{prefix}_skip{level}_conv"),
+                    keras.layers.BatchNormalization(name=f"{prefix}_skip{level}_bn"),
+                    keras.layers.LeakyReLU(negative_slope=config.leaky_slope,
+                                           name=f"{prefix}_skip{level}_act")))
+            else:
+                self.skips.append(None)
+
+    def __call__(self, maps, beam_atlas, view):
+        """``maps`` from :func:`_local_encoder`; ``beam_atlas`` (B, K', H', W', 1)."""
+        config = self.config
+        levels = len(config.local_encoder_widths)
+        upsamplings = config.decoder_upsamplings
+        x = CopyAlongDepth(config.depth_copies, name=f"local_v{view}_bottom_copy")(maps[levels])
+        for level in range(upsamplings + 1):
+            parts = [x]
+            if self.skips[level] is not None:
+                depth = config.depth_copies * 2 ** level
+                skip = CopyAlongDepth(depth, name=f"local_v{view}_skip{level}_copy")(maps[levels - level])
+                for layer in self.skips[level]:
+                    skip = layer(skip)
+                parts.append(skip)
+            if level == upsamplings:
+                # The affinely warped atlas sampled in the same beam space: tells the decoder
+                # where along each ray the bone is, which the copied 2D features cannot.
+                parts.append(beam_atlas)
+            if len(parts) > 1:
+                x = keras.layers.Concatenate(name=f"local_v{view}_dec{level}_concat")(parts)
+            conv, act = self.convs[level]
+            x = act(conv(x))
+            if level < upsamplings:
+                x = keras.layers.UpSampling3D(2, name=f"local_v{view}_dec{level}_up")(x)
+        return x
+
+
+def build_model(config: ModelConfig, atlas: Any = None, *, name: str = "hipatlas_registration",
+                jit_compile: bool = True) -> keras.Model:
+    """Build the registration network for ``config``, storing ``atlas`` in it.
+
+    Parameters
+    ----------
+    config : ModelConfig
+    atlas : Mapping, object or (volume, labels) pair, optional
+        The atlas volume in HU (Z, Y, X) on the config's grid and its label map (1 = femur).
+        Accepted as a Mapping with ``volume``/``labels`` keys (the npz keys), an object with
+        ``volume_hu`` (or ``volume``) and ``labels`` attributes, or a pair. None leaves a zero atlas
+        (e.g. to load weights into).
+    name : str
+    jit_compile : bool
+        Passed to the sampling layers (XLA for the gathers; convolutions are never XLA-compiled,
+        which is slow for Conv3D on CPU).
+
+    Returns
+    -------
+    keras.Model
+        Inputs and outputs as in the module docstring.
+    """
+    from inference.layers.prost import InvProST, ProST
+
+    if not isinstance(config, ModelConfig):
+        raise ConfigError(f"config must be a ModelConfig, not {type(config).__name__}")
+    height, width = config.detector_hw
+    images = keras.Input((NUM_VIEWS, height, width), name="images")
+    masks = keras.Input((NUM_VIEWS, height, width), name="masks")
+    projection = keras.Input((NUM_VIEWS, 3, 4), name="projection")
+    index_to_world = keras.Input((4, 4), name="index_to_world")
+
+    atlas_layer = AtlasVolume(config.shape_zyx, model_config=config.to_dict(), name="atlas")
+    atlas_intensity, atlas_labels = atlas_layer(index_to_world)
+    if atlas is not None:
+        volume_hu, labels = _atlas_arrays(atlas)
+        if volume_hu.shape != config.shape_zyx:
+            raise ConfigError(f"the atlas grid {volume_hu.shape} differs from the model's shape_zyx "
+                              f"{config.shape_zyx}")
+        atlas_layer.set_atlas(femur_intensity(volume_hu, labels), labels)
+
+    radiographs, matrices = [], []
+    for view in range(NUM_VIEWS):
+        image = ViewSelect(view, add_channel=True, name=f"image_v{view}")(images)
+        mask = ViewSelect(view, add_channel=True, name=f"mask_v{view}")(masks)
+        radiographs.append(MaskedMeanScale(name=f"radiograph_v{view}_scale")([image, mask]))
+        matrices.append(ViewSelect(view, name=f"projection_v{view}")(projection))
+
+    # Affine module ---------------------------------------------------------------------
+    affine_inputs = []
+    for view in range(NUM_VIEWS):
+        drr = ProST(config.detector_hw, config.num_samples, output="integral", geometry_gradients=False,
+                    dtype="float32",
+                    name=f"affine_prost_v{view}")([atlas_intensity, matrices[view], index_to_world])
+        drr = SupportMeanScale(name=f"affine_drr_v{view}_scale")(drr)
+        affine_inputs.append(keras.layers.Concatenate(name=f"affine_input_v{view}")(
+            [drr, radiographs[view]]))
+    params = _affine_module(config, affine_inputs)
+    grid = grid_matrix(config)
+    affine_field = warp_layers.AffineToField(config.shape_zyx, grid, dtype="float32",
+                                             name="affine_field")(params)
+    warped_affine = warp_layers.SpatialTransformer(jit_compile=jit_compile, dtype="float32",
+                                                   name="warp_affine")([atlas_intensity, affine_field])
+
+    # Local module ----------------------------------------------------------------------
+    # The local module takes the affine result as given: no gradient flows back through its
+    # ProST (which would need a scatter-add over the whole beam volume). The affine module
+    # still learns from both similarity terms through T and through Psi = T o phi.
+    local_atlas = StopGradient(name="local_atlas_stop_gradient")(warped_affine)
+    levels = len(config.local_encoder_widths)
+    beam_depth, beam_h, beam_w = config.beam_shape
+    coarse = 2 ** (levels - config.decoder_upsamplings)
+    velocity_i2w = index_to_world
+    if config.velocity_downsample > 1:
+        velocity_i2w = CoarseIndexToWorld(config.velocity_downsample,
+                                          name="velocity_index_to_world")(index_to_world)
+    decoders = {}
+    grid_features = []
+    for view in range(NUM_VIEWS):
+        drr, beam = ProST(config.detector_hw, config.num_samples, output="both", geometry_gradients=False,
+                          dtype="float32",
+                          name=f"local_prost_v{view}")([local_atlas, matrices[view], index_to_world])
+        drr = SupportMeanScale(name=f"local_drr_v{view}_scale")(drr)
+        encoder_input = keras.layers.Concatenate(name=f"local_input_v{view}")([drr, radiographs[view]])
+        maps = _local_encoder(config, encoder_input, view)
+        beam_atlas = keras.layers.AveragePooling3D(
+            (config.num_samples // beam_depth, coarse, coarse), dtype="float32",
+            name=f"local_beam_atlas_v{view}")(beam)
+        key = "shared" if config.shared_decoder else view
+        if key not in decoders:
+            decoders[key] = _BeamDecoder(config, "decoder" if config.shared_decoder else f"decoder_v{view}")
+        features = decoders[key](maps, beam_atlas, view)
+        if config.use_inv_prost:
+            on_grid = InvProST(config.velocity_shape_zyx, config.detector_hw, config.num_samples,
+                               geometry_gradients=False, dtype="float32", name=f"inv_prost_v{view}")(
+                [features, matrices[view], velocity_i2w])
+        else:
+            on_grid = ResizeToGrid(config.velocity_shape_zyx, dtype="float32",
+                                   name=f"resize_to_grid_v{view}")(features)
+        grid_features.append(on_grid)
+    merged = keras.layers.Concatenate(name="views_concat")(grid_features)
+    # As in VoxelMorph, a tiny initial velocity keeps phi ~ identity at the start.
+    velocity = keras.layers.Conv3D(
+        3, 3, padding="same", dtype="float32", name="velocity",
+        kernel_initializer=keras.initializers.RandomNormal(stddev=config.velocity_init_stddev),
+        bias_initializer="zeros")(merged)
+    phi = warp_layers.VecInt(config.int_steps, jit_compile=jit_compile, dtype="float32",
+                             name="integrate")(velocity)
+    if config.velocity_downsample > 1:
+        phi = UpsampleField(name="phi_upsample")(phi)
+    psi = warp_layers.ComposeAffine(config.shape_zyx, grid, dtype="float32", name="psi")([phi, params])
+    warped = warp_layers.SpatialTransformer(jit_compile=jit_compile, dtype="float32",
+                                           name="warp")([atlas_intensity, psi])
+    warped_labels = warp_layers.SpatialTransformer(interp="nearest", jit_compile=jit_compile,
+                                                   dtype="float32", name="warp_labels")([atlas_labels, psi])
+    outputs = {"warped_affine": warped_affine, "warped": warped, "warped_labels": warped_labels,
+               "phi": phi, "psi": psi, "affine_params": params}
+    if config.dice_weight > 0:
+        femur = LabelMask(FEMUR_LABEL, name="atlas_femur")(atlas_labels)
+        outputs["warped_femur"] = warp_layers.SpatialTransformer(
+            jit_compile=jit_compile, dtype="float32", name="warp_femur")([femur, psi])
+    inputs = {"images": images, "masks": masks, "projection": projection,
+              "index_to_world": index_to_world}
+    return keras.Model(inputs=inputs, outputs=outputs, name=name)
+
+
+def model_config_of(model: keras.Model) -> ModelConfig:
+    """The :class:`ModelConfig` stored in a model built by :func:`build_model`."""
+    try:
+        layer = model.get_layer("atlas")
+    except ValueError:
+        raise ModelError(f"model {model.name!r} has no atlas layer: it was not built by HipAtlas") from None
+    if not isinstance(layer, AtlasVolume) or layer.model_config is None:
+        raise ModelError(f"model {model.name!r} does not carry a HipAtlas model config")
+    return ModelConfig.from_dict(layer.model_config)
+
+
+def set_atlas(model: keras.Model, atlas: Any) -> None:
+    """Replace the atlas stored in ``model`` (same grid)."""
+    volume_hu, labels = _atlas_arrays(atlas)
+    layer = model.get_layer("atlas")
+    if volume_hu.shape != layer.shape_zyx:
+        raise ConfigError(f"the atlas grid {volume_hu.shape} differs from the model's {layer.shape_zyx}")
+    layer.set_atlas(femur_intensity(volume_hu, labels), labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+
+def registration_losses(config: ModelConfig, outputs: Mapping[str, Any], fixed_intensity,
+                        fixed_labels=None) -> dict[str, Any]:
+    """The training loss and its terms, each a scalar tensor (mean over the batch).
+
+    ``total = -NCC(V o T, Vf) - NCC(V o Psi, Vf) + smooth_weight * smooth(phi)
+    [+ dice_weight * (1 - softDice(femur o Psi, fixed femur))]``, global NCC.
+
+    Parameters
+    ----------
+    config : ModelConfig
+    outputs : dict
+        The model's outputs.
+    fixed_intensity : tensor (B, Z, Y, X[, 1])
+        :func:`femur_intensity` of the fixed (patient) volume.
+    fixed_labels : tensor (B, Z, Y, X[, 1]), optional
+        Needed when ``config.dice_weight > 0``.
+    """
+    from inference import losses
+
+    fixed = tf.cast(fixed_intensity, tf.float32)
+    if fixed.shape.rank == 4:
+        fixed = fixed[..., None]
+    terms = {
+        "ncc_affine": tf.reduce_mean(losses.ncc_global(outputs["warped_affine"], fixed)),
+        "ncc": tf.reduce_mean(losses.ncc_global(outputs["warped"], fixed)),
+        "smoothness": tf.reduce_mean(losses.smoothness_l2(outputs["phi"])),
+    }
+    total = -terms["ncc_affine"] - terms["ncc"] + config.smooth_weight * terms["smoothness"]
+    if config.dice_weight > 0:
+        if fixed_labels is None or "warped_femur" not in outputs:
+            raise ConfigError("dice_weight > 0 needs the fixed labels and a model built with it")
+        labels = tf.cast(fixed_labels, tf.float32)
+        if labels.shape.rank == 4:
+            labels = labels[..., None]
+        femur = tf.cast(tf.equal(tf.round(labels), float(FEMUR_LABEL)), tf.float32)
+        terms["dice"] = tf.reduce_mean(losses.soft_dice(outputs["warped_femur"], femur))
+        total = total + config.dice_weight * (1.0 - terms["dice"])
+    terms["total"] = total
+    return terms
+
+
+# --------------------------------------------------------------------------------------------
+# Size and cost
+# --------------------------------------------------------------------------------------------
+
+def count_params(model: keras.Model) -> dict[str, int]:
+    """Parameter counts: ``trainable``, ``non_trainable`` (batch-norm statistics) and ``atlas``
+    (the stored atlas voxels, two per grid voxel), each an int."""
+    atlas = 0
+    non_trainable = 0
+    for weight in model.non_trainable_weights:
+        size = int(np.prod(weight.shape))
+        if weight.path.startswith("atlas/"):
+            atlas += size
+        else:
+            non_trainable += size
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    return {"trainable": trainable, "non_trainable": non_trainable, "atlas": atlas}
+
+
+def _conv_flops(out_voxels: int, kernel_voxels: int, in_channels: int, out_channels: int) -> int:
+    return 2 * out_voxels * kernel_voxels * in_channels * out_channels
+
+
+def estimate_flops(config: ModelConfig) -> dict[str, int]:
+    """Analytic FLOPs of one forward pass at batch 1: 2 x multiply-adds of convs and dense layers.
+
+    Sampling layers (ProST, inv-ProST, warps, scaling and squaring), batch norm, activations and
+    pooling are not counted (they are memory-bound gathers and element-wise work). Matches
+    :func:`flops_of_model` on a built model.
+
+    Returns
+    -------
+    dict
+        ``affine``, ``local_encoder``, ``decoder``, ``velocity`` and ``total`` (ints).
+    """
+    height, width = config.detector_hw
+    views = NUM_VIEWS
+    out = {"affine": 0, "local_encoder": 0, "decoder": 0, "velocity": 0}
+
+    # Affine module: "same" padding rounds sizes up.
+    h, w, channels = height, width, 2
+    sizes = []
+    for level, filters in enumerate(config.affine_widths):
+        h, w = -(-h // 2), -(-w // 2)
+        sizes.append((h, w))
+        out["affine"] += views * _conv_flops(h * w, 9, channels, filters)
+        channels = filters
+    if config.cross_view_fusion:
+        previous = 0
+        for level, filters in enumerate(config.affine_widths):
+            h, w = sizes[level]
+            out["affine"] += _conv_flops(h * w, 9, 2 * filters + previous, filters)
+            previous = filters
+        flat = sizes[-1][0] * sizes[-1][1] * config.affine_widths[-1]
+    else:
+        flat = sizes[-1][0] * sizes[-1][1] * 2 * config.affine_widths[-1]
+    out["affine"] += 2 * flat * NUM_AFFINE_PARAMS
+
+    # Local encoder: strided conv then plain conv per level.
+    levels = len(config.local_encoder_widths)
+    channels = 2
+    map_channels = [2]
+    for level, filters in enumerate(config.local_encoder_widths):
+        pixels = (height // 2 ** (level + 1)) * (width // 2 ** (level + 1))
+        out["local_encoder"] += views * (_conv_flops(pixels, 9, channels, filters)
+                                         + _conv_flops(pixels, 9, filters, filters))
+        channels = filters
+        map_channels.append(filters)
+
+    # Beam-space decoder (per view, shared weights or not: the work is the same).
+    upsamplings = config.decoder_upsamplings
+    previous = config.local_encoder_widths[-1]
+    for level, filters in enumerate(config.decoder_widths):
+        scale = 2 ** (levels - level)
+        voxels = config.depth_copies * 2 ** level * (height // scale) * (width // scale)
+        in_channels = previous
+        if level > 0 and config.skip_connections:
+            skip_in = map_channels[levels - level]
+            out["decoder"] += views * _conv_flops(voxels, 27, skip_in, filters)
+            in_channels += filters
+        if level == upsamplings:
+            in_channels += 1  # the atlas's beam samples
+        out["decoder"] += views * _conv_flops(voxels, 27, in_channels, filters)
+        previous = filters
+
+    velocity_voxels = int(np.prod(config.velocity_shape_zyx))
+    out["velocity"] = _conv_flops(velocity_voxels, 27, views * config.decoder_widths[-1], 3)
+    out["total"] = sum(out.values())
+    return out
+
+
+def flops_of_model(model: keras.Model) -> int:
+    """FLOPs of the conv and dense layers of a built model (batch 1), from its layer shapes.
+
+    Counts every call of a layer (a shared decoder is called once per view).
+    """
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv3D)):
+            kernel = layer.kernel.shape
+            per_voxel = 2 * int(np.prod(kernel))
+            for node in layer._inbound_nodes:
+                shape = node.outputs[0].shape
+                total += per_voxel * int(np.prod(shape[1:-1]))
+        elif isinstance(layer, keras.layers.Dense):
+            total += 2 * int(np.prod(layer.kernel.shape)) * len(layer._inbound_nodes)
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Saving, model cards, loading
+# --------------------------------------------------------------------------------------------
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def card_path_for(model_path: str | os.PathLike) -> pathlib.Path:
+    """Where the model card of ``model_path`` lives: ``<name>.card.json`` beside it."""
+    model_path = pathlib.Path(model_path)
+    return model_path.with_name(model_path.stem + ".card.json")
+
+
+def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_model_card(model_path: str | os.PathLike, config: ModelConfig,
+                     extra: Mapping[str, Any] | None = None) -> pathlib.Path:
+    """Write ``<name>.card.json`` for a saved model: format, file name, sha256, config, version.
+
+    ``extra`` (JSON-serialisable: training data, metrics, ...) is stored under its own keys.
+    """
+    from inference import __version__
+
+    model_path = pathlib.Path(model_path)
+    card = {
+        "format": MODEL_CARD_FORMAT,
+        "model_file": model_path.name,
+        "sha256": file_sha256(model_path),
+        "config": config.to_dict(),
+        "software_version": __version__,
+        "intended_use": "research use only; not for diagnosis or treatment decisions",
+    }
+    for key, value in dict(extra or {}).items():
+        if key in card:
+            raise ConfigError(f"model card key {key!r} is reserved")
+        card[key] = value
+    path = card_path_for(model_path)
+    _atomic_write_text(path, json.dumps(card, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_model_card(path: str | os.PathLike) -> dict[str, Any]:
+    path = pathlib.Path(path)
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"model card {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelError(f"model card {path} cannot be read: {error}") from None
+    if not isinstance(card, dict) or card.get("format") != MODEL_CARD_FORMAT:
+        raise ModelError(f"{path} is not a HipAtlas model card (format {MODEL_CARD_FORMAT!r})")
+    if not isinstance(card.get("sha256"), str) or len(card["sha256"]) != 64:
+        raise ModelError(f"model card {path} has no valid sha256")
+    return card
+
+
+def save_model(model: keras.Model, path: str | os.PathLike,
+               card_extra: Mapping[str, Any] | None = None) -> tuple[pathlib.Path, pathlib.Path]:
+    """Save ``model`` to a ``.keras`` file atomically and write its model card beside it.
+
+    Returns
+    -------
+    (model_path, card_path)
+    """
+    path = pathlib.Path(path)
+    if path.suffix != ".keras":
+        raise ConfigError(f"model files end in .keras, not {path.name!r}")
+    config = model_config_of(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".keras", dir=path.parent)
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    return path, write_model_card(path, config, card_extra)
+
+
+def load_model(path: str | os.PathLike, card: str | os.PathLike | Mapping[str, Any] | None = None,
+               *, require_card: bool = True) -> keras.Model:
+    """Load a registration model, refusing files that do not match their model card.
+
+    Parameters
+    ----------
+    path : path of the ``.keras`` file
+    card : path of the model card, the card itself (a dict), or None for ``<name>.card.json``
+        beside the model.
+    require_card : bool
+        With False a missing card (only when ``card`` is None) is tolerated with a warning.
+
+    Raises
+    ------
+    ModelError
+        Missing or unreadable file, sha256 or config mismatch with the card.
+    """
+    import inference.layers.prost  # noqa: F401  (registers ProST / InvProST for deserialisation)
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    if card is None:
+        card_file = card_path_for(path)
+        if card_file.is_file():
+            card = read_model_card(card_file)
+        elif require_card:
+            raise ModelError(f"model {path.name} has no model card ({card_file.name} is missing); "
+                             "refusing to load an unverified model")
+        else:
+            log.warning("loading %s without a model card: its integrity is not verified", path)
+    elif not isinstance(card, Mapping):
+        card = read_model_card(card)
+    if card is not None:
+        digest = file_sha256(path)
+        if digest != card.get("sha256"):
+            raise ModelError(f"model file {path.name} does not match its model card (sha256 "
+                             f"{digest[:12]}... instead of {str(card.get('sha256'))[:12]}...): the "
+                             "file is corrupt or was replaced; reinstall the model")
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as error:  # Keras raises many types for bad archives
+        raise ModelError(f"model file {path} cannot be loaded: {error}") from error
+    config = model_config_of(model)
+    if card is not None and "config" in card:
+        try:
+            card_config = ModelConfig.from_dict(card["config"])
+        except ConfigError as error:
+            raise ModelError(f"model card of {path.name} has an invalid config: {error}") from None
+        if card_config != config:
+            raise ModelError(f"model {path.name} was built with a different config than its card says")
+    return model

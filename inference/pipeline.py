@@ -1,0 +1,460 @@
+"""``hipatlas register``: a case folder in, the reconstructed femur, measurements and overlays out.
+
+:func:`register_case` is a generator: it yields :class:`Progress` between steps, checks its
+``cancel`` callable there (raising :class:`~inference.errors.Cancelled`), and returns a
+:class:`RegistrationResult` (``StopIteration.value``). :func:`run_to_completion` drives it for
+scripts and the CLI; the GUI runs it in a worker thread.
+
+Steps
+-----
+1. Load and validate the case (:mod:`inference.io`); refuse views under 30 degrees apart.
+2. A left femur is registered in a mirrored world (``P @ diag(-1, 1, 1, 1)``) so that the network
+   always sees a right femur; results are mirrored back at the end.
+3. Locate the femoral head by triangulating the two masks (:mod:`inference.localize`) and place the
+   atlas grid there (the world origin is wherever the calibration put it).
+4. Crop and resample each view onto the network detector around the grid (:mod:`inference.views`),
+   mask it; the model normalises intensities itself.
+5. Run the network; warp the atlas intensities, labels and landmarks to the patient.
+6. Write the outputs atomically (:func:`inference.io.atomic_output_dir`): label map and warped atlas
+   (NIfTI with world geometry), surface (STL), measurements, overlays and a report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import pathlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator, Iterator
+
+import numpy as np
+
+from inference import __version__, geometry, io, views
+from inference.errors import Cancelled, DataError, InputFileError, ModelError
+
+log = logging.getLogger(__name__)
+
+#: Views closer than this are refused: depth along the viewing direction is then unknowable.
+MIN_VIEW_ANGLE_DEG = 30.0
+#: Below this NCC between a radiograph and the DRR of the result the report warns.
+LOW_SIMILARITY_NCC = 0.5
+
+RESOURCES = pathlib.Path(__file__).resolve().parent.parent / "resources"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One step of long work: ``fraction`` in [0, 1] and a message for a progress bar."""
+
+    fraction: float
+    message: str
+
+
+@dataclass
+class RegistrationResult:
+    out_dir: pathlib.Path
+    measurements: dict[str, Any]
+    warnings: list[str]
+    files: dict[str, pathlib.Path]
+    report: dict[str, Any]
+    landmarks_mm: dict[str, list[float]] = field(default_factory=dict)
+
+
+def run_to_completion(generator: Generator[Progress, None, Any],
+                      on_progress: Callable[[Progress], None] | None = None) -> Any:
+    """Drive a progress generator to its end and return its result."""
+    while True:
+        try:
+            progress = next(generator)
+        except StopIteration as stop:
+            return stop.value
+        if on_progress is not None:
+            on_progress(progress)
+
+
+# --------------------------------------------------------------------------------------------
+# Model and atlas
+# --------------------------------------------------------------------------------------------
+
+def default_model_path() -> pathlib.Path:
+    """The shipped model: ``resources/models/DEFAULT`` names its folder, else the only folder."""
+    models = RESOURCES / "models"
+    pointer = models / "DEFAULT"
+    if pointer.is_file():
+        folder = models / pointer.read_text().strip()
+    else:
+        folders = sorted(p for p in models.glob("*") if (p / "model_card.json").is_file())
+        if not folders:
+            raise ModelError(f"no trained model is installed in {models}; pass --model")
+        folder = folders[0]
+    return model_file_in(folder)
+
+
+def model_file_in(path: str | os.PathLike) -> pathlib.Path:
+    path = pathlib.Path(path)
+    if path.is_dir():
+        candidates = sorted(path.glob("*.keras"))
+        if len(candidates) != 1:
+            raise ModelError(f"{path}: expected one .keras model file, found {len(candidates)}")
+        return candidates[0]
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    return path
+
+
+_MODEL_CACHE: dict[tuple[str, float], Any] = {}
+
+
+def load_registration_model(model: Any = None):
+    """A loaded Keras model: ``model`` may be a model object, a path, or None (shipped model).
+
+    Loaded models are cached by path and modification time: the GUI registers many cases.
+    """
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        return model
+    from inference import model as model_lib
+
+    path = model_file_in(model) if model is not None else default_model_path()
+    key = (str(path.resolve()), path.stat().st_mtime)
+    if key not in _MODEL_CACHE:
+        card = model_lib.card_path_for(path)
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = model_lib.load_model(path, card=card if card.is_file() else None)
+    return _MODEL_CACHE[key]
+
+
+def model_identity(model) -> dict[str, Any]:
+    """Model id and sha256 for the report (from the model card when the model came from a file)."""
+    info = getattr(model, "_hipatlas_card", None) or {}
+    return {"name": info.get("name", getattr(model, "name", "unknown")),
+            "sha256": info.get("sha256"), "path": info.get("path")}
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry helpers
+# --------------------------------------------------------------------------------------------
+
+MIRROR_X = np.diag([-1.0, 1.0, 1.0, 1.0])
+
+
+def placed_grid(atlas_geometry: "geometry.VolumeGeometry", atlas_head_mm: np.ndarray,
+                head_world_mm: np.ndarray) -> "geometry.VolumeGeometry":
+    """The atlas grid translated so that the atlas's head centre sits on the located head."""
+    shift = np.asarray(head_world_mm, float) - np.asarray(atlas_head_mm, float)
+    return dataclasses.replace(atlas_geometry, origin_mm=tuple(np.asarray(atlas_geometry.origin_mm) + shift))
+
+
+def mirrored_volume(array_zyx: np.ndarray, grid: "geometry.VolumeGeometry"):
+    """Array and geometry of a volume seen in the world mirrored in x (x -> -x).
+
+    Keeps an identity-like direction: flip the array along x and move the origin, rather than
+    storing a direction matrix with a negative determinant that some viewers mishandle.
+    """
+    direction = np.array(grid.direction)
+    if not np.allclose(direction, np.eye(3)):
+        raise DataError("mirroring expects an axis-aligned grid")
+    nx = grid.shape_zyx[2]
+    origin = np.array(grid.origin_mm)
+    new_origin = origin.copy()
+    new_origin[0] = -(origin[0] + (nx - 1) * grid.spacing_xyz_mm[0])
+    return np.ascontiguousarray(array_zyx[:, :, ::-1]), dataclasses.replace(grid, origin_mm=tuple(new_origin))
+
+
+def mirror_measurements(measurements: dict[str, Any]) -> dict[str, Any]:
+    """Mirror every point and direction of a measurements dict in x (for left femurs)."""
+    def flip(v):
+        return [-float(v[0]), float(v[1]), float(v[2])]
+
+    out = dict(measurements)
+    out["hip_centre_mm"] = flip(measurements["hip_centre_mm"])
+    for axis in ("shaft_axis", "neck_axis"):
+        out[axis] = {"point_mm": flip(measurements[axis]["point_mm"]),
+                     "direction": flip(measurements[axis]["direction"])}
+    for key, value in measurements.items():
+        if key.endswith("_mm") and isinstance(value, (list, tuple)) and len(value) == 3 and key not in out:
+            out[key] = flip(value)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------
+
+def _check(cancel: Callable[[], bool] | None) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled("registration cancelled")
+
+
+def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model: Any = None,
+                  overwrite: bool = False, masks: list[np.ndarray | None] | None = None,
+                  cancel: Callable[[], bool] | None = None) -> Iterator[Progress]:
+    """Register the atlas to a case and write the outputs (a generator; see module docstring).
+
+    Parameters
+    ----------
+    case_dir : path
+        Case folder (hipatlas-case/1).
+    out_dir : path
+        Output folder; must not exist or be empty unless ``overwrite``.
+    model : path, keras.Model or None
+        The registration model; None uses the shipped model.
+    masks : list of two arrays or None
+        Masks that replace those of the case (e.g. edited in the GUI), in view order.
+    cancel : callable returning True to stop, checked between steps.
+    """
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    warnings: list[str] = []
+
+    yield Progress(0.02, "Loading case")
+    case = io.load_case(case_dir)
+    if masks is not None:
+        case = _with_masks(case, masks)
+    _check(cancel)
+
+    pair = geometry.view_pair_check(case.views[0].projection, case.views[1].projection)
+    if pair.angle_deg < MIN_VIEW_ANGLE_DEG:
+        raise DataError(f"{case.case_dir / 'case.json'}: the two views are only {pair.angle_deg:.1f} deg "
+                        f"apart; at least {MIN_VIEW_ANGLE_DEG:.0f} deg (ideally 90) is needed")
+    if pair.angle_deg < 60.0:
+        warnings.append(f"views are {pair.angle_deg:.0f} deg apart; accuracy is best near 90 deg")
+
+    yield Progress(0.08, "Loading model")
+    t0 = time.perf_counter()
+    net = load_registration_model(model)
+    from inference import model as model_lib
+    from inference.data import atlas as atlas_lib
+
+    config = model_lib.model_config_of(net)
+    atlas = atlas_lib.load_atlas(config.grid)
+    timings["load_model_s"] = time.perf_counter() - t0
+    _check(cancel)
+
+    # Any non-zero scale of P is the same camera, including a negative one; fix the sign so that
+    # points between source and detector have w > 0 (the midpoint of the central rays is there).
+    world_projections = [geometry.normalise_projection(v.projection, front_point_mm=pair.midpoint_mm)
+                         for v in case.views]
+    mirror = case.side == "left"
+    projections = [p @ MIRROR_X if mirror else p for p in world_projections]
+
+    yield Progress(0.15, "Preparing views")
+    mask_sources = []
+    full_masks = []
+    for view in case.views:
+        if view.mask is None:
+            raise InputFileError(f"{view.image_path}: view '{view.name}' has no femur mask; "
+                                 "draw or confirm one in the GUI, or add a mask file to case.json")
+        full_masks.append(np.asarray(view.mask) > 0)
+        mask_sources.append("case")
+        border = _touches_border(full_masks[-1])
+        if border:
+            warnings.append(f"view '{view.name}': the femur mask touches the image border ({border})")
+    head = _locate(projections, full_masks)
+    grid = placed_grid(atlas.geometry, atlas.landmarks_mm["head_centre"], head.centre_mm)
+
+    images_net, masks_net, projections_net = [], [], []
+    for view, projection, mask in zip(case.views, projections, full_masks):
+        pixels = np.asarray(view.image.pixels, np.float32)
+        net_view = views.network_view(projection, grid, config.detector_hw, pixels.shape)
+        if net_view.covered_fraction() < 0.6:
+            warnings.append(f"view '{view.name}': the femur region extends beyond the radiograph")
+        images_net.append(views.resample_to_network(pixels, net_view))
+        masks_net.append(views.resample_mask_to_network(mask, net_view))
+        projections_net.append(net_view.projection)
+    _check(cancel)
+
+    yield Progress(0.3, "Registering atlas")
+    t0 = time.perf_counter()
+    outputs = net({
+        "images": np.stack(images_net)[None].astype(np.float32),
+        "masks": np.stack(masks_net)[None].astype(np.float32),
+        "projection": np.stack(projections_net)[None].astype(np.float32),
+        "index_to_world": grid.index_to_world()[None].astype(np.float32),
+    }, training=False)
+    labels = np.asarray(outputs["warped_labels"])[0, ..., 0].round().astype(np.uint8)
+    psi = np.asarray(outputs["psi"])[0]
+    timings["network_s"] = time.perf_counter() - t0
+    if not (labels == 1).any():
+        raise DataError("the registration produced an empty femur; check the masks and calibration")
+    _check(cancel)
+
+    yield Progress(0.55, "Warping atlas")
+    t0 = time.perf_counter()
+    from inference.layers import warp as warp_lib
+
+    warped_hu = np.asarray(warp_lib.warp(atlas.volume_hu[None, ..., None].astype(np.float32),
+                                         psi[None].astype(np.float32), interp="linear"))[0, ..., 0]
+    landmarks = {name: invert_displacement_at(np.asarray(point, float), psi, atlas.geometry, grid)
+                 for name, point in atlas.landmarks_mm.items() if np.size(point) == 3}
+    timings["warp_s"] = time.perf_counter() - t0
+    _check(cancel)
+
+    yield Progress(0.65, "Measuring")
+    from inference import measure, surface
+
+    measurements = measure.measure_femur(labels, grid, side="right", landmarks_mm=landmarks)
+    out_labels, out_grid = (mirrored_volume(labels, grid) if mirror else (labels, grid))
+    out_hu = mirrored_volume(warped_hu, grid)[0] if mirror else warped_hu
+    if mirror:
+        measurements = mirror_measurements(measurements)
+        landmarks = {k: [-v[0], v[1], v[2]] for k, v in landmarks.items()}
+    measurements["side"] = case.side
+    mesh = surface.label_surface(out_labels, out_grid, label=1)
+    _check(cancel)
+
+    yield Progress(0.75, "Writing overlays")
+    t0 = time.perf_counter()
+    overlays, similarities = {}, {}
+    for view, projection in zip(case.views, world_projections):
+        rgb, ncc = overlay_image(view.image.pixels, projection, out_labels, out_grid)
+        overlays[view.name] = rgb
+        similarities[view.name] = ncc
+        if ncc is not None and ncc < LOW_SIMILARITY_NCC:
+            warnings.append(f"view '{view.name}': low similarity between the radiograph and the "
+                            f"reconstruction (NCC {ncc:.2f}); check the result carefully")
+    timings["overlay_s"] = time.perf_counter() - t0
+
+    yield Progress(0.9, "Writing outputs")
+    report = {
+        "software": {"name": "hipatlas", "version": __version__},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "case_dir": str(case.case_dir),
+        "side": case.side,
+        "model": model_identity(net),
+        "atlas": {"grid": config.grid, "sha256": getattr(atlas, "sha256", None)},
+        "views": [{
+            "name": v.name,
+            "image": str(v.image_path.name),
+            "image_sha256": v.image.sha256,
+            "mask": str(v.mask_path.name) if v.mask_path else None,
+            "mask_sha256": io.sha256_file(v.mask_path) if v.mask_path else None,
+            "mask_source": src,
+            "mask_confirmed": src != "proposed",
+            "calibration": dataclasses.asdict(v.calibration) if dataclasses.is_dataclass(v.calibration) else str(v.calibration),
+            "similarity_ncc": similarities[v.name],
+        } for v, src in zip(case.views, mask_sources)],
+        "view_angle_deg": float(pair.angle_deg),
+        "femoral_head_located_mm": [float(x) for x in (head.centre_mm * [-1, 1, 1] if mirror else head.centre_mm)],
+        "timings_s": timings,
+        "warnings": warnings,
+    }
+    with io.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        files = {
+            "femur_labels": io.write_volume(tmp / "femur_labels.nii.gz", out_labels, out_grid, dtype=np.uint8),
+            "warped_atlas": io.write_volume(tmp / "warped_atlas.nii.gz", out_hu.astype(np.float32), out_grid,
+                                            dtype=np.float32),
+            "femur_surface": surface.write_surface_stl(tmp / "femur_surface.stl", mesh),
+            "measurements": io.write_json_atomic(tmp / "measurements.json", measurements),
+        }
+        for name, rgb in overlays.items():
+            files[f"overlay_{name}"] = io.write_png_atomic(tmp / f"overlay_{_safe_name(name)}.png", rgb)
+        timings["total_s"] = time.perf_counter() - started
+        files["report"] = io.write_json_atomic(tmp / "report.json", report)
+    final = pathlib.Path(out_dir)
+    files = {k: final / pathlib.Path(v).name for k, v in files.items()}
+    yield Progress(1.0, "Done")
+    return RegistrationResult(out_dir=final, measurements=measurements, warnings=warnings, files=files,
+                              report=report, landmarks_mm={k: list(map(float, v)) for k, v in landmarks.items()})
+
+
+def invert_displacement_at(atlas_point_mm: np.ndarray, psi: np.ndarray,
+                           atlas_grid: "geometry.VolumeGeometry", grid: "geometry.VolumeGeometry",
+                           iterations: int = 30) -> list[float]:
+    """The patient point that the warp sends to ``atlas_point_mm`` (world mm of the placed grid).
+
+    The warp pulls back: patient voxel ``x`` takes the atlas value at ``x + psi(x)`` (voxel units,
+    (z, y, x) order, shared voxel layout of the two grids). We solve ``x + psi(x) = a`` by the
+    fixed-point iteration ``x <- a - psi(x)``, which converges because psi is a diffeomorphism with
+    small gradients (|grad psi| < 1).
+    """
+    from scipy import ndimage
+
+    a_ijk = (atlas_grid.world_to_index() @ np.append(atlas_point_mm, 1.0))[:3]
+    a_zyx = a_ijk[::-1]
+    x = a_zyx.copy()
+    upper = np.array(psi.shape[:3]) - 1
+    for _ in range(iterations):
+        clamped = np.clip(x, 0, upper)
+        u = np.array([ndimage.map_coordinates(psi[..., c], clamped[:, None], order=1, mode="nearest")[0]
+                      for c in range(3)])
+        x_new = a_zyx - u
+        if np.max(np.abs(x_new - x)) < 1e-3:
+            x = x_new
+            break
+        x = x_new
+    world = grid.index_to_world() @ np.append(x[::-1], 1.0)
+    return [float(v) for v in world[:3]]
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "view"
+
+
+def _with_masks(case, masks):
+    if len(masks) != len(case.views):
+        raise DataError(f"{len(masks)} masks given for {len(case.views)} views")
+    new_views = []
+    for view, mask in zip(case.views, masks):
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.shape != view.image.pixels.shape:
+                raise InputFileError(f"mask for view '{view.name}' is {mask.shape[0]}x{mask.shape[1]} "
+                                     f"but the image is {view.image.pixels.shape[0]}x{view.image.pixels.shape[1]}")
+            view = dataclasses.replace(view, mask=mask)
+        new_views.append(view)
+    return dataclasses.replace(case, views=new_views)
+
+
+def _touches_border(mask: np.ndarray) -> str:
+    sides = {"top": mask[0].any(), "bottom": mask[-1].any(), "left": mask[:, 0].any(), "right": mask[:, -1].any()}
+    return ", ".join(k for k, v in sides.items() if v)
+
+
+def _locate(projections, masks):
+    from inference.localize import locate_femoral_head
+
+    return locate_femoral_head(projections, masks)
+
+
+def overlay_image(pixels: np.ndarray, projection: np.ndarray, labels: np.ndarray,
+                  grid: "geometry.VolumeGeometry", max_side: int = 768):
+    """The radiograph in grey with the contour of the projected femur in colour.
+
+    The silhouette is rendered (path length through the femur label > 0) on a detector at most
+    ``max_side`` pixels wide, then upsampled: a full-resolution render of a 3000-pixel radiograph
+    would cost seconds for a one-pixel-wide line. Returns (RGB uint8 array, NCC between the
+    radiograph and the projected femur thickness inside the silhouette's bounding box or None).
+    """
+    from scipy import ndimage
+    from inference import drr
+
+    pixels = np.asarray(pixels, np.float32)
+    rows, cols = pixels.shape
+    factor = max(1.0, max(rows, cols) / max_side)
+    small = (max(1, int(round(rows / factor))), max(1, int(round(cols / factor))))
+    p_small = geometry.resize_to(projection, (rows, cols), small)
+    thickness = drr.render_path_length(labels, grid, p_small, small[0], small[1], label=1)
+    zoom = (rows / small[0], cols / small[1])
+    thickness_full = ndimage.zoom(thickness, zoom, order=1)[:rows, :cols]
+    if thickness_full.shape != (rows, cols):
+        thickness_full = np.pad(thickness_full, ((0, rows - thickness_full.shape[0]), (0, cols - thickness_full.shape[1])))
+    silhouette = thickness_full > 0.5
+    width = max(1, int(round(max(rows, cols) / 600)))
+    edge = silhouette & ~ndimage.binary_erosion(silhouette, iterations=width)
+
+    lo, hi = np.percentile(pixels, [0.5, 99.5])
+    grey = np.clip((pixels - lo) / max(hi - lo, 1e-6), 0, 1)
+    rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=2)
+    rgb[edge] = (255, 64, 32)
+
+    ncc = None
+    if silhouette.any():
+        vv, uu = np.nonzero(silhouette)
+        box = (slice(vv.min(), vv.max() + 1), slice(uu.min(), uu.max() + 1))
+        a, b = pixels[box].ravel(), thickness_full[box].ravel()
+        if a.std() > 0 and b.std() > 0:
+            ncc = float(np.corrcoef(a, b)[0, 1])
+    return rgb, ncc

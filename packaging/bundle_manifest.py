@@ -1,0 +1,308 @@
+"""What goes into a HipAtlas installer, in one place.
+
+The PyInstaller spec (``hipatlas.spec``), the build scripts of each platform and
+``tests/test_packaging.py`` all read this module, so that the list of shipped resources, the
+hidden imports and the version number are written once:
+
+* :data:`BUNDLED_RESOURCES`: the resource folders copied into the bundle (model, atlas, demo);
+* :data:`HIDDEN_IMPORTS`, :data:`COLLECT_SUBMODULES`, :data:`EXCLUDES`: what PyInstaller's import
+  analysis cannot see, or must leave out;
+* :func:`read_version`: the version from ``pyproject.toml``, the only place it is written. The
+  Debian control file, the Inno Setup define and the macOS Info.plist are generated from it at
+  build time.
+
+Standard library only: it runs inside PyInstaller, from the build scripts (``python
+packaging/bundle_manifest.py version``) and in the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import pathlib
+import re
+import sys
+from dataclasses import dataclass
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the project needs 3.11, but the build host's python may be older
+    tomllib = None
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+APP_NAME = "HipAtlas"
+PACKAGE_NAME = "hipatlas"
+CLI_NAME = "hipatlas"
+GUI_NAME = "hipatlas-gui"
+BUNDLE_IDENTIFIER = "org.hipatlas.HipAtlas"
+MAINTAINER = "HipAtlas developers <hipatlas@users.noreply.github.com>"
+HOMEPAGE = "https://github.com/hipatlas/hipatlas"
+SUMMARY = "3D proximal femur from two calibrated radiographs (research use only)"
+#: Environment variable that lets the spec build without a resource (a dry run of the packaging
+#: itself); a release build never sets it.
+ALLOW_MISSING_ENV = "HIPATLAS_ALLOW_MISSING_RESOURCES"
+
+
+@dataclass(frozen=True)
+class BundledResource:
+    """A resource folder that the installers ship.
+
+    Attributes
+    ----------
+    source : str
+        Folder relative to the repository root.
+    dest : str
+        Folder inside the bundle (next to the ``inference`` package, where
+        :func:`inference.resources.resources_root` looks).
+    what : str
+        Words for messages.
+    marker : str
+        Glob (relative to ``source``) that must match at least one file for the resource to be
+        present: an empty folder does not count.
+    """
+
+    source: str
+    dest: str
+    what: str
+    marker: str
+
+
+BUNDLED_RESOURCES: tuple[BundledResource, ...] = (
+    BundledResource("resources/models", "resources/models", "the trained registration model", "*/*.keras"),
+    BundledResource("resources/atlas", "resources/atlas", "the CT atlas", "*/atlas.json"),
+    BundledResource("resources/demo", "resources/demo", "the demo case", "case.json"),
+)
+
+#: Never shipped from a resource folder: work in progress (the atlas builder writes ".<grid>.xxxx"
+#: and renames it), editor and OS debris, training checkpoints.
+EXCLUDED_PATTERNS: tuple[str, ...] = (".*", "__pycache__", "*.pyc", "*.tmp", "*.partial", "*~", "Thumbs.db",
+                                      "checkpoints", "*.ckpt", "*.weights.h5")
+
+#: Packages whose every submodule is bundled: subcommands and Keras layers are imported by name
+#: (``importlib.import_module``, Keras deserialisation), which import analysis cannot follow.
+COLLECT_SUBMODULES: tuple[str, ...] = ("inference", "app")
+
+#: Modules imported dynamically by our dependencies.
+HIDDEN_IMPORTS: tuple[str, ...] = (
+    # VTK's OpenGL back-ends register themselves through object factories when their module is
+    # imported; pyvista imports some of them lazily on the first render.
+    "vtkmodules.vtkRenderingOpenGL2",
+    "vtkmodules.vtkRenderingFreeType",
+    "vtkmodules.vtkRenderingContextOpenGL2",
+    "vtkmodules.vtkRenderingVolumeOpenGL2",
+    "vtkmodules.vtkRenderingUI",
+    "vtkmodules.vtkInteractionStyle",
+    "vtkmodules.vtkIOGeometry",
+    # pyvistaqt picks its Qt binding at run time through qtpy-like checks.
+    "PySide6.QtOpenGL",
+    "PySide6.QtOpenGLWidgets",
+    "PySide6.QtSvg",
+    # pydicom finds its pixel data handlers by name.
+    "pydicom.pixels",
+    "pydicom.encoders",
+    # PDF reports.
+    "reportlab.graphics.barcode",
+    # Keras 3 saving looks layers up through these packages.
+    "keras.src.saving",
+    "keras.src.layers",
+)
+
+#: Development tools, tests and alternative bindings that must not end up in the bundle. Other Qt
+#: bindings are excluded because PyInstaller refuses to collect two of them, and pyvista/vtk
+#: mention several.
+EXCLUDES: tuple[str, ...] = (
+    "tests", "benchmarks",
+    "pytest", "_pytest", "pytestqt", "pytest_qt", "pytest_timeout", "pluggy", "importlinter", "grimp",
+    "IPython", "ipykernel", "ipywidgets", "jupyter_client", "jupyter_core", "notebook", "nest_asyncio",
+    "tkinter", "_tkinter",
+    "PyQt5", "PyQt6", "PySide2",
+    "torch", "jax", "jaxlib",
+    "tensorboard",
+    "trame", "trame_vtk", "trame_vuetify", "trame_server", "trame_client", "wslink", "aiohttp",
+    "vtkmodules.web", "vtkmodules.test", "vtkmodules.tk",
+    "sphinx", "docutils",
+)
+
+#: Bundled as plain ``.py`` next to the bytecode: TensorFlow's AutoGraph reads the source of
+#: functions it converts (our layers), and tracebacks in support logs then show code lines.
+SOURCE_PACKAGES: tuple[str, ...] = ("inference", "app")
+
+
+# --------------------------------------------------------------------------------------------
+# Version
+# --------------------------------------------------------------------------------------------
+
+def read_version(root: str | os.PathLike = ROOT) -> str:
+    """``[project] version`` of ``<root>/pyproject.toml``: the only place the number is written."""
+    path = pathlib.Path(root) / "pyproject.toml"
+    text = path.read_text(encoding="utf-8")
+    if tomllib is not None:
+        version = tomllib.loads(text).get("project", {}).get("version")
+    else:  # pragma: no cover
+        match = re.search(r'^version\s*=\s*"([^"]+)"', text, re.M)
+        version = match.group(1) if match else None
+    if not isinstance(version, str) or not version:
+        raise ValueError(f"{path} has no [project] version")
+    return version
+
+
+_PEP440 = re.compile(r"^(?P<release>\d+(?:\.\d+)*)(?:[-_.]?(?P<pre>a|b|rc)(?P<pre_n>\d+))?"
+                     r"(?:[-_.]?post(?P<post>\d+))?(?:[-_.]?dev(?P<dev>\d+))?(?:\+(?P<local>[A-Za-z0-9.]+))?$")
+
+
+def _parse(version: str) -> re.Match:
+    match = _PEP440.match(version)
+    if not match:
+        raise ValueError(f"version {version!r} is not a PEP 440 version this packaging understands")
+    return match
+
+
+def debian_version(version: str) -> str:
+    """The Debian spelling of a PEP 440 version: pre-releases and dev builds sort before the
+    release with ``~`` (``1.0rc1`` -> ``1.0~rc1``), post releases after it with ``+post``."""
+    match = _parse(version)
+    text = match["release"]
+    if match["pre"]:
+        text += f"~{match['pre']}{match['pre_n']}"
+    if match["post"]:
+        text += f"+post{match['post']}"
+    if match["dev"]:
+        text += f"~dev{match['dev']}"
+    if match["local"]:
+        text += f"+{match['local'].replace('_', '.')}"
+    return text
+
+
+def numeric_version(version: str) -> tuple[int, int, int, int]:
+    """Four integers for Windows version resources and Inno Setup's ``VersionInfoVersion``."""
+    parts = [int(p) for p in _parse(version)["release"].split(".")][:4]
+    return tuple(parts + [0] * (4 - len(parts)))  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Resources
+# --------------------------------------------------------------------------------------------
+
+def _excluded(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in EXCLUDED_PATTERNS)
+
+
+def is_present(resource: BundledResource, root: str | os.PathLike = ROOT) -> bool:
+    folder = pathlib.Path(root) / resource.source
+    return any(p.is_file() and not any(_excluded(part) for part in p.relative_to(folder).parts)
+               for p in folder.glob(resource.marker))
+
+
+def missing_resources(root: str | os.PathLike = ROOT) -> list[BundledResource]:
+    """The bundled resources that are not (yet) in the source tree."""
+    return [r for r in BUNDLED_RESOURCES if not is_present(r, root)]
+
+
+def resource_files(root: str | os.PathLike = ROOT) -> list[tuple[pathlib.Path, str]]:
+    """Every file to ship: (absolute source file, destination folder inside the bundle).
+
+    Files and folders matching :data:`EXCLUDED_PATTERNS` are skipped, at any depth.
+    """
+    root = pathlib.Path(root)
+    files = []
+    for resource in BUNDLED_RESOURCES:
+        base = root / resource.source
+        if not base.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = sorted(d for d in dirnames if not _excluded(d))
+            relative = pathlib.Path(dirpath).relative_to(base)
+            for name in sorted(filenames):
+                if not _excluded(name):
+                    dest = pathlib.PurePosixPath(resource.dest, *relative.parts)
+                    files.append((pathlib.Path(dirpath) / name, str(dest)))
+    return files
+
+
+def pyinstaller_datas(root: str | os.PathLike = ROOT, *, allow_missing: bool | None = None
+                      ) -> list[tuple[str, str]]:
+    """``datas`` for PyInstaller's Analysis: every resource file, plus ``pyproject.toml``.
+
+    ``pyproject.toml`` goes to the bundle's top so that :data:`inference.__version__` finds the
+    version even if the package metadata were not collected.
+
+    Raises
+    ------
+    SystemExit
+        When a resource is missing, unless ``allow_missing`` (default: the environment variable
+        :data:`ALLOW_MISSING_ENV` is "1"): an installer without its model cannot work offline.
+    """
+    root = pathlib.Path(root)
+    if allow_missing is None:
+        allow_missing = os.environ.get(ALLOW_MISSING_ENV) == "1"
+    missing = missing_resources(root)
+    if missing and not allow_missing:
+        names = "; ".join(f"{r.what} ({r.source}/{r.marker})" for r in missing)
+        raise SystemExit(f"cannot build the HipAtlas bundle: missing {names}. Build or install them first "
+                         f"(set {ALLOW_MISSING_ENV}=1 only for a dry run of the packaging).")
+    datas = [(str(src), dest) for src, dest in resource_files(root)]
+    datas.append((str(root / "pyproject.toml"), "."))
+    return datas
+
+
+def bundle_size_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of all regular files under ``folder`` (symlinks not followed)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                total += os.path.getsize(path)
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# macOS
+# --------------------------------------------------------------------------------------------
+
+def macos_info_plist(version: str) -> dict[str, object]:
+    """Info.plist entries of HipAtlas.app (PyInstaller's BUNDLE fills in the rest)."""
+    return {
+        "CFBundleName": APP_NAME,
+        "CFBundleDisplayName": APP_NAME,
+        "CFBundleShortVersionString": version,
+        "CFBundleVersion": ".".join(str(n) for n in numeric_version(version)[:3]),
+        "CFBundleIdentifier": BUNDLE_IDENTIFIER,
+        "NSHighResolutionCapable": True,
+        "LSMinimumSystemVersion": "11.0",
+        "NSHumanReadableCopyright": "HipAtlas developers, Apache-2.0. Research use only, not for diagnosis.",
+        "LSApplicationCategoryType": "public.app-category.medical",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Command line for the build scripts
+# --------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="HipAtlas bundle manifest (used by the build scripts)")
+    parser.add_argument("what", choices=["version", "debian-version", "numeric-version", "check", "list"])
+    parser.add_argument("--root", default=str(ROOT), help="repository root")
+    args = parser.parse_args(argv)
+    version = read_version(args.root)
+    if args.what == "version":
+        print(version)
+    elif args.what == "debian-version":
+        print(debian_version(version))
+    elif args.what == "numeric-version":
+        print(".".join(str(n) for n in numeric_version(version)))
+    elif args.what == "check":
+        missing = missing_resources(args.root)
+        for resource in missing:
+            print(f"missing: {resource.what} ({resource.source}/{resource.marker})", file=sys.stderr)
+        return 1 if missing else 0
+    else:
+        for src, dest in resource_files(args.root):
+            print(f"{dest}\t{src}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
