@@ -28,16 +28,15 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import tempfile
 import zipfile
 from typing import Any
 
 import numpy as np
 
-from app.session import LoadedResult, Session, ViewState, load_result, mask_png_bytes
+from app.session import Session, load_result, mask_png_bytes
 from inference import __version__, io
-from inference.errors import CaseFormatError, HipAtlasError, InputFileError, OutputError
+from inference.errors import CaseFormatError, InputFileError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +155,15 @@ def _safe_extract(archive: zipfile.ZipFile, destination: pathlib.Path, source: p
 
 
 def load_project(path: str | os.PathLike, *, work_root: str | os.PathLike | None = None,
-                 register_fn=None) -> Session:
-    """Open a project file into a new :class:`Session` (its work folder holds the extracted files)."""
+                 register_fn=None, isolate: bool = True) -> Session:
+    """Open a project file into a new :class:`Session` (its work folder holds the extracted files).
+
+    ``work_root``, ``register_fn`` and ``isolate`` are passed to the new :class:`Session`.
+    """
     source = pathlib.Path(path)
     if not source.is_file():
         raise InputFileError(f"{source}: project file not found")
-    session = Session(work_root=work_root, register_fn=register_fn)
+    session = Session(work_root=work_root, register_fn=register_fn, isolate=isolate)
     try:
         _restore(session, source)
     except BaseException:
@@ -300,10 +302,10 @@ class RecoveryStore:
         for path in (autosave.project_file, autosave.meta_file):
             path.unlink(missing_ok=True)
 
-    def recover(self, autosave: Autosave, *, work_root=None, register_fn=None) -> Session:
+    def recover(self, autosave: Autosave, **session_options) -> Session:
         """Open an orphaned autosave as an unsaved session (the original project path is kept
         as the session's project path, so Save writes back where the user was working)."""
-        session = load_project(autosave.project_file, work_root=work_root, register_fn=register_fn)
+        session = load_project(autosave.project_file, **session_options)
         session.project_path = pathlib.Path(autosave.project_path) if autosave.project_path else None
         session.dirty = True
         self.discard(autosave)

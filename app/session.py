@@ -47,7 +47,7 @@ import numpy as np
 
 from app import imaging, masks as mask_ops
 from inference import __version__, geometry, io
-from inference.errors import CalibrationError, CaseFormatError, DataError, HipAtlasError, InputFileError, OutputError
+from inference.errors import CalibrationError, CaseFormatError, DataError, InputFileError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ MEASUREMENT_ROWS = (
     ("head_radius_mm", "Femoral head radius", "length"),
     ("femoral_offset_mm", "Femoral offset", "length"),
     ("neck_shaft_angle_deg", "Neck-shaft angle (CCD)", "angle"),
-    ("vertical_offset_mm", "Vertical offset (head to lesser trochanter)", "length"),
+    ("vertical_offset_mm", "Vertical offset", "length"),
 )
 
 #: Landmarks the surgeon may move, with labels (others found in a result are shown too).
@@ -298,13 +298,62 @@ def load_result(out_dir: str | os.PathLike, *, measurements: dict[str, Any], lan
         contours=contours)
 
 
+#: Where the editable neck point sits: this far from the head centre along the neck axis (mm).
+NECK_POINT_DISTANCE_MM = 25.0
+#: Distance between the two editable shaft axis points (mm).
+SHAFT_POINT_SPACING_MM = 60.0
+
+
+def _unit(vector) -> np.ndarray:
+    v = np.asarray(vector, dtype=np.float64)
+    norm = float(np.linalg.norm(v))
+    if not np.isfinite(norm) or norm == 0:
+        raise DataError(f"a measurement axis has no direction ({vector!r})")
+    return v / norm
+
+
+def editable_landmarks(measurements: dict[str, Any], landmarks_mm: dict[str, Any]) -> dict[str, list[float]]:
+    """The points the surgeon may move, placed so that they reproduce ``measurements``.
+
+    The pipeline measures the label map (head sphere fit, axis fits); its warped atlas landmarks
+    need not lie exactly on those axes. So the editable points are taken from the measurements
+    themselves: the head centre, a point on the neck axis ``NECK_POINT_DISTANCE_MM`` from the head,
+    two points of the shaft axis ``SHAFT_POINT_SPACING_MM`` apart, and the lesser trochanter
+    landmark. Recomputing from unmoved points then gives the pipeline's numbers again, and moving
+    a point changes only what depends on it.
+    """
+    try:
+        centre = np.asarray(measurements["hip_centre_mm"], dtype=np.float64)
+        shaft_point = np.asarray(measurements["shaft_axis"]["point_mm"], dtype=np.float64)
+        shaft_dir = _unit(measurements["shaft_axis"]["direction"])
+        neck_dir = _unit(measurements["neck_axis"]["direction"])
+    except (KeyError, TypeError, ValueError, DataError):
+        log.warning("measurements lack the axes; showing the registration landmarks as they are")
+        return {k: [float(x) for x in v] for k, v in landmarks_mm.items()}
+    points = {
+        "head_centre": centre,
+        "neck_point": centre - NECK_POINT_DISTANCE_MM * neck_dir,
+        "shaft_point_proximal": shaft_point,
+        "shaft_point_distal": shaft_point - SHAFT_POINT_SPACING_MM * shaft_dir,
+    }
+    if "lesser_trochanter" in landmarks_mm:
+        points["lesser_trochanter"] = np.asarray(landmarks_mm["lesser_trochanter"], dtype=np.float64)
+    return {k: [float(x) for x in v] for k, v in points.items()}
+
+
 def measurements_from_landmarks(landmarks_mm: dict[str, Sequence[float]], *, head_radius_mm: float | None,
                                 side: str) -> dict[str, Any]:
-    """Measurements recomputed from (moved) landmarks with :mod:`inference.measure`."""
+    """Measurements recomputed from (moved) editable landmarks with :mod:`inference.measure`."""
     from inference import measure
 
     points = {k: np.asarray(v, dtype=np.float64) for k, v in landmarks_mm.items()}
-    return dict(measure.measurements_from_landmarks(points, head_radius_mm=head_radius_mm, side=side))
+    missing = [k for k in ("head_centre", "neck_point", "shaft_point_proximal", "shaft_point_distal") if k not in points]
+    if missing:
+        raise DataError(f"cannot recompute the measurements without the landmark(s) {', '.join(missing)}")
+    return dict(measure.measurements_from_landmarks(
+        side, points["head_centre"], head_radius_mm, points["shaft_point_proximal"],
+        points["shaft_point_proximal"] - points["shaft_point_distal"], points["neck_point"],
+        lesser_trochanter_mm=points.get("lesser_trochanter")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,11 +374,18 @@ class Session:
         ``register_fn(case_dir, out_dir, *, model, overwrite, masks, cancel)``, a generator with
         the contract of :func:`inference.pipeline.register_case` (the default, looked up at call
         time).
+    isolate : bool
+        Run the registration in a child process (:mod:`app.isolated`; ``register_fn`` must then
+        be picklable). True for the workstation, which must never load TensorFlow next to its
+        OpenGL views; False runs it in the calling thread (scripts, tests of the session).
     """
 
-    def __init__(self, work_root: str | os.PathLike | None = None, register_fn: RegisterFunction | None = None):
+    def __init__(self, work_root: str | os.PathLike | None = None, register_fn: RegisterFunction | None = None,
+                 *, isolate: bool = True):
+        self.work_root = work_root
         self.work_dir = pathlib.Path(tempfile.mkdtemp(prefix="hipatlas-session-", dir=work_root))
         self.register_fn = register_fn
+        self.isolate = bool(isolate)
         self.case: io.Case | None = None
         self.case_label = ""
         self.views: list[ViewState] = []
@@ -343,6 +399,10 @@ class Session:
         self.pseudonym = "ANON-" + secrets.token_hex(4).upper()
         self.dirty = False
         self._runs = 0
+
+    def options(self) -> dict[str, Any]:
+        """Constructor arguments for a new session that works like this one (open, import, load)."""
+        return {"work_root": self.work_root, "register_fn": self.register_fn, "isolate": self.isolate}
 
     # ---------------------------------------------------------------- case
     @property
@@ -516,11 +576,26 @@ class Session:
         case_dir = self.case.case_dir
         masks = [v.mask.copy() for v in self.views]
         names = [v.name for v in self.views]
+        isolate = self.isolate
         self._runs += 1
-        out_dir = self.work_dir / f"result-{self._runs}"
+        # Each run writes into its own folder, deleted whole if the run fails or is cancelled
+        # (a terminated child process cannot clean up its temporary output folder itself).
+        run_dir = self.work_dir / f"run-{self._runs}"
+        out_dir = run_dir / "result"
 
         def job(cancel: Callable[[], bool]):
-            result = yield from register(case_dir, out_dir, model=model, overwrite=False, masks=masks, cancel=cancel)
+            try:
+                if isolate:
+                    from app.isolated import run_isolated
+
+                    result = yield from run_isolated(register, case_dir, out_dir, cancel=cancel, model=model,
+                                                     overwrite=False, masks=masks)
+                else:
+                    result = yield from register(case_dir, out_dir, model=model, overwrite=False, masks=masks,
+                                                 cancel=cancel)
+            except BaseException:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                raise
             yield pipeline.Progress(1.0, "Loading results for display")
             return load_result(result.out_dir, measurements=result.measurements,
                                landmarks_mm=getattr(result, "landmarks_mm", {}), warnings=result.warnings,
@@ -530,7 +605,7 @@ class Session:
 
     def set_result(self, result: LoadedResult | None) -> None:
         self.result = result
-        self.landmarks_mm = {k: list(v) for k, v in (result.landmarks_mm if result else {}).items()}
+        self.landmarks_mm = editable_landmarks(result.measurements, result.landmarks_mm) if result else {}
         self.measurements = dict(result.measurements) if result else {}
         self.landmarks_edited = False
         self.dirty = True
@@ -564,7 +639,7 @@ class Session:
 
     def reset_landmarks(self) -> None:
         if self.result is not None:
-            self.landmarks_mm = {k: list(v) for k, v in self.result.landmarks_mm.items()}
+            self.landmarks_mm = editable_landmarks(self.result.measurements, self.result.landmarks_mm)
             self.measurements = dict(self.result.measurements)
             self.landmarks_edited = False
             self.dirty = True
@@ -726,3 +801,31 @@ class Session:
             warnings=list(self.result.warnings),
             screenshots=list(screenshots),
         )
+
+
+def describe_model(model_path: str | os.PathLike | None) -> dict[str, Any]:
+    """File, id and sha256 of the model a registration would use (for the About box).
+
+    Reads the model card JSON directly: loading :mod:`inference.model` would import TensorFlow
+    (seconds) just to show a name. The card sits beside the model as ``<stem>.card.json``
+    (:func:`inference.model.card_path_for`).
+    """
+    from inference import pipeline
+    from inference.errors import ModelError
+
+    try:
+        path = pipeline.model_file_in(model_path) if model_path else pipeline.default_model_path()
+    except ModelError as exc:
+        return {"error": str(exc)}
+    info: dict[str, Any] = {"file": str(path), "id": path.stem}
+    card_path = path.with_name(path.stem + ".card.json")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info["card"] = "missing or unreadable"
+        return info
+    if isinstance(card, dict):
+        info["id"] = str(card.get("name") or card.get("model_id") or path.stem)
+        info["sha256"] = card.get("sha256")
+        info["software_version"] = card.get("software_version")
+    return info

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["BenchReport", "median_time", "parse_args", "machine_info"]
+__all__ = ["BenchReport", "median_time", "median_times", "parse_args", "machine_info"]
 
 
 def parse_args(argv: Sequence[str] | None = None, description: str = "",
@@ -46,21 +46,29 @@ def parse_args(argv: Sequence[str] | None = None, description: str = "",
     return args
 
 
-def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs, after ``warmup`` untimed runs.
+def median_times(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> tuple[float, float]:
+    """Median wall time and median process CPU time (all threads) of ``fn()``, in seconds.
 
-    ``fn`` must block until its work is done (e.g. call ``.numpy()`` on TensorFlow results).
-    The median, not the mean or minimum, because the benchmark machines are shared: it ignores
-    a few runs slowed by other processes without rewarding a lucky one.
+    ``fn`` runs ``warmup`` times untimed first (compilation, caches), then ``repeats`` times;
+    it must block until its work is done (e.g. call ``.numpy()`` on TensorFlow results).
+    Medians, not means or minima, because the machines are shared: they ignore a few runs
+    slowed by other processes without rewarding a lucky one. The CPU time is the steadier
+    figure on a busy machine (it does not count time spent waiting for a core).
     """
     for _ in range(max(0, warmup)):
         fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(max(1, repeats)):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return float(statistics.median(times))
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return float(statistics.median(walls)), float(statistics.median(cpus))
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds (see :func:`median_times`)."""
+    return median_times(fn, repeats, warmup)[0]
 
 
 def machine_info() -> dict[str, Any]:
@@ -77,6 +85,17 @@ class BenchReport:
         self.json_output = json_output
         self.stream = stream if stream is not None else sys.stdout
         self.figures: dict[str, Any] = {}
+
+    def add_timing(self, key: str, fn: Callable[[], Any], repeats: int, label: str = "") -> float:
+        """Time ``fn`` (:func:`median_times`); record ``key`` (wall s) and ``key`` with its
+        ``_s`` suffix replaced by ``_cpu_s`` (process CPU s); print both on one line."""
+        wall, cpu = median_times(fn, repeats)
+        cpu_key = (key[:-2] if key.endswith("_s") else key + "_") + "_cpu_s"
+        self.figures[key] = wall
+        self.figures[cpu_key] = cpu
+        print(f"{label or key}: {wall:.4g} s wall, {cpu:.4g} s CPU  [{key}]", file=self.stream,
+              flush=True)
+        return wall
 
     def add(self, key: str, value: Any, unit: str = "", label: str = "") -> Any:
         """Record one figure and print it on its own line (``label: value unit [key]``)."""

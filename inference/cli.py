@@ -24,6 +24,9 @@ log = logging.getLogger("hipatlas")
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "inference.cli_commands",
     "inference.selftest",
+    "inference.train",
+    "inference.evaluate",
+    "inference.data.cli_data",
 )
 
 EXIT_BAD_INPUT = 2

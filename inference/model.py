@@ -32,7 +32,9 @@ Outputs (a dict; Z, Y, X = ``shape_zyx``)
     ``warped_affine`` (B, Z, Y, X, 1) atlas intensity warped by T; ``warped`` (B, Z, Y, X, 1) atlas
     warped by Psi; ``warped_labels`` (B, Z, Y, X, 1) atlas labels warped by Psi (nearest);
     ``phi`` (B, Z, Y, X, 3) and ``psi`` (B, Z, Y, X, 3) displacement fields (the convention of
-    :mod:`inference.layers.warp`); ``affine_params`` (B, 7); with ``dice_weight > 0`` also
+    :mod:`inference.layers.warp`); ``affine_params`` (B, 7); with ``velocity_downsample > 1`` also
+    ``phi_coarse`` (B, Z/f, Y/f, X/f, 3), phi on the velocity grid in its own voxels (the
+    smoothness term uses it); with ``dice_weight > 0`` also
     ``warped_femur`` (B, Z, Y, X, 1), the atlas femur mask warped by Psi with trilinear weights
     (differentiable, for the Dice term).
 
@@ -65,12 +67,16 @@ import math
 import os
 import pathlib
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from inference.errors import ConfigError, ModelError
+from inference.layers import warp as warp_layers
+from inference.layers.sampling import trilinear_sample
 
 log = logging.getLogger(__name__)
 
@@ -319,14 +325,6 @@ def preset(name: str) -> ModelConfig:
 # --------------------------------------------------------------------------------------------
 # Small layers of the network (serialisable; no Lambda layers)
 # --------------------------------------------------------------------------------------------
-# TensorFlow and Keras are imported here, after the config, so that reading or validating a
-# config does not pay for them... but the layers below need them at class definition time.
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from inference.layers import warp as warp_layers  # noqa: E402
-from inference.layers.sampling import trilinear_sample  # noqa: E402
-
 _PACKAGE = "hipatlas"
 
 
@@ -339,6 +337,8 @@ class ViewSelect(keras.layers.Layer):
     """
 
     def __init__(self, view: int, add_channel: bool = False, **kwargs):
+        # float32 even under mixed precision: projection matrices must not be rounded to float16.
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         if isinstance(view, bool) or not isinstance(view, int) or view < 0:
             raise ConfigError(f"view must be a non-negative integer, not {view!r}")
@@ -503,6 +503,10 @@ class SupportMeanScale(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class StopGradient(keras.layers.Layer):
     """Identity in the forward pass, no gradient backwards (shape unchanged)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # carries the warped atlas into ProST
+        super().__init__(**kwargs)
 
     def call(self, inputs):
         return tf.stop_gradient(inputs)
@@ -903,6 +907,7 @@ def build_model(config: ModelConfig, atlas: Any = None, *, name: str = "hipatlas
         bias_initializer="zeros")(merged)
     phi = warp_layers.VecInt(config.int_steps, jit_compile=jit_compile, dtype="float32",
                              name="integrate")(velocity)
+    phi_coarse = phi
     if config.velocity_downsample > 1:
         phi = UpsampleField(name="phi_upsample")(phi)
     psi = warp_layers.ComposeAffine(config.shape_zyx, grid, dtype="float32", name="psi")([phi, params])
@@ -912,6 +917,8 @@ def build_model(config: ModelConfig, atlas: Any = None, *, name: str = "hipatlas
                                                    dtype="float32", name="warp_labels")([atlas_labels, psi])
     outputs = {"warped_affine": warped_affine, "warped": warped, "warped_labels": warped_labels,
                "phi": phi, "psi": psi, "affine_params": params}
+    if config.velocity_downsample > 1:
+        outputs["phi_coarse"] = phi_coarse
     if config.dice_weight > 0:
         femur = LabelMask(FEMUR_LABEL, name="atlas_femur")(atlas_labels)
         outputs["warped_femur"] = warp_layers.SpatialTransformer(
@@ -939,6 +946,19 @@ def set_atlas(model: keras.Model, atlas: Any) -> None:
     if volume_hu.shape != layer.shape_zyx:
         raise ConfigError(f"the atlas grid {volume_hu.shape} differs from the model's {layer.shape_zyx}")
     layer.set_atlas(femur_intensity(volume_hu, labels), labels)
+
+
+def inputs_from_sample(sample: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Model inputs (batch of 1, float32) from a data set sample (the npz keys)."""
+    try:
+        return {
+            "images": np.asarray(sample["images"], np.float32)[None],
+            "masks": np.asarray(sample["masks"], np.float32)[None],
+            "projection": np.asarray(sample["projection"], np.float32)[None],
+            "index_to_world": np.asarray(sample["index_to_world"], np.float32)[None],
+        }
+    except KeyError as error:
+        raise ConfigError(f"a sample for the model needs the key {error}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -970,7 +990,9 @@ def registration_losses(config: ModelConfig, outputs: Mapping[str, Any], fixed_i
     terms = {
         "ncc_affine": tf.reduce_mean(losses.ncc_global(outputs["warped_affine"], fixed)),
         "ncc": tf.reduce_mean(losses.ncc_global(outputs["warped"], fixed)),
-        "smoothness": tf.reduce_mean(losses.smoothness_l2(outputs["phi"])),
+        # On the velocity grid when it is coarser (VoxelMorph regularises its downsampled field
+        # too): the upsampled phi is a linear interpolation of it, and 8x fewer voxels.
+        "smoothness": tf.reduce_mean(losses.smoothness_l2(outputs.get("phi_coarse", outputs["phi"]))),
     }
     total = -terms["ncc_affine"] - terms["ncc"] + config.smooth_weight * terms["smoothness"]
     if config.dice_weight > 0:
@@ -1107,10 +1129,14 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+#: File name of a model card: one model per folder (``<folder>/<name>.keras`` + this file), the
+#: layout :mod:`inference.pipeline` looks for under ``resources/models/``.
+MODEL_CARD_NAME = "model_card.json"
+
+
 def card_path_for(model_path: str | os.PathLike) -> pathlib.Path:
-    """Where the model card of ``model_path`` lives: ``<name>.card.json`` beside it."""
-    model_path = pathlib.Path(model_path)
-    return model_path.with_name(model_path.stem + ".card.json")
+    """Where the model card of ``model_path`` lives: ``model_card.json`` in the same folder."""
+    return pathlib.Path(model_path).with_name(MODEL_CARD_NAME)
 
 
 def _atomic_write_text(path: pathlib.Path, text: str) -> None:
@@ -1127,7 +1153,8 @@ def _atomic_write_text(path: pathlib.Path, text: str) -> None:
 
 def write_model_card(model_path: str | os.PathLike, config: ModelConfig,
                      extra: Mapping[str, Any] | None = None) -> pathlib.Path:
-    """Write ``<name>.card.json`` for a saved model: format, file name, sha256, config, version.
+    """Write the model card (:func:`card_path_for`) of a saved model: format, name, file name,
+    sha256, config, software version.
 
     ``extra`` (JSON-serialisable: training data, metrics, ...) is stored under its own keys.
     """
@@ -1136,6 +1163,7 @@ def write_model_card(model_path: str | os.PathLike, config: ModelConfig,
     model_path = pathlib.Path(model_path)
     card = {
         "format": MODEL_CARD_FORMAT,
+        "name": model_path.stem,
         "model_file": model_path.name,
         "sha256": file_sha256(model_path),
         "config": config.to_dict(),
@@ -1197,8 +1225,7 @@ def load_model(path: str | os.PathLike, card: str | os.PathLike | Mapping[str, A
     Parameters
     ----------
     path : path of the ``.keras`` file
-    card : path of the model card, the card itself (a dict), or None for ``<name>.card.json``
-        beside the model.
+    card : path of the model card, the card itself (a dict), or None for :func:`card_path_for`.
     require_card : bool
         With False a missing card (only when ``card`` is None) is tolerated with a warning.
 
@@ -1224,6 +1251,9 @@ def load_model(path: str | os.PathLike, card: str | os.PathLike | Mapping[str, A
     elif not isinstance(card, Mapping):
         card = read_model_card(card)
     if card is not None:
+        if card.get("model_file", path.name) != path.name:
+            raise ModelError(f"the model card names {card.get('model_file')!r}, not {path.name!r}: it "
+                             "belongs to another model")
         digest = file_sha256(path)
         if digest != card.get("sha256"):
             raise ModelError(f"model file {path.name} does not match its model card (sha256 "
@@ -1241,4 +1271,7 @@ def load_model(path: str | os.PathLike, card: str | os.PathLike | Mapping[str, A
             raise ModelError(f"model card of {path.name} has an invalid config: {error}") from None
         if card_config != config:
             raise ModelError(f"model {path.name} was built with a different config than its card says")
+    # For reports (inference.pipeline.model_identity): which model, verified how.
+    model._hipatlas_card = {**(dict(card) if card is not None else {"name": path.stem}),
+                            "path": str(path)}
     return model

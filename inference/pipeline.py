@@ -253,7 +253,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         if border:
             warnings.append(f"view '{view.name}': the femur mask touches the image border ({border})")
     head = _locate(projections, full_masks)
-    grid = placed_grid(atlas.geometry, atlas.landmarks_mm["head_centre"], head.centre_mm)
+    grid = placed_grid(atlas.geometry, atlas.landmarks["head_centre"], head.centre_mm)
 
     images_net, masks_net, projections_net = [], [], []
     for view, projection, mask in zip(case.views, projections, full_masks):
@@ -285,17 +285,18 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     t0 = time.perf_counter()
     from inference.layers import warp as warp_lib
 
-    warped_hu = np.asarray(warp_lib.warp(atlas.volume_hu[None, ..., None].astype(np.float32),
-                                         psi[None].astype(np.float32), interp="linear"))[0, ..., 0]
+    # Warp HU + 1000 so that the zero padding outside the atlas grid reads as air, not water.
+    shifted = (np.asarray(atlas.volume, np.float32) + 1000.0)[None, ..., None]
+    warped_hu = np.asarray(warp_lib.warp(shifted, psi[None].astype(np.float32), interp="linear"))[0, ..., 0] - 1000.0
     landmarks = {name: invert_displacement_at(np.asarray(point, float), psi, atlas.geometry, grid)
-                 for name, point in atlas.landmarks_mm.items() if np.size(point) == 3}
+                 for name, point in atlas.landmarks.items() if np.size(point) == 3}
     timings["warp_s"] = time.perf_counter() - t0
     _check(cancel)
 
     yield Progress(0.65, "Measuring")
     from inference import measure, surface
 
-    measurements = measure.measure_femur(labels, grid, side="right", landmarks_mm=landmarks)
+    measurements = measure.measure_femur(labels, grid, side="right")
     out_labels, out_grid = (mirrored_volume(labels, grid) if mirror else (labels, grid))
     out_hu = mirrored_volume(warped_hu, grid)[0] if mirror else warped_hu
     if mirror:

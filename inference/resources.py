@@ -44,6 +44,7 @@ __all__ = [
     "demo_dir",
     "file_sha256",
     "model_card_path",
+    "default_model_file",
     "check_model_file",
     "check_models",
     "check_atlas_grid",
@@ -160,6 +161,30 @@ def model_card_path(model_file: str | os.PathLike) -> pathlib.Path | None:
         if named in (None, model_file.name):
             return shared
     return None
+
+
+def default_model_file(root: str | os.PathLike | None = None) -> pathlib.Path:
+    """The shipped model used when none is chosen: the ``.keras`` file of the folder named in
+    ``models/DEFAULT``, else of the first model folder (sorted by name).
+
+    Raises
+    ------
+    ModelError
+        No model installed, or the chosen folder does not hold exactly one ``.keras`` file.
+    """
+    folder = models_dir(root)
+    pointer = folder / "DEFAULT"
+    if pointer.is_file():
+        chosen = folder / pointer.read_text(encoding="utf-8").strip()
+    else:
+        candidates = sorted(p.parent for p in folder.glob("*/*.keras") if _visible(p.parent)) if folder.is_dir() else []
+        if not candidates:
+            raise ModelError(f"no trained model is installed in {folder}; {_REINSTALL}")
+        chosen = candidates[0]
+    files = sorted(p for p in chosen.glob("*.keras") if _visible(p)) if chosen.is_dir() else []
+    if len(files) != 1:
+        raise ModelError(f"the model folder {chosen} should hold one .keras file, not {len(files)}; {_REINSTALL}")
+    return files[0]
 
 
 def check_model_file(model_file: str | os.PathLike) -> list[ResourceProblem]:
@@ -311,12 +336,30 @@ def check_demo_case(folder: str | os.PathLike | None = None) -> list[ResourcePro
 # All together
 # --------------------------------------------------------------------------------------------
 
+def _unreadable(kind: str, fallback: pathlib.Path, error: OSError) -> list[ResourceProblem]:
+    path = pathlib.Path(error.filename) if error.filename else fallback
+    return [ResourceProblem(kind, path, f"{path} cannot be read ({error.strerror or error}); check the permissions "
+                            f"of the HipAtlas installation or {_REINSTALL}")]
+
+
 def find_resource_problems(root: str | os.PathLike | None = None, *, demo: bool = False) -> list[ResourceProblem]:
-    """Every problem of the shipped models and atlases (and of the demo case with ``demo=True``)."""
-    problems, grids = check_models(root)
-    problems += check_atlases(root, grids)
+    """Every problem of the shipped models and atlases (and of the demo case with ``demo=True``).
+
+    An unreadable file or folder (permissions) is reported as a problem, not raised.
+    """
+    try:
+        problems, grids = check_models(root)
+    except OSError as error:
+        problems, grids = _unreadable("model", models_dir(root), error), set()
+    try:
+        problems += check_atlases(root, grids)
+    except OSError as error:
+        problems += _unreadable("atlas", atlas_dir(root), error)
     if demo:
-        problems += check_demo_case(demo_dir(root))
+        try:
+            problems += check_demo_case(demo_dir(root))
+        except OSError as error:
+            problems += _unreadable("demo", demo_dir(root), error)
     return problems
 
 
@@ -350,7 +393,7 @@ def verify_resources(root: str | os.PathLike | None = None, *, demo: bool = Fals
     """
     problems = find_resource_problems(root, demo=demo)
     for problem in problems:
-        log.error("resource check: %s", problem.message)
+        log.info("resource check: %s", problem.message)
     if strict and problems:
         first_kind = problems[0].kind
         error_type = ModelError if first_kind == "model" else DataError

@@ -40,7 +40,8 @@ NECK_SHAFT_ANGLE_RANGE_DEG = (100.0, 160.0)
 #: The demo reconstruction's hip centre must lie this close to the reference position.
 HIP_CENTRE_TOLERANCE_MM = 30.0
 #: Files of the demo case folder that may hold its ground truth, in order of preference.
-TRUTH_FILES = ("truth.json", "ground_truth.json", "truth/measurements.json", "measurements_truth.json")
+TRUTH_FILES = ("truth.json", "ground_truth.json", "truth/truth.json", "truth/measurements.json",
+               "measurements_truth.json")
 #: Outputs every registration writes (case-format.md), besides one overlay per view.
 EXPECTED_OUTPUTS = ("femur_labels.nii.gz", "warped_atlas.nii.gz", "femur_surface.stl",
                     "measurements.json", "report.json")
@@ -210,7 +211,7 @@ def check_outputs(out_dir: str | pathlib.Path, measurements: dict[str, Any], *,
 
 def run_self_test(out_dir: str | pathlib.Path | None = None, *,
                   on_progress: Callable[[Any], None] | None = None,
-                  cancel: Callable[[], bool] | None = None) -> SelfTestResult:
+                  cancel: Callable[[], bool] | None = None, raise_unexpected: bool = False) -> SelfTestResult:
     """Verify the installation and register the demo case (see module docstring).
 
     Expected failures (a damaged resource, a registration error) become failed checks, not
@@ -223,6 +224,9 @@ def run_self_test(out_dir: str | pathlib.Path | None = None, *,
         folder, deleted afterwards.
     on_progress : callable(Progress), optional
     cancel : callable returning True to stop (raises :class:`~inference.errors.Cancelled`)
+    raise_unexpected : bool
+        Let exceptions other than :class:`~inference.errors.HipAtlasError` propagate (``--debug``)
+        instead of reporting them as a failed check.
     """
     from inference import resources
 
@@ -243,15 +247,28 @@ def run_self_test(out_dir: str | pathlib.Path | None = None, *,
         try:
             from inference import pipeline
 
+            # The verified model, passed explicitly: HIPATLAS_RESOURCES_DIR may point elsewhere than
+            # the pipeline's default.
+            model_file = resources.default_model_file()
+            registration_started = time.perf_counter()
             registration = pipeline.run_to_completion(
-                pipeline.register_case(case_dir, target, cancel=cancel), on_progress=on_progress)
+                pipeline.register_case(case_dir, target, model=model_file, cancel=cancel),
+                on_progress=on_progress)
         except Cancelled:
             raise
         except HipAtlasError as error:
             result.checks.append(Check("registration", False, " ".join(str(error).split())))
             result.elapsed_s = time.perf_counter() - started
             return result
-        register_s = time.perf_counter() - started
+        except Exception as error:  # a self-test reports every failure, expected or not
+            if raise_unexpected:
+                raise
+            log.debug("self-test registration failed", exc_info=True)
+            result.checks.append(Check("registration", False, f"unexpected {type(error).__name__}: "
+                                       + " ".join(str(error).split()) + " (run with --debug for the traceback)"))
+            result.elapsed_s = time.perf_counter() - started
+            return result
+        register_s = time.perf_counter() - registration_started
         result.checks.append(Check("registration", True, f"demo registered in {register_s:.1f} s"))
         result.measurements = dict(registration.measurements)
 
@@ -286,7 +303,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     """Run the self-test for the CLI; prints the summary line (and JSON with ``--json``)."""
-    result = run_self_test(getattr(args, "out", None))
+    result = run_self_test(getattr(args, "out", None), raise_unexpected=getattr(args, "debug", False))
     if getattr(args, "json", False):
         print(json.dumps({"passed": result.passed, "version": __version__, "elapsed_s": round(result.elapsed_s, 2),
                           "checks": [c.__dict__ for c in result.checks],

@@ -202,6 +202,7 @@ def _render_views(ct_hu: np.ndarray, ct_geometry: Any, labels: np.ndarray | None
                   progress: Callable[[float, str], None] | None, cancel: Any) -> list[dict]:
     from inference import drr
     from inference.data.augment import apply_realism, sample_realism_params
+    from inference.data.dataset import RenderSettings, ray_plan
 
     if labels is not None:
         points = _femur_points(labels, ct_geometry, femur_label)
@@ -220,8 +221,8 @@ def _render_views(ct_hu: np.ndarray, ct_geometry: Any, labels: np.ndarray | None
     for spec in specs:
         if progress is not None:
             progress(done / total, f"rendering view {spec.name}")
-        image = drr.render_drr(ct_hu, ct_geometry, spec.projection, spec.rows, spec.cols, step_mm=step,
-                               cancel=cancel)
+        image = drr.render_drr(ct_hu, ct_geometry, spec.projection, spec.rows, spec.cols, cancel=cancel,
+                               **ray_plan(spec.projection, ct_geometry, spec.rows, spec.cols, step))
         done += 1
         realism = None
         if rng is not None:
@@ -233,8 +234,10 @@ def _render_views(ct_hu: np.ndarray, ct_geometry: Any, labels: np.ndarray | None
             if progress is not None:
                 progress(done / total, f"projecting the femur label in view {spec.name}")
             path = drr.render_path_length(femur, ct_geometry, spec.projection, spec.rows, spec.cols, label=1,
-                                          step_mm=step, cancel=cancel)
-            mask = (path > 0.5 * step).astype(np.uint8)
+                                          cancel=cancel,
+                                          **ray_plan(spec.projection, ct_geometry, spec.rows, spec.cols, step))
+            # the same mask rule as the training data (dataset.RenderSettings)
+            mask = (path >= RenderSettings().mask_threshold_mm).astype(np.uint8)
             done += 1
             if not mask.any():
                 raise DataError(f"the femur does not project onto the detector of view {spec.name!r}")
@@ -343,7 +346,8 @@ def simulate_phantom_case(subject: str, seed: int, out_dir: str | os.PathLike, *
                           geometry_file: str | os.PathLike | None = None, truth_out: str | os.PathLike | None = None,
                           image_format: str = "png", realism: bool = True, step_mm: float | None = None,
                           overwrite: bool = False, progress: Callable[[float, str], None] | None = None,
-                          cancel: Any = None, model: Any = None, ct_grid: Any = None) -> pathlib.Path:
+                          cancel: Any = None, model: Any = None, ct_grid: Any = None,
+                          detector: tuple[int, int, float] = (768, 768, 0.4)) -> pathlib.Path:
     """A case of a random phantom of a shared bone subject, and (optionally) its ground truth.
 
     Parameters
@@ -366,6 +370,8 @@ def simulate_phantom_case(subject: str, seed: int, out_dir: str | os.PathLike, *
         Apply the realism augmentation (noise, scatter, blur, contrast).
     model, ct_grid : optional
         A ready SubjectModel and the phantom CT's grid (tests use small ones).
+    detector : (rows, cols, pixel_mm)
+        Detector of the default views (when no geometry file is given).
     """
     from inference.data import phantom as phantom_mod
     from inference.data.dataset import _landmark_array
@@ -402,7 +408,8 @@ def simulate_phantom_case(subject: str, seed: int, out_dir: str | os.PathLike, *
                            side)
     else:
         isocentre = landmarks_world[0] + rngs[2].uniform(-25.0, 25.0, 3)
-        geometry = standard_geometry(isocentre, side)
+        rows, cols, pixel_mm = detector
+        geometry = standard_geometry(isocentre, side, rows=int(rows), cols=int(cols), pixel_mm=float(pixel_mm))
         specs = [ViewSpec(v["name"], np.asarray(v["projection_matrix"]), v["rows"], v["cols"], v["pixel_mm"])
                  for v in geometry["views"]]
 

@@ -20,12 +20,11 @@ TINY = M.ModelConfig(
     num_samples=16, affine_widths=(4, 4, 8), local_encoder_widths=(4, 8), depth_copies=4,
     decoder_widths=(8, 4, 4), velocity_downsample=2)
 
+# Every ablation switch is turned off in at least one run (pairs keep the test time down).
 ABLATIONS = {
     "full": {},
-    "no_fusion": {"cross_view_fusion": False},
-    "no_skips": {"skip_connections": False},
-    "shared_decoder": {"shared_decoder": True},
-    "no_inv_prost": {"use_inv_prost": False},
+    "no_fusion_shared_decoder": {"cross_view_fusion": False, "shared_decoder": True},
+    "no_skips_no_inv_prost": {"skip_connections": False, "use_inv_prost": False},
     "dice_full_res_velocity": {"dice_weight": 0.5, "velocity_downsample": 1},
 }
 
@@ -278,11 +277,12 @@ def test_save_and_load_round_trip_with_safe_mode_and_card(tmp_path, atlas, sampl
     for weight in model.trainable_weights:
         weight.assign(weight.numpy() + np.float32(1e-3))
     path, card_path = M.save_model(model, tmp_path / "tiny.keras", card_extra={"notes": "test"})
-    assert path.is_file() and card_path == tmp_path / "tiny.card.json"
+    assert path.is_file() and card_path == tmp_path / "model_card.json"
     card = json.loads(card_path.read_text())
     assert card["sha256"] == M.file_sha256(path) and card["notes"] == "test"
 
     loaded = M.load_model(path)
+    assert loaded._hipatlas_card["sha256"] == card["sha256"]
     assert M.model_config_of(loaded) == M.model_config_of(model)
     expected = model(inputs, training=False)
     got = loaded(inputs, training=False)
@@ -302,8 +302,51 @@ def test_load_model_refuses_a_file_that_does_not_match_its_card(tmp_path, atlas)
     other_config = dict(card, config=dataclasses.replace(TINY, smooth_weight=0.5).to_dict())
     with pytest.raises(ModelError, match="different config"):
         M.load_model(path, card=other_config)
+    with pytest.raises(ModelError, match="another model"):
+        M.load_model(path, card=dict(card, model_file="other.keras"))
     card_path.unlink()
     with pytest.raises(ModelError, match="no model card"):
         M.load_model(path)
     with pytest.raises(ModelError, match="does not exist"):
         M.load_model(tmp_path / "missing.keras", card=card)
+
+
+def test_pooled_beam_and_coarse_inv_prost_return_the_downsampled_volume():
+    # The local module's conventions together: ProST beam samples (K = 32) average-pooled along
+    # the depth to K' = 16, then inv-ProST onto the half-resolution grid placed by
+    # CoarseIndexToWorld, give back the volume averaged over 2x2x2 blocks.
+    from inference.layers.prost import InvProST, ProST
+
+    z, y, x = np.mgrid[0:16, 0:16, 0:16].astype(np.float32)
+    blob = np.exp(-((z - 8) ** 2 + (y - 7) ** 2 + (x - 8.5) ** 2) / (2 * 3.5 ** 2)).astype(np.float32)
+    expected = blob.reshape(8, 2, 8, 2, 8, 2).mean(axis=(1, 3, 5))
+    i2w = _index_to_world(TINY)[None]
+    projection = _view_matrix(30)[None].astype(np.float32)
+    _, beam = ProST((16, 16), 32, output="both")([blob[None, ..., None], projection, i2w])
+    pooled = keras.layers.AveragePooling3D((2, 1, 1))(beam)
+
+    def back_projected(coarse_i2w):
+        return InvProST((8, 8, 8), (16, 16), 32)([pooled, projection, coarse_i2w]).numpy()[0, ..., 0]
+
+    error = np.abs(back_projected(M.CoarseIndexToWorld(2)(i2w)) - expected).max()
+    assert error < 0.05 * expected.max()
+    # placing the coarse grid without the half-voxel shift of its centres would show
+    naive = tf.matmul(i2w, np.diag([2.0, 2.0, 2.0, 1.0]).astype(np.float32)[None])
+    assert np.abs(back_projected(naive) - expected).max() > 2 * error
+
+
+def test_geometry_stays_float32_under_mixed_precision(atlas, sample):
+    inputs, _, _ = sample
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = M.build_model(TINY, atlas)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    geometric = [layer for layer in model.layers if type(layer).__name__ in (
+        "ProST", "InvProST", "ViewSelect", "SpatialTransformer", "VecInt", "AffineToField",
+        "ComposeAffine", "AtlasVolume", "CoarseIndexToWorld", "UpsampleField", "StopGradient")]
+    assert geometric and all(layer.compute_dtype == "float32" for layer in geometric)
+    assert any(layer.compute_dtype == "float16" for layer in model.layers)  # convs do use float16
+    out = model(inputs, training=False)
+    assert out["psi"].dtype == tf.float32 and np.all(np.isfinite(out["warped"].numpy()))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from inference.data import phantom as ph
 from inference.data.atlas import GRID_CENTRE_CANONICAL_MM, grid_geometry
 from inference.errors import DataError
 from inference.geometry import VolumeGeometry
+from scipy import ndimage
 
 HEAD_R = 22.0
 SHAFT_X = -40.0
@@ -66,8 +66,7 @@ def synthetic_model():
         "shaft_point_proximal": np.array([SHAFT_X, 0, -60]),
         "neck_point": np.array([-20.0, 0, -15]),
     }
-    return ph.SubjectModel("synthetic:right", femur, pelvis, ph._body_distance(femur), ph._body_distance(pelvis),
-                           marks, HEAD_R)
+    return ph.SubjectModel.from_fields("synthetic:right", femur, marks, HEAD_R, pelvis)
 
 
 def _quiet(**changes):
@@ -179,9 +178,15 @@ def test_same_seed_same_phantom_and_different_seed_differs(synthetic_model):
     assert np.array_equal(a.ct_hu, b.ct_hu) and np.array_equal(a.labels, b.labels)
     assert np.abs(a.ct_hu - c.ct_hu).mean() > 5
     # Random parameters from one generator state are reproducible too.
-    pa = ph.sample_phantom_params(np.random.default_rng(1), shape=False)
-    pb = ph.sample_phantom_params(np.random.default_rng(1), shape=False)
+    pa = ph.sample_phantom_params(np.random.default_rng(1))
+    pb = ph.sample_phantom_params(np.random.default_rng(1))
     assert pa == pb
+    # ... and survive a JSON round trip (data set manifests).
+    import json
+
+    assert ph.PhantomParams.from_dict(json.loads(json.dumps(pa.to_dict()))) == pa
+    with pytest.raises(DataError, match="malformed"):
+        ph.PhantomParams.from_dict({"rotation_deg": [0, 0, 0]})
 
 
 def test_chunking_does_not_change_the_phantom(synthetic_model):
@@ -262,3 +267,101 @@ def test_sampled_tissue_params_within_documented_ranges():
         assert 30 <= t.muscle_hu <= 60
         assert 0.7 <= t.cortical_thickness_head_mm <= 1.4 < 4.0 <= t.cortical_thickness_shaft_mm <= 6.0
         assert 150 <= t.cancellous_hu + t.head_cancellous_boost_hu <= 450
+
+
+# ----------------------------------------------------------------------------------------------
+# Real bone surfaces
+# ----------------------------------------------------------------------------------------------
+def _bones_available() -> bool:
+    try:
+        from inference.data.mesh import bones_dir
+
+        bones_dir()
+        return True
+    except Exception:
+        return False
+
+
+needs_bones = pytest.mark.skipif(not _bones_available(), reason="shared bone surfaces not found")
+#: Fast coverage of the code paths: own pelvis, a mirrored left femur. All subjects: slow test.
+FAST_SUBJECTS = ("MC22:right", "JIA_MRI:left")
+
+
+def _all_subjects():
+    return ph.phantom_subjects() if _bones_available() else []
+
+
+def _head_centre_from_labels(labels, grid, radius_mm):
+    """Sphere fit to the femur label's boundary voxels on the upper head (independent check)."""
+    from inference.anatomy import fit_sphere
+
+    femur = labels == 1
+    boundary = femur & ~ndimage.binary_erosion(femur)
+    kk, jj, ii = np.nonzero(boundary)
+    m = grid.index_to_world()
+    pts = (m[:3, :3] @ np.stack([ii, jj, kk]).astype(float) + m[:3, 3:4]).T
+    r = np.linalg.norm(pts, axis=1)
+    pick = (np.abs(r - radius_mm) < 4.0) & (pts[:, 2] > -0.3 * radius_mm)
+    centre, _ = fit_sphere(pts[pick])
+    return centre
+
+
+def _check_real_phantom(name, spacing_mm, with_pelvis):
+    model = ph.load_subject_model(name, spacing_mm=spacing_mm, with_pelvis=with_pelvis)
+    grid = grid_geometry("compact")
+    p = ph.make_phantom(model, ph.PhantomParams(tissue=ph.TissueParams(seed=1)), grid)
+    assert (p.labels == 1).sum() > 20000  # about 60-100 cm^3 of proximal femur in the grid
+    if with_pelvis:
+        assert (p.labels == 2).sum() > 1000
+    np.testing.assert_allclose(p.landmarks_mm["head_centre"], 0.0, atol=1e-6)
+    centre = _head_centre_from_labels(p.labels, grid, p.head_radius_mm)
+    voxel = max(grid.spacing_xyz_mm)
+    assert np.linalg.norm(centre) < 2 * voxel, f"{name}: head found at {centre}"
+    assert 15.0 < p.head_radius_mm < 30.0
+    # The grid holds the proximal femur: head at the top, the lesser trochanter well inside.
+    lt = p.landmarks_mm["lesser_trochanter"]
+    assert np.all(np.abs((grid.world_to_index()[:3, :3] @ lt + grid.world_to_index()[:3, 3])
+                         - (np.array(grid.shape_zyx[::-1]) - 1) / 2) < np.array(grid.shape_zyx[::-1]) / 2)
+
+
+@needs_bones
+@pytest.mark.parametrize("name", FAST_SUBJECTS)
+def test_real_subject_phantom_head_where_grid_placement_says(name):
+    _check_real_phantom(name, spacing_mm=2.0, with_pelvis=False)
+
+
+@needs_bones
+def test_phantom_labels_match_the_deformed_posed_mesh():
+    """Dice between the phantom's femur label and the voxelised deformed + posed STL surface."""
+    from inference.data.mesh import bones_dir, read_stl, voxelize
+    from inference.data.shape import ShapeParams, ShapeTransform
+
+    model = ph.load_subject_model(FAST_SUBJECTS[0], spacing_mm=2.0, with_pelvis=False)
+    shape = ShapeParams(global_scale=1.08, neck_shaft_delta_deg=6.0, neck_length_factor=0.9,
+                        head_radius_factor=1.08, anteversion_delta_deg=-8.0, deformation_amplitude_mm=2.0,
+                        deformation_seed=4)
+    params = ph.PhantomParams(shape=shape, rotation_deg=(4.0, -7.0, 9.0), translation_mm=(2.0, -3.0, 1.0),
+                              tissue=ph.TissueParams(seed=2))
+    grid = grid_geometry("compact")
+    p = ph.make_phantom(model, params, grid)
+    transform = ShapeTransform(shape, model.shape_landmarks)
+    surface = read_stl(bones_dir() / "MC22_femur_r.stl").transformed(model.to_canonical)
+    expected = voxelize(transform.apply_mesh(surface).transformed(ph.pose_matrix(params)), grid) == 1
+    femur = p.labels == 1
+    dice = 2 * (femur & expected).sum() / (femur.sum() + expected.sum())
+    assert dice > 0.97, dice
+    # Without the deformation the labels would be clearly worse: the test can tell.
+    plain = ph.make_phantom(model, dataclasses.replace(params, shape=None), grid).labels == 1
+    assert 2 * (plain & expected).sum() / (plain.sum() + expected.sum()) < dice - 0.05
+    # Landmarks and radius follow the shape and the pose.
+    head = ph.pose_matrix(params) @ np.append(transform.apply_points(model.landmarks_mm["head_centre"][None])[0], 1)
+    np.testing.assert_allclose(p.landmarks_mm["head_centre"], head[:3], atol=1e-6)
+    # (the neck-length mode bends the head slightly, so the fitted scale is within 0.5 %)
+    assert p.head_radius_mm == pytest.approx(model.head_radius_mm * 1.08 * 1.08, rel=5e-3)
+
+
+@needs_bones
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _all_subjects())
+def test_every_shared_subject_makes_a_phantom(name):
+    _check_real_phantom(name, spacing_mm=ph.FINE_SPACING_MM, with_pelvis=True)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 from PySide6.QtCore import QPointF, QRectF, Qt, Signal
-from PySide6.QtGui import QBrush, QColor, QFont, QImage, QPainter, QPainterPath, QPen
+from PySide6.QtGui import QColor, QImage, QPainter, QPainterPath, QPen, QPixmap
 from PySide6.QtWidgets import (QCheckBox, QFrame, QGraphicsEllipseItem, QGraphicsItem, QGraphicsPathItem,
-                               QGraphicsPixmapItem, QGraphicsScene, QGraphicsSimpleTextItem, QGraphicsView,
+                               QGraphicsPixmapItem, QGraphicsScene, QGraphicsView,
                                QHBoxLayout, QLabel, QVBoxLayout, QWidget)
-from PySide6.QtGui import QPixmap
 
 from app import imaging
 from app.views.qimage import grey_qimage, rgba_qimage
@@ -165,8 +164,6 @@ class RadiographView(QGraphicsView):
         self._marker_items = []
         rows, cols = self._shape
         size = max(rows, cols) / 120.0 if rows else 4.0
-        font = QFont()
-        font.setPointSizeF(max(6.0, size * 1.2))
         for name, (u, v) in points_uv.items():
             colour = QColor("#00E5FF") if name == highlight else QColor("#C6FF00")
             path = QPainterPath()

@@ -136,8 +136,7 @@ class SlicePanel(QWidget):
         self._labels = np.asarray(labels)
         self._volume = np.asarray(volume) if volume is not None else (self._labels > 0).astype(np.float32)
         self._geometry = geometry
-        lo, hi = np.percentile(self._volume[::2, ::2, ::2], [1.0, 99.5])
-        self._window = (float(lo), float(max(hi, lo + 1e-3)))
+        self._window = imaging.robust_window(self._volume)
         shape = self._volume.shape
         for name in VIEWS:
             fixed = imaging.SLICE_AXES[name][0]

@@ -11,7 +11,10 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
+
+from app import imaging
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +32,23 @@ def _faces_for_vtk(faces: np.ndarray) -> np.ndarray:
     return np.hstack([np.full((len(faces), 1), 3, dtype=np.int64), faces]).ravel()
 
 
+def _summary_text(measurements: dict) -> str:
+    lines = []
+    for key, label, unit, digits in (("head_radius_mm", "Head radius", "mm", 1),
+                                     ("femoral_offset_mm", "Femoral offset", "mm", 1),
+                                     ("neck_shaft_angle_deg", "Neck-shaft angle", "deg", 1),
+                                     ("vertical_offset_mm", "Vertical offset", "mm", 1)):
+        value = measurements.get(key)
+        if isinstance(value, (int, float)):
+            lines.append(f"{label}: {value:.{digits}f} {unit}")
+    return "\n".join(lines)
+
+
 class SurfaceView(QWidget):
     """3D view of a registration result (pyvistaqt)."""
+
+    #: A landmark handle was dragged: (landmark name, (3,) new world position in mm).
+    landmark_moved = Signal(str, object)
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -45,6 +63,8 @@ class SurfaceView(QWidget):
         self._slice_point = None
         self._measurements: dict = {}
         self._landmarks: dict = {}
+        self._handles_enabled = False
+        self._handle_names: list[str] = []
 
         self.show_surface = QCheckBox("Surface")
         self.show_slices = QCheckBox("Atlas slices")
@@ -57,7 +77,8 @@ class SurfaceView(QWidget):
         self.reset_button.setToolTip("Show the whole femur from the front (R)")
         self.reset_button.clicked.connect(self.reset_camera)
         bar = QHBoxLayout()
-        bar.setContentsMargins(6, 4, 6, 4)
+        bar.setContentsMargins(8, 4, 6, 4)
+        bar.setSpacing(14)
         for widget in (self.show_surface, self.show_slices, self.show_measurements, self.show_landmarks):
             bar.addWidget(widget)
         bar.addStretch(1)
@@ -107,8 +128,7 @@ class SurfaceView(QWidget):
             image.direction_matrix = np.asarray(grid_geometry.direction, dtype=np.float64)
             # VTK point order is x fastest, as a C-order (z, y, x) array flattened.
             image.point_data["intensity"] = np.ascontiguousarray(volume, dtype=np.float32).ravel()
-            lo, hi = np.percentile(volume, [1.0, 99.5])
-            self._clim = (float(lo), float(max(hi, lo + 1e-3)))
+            self._clim = imaging.robust_window(volume)
             self._grid = image
             self._slice_point = tuple(float(c) for c in image.center)
             self._update_slices()
@@ -132,7 +152,7 @@ class SurfaceView(QWidget):
                 continue
             actors.append(self.plotter.add_mesh(block, scalars="intensity", cmap="gray", clim=self._clim,
                                                 show_scalar_bar=False, name=f"atlas_slice_{index}",
-                                                reset_camera=False, opacity=0.9))
+                                                reset_camera=False, opacity=0.8))
         self._actors["slices"] = actors
         self._apply_visibility()
 
@@ -168,6 +188,10 @@ class SurfaceView(QWidget):
             half = AXIS_HALF_LENGTH_MM if key == "shaft_axis" else 0.5 * AXIS_HALF_LENGTH_MM
             line = pv.Line(tuple(point - half * direction), tuple(point + half * direction))
             actors.append(self.plotter.add_mesh(line.tube(radius=0.8), color=colour, name=key, reset_camera=False))
+        summary = _summary_text(measurements or {})
+        if summary:
+            actors.append(self.plotter.add_text(summary, position="upper_left", font_size=9, color="#ECEFF4",
+                                                name="measurement_summary"))
         self._actors["measurements"] = actors
         points = [np.asarray(v, dtype=np.float64) for v in self._landmarks.values()]
         if points:
@@ -176,6 +200,38 @@ class SurfaceView(QWidget):
                 cloud, color=LANDMARK_COLOUR, point_size=10, render_points_as_spheres=True, name="landmarks",
                 reset_camera=False)]
         self._apply_visibility()
+        self._update_handles()
+
+    def set_landmark_handles(self, enabled: bool) -> None:
+        """Show draggable spheres on the landmarks (left-drag moves one; emits landmark_moved)."""
+        self._handles_enabled = bool(enabled)
+        self._update_handles()
+        self.plotter.render()
+
+    def _update_handles(self) -> None:
+        if self._closed:
+            return
+        self.plotter.clear_sphere_widgets()
+        self._handle_names = []
+        if not self._handles_enabled or not self._landmarks:
+            return
+        self._handle_names = list(self._landmarks)
+        centres = np.array([self._landmarks[n] for n in self._handle_names], dtype=np.float64)
+        self.plotter.add_sphere_widget(self._handle_released, center=centres, radius=2.5,
+                                       color=LANDMARK_COLOUR, selected_color="#FF4081",
+                                       indices=list(range(len(centres))), interaction_event="end")
+
+    def _handle_released(self, point, index) -> None:
+        # Runs inside VTK's interaction callback: only emit here; receivers should use a queued
+        # connection before rebuilding the handles.
+        if 0 <= index < len(self._handle_names):
+            self.landmark_moved.emit(self._handle_names[index], np.asarray(point, dtype=np.float64))
+
+    def handle_widgets(self) -> list:
+        # pyvista >= 0.47 keeps widgets under plotter.widgets; older versions on the plotter
+        holder = getattr(self.plotter, "widgets", None)
+        widgets = getattr(holder, "sphere_widgets", None) if holder is not None else None
+        return list(widgets if widgets is not None else self.plotter.sphere_widgets)
 
     def _apply_visibility(self, *_args) -> None:
         if self._closed:
@@ -229,6 +285,7 @@ class SurfaceView(QWidget):
         """Release the render window and every VTK object (call before destroying the widget)."""
         if self._closed:
             return
+        self.plotter.clear_sphere_widgets()
         self._closed = True
         for name in self._actors:
             self._actors[name] = []

@@ -355,7 +355,7 @@ def prepare_ct(ct: str | os.PathLike, labels: str | os.PathLike, side: str, out_
             if any(int(m.sum()) == 0 for m in rendered["masks"]):
                 raise DataError("the femur does not project onto the network detector of a view; the label map and "
                                 "the CT do not overlap as expected")
-            arrays = {"volume": volume, "labels": grid_labels, "images": rendered["images"],
+            arrays = {"volume": ds.quantise_hu(volume), "labels": grid_labels, "images": rendered["images"],
                       "masks": rendered["masks"], "projection": rendered["projection"],
                       "index_to_world": dgrid.geometry.index_to_world(), "landmarks_mm": landmarks,
                       "view_angles_deg": angles.astype(np.float64), "pose": pose}

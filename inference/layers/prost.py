@@ -22,19 +22,27 @@ beam plane is an affine image of the pixel grid (a per-plane homography collapse
 multiply-add per coordinate), the step along the ray is ``dt * |d|`` and no per-point matrix
 product or division is needed.
 
-Speed (measured on the project's 2-core CPU, paper workload: 192x128x192 volume, 160x224
-detector, K=256, C=1, batch 1; benchmarks/bench_prost.py):
+Speed and design choices (measured on the project's 2-core CPU, paper workload: 192x128x192
+volume, 160x224 detector, K = 256, C = 1, batch 1; ``benchmarks/bench_prost.py``; process CPU
+times, steadier than wall times on the shared machine, where an idle 2-core run takes about
+half of them in wall time):
 
 * Sampling runs inside inner ``tf.function(jit_compile=True)`` kernels, so a Keras model that holds
-  these layers needs no global XLA (Conv3D is several times slower under XLA on CPU). Flat-gather
-  trilinear sampling compiled with XLA is ~6x faster than without (about 200 M samples/s against
-  35 M); a full ProST line-integral forward pass takes ~0.05 s with it.
-* Backward: TensorFlow's automatic gradient of the 8 gathers is 8 scalar scatter-adds per sample;
-  under XLA that cost ~0.6 s per paper view (~1.1 s and 3.5 GB without XLA, because the
-  IndexedSlices are materialised). The custom gradient here splats each sample's 8 trilinear
-  weights as *one* 8-wide row into a (Z+1, Y+1, X+1, 8) accumulator (one scatter index per sample
-  instead of eight, in place inside an XLA while loop) and folds the 8 slots back with 8 shifted
-  dense adds; see ``bench_prost.py`` for the resulting figures.
+  these layers needs no global XLA (Conv3D is several times slower under XLA on CPU). The forward
+  line integral (flat-gather trilinear sampling of :mod:`inference.layers.sampling`, a while loop
+  over chunks of planes) costs 0.15 s CPU (paper) and 0.016 s (compact grid, 96x64x96 -> 80x112,
+  K = 128). Alternatives measured and rejected: an ``einsum`` for the weighted sum over planes
+  (XLA makes it a batched dot that does not fuse: 0.48 s), one 8-wide row gather from a
+  corner-stacked copy of the volume (XLA re-gathers per weight: 2 s), ray-major sample order
+  (20 % slower than plane-major, whose neighbouring samples are neighbouring voxels).
+* Backward: TensorFlow's automatic gradient of the 8 gathers is 8 scalar scatter-adds per sample:
+  forward + backward 1.1 s CPU per paper view, with or without XLA (without, the IndexedSlices
+  are also materialised: 3.5 GB). The custom gradient here splats each sample's 8 trilinear weights as *one*
+  8-wide row into a (Z+1, Y+1, X+1, 8) accumulator (one scatter index per sample instead of
+  eight, in place inside an XLA while loop) and folds the 8 slots back with 8 shifted dense
+  adds: forward + backward 0.47 s CPU. The geometry gradient (optional, ``geometry_gradients``)
+  needs the interpolant's derivative at every sample, a second gather pass that XLA handles
+  badly: 1.4 s CPU for forward + backward, hence off by default.
 * Memory is bounded by looping over chunks of depth planes (or of points) inside the kernels, about
   ``_CHUNK_POINTS`` sample points at a time, for the forward and the backward pass.
 """
@@ -417,34 +425,50 @@ def _fold(acc, batch, dims, channels):
     return total
 
 
-def _coordinate_gradient(flat_volume, coords, upstream, dims, batch_offset):
-    """d(sum_c upstream_c * T_c(coords)) / d coords, (B, ..., 3), and T itself (B, ..., C)."""
+def _stacked_corners(volume):
+    """(B * (Z+1) * (Y+1) * (X+1), 8 * C): slot b + 1 holds the 8 corner values V[b + c].
+
+    The coordinate gradient needs all 8 corner values of a sample for 4 outputs (3 gradient
+    components and the value). Fetched as 8 separate gathers, XLA recomputes the gathers for
+    every output channel; one 8-wide row gather per sample is materialised once. Measured on
+    4 M random points: 0.29 s CPU time instead of 0.94 s.
+    """
+    batch, dims, channels = _dims(volume)
     depth, height, width = dims
-    bz, by, bx, frac, _ = _corners(coords, dims)
-    fz, fy, fx = frac[..., 0:1], frac[..., 1:2], frac[..., 2:3]
-    grad_z = grad_y = grad_x = value = 0.0
-    for cz in (0, 1):
-        zi = bz + cz
-        wz, sz = (fz, 1.0) if cz else (1.0 - fz, -1.0)
-        inside_z = (zi >= 0) & (zi < depth)
-        for cy in (0, 1):
-            yi = by + cy
-            wy, sy = (fy, 1.0) if cy else (1.0 - fy, -1.0)
-            inside_zy = inside_z & (yi >= 0) & (yi < height)
-            for cx in (0, 1):
-                xi = bx + cx
-                wx, sx = (fx, 1.0) if cx else (1.0 - fx, -1.0)
-                inside = inside_zy & (xi >= 0) & (xi < width)
-                index = batch_offset + (tf.clip_by_value(zi, 0, depth - 1) * height
-                                        + tf.clip_by_value(yi, 0, height - 1)) * width \
-                    + tf.clip_by_value(xi, 0, width - 1)
-                corner = tf.gather(flat_volume, index) * tf.cast(inside, frac.dtype)[..., None]
-                value = value + corner * (wz * wy * wx)
-                weighted = tf.reduce_sum(corner * upstream, axis=-1, keepdims=True)
-                grad_z = grad_z + weighted * (sz * wy * wx)
-                grad_y = grad_y + weighted * (wz * sy * wx)
-                grad_x = grad_x + weighted * (wz * wy * sx)
-    return tf.concat([grad_z, grad_y, grad_x], axis=-1), value
+    padded = tf.pad(volume, [[0, 0], [1, 1], [1, 1], [1, 1], [0, 0]])
+    parts = [padded[:, cz:cz + depth + 1, cy:cy + height + 1, cx:cx + width + 1]
+             for cz in (0, 1) for cy in (0, 1) for cx in (0, 1)]
+    return tf.reshape(tf.stack(parts, axis=-2), [-1, 8 * channels])
+
+
+def _coordinate_gradient(stacked, coords, upstream, dims, batch_index):
+    """Gradient of ``sum_c upstream_c * T_c(coords)`` w.r.t. coords, (B, ..., 3), and T (B, ..., C).
+
+    ``stacked`` comes from :func:`_stacked_corners`; the trilinear interpolant and its three
+    partial derivatives are contracted axis by axis from the 2x2x2 corner block.
+    """
+    depth, height, width = dims
+    channels = upstream.shape[-1]
+    bz, by, bx, frac, valid = _corners(coords, dims)
+    index = ((batch_index * (depth + 1) + tf.clip_by_value(bz + 1, 0, depth)) * (height + 1)
+             + tf.clip_by_value(by + 1, 0, height)) * (width + 1) + tf.clip_by_value(bx + 1, 0, width)
+    rows = tf.gather(stacked, index) * tf.cast(valid, frac.dtype)[..., None]
+    block = tf.reshape(rows, tf.concat([tf.shape(rows)[:-1], [2, 2, 2, channels]], 0))
+    fz, fy, fx = frac[..., 0], frac[..., 1], frac[..., 2]
+    w_z = tf.stack([1.0 - fz, fz], -1)[..., :, None]  # (..., 2, 1)
+    w_y = tf.stack([1.0 - fy, fy], -1)[..., None, :, None]  # (..., 1, 2, 1)
+    w_x = tf.stack([1.0 - fx, fx], -1)[..., None, None, :, None]  # (..., 1, 1, 2, 1)
+    along_x = tf.reduce_sum(block * w_x, axis=-2)  # (..., 2, 2, C) over (z, y)
+    diff_x = block[..., 1, :] - block[..., 0, :]  # (..., 2, 2, C)
+    along_xy = tf.reduce_sum(along_x * w_y, axis=-2)  # (..., 2, C) over z
+    diff_y = along_x[..., 1, :] - along_x[..., 0, :]  # (..., 2, C)
+    diff_x_y = tf.reduce_sum(diff_x * w_y, axis=-2)  # (..., 2, C)
+    value = tf.reduce_sum(along_xy * w_z, axis=-2)
+    grad_z = along_xy[..., 1, :] - along_xy[..., 0, :]
+    grad_y = tf.reduce_sum(diff_y * w_z, axis=-2)
+    grad_x = tf.reduce_sum(diff_x_y * w_z, axis=-2)
+    grad = tf.stack([tf.reduce_sum(g * upstream, axis=-1) for g in (grad_z, grad_y, grad_x)], -1)
+    return grad, value
 
 
 def _dims(volume):
@@ -474,7 +498,7 @@ def _ray_coords(start, dirs, offsets):
     return start[:, None] + offsets[:, :, None, None, None] * dirs[:, None]
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, autograph=False)
 def _integral_forward(volume, start, dirs, step, ray_scale, num_samples, chunk_points):
     batch, _, channels = _dims(volume)
     height, width = dirs.shape[1], dirs.shape[2]
@@ -494,7 +518,7 @@ def _integral_forward(volume, start, dirs, step, ray_scale, num_samples, chunk_p
 
 
 def _make_integral_backward(geometry_gradients):
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def backward(volume, start, dirs, step, ray_scale, upstream, num_samples, chunk_points):
         batch, dims, channels = _dims(volume)
         depth, rows_, cols_ = dims
@@ -505,8 +529,7 @@ def _make_integral_backward(geometry_gradients):
         acc = tf.zeros(tf.stack([batch * (depth + 1) * (rows_ + 1) * (cols_ + 1), 8 * channels]),
                        volume.dtype)
         batch_index = tf.reshape(tf.range(batch), [-1, 1, 1, 1])
-        flat = tf.reshape(volume, [-1, channels])
-        batch_offset = batch_index * (depth * rows_ * cols_)
+        stacked = _stacked_corners(volume) if geometry_gradients else None
 
         def body(i, acc, per_ray):
             offsets, valid, k_half = _plane_offsets(i * chunk, chunk, num_samples, step,
@@ -517,12 +540,13 @@ def _make_integral_backward(geometry_gradients):
             if geometry_gradients:
                 # Per-ray sums over k only: the geometry gradients below follow from
                 # G0 = sum_k g_k, G1 = sum_k (k + 0.5) g_k (g_k = dL/dcoords of sample k) and
-                # raw = sum_k T_k; reducing one stacked tensor once keeps XLA from recomputing
-                # the 8 gathers for several separate reductions (measured 10x slower).
-                g_coords, t_values = _coordinate_gradient(flat, coords, values, dims, batch_offset)
-                stacked = tf.concat([g_coords, g_coords * k_half[None, :, None, None, None],
-                                     t_values * valid[None, :, None, None, None]], axis=-1)
-                per_ray = per_ray + tf.reduce_sum(stacked, axis=1)
+                # raw = sum_k T_k; one reduction of one concatenated tensor, because XLA
+                # recomputes a shared gather producer for every separate reduction.
+                g_coords, t_values = _coordinate_gradient(stacked, coords, values, dims,
+                                                          batch_index)
+                terms = tf.concat([g_coords, g_coords * k_half[None, :, None, None, None],
+                                   t_values * valid[None, :, None, None, None]], axis=-1)
+                per_ray = per_ray + tf.reduce_sum(terms, axis=1)
             return i + 1, acc, per_ray
 
         per_ray = tf.zeros(tf.stack([batch, height, width, 6 + channels]), volume.dtype)
@@ -548,7 +572,7 @@ def _make_integral_backward(geometry_gradients):
 _INTEGRAL_BACKWARD = {True: _make_integral_backward(True), False: _make_integral_backward(False)}
 
 
-def ray_integral(volume, plan, geometry_gradients=True, chunk_points=None):
+def ray_integral(volume, plan, geometry_gradients=False, chunk_points=None):
     """Line integrals of a volume along the rays of a :class:`RayPlan`.
 
     Parameters
@@ -556,8 +580,8 @@ def ray_integral(volume, plan, geometry_gradients=True, chunk_points=None):
     volume : tensor (B, Z, Y, X, C) float32
     plan : RayPlan for (h, w) rays and K planes
     geometry_gradients : bool
-        Also return gradients for the plan (hence for P and index_to_world); costs one more
-        gather pass in the backward pass.
+        Also return gradients for the plan (hence for P and index_to_world); costs a second,
+        slower gather pass in the backward pass. Default False (the plan gets None).
     chunk_points : int, optional
         Sample points per kernel loop iteration (memory bound); default ``_CHUNK_POINTS``.
 
@@ -592,18 +616,18 @@ def ray_integral(volume, plan, geometry_gradients=True, chunk_points=None):
     return _integral(volume, *plan[:4])
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, autograph=False)
 def _sample_forward(volume, coords):
     _, dims, _ = _dims(volume)
     return trilinear_sample(volume, _clamp_coords(coords, dims))
 
 
 def _make_sample_backward(coordinate_gradients):
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=True, autograph=False)
     def backward(volume, coords, upstream, chunk_points):
         batch, dims, channels = _dims(volume)
         depth, rows_, cols_ = dims
-        flat = tf.reshape(volume, [-1, channels])
+        stacked = _stacked_corners(volume) if coordinate_gradients else None
         points = tf.reshape(_clamp_coords(coords, dims), tf.stack([batch, -1, 3]))
         up = tf.reshape(upstream, tf.stack([batch, -1, channels]))
         total = points.shape[1]
@@ -615,7 +639,6 @@ def _make_sample_backward(coordinate_gradients):
         acc = tf.zeros(tf.stack([batch * (depth + 1) * (rows_ + 1) * (cols_ + 1), 8 * channels]),
                        volume.dtype)
         batch_index = tf.reshape(tf.range(batch), [-1, 1])
-        batch_offset = batch_index * (depth * rows_ * cols_)
         point_grads = tf.TensorArray(volume.dtype, size=num_chunks)
 
         def body(i, acc, point_grads):
@@ -624,7 +647,7 @@ def _make_sample_backward(coordinate_gradients):
             v = _take(up, start, chunk)
             acc = _splat(acc, c, v, dims, batch_index)
             if coordinate_gradients:
-                g, _ = _coordinate_gradient(flat, c, v, dims, batch_offset)
+                g, _ = _coordinate_gradient(stacked, c, v, dims, batch_index)
                 point_grads = point_grads.write(i, g)
             return i + 1, acc, point_grads
 
@@ -677,7 +700,7 @@ def beam_coords(plan):
     return _ray_coords(plan.start_zyx, plan.dirs_zyx, k_half[None, :] * plan.step[:, None])
 
 
-def beam_sample(volume, plan, geometry_gradients=True, chunk_points=None):
+def beam_sample(volume, plan, geometry_gradients=False, chunk_points=None):
     """Beam-space samples (B, K, h, w, C) of a volume for a :class:`RayPlan`.
 
     Sample (k, v, u) is the trilinear value at ``start + (k + 0.5) * step * dirs``; gradients
@@ -725,8 +748,10 @@ class ProST(keras.layers.Layer):
     output : {"integral", "beam", "both"}
         What the layer returns.
     geometry_gradients : bool
-        Propagate gradients to P and index_to_world (default True). Turning it off skips one
-        gather pass in the backward pass when the geometry is a constant input.
+        Also propagate gradients to P and index_to_world (exact). Default False: the network
+        differentiates with respect to the (warped) volume only, and the geometry gradient
+        needs a second, costlier gather pass (about 4x the backward time of the volume
+        gradient alone on CPU). Without it P and index_to_world get no gradient (None).
 
     Call arguments
     --------------
@@ -742,7 +767,7 @@ class ProST(keras.layers.Layer):
 
     _OUTPUTS = ("integral", "beam", "both")
 
-    def __init__(self, detector_hw, num_samples, output="integral", geometry_gradients=True,
+    def __init__(self, detector_hw, num_samples, output="integral", geometry_gradients=False,
                  **kwargs):
         super().__init__(**kwargs)
         self.detector_hw = _check_positive_pair("detector_hw", detector_hw)
@@ -829,7 +854,7 @@ class InvProST(keras.layers.Layer):
         Nominal K of the beam space. The depth axis of the beam input always spans [near, far],
         so K cancels out of the mapping; it is stored for documentation and checks only.
     geometry_gradients : bool
-        Propagate gradients to P and index_to_world (default True).
+        Also propagate gradients to P and index_to_world (default False, see :class:`ProST`).
 
     Call arguments
     --------------
@@ -842,7 +867,7 @@ class InvProST(keras.layers.Layer):
     tensor (B, Z, Y, X, C)
     """
 
-    def __init__(self, volume_shape_zyx, detector_hw, num_samples=None, geometry_gradients=True,
+    def __init__(self, volume_shape_zyx, detector_hw, num_samples=None, geometry_gradients=False,
                  **kwargs):
         super().__init__(**kwargs)
         try:

@@ -1,0 +1,609 @@
+"""Training of the registration network on a ``hipatlas-dataset/1`` folder.
+
+:func:`train` is a callback-driven long job: it reports :class:`TrainProgress` through
+``progress`` and stops cleanly (after saving a checkpoint) when ``cancel`` fires, raising
+:class:`~inference.errors.Cancelled`. Run it again with the same ``out_dir`` to resume from the
+latest checkpoint (weights, batch-norm statistics, optimizer state, step, best score); the data
+order is a pure function of ``(seed, step)``, so a resumed run sees the same batches as an
+uninterrupted one.
+
+Output folder::
+
+    OUT_DIR/
+      run.json              model config + training config (a resumed run must match them)
+      checkpoints/          tf.train checkpoints every ``checkpoint_every`` steps (last few kept)
+      logs/train, logs/val  TensorBoard event files (loss terms, steps/s, validation metrics)
+      history.json          validation metrics per validation round
+      model/                the best model so far (by validation ``best_metric``):
+        hipatlas-<grid>.keras, model_card.json
+
+Choices
+    * Adam, constant learning rate; batch 1 by default (as VoxelMorph-style registration nets).
+    * Loss: :func:`inference.model.registration_losses` (global NCC of the affine and of the
+      final result, smoothness of phi, optional Dice).
+    * A ``tf.distribute`` strategy: MirroredStrategy on more than one GPU, the default otherwise;
+      mixed precision (float16 compute, float32 sampling layers) only on GPU.
+    * Validation each epoch (or every ``validate_every`` steps): Dice and ASSD of the warped atlas
+      femur label on up to ``val_limit`` validation samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from inference.errors import Cancelled, ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+RUN_FORMAT = "hipatlas-training-run/1"
+_MIXED_PRECISION = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (the network itself is a :class:`inference.model.ModelConfig`).
+
+    Parameters
+    ----------
+    steps : int
+        Total optimisation steps (a resumed run continues up to this number).
+    batch_size : int
+        Global batch size (split over the GPUs of a MirroredStrategy).
+    learning_rate : float
+        Adam learning rate.
+    seed : int
+        Seeds the weight initialisation and the data order.
+    checkpoint_every : int
+        Steps between checkpoints.
+    keep_checkpoints : int
+        Checkpoints kept on disk.
+    validate_every : int
+        Steps between validations; 0 = once per epoch (train samples / batch size).
+    val_limit : int or None
+        Validation samples used per validation (None = all).
+    log_every : int
+        Steps between TensorBoard scalars and progress reports.
+    mixed_precision : {"auto", "on", "off"}
+        "auto" = float16 compute on GPU only.
+    best_metric : {"dice", "assd_mm"}
+        Validation metric that selects the exported model.
+    run_eagerly : bool
+        Run the train step eagerly instead of as a tf.function (debugging, and tiny test runs
+        where tracing the step costs more than the few steps themselves).
+    """
+
+    steps: int = 20000
+    batch_size: int = 1
+    learning_rate: float = 1e-4
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validate_every: int = 0
+    val_limit: int | None = 20
+    log_every: int = 10
+    mixed_precision: str = "auto"
+    best_metric: str = "dice"
+    run_eagerly: bool = False
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1),
+                              ("keep_checkpoints", 1), ("validate_every", 0), ("log_every", 1),
+                              ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+                raise ConfigError(f"{name} must be an integer >= {minimum}, not {value!r}")
+        if self.val_limit is not None and (isinstance(self.val_limit, bool) or not isinstance(
+                self.val_limit, (int, np.integer)) or self.val_limit < 1):
+            raise ConfigError(f"val_limit must be a positive integer or None, not {self.val_limit!r}")
+        lr = self.learning_rate
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ConfigError(f"learning_rate must be a number > 0, not {lr!r}")
+        if self.mixed_precision not in _MIXED_PRECISION:
+            raise ConfigError(f"mixed_precision must be one of {_MIXED_PRECISION}, not {self.mixed_precision!r}")
+        if self.best_metric not in ("dice", "assd_mm"):
+            raise ConfigError(f"best_metric must be 'dice' or 'assd_mm', not {self.best_metric!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown training config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """One progress report: ``fraction`` of the run done, the latest loss terms and validation."""
+
+    step: int
+    total_steps: int
+    fraction: float
+    message: str
+    losses: dict = field(default_factory=dict)
+    validation: dict | None = None
+    steps_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: pathlib.Path
+    steps_done: int
+    resumed_from_step: int
+    best_model_path: pathlib.Path | None
+    best_score: float | None
+    last_validation: dict | None
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+def _split_entries(manifest: Mapping[str, Any], split: str) -> list[dict]:
+    return [e for e in manifest["samples"] if e.get("split") == split]
+
+
+def _check_dataset(manifest: Mapping[str, Any], config, data_dir) -> None:
+    grid = manifest.get("grid") or {}
+    shape = tuple(grid.get("shape_zyx") or ())
+    detector = tuple(manifest.get("detector_hw") or grid.get("detector_hw") or ())
+    if shape and shape != tuple(config.shape_zyx):
+        raise ConfigError(f"the data set in {data_dir} is on grid {shape}, the model on "
+                          f"shape_zyx {config.shape_zyx}; generate data for grid {config.grid!r}")
+    if detector and detector != tuple(config.detector_hw):
+        raise ConfigError(f"the data set in {data_dir} has detector {detector}, the model "
+                          f"detector_hw {config.detector_hw}")
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the training samples in one epoch: a permutation fixed by (seed, epoch)."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_samples)
+
+
+def _example(arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
+    from inference.model import femur_intensity, inputs_from_sample
+
+    inputs = {k: v[0] for k, v in inputs_from_sample(arrays).items()}
+    labels = np.asarray(arrays["labels"], np.uint8)
+    targets = {"fixed": femur_intensity(arrays["volume"], labels)[..., None],
+               "labels": labels[..., None]}
+    return inputs, targets
+
+
+def training_examples(data_dir: str | os.PathLike, entries: list[dict], seed: int,
+                      start_sample: int = 0) -> Iterator[tuple[dict, dict]]:
+    """Endless stream of (inputs, targets) in the order of :func:`epoch_order`, starting at the
+    ``start_sample``-th sample of that infinite sequence (for resuming)."""
+    from inference.data.dataset import load_sample
+
+    folder = pathlib.Path(data_dir)
+    count = len(entries)
+    epoch, offset = divmod(int(start_sample), count)
+    while True:
+        order = epoch_order(count, seed, epoch)
+        for position in range(offset, count):
+            entry = entries[order[position]]
+            yield _example(load_sample(folder / entry["file"]))
+        epoch, offset = epoch + 1, 0
+
+
+def _dataset(data_dir, entries, config, train_config, start_step, strategy):
+    import tensorflow as tf
+
+    height, width = config.detector_hw
+    grid = tuple(config.shape_zyx)
+    signature = (
+        {"images": tf.TensorSpec((2, height, width), tf.float32),
+         "masks": tf.TensorSpec((2, height, width), tf.float32),
+         "projection": tf.TensorSpec((2, 3, 4), tf.float32),
+         "index_to_world": tf.TensorSpec((4, 4), tf.float32)},
+        {"fixed": tf.TensorSpec(grid + (1,), tf.float32),
+         "labels": tf.TensorSpec(grid + (1,), tf.uint8)},
+    )
+    start = start_step * train_config.batch_size
+    ds = tf.data.Dataset.from_generator(
+        lambda: training_examples(data_dir, entries, train_config.seed, start),
+        output_signature=signature)
+    ds = ds.batch(train_config.batch_size, drop_remainder=True).prefetch(2)
+    return strategy.experimental_distribute_dataset(ds)
+
+
+# --------------------------------------------------------------------------------------------
+# Output folder helpers
+# --------------------------------------------------------------------------------------------
+
+def _write_json_atomic(path: pathlib.Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True, default=_json_default)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, pathlib.Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _check_run_file(out: pathlib.Path, config, train_config: TrainConfig, data_dir) -> None:
+    """Write ``run.json`` on a fresh run; on a resumed run require the same configs."""
+    from inference.model import ModelConfig
+
+    path = out / "run.json"
+    run = {"format": RUN_FORMAT, "model_config": config.to_dict(),
+           "train_config": train_config.to_dict(), "data_dir": str(pathlib.Path(data_dir).resolve())}
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+            previous_model = ModelConfig.from_dict(previous["model_config"])
+            previous_train = TrainConfig.from_dict(previous["train_config"])
+        except (OSError, ValueError, KeyError, TypeError, ConfigError) as error:
+            raise ConfigError(f"{path} cannot be read ({error}); use a new output folder") from None
+        if previous_model != config:
+            raise ConfigError(f"{out} holds a run of another model config; use a new output folder")
+        # Only the length of the run and the logging cadence may change on resume.
+        mutable = {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "validate_every",
+                   "val_limit", "run_eagerly"}
+        changed = [f.name for f in fields(TrainConfig) if f.name not in mutable
+                   and getattr(previous_train, f.name) != getattr(train_config, f.name)]
+        if changed:
+            raise ConfigError(f"{out} holds a run with different {', '.join(changed)}; use a new output "
+                              "folder or the same settings to resume")
+    _write_json_atomic(path, run)
+
+
+def export_model(model, out_dir: pathlib.Path, card_extra: Mapping[str, Any]) -> pathlib.Path:
+    """Write ``out_dir/model/hipatlas-<grid>.keras`` + its card, replacing the folder atomically."""
+    from inference.model import model_config_of, save_model
+
+    config = model_config_of(model)
+    final = out_dir / "model"
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".model.", dir=out_dir))
+    try:
+        path, _ = save_model(model, staging / f"hipatlas-{config.grid}.keras", card_extra=card_extra)
+        old = None
+        if final.exists():
+            old = out_dir / f".model.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(staging, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final / path.name
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+def _scalar(tag: str, value: float) -> None:
+    """A TensorBoard scalar in the current default writer (step set by ``as_default``).
+
+    ``tf.summary.scalar`` needs the ``tensorboard`` package; this writes the same record (a
+    float tensor tagged for the "scalars" plugin) with TensorFlow alone.
+    """
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+    tf.summary.write(tag, tf.constant(float(value), tf.float32), metadata=metadata)
+
+
+def _strategy():
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy(), True
+    return tf.distribute.get_strategy(), bool(gpus)
+
+
+def _is_cancelled(cancel: Any) -> bool:
+    if cancel is None:
+        return False
+    return bool(cancel.is_set() if hasattr(cancel, "is_set") else cancel())
+
+
+def _load_atlas(atlas, config):
+    if atlas is None:
+        from inference.data.atlas import load_atlas
+
+        atlas = load_atlas(config.grid)
+    return atlas
+
+
+def _validate(model, data_dir, entries, limit, cancel) -> dict:
+    from inference.data.dataset import load_sample
+    from inference.evaluate import evaluate_samples, summarise
+
+    folder = pathlib.Path(data_dir)
+
+    def samples():
+        for entry in entries:
+            yield {**load_sample(folder / entry["file"]), "subject": entry.get("subject", ""),
+                   "sample_index": int(entry.get("index", 0)), "path": str(folder / entry["file"])}
+
+    rows = evaluate_samples(model, samples(), limit=limit, with_ssim=False, with_hip_centre=False,
+                            cancel=cancel)
+    summary = summarise(rows, ("dice", "assd_mm"))
+    return {"dice": summary["dice"]["mean"], "assd_mm": summary["assd_mm"]["mean"],
+            "samples": len(rows), "failures": summary["assd_mm"]["failures"]}
+
+
+def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps: int | None = None, *,
+          train_config: TrainConfig | None = None, atlas: Any = None,
+          progress: Callable[[TrainProgress], None] | None = None, cancel: Any = None) -> TrainResult:
+    """Train (or resume training of) the registration network.
+
+    Parameters
+    ----------
+    config : ModelConfig or preset name
+    data_dir : a ``hipatlas-dataset/1`` folder with a ``train`` split (and ideally ``val``)
+    out_dir : run folder (created; an existing run there is resumed)
+    steps : total steps (overrides ``train_config.steps``)
+    train_config : TrainConfig
+    atlas : the atlas (see :func:`inference.model.build_model`); default the installed atlas of
+        the config's grid
+    progress : called with :class:`TrainProgress` every ``log_every`` steps and after validation
+    cancel : callable returning True, or a threading.Event, checked every step
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    Cancelled
+        After writing a checkpoint, when ``cancel`` fired.
+    """
+    import keras
+    import tensorflow as tf
+
+    from inference.data.dataset import load_manifest
+    from inference.model import ModelConfig, build_model, preset, registration_losses
+
+    if isinstance(config, str):
+        config = preset(config)
+    if not isinstance(config, ModelConfig):
+        raise ConfigError(f"config must be a ModelConfig or a preset name, not {type(config).__name__}")
+    train_config = train_config or TrainConfig()
+    if steps is not None:
+        train_config = TrainConfig.from_dict({**train_config.to_dict(), "steps": steps})
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(data_dir)
+    _check_dataset(manifest, config, data_dir)
+    train_entries = _split_entries(manifest, "train")
+    val_entries = _split_entries(manifest, "val")
+    if not train_entries:
+        raise DataError(f"the data set in {data_dir} has no training samples")
+    _check_run_file(out, config, train_config, data_dir)
+    atlas = _load_atlas(atlas, config)
+
+    strategy, on_gpu = _strategy()
+    use_mixed = train_config.mixed_precision == "on" or (train_config.mixed_precision == "auto" and on_gpu)
+    previous_policy = keras.config.dtype_policy()
+    if use_mixed:
+        keras.config.set_dtype_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(train_config.seed)
+        with strategy.scope():
+            model = build_model(config, atlas)
+            optimizer = keras.optimizers.Adam(train_config.learning_rate)
+            if use_mixed:
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer.build(model.trainable_variables)
+            best_score = tf.Variable(np.nan, dtype=tf.float64, trainable=False, name="best_score")
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, best_score=best_score)
+    manager = tf.train.CheckpointManager(checkpoint, str(out / "checkpoints"),
+                                         max_to_keep=train_config.keep_checkpoints)
+    start_step = 0
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).expect_partial()
+        start_step = int(optimizer.iterations.numpy())
+        log.info("resuming %s from step %d", out, start_step)
+    history_path = out / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    # Validations after the restored checkpoint belong to steps that will be redone.
+    history = [h for h in history if int(h.get("step", 0)) <= start_step]
+
+    replicas = strategy.num_replicas_in_sync
+
+    def replica_step(inputs, targets):
+        with tf.GradientTape() as tape:
+            outputs = model(inputs, training=True)
+            terms = registration_losses(config, outputs, targets["fixed"], targets["labels"])
+            # Gradients of the replicas are summed: divide so that the sum is the batch mean.
+            loss = terms["total"] / replicas
+            scaled = optimizer.scale_loss(loss) if use_mixed else loss
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        return terms
+
+    def train_step(inputs, targets):
+        per_replica = strategy.run(replica_step, args=(inputs, targets))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in per_replica.items()}
+
+    if not train_config.run_eagerly:
+        # No jit_compile here: Conv3D is slow under XLA on CPU; the sampling layers compile
+        # their own kernels.
+        train_step = tf.function(train_step)
+
+    steps_per_epoch = max(1, len(train_entries) // train_config.batch_size)
+    validate_every = train_config.validate_every or steps_per_epoch
+    higher_better = train_config.best_metric == "dice"
+    writer_train = tf.summary.create_file_writer(str(out / "logs" / "train"))
+    writer_val = tf.summary.create_file_writer(str(out / "logs" / "val"))
+    best_path = out / "model" / f"hipatlas-{config.grid}.keras"
+    last_validation = history[-1]["metrics"] if history else None
+    total = train_config.steps
+
+    def report(step, message, losses=None, validation=None, rate=None):
+        if progress is not None:
+            progress(TrainProgress(step, total, min(1.0, step / total), message, dict(losses or {}),
+                                   validation, rate))
+
+    def run_validation(step):
+        nonlocal last_validation
+        if not val_entries:
+            return
+        metrics = _validate(model, data_dir, val_entries, train_config.val_limit, cancel)
+        last_validation = metrics
+        history.append({"step": step, "metrics": metrics})
+        _write_json_atomic(history_path, history)
+        with writer_val.as_default(step=step):
+            for name, value in metrics.items():
+                if isinstance(value, float) and math.isfinite(value):
+                    _scalar(f"val/{name}", value)
+        score = metrics[train_config.best_metric]
+        best = float(best_score.numpy())
+        improved = math.isfinite(score) and (not math.isfinite(best) or (
+            score > best if higher_better else score < best))
+        if improved:
+            best_score.assign(score)
+            export_model(model, out, _card_extra(config, train_config, data_dir, step, metrics))
+            log.info("step %d: new best %s %.4f, model exported", step, train_config.best_metric, score)
+        report(step, f"validation at step {step}: Dice {metrics['dice']:.3f}, "
+               f"ASSD {metrics['assd_mm']:.2f} mm", validation=metrics)
+
+    dataset = _dataset(data_dir, train_entries, config, train_config, start_step, strategy)
+    iterator = iter(dataset)
+    report(start_step, "starting" if start_step == 0 else f"resuming at step {start_step}")
+    step = start_step
+    window_start, window_steps = time.perf_counter(), 0
+    losses: dict = {}
+    try:
+        while step < total:
+            if _is_cancelled(cancel):
+                raise Cancelled("cancelled")
+            inputs, targets = next(iterator)
+            terms = train_step(inputs, targets)
+            step += 1
+            window_steps += 1
+            if step % train_config.log_every == 0 or step == total:
+                losses = {k: float(v) for k, v in terms.items()}
+                if not math.isfinite(losses["total"]):
+                    raise DataError(f"the training loss became {losses['total']} at step {step}; lower "
+                                    "the learning rate or check the data set")
+                rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
+                window_start, window_steps = time.perf_counter(), 0
+                with writer_train.as_default(step=step):
+                    for name, value in losses.items():
+                        _scalar(f"loss/{name}", value)
+                    _scalar("steps_per_s", rate)
+                report(step, f"step {step}/{total}: loss {losses['total']:.4f}", losses, rate=rate)
+            # Validate before checkpointing so that the checkpoint holds the best score so far.
+            if step % validate_every == 0 or step == total:
+                run_validation(step)
+            if step % train_config.checkpoint_every == 0 or step == total:
+                manager.save(checkpoint_number=step)
+    except Cancelled:
+        # Cancelled between steps or during a validation: keep the work done so far.
+        manager.save(checkpoint_number=step)
+        raise Cancelled(f"training cancelled at step {step}; run again with the same output "
+                        "folder to resume") from None
+    finally:
+        writer_train.flush()
+        writer_val.flush()
+
+    if not val_entries:
+        # Without validation data the last model is the result.
+        export_model(model, out, _card_extra(config, train_config, data_dir, step, None))
+    best = float(best_score.numpy())
+    report(step, "training finished", losses, last_validation)
+    return TrainResult(out, step, start_step, best_path if best_path.is_file() else None,
+                       best if math.isfinite(best) else None, last_validation)
+
+
+def _card_extra(config, train_config, data_dir, step, metrics) -> dict:
+    from inference.data.dataset import load_manifest
+
+    manifest = load_manifest(data_dir)
+    return {
+        "training": {"steps": int(step), "train_config": train_config.to_dict(),
+                     "data_dir": str(pathlib.Path(data_dir).resolve()),
+                     "dataset_samples": len(manifest["samples"]),
+                     "dataset_parameters": manifest.get("parameters", {})},
+        "validation": metrics,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def add_parser(subparsers) -> None:
+    """``hipatlas train --data DIR --out DIR [--preset compact] [--steps N] ...``."""
+    parser = subparsers.add_parser(
+        "train", help="train the registration network on a data set",
+        description="Train (or resume) the network on a data set made by `hipatlas make-dataset`; "
+        "writes checkpoints, TensorBoard logs and the best model with its model card.")
+    parser.add_argument("--data", required=True, help="data set folder (manifest.json)")
+    parser.add_argument("--out", required=True, help="run folder (an existing run is resumed)")
+    parser.add_argument("--preset", default="compact", help="model preset: compact or paper")
+    parser.add_argument("--model-config", help="JSON model config (overrides --preset)")
+    defaults = TrainConfig()
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="Adam learning rate")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    parser.add_argument("--validate-every", type=int, default=defaults.validate_every,
+                        help="steps between validations (0 = each epoch)")
+    parser.add_argument("--val-limit", type=int, default=defaults.val_limit)
+    parser.add_argument("--mixed-precision", choices=_MIXED_PRECISION, default=defaults.mixed_precision)
+    parser.set_defaults(handler=_cli_train)
+
+
+def _cli_train(args) -> int:
+    from inference.model import ModelConfig, preset
+
+    if args.model_config:
+        try:
+            text = pathlib.Path(args.model_config).read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"cannot read the model config {args.model_config}: {error}") from None
+        config = ModelConfig.from_json(text)
+    else:
+        config = preset(args.preset)
+    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                               seed=args.seed, checkpoint_every=args.checkpoint_every,
+                               validate_every=args.validate_every, val_limit=args.val_limit,
+                               mixed_precision=args.mixed_precision)
+
+    def show(p: TrainProgress) -> None:
+        print(f"{100 * p.fraction:5.1f}% {p.message}", file=sys.stderr, flush=True)
+
+    result = train(config, args.data, args.out, train_config=train_config, progress=show)
+    print(json.dumps({"steps": result.steps_done, "best_model": str(result.best_model_path),
+                      "best_score": result.best_score, "validation": result.last_validation},
+                     indent=2, default=_json_default))
+    return 0

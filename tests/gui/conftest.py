@@ -1,0 +1,143 @@
+"""Fixtures of the workstation tests: an X display (Xvfb), settings, a synthetic case, windows.
+
+VTK needs a real X display (Qt's ``offscreen`` platform cannot host an OpenGL render window), so
+the session starts its own ``Xvfb`` when no ``DISPLAY`` is set. The Qt application is created after
+that (``qapp_args`` depends on ``x_display``).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from gui_helpers import synthetic_register, write_synthetic_case
+
+# ---------------------------------------------------------------------------- display
+_XVFB_SCREEN = "1600x1000x24"
+
+
+@pytest.fixture(scope="session")
+def x_display():
+    """An X display for Qt + VTK: the existing ``DISPLAY``, else a private Xvfb server.
+
+    Mesa's ``softpipe`` rasteriser is chosen (unless GALLIUM_DRIVER is set): the default
+    ``llvmpipe`` carries its own LLVM, which clashes with TensorFlow's in one process (segmentation
+    fault in the first OpenGL paint). The workstation itself never loads TensorFlow (the pipeline
+    runs in a child process), but a test session does: other test modules import it.
+    """
+    os.environ.setdefault("GALLIUM_DRIVER", "softpipe")
+    if os.environ.get("DISPLAY"):
+        yield os.environ["DISPLAY"]
+        return
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        pytest.skip("GUI tests need an X display for VTK and neither DISPLAY is set nor Xvfb installed "
+                    "(Debian: apt-get install xvfb, or `make system-packages`)")
+    read_fd, write_fd = os.pipe()
+    # -displayfd: Xvfb picks a free display number itself and writes it to the pipe once it
+    # accepts connections, so parallel test runs cannot collide and no sleep/poll is needed.
+    process = subprocess.Popen([xvfb, "-displayfd", str(write_fd), "-screen", "0", _XVFB_SCREEN,
+                                "-nolisten", "tcp", "-noreset"], pass_fds=(write_fd,),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               preexec_fn=_die_with_parent)
+    os.close(write_fd)
+    number = b""
+    deadline = time.monotonic() + 30
+    while not number.endswith(b"\n") and time.monotonic() < deadline:
+        ready, _, _ = select.select([read_fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(read_fd, 16)
+            if not chunk:
+                break
+            number += chunk
+    os.close(read_fd)
+    if not number.strip():
+        process.kill()
+        process.wait()
+        pytest.fail("Xvfb did not start (no display number within 30 s)")
+    saved = {k: os.environ.get(k) for k in ("DISPLAY", "QT_QPA_PLATFORM")}
+    os.environ["DISPLAY"] = f":{number.strip().decode()}"
+    os.environ["QT_QPA_PLATFORM"] = "xcb"
+    # The server must outlive the QApplication, which pytest-qt keeps until the interpreter has
+    # finished tearing down: stopping it at fixture teardown or in an atexit handler makes Qt
+    # abort ("The X11 connection broke") or crash at exit. So it is never stopped here: the
+    # kernel sends it SIGTERM when this process ends (parent-death signal, set in the child).
+    yield os.environ["DISPLAY"]
+    for key, value in saved.items():
+        if key == "DISPLAY":
+            continue  # Qt still talks to this display until exit
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _die_with_parent() -> None:
+    # Linux: deliver SIGTERM to Xvfb when the test process ends, however it ends.
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def qapp_args(x_display):
+    """pytest-qt builds the QApplication from this: depending on x_display starts Xvfb first."""
+    return ["hipatlas-gui-tests"]
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture
+def synthetic_case(tmp_path):
+    return write_synthetic_case(tmp_path / "case")
+
+
+@pytest.fixture
+def gui_settings(tmp_path, qapp):
+    from PySide6.QtCore import QSettings
+
+    from app.settings import Settings
+
+    settings = Settings(QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
+    settings.recovery_dir = tmp_path / "recovery"
+    settings.autosave_minutes = 0
+    return settings
+
+
+@pytest.fixture
+def make_window(qtbot, tmp_path, gui_settings):
+    """``make_window(register_fn=synthetic_register)``: a shown, non-interactive main window.
+
+    At teardown every window is closed (worker joined, plotter closed) and deleted.
+    """
+    from PySide6.QtWidgets import QApplication
+
+    from app.main_window import MainWindow
+    from app.session import Session
+
+    windows = []
+
+    def make(register_fn=synthetic_register, settings=None):
+        session = Session(work_root=tmp_path, register_fn=register_fn)
+        window = MainWindow(settings or gui_settings, session, interactive=False)
+        window.resize(1400, 860)
+        window.show()
+        qtbot.waitExposed(window)
+        windows.append(window)
+        return window
+
+    yield make
+    for window in windows:
+        window.close()
+        window.deleteLater()
+    QApplication.processEvents()
+
+

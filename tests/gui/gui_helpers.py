@@ -1,0 +1,337 @@
+"""Synthetic data for the workstation tests: a femur with known measurements, a case, and a small
+registration function with the contract of :func:`inference.pipeline.register_case`.
+
+The synthetic femur is an analytic shape (head sphere, neck and shaft cylinders); the synthetic
+registration writes real output files (NIfTI, STL, overlays, JSON) so the GUI reads them exactly
+as it reads the real pipeline's outputs. Radiographs are splats of the femur's voxels through each
+view's projection matrix: plain numpy, no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import time
+
+import numpy as np
+
+from inference import geometry, io
+
+# ---------------------------------------------------------------------------- synthetic femur
+@dataclasses.dataclass(frozen=True)
+class SyntheticFemur:
+    """A right femur made of a head sphere, a neck cylinder and a shaft cylinder (world LPS mm)."""
+
+    head_centre_mm: tuple = (35.0, 0.0, 20.0)
+    head_radius_mm: float = 12.0
+    neck_shaft_angle_deg: float = 130.0
+    neck_radius_mm: float = 8.0
+    shaft_radius_mm: float = 10.0
+    lesser_trochanter_z_mm: float = -30.0
+    spacing_mm: float = 2.0
+
+    @property
+    def neck_direction(self) -> np.ndarray:
+        # CCD angle between the neck (towards the head) and the shaft pointing distally (-z).
+        inner = math.radians(180.0 - self.neck_shaft_angle_deg)
+        return np.array([math.sin(inner), 0.0, math.cos(inner)])
+
+    @property
+    def femoral_offset_mm(self) -> float:
+        return float(np.hypot(self.head_centre_mm[0], self.head_centre_mm[1]))
+
+    @property
+    def neck_base_mm(self) -> np.ndarray:
+        head = np.asarray(self.head_centre_mm)
+        return head - self.femoral_offset_mm / self.neck_direction[0] * self.neck_direction
+
+    def grid(self) -> geometry.VolumeGeometry:
+        s = self.spacing_mm
+        return geometry.VolumeGeometry(shape_zyx=(52, 24, 42), spacing_xyz_mm=(s, s, s), origin_mm=(-22.0, -23.0, -70.0))
+
+    def labels(self) -> np.ndarray:
+        grid = self.grid()
+        k, j, i = np.meshgrid(*[np.arange(n) for n in grid.shape_zyx], indexing="ij")
+        ijk1 = np.stack([i, j, k, np.ones_like(i)], axis=-1).reshape(-1, 4).astype(np.float64)
+        xyz = (grid.index_to_world() @ ijk1.T).T[:, :3]
+        head = np.asarray(self.head_centre_mm)
+        inside = np.linalg.norm(xyz - head, axis=1) <= self.head_radius_mm
+        base, direction = self.neck_base_mm, self.neck_direction
+        t = (xyz - base) @ direction
+        radial = np.linalg.norm(xyz - base - t[:, None] * direction, axis=1)
+        inside |= (t >= 0) & (t <= np.linalg.norm(head - base)) & (radial <= self.neck_radius_mm)
+        inside |= (np.hypot(xyz[:, 0], xyz[:, 1]) <= self.shaft_radius_mm) & (xyz[:, 2] <= base[2] + 4) & (xyz[:, 2] >= -66)
+        return inside.reshape(grid.shape_zyx).astype(np.uint8)
+
+    def landmarks(self) -> dict[str, list[float]]:
+        head = np.asarray(self.head_centre_mm)
+        return {
+            "head_centre": head.tolist(),
+            "neck_point": (head - 25.0 * self.neck_direction).tolist(),
+            "shaft_point_proximal": [0.0, 0.0, -10.0],
+            "shaft_point_distal": [0.0, 0.0, -60.0],
+            "lesser_trochanter": [8.0, 5.0, self.lesser_trochanter_z_mm],
+            "greater_trochanter": [-8.0, 0.0, 6.0],
+        }
+
+    def measurements(self) -> dict:
+        head = list(map(float, self.head_centre_mm))
+        return {
+            "side": "right",
+            "hip_centre_mm": head,
+            "head_radius_mm": self.head_radius_mm,
+            "femoral_offset_mm": self.femoral_offset_mm,
+            "neck_shaft_angle_deg": self.neck_shaft_angle_deg,
+            "vertical_offset_mm": head[2] - self.lesser_trochanter_z_mm,
+            "shaft_axis": {"point_mm": [0.0, 0.0, -30.0], "direction": [0.0, 0.0, 1.0]},
+            "neck_axis": {"point_mm": head, "direction": self.neck_direction.tolist()},
+        }
+
+
+FEMUR = SyntheticFemur()
+DETECTOR = (96, 112)  # rows, cols
+
+
+def view_projections() -> list[np.ndarray]:
+    """AP and lateral C-arm views centred on the synthetic femur (90 degrees apart)."""
+    return [geometry.projection_matrix(geometry.CArmView(
+        sdd_mm=1000.0, sid_mm=600.0, lao_deg=lao, cranial_deg=0.0, rows=DETECTOR[0], cols=DETECTOR[1],
+        pixel_mm=2.5, isocentre_mm=(10.0, 0.0, -20.0))) for lao in (0.0, 90.0)]
+
+
+def splat(labels: np.ndarray, grid: geometry.VolumeGeometry, P: np.ndarray, shape) -> np.ndarray:
+    """Thickness-like image: count of femur voxels projecting into each pixel (a stand-in DRR)."""
+    k, j, i = np.nonzero(labels)
+    ijk1 = np.stack([i, j, k, np.ones_like(i)], axis=0).astype(np.float64)
+    xyz = (grid.index_to_world() @ ijk1)[:3].T
+    uv = geometry.project_points(P, xyz)
+    u = np.round(uv[:, 0]).astype(int)
+    v = np.round(uv[:, 1]).astype(int)
+    keep = (u >= 0) & (u < shape[1]) & (v >= 0) & (v < shape[0])
+    image = np.zeros(shape, dtype=np.float64)
+    np.add.at(image, (v[keep], u[keep]), 1.0)
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(image, 1.0)
+
+
+def write_synthetic_case(folder, *, with_masks: bool = True, side: str = "right") -> str:
+    labels, grid = FEMUR.labels(), FEMUR.grid()
+    rng = np.random.default_rng(7)
+    views = []
+    for name, P in zip(("AP", "LAT"), view_projections()):
+        thickness = splat(labels, grid, P, DETECTOR)
+        image = 200.0 + 60.0 * thickness + rng.normal(0.0, 2.0, DETECTOR)
+        views.append({"name": name, "image": image, "P": P,
+                      "mask": (thickness > 0.3) if with_masks else None})
+    io.write_case(folder, side, views)
+    return str(folder)
+
+
+def overlay(image: np.ndarray, silhouette: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    grey = (np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    edge = silhouette & ~ndimage.binary_erosion(silhouette)
+    rgb[edge] = (255, 64, 32)
+    return rgb
+
+
+def synthetic_register(case_dir, out_dir, *, model=None, overwrite=False, masks=None, cancel=None,
+                       steps: int = 4, step_seconds: float = 0.0):
+    """A small registration with the contract of ``inference.pipeline.register_case``.
+
+    Yields Progress, honours ``cancel`` between steps (raising Cancelled), writes the standard
+    outputs atomically and returns a RegistrationResult whose measurements are the synthetic
+    femur's known values.
+    """
+    from inference import pipeline, surface
+    from inference.errors import Cancelled
+
+    def check():
+        if cancel is not None and cancel():
+            raise Cancelled("registration cancelled")
+
+    yield pipeline.Progress(0.05, "Loading case")
+    case = io.load_case(case_dir)
+    if masks is not None:
+        assert len(masks) == len(case.views)
+    labels, grid = FEMUR.labels(), FEMUR.grid()
+    for step in range(steps):
+        check()
+        if step_seconds:
+            time.sleep(step_seconds)
+        yield pipeline.Progress(0.1 + 0.6 * (step + 1) / steps, f"Registering atlas ({step + 1}/{steps})")
+    check()
+    mesh = surface.label_surface(labels, grid, label=1)
+    volume = np.where(labels > 0, 900.0, -100.0).astype(np.float32)
+    yield pipeline.Progress(0.8, "Writing outputs")
+    check()
+    files = {}
+    with io.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        files["femur_labels"] = io.write_volume(tmp / "femur_labels.nii.gz", labels, grid, dtype=np.uint8)
+        files["warped_atlas"] = io.write_volume(tmp / "warped_atlas.nii.gz", volume, grid, dtype=np.float32)
+        files["femur_surface"] = surface.write_surface_stl(tmp / "femur_surface.stl", mesh)
+        files["measurements"] = io.write_json_atomic(tmp / "measurements.json", FEMUR.measurements())
+        for view in case.views:
+            silhouette = splat(labels, grid, view.P, view.image.shape) > 0.3
+            files[f"overlay_{view.name}"] = io.write_png_atomic(tmp / f"overlay_{view.name}.png",
+                                                                overlay(view.image.pixels, silhouette))
+        report = {"software": {"name": "hipatlas"},
+                  "model": {"name": "synthetic-test-model", "sha256": "0" * 64, "path": None if model is None else str(model)},
+                  "views": [{"name": v.name, "similarity_ncc": 0.9} for v in case.views]}
+        files["report"] = io.write_json_atomic(tmp / "report.json", report)
+    yield pipeline.Progress(1.0, "Done")
+    final = pathlib.Path(out_dir)
+    return pipeline.RegistrationResult(
+        out_dir=final, measurements=FEMUR.measurements(), warnings=["synthetic registration (test)"],
+        files={k: final / v.name for k, v in files.items()}, report=report, landmarks_mm=FEMUR.landmarks())
+
+
+
+def failing_register(case_dir, out_dir, **kwargs):
+    """Runs one step, then fails as the pipeline does for a bad case (a two-line message)."""
+    from inference.errors import DataError
+
+    yield from synthetic_register(case_dir, out_dir, steps=1, **{**kwargs, "cancel": None})
+    raise DataError("the registration produced an empty femur; check the masks and calibration\n"
+                    "(internal detail that stays in the log)")
+
+
+def crashing_register(case_dir, out_dir, **kwargs):
+    """Dies like a process hit by a segmentation fault in native code, after one progress step."""
+    import os
+    import signal
+
+    from inference import pipeline
+
+    yield pipeline.Progress(0.1, "Loading case")
+    os.kill(os.getpid(), signal.SIGSEGV)
+    yield pipeline.Progress(0.2, "never reached")
+
+
+def busy_register(case_dir, out_dir, **kwargs):
+    """The synthetic registration with real CPU work (marching cubes) between its steps."""
+    from inference import surface
+
+    cancel = kwargs.get("cancel") or (lambda: False)
+    result = yield from synthetic_register(case_dir, out_dir, steps=12, step_seconds=0.05, **kwargs)
+    for _ in range(6):
+        surface.label_surface(FEMUR.labels(), FEMUR.grid())
+        if cancel():
+            break
+    return result
+
+
+class Heartbeat:
+    """A 10 ms QTimer on the GUI thread that records when it fired.
+
+    :meth:`longest_block` is the longest stretch between two consecutive ticks *minus the time the
+    GUI thread spent runnable but waiting for a CPU* (Linux ``/proc/<pid>/task/<tid>/schedstat``,
+    field 2). The test machines are shared and oversubscribed, so the kernel may leave a ready
+    thread waiting for a CPU for a few hundred milliseconds; nothing in this process causes or can
+    prevent that. Everything else counts: running a slot, sleeping or waiting for a lock, the GIL
+    included (a worker that holds the GIL leaves the GUI thread asleep on a futex, not runnable).
+    Where schedstat cannot be read, the plain wall-clock gaps are used.
+    """
+
+    def __init__(self, interval_ms: int = 10):
+        import threading
+
+        from PySide6.QtCore import QTimer
+
+        self._schedstat = f"/proc/self/task/{threading.get_native_id()}/schedstat"  # this = the GUI thread
+        self.ticks: list[tuple[float, float]] = []
+        self.timer = QTimer()
+        self.timer.setInterval(interval_ms)
+        self.timer.timeout.connect(lambda: self.ticks.append(self.now()))
+
+    def now(self) -> tuple[float, float]:
+        """``(wall time, GUI thread's total run-queue wait)`` in seconds; callable from any thread."""
+        wall = time.perf_counter()
+        try:
+            with open(self._schedstat) as handle:
+                waited = int(handle.read().split()[1]) * 1e-9
+        except (OSError, IndexError, ValueError):
+            waited = 0.0
+        return wall, waited
+
+    def start(self) -> None:
+        self.timer.start()
+
+    def stop(self) -> None:
+        self.timer.stop()
+
+    def longest_block(self, start: tuple[float, float], end: tuple[float, float]) -> tuple[float, float, int]:
+        """``(longest block, longest wall-clock gap, ticks)`` between two :meth:`now` marks, seconds."""
+        points = [start] + [t for t in self.ticks if start[0] < t[0] < end[0]] + [end]
+        wall = np.diff([w for w, _ in points])
+        waited = np.diff([q for _, q in points])
+        return float((wall - waited).max()), float(wall.max()), len(points) - 2
+
+
+def confirm_all(window) -> None:
+    for index in range(len(window.session.views)):
+        window.set_mask_confirmed(index, True)
+
+
+def register(qtbot, window, timeout_ms: int = 60_000) -> str:
+    """Start the registration and wait for its end; returns the outcome."""
+    with qtbot.waitSignal(window.registration_finished, timeout=timeout_ms) as blocker:
+        assert window.start_registration()
+    return blocker.args[0]
+
+
+def write_dicom(path, pixels: np.ndarray, *, primary_deg: float, patient_name: str = "Doe^Jane",
+                patient_id: str = "PID-12345") -> pathlib.Path:
+    """A DX radiograph with the geometry tags that define its camera (and patient identifiers)."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19600101"
+    data = np.clip(pixels, 0, 65535).astype(np.uint16)
+    ds.Rows, ds.Columns = data.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.ImagerPixelSpacing = [2.5, 2.5]
+    ds.DistanceSourceToDetector = 1000.0
+    ds.DistanceSourceToPatient = 600.0
+    ds.PositionerPrimaryAngle = primary_deg
+    ds.PositionerSecondaryAngle = 0.0
+    ds.PixelData = data.tobytes()
+    pydicom.dcmwrite(str(path), ds, enforce_file_format=True)
+    return pathlib.Path(path)
+
+
+_UNTRAINED = {}
+
+
+def untrained_compact_register(case_dir, out_dir, **kwargs):
+    """The real pipeline with an untrained compact network (built once per process, here: in the
+    registration child process, so TensorFlow never loads into the test's GUI process)."""
+    from inference import pipeline
+
+    if "net" not in _UNTRAINED:
+        from inference import model as model_lib
+        from inference.data import atlas as atlas_lib
+
+        config = model_lib.preset("compact")
+        _UNTRAINED["net"] = model_lib.build_model(config, atlas_lib.load_atlas(config.grid))
+    return (yield from pipeline.register_case(case_dir, out_dir, **{**kwargs, "model": _UNTRAINED["net"]}))

@@ -1,0 +1,405 @@
+"""The main window with pytest-qt under Xvfb: workflow, worker, editing, rendering, export, cleanup."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+from PIL import Image
+import pytest
+from PySide6.QtCore import QPoint, QPointF, Qt, QTimer
+from PySide6.QtWidgets import QApplication
+
+from gui_helpers import (FEMUR, Heartbeat, busy_register, confirm_all, crashing_register, failing_register, register,
+                         synthetic_register, write_synthetic_case)
+
+pytestmark = pytest.mark.gui
+
+
+def _vtk_objects() -> set[int]:
+    gc.collect()
+    return {id(o) for o in gc.get_objects() if type(o).__name__.startswith("vtk")}
+
+
+def _not_blank(rgb: np.ndarray, background_fraction: float = 0.97) -> bool:
+    """More than a sliver of the image differs from its most common colour."""
+    flat = rgb.reshape(-1, rgb.shape[-1]).astype(np.int32)
+    codes = flat[:, 0] * 65536 + flat[:, 1] * 256 + flat[:, 2]
+    _, counts = np.unique(codes, return_counts=True)
+    return counts.max() / codes.size < background_fraction and rgb.std() > 5
+
+
+def test_open_confirm_register_review_measure(make_window, synthetic_case, qtbot):
+    window = make_window()
+    assert window.open_case_folder(synthetic_case)
+    assert window._current_step() == "Masks"
+    assert [window.case_table.item(r, 3).text() for r in range(2)] == ["case.json matrix"] * 2
+    assert "case.json projection_matrix" in window.case_table.item(0, 3).toolTip()
+    assert not window.register_button.isEnabled() and "confirm the mask" in window.register_blocker.text()
+    window.radiograph_panels[0].confirm.setChecked(True)      # the header checkbox of a view
+    assert window.session.views[0].confirmed and window.mask_rows[0][2].isChecked()
+    assert not window.register_button.isEnabled()
+    window.mask_rows[1][2].setChecked(True)                   # the panel checkbox
+    assert window.register_button.isEnabled()
+
+    assert register(qtbot, window) == "finished"
+    assert window._current_step() == "Review" and window.worker is None
+    # measurements table holds the pipeline's values
+    table = {window.measure_table.item(r, 0).text(): window.measure_table.item(r, 1).text()
+             for r in range(window.measure_table.rowCount())}
+    assert table["Femoral head radius"] == "12.0"
+    assert table["Femoral offset"] == f"{FEMUR.femoral_offset_mm:.1f}"
+    assert table["Neck-shaft angle (CCD)"] == "130.0"
+    # 3D: the surface actor, head sphere and axes are there and the render is not blank
+    assert window.surface_view.has_surface()
+    assert {"head_sphere", "shaft_axis", "neck_axis", "landmarks"} <= set(window.surface_view.actor_names())
+    window.viewers.setCurrentIndex(1)
+    qtbot.wait(50)
+    pixels = window.surface_view.render_image()
+    assert pixels.shape[0] > 100 and _not_blank(pixels)
+    # the surface itself is drawn: hiding it changes a good part of the picture
+    window.surface_view.show_surface.setChecked(False)
+    without = window.surface_view.render_image()
+    window.surface_view.show_surface.setChecked(True)
+    changed = np.abs(pixels.astype(int) - without.astype(int)).sum(axis=2) > 30
+    assert changed.mean() > 0.02
+    # radiographs show the projected contour; slices show the label
+    contour = window.radiograph_panels[0].view._contour_layer.image()
+    assert contour.pixelColor(0, 0).alpha() == 0
+    alpha = np.array([[contour.pixelColor(x, y).alpha() for x in range(contour.width())]
+                      for y in range(contour.height())])
+    assert alpha.sum() > 0
+    assert window.slice_panel.cursor_zyx == tuple(s // 2 for s in FEMUR.grid().shape_zyx)
+    # a click in the coronal view moves the linked cursor (and the 3D slices)
+    view = window.slice_panel.views["coronal"]
+    window.viewers.setCurrentIndex(2)
+    qtbot.wait(20)
+    before = window.slice_panel.cursor_zyx
+    qtbot.mouseClick(view.viewport(), Qt.MouseButton.LeftButton, pos=QPoint(view.viewport().width() // 3,
+                                                                              view.viewport().height() // 3))
+    after = window.slice_panel.cursor_zyx
+    assert after[1] == before[1] and (after[0], after[2]) != (before[0], before[2])
+    assert window.surface_view._slice_point == pytest.approx(tuple(window.slice_panel.cursor_world_mm()))
+
+
+def test_gui_thread_never_blocks_during_registration(make_window, synthetic_case, qtbot):
+    window = make_window(busy_register)
+    window.open_case_folder(synthetic_case)
+    confirm_all(window)
+    heartbeat, finished_at = Heartbeat(), []
+    heartbeat.start()
+    with qtbot.waitSignal(window.registration_finished, timeout=60_000) as blocker:
+        started = heartbeat.now()
+        assert window.start_registration()
+        # Direct connection: runs in the worker thread the moment the job returns, so the time
+        # excludes building the 3D scene afterwards (which runs on the GUI thread by design).
+        window.worker.succeeded.connect(lambda _result: finished_at.append(heartbeat.now()),
+                                        Qt.ConnectionType.DirectConnection)
+    heartbeat.stop()
+    assert blocker.args == ["finished"] and finished_at
+    assert finished_at[0][0] - started[0] > 0.5
+    block, wall_gap, ticks = heartbeat.longest_block(started, finished_at[0])
+    assert ticks > 10
+    assert block < 0.2, f"GUI thread blocked for {block * 1000:.0f} ms (longest wall gap {wall_gap * 1000:.0f} ms)"
+
+
+def test_cancel_stops_between_steps_and_writes_nothing(make_window, synthetic_case, qtbot):
+    window = make_window(functools.partial(synthetic_register, steps=400, step_seconds=0.02))
+    window.open_case_folder(synthetic_case)
+    confirm_all(window)
+    with qtbot.waitSignal(window.registration_finished, timeout=30_000) as blocker:
+        window.start_registration()
+        qtbot.waitUntil(lambda: window.progress.value() > 0, timeout=10_000)
+        assert window.cancel_button.isEnabled()
+        qtbot.mouseClick(window.cancel_button, Qt.MouseButton.LeftButton)
+    assert blocker.args == ["cancelled"]
+    assert window.session.result is None and window.worker is None
+    assert window.progress_message.text() == "Cancelled"
+    assert not [p for p in window.session.work_dir.iterdir() if p.name.startswith("run-")]
+    assert window.register_button.isEnabled()
+
+
+def test_pipeline_error_shows_its_one_line_message(make_window, synthetic_case, qtbot):
+    window = make_window(failing_register)
+    window.open_case_folder(synthetic_case)
+    confirm_all(window)
+    assert register(qtbot, window) == "errored"
+    message = "the registration produced an empty femur; check the masks and calibration"
+    assert window.errors[-1] == message
+    assert window.last_error_box.text() == message and window.last_error_box.isVisible()
+    assert window.session.result is None
+
+
+def test_a_crashing_registration_process_is_reported_and_the_window_survives(make_window, synthetic_case, qtbot):
+    window = make_window(crashing_register)
+    window.open_case_folder(synthetic_case)
+    confirm_all(window)
+    assert register(qtbot, window) == "errored"
+    assert "registration process stopped unexpectedly (signal 11)" in window.errors[-1]
+    assert not [p for p in window.session.work_dir.iterdir() if p.name.startswith("run-")]
+    window.session.register_fn = synthetic_register
+    assert register(qtbot, window) == "finished"
+
+
+def test_bad_inputs_never_crash(make_window, tmp_path):
+    window = make_window()
+    assert not window.open_case_folder(tmp_path / "missing")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "case.json").write_text("{ this is not json")
+    assert not window.open_case_folder(broken)
+    bad_project = tmp_path / "x.hipatlas"
+    bad_project.write_bytes(b"PK\x03\x04 truncated")
+    assert not window.open_project(bad_project)
+    assert len(window.errors) == 3 and all("Unexpected" not in e for e in window.errors)
+    assert not window.session.has_case
+
+
+def _drag(qtbot, view, points_uv):
+    viewport = view.viewport()
+    positions = [view.mapFromScene(QPointF(u, v)) for u, v in points_uv]
+    qtbot.mousePress(viewport, Qt.MouseButton.LeftButton, pos=positions[0])
+    for position in positions[1:]:
+        qtbot.mouseMove(viewport, position)
+    qtbot.mouseRelease(viewport, Qt.MouseButton.LeftButton, pos=positions[-1])
+
+
+def test_mask_editing_with_the_mouse_and_undo(make_window, synthetic_case, qtbot):
+    window = make_window()
+    window.open_case_folder(synthetic_case)
+    confirm_all(window)
+    session, view = window.session, window.radiograph_panels[0].view
+    original = session.views[0].mask.copy()
+    window.set_tool("brush")
+    window.brush_size.setValue(3)
+    _drag(qtbot, view, [(5.0, 80.0), (12.0, 80.0), (20.0, 80.0)])
+    painted = session.views[0].mask
+    assert painted[80, 5:21].all() and not original[80, 5:21].any()
+    assert not session.views[0].confirmed and not window.register_button.isEnabled()
+    assert window.undo_stack.count() == 1  # the whole drag is one undo step
+    window.undo_stack.undo()
+    assert np.array_equal(session.views[0].mask, original)
+    window.undo_stack.redo()
+    assert session.views[0].mask[80, 5:21].all()
+    # eraser, then a polygon (clicks + double click) in the other view
+    window.set_tool("eraser")
+    _drag(qtbot, view, [(12.0, 80.0), (12.0, 80.0)])
+    assert not session.views[0].mask[80, 11:14].any()
+    window.set_tool("polygon")
+    other = window.radiograph_panels[1].view
+    corners = [(80.0, 5.0), (100.0, 5.0), (100.0, 20.0), (80.0, 20.0)]
+    for u, v in corners:
+        qtbot.mouseClick(other.viewport(), Qt.MouseButton.LeftButton, pos=other.mapFromScene(QPointF(u, v)))
+    qtbot.mouseDClick(other.viewport(), Qt.MouseButton.LeftButton, pos=other.mapFromScene(QPointF(80.0, 20.0)))
+    assert session.views[1].mask[6:19, 81:99].all()
+    assert window.undo_stack.count() == 3
+    window.undo_stack.undo()
+    assert not session.views[1].mask[6:19, 81:99].any()
+    # the displayed mask layer follows the session's mask
+    layer = view.mask_layer_image()
+    assert layer.pixelColor(8, 80).alpha() > 0 and layer.pixelColor(12, 80).alpha() == 0
+
+
+def test_export_project_round_trip_and_recent_files(make_window, synthetic_case, qtbot, tmp_path):
+    window = make_window()
+    window.open_case_folder(synthetic_case)
+    confirm_all(window)
+    assert register(qtbot, window) == "finished"
+    written = window.export_to(tmp_path / "export")
+    pdf = written["pdf_report"].read_bytes()
+    assert pdf.startswith(b"%PDF") and pdf.count(b"/Subtype /Image") >= 4   # 3D, 2 radiographs, slices
+    assert json.loads(written["measurements_json"].read_text())["head_radius_mm"] == FEMUR.head_radius_mm
+    assert window._save_to(tmp_path / "plan.hipatlas")
+    assert window.settings.recent_files[0] == str((tmp_path / "plan.hipatlas").resolve())
+
+    second = make_window()
+    assert second.open_project(tmp_path / "plan.hipatlas")
+    assert second._current_step() == "Review"
+    assert second.session.measurements == window.session.measurements
+    assert second.surface_view.has_surface() and all(v.confirmed for v in second.session.views)
+    assert "plan.hipatlas" in second.windowTitle()
+
+
+def test_autosave_and_recovery(make_window, synthetic_case, gui_settings, tmp_path):
+    window = make_window()
+    window.open_case_folder(synthetic_case)
+    window.set_mask_confirmed(0, True)
+    assert window.autosave()
+    assert window.recovery.project_file.is_file()
+    # pretend the process died: the record now names a pid that is not running
+    meta = json.loads(window.recovery.meta_file.read_text())
+    meta["pid"] = 2 ** 22 + 12345
+    dead_meta = window.recovery.folder / f"autosave-{meta['pid']}.json"
+    dead_meta.write_text(json.dumps(meta))
+    window.recovery.project_file.rename(dead_meta.with_suffix(".hipatlas"))
+    window.recovery.meta_file.unlink()
+    other = make_window()
+    orphans = other.recovery.orphans()
+    assert len(orphans) == 1
+    assert other.recover(orphans[0])
+    assert other.session.views[0].confirmed and not other.session.views[1].confirmed
+    assert other.session.dirty and other.windowTitle().startswith("*")
+
+
+def test_exception_hooks_route_to_the_error_dialog(make_window, qtbot):
+    from app.main import ExceptionHooks
+
+    window = make_window()
+    hooks = ExceptionHooks(window.report_error).install()
+    try:
+        with qtbot.waitSignal(window.error_reported, timeout=5000) as blocker:
+            sys.excepthook(ValueError, ValueError("boom in a slot"), None)
+        assert blocker.args[0] == "Unexpected error: ValueError: boom in a slot"
+
+        def crash():
+            raise RuntimeError("boom in a thread")
+
+        with qtbot.waitSignal(window.error_reported, timeout=5000) as blocker:
+            thread = threading.Thread(target=crash)
+            thread.start()
+            thread.join()
+        assert blocker.args[0] == "Unexpected error: RuntimeError: boom in a thread"
+        assert "RuntimeError" in window.last_error_box.detailedText()
+    finally:
+        hooks.uninstall()
+    assert sys.excepthook != hooks._sys_hook
+
+
+def test_settings_model_path_reaches_the_pipeline_and_about(make_window, synthetic_case, qtbot, gui_settings):
+    gui_settings.model_path = "/models/custom.keras"
+    window = make_window()
+    window.open_case_folder(synthetic_case)
+    confirm_all(window)
+    assert "custom.keras" in window.model_label.text()
+    assert register(qtbot, window) == "finished"
+    assert window.session.result.report["model"]["path"] == "/models/custom.keras"
+    from inference import __version__
+
+    assert window.about_text().startswith(f"HipAtlas {__version__}")
+    assert window.actions["register"].shortcut().toString() == "Ctrl+R"
+    assert window.banner.isVisible() and "Research use only" in window.banner.text()
+
+
+def test_close_joins_the_worker_and_releases_vtk(qtbot, gui_settings, tmp_path):
+    from app.main_window import MainWindow
+    from app.session import Session
+
+    before = _vtk_objects()
+    case = write_synthetic_case(tmp_path / "case")
+    window = MainWindow(gui_settings, Session(work_root=tmp_path, register_fn=synthetic_register), interactive=False)
+    window.show()
+    qtbot.waitExposed(window)
+    window.open_case_folder(case)
+    confirm_all(window)
+    assert register(qtbot, window) == "finished"
+    # close while a second registration runs: the worker is cancelled and joined first
+    window.session.register_fn = functools.partial(synthetic_register, steps=500, step_seconds=0.02)
+    assert window.start_registration()
+    worker, bar = window.worker, window.progress
+    qtbot.waitUntil(lambda: bar.value() > 0, timeout=10_000)
+    work_dir = window.session.work_dir
+    window.close()
+    assert worker.isFinished() and window.worker is None
+    assert window.surface_view._closed and not work_dir.exists()
+    window.deleteLater()
+    del window, worker
+    QApplication.processEvents()
+    leaked = _vtk_objects() - before
+    assert not leaked, f"{len(leaked)} VTK objects survived the window"
+
+
+def test_moving_a_landmark_updates_table_3d_and_radiographs(make_window, synthetic_case, qtbot):
+    window = make_window()
+    window.open_case_folder(synthetic_case)
+    confirm_all(window)
+    assert register(qtbot, window) == "finished"
+    window.go_to_step("Measure")
+    spins = window.landmark_spins["head_centre"]
+    assert [s.value() for s in spins] == pytest.approx(list(FEMUR.head_centre_mm))
+    assert not window.reset_landmarks_button.isEnabled()
+    spins[0].setValue(FEMUR.head_centre_mm[0] + 5.0)   # as if typed (keyboard tracking is off)
+    table = {window.measure_table.item(r, 0).text(): window.measure_table.item(r, 1).text()
+             for r in range(window.measure_table.rowCount())}
+    assert table["Femoral offset"] == "40.0"
+    assert window.reset_landmarks_button.isEnabled()
+    sphere_centre = window.surface_view.plotter.actors["head_sphere"].GetCenter()
+    assert sphere_centre[0] == pytest.approx(FEMUR.head_centre_mm[0] + 5.0, abs=0.3)
+    qtbot.mouseClick(window.reset_landmarks_button, Qt.MouseButton.LeftButton)
+    assert window.session.measurements["femoral_offset_mm"] == pytest.approx(FEMUR.femoral_offset_mm)
+    assert spins[0].value() == pytest.approx(FEMUR.head_centre_mm[0])
+
+
+def test_dragging_a_3d_landmark_handle_moves_the_landmark(make_window, synthetic_case, qtbot):
+    window = make_window()
+    window.open_case_folder(synthetic_case)
+    confirm_all(window)
+    assert register(qtbot, window) == "finished"
+    window.go_to_step("Measure")
+    window.drag_landmarks.setChecked(True)
+    handles = window.surface_view.handle_widgets()
+    names = list(window.session.landmarks_mm)
+    assert len(handles) == len(names)
+    head = handles[names.index("head_centre")]
+    assert head.GetCenter() == pytest.approx(FEMUR.head_centre_mm)
+    # what VTK does at the end of a drag: the widget has a new centre and fires its end event
+    head.SetCenter(FEMUR.head_centre_mm[0] + 5.0, FEMUR.head_centre_mm[1], FEMUR.head_centre_mm[2])
+    head.InvokeEvent("EndInteractionEvent")
+    qtbot.waitUntil(lambda: window.session.landmarks_edited, timeout=5000)
+    assert window.session.measurements["femoral_offset_mm"] == pytest.approx(40.0)
+    assert window.landmark_spins["head_centre"][0].value() == pytest.approx(FEMUR.head_centre_mm[0] + 5.0)
+    # the handles were rebuilt at the new positions
+    names = list(window.session.landmarks_mm)
+    moved = window.surface_view.handle_widgets()[names.index("head_centre")]
+    assert moved.GetCenter()[0] == pytest.approx(FEMUR.head_centre_mm[0] + 5.0)
+    window.drag_landmarks.setChecked(False)
+    assert window.surface_view.handle_widgets() == []
+
+
+def test_import_dialog_and_dicom_calibration_in_the_load_step(make_window, tmp_path):
+    from app.main_window import ImportDialog
+    from gui_helpers import write_dicom
+
+    rng = np.random.default_rng(3)
+    files = [write_dicom(tmp_path / f"img{i}.dcm", 900 + rng.normal(0, 20, (64, 80)), primary_deg=a)
+             for i, a in enumerate((0.0, 90.0))]
+    window = make_window()
+    dialog = ImportDialog(window)
+    for (name, image, calibration), path, label in zip(dialog.rows, files, ("AP", "LAT")):
+        name.setText(label)
+        image.setText(str(path))
+    dialog.side.setCurrentText("left")
+    imports = dialog.imports()
+    assert [i.calibration_path for i in imports] == [None, None]
+    assert window.import_radiographs(imports, dialog.side.currentText())
+    assert window.session.case.side == "left"
+    assert [window.case_table.item(r, 3).text() for r in range(2)] == ["DICOM tags", "DICOM tags"]
+    assert "DistanceSourceToDetector" in window.case_table.item(0, 3).toolTip()
+    assert "dicom-tags" in window.radiograph_panels[1].details.text()
+    assert "90\u00b0 apart" in window.pair_label.text()
+    # a PNG without calibration is refused with an actionable message, the open case stays
+    png = tmp_path / "plain.png"
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(png)
+    from app.session import RadiographImport
+
+    assert not window.import_radiographs([RadiographImport("A", png), RadiographImport("B", png)], "right")
+    assert "choose a calibration JSON" in window.errors[-1]
+    assert window.session.case.side == "left"
+
+
+def test_settings_dialog_applies_units_and_autosave(make_window, gui_settings):
+    from app.main_window import SettingsDialog
+
+    window = make_window()
+    dialog = SettingsDialog(gui_settings, window)
+    dialog.units.setCurrentText("cm")
+    dialog.autosave.setValue(5)
+    dialog.model.setText("/opt/models/m.keras")
+    dialog.apply()
+    assert (gui_settings.units, gui_settings.autosave_minutes, gui_settings.model_path) == ("cm", 5.0, "/opt/models/m.keras")
+    window._restart_autosave()
+    assert window.autosave_timer.isActive() and window.autosave_timer.interval() == 300_000

@@ -1,0 +1,227 @@
+"""Training loop (inference/train.py) and evaluation metrics (inference/evaluate.py) on a tiny
+synthetic data set written in the hipatlas-dataset/1 format."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+
+import numpy as np
+import pytest
+
+from inference import evaluate as E
+from inference import model as M
+from inference import train as T
+from inference.data.dataset import DATASET_FORMAT, write_npz
+from inference.errors import Cancelled, ConfigError
+from test_model import TINY, _ellipsoid, _index_to_world, _sample
+
+SHIFTS = {"train": [(2.0, 0.0, 1.0), (-1.0, 1.0, 0.0), (1.0, -1.0, -1.0)],
+          "val": [(0.0, 1.0, 2.0), (-2.0, 0.0, 0.0)]}
+
+
+def _head_world(shift_zyx):
+    """World position of the blob centre moved by ``shift_zyx`` voxels (the 'head centre')."""
+    centre = (np.array(TINY.shape_zyx, float) - 1) / 2 + np.array(shift_zyx)
+    return (_index_to_world(TINY).astype(float) @ np.append(centre[::-1], 1.0))[:3]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_dataset")
+    samples = []
+    index = 0
+    for split, shifts in SHIFTS.items():
+        for number, shift in enumerate(shifts):
+            inputs, _, _ = _sample(TINY, shift)
+            hu, labels = _ellipsoid(TINY, shift)
+            arrays = {
+                "volume": hu, "labels": labels,
+                "images": inputs["images"][0], "masks": inputs["masks"][0].astype(np.uint8),
+                "projection": inputs["projection"][0].astype(np.float64),
+                "index_to_world": inputs["index_to_world"][0].astype(np.float64),
+                "landmarks_mm": _head_world(shift)[None].astype(np.float32),
+                "view_angles_deg": np.array([0.0, 90.0]),
+            }
+            subject = f"{split}{number % 2}"
+            relative = f"{split}/s{subject}_{index:05d}.npz"
+            write_npz(folder / relative, arrays)
+            samples.append({"index": index, "file": relative, "split": split, "subject": subject,
+                            "sha256": M.file_sha256(folder / relative)})
+            index += 1
+    manifest = {"format": DATASET_FORMAT, "grid": {"name": "tiny", "shape_zyx": list(TINY.shape_zyx)},
+                "detector_hw": list(TINY.detector_hw), "samples": samples}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def atlas():
+    hu, labels = _ellipsoid(TINY)
+    return {"volume": hu, "labels": labels}
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics (known answers)
+# --------------------------------------------------------------------------------------------
+
+def _cube(shift_z=0):
+    mask = np.zeros((20, 16, 16), bool)
+    mask[4 + shift_z:12 + shift_z, 4:12, 4:12] = True
+    return mask
+
+
+def test_overlap_and_surface_distances_of_shifted_cubes():
+    a, b = _cube(), _cube(3)
+    assert E.dice(a, a) == 1.0 and E.jaccard(a, a) == 1.0
+    # 8-voxel cubes shifted by 3: 5 of 8 slices overlap
+    assert E.dice(a, b) == pytest.approx(2 * 5 / 16)
+    assert E.jaccard(a, b) == pytest.approx(5 / 11)
+    spacing = (2.0, 1.0, 1.0)
+    d_ab, d_ba = E.surface_distances(a, b, spacing)
+    # every surface voxel finds its translate 3 voxels (6 mm) away, and the bottom face has
+    # nothing closer
+    assert d_ab.max() == pytest.approx(6.0) and d_ba.max() == pytest.approx(6.0)
+    assert 0.0 < E.assd(a, b, spacing) < 6.0
+    assert E.hd95(a, b, spacing) <= 6.0
+    assert E.assd(a, a, spacing) == 0.0 and E.hd95(a, a, spacing) == 0.0
+    assert math.isnan(E.assd(a, np.zeros_like(a), spacing))
+
+
+def test_ssim_and_spacing():
+    rng = np.random.default_rng(0)
+    volume = rng.random((12, 12, 12))
+    assert E.ssim(volume, volume) == pytest.approx(1.0)
+    assert E.ssim(volume + 0.3 * rng.random(volume.shape), volume) < 0.99
+    i2w = np.array([[0, 0, 3.0, 1], [0, 2.0, 0, 2], [1.5, 0, 0, 3], [0, 0, 0, 1]])
+    assert E.spacing_zyx_of(i2w) == (3.0, 2.0, 1.5)
+
+
+def test_atlas_point_goes_through_the_inverse_of_psi():
+    i2w = _index_to_world(TINY).astype(float)
+    psi = np.zeros(TINY.shape_zyx + (3,), np.float32)
+    psi[..., 0] = 2.0  # the patient's voxel x reads the atlas 2 voxels further in z
+    atlas_point = i2w @ [7.0, 8.0, 9.0, 1.0]
+    mapped = E.mapped_atlas_point(atlas_point[:3], psi, i2w)
+    np.testing.assert_allclose(mapped, (i2w @ [7.0, 8.0, 7.0, 1.0])[:3], atol=1e-3)
+
+
+def test_report_has_table_summary_and_strict_json(tmp_path):
+    rows = [{"subject": "A", "sample_index": 0, "dice": 0.9, "assd_mm": 1.0},
+            {"subject": "B", "sample_index": 1, "dice": 0.7, "assd_mm": math.nan}]
+    report = E.write_report(rows, tmp_path)
+    assert report.summary["dice"]["mean"] == pytest.approx(0.8)
+    assert report.summary["dice"]["sd"] == pytest.approx(np.std([0.9, 0.7], ddof=1))
+    assert report.summary["assd_mm"]["failures"] == 1
+    text = report.markdown_path.read_text()
+    assert "| A | 0 | 0.900 |" in text and "0.800 +- 0.141" in text and "Per subject" in text
+    payload = json.loads(report.json_path.read_text())  # strict JSON: nan written as null
+    assert payload["rows"][1]["assd_mm"] is None
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+def test_train_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match="learning_rate"):
+        T.TrainConfig(learning_rate=0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        T.TrainConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        T.TrainConfig(mixed_precision="sometimes")
+
+
+def test_data_order_is_seeded_and_resumable(data_dir):
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    entries = [e for e in manifest["samples"] if e["split"] == "train"]
+    order = T.epoch_order(len(entries), seed=3, epoch=1)
+    assert sorted(order) == list(range(len(entries)))
+    np.testing.assert_array_equal(order, T.epoch_order(len(entries), seed=3, epoch=1))
+
+    def first(start, count):
+        stream = T.training_examples(data_dir, entries, seed=3, start_sample=start)
+        return [next(stream)[0]["images"] for _ in range(count)]
+
+    straight = first(0, 7)  # more than two epochs of 3 samples
+    resumed = first(4, 3)
+    for a, b in zip(straight[4:], resumed):
+        np.testing.assert_array_equal(a, b)
+
+
+SETTINGS = T.TrainConfig(steps=2, learning_rate=1e-3, seed=5, checkpoint_every=2, validate_every=2,
+                         val_limit=2, log_every=1, run_eagerly=True)
+
+
+def test_train_exports_logs_and_resumes(tmp_path, data_dir, atlas):
+    reports = []
+    first = T.train(TINY, data_dir, tmp_path, train_config=SETTINGS, atlas=atlas, progress=reports.append)
+    assert first.steps_done == 2 and first.resumed_from_step == 0
+    assert [r.step for r in reports if r.losses][:2] == [1, 2] and reports[-1].fraction == 1.0
+    assert all(np.isfinite(r.losses["total"]) for r in reports if r.losses)
+    assert any(r.validation for r in reports)
+    assert first.best_model_path is not None and first.best_model_path.is_file()
+    card = json.loads((first.best_model_path.parent / "model_card.json").read_text())
+    assert card["training"]["steps"] == 2 and 0.0 < card["validation"]["dice"] <= 1.0
+    assert M.model_config_of(M.load_model(first.best_model_path)) == TINY
+    assert list((tmp_path / "logs" / "train").glob("events.out.tfevents.*"))
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["step"] for h in history] == [2]
+
+    # Run again with more steps: resumes from the checkpoint instead of starting over.
+    more = dataclasses.replace(SETTINGS, steps=3, validate_every=0)
+    resumed = T.train(TINY, data_dir, tmp_path, train_config=more, atlas=atlas)
+    assert resumed.resumed_from_step == 2 and resumed.steps_done == 3
+
+    # A different model config or seed cannot resume into the same folder.
+    with pytest.raises(ConfigError, match="another model config"):
+        T.train(dataclasses.replace(TINY, smooth_weight=0.5), data_dir, tmp_path, train_config=more,
+                atlas=atlas)
+    with pytest.raises(ConfigError, match="seed"):
+        T.train(TINY, data_dir, tmp_path, train_config=dataclasses.replace(more, seed=6), atlas=atlas)
+
+
+@pytest.mark.slow
+def test_cancelled_and_resumed_run_matches_an_uninterrupted_one(tmp_path, data_dir, atlas):
+    settings = dataclasses.replace(SETTINGS, steps=4)
+    T.train(TINY, data_dir, tmp_path / "straight", train_config=settings, atlas=atlas)
+    seen = []
+    with pytest.raises(Cancelled):
+        T.train(TINY, data_dir, tmp_path / "resumed", train_config=settings, atlas=atlas,
+                progress=lambda p: seen.append(p.step) if p.losses else None,
+                cancel=lambda: len(seen) >= 2)
+    resumed = T.train(TINY, data_dir, tmp_path / "resumed", train_config=settings, atlas=atlas)
+    assert resumed.resumed_from_step == 2 and resumed.steps_done == 4
+    # Same data order, initialisation and optimizer state: the same final validation and weights.
+    # (The cancel fired during the validation at step 2, which the resumed run does not repeat.)
+    history_a = json.loads((tmp_path / "straight" / "history.json").read_text())
+    history_b = json.loads((tmp_path / "resumed" / "history.json").read_text())
+    assert history_a[-1] == history_b[-1] and history_b[-1]["step"] == 4
+    import tensorflow as tf
+
+    final_a = tf.train.load_checkpoint(str(tmp_path / "straight" / "checkpoints"))
+    final_b = tf.train.load_checkpoint(str(tmp_path / "resumed" / "checkpoints"))
+    names = sorted(final_a.get_variable_to_shape_map())
+    assert names == sorted(final_b.get_variable_to_shape_map())
+    assert any("optimizer" in name for name in names)  # the optimizer state is saved too
+    for name in names:
+        if "save_counter" in name or name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH"):
+            continue
+        np.testing.assert_allclose(final_a.get_tensor(name), final_b.get_tensor(name), rtol=1e-4,
+                                   atol=1e-6, err_msg=name)
+
+
+def test_evaluate_dataset_writes_reports(tmp_path, data_dir, atlas):
+    model = M.build_model(TINY, atlas)
+    head = types.SimpleNamespace(landmarks={"head_centre": _head_world((0, 0, 0))}, geometry=None)
+    report = E.evaluate_dataset(model, data_dir, tmp_path, split="val", atlas=head)
+    assert len(report.rows) == len(SHIFTS["val"])
+    for row, shift in zip(report.rows, SHIFTS["val"]):
+        assert 0.0 < row["dice"] < 1.0 and row["assd_mm"] > 0
+        # an untrained model leaves the atlas in place: the error is the blob's displacement
+        expected = np.linalg.norm(np.array(shift) * np.array(TINY.spacing_xyz_mm)[::-1])
+        assert row["hip_centre_error_mm"] == pytest.approx(expected, abs=0.1)
+        assert -1.0 <= row["ssim"] <= 1.0
+    assert report.markdown_path.is_file() and report.json_path.is_file()
