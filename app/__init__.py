@@ -1,0 +1,18 @@
+"""HipAtlas planning workstation (PySide6 + VTK), started with ``hipatlas gui``.
+
+Modules
+-------
+main.py          QApplication, exception hooks, ``run_gui`` (the ``hipatlas gui`` command)
+main_window.py   the window: guided workflow Load - Masks - Register - Review - Measure - Export
+session.py       the Qt-free state of one case: masks, registration job, landmarks, export
+masks.py         mask editing (brush, eraser, polygon) and mask proposals, Qt-free
+imaging.py       windowing, tints, slices and contours for display, Qt-free
+project.py       ``.hipatlas`` project files (one zip), autosave and crash recovery, Qt-free
+report.py        the PDF planning report (reportlab), Qt-free
+isolated.py      runs the registration in a child process (TensorFlow never enters the GUI)
+workers.py       QThread worker driving a progress generator (cancel between yields)
+settings.py      QSettings: model, device, units, autosave, recent files
+views/           radiograph + mask editor, 3D view (pyvistaqt), linked slice views
+
+``app`` imports ``inference``; ``inference`` never imports ``app`` (tests/test_architecture.py).
+"""

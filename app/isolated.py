@@ -74,6 +74,7 @@ def run_isolated(target: Callable[..., Generator[Any, None, Any]], *args: Any,
     process.start()
     sender.close()  # the child holds the only writing end: EOF means it is gone
     cancel_requested_at = None
+    finished = False
     try:
         while True:
             if cancel_requested_at is None and cancel is not None and cancel():
@@ -93,6 +94,7 @@ def run_isolated(target: Callable[..., Generator[Any, None, Any]], *args: Any,
             if kind == "progress":
                 yield Progress(*payload)
             elif kind == "result":
+                finished = True
                 return payload
             elif kind == "cancelled":
                 raise Cancelled(payload or "registration cancelled")
@@ -106,7 +108,9 @@ def run_isolated(target: Callable[..., Generator[Any, None, Any]], *args: Any,
         cancel_event.set()
         process.join(CANCEL_GRACE_S)
         if process.is_alive():
-            log.warning("ending the registration process (pid %s)", process.pid)
+            # After a result the child is only tearing down (TensorFlow's exit can take seconds):
+            # ending it is routine. Otherwise it did not honour the cancel request in time.
+            (log.debug if finished else log.warning)("ending the registration process (pid %s)", process.pid)
             process.terminate()
             process.join(5)
         if process.is_alive():

@@ -101,6 +101,8 @@ def run_gui(args: argparse.Namespace) -> int:
     def finish(outcome: str) -> None:
         if screenshot:
             try:
+                if outcome == "finished":
+                    window.go_to_step("Measure")  # the measurements table beside the 3D view
                 window.viewers.setCurrentIndex(1)
                 path = pathlib.Path(screenshot)
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +165,10 @@ def run_gui(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     """Entry point of ``hipatlas-gui``."""
+    import multiprocessing
+
+    # A frozen (PyInstaller) build starts the registration process from this same executable.
+    multiprocessing.freeze_support()
     parser = argparse.ArgumentParser(prog="hipatlas-gui", description="HipAtlas planning workstation")
     parser.add_argument("case_dir", nargs="?", help="case folder or project file to open")
     parser.add_argument("--demo", action="store_true", help="open the bundled demo case")

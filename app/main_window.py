@@ -815,11 +815,11 @@ class MainWindow(QMainWindow):
             for axis in range(3):
                 spin = QDoubleSpinBox()
                 spin.setRange(-5000.0, 5000.0)
-                spin.setDecimals(1)
+                spin.setDecimals(2)
                 spin.setSingleStep(0.5)
                 spin.setKeyboardTracking(False)
                 spin.setFrame(False)
-                spin.valueChanged.connect(lambda _value, n=name: self._landmark_edited(n))
+                spin.valueChanged.connect(lambda value, n=name, a=axis: self._landmark_axis_edited(n, a, value))
                 self.landmark_table.setCellWidget(row, axis + 1, spin)
                 spins.append(spin)
             self.landmark_spins[name] = spins
@@ -1127,28 +1127,21 @@ class MainWindow(QMainWindow):
         self.registration_finished.emit(outcome)
 
     # ================================================================== landmarks
-    def _landmark_edited(self, name: str) -> None:
-        spins = self.landmark_spins.get(name)
-        if not spins:
-            return
+    def _landmark_axis_edited(self, name: str, axis: int, value: float) -> None:
+        """A coordinate typed into the landmark table: only that coordinate changes (the others
+        keep their full precision rather than the table's rounded display)."""
+        point = list(self.session.landmarks_mm.get(name, (0.0, 0.0, 0.0)))
+        point[axis] = float(value)
+        self.move_landmark(name, point)
+
+    def move_landmark(self, name: str, position_mm) -> None:
+        """Move a landmark (typed, dragged in 3D, or from a script) and show the new measurements."""
         try:
-            self.session.move_landmark(name, [spin.value() for spin in spins])
+            self.session.move_landmark(name, [float(v) for v in position_mm])
         except Exception as error:  # noqa: BLE001
             self.report_error(error)
         self._refresh_measurements()
         self._refresh_steps()
-
-    def move_landmark(self, name: str, position_mm) -> None:
-        """Move a landmark (from a 3D handle, or as if typed into the editor)."""
-        spins = self.landmark_spins.get(name)
-        if not spins:
-            return
-        position_mm = [float(v) for v in position_mm]
-        for spin, value in zip(spins, position_mm):
-            blocked = spin.blockSignals(True)
-            spin.setValue(float(value))
-            spin.blockSignals(blocked)
-        self._landmark_edited(name)
 
     def reset_landmarks(self) -> None:
         self.session.reset_landmarks()

@@ -356,6 +356,25 @@ def measurements_from_landmarks(landmarks_mm: dict[str, Sequence[float]], *, hea
         lesser_trochanter_mm=points.get("lesser_trochanter")))
 
 
+def register_and_load(register: Callable[..., Generator[Any, None, Any]], case_dir, out_dir,
+                      view_names: Sequence[str], *, model: Any, masks: Sequence[np.ndarray],
+                      cancel: Callable[[], bool] | None):
+    """Register (``register``, the contract of :func:`inference.pipeline.register_case`) and read
+    the outputs for display: a progress generator returning a :class:`LoadedResult`.
+
+    Reading the outputs belongs to the job, not to the GUI: SimpleITK holds the GIL while it
+    decompresses a NIfTI volume (a second for the paper grid), which would freeze the window if
+    done in the GUI process; in the registration process it costs the window nothing.
+    """
+    from inference import pipeline
+
+    result = yield from register(case_dir, out_dir, model=model, overwrite=False, masks=masks, cancel=cancel)
+    yield pipeline.Progress(1.0, "Loading results for display")
+    return load_result(result.out_dir, measurements=result.measurements,
+                       landmarks_mm=getattr(result, "landmarks_mm", {}), warnings=result.warnings,
+                       report=result.report, files=result.files, view_names=view_names)
+
+
 # --------------------------------------------------------------------------------------------
 # The session
 # --------------------------------------------------------------------------------------------
@@ -588,18 +607,13 @@ class Session:
                 if isolate:
                     from app.isolated import run_isolated
 
-                    result = yield from run_isolated(register, case_dir, out_dir, cancel=cancel, model=model,
-                                                     overwrite=False, masks=masks)
-                else:
-                    result = yield from register(case_dir, out_dir, model=model, overwrite=False, masks=masks,
-                                                 cancel=cancel)
+                    return (yield from run_isolated(register_and_load, register, case_dir, out_dir, names,
+                                                    cancel=cancel, model=model, masks=masks))
+                return (yield from register_and_load(register, case_dir, out_dir, names, model=model, masks=masks,
+                                                     cancel=cancel))
             except BaseException:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 raise
-            yield pipeline.Progress(1.0, "Loading results for display")
-            return load_result(result.out_dir, measurements=result.measurements,
-                               landmarks_mm=getattr(result, "landmarks_mm", {}), warnings=result.warnings,
-                               report=result.report, files=result.files, view_names=names)
 
         return job
 

@@ -9,7 +9,8 @@ pays for the TensorFlow import and the XLA compilations, so the figure is the st
     python benchmarks/bench_synth.py --json            # compact and paper
     python benchmarks/bench_synth.py --grids compact --subjects 12
 
-Also reports the npz size per sample on disk.
+Also reports the npz size per sample on disk, and the CPU time per subject (on a shared machine
+the wall-clock throughput depends on everyone else's load; ``*_if_idle`` = workers x 60 / CPU s).
 """
 
 from __future__ import annotations
@@ -45,21 +46,23 @@ def _init(grid_name: str, out_dir: str, threads: int, shape: bool, barrier) -> N
     barrier.wait()
 
 
-def _subject(index: int) -> tuple[float, list[int]]:
+def _subject(index: int) -> tuple[float, list[int], float]:
     from inference.data import dataset as ds
 
     start = time.perf_counter()
+    cpu_start = time.process_time()
     femurs = _STATE["femurs"]
     sets = ds.synthesize_view_sets(_STATE["config"], _STATE["grid"], 0, index, femurs[index % len(femurs)])
     sizes = []
     for mode, (arrays, _) in zip(ds.GEOMETRY_MODES, sets):
         path = ds.write_npz(pathlib.Path(_STATE["out"]) / f"{mode}_{index:04d}.npz", arrays)
         sizes.append(path.stat().st_size)
-    return time.perf_counter() - start, sizes
+    return time.perf_counter() - start, sizes, time.process_time() - cpu_start
 
 
-def measure(grid_name: str, subjects: int, workers: int, shape: bool) -> tuple[float, float, float]:
-    """(subjects per minute, mean seconds per subject in a worker, mean npz bytes per sample)."""
+def measure(grid_name: str, subjects: int, workers: int, shape: bool) -> tuple[float, float, float, float]:
+    """(subjects per minute, mean wall seconds per subject in a worker, mean npz bytes per sample,
+    mean CPU seconds per subject in a worker)."""
     from inference.data import dataset as ds
     from inference.data.phantom import load_subject_model
 
@@ -79,7 +82,8 @@ def measure(grid_name: str, subjects: int, workers: int, shape: bool) -> tuple[f
             pool.join()
     per_subject = sum(r[0] for r in results) / len(results)
     sizes = [s for r in results for s in r[1]]
-    return 60.0 * subjects / elapsed, per_subject, sum(sizes) / len(sizes)
+    cpu = sum(r[2] for r in results) / len(results)
+    return 60.0 * subjects / elapsed, per_subject, sum(sizes) / len(sizes), cpu
 
 
 def main(argv=None) -> dict:
@@ -101,9 +105,14 @@ def main(argv=None) -> dict:
                 "generalised DRR pairs, written as npz")
     for grid_name in args.grids:
         n = args.subjects or ({"compact": 12, "paper": 4}[grid_name] // (2 if args.quick else 1))
-        rate, per_subject, size = measure(grid_name, n, args.workers, shape)
+        rate, per_subject, size, cpu = measure(grid_name, n, args.workers, shape)
         report.add(f"{grid_name}_subjects_per_min", rate, "subjects/min", f"{grid_name} throughput ({n} subjects)")
         report.add(f"{grid_name}_s_per_subject_per_worker", per_subject, "s", f"{grid_name} time per subject in a worker")
+        # On a shared machine the wall-clock figure depends on the other load; the CPU time a
+        # worker spends per subject does not, and bounds what idle cores reach.
+        report.add(f"{grid_name}_cpu_s_per_subject", cpu, "s", f"{grid_name} CPU time per subject in a worker")
+        report.add(f"{grid_name}_subjects_per_min_if_idle", 60.0 * args.workers / cpu, "subjects/min",
+                   f"{grid_name} throughput if each worker had a whole core")
         report.add(f"{grid_name}_npz_mb_per_sample", size / 1e6, "MB", f"{grid_name} npz size per sample")
     return report.finish()
 

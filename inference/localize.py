@@ -80,8 +80,11 @@ def _head_in_view(mask: np.ndarray, projection: np.ndarray, point_mm: np.ndarray
     return np.array([uu[top][best], vv[top][best]], float), float(distance[vv[top][best], uu[top][best]]), distance
 
 
-def locate_femoral_head(projections: list[np.ndarray], masks: list[np.ndarray]) -> HeadEstimate:
+def locate_femoral_head(projections: list[np.ndarray], masks: list[np.ndarray],
+                        view_names: list[str] | None = None) -> HeadEstimate:
     """Estimate the femoral head centre in world mm from two views and femur masks.
+
+    ``view_names`` only name the views in error messages.
 
     Raises
     ------
@@ -90,6 +93,10 @@ def locate_femoral_head(projections: list[np.ndarray], masks: list[np.ndarray]) 
     """
     if len(projections) != 2 or len(masks) != 2:
         raise DataError("two views with masks are needed to locate the femur")
+    names = list(view_names) if view_names is not None else ["first", "second"]
+    for name, mask in zip(names, masks):
+        if not np.any(mask):
+            raise DataError(f"the femur mask of view '{name}' is empty")
     pair = geometry.view_pair_check(projections[0], projections[1])
     rough = np.asarray(pair.midpoint_mm, float)
     # Reference view: the one looking most nearly along the patient's y (anteroposterior) axis.

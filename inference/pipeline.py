@@ -33,7 +33,7 @@ from typing import Any, Callable, Generator, Iterator
 import numpy as np
 
 from inference import __version__, geometry, io, views
-from inference.errors import Cancelled, DataError, InputFileError, ModelError
+from inference.errors import Cancelled, DataError, InputFileError, ModelError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,36 @@ def _check(cancel: Callable[[], bool] | None) -> None:
         raise Cancelled("registration cancelled")
 
 
+_ATLAS_CACHE: dict[str, Any] = {}
+
+
+def atlas_for(net) -> Any:
+    """The atlas of a registration model's grid (loaded once per process: the GUI registers many cases)."""
+    from inference import model as model_lib
+    from inference.data import atlas as atlas_lib
+
+    grid_name = model_lib.model_config_of(net).grid
+    if grid_name not in _ATLAS_CACHE:
+        _ATLAS_CACHE[grid_name] = atlas_lib.load_atlas(grid_name)
+    return _ATLAS_CACHE[grid_name]
+
+
+def registration_frame(case) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Images, projection matrices and a start point in the registration world of a case.
+
+    The registration world is the case's world, mirrored in x for a left femur (so that the
+    network always sees a right femur). Every P is normalised so that w > 0 in front of its
+    source; the start point is the closest approach of the two central rays (mirrored too).
+    """
+    pair = geometry.view_pair_check(case.views[0].projection, case.views[1].projection)
+    world = [geometry.normalise_projection(v.projection, front_point_mm=pair.midpoint_mm) for v in case.views]
+    start = np.asarray(pair.midpoint_mm, float)
+    if case.side == "left":
+        world = [p @ MIRROR_X for p in world]
+        start = start * [-1.0, 1.0, 1.0]
+    return [np.asarray(v.image.pixels, np.float32) for v in case.views], world, start
+
+
 def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model: Any = None,
                   overwrite: bool = False, masks: list[np.ndarray | None] | None = None,
                   cancel: Callable[[], bool] | None = None) -> Iterator[Progress]:
@@ -202,62 +232,88 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     model : path, keras.Model or None
         The registration model; None uses the shipped model.
     masks : list of two arrays or None
-        Masks that replace those of the case (e.g. edited in the GUI), in view order.
+        Masks that replace those of the case (e.g. edited in the GUI), in view order; a None entry
+        keeps the case's mask of that view.
     cancel : callable returning True to stop, checked between steps.
+
+    Views without a mask get a proposed one (:mod:`inference.mask_proposal`), written to
+    ``OUT_DIR/proposed_mask_<view>.png`` and marked unconfirmed in report.json.
+
+    Raises
+    ------
+    HipAtlasError
+        Bad input (the message names the file and the problem); nothing is written then.
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
     warnings: list[str] = []
 
     yield Progress(0.02, "Loading case")
+    _refuse_existing_output(out_dir, overwrite)
     case = io.load_case(case_dir)
+    case_json = case.case_dir / io.CASE_JSON
+    mask_sources = ["case" if v.mask is not None else None for v in case.views]
     if masks is not None:
         case = _with_masks(case, masks)
+        mask_sources = ["provided" if m is not None else s for m, s in zip(masks, mask_sources)]
     _check(cancel)
 
     pair = geometry.view_pair_check(case.views[0].projection, case.views[1].projection)
     if pair.angle_deg < MIN_VIEW_ANGLE_DEG:
-        raise DataError(f"{case.case_dir / 'case.json'}: the two views are only {pair.angle_deg:.1f} deg "
+        raise DataError(f"{case_json}: the two views are only {pair.angle_deg:.1f} deg "
                         f"apart; at least {MIN_VIEW_ANGLE_DEG:.0f} deg (ideally 90) is needed")
     if pair.angle_deg < 60.0:
         warnings.append(f"views are {pair.angle_deg:.0f} deg apart; accuracy is best near 90 deg")
+    images, projections, start_mm = registration_frame(case)
+    mirror = case.side == "left"
+    world_projections = [p @ MIRROR_X for p in projections] if mirror else projections
+
+    full_masks: list[np.ndarray | None] = [None if v.mask is None else np.asarray(v.mask) > 0 for v in case.views]
+    for view, mask in zip(case.views, full_masks):
+        if mask is not None and not mask.any():
+            raise InputFileError(f"{_mask_name(view)}: the femur mask of view '{view.name}' is empty")
+    head = None
+    if all(m is not None for m in full_masks):
+        # Locate the femur before loading the model: bad masks or calibrations fail in a second.
+        head = _locate_checked(case, projections, full_masks, start_mm)
 
     yield Progress(0.08, "Loading model")
     t0 = time.perf_counter()
     net = load_registration_model(model)
     from inference import model as model_lib
-    from inference.data import atlas as atlas_lib
 
     config = model_lib.model_config_of(net)
-    atlas = atlas_lib.load_atlas(config.grid)
+    atlas = atlas_for(net)
     timings["load_model_s"] = time.perf_counter() - t0
     _check(cancel)
 
-    # Any non-zero scale of P is the same camera, including a negative one; fix the sign so that
-    # points between source and detector have w > 0 (the midpoint of the central rays is there).
-    world_projections = [geometry.normalise_projection(v.projection, front_point_mm=pair.midpoint_mm)
-                         for v in case.views]
-    mirror = case.side == "left"
-    projections = [p @ MIRROR_X if mirror else p for p in world_projections]
+    proposal = None
+    if head is None:
+        yield Progress(0.12, "Proposing femur masks")
+        from inference import mask_proposal
+
+        t0 = time.perf_counter()
+        proposal = mask_proposal.propose(images, projections, net, atlas, start_mm, cancel=cancel)
+        for index, view in enumerate(case.views):
+            if full_masks[index] is None:
+                full_masks[index] = proposal.masks[index]
+                mask_sources[index] = "proposed"
+                warnings.append(f"view '{view.name}': no femur mask was given; the mask was proposed "
+                                "automatically and is not confirmed: check proposed_mask_"
+                                f"{_safe_name(view.name)}.png")
+        timings["mask_proposal_s"] = time.perf_counter() - t0
+        head = _locate_checked(case, projections, full_masks, start_mm)
+        _check(cancel)
 
     yield Progress(0.15, "Preparing views")
-    mask_sources = []
-    full_masks = []
-    for view in case.views:
-        if view.mask is None:
-            raise InputFileError(f"{view.image_path}: view '{view.name}' has no femur mask; "
-                                 "draw or confirm one in the GUI, or add a mask file to case.json")
-        full_masks.append(np.asarray(view.mask) > 0)
-        mask_sources.append("case")
-        border = _touches_border(full_masks[-1])
+    for view, mask in zip(case.views, full_masks):
+        border = _touches_border(mask)
         if border:
             warnings.append(f"view '{view.name}': the femur mask touches the image border ({border})")
-    head = _locate(projections, full_masks)
     grid = placed_grid(atlas.geometry, atlas.landmarks["head_centre"], head.centre_mm)
 
     images_net, masks_net, projections_net = [], [], []
-    for view, projection, mask in zip(case.views, projections, full_masks):
-        pixels = np.asarray(view.image.pixels, np.float32)
+    for view, pixels, projection, mask in zip(case.views, images, projections, full_masks):
         net_view = views.network_view(projection, grid, config.detector_hw, pixels.shape)
         if net_view.covered_fraction() < 0.6:
             warnings.append(f"view '{view.name}': the femur region extends beyond the radiograph")
@@ -278,7 +334,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     psi = np.asarray(outputs["psi"])[0]
     timings["network_s"] = time.perf_counter() - t0
     if not (labels == 1).any():
-        raise DataError("the registration produced an empty femur; check the masks and calibration")
+        raise DataError(f"{case_json}: the registration produced an empty femur; check the masks and calibration")
     _check(cancel)
 
     yield Progress(0.55, "Warping atlas")
@@ -294,6 +350,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     _check(cancel)
 
     yield Progress(0.65, "Measuring")
+    t0 = time.perf_counter()
     from inference import measure, surface
 
     measurements = measure.measure_femur(labels, grid, side="right")
@@ -303,7 +360,10 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         measurements = mirror_measurements(measurements)
         landmarks = {k: [-v[0], v[1], v[2]] for k, v in landmarks.items()}
     measurements["side"] = case.side
+    timings["measure_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     mesh = surface.label_surface(out_labels, out_grid, label=1)
+    timings["surface_s"] = time.perf_counter() - t0
     _check(cancel)
 
     yield Progress(0.75, "Writing overlays")
@@ -323,15 +383,18 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         "software": {"name": "hipatlas", "version": __version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "case_dir": str(case.case_dir),
+        "case_json_sha256": io.sha256_file(case_json),
         "side": case.side,
         "model": model_identity(net),
-        "atlas": {"grid": config.grid, "sha256": getattr(atlas, "sha256", None)},
+        "atlas": {"grid": config.grid, "files_sha256": dict(atlas.provenance.get("files", {}))},
         "views": [{
             "name": v.name,
             "image": str(v.image_path.name),
             "image_sha256": v.image.sha256,
-            "mask": str(v.mask_path.name) if v.mask_path else None,
-            "mask_sha256": io.sha256_file(v.mask_path) if v.mask_path else None,
+            "image_size_px": [int(s) for s in v.image.shape],
+            "mask": (f"proposed_mask_{_safe_name(v.name)}.png" if src == "proposed"
+                     else str(v.mask_path.name) if src == "case" and v.mask_path else None),
+            "mask_sha256": io.sha256_file(v.mask_path) if src == "case" and v.mask_path else None,
             "mask_source": src,
             "mask_confirmed": src != "proposed",
             "calibration": dataclasses.asdict(v.calibration) if dataclasses.is_dataclass(v.calibration) else str(v.calibration),
@@ -342,6 +405,11 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         "timings_s": timings,
         "warnings": warnings,
     }
+    if proposal is not None:
+        pose_head = proposal.pose.head_mm * ([-1.0, 1.0, 1.0] if mirror else 1.0)
+        report["mask_proposal"] = {"atlas_head_mm": [float(x) for x in pose_head],
+                                   "atlas_scale": float(proposal.pose.scale),
+                                   "timings_s": proposal.timings_s}
     with io.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         files = {
             "femur_labels": io.write_volume(tmp / "femur_labels.nii.gz", out_labels, out_grid, dtype=np.uint8),
@@ -352,6 +420,10 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         }
         for name, rgb in overlays.items():
             files[f"overlay_{name}"] = io.write_png_atomic(tmp / f"overlay_{_safe_name(name)}.png", rgb)
+        for view, mask, src in zip(case.views, full_masks, mask_sources):
+            if src == "proposed":
+                files[f"proposed_mask_{view.name}"] = io.write_png_atomic(
+                    tmp / f"proposed_mask_{_safe_name(view.name)}.png", mask.astype(np.uint8) * 255)
         timings["total_s"] = time.perf_counter() - started
         files["report"] = io.write_json_atomic(tmp / "report.json", report)
     final = pathlib.Path(out_dir)
@@ -359,6 +431,66 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     yield Progress(1.0, "Done")
     return RegistrationResult(out_dir=final, measurements=measurements, warnings=warnings, files=files,
                               report=report, landmarks_mm={k: list(map(float, v)) for k, v in landmarks.items()})
+
+
+def _refuse_existing_output(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse a non-empty output folder before any work (atomic_output_dir checks again at the end)."""
+    final = pathlib.Path(out_dir)
+    if final.exists() and not final.is_dir():
+        raise OutputError(f"{final}: exists and is not a folder; choose another output folder")
+    if final.is_dir() and not overwrite and any(final.iterdir()):
+        raise OutputError(f"{final}: the output folder already exists and is not empty; choose a new "
+                          "folder or pass --overwrite")
+
+
+def _mask_name(view) -> pathlib.Path | str:
+    return view.mask_path if view.mask_path is not None else f"mask of view '{view.name}'"
+
+
+def _locate_checked(case, projections, masks, start_mm):
+    """Locate the femoral head; refuse masks whose femur is cut off, naming the files."""
+    from inference.localize import locate_femoral_head
+
+    case_json = case.case_dir / io.CASE_JSON
+    for view, projection, mask in zip(case.views, projections, masks):
+        if _head_cut_off(mask, projection, start_mm):
+            raise DataError(f"{_mask_name(view)}: the femur runs off the top of radiograph "
+                            f"{view.image_path.name} (view '{view.name}'): the femoral head is outside the "
+                            "field of view; the hip must be fully visible in both views")
+    try:
+        head = locate_femoral_head(projections, masks, [v.name for v in case.views])
+    except DataError as error:
+        raise DataError(f"{case_json}: {error}") from None
+    # The head must project inside both radiographs (not beside them, e.g. with the wrong P).
+    for view, projection in zip(case.views, projections):
+        u, v = geometry.project_points(projection, head.centre_mm[None])[0]
+        rows, cols = view.image.shape
+        if not (0 <= u <= cols - 1 and 0 <= v <= rows - 1):
+            raise DataError(f"{view.image_path}: the femoral head located from the masks projects outside "
+                            f"this radiograph (view '{view.name}', pixel {u:.0f}, {v:.0f}); check the "
+                            f"projection matrices in {case_json}")
+    return head
+
+
+def _head_cut_off(mask: np.ndarray, projection: np.ndarray, point_mm: np.ndarray) -> bool:
+    """True if the mask's most superior part lies on the image border: the head is cut off.
+
+    The femoral head is the femur's top end in both AP and lateral views; a mask whose top
+    (along the patient's superior direction as P projects it near ``point_mm``) touches the
+    border continues beyond the image, so the head is not (fully) visible. The shaft leaving the
+    image at the bottom is normal.
+    """
+    from inference.localize import _superior_direction
+
+    vv, uu = np.nonzero(mask)
+    if vv.size == 0:
+        return False
+    rows, cols = mask.shape
+    up = _superior_direction(projection, np.asarray(point_mm, float))
+    height = uu * up[0] + vv * up[1]
+    top = height >= height.max() - 2.0  # the topmost 2 pixels of the mask
+    on_border = (uu[top] == 0) | (uu[top] == cols - 1) | (vv[top] == 0) | (vv[top] == rows - 1)
+    return bool(on_border.any())
 
 
 def invert_displacement_at(atlas_point_mm: np.ndarray, psi: np.ndarray,
@@ -414,34 +546,24 @@ def _touches_border(mask: np.ndarray) -> str:
     return ", ".join(k for k, v in sides.items() if v)
 
 
-def _locate(projections, masks):
-    from inference.localize import locate_femoral_head
-
-    return locate_femoral_head(projections, masks)
-
-
 def overlay_image(pixels: np.ndarray, projection: np.ndarray, labels: np.ndarray,
                   grid: "geometry.VolumeGeometry", max_side: int = 768):
     """The radiograph in grey with the contour of the projected femur in colour.
 
-    The silhouette is rendered (path length through the femur label > 0) on a detector at most
-    ``max_side`` pixels wide, then upsampled: a full-resolution render of a 3000-pixel radiograph
-    would cost seconds for a one-pixel-wide line. Returns (RGB uint8 array, NCC between the
-    radiograph and the projected femur thickness inside the silhouette's bounding box or None).
+    The silhouette is the femur label's path length (> 0.5 mm) from
+    :func:`inference.mask_proposal.project_label`: voxel centres splatted onto a detector of about
+    the voxel size, then upsampled. It is numpy only; ray marching with
+    :func:`inference.drr.render_path_length` gave the same outline but cost ~3 s per new image size
+    in TensorFlow tracing, most of a command-line run. ``max_side`` is kept for compatibility
+    (the render size follows the voxel size). Returns (RGB uint8 array, NCC between the radiograph
+    and the projected femur thickness inside the silhouette's bounding box, or None).
     """
     from scipy import ndimage
-    from inference import drr
+    from inference.mask_proposal import project_label
 
     pixels = np.asarray(pixels, np.float32)
     rows, cols = pixels.shape
-    factor = max(1.0, max(rows, cols) / max_side)
-    small = (max(1, int(round(rows / factor))), max(1, int(round(cols / factor))))
-    p_small = geometry.resize_to(projection, (rows, cols), small)
-    thickness = drr.render_path_length(labels, grid, p_small, small[0], small[1], label=1)
-    zoom = (rows / small[0], cols / small[1])
-    thickness_full = ndimage.zoom(thickness, zoom, order=1)[:rows, :cols]
-    if thickness_full.shape != (rows, cols):
-        thickness_full = np.pad(thickness_full, ((0, rows - thickness_full.shape[0]), (0, cols - thickness_full.shape[1])))
+    thickness_full = project_label(labels, grid, projection, (rows, cols), label=1)
     silhouette = thickness_full > 0.5
     width = max(1, int(round(max(rows, cols) / 600)))
     edge = silhouette & ~ndimage.binary_erosion(silhouette, iterations=width)

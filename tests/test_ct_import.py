@@ -18,7 +18,7 @@ from inference import geometry as g
 from inference.data import ct_import
 from inference.data import dataset as ds
 from inference.errors import DataError, InputFileError
-from inference.io import read_volume, write_volume
+from inference.io import write_volume
 
 SPACING = (2.5, 2.5, 3.0)
 
@@ -201,16 +201,23 @@ def test_bad_inputs_raise_typed_errors_and_write_nothing(tmp_path, left_ct):
 
 def test_prepare_ct_command_line(tmp_path, left_ct):
     from inference import cli
-    from inference.data import cli_data
 
     out = tmp_path / "cli"
     status = cli.run(["prepare-ct", "--ct", str(left_ct["dicom"]), "--labels", str(left_ct["labels"]), "--side",
-                      "left", "--out", str(out), "--quiet", "--no-realism"], extra=[cli_data.add_parser])
+                      "left", "--out", str(out), "--quiet", "--no-realism"], extra=_extra_commands())
     assert status == 0
     manifest = ds.load_manifest(out)
     assert manifest["grid"]["name"] == "compact" and len(manifest["samples"]) == 1
     sample = ds.load_sample(out / manifest["samples"][0]["file"])
     assert sample["volume"].shape == (96, 64, 96) and sample["images"].shape == (2, 80, 112)
     status = cli.run(["prepare-ct", "--ct", str(left_ct["dicom"]), "--labels", str(tmp_path / "nope.nii.gz"),
-                      "--side", "left", "--out", str(tmp_path / "cli2"), "--quiet"], extra=[cli_data.add_parser])
+                      "--side", "left", "--out", str(tmp_path / "cli2"), "--quiet"], extra=_extra_commands())
     assert status == 2 and not (tmp_path / "cli2").exists()
+
+
+def _extra_commands():
+    """The data subcommands, unless inference.cli already registers them."""
+    from inference import cli
+    from inference.data import cli_data
+
+    return [] if "inference.data.cli_data" in cli.SUBCOMMAND_MODULES else [cli_data.add_parser]

@@ -154,11 +154,10 @@ def test_phantom_case_and_separate_truth(tmp_path, side, monkeypatch):
 
 def test_geometry_command_line(tmp_path, ct_files):
     from inference import cli
-    from inference.data import cli_data
 
     path = tmp_path / "geom.json"
     status = cli.run(["simulate", "--write-geometry", str(path), "--isocentre", *map(str, HEAD_WORLD), "--rows",
-                      "40", "--cols", "48", "--pixel-mm", "5", "--side", "left"], extra=[cli_data.add_parser])
+                      "40", "--cols", "48", "--pixel-mm", "5", "--side", "left"], extra=_extra_commands())
     assert status == 0
     side, views = sim.load_geometry_file(path)
     assert side == "left" and [(v.rows, v.cols) for v in views] == [(40, 48), (40, 48)]
@@ -166,5 +165,13 @@ def test_geometry_command_line(tmp_path, ct_files):
     for view in views:
         np.testing.assert_allclose(g.project_points(view.projection, HEAD_WORLD[None])[0], [23.5, 19.5], atol=1e-9)
     status = cli.run(["simulate", "--ct", str(ct_files / "ct.nii.gz"), "--geometry", str(tmp_path / "missing.json"),
-                      "--out", str(tmp_path / "case"), "--quiet"], extra=[cli_data.add_parser])
+                      "--out", str(tmp_path / "case"), "--quiet"], extra=_extra_commands())
     assert status == 2 and not (tmp_path / "case").exists()
+
+
+def _extra_commands():
+    """The data subcommands, unless inference.cli already registers them."""
+    from inference import cli
+    from inference.data import cli_data
+
+    return [] if "inference.data.cli_data" in cli.SUBCOMMAND_MODULES else [cli_data.add_parser]

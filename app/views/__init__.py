@@ -1,0 +1,1 @@
+"""Widgets of the workstation: radiographs with masks and overlays, the 3D view, slice views."""

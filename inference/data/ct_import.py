@@ -272,7 +272,6 @@ def prepare_ct(ct: str | os.PathLike, labels: str | os.PathLike, side: str, out_
         Unreadable input, empty label, femur outside the field of view, incompatible folder. No
         file is left behind on error.
     """
-    from inference import geometry as geo
     from inference.data import dataset as ds
     from inference.errors import Cancelled
     from inference.io import sha256_file

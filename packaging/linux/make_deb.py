@@ -219,7 +219,8 @@ def stage(bundle: pathlib.Path, icons: pathlib.Path, staging: pathlib.Path, vers
     return control
 
 
-def build_deb(staging: pathlib.Path, out_file: pathlib.Path, compression: str = "xz", level: int | None = None) -> None:
+def build_deb(staging: pathlib.Path, out_file: pathlib.Path, compression: str = "zstd",
+              level: int | None = None) -> None:
     command = ["dpkg-deb", "--root-owner-group", f"-Z{compression}"]
     if level is not None:
         command.append(f"-z{level}")
@@ -233,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--icons", default=str(bm.ROOT / "build" / "icons"), help="output of make_icons.py")
     parser.add_argument("--out", default=str(bm.ROOT / "dist"), help="folder that receives the .deb")
     parser.add_argument("--arch", default=None, help="Debian architecture (default: this machine's)")
-    parser.add_argument("--compression", default="xz", choices=["xz", "zstd", "gzip", "none"],
-                        help="xz (default) installs on every dpkg; zstd builds faster and needs dpkg >= 1.21.18")
+    parser.add_argument("--compression", default="zstd", choices=["zstd", "xz", "gzip", "none"],
+                        help="zstd (default) builds fast and is read by the dpkg of every distribution with "
+                        "the glibc the bundle needs (Debian 12, Ubuntu 24.04 and newer); xz is smaller, much "
+                        "slower to build, and needed only for dpkg older than 1.21.18 (Debian 11)")
     parser.add_argument("--level", type=int, default=None, help="compression level (dpkg-deb -z)")
     parser.add_argument("--control-only", action="store_true", help="print the control file and exit")
     parser.add_argument("--check-libs", metavar="DIR", help="list the system libraries that the binaries "

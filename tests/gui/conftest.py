@@ -3,19 +3,82 @@
 VTK needs a real X display (Qt's ``offscreen`` platform cannot host an OpenGL render window), so
 the session starts its own ``Xvfb`` when no ``DISPLAY`` is set. The Qt application is created after
 that (``qapp_args`` depends on ``x_display``).
+
+TensorFlow and OpenGL rendering cannot share a process where Mesa renders in software
+(llvmpipe): TensorFlow loads its LLVM with global symbol visibility and Mesa's driver then calls
+into it (segmentation fault in the first paint, or in TensorFlow's import when VTK rendered
+first). The workstation never loads TensorFlow (the pipeline runs in a child process, see
+``app/isolated.py``), but a whole-project test run does: other test modules import it while
+being collected. In that case :func:`pytest_collection_modifyitems` replaces the tests of this
+folder with one test that runs them in a fresh pytest process, where TensorFlow is never imported.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 import select
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
 
 from gui_helpers import synthetic_register, write_synthetic_case
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------- TensorFlow guard
+class GuiSuiteFailed(Exception):
+    """The GUI tests failed in their own process; the message is that run's report."""
+
+
+class GuiSuiteInSubprocess(pytest.Item):
+    """Runs the selected tests of this folder in a fresh pytest process (see the module docstring)."""
+
+    def __init__(self, *, node_ids, markexpr, **kwargs):
+        super().__init__(**kwargs)
+        self.node_ids = list(node_ids)
+        self.markexpr = markexpr
+        # the whole folder runs as one test: allow it the time of all of its tests
+        self.add_marker(pytest.mark.timeout(1800))
+
+    def runtest(self) -> None:
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", self.markexpr,
+                   *self.node_ids]
+        done = subprocess.run(command, cwd=self.config.rootpath, capture_output=True, text=True, timeout=1800)
+        summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"\n{self.name}: {summary}")
+        if done.returncode != 0:
+            raise GuiSuiteFailed(f"{summary}\n\n{done.stdout[-30000:]}\n{done.stderr[-5000:]}")
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, GuiSuiteFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self):
+        return self.path, None, self.name
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection
+def pytest_collection_modifyitems(session, config, items):
+    ours = [item for item in items if HERE in pathlib.Path(item.path).resolve().parents]
+    if not ours or "tensorflow" not in sys.modules:
+        return
+    parent = ours[0].parent
+    while parent is not None and pathlib.Path(parent.path).resolve() != HERE:
+        parent = parent.parent
+    runner = GuiSuiteInSubprocess.from_parent(
+        parent or session, name="GUI tests (own process, TensorFlow-free)",
+        node_ids=[item.nodeid for item in ours], markexpr=config.option.markexpr or "")
+    moved = {id(item) for item in ours}
+    items[:] = [item for item in items if id(item) not in moved] + [runner]
+
 
 # ---------------------------------------------------------------------------- display
 _XVFB_SCREEN = "1600x1000x24"
@@ -23,14 +86,7 @@ _XVFB_SCREEN = "1600x1000x24"
 
 @pytest.fixture(scope="session")
 def x_display():
-    """An X display for Qt + VTK: the existing ``DISPLAY``, else a private Xvfb server.
-
-    Mesa's ``softpipe`` rasteriser is chosen (unless GALLIUM_DRIVER is set): the default
-    ``llvmpipe`` carries its own LLVM, which clashes with TensorFlow's in one process (segmentation
-    fault in the first OpenGL paint). The workstation itself never loads TensorFlow (the pipeline
-    runs in a child process), but a test session does: other test modules import it.
-    """
-    os.environ.setdefault("GALLIUM_DRIVER", "softpipe")
+    """An X display for Qt + VTK: the existing ``DISPLAY``, else a private Xvfb server."""
     if os.environ.get("DISPLAY"):
         yield os.environ["DISPLAY"]
         return
