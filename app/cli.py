@@ -28,6 +28,10 @@ def _run_gui(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
+    import multiprocessing
+
+    # The GUI runs registration in a spawned process; frozen (PyInstaller) builds need this.
+    multiprocessing.freeze_support()
     return inference_cli.run(argv, extra=(_add_gui,))
 
 

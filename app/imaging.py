@@ -145,7 +145,7 @@ def index_from_slice_px(current_zyx: tuple[int, int, int], shape_zyx: tuple[int,
     return tuple(out)
 
 
-def label_rgba(labels_2d: np.ndarray, alpha: int = 110, outline_only: bool = False) -> np.ndarray:
+def label_rgba(labels_2d: np.ndarray, alpha: int = 80, outline_only: bool = False) -> np.ndarray:
     """RGBA tint of a label slice: each label in its colour (:data:`LABEL_COLOURS`), 0 transparent."""
     labels = np.asarray(labels_2d)
     rgba = np.zeros(labels.shape + (4,), dtype=np.uint8)

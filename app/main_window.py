@@ -210,6 +210,9 @@ class SettingsDialog(QDialog):
         self.units.addItems(["mm", "cm"])
         self.units.setCurrentText(settings.units)
         form.addRow("Length units", self.units)
+        self.auto_propose = QCheckBox("Propose masks from the atlas when a case has none")
+        self.auto_propose.setChecked(settings.auto_propose)
+        form.addRow("Masks", self.auto_propose)
         self.autosave = QSpinBox()
         self.autosave.setRange(0, 60)
         self.autosave.setSuffix(" min")
@@ -230,6 +233,7 @@ class SettingsDialog(QDialog):
         self.settings.model_path = self.model.text().strip()
         self.settings.device = self.device.currentText()
         self.settings.units = self.units.currentText()
+        self.settings.auto_propose = self.auto_propose.isChecked()
         self.settings.autosave_minutes = self.autosave.value()
         self.settings.sync()
 
@@ -250,6 +254,7 @@ class MainWindow(QMainWindow):
     registration_finished = Signal(str)   # "finished", "cancelled" or "errored"
     error_reported = Signal(str)          # the one-line message of every reported error
     closed = Signal()                     # after the window has shut down (close accepted)
+    proposal_finished = Signal(str)       # a mask proposal ended: "finished", "cancelled", "errored"
 
     def __init__(self, settings: Settings | None = None, session: Session | None = None, *, interactive: bool = True):
         super().__init__()
@@ -259,6 +264,7 @@ class MainWindow(QMainWindow):
         self.errors: list[str] = []
         self.last_error_box: QMessageBox | None = None
         self.worker: GeneratorWorker | None = None
+        self.proposal_worker: GeneratorWorker | None = None
         self.undo_stack = QUndoStack(self)
         self.recovery = project_io.RecoveryStore(self.settings.recovery_dir)
         self._stroke_before: dict[int, np.ndarray] = {}
@@ -413,6 +419,7 @@ class MainWindow(QMainWindow):
         history.addWidget(self.redo_button)
         layout.addLayout(history)
         self.mask_rows = []
+        self.propose_buttons = []
         for index in range(2):
             group = QGroupBox(f"View {index + 1}")
             grid = QGridLayout(group)
@@ -420,9 +427,10 @@ class MainWindow(QMainWindow):
             status.setWordWrap(True)
             confirm = QCheckBox("Mask confirmed")
             confirm.toggled.connect(lambda checked, i=index: self.set_mask_confirmed(i, checked))
-            propose = QPushButton("Propose again")
-            propose.setToolTip("Replace the mask with an automatic proposal (undoable)")
-            propose.clicked.connect(lambda _=False, i=index: self.reset_mask(i, "proposed"))
+            propose = QPushButton("Propose")
+            propose.setToolTip("Replace the mask with the atlas-based proposal (needs the model; undoable)")
+            propose.clicked.connect(lambda _=False, i=index: self.start_mask_proposal([i]))
+            self.propose_buttons.append(propose)
             original = QPushButton("Case mask")
             original.setToolTip("Go back to the mask file of the case (undoable)")
             original.clicked.connect(lambda _=False, i=index: self.reset_mask(i, "case file"))
@@ -435,6 +443,22 @@ class MainWindow(QMainWindow):
             grid.addWidget(confirm, 2, 0, 1, 3)
             layout.addWidget(group)
             self.mask_rows.append((group, status, confirm, original))
+        proposal_row = QHBoxLayout()
+        self.proposal_progress = QProgressBar()
+        self.proposal_progress.setRange(0, 1000)
+        self.proposal_progress.setTextVisible(False)
+        self.proposal_progress.setMaximumHeight(8)
+        self.proposal_cancel = QPushButton("Stop")
+        self.proposal_cancel.setToolTip("Stop the automatic mask proposal")
+        self.proposal_cancel.clicked.connect(self.cancel_mask_proposal)
+        proposal_row.addWidget(self.proposal_progress, 1)
+        proposal_row.addWidget(self.proposal_cancel)
+        layout.addLayout(proposal_row)
+        self.proposal_status = QLabel("")
+        self.proposal_status.setObjectName("hint")
+        self.proposal_status.setWordWrap(True)
+        layout.addWidget(self.proposal_status)
+        self._show_proposal_progress(False)
         self.mask_next = QPushButton("Continue to registration")
         self.mask_next.setObjectName("primary")
         self.mask_next.clicked.connect(lambda: self.go_to_step("Register"))
@@ -741,6 +765,8 @@ class MainWindow(QMainWindow):
     def _refresh_register_panel(self) -> None:
         running = self.worker is not None
         blocker = self.session.register_blocker()
+        if blocker is None and self.proposal_worker is not None:
+            blocker = "wait for the mask proposal to finish (or stop it)"
         self.register_button.setEnabled(blocker is None and not running)
         self.actions["register"].setEnabled(blocker is None and not running)
         self.actions["cancel"].setEnabled(running)
@@ -881,6 +907,9 @@ class MainWindow(QMainWindow):
         return answer == QMessageBox.StandardButton.Discard
 
     def _replace_session(self, session: Session) -> None:
+        if self.proposal_worker is not None:
+            self.proposal_worker.cancel()
+            self.proposal_worker.wait(30_000)
         old = self.session
         self.session = session
         if old is not session:
@@ -916,6 +945,7 @@ class MainWindow(QMainWindow):
         self._remember(folder)
         self.go_to_step("Masks")
         self._status(f"Opened {new.case_label}: check and confirm both masks")
+        self._propose_if_needed()
         return True
 
     def import_radiographs(self, imports: Sequence[RadiographImport], side: str) -> bool:
@@ -933,6 +963,7 @@ class MainWindow(QMainWindow):
         self.settings.last_folder = str(pathlib.Path(imports[0].image_path).parent)
         self.go_to_step("Masks")
         self._status("Imported two radiographs: check and confirm both masks")
+        self._propose_if_needed()
         return True
 
     def open_project(self, path: str | os.PathLike) -> bool:
@@ -1011,10 +1042,7 @@ class MainWindow(QMainWindow):
         if index >= len(self.session.views):
             return
         try:
-            if source == "proposed":
-                with _busy():
-                    mask = self.session.proposed_mask(index)
-            elif source == "case file":
+            if source == "case file":
                 mask = self.session.case_mask(index)
                 if mask is None:
                     return
@@ -1026,6 +1054,103 @@ class MainWindow(QMainWindow):
             return
         if edit is not None:
             self.undo_stack.push(MaskEditCommand(self, index, edit, f"Mask: {source}", applied=True))
+
+    # ---------------------------------------------------------------- mask proposals
+    def _propose_if_needed(self) -> None:
+        waiting = self.session.views_awaiting_proposal
+        if waiting and self.settings.auto_propose:
+            self.start_mask_proposal(waiting, automatic=True)
+        elif waiting:
+            names = " and ".join(self.session.views[i].name for i in waiting)
+            self.proposal_status.setText(f"No mask file for {names}: press Propose for the atlas-based "
+                                         "proposal, or draw the femur (polygon or brush).")
+
+    def start_mask_proposal(self, indices: Sequence[int], automatic: bool = False) -> bool:
+        """Propose masks from the atlas (model + image edges) in the background for ``indices``.
+
+        ``automatic``: started on opening a case; the proposal then replaces only masks nobody
+        has edited or confirmed meanwhile, and a failure is shown in the panel, not in a dialog.
+        """
+        if self.proposal_worker is not None or self.worker is not None or not self.session.has_case:
+            return False
+        try:
+            job = self.session.mask_proposal_job(model=self.settings.model_path or None)
+        except Exception as error:  # noqa: BLE001
+            self.report_error(error)
+            return False
+        worker = GeneratorWorker(job, self)
+        indices = list(indices)
+        session = self.session  # a proposal must never land in a case opened meanwhile
+        worker.progress.connect(lambda fraction, message: (
+            self.proposal_progress.setValue(int(1000 * max(0.0, min(1.0, fraction)))),
+            self.proposal_status.setText(message)))
+        worker.succeeded.connect(lambda masks: self._on_proposed(masks, indices, automatic)
+                                 if self.session is session else None)
+        worker.cancelled.connect(lambda: self.proposal_status.setText("Mask proposal stopped."))
+        worker.errored.connect(lambda error: self._on_proposal_failed(error, automatic))
+        worker.done.connect(self._on_proposal_done)
+        self.proposal_worker = worker
+        self._show_proposal_progress(True)
+        self.proposal_status.setText("Proposing femur masks from the atlas\u2026")
+        worker.start()
+        self._refresh_register_panel()
+        return True
+
+    def cancel_mask_proposal(self) -> None:
+        if self.proposal_worker is not None:
+            self.proposal_worker.cancel()
+
+    def _on_proposed(self, masks, indices: Sequence[int], automatic: bool) -> None:
+        views = self.session.views
+        if len(masks) != len(views):
+            self._on_proposal_failed(f"the proposal gave {len(masks)} masks for {len(views)} views", automatic)
+            return
+        awaiting = set(self.session.views_awaiting_proposal)
+        applied = []
+        self.undo_stack.beginMacro("Atlas mask proposal")
+        try:
+            for index in indices:
+                if automatic and index not in awaiting:
+                    continue  # edited or confirmed by the user while the proposal ran
+                edit = self.session.replace_mask(index, masks[index], "proposed")
+                if edit is not None:
+                    self.undo_stack.push(MaskEditCommand(self, index, edit, "Mask proposal", applied=True))
+                applied.append(views[index].name)
+        except Exception as error:  # noqa: BLE001
+            self.report_error(error)
+        finally:
+            self.undo_stack.endMacro()
+        self._refresh_view_headers()
+        self.proposal_status.setText(
+            ("Proposed masks for " + " and ".join(applied) + ": check them, correct them if needed and confirm.")
+            if applied else "Proposal finished; your edited masks were kept.")
+
+    def _on_proposal_failed(self, error, automatic: bool) -> None:
+        message = first_line(error)
+        if automatic:
+            log.warning("automatic mask proposal failed: %s", message)
+            self.proposal_status.setText(f"Automatic mask proposal unavailable ({message}). Draw the "
+                                         "femur with the polygon or brush tool.")
+        else:
+            self.proposal_status.setText("Mask proposal failed.")
+            self.report_error(error)
+
+    def _on_proposal_done(self) -> None:
+        worker = self.proposal_worker
+        if worker is None:
+            return
+        worker.wait()
+        self.proposal_worker = None
+        worker.deleteLater()
+        self._show_proposal_progress(False)
+        self._refresh_register_panel()
+        self.proposal_finished.emit(worker.outcome or "errored")
+
+    def _show_proposal_progress(self, visible: bool) -> None:
+        self.proposal_progress.setVisible(visible)
+        self.proposal_cancel.setVisible(visible)
+        if not visible:
+            self.proposal_progress.setValue(0)
 
     def mask_changed(self, index: int, edit) -> None:
         """Called by undo commands and edits: redraw the changed region and the workflow state."""
@@ -1062,6 +1187,8 @@ class MainWindow(QMainWindow):
         if self.worker is not None:
             return False
         blocker = self.session.register_blocker()
+        if blocker is None and self.proposal_worker is not None:
+            blocker = "wait for the mask proposal to finish (or stop it)"
         if blocker is not None:
             self.report_error(f"Cannot register yet: {blocker}.")
             return False
@@ -1361,11 +1488,13 @@ class MainWindow(QMainWindow):
             return
         self._closing = True
         self.autosave_timer.stop()
-        if self.worker is not None:
-            self.worker.cancel()
-            if not self.worker.wait(60_000):
-                log.error("the registration thread did not stop within 60 s")
-            self.worker = None
+        for name in ("worker", "proposal_worker"):
+            worker = getattr(self, name)
+            if worker is not None:
+                worker.cancel()
+                if not worker.wait(60_000):
+                    log.error("the %s thread did not stop within 60 s", name)
+                setattr(self, name, None)
         self.surface_view.close_plotter()
         self.session.close()
         self.recovery.clear()

@@ -1,4 +1,4 @@
-"""Femur mask editing and proposal, without Qt (the mask editor view calls these).
+"""Femur mask editing, without Qt (the mask editor view calls these).
 
 Masks are ``(rows, cols)`` bool arrays on the radiograph's pixel grid (``u`` = column, ``v`` = row,
 pixel centre of (0, 0) at (0, 0), as in ``docs/case-format.md``). Every edit returns a
@@ -12,11 +12,10 @@ import dataclasses
 import logging
 
 import numpy as np
-from scipy import ndimage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MaskEdit", "paint_segment", "fill_polygon", "edit_between", "apply_edit", "propose_mask"]
+__all__ = ["MaskEdit", "paint_segment", "fill_polygon", "edit_between", "apply_edit"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -133,35 +132,3 @@ def edit_between(before: np.ndarray, after: np.ndarray) -> MaskEdit | None:
 def apply_edit(mask: np.ndarray, edit: MaskEdit, *, undo: bool = False) -> None:
     """Write the edit's ``after`` (or ``before`` when ``undo``) into ``mask`` in place."""
     mask[edit.region] = edit.before if undo else edit.after
-
-
-def propose_mask(pixels: np.ndarray) -> np.ndarray:
-    """A first femur mask for the surgeon to correct: bright, large, smooth structure.
-
-    Radiographs are stored with larger = more attenuation, so bone is bright. The image is smoothed
-    (sigma ~ 1/200 of its size, to ignore noise and trabecular texture), thresholded with Otsu's
-    method between the 1st and 99th percentiles, closed, hole-filled, and the largest connected
-    component is kept. It is only a proposal: pelvis overlap and soft tissue are not separated, so
-    the GUI requires each mask to be checked and confirmed before registration.
-    """
-    from skimage.filters import threshold_otsu
-
-    image = np.asarray(pixels, dtype=np.float32)
-    if image.ndim != 2 or image.size == 0:
-        raise ValueError(f"expected a (rows, cols) image, not shape {image.shape}")
-    sigma = max(1.0, max(image.shape) / 200.0)
-    smooth = ndimage.gaussian_filter(image, sigma)
-    lo, hi = np.percentile(smooth, [1, 99])
-    if not hi > lo:
-        return np.zeros(image.shape, dtype=bool)
-    clipped = np.clip(smooth, lo, hi)
-    bright = clipped > threshold_otsu(clipped)
-    closing = max(1, int(round(sigma)))
-    bright = ndimage.binary_closing(bright, iterations=closing)
-    bright = ndimage.binary_fill_holes(bright)
-    components, count = ndimage.label(bright)
-    if count == 0:
-        return bright
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    return components == int(np.argmax(sizes))

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from app.report import permissions_like_open
 from app.session import Session, load_result, mask_png_bytes
 from inference import __version__, io
 from inference.errors import CaseFormatError, InputFileError, OutputError
@@ -131,6 +132,7 @@ def save_project(session: Session, path: str | os.PathLike, *, remember_path: bo
                             _write_member(archive, f"result/{file.name}", source=file)
             handle.flush()
             os.fsync(handle.fileno())
+        permissions_like_open(tmp)
         os.replace(tmp, final)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -155,15 +157,15 @@ def _safe_extract(archive: zipfile.ZipFile, destination: pathlib.Path, source: p
 
 
 def load_project(path: str | os.PathLike, *, work_root: str | os.PathLike | None = None,
-                 register_fn=None, isolate: bool = True) -> Session:
+                 register_fn=None, propose_fn=None, isolate: bool = True) -> Session:
     """Open a project file into a new :class:`Session` (its work folder holds the extracted files).
 
-    ``work_root``, ``register_fn`` and ``isolate`` are passed to the new :class:`Session`.
+    ``work_root``, ``register_fn``, ``propose_fn`` and ``isolate`` are passed to the new :class:`Session`.
     """
     source = pathlib.Path(path)
     if not source.is_file():
         raise InputFileError(f"{source}: project file not found")
-    session = Session(work_root=work_root, register_fn=register_fn, isolate=isolate)
+    session = Session(work_root=work_root, register_fn=register_fn, propose_fn=propose_fn, isolate=isolate)
     try:
         _restore(session, source)
     except BaseException:

@@ -46,6 +46,26 @@ def _calibration_text(calibration: dict[str, Any]) -> str:
     return source + (f" ({'; '.join(details)})" if details else "")
 
 
+def _current_umask() -> int:
+    # /proc tells the umask without changing it; os.umask() can only read it by setting it,
+    # which would briefly affect files created by other threads.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def permissions_like_open(path: str | os.PathLike) -> None:
+    """Give a file made by ``mkstemp`` (mode 0600) the mode a plain ``open()`` would (umask)."""
+    os.chmod(path, 0o666 & ~_current_umask())
+
+
 def write_planning_report(path: str | os.PathLike, content: ReportContent) -> pathlib.Path:
     """Write the report as a PDF at ``path`` (through a temporary file and a rename)."""
     from reportlab.lib import colors
@@ -150,6 +170,7 @@ def write_planning_report(path: str | os.PathLike, content: ReportContent) -> pa
                                      # on their own, so the file stays small.
                                      pageCompression=0)
         document.build(story, onFirstPage=banner, onLaterPages=banner)
+        permissions_like_open(tmp)
         os.replace(tmp, final)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)

@@ -9,9 +9,12 @@ Workflow state
 * **Case**: a ``hipatlas-case/1`` folder (:func:`inference.io.load_case`), or two radiographs
   imported with their calibration (:meth:`Session.import_radiographs` writes such a folder in the
   session's work folder, so the pipeline always reads a case folder).
-* **Masks**: one bool mask per view: the case's mask file when there is one, else a proposal
-  (:func:`app.masks.propose_mask`). Each view must be *confirmed* before registering; any edit
-  withdraws the confirmation.
+* **Masks**: one bool mask per view: the case's mask file when there is one, else empty until the
+  atlas-based proposal of :mod:`inference.mask_proposal` (TensorFlow: run by
+  :meth:`Session.mask_proposal_job` in a child process) arrives, or the user draws it. (A grey-value
+  threshold is no substitute: on a hip radiograph it finds soft tissue and pelvis as readily as the
+  femur, and a wrong mask looks more finished than an empty one.) Each view must be *confirmed*
+  before registering; any edit withdraws the confirmation.
 * **Result**: the registration outputs loaded for display (:class:`LoadedResult`), built in the
   worker thread by the job from :meth:`Session.registration_job`.
 * **Landmarks**: the surgeon may move landmarks; measurements are then recomputed with
@@ -52,6 +55,8 @@ from inference.errors import CalibrationError, CaseFormatError, DataError, Input
 log = logging.getLogger(__name__)
 
 CALIBRATION_FORMAT = "hipatlas-calibration/1"
+#: mask_source of a view whose case has no mask file (empty until proposed or drawn).
+MISSING_MASK = "missing"
 RESEARCH_NOTICE = "Research use only \u2014 not for diagnosis or treatment decisions."
 LENGTH_UNITS = {"mm": 1.0, "cm": 0.1}
 
@@ -87,7 +92,7 @@ class ViewState:
 
     name: str
     mask: np.ndarray                 # (rows, cols) bool, edited in place
-    mask_source: str                 # "case file", "proposed", "edited", "project"
+    mask_source: str                 # "case file", "missing", "proposed", "edited", "cleared", ...
     confirmed: bool
     calibration: dict[str, Any]      # {"source": ..., details...} for display and the report
     display: np.ndarray              # (rows, cols) uint8 windowed radiograph
@@ -356,6 +361,19 @@ def measurements_from_landmarks(landmarks_mm: dict[str, Sequence[float]], *, hea
         lesser_trochanter_mm=points.get("lesser_trochanter")))
 
 
+def propose_case_masks(case_dir, *, model: Any, cancel: Callable[[], bool] | None):
+    """Atlas-based femur mask proposals for every view of a case (a progress generator returning
+    a list of bool masks): :func:`inference.mask_proposal.propose_masks`."""
+    from inference import mask_proposal, pipeline
+
+    yield pipeline.Progress(0.05, "Loading case")
+    case = io.load_case(case_dir)
+    yield pipeline.Progress(0.15, "Proposing femur masks from the atlas")
+    masks = mask_proposal.propose_masks(case, model, cancel=cancel)
+    yield pipeline.Progress(1.0, "Masks proposed")
+    return [np.asarray(mask, dtype=bool) for mask in masks]
+
+
 def register_and_load(register: Callable[..., Generator[Any, None, Any]], case_dir, out_dir,
                       view_names: Sequence[str], *, model: Any, masks: Sequence[np.ndarray],
                       cancel: Callable[[], bool] | None):
@@ -393,17 +411,21 @@ class Session:
         ``register_fn(case_dir, out_dir, *, model, overwrite, masks, cancel)``, a generator with
         the contract of :func:`inference.pipeline.register_case` (the default, looked up at call
         time).
+    propose_fn : callable, optional
+        ``propose_fn(case_dir, *, model, cancel)``: a progress generator returning one proposed
+        mask per view (default :func:`propose_case_masks`).
     isolate : bool
-        Run the registration in a child process (:mod:`app.isolated`; ``register_fn`` must then
+        Run the registration and mask proposals in a child process (:mod:`app.isolated`; ``register_fn`` must then
         be picklable). True for the workstation, which must never load TensorFlow next to its
         OpenGL views; False runs it in the calling thread (scripts, tests of the session).
     """
 
     def __init__(self, work_root: str | os.PathLike | None = None, register_fn: RegisterFunction | None = None,
-                 *, isolate: bool = True):
+                 *, propose_fn: Callable[..., Generator[Any, None, Any]] | None = None, isolate: bool = True):
         self.work_root = work_root
         self.work_dir = pathlib.Path(tempfile.mkdtemp(prefix="hipatlas-session-", dir=work_root))
         self.register_fn = register_fn
+        self.propose_fn = propose_fn
         self.isolate = bool(isolate)
         self.case: io.Case | None = None
         self.case_label = ""
@@ -421,7 +443,8 @@ class Session:
 
     def options(self) -> dict[str, Any]:
         """Constructor arguments for a new session that works like this one (open, import, load)."""
-        return {"work_root": self.work_root, "register_fn": self.register_fn, "isolate": self.isolate}
+        return {"work_root": self.work_root, "register_fn": self.register_fn, "propose_fn": self.propose_fn,
+                "isolate": self.isolate}
 
     # ---------------------------------------------------------------- case
     @property
@@ -437,7 +460,7 @@ class Session:
             if view.mask is not None:
                 mask, source = np.array(view.mask, dtype=bool), "case file"
             else:
-                mask, source = mask_ops.propose_mask(view.image.pixels), "proposed"
+                mask, source = np.zeros(view.image.shape, dtype=bool), MISSING_MASK
             calibration = view.calibration.to_dict()
             if calibration_notes is not None and calibration_notes[index]:
                 calibration = dict(calibration_notes[index])
@@ -551,8 +574,27 @@ class Session:
         """Fold a finished brush stroke (mask was ``before`` at its start) into one edit."""
         return mask_ops.edit_between(before, self._view(index).mask)
 
-    def proposed_mask(self, index: int) -> np.ndarray:
-        return mask_ops.propose_mask(self.case.views[index].image.pixels)
+    @property
+    def views_awaiting_proposal(self) -> list[int]:
+        """Views without a mask file that nobody has drawn on yet."""
+        return [i for i, v in enumerate(self.views) if v.mask_source == MISSING_MASK and not v.confirmed]
+
+    def mask_proposal_job(self, model: Any = None):
+        """A job for the worker: ``job(cancel)`` yields Progress and returns one mask per view."""
+        if self.case is None:
+            raise DataError("open a case first")
+        propose = self.propose_fn or propose_case_masks
+        case_dir = self.case.case_dir
+        isolate = self.isolate
+
+        def job(cancel: Callable[[], bool]):
+            if isolate:
+                from app.isolated import run_isolated
+
+                return (yield from run_isolated(propose, case_dir, cancel=cancel, model=model))
+            return (yield from propose(case_dir, model=model, cancel=cancel))
+
+        return job
 
     def case_mask(self, index: int) -> np.ndarray | None:
         mask = self.case.views[index].mask

@@ -63,6 +63,16 @@ class Settings:
             raise ValueError(f"units must be one of {UNITS}, not {value!r}")
         self.q.setValue("display/units", value)
 
+    @property
+    def auto_propose(self) -> bool:
+        """Start the atlas-based mask proposal when a case without masks is opened."""
+        value = self._get("masks/auto_propose", True)
+        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+
+    @auto_propose.setter
+    def auto_propose(self, value: bool) -> None:
+        self.q.setValue("masks/auto_propose", bool(value))
+
     # autosave ---------------------------------------------------------------------------
     @property
     def autosave_minutes(self) -> float:

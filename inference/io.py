@@ -286,6 +286,17 @@ def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> pathlib.Path
     return pathlib.Path(path)
 
 
+def _current_umask() -> int:
+    """The process umask, read without changing it (os.umask would race with other threads)."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_output_dir(final_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[pathlib.Path]:
     """Build an output folder in a temporary sibling and move it into place only on success.
@@ -314,6 +325,9 @@ def atomic_output_dir(final_dir: str | os.PathLike, *, overwrite: bool = False) 
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        # mkdtemp makes the folder private (0700); the result is an ordinary folder, so give it
+        # the permissions a plain mkdir would (0777 less the umask).
+        tmp.chmod(0o777 & ~_current_umask())
     except OSError as exc:
         raise OutputError(f"{final}: cannot create the output folder ({exc.strerror or exc})") from exc
     try:

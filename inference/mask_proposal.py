@@ -44,7 +44,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
-from scipy.signal import fftconvolve
 
 from inference import geometry
 from inference.errors import Cancelled, DataError
@@ -259,6 +258,8 @@ def _score_maps(view: _SearchView, points_mm: np.ndarray, voxel_volume: float, h
                 rotations: Sequence[np.ndarray], scale: float, atlas_head_mm: np.ndarray):
     """Best orientation-correlation over ``rotations``, as a map indexed like the reduced image
     with the head's unshifted projection at its own pixel; and the index of the best rotation."""
+    from scipy.signal import fftconvolve  # slow to import (~0.5 s); overlays do not need it
+
     head_uv = geometry.project_points(view.projection, head_mm[None])[0]
     best, best_index = None, None
     for index, rotation in enumerate(rotations):
@@ -371,23 +372,34 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labelled == (1 + int(np.argmax(sizes)))
 
 
-def refine_mask(image: np.ndarray, prior: np.ndarray, mm_per_pixel: float, *, iterations: int = 30,
-                band_mm: float = REFINE_BAND_MM) -> np.ndarray:
+def refine_mask(image: np.ndarray, prior: np.ndarray, mm_per_pixel: float, *,
+                band_mm: float = REFINE_BAND_MM, smoothness_px: float = 1.0,
+                stay_weight: float = 0.15) -> np.ndarray:
     """Move the outline of ``prior`` onto nearby bone edges of ``image`` (module docstring, step 3).
+
+    A profile search along the outline's normals, solved as a shortest path (dynamic programming),
+    in the manner of active shape models: every outline point may move by an offset ``d`` in
+    ``[-band, band]`` along its outward normal; the cost of an offset is the directional derivative
+    of the (smoothed, normalised) image along the outward normal there, which is most negative on
+    the femur's outer edge (bone brighter inside than outside; this polarity ignores the inner
+    cortical edges, whose gradient points the other way), plus ``stay_weight * |d| / band`` so that
+    the outline stays put where there is no edge. Neighbouring points may differ by at most
+    ``smoothness_px`` (reduced pixels), which keeps the outline smooth and makes the search
+    robust to isolated strong edges (a collimator, the pelvis).
 
     Parameters
     ----------
     image : (rows, cols) radiograph, larger = more attenuation
     prior : (rows, cols) bool, the projected femur
     mm_per_pixel : float, size of a pixel at the femur
-    iterations : int, active-contour iterations (at :data:`REFINE_PIXEL_MM` per pixel)
     band_mm : float, how far the outline may move
 
     Returns
     -------
-    (rows, cols) bool mask: one connected component without holes, within the band.
+    (rows, cols) bool mask: one connected component without holes.
     """
-    from skimage.segmentation import inverse_gaussian_gradient, morphological_geodesic_active_contour
+    from skimage.draw import polygon
+    from skimage.measure import find_contours
 
     prior = np.asarray(prior, bool)
     if not prior.any():
@@ -402,23 +414,65 @@ def refine_mask(image: np.ndarray, prior: np.ndarray, mm_per_pixel: float, *, it
     smooth = ndimage.gaussian_filter(image, 0.5 * factor) if factor > 1.0 else image
     reduced = ndimage.map_coordinates(smooth, coords, order=1, mode="nearest")
     prior_small = ndimage.map_coordinates(prior.astype(np.float32), coords, order=1, mode="nearest") >= 0.5
-    lo, hi = np.percentile(reduced, [1.0, 99.0])
-    grey = np.clip((reduced - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
-    # edge-stopping image: ~0 on edges, ~1 on flat regions (sigma ~1 mm)
+    if not prior_small.any():
+        return prior.copy()
     pixel_mm = mm_per_pixel * factor
-    edges = inverse_gaussian_gradient(grey, alpha=100.0, sigma=max(0.5, 1.0 / pixel_mm))
-    contour = morphological_geodesic_active_contour(edges, iterations, prior_small.astype(np.int8),
-                                                    smoothing=2, balloon=0, threshold="auto").astype(bool)
-    band = max(1, int(round(band_mm / pixel_mm)))
-    outer = ndimage.binary_dilation(prior_small, iterations=band)
-    inner = ndimage.binary_erosion(prior_small, iterations=band)
-    contour = (contour & outer) | inner
-    contour = ndimage.binary_fill_holes(_largest_component(contour))
-    # back to full size (nearest on the reduced grid, smoothed by a linear step)
+    band = max(1.0, band_mm / pixel_mm)
+
+    # Outline of the prior (padded so that it closes along the image border), outward normals
+    # from the gradient of its smoothed signed distance.
+    padded = np.pad(prior_small, 1)
+    outline = max(find_contours(padded.astype(np.float32), 0.5), key=len) - 1.0
+    signed = (ndimage.distance_transform_edt(~prior_small) - ndimage.distance_transform_edt(prior_small))
+    signed = ndimage.gaussian_filter(signed, 2.0)
+    n_row = ndimage.map_coordinates(ndimage.sobel(signed, 0), outline.T, order=1, mode="nearest")
+    n_col = ndimage.map_coordinates(ndimage.sobel(signed, 1), outline.T, order=1, mode="nearest")
+    norm = np.hypot(n_row, n_col) + 1e-9
+    normals = np.stack([n_row / norm, n_col / norm], axis=1)
+
+    # Directional derivative along the outward normal at every candidate offset, normalised by a
+    # robust edge scale so that the weight of the "stay" term means the same on any image.
+    sigma = max(0.7, 1.0 / pixel_mm)
+    g_row = ndimage.gaussian_filter(reduced, sigma, order=(1, 0))
+    g_col = ndimage.gaussian_filter(reduced, sigma, order=(0, 1))
+    offsets = np.arange(-band, band + 1e-6, 0.5)
+    points = outline[:, None, :] + offsets[None, :, None] * normals[:, None, :]
+    flat = points.reshape(-1, 2).T
+    derivative = (ndimage.map_coordinates(g_row, flat, order=1, mode="nearest") * np.repeat(normals[:, 0], len(offsets))
+                  + ndimage.map_coordinates(g_col, flat, order=1, mode="nearest") * np.repeat(normals[:, 1], len(offsets)))
+    derivative = derivative.reshape(len(outline), len(offsets))
+    scale = np.percentile(np.abs(derivative), 90) + 1e-12
+    # points outside the image have no evidence: their profile reads flat (mode="nearest")
+    cost = derivative / scale + stay_weight * np.abs(offsets)[None, :] / band
+
+    # Shortest path over offsets along the (open) outline: |step| <= smoothness_px between points.
+    reach = int(round(smoothness_px / 0.5))
+    total = cost[0].copy()
+    back = np.zeros(cost.shape, np.int32)
+    index = np.arange(len(offsets))
+    for i in range(1, len(outline)):
+        candidates = np.stack([np.roll(total, k) if k else total for k in range(-reach, reach + 1)])
+        origin = np.stack([np.roll(index, k) for k in range(-reach, reach + 1)])
+        # forbid wrap-around at the ends of the offset range
+        invalid = np.abs(origin - index[None, :]) > reach
+        candidates[invalid] = np.inf
+        best = np.argmin(candidates, axis=0)
+        back[i] = origin[best, index]
+        total = candidates[best, index] + cost[i]
+    choice = np.empty(len(outline), np.int32)
+    choice[-1] = int(np.argmin(total))
+    for i in range(len(outline) - 1, 0, -1):
+        choice[i - 1] = back[i, choice[i]]
+    moved = outline + offsets[choice][:, None] * normals
+    refined = np.zeros(small, bool)
+    rr, cc = polygon(moved[:, 0], moved[:, 1], shape=small)
+    refined[rr, cc] = True
+    refined = ndimage.binary_fill_holes(_largest_component(ndimage.binary_opening(refined)))
+    # back to full size (linear interpolation of the reduced mask, threshold at one half)
     scale_v, scale_u = small[0] / rows, small[1] / cols
     fv = (np.arange(rows) + 0.5) * scale_v - 0.5
     fu = (np.arange(cols) + 0.5) * scale_u - 0.5
-    full = ndimage.map_coordinates(contour.astype(np.float32), np.meshgrid(fv, fu, indexing="ij"), order=1,
+    full = ndimage.map_coordinates(refined.astype(np.float32), np.meshgrid(fv, fu, indexing="ij"), order=1,
                                    mode="nearest") >= 0.5
     if not full.any():
         return prior.copy()

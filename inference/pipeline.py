@@ -88,7 +88,8 @@ def default_model_path() -> pathlib.Path:
     else:
         folders = sorted(p for p in models.glob("*") if (p / "model_card.json").is_file())
         if not folders:
-            raise ModelError(f"no trained model is installed in {models}; pass --model")
+            raise ModelError(f"no trained model is installed in {models}; choose a model file "
+                             "(--model on the command line, Settings in the window)")
         folder = folders[0]
     return model_file_in(folder)
 
@@ -269,9 +270,10 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     world_projections = [p @ MIRROR_X for p in projections] if mirror else projections
 
     full_masks: list[np.ndarray | None] = [None if v.mask is None else np.asarray(v.mask) > 0 for v in case.views]
-    for view, mask in zip(case.views, full_masks):
+    for view, mask, source in zip(case.views, full_masks, mask_sources):
         if mask is not None and not mask.any():
-            raise InputFileError(f"{_mask_name(view)}: the femur mask of view '{view.name}' is empty")
+            where = view.mask_path if source == "case" else "the edited mask"
+            raise DataError(f"{where}: the femur mask of view '{view.name}' is empty")
     head = None
     if all(m is not None for m in full_masks):
         # Locate the femur before loading the model: bad masks or calibrations fail in a second.

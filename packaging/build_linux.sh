@@ -7,9 +7,9 @@
 # Environment:
 #   HIPATLAS_BUILD_VENV   virtualenv to build in (default: .venv; created if missing)
 #   SKIP_PIP=1            do not pip-install the project and PyInstaller into it
-#   DEB_COMPRESSION       zstd (default: fast; every dpkg on a system with the glibc the package
-#                         needs reads it), xz (about 4 times slower to build, smaller; for building on
-#                         Debian 11 or older, whose dpkg cannot read zstd), gzip
+#   DEB_COMPRESSION       zstd (default: 20 s for the 2.2 GB bundle; the dpkg of every system with the
+#                         glibc the package needs reads it), xz (25% smaller, but 34 min on 2 shared
+#                         cores; needed only when building for Debian 11 or older), gzip
 #   DEB_LEVEL             compression level for dpkg-deb -z
 #   SKIP_SELF_TEST=1      skip `hipatlas --self-test` of the extracted package
 #   GUI_SMOKE=1           also open the demo case in the extracted GUI (under Xvfb if installed),

@@ -92,14 +92,16 @@ class SurfaceView(QWidget):
                                                   position="upper_left", font_size=10, color="#9AA4B2")
 
     # ------------------------------------------------------------------ content
-    def clear(self) -> None:
+    def clear(self, render: bool = True) -> None:
         if self._closed:
             return
         for name in self._actors:
             self._remove(name)
         self._grid = None
         self._measurements, self._landmarks = {}, {}
-        self.plotter.render()
+        self._update_handles()
+        if render:
+            self.plotter.render()
 
     def _remove(self, name: str) -> None:
         for actor in self._actors[name]:
@@ -112,14 +114,14 @@ class SurfaceView(QWidget):
 
         if self._closed:
             return
-        self.clear()
+        self.clear(render=False)
         if self._placeholder is not None:
             self.plotter.remove_actor(self._placeholder, render=False)
             self._placeholder = None
         mesh = pv.PolyData(np.asarray(vertices, dtype=np.float64), _faces_for_vtk(faces))
         mesh = mesh.compute_normals(auto_orient_normals=False, split_vertices=False)
         actor = self.plotter.add_mesh(mesh, color=SURFACE_COLOUR, smooth_shading=True, specular=0.3,
-                                      name="femur_surface", reset_camera=False)
+                                      name="femur_surface", reset_camera=False, render=False)
         self._actors["surface"] = [actor]
         if volume is not None and grid_geometry is not None:
             image = pv.ImageData(dimensions=tuple(int(s) for s in reversed(volume.shape)),
@@ -152,9 +154,9 @@ class SurfaceView(QWidget):
                 continue
             actors.append(self.plotter.add_mesh(block, scalars="intensity", cmap="gray", clim=self._clim,
                                                 show_scalar_bar=False, name=f"atlas_slice_{index}",
-                                                reset_camera=False, opacity=0.8))
+                                                reset_camera=False, render=False, opacity=0.8))
         self._actors["slices"] = actors
-        self._apply_visibility()
+        self._apply_visibility(render=False)
 
     def set_measurements(self, measurements: dict, landmarks_mm: dict) -> None:
         """Head sphere, shaft and neck axes, and landmark points."""
@@ -172,9 +174,9 @@ class SurfaceView(QWidget):
             sphere = pv.Sphere(radius=float(radius), center=tuple(map(float, centre)),
                                theta_resolution=40, phi_resolution=40)
             actors.append(self.plotter.add_mesh(sphere, color=HEAD_COLOUR, opacity=0.35, name="head_sphere",
-                                                reset_camera=False))
+                                                reset_camera=False, render=False))
             actors.append(self.plotter.add_mesh(pv.Sphere(radius=1.5, center=tuple(map(float, centre))),
-                                                color=HEAD_COLOUR, name="hip_centre", reset_camera=False))
+                                                color=HEAD_COLOUR, name="hip_centre", reset_camera=False, render=False))
         for key, colour, forward_only in (("shaft_axis", SHAFT_COLOUR, False), ("neck_axis", NECK_COLOUR, False)):
             axis = (measurements or {}).get(key)
             if not isinstance(axis, dict) or "point_mm" not in axis or "direction" not in axis:
@@ -187,7 +189,8 @@ class SurfaceView(QWidget):
             direction = direction / norm
             half = AXIS_HALF_LENGTH_MM if key == "shaft_axis" else 0.5 * AXIS_HALF_LENGTH_MM
             line = pv.Line(tuple(point - half * direction), tuple(point + half * direction))
-            actors.append(self.plotter.add_mesh(line.tube(radius=0.8), color=colour, name=key, reset_camera=False))
+            actors.append(self.plotter.add_mesh(line.tube(radius=0.8), color=colour, name=key,
+                                                reset_camera=False, render=False))
         summary = _summary_text(measurements or {})
         if summary:
             actors.append(self.plotter.add_text(summary, position="upper_left", font_size=9, color="#ECEFF4",
@@ -198,9 +201,9 @@ class SurfaceView(QWidget):
             cloud = pv.PolyData(np.vstack(points))
             self._actors["landmarks"] = [self.plotter.add_mesh(
                 cloud, color=LANDMARK_COLOUR, point_size=10, render_points_as_spheres=True, name="landmarks",
-                reset_camera=False)]
-        self._apply_visibility()
+                reset_camera=False, render=False)]
         self._update_handles()
+        self._apply_visibility()
 
     def set_landmark_handles(self, enabled: bool) -> None:
         """Show draggable spheres on the landmarks (left-drag moves one; emits landmark_moved)."""
@@ -211,21 +214,39 @@ class SurfaceView(QWidget):
     def _update_handles(self) -> None:
         if self._closed:
             return
-        self.plotter.clear_sphere_widgets()
-        self._handle_names = []
-        if not self._handles_enabled or not self._landmarks:
+        names = list(self._landmarks) if self._handles_enabled else []
+        widgets = self.handle_widgets()
+        if names and names == self._handle_names and len(widgets) == len(names):
+            for widget, name in zip(widgets, names):  # same landmarks: just move the handles
+                widget.SetCenter(*map(float, self._landmarks[name]))
             return
-        self._handle_names = list(self._landmarks)
-        centres = np.array([self._landmarks[n] for n in self._handle_names], dtype=np.float64)
-        self.plotter.add_sphere_widget(self._handle_released, center=centres, radius=2.5,
-                                       color=LANDMARK_COLOUR, selected_color="#FF4081",
-                                       indices=list(range(len(centres))), interaction_event="end")
+        # Each widget's On()/Off() asks the interactor for a render (a few hundred ms each with
+        # software OpenGL): suspend those and render once by the caller instead.
+        interactor = self.plotter.iren.interactor
+        interactor.EnableRenderOff()
+        try:
+            self.plotter.clear_sphere_widgets()
+            self._handle_names = names
+            if names:
+                centres = np.array([self._landmarks[n] for n in names], dtype=np.float64)
+                self.plotter.add_sphere_widget(self._handle_released, center=centres, radius=2.5,
+                                               theta_resolution=16, phi_resolution=16,
+                                               color=LANDMARK_COLOUR, selected_color="#FF4081",
+                                               indices=list(range(len(centres))), interaction_event="end")
+        finally:
+            interactor.EnableRenderOn()
 
     def _handle_released(self, point, index) -> None:
         # Runs inside VTK's interaction callback: only emit here; receivers should use a queued
         # connection before rebuilding the handles.
-        if 0 <= index < len(self._handle_names):
-            self.landmark_moved.emit(self._handle_names[index], np.asarray(point, dtype=np.float64))
+        if not 0 <= index < len(self._handle_names):
+            return
+        name = self._handle_names[index]
+        position = np.asarray(point, dtype=np.float64)
+        # VTK also fires the end event for a click without a drag: report real moves only (a
+        # report rebuilds the handles, and a rebuilt handle must not report itself again).
+        if np.linalg.norm(position - np.asarray(self._landmarks.get(name, position), dtype=np.float64)) > 1e-6:
+            self.landmark_moved.emit(name, position)
 
     def handle_widgets(self) -> list:
         # pyvista >= 0.47 keeps widgets under plotter.widgets; older versions on the plotter
@@ -233,14 +254,15 @@ class SurfaceView(QWidget):
         widgets = getattr(holder, "sphere_widgets", None) if holder is not None else None
         return list(widgets if widgets is not None else self.plotter.sphere_widgets)
 
-    def _apply_visibility(self, *_args) -> None:
+    def _apply_visibility(self, *_args, render: bool = True) -> None:
         if self._closed:
             return
         for name, box in (("surface", self.show_surface), ("slices", self.show_slices),
                           ("measurements", self.show_measurements), ("landmarks", self.show_landmarks)):
             for actor in self._actors[name]:
                 actor.SetVisibility(box.isChecked())
-        self.plotter.render()
+        if render:
+            self.plotter.render()
 
     def reset_camera(self) -> None:
         """Anterior view (looking along +y in LPS: from the front), superior up, everything in view."""

@@ -165,6 +165,7 @@ def gui_settings(tmp_path, qapp):
     settings = Settings(QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
     settings.recovery_dir = tmp_path / "recovery"
     settings.autosave_minutes = 0
+    settings.auto_propose = False  # the tests that want proposals turn them on
     return settings
 
 
@@ -181,8 +182,8 @@ def make_window(qtbot, tmp_path, gui_settings):
 
     windows = []
 
-    def make(register_fn=synthetic_register, settings=None):
-        session = Session(work_root=tmp_path, register_fn=register_fn)
+    def make(register_fn=synthetic_register, settings=None, propose_fn=None):
+        session = Session(work_root=tmp_path, register_fn=register_fn, propose_fn=propose_fn)
         window = MainWindow(settings or gui_settings, session, interactive=False)
         window.resize(1400, 860)
         window.show()

@@ -192,6 +192,26 @@ def synthetic_register(case_dir, out_dir, *, model=None, overwrite=False, masks=
 
 
 
+def synthetic_masks(case) -> list[np.ndarray]:
+    """The true femur silhouettes of a synthetic case's views."""
+    labels, grid = FEMUR.labels(), FEMUR.grid()
+    return [splat(labels, grid, view.P, view.image.shape) > 0.3 for view in case.views]
+
+
+def synthetic_propose(case_dir, *, model=None, cancel=None, steps: int = 3, step_seconds: float = 0.1):
+    """A mask proposer with the contract of ``app.session.propose_case_masks``: the true masks."""
+    from inference import pipeline
+    from inference.errors import Cancelled
+
+    case = io.load_case(case_dir)
+    for step in range(steps):
+        if cancel is not None and cancel():
+            raise Cancelled("mask proposal cancelled")
+        time.sleep(step_seconds)
+        yield pipeline.Progress((step + 1) / (steps + 1), "Proposing femur masks from the atlas")
+    return synthetic_masks(case)
+
+
 def failing_register(case_dir, out_dir, **kwargs):
     """Runs one step, then fails as the pipeline does for a bad case (a two-line message)."""
     from inference.errors import DataError
@@ -335,3 +355,16 @@ def untrained_compact_register(case_dir, out_dir, **kwargs):
         config = model_lib.preset("compact")
         _UNTRAINED["net"] = model_lib.build_model(config, atlas_lib.load_atlas(config.grid))
     return (yield from pipeline.register_case(case_dir, out_dir, **{**kwargs, "model": _UNTRAINED["net"]}))
+
+
+def untrained_compact_propose(case_dir, *, model=None, cancel=None):
+    """``app.session.propose_case_masks`` with an untrained compact network (see above)."""
+    from app.session import propose_case_masks
+
+    if "net" not in _UNTRAINED:
+        from inference import model as model_lib
+        from inference.data import atlas as atlas_lib
+
+        config = model_lib.preset("compact")
+        _UNTRAINED["net"] = model_lib.build_model(config, atlas_lib.load_atlas(config.grid))
+    return (yield from propose_case_masks(case_dir, model=_UNTRAINED["net"], cancel=cancel))

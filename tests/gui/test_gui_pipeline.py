@@ -78,3 +78,28 @@ def test_hipatlas_gui_demo_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape[0] > 500 and image.std() > 10
+
+
+def test_real_mask_proposal_in_a_child_process(tmp_path):
+    """The workstation's proposal job runs inference.mask_proposal (TensorFlow) in a child process."""
+    from app.session import Session
+    from gui_helpers import untrained_compact_propose, write_synthetic_case
+    from inference import pipeline
+
+    demo = ROOT / "resources" / "demo"
+    case = demo if (demo / "case.json").is_file() else write_synthetic_case(tmp_path / "case")
+    session = Session(work_root=tmp_path, propose_fn=untrained_compact_propose)
+    try:
+        session.open_case(case)
+        messages = []
+        masks = pipeline.run_to_completion(session.mask_proposal_job()(lambda: False),
+                                           lambda p: messages.append(p.message))
+        assert messages[-1] == "Masks proposed"
+        assert [m.shape for m in masks] == [v.mask.shape for v in session.views]
+        assert all(m.dtype == bool and m.any() for m in masks)
+        if case == demo:  # the demo's masks are the true femur: the proposal must overlap them
+            for mask, view in zip(masks, session.views):
+                assert (mask & view.mask).sum() / (mask | view.mask).sum() > 0.1
+        assert "tensorflow" not in sys.modules  # it ran in the child
+    finally:
+        session.close()

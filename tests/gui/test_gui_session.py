@@ -70,19 +70,6 @@ def test_edit_between_folds_a_stroke_into_one_rectangle():
     assert masks.edit_between(before, before) is None
 
 
-def test_proposed_mask_finds_the_largest_bright_structure():
-    rng = np.random.default_rng(0)
-    rows, cols = 120, 100
-    vv, uu = np.mgrid[:rows, :cols]
-    disk = (uu - 45) ** 2 + (vv - 60) ** 2 <= 25 ** 2
-    dot = (uu - 90) ** 2 + (vv - 10) ** 2 <= 3 ** 2
-    image = 100.0 + 80.0 * (disk | dot) + rng.normal(0, 5, (rows, cols))
-    proposal = masks.propose_mask(image)
-    iou = (proposal & disk).sum() / (proposal | disk).sum()
-    assert iou > 0.9
-    assert not proposal[dot].any()
-
-
 # ------------------------------------------------------------------------------ display helpers
 def test_contour_layer_keeps_only_coloured_pixels():
     rgb = np.repeat(np.arange(12, dtype=np.uint8).reshape(3, 4)[..., None] * 20, 3, axis=2)
@@ -144,7 +131,8 @@ def test_import_png_with_calibration_json_and_refuse_png_without(tmp_path):
         session.import_radiographs([RadiographImport(v.name, v.image_path, c) for v, c in files], "right")
         assert [v.calibration["source"] for v in session.views] == ["calibration-json"] * 2
         assert np.array_equal(session.case.views[1].P, case.views[1].P)
-        assert [v.mask_source for v in session.views] == ["proposed"] * 2
+        assert [v.mask_source for v in session.views] == ["missing"] * 2
+        assert session.views_awaiting_proposal == [0, 1] and not any(v.mask.any() for v in session.views)
         with pytest.raises(CalibrationError, match="calibration JSON"):
             session.import_radiographs([RadiographImport(v.name, v.image_path, None) for v, _ in files], "right")
     finally:
@@ -459,3 +447,16 @@ def test_session_modules_do_not_import_qt_or_vtk():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_workstation_process_does_not_import_tensorflow():
+    # TensorFlow must stay in the registration process (app/isolated.py): with Mesa's software
+    # OpenGL the two crash each other. Everything the window imports, and what loading a result
+    # imports, must be free of it.
+    code = ("import sys, app.main_window, app.session, app.project, app.isolated, app.main\n"
+            "import inference.pipeline, inference.io, inference.data.mesh, inference.surface, inference.measure\n"
+            "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False False"

@@ -7,12 +7,11 @@ import gc
 import json
 import sys
 import threading
-import time
 
 import numpy as np
 from PIL import Image
 import pytest
-from PySide6.QtCore import QPoint, QPointF, Qt, QTimer
+from PySide6.QtCore import QPoint, QPointF, Qt
 from PySide6.QtWidgets import QApplication
 
 from gui_helpers import (FEMUR, Heartbeat, busy_register, confirm_all, crashing_register, failing_register, register,
@@ -403,3 +402,44 @@ def test_settings_dialog_applies_units_and_autosave(make_window, gui_settings):
     assert (gui_settings.units, gui_settings.autosave_minutes, gui_settings.model_path) == ("cm", 5.0, "/opt/models/m.keras")
     window._restart_autosave()
     assert window.autosave_timer.isActive() and window.autosave_timer.interval() == 300_000
+
+
+def test_atlas_mask_proposal_fills_missing_masks(make_window, gui_settings, tmp_path, qtbot):
+    from gui_helpers import synthetic_masks, synthetic_propose
+    from inference import io
+
+    gui_settings.auto_propose = True
+    case = write_synthetic_case(tmp_path / "no_masks", with_masks=False)
+    window = make_window(propose_fn=functools.partial(synthetic_propose, step_seconds=0.3))
+    with qtbot.waitSignal(window.proposal_finished, timeout=60_000) as blocker:
+        assert window.open_case_folder(case)
+        assert [v.mask_source for v in window.session.views] == ["missing"] * 2
+        assert window.proposal_worker is not None and window.proposal_progress.isVisible()
+        # meanwhile the user draws LAT and confirms it; registration waits for the proposal
+        window.session.fill_polygon(1, np.array([[40.0, 20.0], [70.0, 20.0], [70.0, 80.0], [40.0, 80.0]]), True)
+        drawn = window.session.views[1].mask.copy()
+        window.set_mask_confirmed(1, True)
+        assert "mask proposal" in window.register_blocker.text() or not window.register_button.isEnabled()
+    assert blocker.args == ["finished"]
+    truth = synthetic_masks(io.load_case(case))
+    assert window.session.views[0].mask_source == "proposed"
+    assert np.array_equal(window.session.views[0].mask, truth[0])
+    assert np.array_equal(window.session.views[1].mask, drawn)          # drawn by the user: kept
+    assert window.session.views[1].confirmed and not window.session.views[0].confirmed
+    window.undo_stack.undo()                                            # one step undoes the proposal
+    assert not window.session.views[0].mask.any()
+    window.undo_stack.redo()
+    window.set_mask_confirmed(0, True)
+    with qtbot.waitSignal(window.proposal_finished, timeout=60_000):     # registration waits for it
+        assert window.start_mask_proposal([0])
+        assert not window.register_button.isEnabled() and "mask proposal" in window.register_blocker.text()
+    # Propose on demand for a single view (the button), then stop one midway
+    with qtbot.waitSignal(window.proposal_finished, timeout=60_000):
+        window.propose_buttons[0].click()
+    assert np.array_equal(window.session.views[0].mask, truth[0])
+    window.session.propose_fn = functools.partial(synthetic_propose, steps=200, step_seconds=0.05)
+    with qtbot.waitSignal(window.proposal_finished, timeout=60_000) as blocker:
+        assert window.start_mask_proposal([0])
+        qtbot.waitUntil(lambda: window.proposal_progress.value() > 0, timeout=20_000)
+        window.proposal_cancel.click()
+    assert blocker.args == ["cancelled"] and window.proposal_worker is None

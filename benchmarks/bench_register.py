@@ -1,0 +1,171 @@
+"""Wall time of ``hipatlas register`` per case, model loading included (issue 5 target: <= 5 s).
+
+A simulated case (``JIA_MRI`` phantom, 768 x 768 radiographs of 0.4 mm, the default of
+``hipatlas simulate``) is registered
+
+* as a user runs it: ``python -m app.cli register CASE --out OUT --model MODEL`` in a fresh
+  process (``register_wall_s``: TensorFlow import, model load, XLA compilation, everything);
+* in-process, warm (``register_in_process_s``): the model is loaded and compiled already, as in
+  the GUI after its first case;
+* in-process without masks (``register_proposal_in_process_s``): the mask proposal included.
+
+The model is the shipped one (``resources/models``) when there is one, else an untrained compact
+model saved to a temporary ``.keras`` file with its model card (same architecture and cost). The
+breakdown comes from report.json's ``timings_s`` of the last command-line run, plus the cost of
+importing TensorFlow and loading the model measured in their own processes.
+
+    python benchmarks/bench_register.py --json
+    python benchmarks/bench_register.py --case my_case --model resources/models/x --repeats 3
+    python benchmarks/bench_register.py --profile          # where a cold run spends its time
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import BenchReport, parse_args  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+QUIET_ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _extra(parser) -> None:
+    parser.add_argument("--case", help="case folder (default: a simulated JIA_MRI case)")
+    parser.add_argument("--model", help="model folder or .keras (default: shipped, else untrained compact)")
+    parser.add_argument("--detector", type=int, default=768, help="radiograph size of the simulated case")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile summary of a cold in-process run")
+
+
+def _simulated_case(root: pathlib.Path, detector: int) -> pathlib.Path:
+    from inference import geometry, simulate
+    from inference.data import phantom
+
+    # a coarse phantom CT (3 mm) is enough for timing; the radiographs have the clinical size
+    grid = geometry.VolumeGeometry.centered((90, 75, 85), (3.0, 3.0, 3.0), phantom.POSE_PIVOT_MM)
+    return simulate.simulate_phantom_case("JIA_MRI:right", 11, root / "case", ct_grid=grid,
+                                          detector=(detector, detector, 0.4 * 768 / detector))
+
+
+def _model_path(root: pathlib.Path, given: str | None) -> tuple[pathlib.Path, str]:
+    from inference import pipeline
+
+    if given:
+        return pipeline.model_file_in(given), "given"
+    try:
+        return pipeline.default_model_path(), "shipped"
+    except Exception:  # no trained model installed yet: an untrained one costs the same
+        import keras
+
+        from inference import model as model_lib
+        from inference.data import atlas as atlas_lib
+
+        keras.utils.set_random_seed(0)
+        net = model_lib.build_model(model_lib.preset("compact"), atlas_lib.load_atlas("compact"))
+        path, _ = model_lib.save_model(net, root / "model" / "compact_untrained.keras")
+        return path, "untrained compact"
+
+
+def _timed_process(args: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    completed = subprocess.run([sys.executable, *args], cwd=REPO, env=QUIET_ENV, capture_output=True, text=True)
+    return time.perf_counter() - start, completed
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv, __doc__.splitlines()[0], _extra)
+    report = BenchReport("register", json_output=args.json)
+    repeats = 1 if args.quick else args.repeats
+    root = pathlib.Path(tempfile.mkdtemp(prefix="bench_register_"))
+    try:
+        case = pathlib.Path(args.case) if args.case else _simulated_case(root, args.detector)
+        model, model_kind = _model_path(root, args.model)
+        report.note(f"case {case}, model {model} ({model_kind})")
+        report.add("model_kind", model_kind)
+
+        # Fixed costs of a fresh process, each measured alone.
+        wall, _ = _timed_process(["-c", "import tensorflow"])
+        report.add("tf_import_s", wall, "s", "python + import tensorflow")
+        wall, completed = _timed_process(["-c", "import time, sys; from inference import model; t = time.perf_counter(); "
+                                          f"model.load_model({str(model)!r}); print(time.perf_counter() - t)"])
+        if completed.returncode == 0:
+            report.add("model_load_s", float(completed.stdout.strip().splitlines()[-1]), "s", "load_model (verified)")
+
+        walls, last_report = [], None
+        for index in range(repeats):
+            out = root / f"out_{index}"
+            wall, completed = _timed_process(["-m", "app.cli", "register", str(case), "--out", str(out),
+                                              "--model", str(model), "--quiet"])
+            if completed.returncode != 0:
+                raise SystemExit(f"register failed ({completed.returncode}): {completed.stderr.strip()[-2000:]}")
+            walls.append(wall)
+            last_report = json.loads((out / "report.json").read_text())
+            shutil.rmtree(out)
+        report.add("register_wall_s", statistics.median(walls), "s", "hipatlas register (fresh process, median)")
+        for key, value in last_report["timings_s"].items():
+            report.add(f"breakdown_{key}", float(value), "s", f"  report.json {key}")
+        report.add("breakdown_outside_pipeline_s", statistics.median(walls) - last_report["timings_s"]["total_s"],
+                   "s", "  process start, imports, output (not in total_s)")
+
+        from inference import pipeline
+
+        def run(out, masks=None, case_dir=case):
+            return pipeline.run_to_completion(pipeline.register_case(case_dir, out, model=str(model), masks=masks))
+
+        start = time.perf_counter()
+        if args.profile:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+            run(root / "cold")
+            profiler.disable()
+            report.add("register_in_process_first_s", time.perf_counter() - start, "s",
+                       "in-process first run (profiled)")
+            stats = pstats.Stats(profiler, stream=sys.stdout)
+            stats.sort_stats("cumulative").print_stats(30)
+        else:
+            run(root / "cold")
+            report.add("register_in_process_first_s", time.perf_counter() - start, "s",
+                       "in-process first run (TF imported, model load + compile)")
+        warm = []
+        for index in range(max(1, repeats)):
+            start = time.perf_counter()
+            result = run(root / f"warm_{index}")
+            warm.append(time.perf_counter() - start)
+        report.add("register_in_process_s", statistics.median(warm), "s", "in-process warm (GUI after its first case)")
+        for key, value in result.report["timings_s"].items():
+            report.add(f"warm_{key}", float(value), "s", f"  warm {key}")
+
+        # Without masks: the proposal runs first (its own network call and image refinement).
+        no_masks = root / "case_no_masks"
+        shutil.copytree(case, no_masks)
+        raw = json.loads((no_masks / "case.json").read_text())
+        for view in raw["views"]:
+            view.pop("mask", None)
+        (no_masks / "case.json").write_text(json.dumps(raw))
+        run(root / "proposal_cold", case_dir=no_masks)
+        start = time.perf_counter()
+        result = run(root / "proposal_warm", case_dir=no_masks)
+        report.add("register_proposal_in_process_s", time.perf_counter() - start, "s",
+                   "in-process warm, masks proposed")
+        report.add("proposal_s", float(result.report["timings_s"]["mask_proposal_s"]), "s", "  of which proposal")
+        report.add("radiograph_px", list(pipeline.io.load_case(case).views[0].image.shape))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report.finish()
+
+
+if __name__ == "__main__":
+    main()

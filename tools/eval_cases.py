@@ -1,0 +1,292 @@
+"""Accuracy of ``hipatlas register`` on held-out simulated cases (issue 5 targets).
+
+Generates N cases of a validation specimen with :func:`inference.simulate.simulate_phantom_case`
+(default JIA_MRI, left and right alternating; the phantom's pose varies within +-10 deg and its
+shape, tissue and radiograph realism with the seed), registers each with the given model exactly
+as ``hipatlas register`` does (:func:`inference.pipeline.register_case`), and reports per case and
+mean +- sd:
+
+* ``dice``: femur Dice within the atlas field of view (the truth label map resampled by physical
+  coordinates onto the output grid, nearest neighbour);
+* ``hip_centre_error_mm``: distance between the measured and the true head centre (phantom truth);
+* ``head_radius_error_mm``: measured - true head radius (phantom truth);
+* ``offset_error_mm``, ``neck_shaft_angle_error_deg``: measured - truth, where the truth is measured
+  by the same method (:func:`inference.measure.measure_femur`) on the true femur label within the
+  same field of view, so that only the registration differs;
+* ``time_s``: wall time of the registration (model loaded once, first case included);
+* with ``--no-masks``: ``proposed_mask_dice`` (mean over the two views) of the proposed masks
+  against the true masks, inside the rows the proposal covers (a proposal spans the atlas field of
+  view, the true mask the whole visible shaft), and ``proposed_mask_dice_full`` over the image.
+
+``--vary`` adds cheap variety per case: radiograph size (512-1024 px) and pitch (0.25-0.5 mm),
+image format and intensity scale (float TIFF scaled by 10^U(-2, 2)), a random scale and sign of
+each P (the same camera), and oblique views (each view turned by U(-30, 30) deg).
+
+Targets (issue 5): mean Dice >= 0.90, hip centre <= 2 mm, head radius <= 1 mm, offset <= 3 mm.
+
+    .venv/bin/python tools/eval_cases.py --model resources/models/<name> --cases 10 --out eval_out
+    .venv/bin/python tools/eval_cases.py --untrained --cases 2 --ct-spacing 3 --out /tmp/e  # smoke test
+
+Writes ``OUT/eval_cases.md`` and ``OUT/eval_cases.json`` (and keeps the cases with ``--keep``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from inference.errors import HipAtlasError  # noqa: E402
+
+log = logging.getLogger("eval_cases")
+
+METRICS = ("dice", "hip_centre_error_mm", "head_radius_error_mm", "offset_error_mm", "neck_shaft_angle_error_deg",
+           "time_s")
+PROPOSAL_METRICS = ("proposed_mask_dice", "proposed_mask_dice_full")
+TARGETS = {"dice": ">= 0.90 (mean)", "hip_centre_error_mm": "<= 2 mm", "head_radius_error_mm": "<= 1 mm (|error|)",
+           "offset_error_mm": "<= 3 mm (|error|)"}
+
+
+def _case_plan(index: int, seed: int, vary: bool, sides: list[str]) -> dict[str, Any]:
+    """Everything that defines case ``index`` (reproducible from ``seed``)."""
+    rng = np.random.default_rng([seed, index])
+    plan: dict[str, Any] = {"index": index, "seed": int(seed * 1000 + index), "side": sides[index % len(sides)],
+                            "detector": (768, 768, 0.4), "angles_offset_deg": (0.0, 0.0), "image_format": "png",
+                            "intensity_scale": 1.0, "p_scale": (1.0, 1.0)}
+    if vary:
+        size = int(rng.choice([512, 640, 768, 1024]))
+        pitch = float(rng.uniform(0.25, 0.5))
+        # keep a field of view of at least 250 mm at the detector so the hip fits
+        pitch = max(pitch, 250.0 / size)
+        plan["detector"] = (size, size, round(pitch, 4))
+        plan["angles_offset_deg"] = tuple(float(a) for a in rng.uniform(-30.0, 30.0, 2))
+        plan["image_format"] = str(rng.choice(["png", "tiff"]))
+        plan["intensity_scale"] = float(10.0 ** rng.uniform(-2.0, 2.0))
+        plan["p_scale"] = tuple(float(s) for s in rng.choice([-1.0, 1.0], 2) * 10.0 ** rng.uniform(-3, 3, 2))
+    return plan
+
+
+def _simulate(plan: dict[str, Any], subject: str, root: pathlib.Path, ct_spacing_mm: float) -> tuple[pathlib.Path,
+                                                                                                     pathlib.Path]:
+    from inference import geometry, simulate
+    from inference.data import phantom
+
+    case_dir, truth_dir = root / f"case_{plan['index']:03d}", root / f"truth_{plan['index']:03d}"
+    side = plan["side"]
+    extent = np.asarray(simulate.PHANTOM_CT_SHAPE_ZYX) * np.asarray(simulate.PHANTOM_CT_SPACING_MM)
+    shape = tuple(int(round(e / ct_spacing_mm)) for e in extent)
+    grid = geometry.VolumeGeometry.centered(shape, (ct_spacing_mm,) * 3, phantom.POSE_PIVOT_MM)
+    rows, cols, pitch = plan["detector"]
+    geometry_file = None
+    if any(plan["angles_offset_deg"]) or plan["detector"] != (768, 768, 0.4):
+        # Views around the nominal hip position (the phantom's placement adds +-20 mm).
+        hip = np.asarray(simulate.HIP_POSITION_MM) * ([-1.0, 1.0, 1.0] if side == "left" else 1.0)
+        rng = np.random.default_rng(plan["seed"])
+        lateral = 90.0 if side == "right" else -90.0
+        angles = (plan["angles_offset_deg"][0], lateral + plan["angles_offset_deg"][1])
+        geo = simulate.standard_geometry(hip + rng.uniform(-20.0, 20.0, 3), side, angles_deg=angles, rows=rows,
+                                         cols=cols, pixel_mm=pitch)
+        geometry_file = simulate.write_geometry_file(root / f"geometry_{plan['index']:03d}.json", geo)
+    image_format = "tiff" if plan["image_format"] == "tiff" else "png"
+    simulate.simulate_phantom_case(subject, plan["seed"], case_dir, side=side, truth_out=truth_dir,
+                                   geometry_file=geometry_file, ct_grid=grid, detector=(rows, cols, pitch),
+                                   image_format=image_format)
+    _apply_variety(case_dir, plan)
+    return case_dir, truth_dir
+
+
+def _apply_variety(case_dir: pathlib.Path, plan: dict[str, Any]) -> None:
+    """Scale float TIFF intensities and each P by the plan's factors (same images, same cameras)."""
+    raw = json.loads((case_dir / "case.json").read_text())
+    for view, p_scale in zip(raw["views"], plan["p_scale"]):
+        view["projection_matrix"] = (np.asarray(view["projection_matrix"]) * p_scale).tolist()
+        if plan["image_format"] == "tiff" and plan["intensity_scale"] != 1.0:
+            import tifffile
+
+            path = case_dir / view["image"]
+            data = tifffile.imread(path).astype(np.float32) * np.float32(plan["intensity_scale"])
+            tifffile.imwrite(path, data, photometric="minisblack")
+    (case_dir / "case.json").write_text(json.dumps(raw, indent=2))
+
+
+def _without_masks(case_dir: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
+    shutil.copytree(case_dir, dest)
+    raw = json.loads((dest / "case.json").read_text())
+    for view in raw["views"]:
+        mask = view.pop("mask", None)
+        if mask:
+            (dest / mask).unlink()
+    (dest / "case.json").write_text(json.dumps(raw, indent=2))
+    return dest
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return float(2 * (a & b).sum() / total) if total else math.nan
+
+
+def _metrics(out_dir: pathlib.Path, truth_dir: pathlib.Path, side: str) -> dict[str, float]:
+    import SimpleITK as sitk
+
+    from inference import io, measure
+
+    truth = json.loads((truth_dir / "truth.json").read_text())
+    ours = json.loads((out_dir / "measurements.json").read_text())
+    reference = sitk.ReadImage(str(out_dir / "femur_labels.nii.gz"))
+    truth_image = sitk.ReadImage(str(truth_dir / "labels.nii.gz"))
+    resampled = sitk.Resample(truth_image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                              truth_image.GetPixelID())
+    truth_fov = sitk.GetArrayFromImage(resampled) == 1
+    labels, grid = io.read_volume(out_dir / "femur_labels.nii.gz")
+    row = {
+        "dice": _dice(labels == 1, truth_fov),
+        "hip_centre_error_mm": float(np.linalg.norm(np.asarray(ours["hip_centre_mm"])
+                                                    - np.asarray(truth["hip_centre_mm"]))),
+        "head_radius_error_mm": float(ours["head_radius_mm"] - truth["head_radius_mm"]),
+        "offset_error_mm": math.nan,
+        "neck_shaft_angle_error_deg": math.nan,
+    }
+    try:
+        truth_measured = measure.measure_femur(truth_fov.astype(np.uint8), grid, side=side)
+        row["offset_error_mm"] = float(ours["femoral_offset_mm"] - truth_measured["femoral_offset_mm"])
+        row["neck_shaft_angle_error_deg"] = float(ours["neck_shaft_angle_deg"]
+                                                  - truth_measured["neck_shaft_angle_deg"])
+        row["truth_offset_mm"] = float(truth_measured["femoral_offset_mm"])
+        row["truth_neck_shaft_angle_deg"] = float(truth_measured["neck_shaft_angle_deg"])
+    except HipAtlasError as error:  # the truth femur cut by a misplaced field of view
+        log.warning("cannot measure the true femur in the output's field of view: %s", error)
+    return row
+
+
+def _proposal_dice(out_dir: pathlib.Path, case_dir: pathlib.Path) -> tuple[float, float]:
+    from inference import io
+
+    report = json.loads((out_dir / "report.json").read_text())
+    case = io.load_case(case_dir)
+    inside, full = [], []
+    for entry, view in zip(report["views"], case.views):
+        proposed = io.load_mask(out_dir / entry["mask"], expected_shape=view.image.shape)
+        truth = np.asarray(view.mask, bool)
+        full.append(_dice(proposed, truth))
+        # the same rows as the proposal (along the image's vertical; the shaft runs off the bottom)
+        rows = np.nonzero(proposed.any(axis=1))[0]
+        window = np.zeros_like(truth)
+        window[rows.min(): rows.max() + 1] = True
+        inside.append(_dice(proposed, truth & window))
+    return float(np.mean(inside)), float(np.mean(full))
+
+
+def _load_model(args):
+    from inference import pipeline
+
+    if args.untrained:
+        import keras
+
+        from inference import model as model_lib
+        from inference.data import atlas as atlas_lib
+
+        keras.utils.set_random_seed(0)
+        net = model_lib.build_model(model_lib.preset(args.untrained), atlas_lib.load_atlas(args.untrained))
+        return net, f"untrained {args.untrained}"
+    net = pipeline.load_registration_model(args.model)
+    return net, str(args.model or "shipped model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="model folder or .keras (default: the shipped model)")
+    parser.add_argument("--untrained", nargs="?", const="compact", choices=["compact", "paper"],
+                        help="an untrained model of this grid instead (smoke test)")
+    parser.add_argument("--out", required=True, help="folder for eval_cases.md / .json")
+    parser.add_argument("--cases", type=int, default=10, help="number of cases (default 10)")
+    parser.add_argument("--subject", default="JIA_MRI", help="shared bone subject (default JIA_MRI, the validation specimen)")
+    parser.add_argument("--sides", default="right,left", help="sides, cycled over the cases")
+    parser.add_argument("--seed", type=int, default=2024, help="base seed (case i uses seed*1000+i)")
+    parser.add_argument("--vary", action="store_true", help="vary sizes, pitch, format, intensity, P scale, angles")
+    parser.add_argument("--no-masks", action="store_true", help="register without masks (proposals) and score them")
+    parser.add_argument("--ct-spacing", type=float, default=1.5, help="phantom CT voxel size, mm (3 = quick)")
+    parser.add_argument("--keep", action="store_true", help="keep the cases and outputs under OUT/work")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    if args.cases < 1:
+        parser.error(f"--cases must be >= 1, not {args.cases}")
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if not sides or any(s not in ("right", "left") for s in sides):
+        parser.error(f"--sides must list right and/or left, not {args.sides!r}")
+
+    from inference import evaluate, io, pipeline
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work" if args.keep else pathlib.Path(tempfile.mkdtemp(prefix="eval_cases_"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        net, model_name = _load_model(args)
+        for index in range(args.cases):
+            plan = _case_plan(index, args.seed, args.vary, sides)
+            subject = f"{args.subject}:{plan['side']}"
+            row: dict[str, Any] = {"subject": subject, "sample_index": index, **{k: plan[k] for k in (
+                "seed", "side", "detector", "angles_offset_deg", "image_format", "intensity_scale")}}
+            try:
+                case_dir, truth_dir = _simulate(plan, subject, work, args.ct_spacing)
+                run_dir = _without_masks(case_dir, work / f"nomask_{index:03d}") if args.no_masks else case_dir
+                result_dir = work / f"out_{index:03d}"
+                start = time.perf_counter()
+                result = pipeline.run_to_completion(pipeline.register_case(run_dir, result_dir, model=net))
+                row["time_s"] = time.perf_counter() - start
+                row.update(_metrics(result_dir, truth_dir, plan["side"]))
+                row["warnings"] = result.warnings
+                if args.no_masks:
+                    row["proposed_mask_dice"], row["proposed_mask_dice_full"] = _proposal_dice(result_dir, case_dir)
+            except HipAtlasError as error:
+                log.error("case %d: %s", index, error)
+                row["error"] = str(error)
+            rows.append(row)
+            log.info("case %d/%d %s: %s", index + 1, args.cases, subject,
+                     ", ".join(f"{m} {row[m]:.3g}" for m in METRICS + PROPOSAL_METRICS
+                               if isinstance(row.get(m), float)))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    metrics = METRICS + (PROPOSAL_METRICS if args.no_masks else ())
+    # absolute errors for the summary of signed metrics: the targets are on magnitudes
+    for row in rows:
+        for key in ("head_radius_error_mm", "offset_error_mm", "neck_shaft_angle_error_deg"):
+            if isinstance(row.get(key), float):
+                row[f"abs_{key}"] = abs(row[key])
+    summary_metrics = metrics + ("abs_head_radius_error_mm", "abs_offset_error_mm", "abs_neck_shaft_angle_error_deg")
+    summary = evaluate.summarise(rows, summary_metrics)
+    title = f"hipatlas register on {args.cases} simulated {args.subject} cases ({model_name})"
+    markdown = evaluate.to_markdown(rows, summary, title=title, metrics=summary_metrics)
+    markdown += "\n## Targets (issue 5)\n\n" + "\n".join(f"- {k}: {v}" for k, v in TARGETS.items()) + "\n"
+    failures = [r for r in rows if "error" in r]
+    if failures:
+        markdown += "\n## Failed cases\n\n" + "\n".join(f"- case {r['sample_index']}: {r['error']}"
+                                                         for r in failures) + "\n"
+    io.write_json_atomic(out / "eval_cases.json", evaluate._json_safe({
+        "model": model_name, "subject": args.subject, "cases": args.cases, "seed": args.seed, "vary": args.vary,
+        "no_masks": args.no_masks, "ct_spacing_mm": args.ct_spacing, "rows": rows, "summary": summary}))
+    evaluate._write_atomic(out / "eval_cases.md", markdown)
+    print(markdown)
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
