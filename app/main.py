@@ -18,7 +18,9 @@ import traceback
 
 log = logging.getLogger(__name__)
 
-DEMO_CASE = pathlib.Path(__file__).resolve().parent.parent / "resources" / "demo"
+from inference.resources import demo_dir
+
+DEMO_CASE = demo_dir()
 
 
 class ExceptionHooks:
@@ -119,6 +121,14 @@ def run_gui(args: argparse.Namespace) -> int:
 
     window.registration_finished.connect(finish)
     window.show()
+
+    # A damaged installation (model or atlas not matching their recorded checksums) must not
+    # produce plausible-looking results: say so at start, in the one error dialog.
+    from inference.resources import verify_resources
+
+    problems = verify_resources(strict=False)
+    if problems:
+        window.report_error("; ".join(p.message for p in problems))
 
     target = DEMO_CASE if getattr(args, "demo", False) else getattr(args, "case_dir", None)
 

@@ -96,8 +96,9 @@ def main(argv=None) -> None:
         # Fixed costs of a fresh process, each measured alone.
         wall, _ = _timed_process(["-c", "import tensorflow"])
         report.add("tf_import_s", wall, "s", "python + import tensorflow")
-        wall, completed = _timed_process(["-c", "import time, sys; from inference import model; t = time.perf_counter(); "
-                                          f"model.load_model({str(model)!r}); print(time.perf_counter() - t)"])
+        load_script = ("import time; from inference import model; t = time.perf_counter(); "
+                       f"model.load_model({str(model)!r}); print(time.perf_counter() - t)")
+        wall, completed = _timed_process(["-c", load_script])
         if completed.returncode == 0:
             report.add("model_load_s", float(completed.stdout.strip().splitlines()[-1]), "s", "load_model (verified)")
 

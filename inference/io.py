@@ -286,6 +286,15 @@ def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> pathlib.Path
     return pathlib.Path(path)
 
 
+def plain_mode(folder: bool = False) -> int:
+    """Permissions a plain open()/mkdir would give (0666/0777 less the umask).
+
+    Temporary files and folders (mkstemp/mkdtemp) are private (0600/0700); finished outputs that
+    are renamed into place get these instead, so other users can read them as usual.
+    """
+    return (0o777 if folder else 0o666) & ~_current_umask()
+
+
 def _current_umask() -> int:
     """The process umask, read without changing it (os.umask would race with other threads)."""
     try:
@@ -327,7 +336,7 @@ def atomic_output_dir(final_dir: str | os.PathLike, *, overwrite: bool = False) 
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
         # mkdtemp makes the folder private (0700); the result is an ordinary folder, so give it
         # the permissions a plain mkdir would (0777 less the umask).
-        tmp.chmod(0o777 & ~_current_umask())
+        tmp.chmod(plain_mode(folder=True))
     except OSError as exc:
         raise OutputError(f"{final}: cannot create the output folder ({exc.strerror or exc})") from exc
     try:

@@ -12,8 +12,9 @@ Method
    many pixels a millimetre spans there.
 2. In the reference view (the one whose viewing direction is closest to AP), the head centre in 2D
    is the point of the upper part of the mask that lies deepest inside it (maximum of the distance
-   transform): the head is the widest round part near the top, the neck and the greater
-   trochanter's tip are narrower.
+   transform) among those whose inscribed circle reaches the top of the mask: the head is the
+   widest round part at the top, the neck and the greater trochanter's tip are narrower, and the
+   region below the neck, as wide as the head in small or valgus femurs, does not reach the top.
 3. The other view: search along the epipolar line of that point (sampling the reference ray in 3D)
    for the deepest point of its mask. The 3D point on the ray is the head centre estimate.
 """
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 #: How far below the top of the mask the head centre may lie, in mm at the femur (head radius is
 #: 17-28 mm, so its centre lies within ~35 mm of the mask top).
 HEAD_BAND_MM = 40.0
+#: How far below the top of the mask the head's inscribed circle may end (mm): heads are not
+#: perfect circles in projection and mask edges are a pixel or two rough.
+HEAD_TOP_TOLERANCE_MM = 4.0
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,17 @@ def _head_in_view(mask: np.ndarray, projection: np.ndarray, point_mm: np.ndarray
     up = _superior_direction(projection, point_mm)
     vv, uu = np.nonzero(inside)
     height = uu * up[0] + vv * up[1]  # larger = more superior
-    band_px = HEAD_BAND_MM / _mm_per_pixel(projection, point_mm)
+    mm_per_pixel = _mm_per_pixel(projection, point_mm)
+    band_px = HEAD_BAND_MM / mm_per_pixel
     top = height >= height.max() - band_px
-    best = np.argmax(distance[vv[top], uu[top]])
-    return np.array([uu[top][best], vv[top][best]], float), float(distance[vv[top][best], uu[top][best]]), distance
+    depth = distance[vv[top], uu[top]]
+    # The head is the round top end: its largest inscribed circle reaches the top of the mask.
+    # Deeper points lower down (the intertrochanteric region of a small or valgus femur can be as
+    # wide as the head) are penalised by how far their circle stays below the mask's top.
+    gap = (height.max() - height[top]) - depth
+    score = depth - 2.0 * np.maximum(gap - HEAD_TOP_TOLERANCE_MM / mm_per_pixel, 0.0)
+    best = np.argmax(score)
+    return np.array([uu[top][best], vv[top][best]], float), float(depth[best]), distance
 
 
 def locate_femoral_head(projections: list[np.ndarray], masks: list[np.ndarray],

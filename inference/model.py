@@ -75,6 +75,7 @@ import numpy as np
 import tensorflow as tf
 
 from inference.errors import ConfigError, ModelError
+from inference.io import plain_mode
 from inference.layers import warp as warp_layers
 from inference.layers.sampling import trilinear_sample
 
@@ -1145,6 +1146,7 @@ def _atomic_write_text(path: pathlib.Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, plain_mode())  # mkstemp files are private; a model card is not
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
@@ -1211,6 +1213,7 @@ def save_model(model: keras.Model, path: str | os.PathLike,
     os.close(fd)
     try:
         model.save(tmp)
+        os.chmod(tmp, plain_mode())  # mkstemp files are private; a shipped model is not
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)

@@ -7,11 +7,16 @@ scripts and the CLI; the GUI runs it in a worker thread.
 
 Steps
 -----
-1. Load and validate the case (:mod:`inference.io`); refuse views under 30 degrees apart.
+1. Load and validate the case (:mod:`inference.io`); refuse views under 30 degrees apart and a
+   non-empty output folder before any work.
 2. A left femur is registered in a mirrored world (``P @ diag(-1, 1, 1, 1)``) so that the network
    always sees a right femur; results are mirrored back at the end.
 3. Locate the femoral head by triangulating the two masks (:mod:`inference.localize`) and place the
-   atlas grid there (the world origin is wherever the calibration put it).
+   atlas grid there (the world origin is wherever the calibration put it). With masks, this runs
+   before the model is loaded, so bad masks or calibrations (a femur cut off at the top of an
+   image, masks of different femurs) fail in a second with a message naming the file.
+   A view without a mask gets a proposed one first (:mod:`inference.mask_proposal`), written to
+   ``proposed_mask_<view>.png`` and marked unconfirmed in the report.
 4. Crop and resample each view onto the network detector around the grid (:mod:`inference.views`),
    mask it; the model normalises intensities itself.
 5. Run the network; warp the atlas intensities, labels and landmarks to the patient.
@@ -42,7 +47,6 @@ MIN_VIEW_ANGLE_DEG = 30.0
 #: Below this NCC between a radiograph and the DRR of the result the report warns.
 LOW_SIMILARITY_NCC = 0.5
 
-RESOURCES = pathlib.Path(__file__).resolve().parent.parent / "resources"
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,9 @@ def run_to_completion(generator: Generator[Progress, None, Any],
 
 def default_model_path() -> pathlib.Path:
     """The shipped model: ``resources/models/DEFAULT`` names its folder, else the only folder."""
-    models = RESOURCES / "models"
+    from inference.resources import models_dir
+
+    models = models_dir()
     pointer = models / "DEFAULT"
     if pointer.is_file():
         folder = models / pointer.read_text().strip()
@@ -207,16 +213,28 @@ def registration_frame(case) -> tuple[list[np.ndarray], list[np.ndarray], np.nda
     """Images, projection matrices and a start point in the registration world of a case.
 
     The registration world is the case's world, mirrored in x for a left femur (so that the
-    network always sees a right femur). Every P is normalised so that w > 0 in front of its
-    source; the start point is the closest approach of the two central rays (mirrored too).
+    network always sees a right femur). Mirroring the world alone would leave the cameras
+    mirrored too (P @ diag(-1,1,1,1) has a left-handed pixel frame), and the network's encoders,
+    trained on right-handed views, would see mirror images of what they learned; so the images
+    are also flipped left-right (:func:`to_registration_image`) with P updated exactly
+    (``flip_horizontal``), which gives right-handed cameras looking at a right femur. Every P is
+    normalised so that w > 0 in front of its source; the start point is the closest approach of
+    the two central rays (mirrored too).
     """
     pair = geometry.view_pair_check(case.views[0].projection, case.views[1].projection)
     world = [geometry.normalise_projection(v.projection, front_point_mm=pair.midpoint_mm) for v in case.views]
     start = np.asarray(pair.midpoint_mm, float)
+    images = [np.asarray(v.image.pixels, np.float32) for v in case.views]
     if case.side == "left":
-        world = [p @ MIRROR_X for p in world]
+        world = [geometry.flip_horizontal(p @ MIRROR_X, image.shape[1]) for p, image in zip(world, images)]
+        images = [to_registration_image(image, True) for image in images]
         start = start * [-1.0, 1.0, 1.0]
-    return [np.asarray(v.image.pixels, np.float32) for v in case.views], world, start
+    return images, world, start
+
+
+def to_registration_image(image: np.ndarray, mirror: bool) -> np.ndarray:
+    """An image (or mask) of the case in the registration frame and back (its own inverse)."""
+    return np.ascontiguousarray(image[:, ::-1]) if mirror else image
 
 
 def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model: Any = None,
@@ -267,7 +285,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         warnings.append(f"views are {pair.angle_deg:.0f} deg apart; accuracy is best near 90 deg")
     images, projections, start_mm = registration_frame(case)
     mirror = case.side == "left"
-    world_projections = [p @ MIRROR_X for p in projections] if mirror else projections
+    world_projections = [geometry.normalise_projection(v.projection, front_point_mm=pair.midpoint_mm)
+                         for v in case.views]
 
     full_masks: list[np.ndarray | None] = [None if v.mask is None else np.asarray(v.mask) > 0 for v in case.views]
     for view, mask, source in zip(case.views, full_masks, mask_sources):
@@ -277,10 +296,17 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     head = None
     if all(m is not None for m in full_masks):
         # Locate the femur before loading the model: bad masks or calibrations fail in a second.
-        head = _locate_checked(case, projections, full_masks, start_mm)
+        head = _locate_checked(case, projections, [to_registration_image(m, mirror) for m in full_masks],
+                               start_mm)
 
     yield Progress(0.08, "Loading model")
     t0 = time.perf_counter()
+    if model is None:
+        # The shipped model and atlas must match their recorded checksums (a damaged install
+        # would otherwise give plausible but wrong results).
+        from inference.resources import verify_resources
+
+        verify_resources()
     net = load_registration_model(model)
     from inference import model as model_lib
 
@@ -298,13 +324,14 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         proposal = mask_proposal.propose(images, projections, net, atlas, start_mm, cancel=cancel)
         for index, view in enumerate(case.views):
             if full_masks[index] is None:
-                full_masks[index] = proposal.masks[index]
+                full_masks[index] = to_registration_image(proposal.masks[index], mirror)
                 mask_sources[index] = "proposed"
                 warnings.append(f"view '{view.name}': no femur mask was given; the mask was proposed "
                                 "automatically and is not confirmed: check proposed_mask_"
                                 f"{_safe_name(view.name)}.png")
         timings["mask_proposal_s"] = time.perf_counter() - t0
-        head = _locate_checked(case, projections, full_masks, start_mm)
+        head = _locate_checked(case, projections, [to_registration_image(m, mirror) for m in full_masks],
+                               start_mm)
         _check(cancel)
 
     yield Progress(0.15, "Preparing views")
@@ -320,7 +347,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         if net_view.covered_fraction() < 0.6:
             warnings.append(f"view '{view.name}': the femur region extends beyond the radiograph")
         images_net.append(views.resample_to_network(pixels, net_view))
-        masks_net.append(views.resample_mask_to_network(mask, net_view))
+        masks_net.append(views.resample_mask_to_network(to_registration_image(mask, mirror), net_view))
         projections_net.append(net_view.projection)
     _check(cancel)
 
@@ -399,7 +426,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
             "mask_sha256": io.sha256_file(v.mask_path) if src == "case" and v.mask_path else None,
             "mask_source": src,
             "mask_confirmed": src != "proposed",
-            "calibration": dataclasses.asdict(v.calibration) if dataclasses.is_dataclass(v.calibration) else str(v.calibration),
+            "calibration": (dataclasses.asdict(v.calibration) if dataclasses.is_dataclass(v.calibration)
+                            else str(v.calibration)),
             "similarity_ncc": similarities[v.name],
         } for v, src in zip(case.views, mask_sources)],
         "view_angle_deg": float(pair.angle_deg),

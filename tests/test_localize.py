@@ -54,3 +54,27 @@ def test_disjoint_masks_are_refused(tmp_path_factory):
         locate_femoral_head(projections, [masks[0], moved])
     with pytest.raises(DataError, match="empty"):
         locate_femoral_head(projections, [masks[0], np.zeros_like(masks[1])])
+
+
+def test_head_found_above_a_region_as_wide_as_the_head():
+    """A small femur whose trochanteric region, just below the head, is wider than the head: the
+    deepest point of the mask's top 40 mm lies there, but its inscribed circle does not reach the
+    top of the mask, the head's does (the localisation failed by 38 mm on such masks before)."""
+    from inference.mask_proposal import label_silhouette
+
+    head = np.array([-80.0, 10.0, 30.0])
+    grid = geometry.VolumeGeometry.centered((70, 40, 50), (2.0, 2.0, 2.0), head + [-20.0, 0.0, -40.0])
+    kk, jj, ii = np.indices(grid.shape_zyx)
+    world = np.tensordot(grid.index_to_world()[:3, :3], np.stack([ii, jj, kk]), axes=1)
+    x, y, z = (world + grid.index_to_world()[:3, 3, None, None, None]) - head[:, None, None, None]
+    femur = x ** 2 + y ** 2 + z ** 2 <= 15.0 ** 2  # head, radius 15 mm
+    body = ((x + 28.0) ** 2 + y ** 2 <= 21.0 ** 2) & (z <= -5.0) & (z >= -100.0)  # wide, lateral, low
+    neck = (np.abs(y) <= 10.0) & (z <= 0.0) & (z >= -30.0) & (x >= -30.0) & (x <= 0.0)
+    labels = (femur | body | neck).astype(np.uint8)
+    projections = [geometry.projection_matrix(geometry.CArmView(
+        sdd_mm=1000.0, sid_mm=925.0, lao_deg=lao, cranial_deg=0.0, rows=200, cols=200, pixel_mm=1.0,
+        isocentre_mm=tuple(head + [-15.0, 5.0, -30.0]))) for lao in (0.0, 90.0)]
+    masks = [label_silhouette(labels, grid, p, (200, 200)) for p in projections]
+    estimate = locate_femoral_head(projections, masks)
+    assert np.linalg.norm(estimate.centre_mm - head) < 3.0, estimate.centre_mm - head
+    assert 12.0 < estimate.radius_mm < 18.0

@@ -9,7 +9,6 @@ the truth's world frame (by physical coordinates) for a right and a left femur.
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -238,7 +237,7 @@ def test_views_without_masks_get_proposed_unconfirmed_masks(tmp_path, tmp_path_f
         rows = np.nonzero(proposed.any(axis=1))[0]
         window = np.zeros_like(proposed)
         window[: rows.max() + 1] = True
-        assert _dice(proposed, view.mask & window) > 0.6
+        assert _dice(proposed, view.mask & window) > 0.6  # 0.72 / 0.92 measured (AP / LAT)
     assert sum("proposed automatically" in w for w in result.warnings) == 2
     assert np.linalg.norm(np.asarray(result.measurements["hip_centre_mm"]) - sim.hip_centre_mm) < 25.0
     assert "mask_proposal" in report and report["timings_s"]["mask_proposal_s"] > 0
@@ -251,11 +250,15 @@ def test_propose_masks_api_for_the_gui(tmp_path_factory, model_path):
     assert len(masks) == 2
     for mask, view in zip(masks, case.views):
         assert mask.dtype == bool and mask.shape == view.image.shape and mask.any()
-        # one connected region without holes, near the true femur
+        # one connected region without holes, on the true femur (the untrained model leaves the
+        # atlas's proportions: Dice 0.72 / 0.92 measured for AP / LAT in the covered rows)
         from scipy import ndimage
 
-        assert ndimage.label(mask)[1] == 1
-        assert (mask & view.mask).sum() > 0.5 * mask.sum()
+        assert ndimage.label(mask)[1] == 1 and not (ndimage.binary_fill_holes(mask) & ~mask).any()
+        rows = np.nonzero(mask.any(axis=1))[0]
+        window = np.zeros_like(mask)
+        window[: rows.max() + 1] = True
+        assert _dice(mask, view.mask & window) > 0.6
 
 
 def test_gui_masks_replace_the_case_masks(tmp_path, tmp_path_factory, model_path):
@@ -269,7 +272,6 @@ def test_gui_masks_replace_the_case_masks(tmp_path, tmp_path_factory, model_path
             sim.case_dir, tmp_path / "o", model=model_path,
             masks=[np.zeros(case.views[0].image.shape, bool), None]))
     assert not (tmp_path / "o").exists()
-    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------ mask proposal parts
@@ -318,3 +320,51 @@ def test_refine_mask_moves_the_outline_onto_the_edges():
     flat = np.full((rows, cols), 0.3, np.float32)
     kept = mask_proposal.refine_mask(flat, prior, mm_per_pixel=1.0, band_mm=3.0)
     assert _dice(kept, prior) > 0.8
+
+
+@pytest.mark.slow
+def test_eval_cases_tool_smoke(tmp_path):
+    """tools/eval_cases.py end to end on one coarse case with an untrained model (about a minute)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    tool = pathlib.Path(__file__).resolve().parents[1] / "tools" / "eval_cases.py"
+    completed = subprocess.run([sys.executable, str(tool), "--untrained", "--cases", "1", "--ct-spacing", "4",
+                                "--no-masks", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result = json.loads((tmp_path / "eval_cases.json").read_text())
+    row = result["rows"][0]
+    assert 0.0 < row["dice"] <= 1.0 and row["hip_centre_error_mm"] < 40.0 and 0.0 < row["proposed_mask_dice"] <= 1.0
+    assert "## Summary" in (tmp_path / "eval_cases.md").read_text()
+
+
+def test_left_femur_is_registered_with_right_handed_cameras_on_flipped_images():
+    """A left case is mirrored in x *and* its images flipped, so that the network sees a right femur
+    through right-handed cameras as in training; a world point stays on its (flipped) pixel."""
+    from types import SimpleNamespace
+
+    from inference import geometry, pipeline
+
+    rng = np.random.default_rng(5)
+    views = []
+    for lao in (0.0, 90.0):
+        P = geometry.projection_matrix(geometry.CArmView(sdd_mm=1000, sid_mm=925, lao_deg=lao, cranial_deg=0,
+                                                         rows=60, cols=80, pixel_mm=2.0))
+        image = rng.random((60, 80)).astype(np.float32)
+        views.append(SimpleNamespace(projection=P, image=SimpleNamespace(pixels=image)))
+    point = np.array([60.0, -10.0, 20.0])  # a left hip: patient left is +x
+    for side in ("right", "left"):
+        case = SimpleNamespace(side=side, views=views)
+        images, projections, _ = pipeline.registration_frame(case)
+        mirrored = point * ([-1.0, 1.0, 1.0] if side == "left" else 1.0)
+        for view, image, P in zip(views, images, projections):
+            _, R, _ = geometry.decompose(P)
+            assert np.linalg.det(R) > 0, "registration cameras must be right-handed"
+            u, v = geometry.project_points(P, mirrored[None])[0]
+            u0, v0 = geometry.project_points(view.projection, point[None])[0]
+            expected_u = (view.image.pixels.shape[1] - 1 - u0) if side == "left" else u0
+            assert abs(u - expected_u) < 1e-6 and abs(v - v0) < 1e-6
+            column = int(round(u))
+            original_column = int(round(u0))
+            np.testing.assert_array_equal(image[:, column], view.image.pixels[:, original_column])

@@ -211,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="an untrained model of this grid instead (smoke test)")
     parser.add_argument("--out", required=True, help="folder for eval_cases.md / .json")
     parser.add_argument("--cases", type=int, default=10, help="number of cases (default 10)")
-    parser.add_argument("--subject", default="JIA_MRI", help="shared bone subject (default JIA_MRI, the validation specimen)")
+    parser.add_argument("--start", type=int, default=0, help="index of the first case (to re-run one case)")
+    parser.add_argument("--subject", default="JIA_MRI",
+                        help="shared bone subject (default JIA_MRI, the validation specimen)")
     parser.add_argument("--sides", default="right,left", help="sides, cycled over the cases")
     parser.add_argument("--seed", type=int, default=2024, help="base seed (case i uses seed*1000+i)")
     parser.add_argument("--vary", action="store_true", help="vary sizes, pitch, format, intensity, P scale, angles")
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         net, model_name = _load_model(args)
-        for index in range(args.cases):
+        for index in range(args.start, args.start + args.cases):
             plan = _case_plan(index, args.seed, args.vary, sides)
             subject = f"{args.subject}:{plan['side']}"
             row: dict[str, Any] = {"subject": subject, "sample_index": index, **{k: plan[k] for k in (
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("case %d: %s", index, error)
                 row["error"] = str(error)
             rows.append(row)
-            log.info("case %d/%d %s: %s", index + 1, args.cases, subject,
+            log.info("case %d (%d of %d) %s: %s", index, index - args.start + 1, args.cases, subject,
                      ", ".join(f"{m} {row[m]:.3g}" for m in METRICS + PROPOSAL_METRICS
                                if isinstance(row.get(m), float)))
     finally:

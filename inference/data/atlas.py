@@ -81,10 +81,9 @@ def grid_geometry(grid_name: str):
 
 def atlas_root() -> pathlib.Path:
     """``$HIPATLAS_ATLAS_DIR`` if set, else ``<repo>/resources/atlas``."""
-    env = os.environ.get("HIPATLAS_ATLAS_DIR")
-    if env:
-        return pathlib.Path(env).expanduser()
-    return pathlib.Path(__file__).resolve().parents[2] / "resources" / "atlas"
+    from inference.resources import atlas_dir
+
+    return atlas_dir()
 
 
 @dataclass(frozen=True, eq=False)
