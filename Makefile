@@ -12,7 +12,7 @@ SYSTEM_PACKAGES := xvfb xauth libgl1-mesa-dri libglx-mesa0 libegl1 libegl-mesa0 
 	libxcb-render-util0 libxcb-randr0 libxcb-shape0 libxkbcommon-x11-0 libdbus-1-3 libfontconfig1
 PYTEST_ARGS ?=
 
-.PHONY: install system-packages demo test test-slow test-all bench lint clean
+.PHONY: install system-packages demo test test-slow test-all bench lint clean package
 
 install: system-packages $(STAMP)
 
@@ -32,8 +32,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# With a display: the workstation window on the demo case. Headless (no DISPLAY): register the
+# demo case on the command line (prints the measurements), then run the window under Xvfb,
+# register there too and save a screenshot of it.
+DEMO_OUT ?= work/demo
 demo: install
-	$(PY) -m inference.cli demo
+	@if [ -n "$$DISPLAY$$WAYLAND_DISPLAY" ]; then \
+		$(VENV)/bin/hipatlas gui --demo; \
+	else \
+		echo "No display: registering the demo case headless into $(DEMO_OUT)/register"; \
+		$(VENV)/bin/hipatlas register resources/demo --out $(DEMO_OUT)/register --overwrite --quiet && \
+		echo "Opening the workstation under Xvfb; screenshot: $(DEMO_OUT)/hipatlas-demo.png" && \
+		xvfb-run -a -s "-screen 0 1600x1000x24" $(VENV)/bin/hipatlas gui --demo \
+			--screenshot $(DEMO_OUT)/hipatlas-demo.png --quit-after-register; \
+	fi
+
+package: install
+	packaging/build_linux.sh
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

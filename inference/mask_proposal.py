@@ -554,12 +554,9 @@ def propose(images: Sequence[np.ndarray], projections: Sequence[np.ndarray], net
         images_net.append(views_lib.resample_to_network(pixels, net_view))
         masks_net.append(_grid_footprint(grid, net_view.projection, tuple(config.detector_hw)))
         projections_net.append(net_view.projection)
-    outputs = net({
-        "images": np.stack(images_net)[None].astype(np.float32),
-        "masks": np.stack(masks_net)[None].astype(np.float32),
-        "projection": np.stack(projections_net)[None].astype(np.float32),
-        "index_to_world": grid.index_to_world()[None].astype(np.float32),
-    }, training=False)
+    from inference.model import case_inputs
+
+    outputs = net(case_inputs(images_net, masks_net, projections_net, grid.index_to_world()), training=False)
     warped = np.asarray(outputs["warped_labels"])[0, ..., 0].round().astype(np.uint8)
     timings["network_s"] = time.perf_counter() - t0
     if not (warped == 1).any():

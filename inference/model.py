@@ -60,7 +60,6 @@ norm, activations and the loss are not counted.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -929,6 +928,20 @@ def build_model(config: ModelConfig, atlas: Any = None, *, name: str = "hipatlas
     return keras.Model(inputs=inputs, outputs=outputs, name=name)
 
 
+def case_inputs(images, masks, projections, index_to_world) -> dict[str, np.ndarray]:
+    """The model's input dict (batch of one) from per-view network-size arrays.
+
+    ``images``/``masks``: two (H, W) arrays each; ``projections``: two (3, 4) P of the network
+    detectors; ``index_to_world``: (4, 4) of the placed atlas grid.
+    """
+    return {
+        "images": np.stack(images)[None].astype(np.float32),
+        "masks": np.stack(masks)[None].astype(np.float32),
+        "projection": np.stack(projections)[None].astype(np.float32),
+        "index_to_world": np.asarray(index_to_world)[None].astype(np.float32),
+    }
+
+
 def model_config_of(model: keras.Model) -> ModelConfig:
     """The :class:`ModelConfig` stored in a model built by :func:`build_model`."""
     try:
@@ -1122,12 +1135,7 @@ def flops_of_model(model: keras.Model) -> int:
 # Saving, model cards, loading
 # --------------------------------------------------------------------------------------------
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from inference.resources import file_sha256  # noqa: E402  (one implementation, stdlib only)
 
 
 #: File name of a model card: one model per folder (``<folder>/<name>.keras`` + this file), the

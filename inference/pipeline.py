@@ -353,12 +353,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
 
     yield Progress(0.3, "Registering atlas")
     t0 = time.perf_counter()
-    outputs = net({
-        "images": np.stack(images_net)[None].astype(np.float32),
-        "masks": np.stack(masks_net)[None].astype(np.float32),
-        "projection": np.stack(projections_net)[None].astype(np.float32),
-        "index_to_world": grid.index_to_world()[None].astype(np.float32),
-    }, training=False)
+    outputs = net(model_lib.case_inputs(images_net, masks_net, projections_net, grid.index_to_world()),
+                  training=False)
     labels = np.asarray(outputs["warped_labels"])[0, ..., 0].round().astype(np.uint8)
     psi = np.asarray(outputs["psi"])[0]
     timings["network_s"] = time.perf_counter() - t0

@@ -11,6 +11,7 @@ import json
 import pathlib
 
 import numpy as np
+from synthetic_shapes import capsule_sdf
 import pytest
 import SimpleITK as sitk
 
@@ -23,19 +24,11 @@ from inference.io import write_volume
 SPACING = (2.5, 2.5, 3.0)
 
 
-def _capsule(p, a, b, r):
-    a = np.asarray(a, float)[:, None]
-    b = np.asarray(b, float)[:, None]
-    ab = b - a
-    t = np.clip(((p - a) * ab).sum(0) / (ab * ab).sum(), 0, 1)
-    return np.linalg.norm(p - (a + ab * t), axis=0) - r
-
-
 def femur_sdf(p):
     """Signed distance (mm) to a right femur drawn in its canonical frame (head centre at 0)."""
     head = np.linalg.norm(p, axis=0) - 22
-    neck = _capsule(p, [0, 0, 0], [-40, 0, -30], 13)
-    shaft = _capsule(p, [-42, 0, -20], [-42, 0, -400], 14)
+    neck = capsule_sdf(p, [0, 0, 0], [-40, 0, -30], 13)
+    shaft = capsule_sdf(p, [-42, 0, -20], [-42, 0, -400], 14)
     greater = np.linalg.norm(p - np.array([[-55.0], [0.0], [-8.0]]), axis=0) - 13
     lesser = np.linalg.norm(p - np.array([[-32.0], [8.0], [-62.0]]), axis=0) - 8
     return np.minimum.reduce([head, neck, shaft, greater, lesser])

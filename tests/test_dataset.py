@@ -11,6 +11,7 @@ import json
 import threading
 
 import numpy as np
+from synthetic_shapes import simple_femur_sdf
 import pytest
 from scipy import ndimage
 
@@ -26,19 +27,8 @@ HEAD_R = 22.0
 # ----------------------------------------------------------------------------------------------
 # Analytic subjects and tiny grids
 # ----------------------------------------------------------------------------------------------
-def _capsule(p, a, b, r):
-    a = np.asarray(a, float)[:, None]
-    b = np.asarray(b, float)[:, None]
-    ab = b - a
-    t = np.clip(((p - a) * ab).sum(0) / (ab * ab).sum(), 0, 1)
-    return np.linalg.norm(p - (a + ab * t), axis=0) - r
-
-
 def _femur_sdf(p):
-    head = np.linalg.norm(p, axis=0) - HEAD_R
-    neck = _capsule(p, [0, 0, 0], [-40, 0, -30], 13)
-    shaft = _capsule(p, [-42, 0, -20], [-42, 0, -400], 14)
-    return np.minimum.reduce([head, neck, shaft])
+    return simple_femur_sdf(p, HEAD_R)
 
 
 def _bead_sdf(p):

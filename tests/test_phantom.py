@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from synthetic_shapes import capsule_sdf
 import pytest
 
 from inference.data import phantom as ph
@@ -24,18 +25,10 @@ LT = np.array([-30.0, -10.0, -55.0])
 # ball; and an acetabular cup (spherical shell) around the head. Exact signed distances
 # (unions of SDFs by min, which is exact outside and a bound inside: enough for tissue classes).
 # ----------------------------------------------------------------------------------------------
-def _capsule(p, a, b, r):
-    a = np.asarray(a, float)[:, None]
-    b = np.asarray(b, float)[:, None]
-    ab = b - a
-    t = np.clip(((p - a) * ab).sum(0) / (ab * ab).sum(), 0, 1)
-    return np.linalg.norm(p - (a + ab * t), axis=0) - r
-
-
 def synthetic_femur_sdf(p):
     head = np.linalg.norm(p, axis=0) - HEAD_R
-    neck = _capsule(p, [0, 0, 0], [SHAFT_X, 0, -30], 14)
-    shaft = _capsule(p, [SHAFT_X, 0, -10], [SHAFT_X, 0, -400], SHAFT_R)
+    neck = capsule_sdf(p, [0, 0, 0], [SHAFT_X, 0, -30], 14)
+    shaft = capsule_sdf(p, [SHAFT_X, 0, -10], [SHAFT_X, 0, -400], SHAFT_R)
     trochanter = np.linalg.norm(p - np.array([[-52.0], [0.0], [-5.0]]), axis=0) - 13
     return np.minimum.reduce([head, neck, shaft, trochanter])
 

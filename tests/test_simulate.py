@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from synthetic_shapes import simple_femur_sdf
 import pytest
 from PIL import Image
 
@@ -17,19 +18,8 @@ from inference.errors import CaseFormatError, DataError
 HEAD_WORLD = np.array([-95.0, 20.0, 800.0])
 
 
-def _capsule(p, a, b, r):
-    a = np.asarray(a, float)[:, None]
-    b = np.asarray(b, float)[:, None]
-    ab = b - a
-    t = np.clip(((p - a) * ab).sum(0) / (ab * ab).sum(), 0, 1)
-    return np.linalg.norm(p - (a + ab * t), axis=0) - r
-
-
 def _femur_sdf(p):
-    head = np.linalg.norm(p, axis=0) - 22
-    neck = _capsule(p, [0, 0, 0], [-40, 0, -30], 13)
-    shaft = _capsule(p, [-42, 0, -20], [-42, 0, -400], 14)
-    return np.minimum.reduce([head, neck, shaft])
+    return simple_femur_sdf(p, 22.0)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -115,11 +114,9 @@ class Atlas:
 
 
 def _sha256_file(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from inference.resources import file_sha256
+
+    return file_sha256(path)
 
 
 def load_atlas(grid_name: str, root: str | os.PathLike | None = None, *, verify: bool = True) -> Atlas:

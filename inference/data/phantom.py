@@ -241,15 +241,12 @@ _HASHES: dict[tuple, str] = {}
 
 def _sha256(path: pathlib.Path) -> str:
     """sha256 of a file, remembered per (path, size, mtime) so repeated phantoms skip re-reading."""
+    from inference.resources import file_sha256
+
     stat = path.stat()
     memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if memo in _HASHES:
-        return _HASHES[memo]
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    _HASHES[memo] = digest.hexdigest()
+    if memo not in _HASHES:
+        _HASHES[memo] = file_sha256(path)
     return _HASHES[memo]
 
 
