@@ -368,3 +368,15 @@ def test_left_femur_is_registered_with_right_handed_cameras_on_flipped_images():
             column = int(round(u))
             original_column = int(round(u0))
             np.testing.assert_array_equal(image[:, column], view.image.pixels[:, original_column])
+
+
+def test_mask_agreement_is_dice_inside_the_projection_box():
+    from inference.pipeline import mask_agreement
+
+    silhouette = np.zeros((20, 20), bool)
+    silhouette[2:10, 5:15] = True  # 80 px
+    mask = np.zeros((20, 20), bool)
+    mask[2:20, 5:10] = True  # 90 px, of which 40 inside the silhouette's box
+    assert mask_agreement(silhouette, mask) == 2 * 40 / (80 + 40)
+    assert mask_agreement(silhouette, silhouette) == 1.0
+    assert mask_agreement(silhouette, None) is None
