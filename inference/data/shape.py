@@ -247,8 +247,18 @@ def _unit(v) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Modes
 # ----------------------------------------------------------------------------------------------
+class _LocalMap:
+    """A smooth, localised, invertible map; subclasses implement ``_map(X, inverse)``."""
+
+    def forward(self, X):
+        return self._map(X, False)
+
+    def inverse(self, Y):
+        return self._map(Y, True)
+
+
 @dataclass(frozen=True, eq=False)
-class _RadialScale:
+class _RadialScale(_LocalMap):
     """Points move along rays from ``centre``: rho -> rho * (1 + (factor - 1) * w(rho))."""
 
     centre: np.ndarray
@@ -277,15 +287,9 @@ class _RadialScale:
         out[active] = self.centre + rel[active] * ratio[:, None]
         return out
 
-    def forward(self, X):
-        return self._map(X, False)
-
-    def inverse(self, Y):
-        return self._map(Y, True)
-
 
 @dataclass(frozen=True, eq=False)
-class _AxialShift:
+class _AxialShift(_LocalMap):
     """Points move along lines parallel to ``direction`` by ``amount * w``.
 
     ``w = W_s(s) * W_perp(rho)`` with ``s`` the coordinate along the lines (from ``origin``) and
@@ -317,15 +321,9 @@ class _AxialShift:
         out[active] = X[active] + (new - s_a)[:, None] * self.direction
         return out
 
-    def forward(self, X):
-        return self._map(X, False)
-
-    def inverse(self, Y):
-        return self._map(Y, True)
-
 
 @dataclass(frozen=True, eq=False)
-class _WedgeRotation:
+class _WedgeRotation(_LocalMap):
     """Rotation about the line (``point``, ``axis``) by ``angle * w``; points stay on their circles.
 
     ``w = W_psi(psi) * W_R(R) * W_h(h)`` in cylindrical coordinates about the axis: azimuth ``psi``
@@ -366,12 +364,6 @@ class _WedgeRotation:
         out[active] = (self.point + h[active, None] * self.axis + (Ra * np.cos(new))[:, None] * e1
                        + (Ra * np.sin(new))[:, None] * e2)
         return out
-
-    def forward(self, X):
-        return self._map(X, False)
-
-    def inverse(self, Y):
-        return self._map(Y, True)
 
 
 @dataclass(frozen=True, eq=False)
