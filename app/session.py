@@ -150,15 +150,8 @@ class ExportOptions:
 def read_calibration_json(path: str | os.PathLike, image_shape: tuple[int, int]) -> tuple[np.ndarray, dict[str, Any]]:
     """``(P, details)`` from a calibration JSON file (format in the module docstring)."""
     path = pathlib.Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputFileError(f"{path}: calibration file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputFileError(f"{path}: cannot read the calibration file ({exc})") from exc
-    except json.JSONDecodeError as exc:
-        raise CaseFormatError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
-    if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
+    data = io.read_json_object(path, "calibration file")
+    if data.get("format") != CALIBRATION_FORMAT:
         raise CaseFormatError(f'{path}: "format" must be "{CALIBRATION_FORMAT}"')
     details: dict[str, Any] = {"file": path.name}
     if "projection_matrix" in data:

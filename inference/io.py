@@ -232,6 +232,25 @@ def _json_default(obj: Any) -> Any:
 _FLAT_NUMBER_LIST = re.compile(r"\[\s*((?:-?[0-9][0-9.eE+-]*,\s*)*-?[0-9][0-9.eE+-]*)\s*\]")
 
 
+def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A JSON file whose top level is an object, with typed errors naming the file.
+
+    ``what`` names the file in messages ("geometry file", "calibration file").
+    """
+    file = pathlib.Path(path)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputFileError(f"{file}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"{file}: cannot read the {what} ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise CaseFormatError(f"{file}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+    if not isinstance(data, dict):
+        raise CaseFormatError(f"{file}: the top level must be a JSON object")
+    return data
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> pathlib.Path:
     """Write ``obj`` as JSON (numpy scalars/arrays allowed) via a temp file and an atomic rename.
 

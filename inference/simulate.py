@@ -19,7 +19,6 @@ augmentation, which needs a physical pixel size; default 0.3 mm).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.errors import CaseFormatError, ConfigError, DataError, InputFileError
+from inference.errors import CaseFormatError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -87,17 +86,10 @@ def load_geometry_file(path: str | os.PathLike) -> tuple[str, list[ViewSpec]]:
     from inference.geometry import validate_projection_matrix
     from inference.io import CASE_FORMAT, SIDES
 
+    from inference.io import read_json_object
+
     file = pathlib.Path(path)
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputFileError(f"{file}: geometry file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputFileError(f"{file}: cannot read the geometry file ({exc})") from exc
-    except json.JSONDecodeError as exc:
-        raise CaseFormatError(f"{file}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
-    if not isinstance(raw, dict):
-        raise CaseFormatError(f"{file}: the top level must be a JSON object")
+    raw = read_json_object(file, "geometry file")
     if raw.get("format", CASE_FORMAT) != CASE_FORMAT:
         raise CaseFormatError(f'{file}: "format" is {raw.get("format")!r}, expected "{CASE_FORMAT}"')
     side = raw.get("side")
