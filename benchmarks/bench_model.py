@@ -1,28 +1,37 @@
-"""Size, FLOPs and timings of the registration network (inference/model.py) on this machine.
+"""Size, FLOPs, timings and training memory of the registration network (inference/model.py).
 
-Run: ``python benchmarks/bench_model.py [--json] [--repeats N] [--quick] [--paper-forward]``
+Run: ``python benchmarks/bench_model.py [--json] [--repeats N] [--quick] [--no-paper]``
 
-Figures:
+Figures (the issue's keys first):
 
-* ``<preset>_params`` / ``<preset>_gflops``: trainable parameters and analytic GFLOPs of one
-  forward pass at batch 1 (2 x multiply-adds of the convolutions and dense layers, see
-  :func:`inference.model.estimate_flops`; the paper reports 722 GFLOPs for its network).
-* ``compact_train_step_s``: one optimisation step (forward, loss, backward, Adam) of the compact
-  preset at batch 1 inside a ``tf.function`` (no global XLA; the sampling layers compile their
-  own kernels), median after a warm-up step; ``compact_first_step_s`` is the warm-up step
-  (tracing + XLA compilation).
-* ``compact_forward_s``: one inference forward pass (``training=False``).
-* ``paper_forward_s`` (``--paper-forward``): one inference forward pass of the paper preset.
+* ``compact_infer_s`` / ``paper_infer_s``: inference per case, i.e. one forward pass of the model
+  called the way ``hipatlas register`` calls it (eager Keras call, ``training=False``; the
+  sampling layers run their own XLA kernels), median after a warm-up call;
+  ``compact_first_infer_s`` is the warm-up call (tracing + XLA compilation).
+* ``paper_gflops`` / ``compact_gflops`` and ``<preset>_params``: analytic GFLOPs of one forward
+  pass at batch 1 (2 x multiply-adds of the convolutions and dense layers, see
+  :func:`inference.model.estimate_flops`; the paper reports 722 GFLOPs) and trainable parameters.
+* ``paper_train_peak_gb``: peak resident memory (GiB) of a process that builds the paper preset
+  and runs training steps (forward, loss, backward, Adam) at batch 1, measured in its own
+  process (``ru_maxrss``; includes the TensorFlow runtime, about 0.6 GB). The paper reports
+  18.7 GB of GPU memory for its training at batch 1.
+* ``compact_train_step_s``: one optimisation step of the compact preset at batch 1 inside a
+  ``tf.function`` (no global XLA), median after a warm-up step; ``compact_first_step_s`` is the
+  warm-up step.
 
 The atlas is a synthetic ellipsoid (timings do not depend on its content); the two views are an
 AP and a lateral C-arm view (SDD 1000 mm, SID 925 mm) whose detectors cover the grid. The
-machine is shared: wall times taken while others work are pessimistic; CPU times are steadier.
+machine may be shared: wall times taken while others work are pessimistic.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import os
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,11 +88,7 @@ def bench_sizes(report: BenchReport) -> None:
         del model
 
 
-def bench_compact(report: BenchReport, repeats: int) -> None:
-    config = M.COMPACT
-    atlas, inputs, fixed = _scene(config)
-    keras.utils.set_random_seed(0)
-    model = M.build_model(config, atlas)
+def _train_step_fn(config, model, inputs, fixed):
     optimizer = keras.optimizers.Adam(1e-4)
     optimizer.build(model.trainable_variables)
 
@@ -95,40 +100,151 @@ def bench_compact(report: BenchReport, repeats: int) -> None:
         optimizer.apply(grads, model.trainable_variables)
         return terms["total"]
 
+    return step
+
+
+def _bench_inference(report: BenchReport, name: str, config, model, inputs, repeats: int) -> None:
+    def infer():
+        return np.asarray(model(inputs, training=False)["warped_labels"])
+
+    start = time.perf_counter()
+    infer()
+    report.add(f"{name}_first_infer_s", time.perf_counter() - start, "s",
+               f"{name} first inference (tracing + XLA compilation)")
+    report.add_timing(f"{name}_infer_s", infer, repeats, f"{name} inference per case")
+
+
+def bench_compact(report: BenchReport, repeats: int) -> None:
+    config = M.COMPACT
+    atlas, inputs, fixed = _scene(config)
+    keras.utils.set_random_seed(0)
+    model = M.build_model(config, atlas)
+    _bench_inference(report, "compact", config, model, inputs, repeats)
+    step = _train_step_fn(config, model, inputs, fixed)
     start = time.perf_counter()
     step().numpy()
     report.add("compact_first_step_s", time.perf_counter() - start, "s",
                "compact first train step (trace + XLA compile)")
     report.add_timing("compact_train_step_s", lambda: step().numpy(), repeats,
                       "compact train step, batch 1")
-    forward = tf.function(lambda: model(inputs, training=False)["warped"])
-    report.add_timing("compact_forward_s", lambda: forward().numpy(), repeats, "compact forward")
 
 
-def bench_paper_forward(report: BenchReport, repeats: int) -> None:
+def bench_paper_inference(report: BenchReport, repeats: int) -> None:
     config = M.PAPER
     atlas, inputs, _ = _scene(config)
     model = M.build_model(config, atlas)
-    forward = tf.function(lambda: model(inputs, training=False)["warped"])
-    report.add_timing("paper_forward_s", lambda: forward().numpy(), repeats, "paper forward")
+    _bench_inference(report, "paper", config, model, inputs, repeats)
+
+
+#: Reduced paper configs for the memory estimate when the full one does not fit: detector rows
+#: and grid depth (the craniocaudal axis, which maps to detector rows in both views) scaled
+#: together by about the given fraction; the other sizes and all widths stay the paper's.
+PAPER_SCALES = {0.2: (32, 48), 0.4: (64, 80), 0.6: (96, 112)}
+#: Below this much free memory the full paper training step is not attempted (measured here:
+#: it passed 22.9 GB of resident memory and was killed on a 24 GB machine).
+FULL_PAPER_TRAIN_MIN_GB = 40.0
+
+
+def _paper_config(scale: float | None):
+    if scale is None:
+        return M.PAPER
+    rows, depth = PAPER_SCALES[scale]
+    return dataclasses.replace(M.PAPER, detector_hw=(rows, M.PAPER.detector_hw[1]),
+                               shape_zyx=(depth,) + tuple(M.PAPER.shape_zyx[1:]))
+
+
+def paper_train_child(steps: int, scale: float | None) -> None:
+    """In a process of its own: paper-preset training steps at batch 1; print the peak RSS."""
+    config = _paper_config(scale)
+    atlas, inputs, fixed = _scene(config)
+    model = M.build_model(config, atlas)
+    step = _train_step_fn(config, model, inputs, fixed)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = float(step().numpy())
+        times.append(time.perf_counter() - start)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 ** 2
+    print(json.dumps({"peak_gb": peak_gb, "step_s": times, "loss": loss}))
+
+
+def _run_child(steps: int, scale: float | None) -> dict | None:
+    command = [sys.executable, str(Path(__file__).resolve()), "--paper-train-child", str(steps)]
+    if scale is not None:
+        command += ["--paper-train-scale", str(scale)]
+    result = subprocess.run(command, capture_output=True, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if result.returncode != 0:
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _available_gb() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024.0 ** 2
+    except OSError:
+        pass
+    return float("inf")
+
+
+def bench_paper_training(report: BenchReport, steps: int) -> None:
+    child = _run_child(steps, None) if _available_gb() >= FULL_PAPER_TRAIN_MIN_GB else None
+    if child is not None:
+        report.add("paper_train_peak_gb", child["peak_gb"], "GiB",
+                   "paper preset training process, batch 1 (the paper: 18.7 GB on its GPU)")
+        report.add("paper_train_step_s", child["step_s"][-1], "s", "paper train step, batch 1")
+        return
+    # Too big for this machine: measure reduced sizes and extrapolate linearly in the scale.
+    report.note(f"the full paper training step does not fit here ({_available_gb():.1f} GiB free); "
+                "estimating from reduced detector rows and grid depth")
+    fractions, peaks = [], []
+    for scale, (rows, depth) in PAPER_SCALES.items():
+        child = _run_child(steps, scale)
+        if child is None:
+            report.note(f"reduced paper training at scale {scale} failed")
+            continue
+        fraction = rows / M.PAPER.detector_hw[0]
+        fractions.append(fraction)
+        peaks.append(child["peak_gb"])
+        report.add(f"paper_train_peak_gb_at_{scale}", child["peak_gb"], "GiB",
+                   f"paper training, detector rows {rows}, grid depth {depth}")
+    if len(peaks) >= 2:
+        slope, intercept = np.polyfit(fractions, peaks, 1)
+        residual = float(np.max(np.abs(np.polyval([slope, intercept], fractions) - peaks)))
+        report.add("paper_train_peak_gb", float(slope + intercept), "GiB",
+                   "paper training, batch 1: linear extrapolation to full size (the paper: 18.7 GB)")
+        report.add("paper_train_peak_fit_residual_gb", residual, "GiB", "largest residual of that fit")
+        report.add("paper_train_peak_estimated", True, "", "paper_train_peak_gb is an extrapolation")
 
 
 def main(argv=None) -> dict:
     def extra(parser):
-        parser.add_argument("--paper-forward", action="store_true",
-                            help="also time a forward pass of the paper preset (slow, ~4 GB)")
+        parser.add_argument("--no-paper", action="store_true",
+                            help="skip the paper preset (its inference needs ~5 GB and its training ~GBs more)")
+        parser.add_argument("--paper-train-steps", type=int, default=2,
+                            help="paper training steps in the memory measurement (default 2)")
+        parser.add_argument("--paper-train-child", type=int, help=argparse.SUPPRESS)
+        parser.add_argument("--paper-train-scale", type=float, help=argparse.SUPPRESS)
 
     args = parse_args(argv, description=__doc__.splitlines()[0], extra=extra)
+    if args.paper_train_child:
+        paper_train_child(args.paper_train_child, args.paper_train_scale)
+        return {}
     repeats = 2 if args.quick else args.repeats
     report = BenchReport("model", json_output=args.json)
     report.note(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, load average "
                 f"{os.getloadavg()[0]:.1f}; median of {repeats}")
+    if not args.no_paper:
+        # first, while this process is still small: the training child needs all the memory
+        bench_paper_training(report, max(1, args.paper_train_steps))
     bench_sizes(report)
     bench_compact(report, repeats)
-    if args.paper_forward:
-        bench_paper_forward(report, max(1, min(repeats, 2)))
+    if not args.no_paper:
+        bench_paper_inference(report, max(1, min(repeats, 2)))
     report.add("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "MB",
-               "peak resident memory")
+               "peak resident memory of this process")
     return report.finish()
 
 

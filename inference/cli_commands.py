@@ -19,7 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "register", help="reconstruct the femur of a case folder",
         description="Register the atlas to a case's two radiographs and write the reconstruction, "
         "measurements, overlays and a report to OUT_DIR (see docs/case-format).")
-    register.add_argument("case_dir", help="case folder holding case.json")
+    register.add_argument("case_dir", nargs="+",
+                          help="case folder holding case.json; with several, the model is loaded once "
+                          "and each case goes to OUT/<case folder name>, with OUT/cohort.csv")
     register.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     register.add_argument("--model", help="model folder or .keras file (default: the shipped model)")
     register.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -47,11 +49,30 @@ def _progress_printer(quiet: bool):
 def _register(args: argparse.Namespace) -> int:
     from inference import pipeline
 
+    if len(args.case_dir) > 1:
+        return _register_cohort(args)
     result = pipeline.run_to_completion(
-        pipeline.register_case(args.case_dir, args.out, model=args.model, overwrite=args.overwrite),
+        pipeline.register_case(args.case_dir[0], args.out, model=args.model, overwrite=args.overwrite),
         on_progress=_progress_printer(args.quiet))
     print(json.dumps(result.measurements, indent=2))
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"outputs written to {pathlib.Path(args.out).resolve()}", file=sys.stderr)
     return 0
+
+
+def _register_cohort(args: argparse.Namespace) -> int:
+    from inference import pipeline
+
+    result = pipeline.run_to_completion(
+        pipeline.register_cohort(args.case_dir, args.out, model=args.model, overwrite=args.overwrite),
+        on_progress=_progress_printer(args.quiet))
+    for row in result.rows:
+        if row["status"] == "ok":
+            print(f"{row['case']}: ok in {row['time_s']:.1f} s, head radius {row['head_radius_mm']:.1f} mm, "
+                  f"offset {row['femoral_offset_mm']:.1f} mm, neck-shaft {row['neck_shaft_angle_deg']:.1f} deg")
+        else:
+            print(f"{row['case']}: FAILED: {row['error']}", file=sys.stderr)
+    print(f"{len(result.rows) - len(result.failures)} of {len(result.rows)} cases registered; summary in "
+          f"{result.summary_csv.resolve()}", file=sys.stderr)
+    return 2 if result.failures else 0

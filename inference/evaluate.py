@@ -14,8 +14,11 @@ Metrics (per sample, femur label 1, the prediction being the atlas warped by Psi
         volume, both as femur relative attenuation (:func:`inference.model.femur_intensity`), with
         the fixed volume's range as data range.
     ``hip_centre_error_mm``
-        Distance between the true head centre (the sample's first landmark, ``head_centre``) and
-        the atlas head centre carried to the patient through the inverse of Psi; only when atlas
+        Distance between the true head centre (the sample's ``head_centre`` landmark) and the
+        centre of the sphere fitted to the head of the warped atlas femur, as ``hipatlas
+        register`` measures it (:func:`inference.measure.measure_femur`). When that femur cannot
+        be measured (too little shaft, say), the atlas head centre carried to the patient through
+        the inverse of Psi is used instead (``hip_centre_method`` says which); only when atlas
         landmarks are given.
 
 An empty predicted or true femur gives ``nan`` distances (and counts as a failure in the summary).
@@ -31,14 +34,14 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from inference.errors import Cancelled, ConfigError, DataError
+from inference.errors import Cancelled, ConfigError, DataError, MeshError
+from inference.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +193,37 @@ def sample_metrics(warped_labels: np.ndarray, labels: np.ndarray, index_to_world
     if warped_intensity is not None and fixed_intensity is not None:
         out["ssim"] = ssim(warped_intensity, fixed_intensity)
     if psi is not None and atlas_head_centre_mm is not None and head_centre_mm is not None:
-        mapped = mapped_atlas_point(atlas_head_centre_mm, psi, index_to_world, atlas_index_to_world)
-        out["hip_centre_error_mm"] = float(np.linalg.norm(mapped - np.asarray(head_centre_mm, float)))
+        centre, method = fitted_hip_centre(predicted, index_to_world), "sphere_fit"
+        if centre is None:
+            centre = mapped_atlas_point(atlas_head_centre_mm, psi, index_to_world, atlas_index_to_world)
+            method = "mapped_landmark"
+        out["hip_centre_error_mm"] = float(np.linalg.norm(centre - np.asarray(head_centre_mm, float)))
+        out["hip_centre_method"] = method
     return out
+
+
+def geometry_of(shape_zyx: Sequence[int], index_to_world: np.ndarray):
+    """The :class:`~inference.geometry.VolumeGeometry` of a grid given by its index-to-world matrix."""
+    from inference.geometry import VolumeGeometry
+
+    i2w = np.asarray(index_to_world, np.float64)
+    spacing = np.linalg.norm(i2w[:3, :3], axis=0)
+    direction = i2w[:3, :3] / spacing
+    return VolumeGeometry(tuple(int(n) for n in shape_zyx), tuple(spacing), tuple(i2w[:3, 3]),
+                          tuple(map(tuple, direction)))
+
+
+def fitted_hip_centre(femur: np.ndarray, index_to_world: np.ndarray) -> np.ndarray | None:
+    """Head-sphere centre (world mm) of a right femur label map, or None if it cannot be measured."""
+    from inference.measure import measure_femur
+
+    try:
+        measured = measure_femur(np.asarray(femur, np.uint8), geometry_of(np.shape(femur), index_to_world),
+                                 side="right")
+    except (DataError, MeshError) as error:
+        log.info("hip centre not measurable on the warped atlas (%s); using the mapped landmark", error)
+        return None
+    return np.asarray(measured["hip_centre_mm"], float)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,18 +292,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass(frozen=True)
 class EvaluationProgress:
     fraction: float
@@ -299,9 +318,9 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, 
     rows = tuple(dict(r) for r in rows)
     summary = summarise(rows)
     md_path, json_path = out / "evaluation.md", out / "evaluation.json"
-    _write_atomic(md_path, to_markdown(rows, summary, title))
+    write_text_atomic(md_path, to_markdown(rows, summary, title))
     payload = {"title": title, **dict(extra or {}), "summary": summary, "rows": list(rows)}
-    _write_atomic(json_path, json.dumps(_json_safe(payload), indent=2, sort_keys=True) + "\n")
+    write_text_atomic(json_path, json.dumps(_json_safe(payload), indent=2, sort_keys=True) + "\n")
     return EvaluationReport(rows, summary, md_path, json_path)
 
 

@@ -274,6 +274,17 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> 
     return final
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> pathlib.Path:
+    """Write UTF-8 text via a temporary file and an atomic rename (never a half-written file)."""
+    final = pathlib.Path(path)
+    with _atomic_file(final, final.suffix) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return final
+
+
 def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> pathlib.Path:
     """Write a PNG atomically.
 

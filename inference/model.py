@@ -74,7 +74,7 @@ import numpy as np
 import tensorflow as tf
 
 from inference.errors import ConfigError, ModelError
-from inference.io import plain_mode
+from inference.io import plain_mode, write_text_atomic
 from inference.layers import warp as warp_layers
 from inference.layers.sampling import trilinear_sample
 
@@ -1148,19 +1148,6 @@ def card_path_for(model_path: str | os.PathLike) -> pathlib.Path:
     return pathlib.Path(model_path).with_name(MODEL_CARD_NAME)
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, plain_mode())  # mkstemp files are private; a model card is not
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_model_card(model_path: str | os.PathLike, config: ModelConfig,
                      extra: Mapping[str, Any] | None = None) -> pathlib.Path:
     """Write the model card (:func:`card_path_for`) of a saved model: format, name, file name,
@@ -1185,7 +1172,7 @@ def write_model_card(model_path: str | os.PathLike, config: ModelConfig,
             raise ConfigError(f"model card key {key!r} is reserved")
         card[key] = value
     path = card_path_for(model_path)
-    _atomic_write_text(path, json.dumps(card, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(card, indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -32,6 +32,7 @@ import logging
 import os
 import pathlib
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Iterator
 
@@ -134,6 +135,33 @@ def load_registration_model(model: Any = None):
         _MODEL_CACHE.clear()
         _MODEL_CACHE[key] = model_lib.load_model(path, card=card if card.is_file() else None)
     return _MODEL_CACHE[key]
+
+
+_GRAPH_FUNCTIONS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+#: From this many cases on, :func:`register_cohort` runs the network as a traced graph: tracing
+#: costs a few seconds once (measured: 6.4 s for the compact model, against 3-4 s for the first
+#: eager call), then each case's forward pass takes ~0.15 s instead of ~0.85 s eagerly.
+GRAPH_MODE_MIN_CASES = 8
+
+
+def network_function(net, graph: bool = False) -> Callable[[dict], Any]:
+    """The forward pass of ``net`` (``training=False``): eager, or a traced ``tf.function``.
+
+    Eager is the fastest way through one case (no whole-model tracing); the traced graph is
+    ~6x faster per call afterwards (grappler fuses the many small ops), which pays from about
+    ten cases on. The traced function is cached per model.
+    """
+    if not graph:
+        return lambda inputs: net(inputs, training=False)
+    function = _GRAPH_FUNCTIONS.get(net)
+    if function is None:
+        import tensorflow as tf
+
+        def forward(inputs):
+            return net(inputs, training=False)
+
+        function = _GRAPH_FUNCTIONS[net] = tf.function(forward, reduce_retracing=True)
+    return function
 
 
 def model_identity(model) -> dict[str, Any]:
@@ -242,7 +270,7 @@ def to_registration_image(image: np.ndarray, mirror: bool) -> np.ndarray:
 
 def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model: Any = None,
                   overwrite: bool = False, masks: list[np.ndarray | None] | None = None,
-                  cancel: Callable[[], bool] | None = None) -> Iterator[Progress]:
+                  cancel: Callable[[], bool] | None = None, graph_mode: bool = False) -> Iterator[Progress]:
     """Register the atlas to a case and write the outputs (a generator; see module docstring).
 
     Parameters
@@ -257,6 +285,9 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         Masks that replace those of the case (e.g. edited in the GUI), in view order; a None entry
         keeps the case's mask of that view.
     cancel : callable returning True to stop, checked between steps.
+    graph_mode : bool
+        Run the network as a traced graph (:func:`network_function`): slower for one case,
+        faster for each further case with the same model.
 
     Views without a mask get a proposed one (:mod:`inference.mask_proposal`), written to
     ``OUT_DIR/proposed_mask_<view>.png`` and marked unconfirmed in report.json.
@@ -356,8 +387,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
 
     yield Progress(0.3, "Registering atlas")
     t0 = time.perf_counter()
-    outputs = net(model_lib.case_inputs(images_net, masks_net, projections_net, grid.index_to_world()),
-                  training=False)
+    outputs = network_function(net, graph_mode)(
+        model_lib.case_inputs(images_net, masks_net, projections_net, grid.index_to_world()))
     labels = np.asarray(outputs["warped_labels"])[0, ..., 0].round().astype(np.uint8)
     psi = np.asarray(outputs["psi"])[0]
     timings["network_s"] = time.perf_counter() - t0
@@ -463,6 +494,103 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     yield Progress(1.0, "Done")
     return RegistrationResult(out_dir=final, measurements=measurements, warnings=warnings, files=files,
                               report=report, landmarks_mm={k: list(map(float, v)) for k, v in landmarks.items()})
+
+
+@dataclass
+class CohortResult:
+    """What :func:`register_cohort` did: one row per case (``status`` "ok" or "failed")."""
+
+    out_root: pathlib.Path
+    rows: list[dict[str, Any]]
+    summary_csv: pathlib.Path
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        return [row for row in self.rows if row["status"] != "ok"]
+
+
+#: Columns of ``cohort.csv`` (measurements in world mm / degrees, as measurements.json).
+COHORT_COLUMNS = ("case", "status", "out_dir", "side", "hip_centre_x_mm", "hip_centre_y_mm",
+                  "hip_centre_z_mm", "head_radius_mm", "femoral_offset_mm", "neck_shaft_angle_deg",
+                  "vertical_offset_mm", "warnings", "time_s", "error")
+
+
+def cohort_output_names(case_dirs: list[str | os.PathLike]) -> list[str]:
+    """One output folder name per case: the case folder's name (refused if two cases share it)."""
+    names = [pathlib.Path(c).resolve().name for c in case_dirs]
+    seen: dict[str, str] = {}
+    for case, name in zip(case_dirs, names):
+        if name in seen:
+            raise DataError(f"cases {seen[name]} and {case} have the same folder name '{name}'; "
+                            "their outputs would collide")
+        seen[name] = str(case)
+    return names
+
+
+def register_cohort(case_dirs: list[str | os.PathLike], out_root: str | os.PathLike, *, model: Any = None,
+                    overwrite: bool = False, cancel: Callable[[], bool] | None = None
+                    ) -> Iterator[Progress]:
+    """Register several cases with one loaded model (a generator, like :func:`register_case`).
+
+    Each case goes to ``out_root/<case folder name>``; a case with bad input is recorded as
+    failed (its message in ``cohort.csv``) and the others go on. ``out_root/cohort.csv`` holds one
+    row per case. Loading TensorFlow and the model, and compiling the network, happen once.
+    """
+    import csv
+    import io as text_io
+
+    case_dirs = list(case_dirs)
+    if not case_dirs:
+        raise DataError("no case folders were given")
+    names = cohort_output_names(case_dirs)
+    root = pathlib.Path(out_root)
+    yield Progress(0.0, "Loading model")
+    if model is None:
+        from inference.resources import verify_resources
+
+        verify_resources()
+    net = load_registration_model(model)
+    rows = []
+    for index, (case, name) in enumerate(zip(case_dirs, names)):
+        _check(cancel)
+        base, width = index / len(case_dirs), 1.0 / len(case_dirs)
+        yield Progress(base, f"Case {index + 1}/{len(case_dirs)}: {name}")
+        started = time.perf_counter()
+        row = {"case": str(case), "out_dir": str(root / name)}
+        try:
+            steps = register_case(case, root / name, model=net, overwrite=overwrite, cancel=cancel,
+                                  graph_mode=len(case_dirs) >= GRAPH_MODE_MIN_CASES)
+            while True:
+                try:
+                    step = next(steps)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                yield Progress(base + width * step.fraction, f"{name}: {step.message}")
+        except Cancelled:
+            raise
+        except (DataError, InputFileError, ModelError, OutputError) as error:
+            log.warning("case %s failed: %s", case, error)
+            row.update(status="failed", error=str(error))
+        else:
+            m = result.measurements
+            centre = m.get("hip_centre_mm") or [None] * 3
+            row.update(status="ok", side=m.get("side"), hip_centre_x_mm=centre[0], hip_centre_y_mm=centre[1],
+                       hip_centre_z_mm=centre[2], head_radius_mm=m.get("head_radius_mm"),
+                       femoral_offset_mm=m.get("femoral_offset_mm"),
+                       neck_shaft_angle_deg=m.get("neck_shaft_angle_deg"),
+                       vertical_offset_mm=m.get("vertical_offset_mm"), warnings=len(result.warnings))
+        row["time_s"] = round(time.perf_counter() - started, 3)
+        rows.append(row)
+    buffer = text_io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COHORT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COHORT_COLUMNS})
+    root.mkdir(parents=True, exist_ok=True)
+    summary = io.write_text_atomic(root / "cohort.csv", buffer.getvalue())
+    yield Progress(1.0, "Done")
+    return CohortResult(root, rows, pathlib.Path(summary))
 
 
 def _refuse_existing_output(out_dir: str | os.PathLike, overwrite: bool) -> None:

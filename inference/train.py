@@ -18,7 +18,12 @@ Output folder::
         hipatlas-<grid>.keras, model_card.json
 
 Choices
-    * Adam, constant learning rate; batch 1 by default (as VoxelMorph-style registration nets).
+    * Adam; a constant learning rate or a cosine decay to ``lr_final_fraction`` of it over the
+      run; batch 1 by default (as VoxelMorph-style registration nets).
+    * Fine-tuning: ``init_from`` starts from the weights of a saved ``.keras`` model (same config).
+    * Several data sets may be combined (e.g. orthogonal and generalised view pairs, or synthetic
+      phantoms and your own CTs from ``prepare-ct``): their train splits are pooled, and so are
+      their validation splits.
     * Loss: :func:`inference.model.registration_losses` (global NCC of the affine and of the
       final result, smoothness of phi, optional Dice).
     * A ``tf.distribute`` strategy: MirroredStrategy on more than one GPU, the default otherwise;
@@ -39,7 +44,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -49,6 +54,7 @@ log = logging.getLogger(__name__)
 
 RUN_FORMAT = "hipatlas-training-run/1"
 _MIXED_PRECISION = ("auto", "on", "off")
+_LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,14 @@ class TrainConfig:
     run_eagerly : bool
         Run the train step eagerly instead of as a tf.function (debugging, and tiny test runs
         where tracing the step costs more than the few steps themselves).
+    lr_schedule : {"constant", "cosine"}
+        "cosine": the learning rate decays from ``learning_rate`` to
+        ``learning_rate * lr_final_fraction`` along a half cosine over ``steps``.
+    lr_final_fraction : float
+        End of the cosine decay, as a fraction of ``learning_rate``.
+    init_from : str or None
+        A ``.keras`` model (of the same model config) whose weights start the run (fine-tuning);
+        used only when the run starts, not when it resumes from a checkpoint.
     """
 
     steps: int = 20000
@@ -96,6 +110,9 @@ class TrainConfig:
     mixed_precision: str = "auto"
     best_metric: str = "dice"
     run_eagerly: bool = False
+    lr_schedule: str = "constant"
+    lr_final_fraction: float = 0.05
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         for name, minimum in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1),
@@ -112,6 +129,13 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be a number > 0, not {lr!r}")
         if self.mixed_precision not in _MIXED_PRECISION:
             raise ConfigError(f"mixed_precision must be one of {_MIXED_PRECISION}, not {self.mixed_precision!r}")
+        if self.lr_schedule not in _LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {_LR_SCHEDULES}, not {self.lr_schedule!r}")
+        fraction = self.lr_final_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            raise ConfigError(f"lr_final_fraction must be a number in [0, 1], not {fraction!r}")
+        if self.init_from is not None and not isinstance(self.init_from, str):
+            raise ConfigError(f"init_from must be a path to a .keras model, not {self.init_from!r}")
         if self.best_metric not in ("dice", "assd_mm"):
             raise ConfigError(f"best_metric must be 'dice' or 'assd_mm', not {self.best_metric!r}")
 
@@ -157,6 +181,40 @@ def _split_entries(manifest: Mapping[str, Any], split: str) -> list[dict]:
     return [e for e in manifest["samples"] if e.get("split") == split]
 
 
+def data_folders(data_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> list[pathlib.Path]:
+    """One data set folder or several, as a non-empty list of paths."""
+    if isinstance(data_dir, (str, os.PathLike)):
+        folders = [pathlib.Path(data_dir)]
+    else:
+        folders = [pathlib.Path(d) for d in data_dir]
+    if not folders:
+        raise ConfigError("no training data set was given")
+    if len({f.resolve() for f in folders}) != len(folders):
+        raise ConfigError("the same data set folder was given twice")
+    return folders
+
+
+def pooled_entries(folders: Sequence[pathlib.Path], manifests: Sequence[Mapping[str, Any]],
+                   split: str) -> list[dict]:
+    """The samples of ``split`` of every data set, each with its file's full path (``_path``)."""
+    return [{**entry, "_path": str(folder / entry["file"])}
+            for folder, manifest in zip(folders, manifests) for entry in _split_entries(manifest, split)]
+
+
+def _entry_path(folder: pathlib.Path, entry: Mapping[str, Any]) -> pathlib.Path:
+    return pathlib.Path(entry["_path"]) if "_path" in entry else folder / entry["file"]
+
+
+def learning_rate_at(train_config: "TrainConfig", step: int) -> float:
+    """The learning rate of optimisation step ``step`` (0-based) under the run's schedule."""
+    base = float(train_config.learning_rate)
+    if train_config.lr_schedule == "constant":
+        return base
+    progress = min(max(step, 0), train_config.steps) / train_config.steps
+    final = base * float(train_config.lr_final_fraction)
+    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * progress))
+
+
 def _check_dataset(manifest: Mapping[str, Any], config, data_dir) -> None:
     grid = manifest.get("grid") or {}
     shape = tuple(grid.get("shape_zyx") or ())
@@ -197,7 +255,7 @@ def training_examples(data_dir: str | os.PathLike, entries: list[dict], seed: in
         order = epoch_order(count, seed, epoch)
         for position in range(offset, count):
             entry = entries[order[position]]
-            yield _example(load_sample(folder / entry["file"]))
+            yield _example(load_sample(_entry_path(folder, entry)))
         epoch, offset = epoch + 1, 0
 
 
@@ -227,16 +285,9 @@ def _dataset(data_dir, entries, config, train_config, start_step, strategy):
 # --------------------------------------------------------------------------------------------
 
 def _write_json_atomic(path: pathlib.Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True, default=_json_default)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    from inference.io import write_text_atomic
+
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:
@@ -247,13 +298,18 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _check_run_file(out: pathlib.Path, config, train_config: TrainConfig, data_dir) -> None:
+def _data_dir_record(folders: Sequence[pathlib.Path]) -> str | list[str]:
+    resolved = [str(f.resolve()) for f in folders]
+    return resolved[0] if len(resolved) == 1 else resolved
+
+
+def _check_run_file(out: pathlib.Path, config, train_config: TrainConfig, folders) -> None:
     """Write ``run.json`` on a fresh run; on a resumed run require the same configs."""
     from inference.model import ModelConfig
 
     path = out / "run.json"
     run = {"format": RUN_FORMAT, "model_config": config.to_dict(),
-           "train_config": train_config.to_dict(), "data_dir": str(pathlib.Path(data_dir).resolve())}
+           "train_config": train_config.to_dict(), "data_dir": _data_dir_record(data_folders(folders))}
     if path.is_file():
         try:
             previous = json.loads(path.read_text(encoding="utf-8"))
@@ -265,7 +321,7 @@ def _check_run_file(out: pathlib.Path, config, train_config: TrainConfig, data_d
             raise ConfigError(f"{out} holds a run of another model config; use a new output folder")
         # Only the length of the run and the logging cadence may change on resume.
         mutable = {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "validate_every",
-                   "val_limit", "run_eagerly"}
+                   "val_limit", "run_eagerly", "init_from"}
         changed = [f.name for f in fields(TrainConfig) if f.name not in mutable
                    and getattr(previous_train, f.name) != getattr(train_config, f.name)]
         if changed:
@@ -345,8 +401,9 @@ def _validate(model, data_dir, entries, limit, cancel) -> dict:
 
     def samples():
         for entry in entries:
-            yield {**load_sample(folder / entry["file"]), "subject": entry.get("subject", ""),
-                   "sample_index": int(entry.get("index", 0)), "path": str(folder / entry["file"])}
+            path = _entry_path(folder, entry)
+            yield {**load_sample(path), "subject": entry.get("subject", ""),
+                   "sample_index": int(entry.get("index", 0)), "path": str(path)}
 
     rows = evaluate_samples(model, samples(), limit=limit, with_ssim=False, with_hip_centre=False,
                             cancel=cancel)
@@ -363,7 +420,8 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
     Parameters
     ----------
     config : ModelConfig or preset name
-    data_dir : a ``hipatlas-dataset/1`` folder with a ``train`` split (and ideally ``val``)
+    data_dir : a ``hipatlas-dataset/1`` folder with a ``train`` split (and ideally ``val``), or a
+        sequence of such folders whose splits are pooled
     out_dir : run folder (created; an existing run there is resumed)
     steps : total steps (overrides ``train_config.steps``)
     train_config : TrainConfig
@@ -396,13 +454,15 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
         train_config = TrainConfig.from_dict({**train_config.to_dict(), "steps": steps})
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = load_manifest(data_dir)
-    _check_dataset(manifest, config, data_dir)
-    train_entries = _split_entries(manifest, "train")
-    val_entries = _split_entries(manifest, "val")
+    folders = data_folders(data_dir)
+    manifests = [load_manifest(folder) for folder in folders]
+    for folder, manifest in zip(folders, manifests):
+        _check_dataset(manifest, config, folder)
+    train_entries = pooled_entries(folders, manifests, "train")
+    val_entries = pooled_entries(folders, manifests, "val")
     if not train_entries:
-        raise DataError(f"the data set in {data_dir} has no training samples")
-    _check_run_file(out, config, train_config, data_dir)
+        raise DataError(f"the data set(s) in {', '.join(map(str, folders))} have no training samples")
+    _check_run_file(out, config, train_config, folders)
     atlas = _load_atlas(atlas, config)
 
     strategy, on_gpu = _strategy()
@@ -419,10 +479,12 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
             optimizer.build(model.trainable_variables)
             best_score = tf.Variable(np.nan, dtype=tf.float64, trainable=False, name="best_score")
+            wall_time = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_time_s")
     finally:
         keras.config.set_dtype_policy(previous_policy)
 
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, best_score=best_score)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, best_score=best_score,
+                                     wall_time=wall_time)
     manager = tf.train.CheckpointManager(checkpoint, str(out / "checkpoints"),
                                          max_to_keep=train_config.keep_checkpoints)
     start_step = 0
@@ -430,6 +492,8 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
         checkpoint.restore(manager.latest_checkpoint).expect_partial()
         start_step = int(optimizer.iterations.numpy())
         log.info("resuming %s from step %d", out, start_step)
+    elif train_config.init_from:
+        _initialise_from(model, train_config.init_from)
     history_path = out / "history.json"
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     # Validations after the restored checkpoint belong to steps that will be redone.
@@ -475,7 +539,7 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
         nonlocal last_validation
         if not val_entries:
             return
-        metrics = _validate(model, data_dir, val_entries, train_config.val_limit, cancel)
+        metrics = _validate(model, folders[0], val_entries, train_config.val_limit, cancel)
         last_validation = metrics
         history.append({"step": step, "metrics": metrics})
         _write_json_atomic(history_path, history)
@@ -489,22 +553,25 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
             score > best if higher_better else score < best))
         if improved:
             best_score.assign(score)
-            export_model(model, out, _card_extra(config, train_config, data_dir, step, metrics))
+            export_model(model, out, _card_extra(config, train_config, folders, manifests, step, metrics, float(wall_time.numpy())))
             log.info("step %d: new best %s %.4f, model exported", step, train_config.best_metric, score)
         report(step, f"validation at step {step}: Dice {metrics['dice']:.3f}, "
                f"ASSD {metrics['assd_mm']:.2f} mm", validation=metrics)
 
-    dataset = _dataset(data_dir, train_entries, config, train_config, start_step, strategy)
+    dataset = _dataset(folders[0], train_entries, config, train_config, start_step, strategy)
     iterator = iter(dataset)
     report(start_step, "starting" if start_step == 0 else f"resuming at step {start_step}")
     step = start_step
     window_start, window_steps = time.perf_counter(), 0
+    clock = window_start
     losses: dict = {}
     try:
         while step < total:
             if _is_cancelled(cancel):
                 raise Cancelled("cancelled")
             inputs, targets = next(iterator)
+            if train_config.lr_schedule != "constant":
+                optimizer.learning_rate.assign(learning_rate_at(train_config, step))
             terms = train_step(inputs, targets)
             step += 1
             window_steps += 1
@@ -520,6 +587,9 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
                         _scalar(f"loss/{name}", value)
                     _scalar("steps_per_s", rate)
                 report(step, f"step {step}/{total}: loss {losses['total']:.4f}", losses, rate=rate)
+            now = time.perf_counter()
+            wall_time.assign_add(now - clock)
+            clock = now
             # Validate before checkpointing so that the checkpoint holds the best score so far.
             if step % validate_every == 0 or step == total:
                 run_validation(step)
@@ -536,24 +606,38 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
 
     if not val_entries:
         # Without validation data the last model is the result.
-        export_model(model, out, _card_extra(config, train_config, data_dir, step, None))
+        export_model(model, out, _card_extra(config, train_config, folders, manifests, step, None, float(wall_time.numpy())))
     best = float(best_score.numpy())
     report(step, "training finished", losses, last_validation)
     return TrainResult(out, step, start_step, best_path if best_path.is_file() else None,
                        best if math.isfinite(best) else None, last_validation)
 
 
-def _card_extra(config, train_config, data_dir, step, metrics) -> dict:
-    from inference.data.dataset import load_manifest
+def _card_extra(config, train_config, folders, manifests, step, metrics, wall_time_s) -> dict:
+    from inference.resources import file_sha256
 
-    manifest = load_manifest(data_dir)
     return {
         "training": {"steps": int(step), "train_config": train_config.to_dict(),
-                     "data_dir": str(pathlib.Path(data_dir).resolve()),
-                     "dataset_samples": len(manifest["samples"]),
-                     "dataset_parameters": manifest.get("parameters", {})},
+                     "data_dir": _data_dir_record(folders),
+                     "data_manifest_sha256": [file_sha256(f / "manifest.json") for f in folders]
+                     if len(folders) > 1 else file_sha256(folders[0] / "manifest.json"),
+                     "dataset_samples": sum(len(m["samples"]) for m in manifests),
+                     "dataset_parameters": [m.get("parameters", {}) for m in manifests]
+                     if len(manifests) > 1 else manifests[0].get("parameters", {}),
+                     "wall_time_s": round(wall_time_s, 1)},
         "validation": metrics,
     }
+
+
+def _initialise_from(model, path: str) -> None:
+    """Copy the weights of the saved model ``path`` into ``model`` (same architecture)."""
+    from inference.model import load_model
+
+    source = load_model(path, require_card=False)
+    if [tuple(w.shape) for w in source.weights] != [tuple(w.shape) for w in model.weights]:
+        raise ConfigError(f"{path} is a model of another architecture; it cannot initialise this run")
+    model.set_weights(source.get_weights())
+    log.info("initialised the weights from %s", path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,7 +650,8 @@ def add_parser(subparsers) -> None:
         "train", help="train the registration network on a data set",
         description="Train (or resume) the network on a data set made by `hipatlas make-dataset`; "
         "writes checkpoints, TensorBoard logs and the best model with its model card.")
-    parser.add_argument("--data", required=True, help="data set folder (manifest.json)")
+    parser.add_argument("--data", required=True, action="append",
+                        help="data set folder (manifest.json); repeat to pool several data sets")
     parser.add_argument("--out", required=True, help="run folder (an existing run is resumed)")
     parser.add_argument("--preset", default="compact", help="model preset: compact or paper")
     parser.add_argument("--model-config", help="JSON model config (overrides --preset)")
@@ -580,6 +665,11 @@ def add_parser(subparsers) -> None:
                         help="steps between validations (0 = each epoch)")
     parser.add_argument("--val-limit", type=int, default=defaults.val_limit)
     parser.add_argument("--mixed-precision", choices=_MIXED_PRECISION, default=defaults.mixed_precision)
+    parser.add_argument("--lr-schedule", choices=_LR_SCHEDULES, default=defaults.lr_schedule,
+                        help="constant, or cosine decay to --lr-final-fraction of --lr over the run")
+    parser.add_argument("--lr-final-fraction", type=float, default=defaults.lr_final_fraction)
+    parser.add_argument("--init-from", metavar="MODEL.keras",
+                        help="start from the weights of this model (fine-tuning; same model config)")
     parser.set_defaults(handler=_cli_train)
 
 
@@ -597,12 +687,14 @@ def _cli_train(args) -> int:
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                                seed=args.seed, checkpoint_every=args.checkpoint_every,
                                validate_every=args.validate_every, val_limit=args.val_limit,
-                               mixed_precision=args.mixed_precision)
+                               mixed_precision=args.mixed_precision, lr_schedule=args.lr_schedule,
+                               lr_final_fraction=args.lr_final_fraction,
+                               init_from=str(pathlib.Path(args.init_from).resolve()) if args.init_from else None)
 
     def show(p: TrainProgress) -> None:
         print(f"{100 * p.fraction:5.1f}% {p.message}", file=sys.stderr, flush=True)
 
-    result = train(config, args.data, args.out, train_config=train_config, progress=show)
+    result = train(config, args.data if len(args.data) > 1 else args.data[0], args.out, train_config=train_config, progress=show)
     print(json.dumps({"steps": result.steps_done, "best_model": str(result.best_model_path),
                       "best_score": result.best_score, "validation": result.last_validation},
                      indent=2, default=_json_default))

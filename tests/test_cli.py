@@ -252,3 +252,33 @@ def test_command_line_subprocess(tmp_path, good_case):
                                capture_output=True, text=True, timeout=120)
     _assert_one_line_error(completed.returncode, completed.stderr, out, "lat.png", "truncated")
     assert completed.stdout == ""
+
+
+def test_several_cases_share_one_model_and_a_bad_one_is_reported(tmp_path, tmp_path_factory, good_case, capsys):
+    """``hipatlas register A B C --out ROOT``: one output folder per case and cohort.csv; a case
+    with bad input fails alone (its message in the summary) and the exit status says so."""
+    import csv
+
+    model = rh.saved_model(tmp_path_factory.getbasetemp())
+    first = rh.copy_case(good_case, tmp_path / "cases" / "first")
+    second = rh.copy_case(good_case, tmp_path / "cases" / "second")
+    broken = rh.copy_case(good_case, tmp_path / "cases" / "broken")
+    _truncated_image(broken)
+    root = tmp_path / "results"
+    status = app_cli.main(["register", str(first), str(broken), str(second), "--out", str(root),
+                           "--model", str(model), "--quiet"])
+    captured = capsys.readouterr()
+    assert status == 2
+    rows = list(csv.DictReader((root / "cohort.csv").open()))
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    assert "truncated" in rows[1]["error"] and "lat.png" in rows[1]["error"]
+    assert float(rows[0]["head_radius_mm"]) > 0 and rows[0]["side"] == "right"
+    assert (root / "first" / "measurements.json").is_file() and (root / "second" / "report.json").is_file()
+    assert not (root / "broken").exists()
+    assert "FAILED" in captured.err and "2 of 3 cases registered" in captured.err
+
+    # two cases whose outputs would collide are refused before anything runs
+    other = rh.copy_case(good_case, tmp_path / "elsewhere" / "first")
+    status = app_cli.main(["register", str(first), str(other), "--out", str(tmp_path / "r2"), "--quiet"])
+    assert status == 2 and "same folder name" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()

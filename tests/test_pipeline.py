@@ -380,3 +380,18 @@ def test_mask_agreement_is_dice_inside_the_projection_box():
     assert mask_agreement(silhouette, mask) == 2 * 40 / (80 + 40)
     assert mask_agreement(silhouette, silhouette) == 1.0
     assert mask_agreement(silhouette, None) is None
+
+
+def test_graph_mode_network_matches_eager(tmp_path, tmp_path_factory, model_path):
+    """The traced forward pass used for cohorts gives the eager pass's result."""
+    sim = rh.simulated_case(tmp_path_factory.getbasetemp(), "right")
+    net = pipeline.load_registration_model(model_path)
+    eager = pipeline.run_to_completion(pipeline.register_case(sim.case_dir, tmp_path / "eager", model=net))
+    graph = pipeline.run_to_completion(pipeline.register_case(sim.case_dir, tmp_path / "graph", model=net,
+                                                              graph_mode=True))
+    assert pipeline.network_function(net, graph=True) is pipeline.network_function(net, graph=True)
+    labels = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / "femur_labels.nii.gz")))
+              for name in ("eager", "graph")]
+    assert (labels[0] != labels[1]).mean() < 1e-3
+    np.testing.assert_allclose(eager.measurements["hip_centre_mm"], graph.measurements["hip_centre_mm"], atol=0.2)
+

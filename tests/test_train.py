@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pathlib
 import types
 
 import numpy as np
@@ -106,6 +107,25 @@ def test_atlas_point_goes_through_the_inverse_of_psi():
     atlas_point = i2w @ [7.0, 8.0, 9.0, 1.0]
     mapped = E.mapped_atlas_point(atlas_point[:3], psi, i2w)
     np.testing.assert_allclose(mapped, (i2w @ [7.0, 8.0, 7.0, 1.0])[:3], atol=1e-3)
+
+
+def test_hip_centre_is_the_sphere_fit_of_the_warped_femur():
+    from synthetic_shapes import simple_femur_sdf
+
+    # A femur-like label map on an anisotropic grid whose head centre sits at a known point.
+    shape, spacing = (120, 60, 80), np.array([1.5, 1.5, 2.0])  # (z, y, x) voxels; x, y, z mm
+    i2w = np.diag(list(spacing) + [1.0])
+    i2w[:3, 3] = [-75.0, -40.0, -170.0]
+    centre = np.array([-14.0, 2.0, 28.0])
+    k, j, i = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    world = i2w[:3, :3] @ np.stack([i, j, k]).reshape(3, -1) + i2w[:3, 3:4]
+    femur = (simple_femur_sdf(world - centre[:, None], 21.0) <= 0).reshape(shape).astype(np.uint8)
+    fitted = E.fitted_hip_centre(femur, i2w)
+    assert np.linalg.norm(fitted - centre) < 1.0
+    assert E.fitted_hip_centre(np.zeros(shape, np.uint8), i2w) is None  # nothing to measure
+    rows = E.sample_metrics(femur, femur, i2w, psi=np.zeros(shape + (3,), np.float32),
+                            atlas_head_centre_mm=centre + 30.0, head_centre_mm=centre)
+    assert rows["hip_centre_method"] == "sphere_fit" and rows["hip_centre_error_mm"] < 1.0
 
 
 def test_report_has_table_summary_and_strict_json(tmp_path):
@@ -211,6 +231,51 @@ def test_cancelled_and_resumed_run_matches_an_uninterrupted_one(tmp_path, data_d
             continue
         np.testing.assert_allclose(final_a.get_tensor(name), final_b.get_tensor(name), rtol=1e-4,
                                    atol=1e-6, err_msg=name)
+
+
+def test_cosine_schedule_decays_to_the_final_fraction():
+    config = T.TrainConfig(steps=100, learning_rate=1e-3, lr_schedule="cosine", lr_final_fraction=0.1)
+    rates = [T.learning_rate_at(config, step) for step in (0, 50, 100, 150)]
+    assert rates[0] == pytest.approx(1e-3) and rates[1] == pytest.approx(0.55e-3)
+    assert rates[2] == pytest.approx(1e-4) and rates[3] == pytest.approx(1e-4)
+    assert T.learning_rate_at(T.TrainConfig(learning_rate=2e-4), 5000) == 2e-4
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        T.TrainConfig(lr_schedule="step")
+    with pytest.raises(ConfigError, match="lr_final_fraction"):
+        T.TrainConfig(lr_final_fraction=1.5)
+
+
+def test_pooled_data_sets_and_fine_tuning_from_a_saved_model(tmp_path, data_dir, atlas):
+    import shutil
+
+    second = tmp_path / "second"
+    shutil.copytree(data_dir, second)
+    folders = T.data_folders([data_dir, second])
+    manifests = [json.loads((f / "manifest.json").read_text()) for f in folders]
+    pooled = T.pooled_entries(folders, manifests, "train")
+    assert len(pooled) == 2 * len(SHIFTS["train"])
+    assert {pathlib.Path(e["_path"]).parent.parent for e in pooled} == set(folders)
+    with pytest.raises(ConfigError, match="twice"):
+        T.data_folders([data_dir, data_dir])
+
+    # A source model with weights of its own, then a run that starts from it with a learning
+    # rate so small that its weights stay where the source put them.
+    source = M.build_model(TINY, atlas)
+    rng = np.random.default_rng(1)
+    source.set_weights([w + 0.01 * rng.standard_normal(w.shape).astype(w.dtype) for w in source.get_weights()])
+    source_path, _ = M.save_model(source, tmp_path / "source" / "hipatlas-tiny.keras")
+    settings = dataclasses.replace(SETTINGS, steps=1, learning_rate=1e-12, validate_every=1, val_limit=1,
+                                   lr_schedule="cosine", init_from=str(source_path))
+    result = T.train(TINY, [data_dir, second], tmp_path / "run", train_config=settings, atlas=atlas)
+    tuned = M.load_model(result.best_model_path)
+    kernels = [(a, b) for a, b in zip(source.weights, tuned.weights) if "kernel" in a.path]
+    assert kernels
+    for a, b in kernels:
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=a.path)
+    card = json.loads((result.best_model_path.parent / "model_card.json").read_text())
+    assert card["training"]["data_manifest_sha256"] == [M.file_sha256(f / "manifest.json") for f in folders]
+    assert card["training"]["dataset_samples"] == 2 * len(manifests[0]["samples"])
+    assert card["training"]["wall_time_s"] > 0
 
 
 def test_evaluate_dataset_writes_reports(tmp_path, data_dir, atlas):

@@ -145,8 +145,8 @@ def _compose_impl(inner, outer, grid):
     return inner + sample_clamped(outer, coords)
 
 
-_warp_xla = tf.function(_warp_impl, jit_compile=True, reduce_retracing=True)
-_compose_xla = tf.function(_compose_impl, jit_compile=True, reduce_retracing=True)
+_warp_xla = tf.function(_warp_impl, jit_compile=True, reduce_retracing=True, autograph=False)
+_compose_xla = tf.function(_compose_impl, jit_compile=True, reduce_retracing=True, autograph=False)
 
 
 def _check_interp(interp):
