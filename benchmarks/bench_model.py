@@ -4,10 +4,11 @@ Run: ``python benchmarks/bench_model.py [--json] [--repeats N] [--quick] [--no-p
 
 Figures (the issue's keys first):
 
-* ``compact_infer_s`` / ``paper_infer_s``: inference per case, i.e. one forward pass of the model
-  called the way ``hipatlas register`` calls it (eager Keras call, ``training=False``; the
-  sampling layers run their own XLA kernels), median after a warm-up call;
-  ``compact_first_infer_s`` is the warm-up call (tracing + XLA compilation).
+* ``compact_infer_s`` / ``paper_infer_s``: inference per case, i.e. one forward pass
+  (``training=False``) through the traced graph (:func:`inference.pipeline.network_function`,
+  as ``hipatlas register`` runs cohorts), median after a warm-up call; ``<preset>_infer_eager_s``:
+  the same pass as an eager Keras call (how a single case runs: no whole-model tracing);
+  ``<preset>_first_infer_<mode>_s``: the warm-up calls (tracing + XLA compilation).
 * ``paper_gflops`` / ``compact_gflops`` and ``<preset>_params``: analytic GFLOPs of one forward
   pass at batch 1 (2 x multiply-adds of the convolutions and dense layers, see
   :func:`inference.model.estimate_flops`; the paper reports 722 GFLOPs) and trainable parameters.
@@ -104,14 +105,20 @@ def _train_step_fn(config, model, inputs, fixed):
 
 
 def _bench_inference(report: BenchReport, name: str, config, model, inputs, repeats: int) -> None:
-    def infer():
-        return np.asarray(model(inputs, training=False)["warped_labels"])
+    from inference.pipeline import network_function
 
-    start = time.perf_counter()
-    infer()
-    report.add(f"{name}_first_infer_s", time.perf_counter() - start, "s",
-               f"{name} first inference (tracing + XLA compilation)")
-    report.add_timing(f"{name}_infer_s", infer, repeats, f"{name} inference per case")
+    for mode, graph in (("eager", False), ("graph", True)):
+        forward = network_function(model, graph=graph)
+
+        def infer():
+            return np.asarray(forward(inputs)["warped_labels"])
+
+        start = time.perf_counter()
+        infer()
+        report.add(f"{name}_first_infer_{mode}_s", time.perf_counter() - start, "s",
+                   f"{name} first inference, {mode} (tracing + XLA compilation)")
+        key = f"{name}_infer_s" if graph else f"{name}_infer_eager_s"
+        report.add_timing(key, infer, repeats, f"{name} inference per case, {mode}")
 
 
 def bench_compact(report: BenchReport, repeats: int) -> None:

@@ -421,12 +421,15 @@ def _shaft_axis(
     shaft_length_mm: float,
     step_mm: float = 5.0,
     max_iterations: int = 8,
+    min_window_mm: float = 40.0,
 ):
     """Line through the centroids of proximal-diaphysis cross-sections.
 
     The window starts where the cross-section radius has come down to within 10% of the
     narrowest section (below the trochanters) and runs ``shaft_length_mm`` distally, or to 10 mm
-    short of the end of the bone if that comes first (a proximal-only femur).
+    short of the end of the bone if that comes first (a proximal-only femur). A window shorter
+    than ``min_window_mm`` is extended proximally over sections within 30% of the narrowest
+    radius.
     """
     points = mesh.vertices
     far = np.linalg.norm(points - head_centre, axis=1) > 1.5 * head_radius
@@ -452,6 +455,14 @@ def _shaft_axis(
             break
         radius = np.array([s.equivalent_radius_mm for s in sections])
         start = int(np.argmax(radius <= 1.10 * radius.min()))
+        if levels[-1] - levels[start] < min_window_mm:
+            # Little shaft below the narrowest section (a field of view that ends soon below
+            # the trochanters, or a reconstruction that narrows there): a few centimetres of
+            # centroids give a poorly defined axis, so extend the window proximally while the
+            # sections stay slim (not yet the flare of the trochanters).
+            slim = radius <= 1.30 * radius.min()
+            while start > 0 and slim[start - 1] and levels[-1] - levels[start] < min_window_mm:
+                start -= 1
         in_window = (levels >= levels[start]) & (levels <= levels[start] + shaft_length_mm)
         if in_window.sum() < 5:
             raise DataError(

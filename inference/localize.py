@@ -145,3 +145,140 @@ def locate_femoral_head(projections: list[np.ndarray], masks: list[np.ndarray],
     log.info("femoral head located at %s mm (reference view %d)", np.round(centre, 1), ref)
     return HeadEstimate(centre_mm=centre, radius_mm=radius_px * pixel_mm, reference_view=ref,
                         pixels_2d=(uv_pair[0], uv_pair[1]))
+
+
+# --------------------------------------------------------------------------------------------
+# Shaft axis from the two masks
+# --------------------------------------------------------------------------------------------
+
+#: Sections of the shaft closer than this to where a mask ends are not used (the mask tapers or
+#: is cut there, by the image border or by a drawn line).
+SHAFT_END_MARGIN_MM = 8.0
+#: Least length of shaft (mm) below the start point that each mask must show.
+MIN_SHAFT_LENGTH_MM = 40.0
+#: Planes back-projected from the two views' 2D shaft lines closer than this (degrees) do not
+#: define a line well (nearly parallel views).
+MIN_PLANE_ANGLE_DEG = 15.0
+
+
+@dataclass(frozen=True)
+class ShaftAxis:
+    point_mm: np.ndarray  # (3,) world, on the axis, nearest the start point
+    direction: np.ndarray  # (3,) unit, pointing distally (away from the start point)
+    length_mm: tuple[float, ...]  # length of shaft used in each view (mm at the femur)
+    rms_px: tuple[float, ...]  # RMS distance of each view's section midpoints from its 2D line
+
+
+def _shaft_midline(mask: np.ndarray, projection: np.ndarray, start_mm: np.ndarray,
+                   direction: np.ndarray, mm_per_px: float) -> tuple[np.ndarray, float] | None:
+    """Midpoints (u, v) of the mask's cross-sections along the projected axis, and the length
+    of shaft they span (mm); None when the mask shows too little shaft."""
+    rows, cols = mask.shape
+    u0, u1 = geometry.project_points(projection, np.stack([start_mm, start_mm + 100.0 * direction]))
+    along = u1 - u0
+    if np.linalg.norm(along) < 1e-6:
+        return None
+    along = along / np.linalg.norm(along)
+    across = np.array([-along[1], along[0]])
+    step_px = 1.0
+    reach = int(np.ceil(80.0 / mm_per_px))  # half-width searched across (a shaft is < 40 mm wide)
+    offsets = np.arange(-reach, reach + 1, dtype=float)
+    midpoints = []
+    for k in range(int(np.ceil(400.0 / mm_per_px / step_px))):
+        centre = u0 + k * step_px * along
+        line = centre[None] + offsets[:, None] * across[None]
+        c = np.round(line[:, 0]).astype(int)
+        r = np.round(line[:, 1]).astype(int)
+        inside_image = (c >= 0) & (c < cols) & (r >= 0) & (r < rows)
+        if not inside_image[reach]:
+            break
+        values = np.zeros(len(offsets), bool)
+        values[inside_image] = mask[r[inside_image], c[inside_image]]
+        if not values[reach]:
+            # the axis left the mask: the end of the shaft (or a gap): search a little sideways
+            near = np.flatnonzero(values[max(0, reach - 3):reach + 4])
+            if near.size == 0:
+                break
+        # the run of mask pixels around the centre
+        centre_index = reach if values[reach] else max(0, reach - 3) + int(near[0])
+        lo = centre_index
+        while lo > 0 and values[lo - 1]:
+            lo -= 1
+        hi = centre_index
+        while hi < len(values) - 1 and values[hi + 1]:
+            hi += 1
+        touches = (lo == 0 or not inside_image[lo - 1]) or (hi == len(values) - 1 or not inside_image[hi + 1])
+        if touches:
+            break  # the section reaches the image border: not a whole section
+        midpoints.append(centre + 0.5 * (offsets[lo] + offsets[hi]) * across)
+    margin = int(np.ceil(SHAFT_END_MARGIN_MM / mm_per_px / step_px))
+    midpoints = midpoints[:max(0, len(midpoints) - margin)]
+    length_mm = len(midpoints) * step_px * mm_per_px
+    if length_mm < MIN_SHAFT_LENGTH_MM:
+        return None
+    return np.asarray(midpoints), length_mm
+
+
+def _fit_line_2d(points: np.ndarray) -> tuple[np.ndarray, float]:
+    """Homogeneous line (a, b, c), a u + b v + c = 0 with (a, b) unit, fitted with one
+    outlier-rejecting refit; and the RMS distance of the kept points."""
+    def fit(p):
+        centre = p.mean(axis=0)
+        _, _, vt = np.linalg.svd(p - centre)
+        normal = vt[1]
+        return np.array([normal[0], normal[1], -normal @ centre])
+
+    line = fit(points)
+    distance = np.abs(points @ line[:2] + line[2])
+    keep = distance <= max(1.0, 3.0 * float(np.median(distance)))
+    if keep.sum() >= 10 and not keep.all():
+        line = fit(points[keep])
+        distance = np.abs(points[keep] @ line[:2] + line[2])
+    return line, float(np.sqrt(np.mean(distance ** 2)))
+
+
+def shaft_axis_from_masks(projections: list[np.ndarray], masks: list[np.ndarray], start_mm: np.ndarray,
+                          direction: np.ndarray) -> ShaftAxis | None:
+    """The femoral shaft axis triangulated from the two views' femur masks.
+
+    In each view the midpoints of the mask's cross-sections, taken perpendicular to the projection
+    of a first estimate of the axis (``start_mm`` below the trochanters, ``direction`` pointing
+    distally) from the start point down to where the mask ends or meets the image border, are
+    fitted with a 2D line. Each line back-projects to a plane through its view's source; the axis
+    is the intersection of the two planes. The masks usually show far more shaft than the atlas
+    field of view, and a mask edge is sharper than a reconstructed surface near the border of the
+    registration grid, so this axis is the better one for the offset and the neck-shaft angle.
+
+    Returns None (the caller keeps its first estimate) when a mask shows less than
+    :data:`MIN_SHAFT_LENGTH_MM` of shaft or the two planes are nearly parallel.
+    """
+    start = np.asarray(start_mm, float)
+    direction = np.asarray(direction, float) / np.linalg.norm(direction)
+    planes, lengths, residuals = [], [], []
+    for projection, mask in zip(projections, masks):
+        mm_per_px = _mm_per_pixel(projection, start)
+        midline = _shaft_midline(np.asarray(mask) > 0, projection, start, direction, mm_per_px)
+        if midline is None:
+            log.info("shaft axis from masks: a mask shows too little shaft below the trochanters")
+            return None
+        points, length = midline
+        line, rms = _fit_line_2d(points)
+        planes.append(np.asarray(projection, float).T @ line)
+        lengths.append(length)
+        residuals.append(rms)
+    normals = np.array([p[:3] / np.linalg.norm(p[:3]) for p in planes])
+    planes = [p / np.linalg.norm(p[:3]) for p in planes]
+    axis = np.cross(normals[0], normals[1])
+    sine = np.linalg.norm(axis)
+    if sine < np.sin(np.radians(MIN_PLANE_ANGLE_DEG)):
+        log.info("shaft axis from masks: the two back-projected planes are nearly parallel")
+        return None
+    axis /= sine
+    if axis @ direction < 0:
+        axis = -axis
+    # the point of the line nearest the start point
+    A = np.array([p[:3] for p in planes])
+    b = np.array([p[3] for p in planes])
+    point = start - A.T @ np.linalg.solve(A @ A.T, A @ start + b)
+    point = point + ((start - point) @ axis) * axis
+    return ShaftAxis(point, axis, tuple(lengths), tuple(residuals))

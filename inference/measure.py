@@ -153,14 +153,20 @@ def measurements_from_landmarks(
     }
 
 
-def measurements_from_femur_landmarks(landmarks: FemurLandmarks) -> dict:
-    """The measurements.json dict of a :class:`~inference.anatomy.FemurLandmarks`."""
+def measurements_from_femur_landmarks(landmarks: FemurLandmarks, shaft_axis=None) -> dict:
+    """The measurements.json dict of a :class:`~inference.anatomy.FemurLandmarks`.
+
+    ``shaft_axis`` (point_mm, direction), optional, replaces the landmarks' shaft axis (e.g. one
+    triangulated from the radiographs' femur masks, :func:`inference.localize.shaft_axis_from_masks`).
+    """
+    shaft_point, shaft_direction = (landmarks.shaft_point_mm, landmarks.shaft_direction) \
+        if shaft_axis is None else shaft_axis
     return measurements_from_landmarks(
         landmarks.side,
         landmarks.head_centre_mm,
         landmarks.head_radius_mm,
-        landmarks.shaft_point_mm,
-        landmarks.shaft_direction,
+        shaft_point,
+        shaft_direction,
         landmarks.neck_point_mm,
         landmarks.neck_direction,
         landmarks.lesser_trochanter_mm,

@@ -50,6 +50,9 @@ MIN_VIEW_ANGLE_DEG = 30.0
 #: The NCC between the raw radiograph and the projected femur is also reported, but it is not a
 #: reliable alarm: pelvis and soft tissue dominate it (it was negative on a 2.8 mm-accurate result).
 LOW_MASK_AGREEMENT_DICE = 0.8
+#: The shaft axis triangulated from the masks replaces the reconstruction's only when the two
+#: agree within this angle (a larger difference means a mask or the registration went wrong).
+MAX_SHAFT_AXIS_DISAGREEMENT_DEG = 12.0
 
 
 
@@ -410,9 +413,24 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
 
     yield Progress(0.65, "Measuring")
     t0 = time.perf_counter()
-    from inference import measure, surface
+    from inference import anatomy, localize, measure, surface
 
-    measurements = measure.measure_femur(labels, grid, side="right")
+    femur = anatomy.femur_landmarks_from_labels(labels, grid, "right")
+    # The shaft axis from the masks: they usually show more shaft than the atlas grid holds, and
+    # their edges are sharper than a reconstruction near the grid's border.
+    shaft = localize.shaft_axis_from_masks(
+        projections, [to_registration_image(m, mirror) for m in full_masks],
+        _below_lesser_trochanter(femur), -femur.shaft_direction)
+    shaft_source = "reconstruction"
+    if shaft is not None:
+        disagreement_deg = float(np.degrees(np.arccos(np.clip(shaft.direction @ -femur.shaft_direction, -1, 1))))
+        if disagreement_deg <= MAX_SHAFT_AXIS_DISAGREEMENT_DEG:
+            shaft_source = "masks"
+        else:
+            warnings.append(f"the shaft axis seen in the masks and the reconstruction's differ by "
+                            f"{disagreement_deg:.0f} deg; the reconstruction's is used: check the shaft")
+    measurements = measure.measurements_from_femur_landmarks(
+        femur, None if shaft_source == "reconstruction" else (shaft.point_mm, shaft.direction))
     out_labels, out_grid = (mirrored_volume(labels, grid) if mirror else (labels, grid))
     out_hu = mirrored_volume(warped_hu, grid)[0] if mirror else warped_hu
     if mirror:
@@ -464,6 +482,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
             "mask_agreement_dice": agreements[v.name],
         } for v, src in zip(case.views, mask_sources)],
         "view_angle_deg": float(pair.angle_deg),
+        "shaft_axis_source": shaft_source,
         "femoral_head_located_mm": [float(x) for x in (head.centre_mm * [-1, 1, 1] if mirror else head.centre_mm)],
         "timings_s": timings,
         "warnings": warnings,
@@ -591,6 +610,19 @@ def register_cohort(case_dirs: list[str | os.PathLike], out_root: str | os.PathL
     summary = io.write_text_atomic(root / "cohort.csv", buffer.getvalue())
     yield Progress(1.0, "Done")
     return CohortResult(root, rows, pathlib.Path(summary))
+
+
+def _below_lesser_trochanter(femur, margin_mm: float = 12.0) -> np.ndarray:
+    """A point on the reconstruction's shaft axis ``margin_mm`` below the lesser trochanter (or at
+    the start of its shaft window, whichever is higher): where the masks' shaft sections begin."""
+    direction = np.asarray(femur.shaft_direction, float)  # proximal
+    point = np.asarray(femur.shaft_point_mm, float)
+    head = np.asarray(femur.head_centre_mm, float)
+    foot = point + ((head - point) @ direction) * direction
+    depth = float((head - np.asarray(femur.shaft_point_proximal_mm, float)) @ direction)
+    if femur.lesser_trochanter_mm is not None:
+        depth = min(depth, float((head - np.asarray(femur.lesser_trochanter_mm, float)) @ direction) + margin_mm)
+    return foot - depth * direction
 
 
 def _refuse_existing_output(out_dir: str | os.PathLike, overwrite: bool) -> None:

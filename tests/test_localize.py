@@ -78,3 +78,54 @@ def test_head_found_above_a_region_as_wide_as_the_head():
     estimate = locate_femoral_head(projections, masks)
     assert np.linalg.norm(estimate.centre_mm - head) < 3.0, estimate.centre_mm - head
     assert 12.0 < estimate.radius_mm < 18.0
+
+
+def _cylinder_mask(projection, rows, cols, top_mm, direction, length_mm, radius_mm):
+    """Mask of a solid cylinder (top point, unit direction, length, radius) in one view."""
+    from scipy import ndimage
+
+    u = np.cross(direction, [1.0, 0.0, 0.0])
+    u /= np.linalg.norm(u)
+    w = np.cross(direction, u)
+    t, a, b = np.meshgrid(np.arange(0.0, length_mm, 0.4), np.arange(-radius_mm, radius_mm, 0.4),
+                          np.arange(-radius_mm, radius_mm, 0.4), indexing="ij")
+    inside = a ** 2 + b ** 2 <= radius_mm ** 2
+    points = top_mm + t[inside, None] * direction + a[inside, None] * u + b[inside, None] * w
+    uv = np.round(geometry.project_points(projection, points)).astype(int)
+    ok = (uv[:, 0] >= 0) & (uv[:, 0] < cols) & (uv[:, 1] >= 0) & (uv[:, 1] < rows)
+    mask = np.zeros((rows, cols), bool)
+    mask[uv[ok, 1], uv[ok, 0]] = True
+    # close the sampling gaps; edge padding keeps the cut at the image border a straight cut
+    return ndimage.binary_closing(np.pad(mask, 4, mode="edge"), iterations=2)[4:-4, 4:-4]
+
+
+@pytest.mark.parametrize("second_view_deg", [90.0, 50.0])
+def test_shaft_axis_triangulated_from_two_masks(second_view_deg):
+    """A tilted cylinder 'shaft' running off the bottom of both images: the axis comes back from
+    its two masks although the first estimate is 6 deg off."""
+    from inference.localize import shaft_axis_from_masks
+
+    rows, cols = 400, 400
+    views = [geometry.projection_matrix(geometry.CArmView(sdd_mm=1000.0, sid_mm=925.0, lao_deg=angle,
+                                                          cranial_deg=0.0, rows=rows, cols=cols,
+                                                          pixel_mm=0.6))
+             for angle in (0.0, second_view_deg)]
+    top = np.array([5.0, -3.0, 60.0])
+    direction = np.array([0.12, -0.08, -1.0])
+    direction /= np.linalg.norm(direction)
+    masks = [_cylinder_mask(P, rows, cols, top, direction, 260.0, 14.0) for P in views]
+    assert all(m[-1].any() for m in masks)  # the shaft runs off the image bottom in both views
+    rotation = geometry._rotation_x(np.radians(6.0))
+    guess = rotation @ direction
+    start = top + 20.0 * direction + np.array([2.0, -1.5, 0.0])
+    axis = shaft_axis_from_masks(views, masks, start, guess)
+    assert axis is not None
+    angle = np.degrees(np.arccos(np.clip(axis.direction @ direction, -1, 1)))
+    assert angle < 0.5
+    rel = axis.point_mm - top
+    assert np.linalg.norm(rel - (rel @ direction) * direction) < 0.5
+    assert min(axis.length_mm) > 100.0
+
+    # too little shaft in a view: no answer (the caller keeps its own axis)
+    short = [_cylinder_mask(P, rows, cols, top, direction, 45.0, 14.0) for P in views]
+    assert shaft_axis_from_masks(views, short, start, guess) is None

@@ -49,6 +49,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from inference.errors import HipAtlasError  # noqa: E402
+from inference.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("eval_cases")
 
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     io.write_json_atomic(out / "eval_cases.json", evaluate._json_safe({
         "model": model_name, "subject": args.subject, "cases": args.cases, "seed": args.seed, "vary": args.vary,
         "no_masks": args.no_masks, "ct_spacing_mm": args.ct_spacing, "rows": rows, "summary": summary}))
-    evaluate._write_atomic(out / "eval_cases.md", markdown)
+    write_text_atomic(out / "eval_cases.md", markdown)
     print(markdown)
     return 0 if not failures else 1
 
