@@ -114,6 +114,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--calibration-error", nargs=3, type=float, metavar=("DEG", "MM", "PX"),
                        help="render with a random calibration error up to DEG rotation, MM translation and PX "
                        "detector shift (stored matrices stay nominal); default none")
+    synth.add_argument("--max-translation-mm", type=float, default=None,
+                       help="largest random shift of the femur from the grid's nominal place, mm "
+                       "(default 5; the shipped models used 10)")
     synth.add_argument("--oversample", type=_positive_int, default=2,
                        help="render DRRs this many times finer than the network detector (default 2)")
     synth.add_argument("--step-mm", type=float, help="ray-marching step (default: the grid's smallest spacing)")
@@ -193,6 +196,9 @@ def _synth(args: argparse.Namespace) -> int:
         deg, mm, px = args.calibration_error
         config = dataclasses.replace(config, calibration_error=CalibrationErrorRanges(deg, mm, px))
     config = dataclasses.replace(config, render=ds.RenderSettings(oversample=args.oversample, step_mm=args.step_mm))
+    if args.max_translation_mm is not None:
+        config = dataclasses.replace(config, phantom=dataclasses.replace(
+            config.phantom, max_translation_mm=args.max_translation_mm))
     manifest = ds.generate_dataset(args.out, args.subjects, args.grid, args.geometry, args.seed, args.workers,
                                    config=config, split=parse_split(args.split),
                                    progress=_counter_progress(args.quiet, "samples"))
