@@ -32,6 +32,11 @@ def main(argv=None) -> int:
 
     # The GUI runs registration in a spawned process; frozen (PyInstaller) builds need this.
     multiprocessing.freeze_support()
+    if argv is None and sys.argv[1:2] == ["register"]:
+        # a registration process never plots: spare it Keras's import of matplotlib.pyplot
+        from inference.cli_commands import skip_pyplot_import
+
+        skip_pyplot_import()
     return inference_cli.run(argv, extra=(_add_gui,))
 
 

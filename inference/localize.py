@@ -282,3 +282,106 @@ def shaft_axis_from_masks(projections: list[np.ndarray], masks: list[np.ndarray]
     point = start - A.T @ np.linalg.solve(A @ A.T, A @ start + b)
     point = point + ((start - point) @ axis) * axis
     return ShaftAxis(point, axis, tuple(lengths), tuple(residuals))
+
+
+# --------------------------------------------------------------------------------------------
+# Femoral head sphere from the two masks' outlines
+# --------------------------------------------------------------------------------------------
+
+#: Least arc of the head's outline (degrees around its projected centre) each view must show.
+MIN_HEAD_ARC_DEG = 120.0
+#: A sphere fitted to the outlines is used only if its rays fit within this RMS (mm).
+MAX_HEAD_FIT_RMS_MM = 0.8
+
+
+@dataclass(frozen=True)
+class HeadSphere:
+    centre_mm: np.ndarray  # (3,) world
+    radius_mm: float
+    rms_mm: float  # RMS of (distance from the centre to each outline ray - radius)
+    points: tuple[int, ...]  # outline points used in each view
+    arc_deg: tuple[float, ...]  # arc of the outline covered in each view
+
+
+def mask_edge_points(mask: np.ndarray) -> np.ndarray:
+    """Points (u, v) halfway between each pair of 4-neighbour pixels of which one is in the mask
+    and the other not: the outline with half-pixel precision."""
+    mask = np.asarray(mask, bool)
+    rows, cols = np.nonzero(mask[:, 1:] != mask[:, :-1])
+    horizontal = np.stack([cols + 0.5, rows.astype(float)], axis=1)
+    rows, cols = np.nonzero(mask[1:, :] != mask[:-1, :])
+    vertical = np.stack([cols.astype(float), rows + 0.5], axis=1)
+    return np.concatenate([horizontal, vertical])
+
+
+def _ray_distances(centre: np.ndarray, origins: np.ndarray, directions: np.ndarray):
+    """Distance from ``centre`` to each ray and the unit vectors from the rays to the centre."""
+    rel = centre[None] - origins
+    perpendicular = rel - (rel * directions).sum(axis=1, keepdims=True) * directions
+    distance = np.linalg.norm(perpendicular, axis=1)
+    return distance, perpendicular / np.maximum(distance, 1e-9)[:, None]
+
+
+def _arc_coverage_deg(points: np.ndarray, centre_uv: np.ndarray, bins: int = 36) -> float:
+    angles = np.degrees(np.arctan2(points[:, 1] - centre_uv[1], points[:, 0] - centre_uv[0]))
+    occupied = np.unique(((angles + 180.0) // (360.0 / bins)).astype(int) % bins)
+    return float(len(occupied) * 360.0 / bins)
+
+
+def fit_head_sphere_to_masks(projections: list[np.ndarray], masks: list[np.ndarray], centre_mm: np.ndarray,
+                             radius_mm: float, iterations: int = 12) -> HeadSphere | None:
+    """Refine the femoral head sphere on the outlines of the two femur masks.
+
+    A sphere's outline in a radiograph is where the rays from the source just touch it: every
+    outline pixel's ray lies at the radius from the centre. Starting from a first estimate (the
+    sphere fitted to the reconstruction), the outline points of each mask whose rays pass within
+    a shrinking band around that radius (the head's outline; the neck and trochanters lie
+    elsewhere) are fitted by Gauss-Newton with Huber weights on (centre, radius).
+
+    Returns None (keep the first estimate) when a view shows less than
+    :data:`MIN_HEAD_ARC_DEG` of the head's outline, the fit's RMS exceeds
+    :data:`MAX_HEAD_FIT_RMS_MM`, or it moves implausibly far (> 8 mm, radius change > 4 mm).
+    """
+    start_centre = np.asarray(centre_mm, float)
+    start_radius = float(radius_mm)
+    rays = []
+    for projection, mask in zip(projections, masks):
+        edges = mask_edge_points(np.asarray(mask) > 0)
+        if len(edges) == 0:
+            return None
+        origins, directions = geometry.pixel_rays(projection, edges)
+        rays.append((edges, origins, directions))
+    centre, radius = start_centre.copy(), start_radius
+    bands = np.linspace(4.0, 1.5, iterations)
+    for band in bands:
+        residuals, jacobians = [], []
+        for _, origins, directions in rays:
+            distance, toward = _ray_distances(centre, origins, directions)
+            near = np.abs(distance - radius) < band
+            residuals.append(distance[near] - radius)
+            # d(distance)/d(centre) = unit vector from the ray to the centre; d/d(radius) = -1
+            jacobians.append(np.concatenate([toward[near], -np.ones((near.sum(), 1))], axis=1))
+        r = np.concatenate(residuals)
+        J = np.concatenate(jacobians)
+        if len(r) < 12:
+            return None
+        scale = 0.5  # Huber threshold, mm
+        weights = np.where(np.abs(r) <= scale, 1.0, scale / np.maximum(np.abs(r), 1e-12))
+        JtW = J.T * weights
+        step = np.linalg.lstsq(JtW @ J, -JtW @ r, rcond=None)[0]
+        centre, radius = centre + step[:3], radius + step[3]
+    used, arcs, final = [], [], []
+    for (edges, origins, directions), projection in zip(rays, projections):
+        distance, _ = _ray_distances(centre, origins, directions)
+        near = np.abs(distance - radius) < bands[-1]
+        centre_uv = geometry.project_points(projection, centre[None])[0]
+        used.append(int(near.sum()))
+        arcs.append(_arc_coverage_deg(edges[near], centre_uv) if near.any() else 0.0)
+        final.append(distance[near] - radius)
+    rms = float(np.sqrt(np.mean(np.concatenate(final) ** 2))) if sum(used) else float("inf")
+    if (min(arcs) < MIN_HEAD_ARC_DEG or rms > MAX_HEAD_FIT_RMS_MM
+            or np.linalg.norm(centre - start_centre) > 8.0 or abs(radius - start_radius) > 4.0):
+        log.info("head sphere from masks rejected: arcs %s deg, rms %.2f mm, moved %.1f mm, radius %.1f -> %.1f mm",
+                 [round(a) for a in arcs], rms, np.linalg.norm(centre - start_centre), start_radius, radius)
+        return None
+    return HeadSphere(centre, float(radius), rms, tuple(used), tuple(arcs))

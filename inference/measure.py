@@ -153,18 +153,20 @@ def measurements_from_landmarks(
     }
 
 
-def measurements_from_femur_landmarks(landmarks: FemurLandmarks, shaft_axis=None) -> dict:
+def measurements_from_femur_landmarks(landmarks: FemurLandmarks, shaft_axis=None, head=None) -> dict:
     """The measurements.json dict of a :class:`~inference.anatomy.FemurLandmarks`.
 
-    ``shaft_axis`` (point_mm, direction), optional, replaces the landmarks' shaft axis (e.g. one
-    triangulated from the radiographs' femur masks, :func:`inference.localize.shaft_axis_from_masks`).
+    ``shaft_axis`` (point_mm, direction) and ``head`` (centre_mm, radius_mm), optional, replace
+    the landmarks' shaft axis and head sphere (e.g. those found on the radiographs' femur masks,
+    :func:`inference.localize.shaft_axis_from_masks`, :func:`inference.localize.fit_head_sphere_to_masks`).
     """
     shaft_point, shaft_direction = (landmarks.shaft_point_mm, landmarks.shaft_direction) \
         if shaft_axis is None else shaft_axis
+    head_centre, head_radius = (landmarks.head_centre_mm, landmarks.head_radius_mm) if head is None else head
     return measurements_from_landmarks(
         landmarks.side,
-        landmarks.head_centre_mm,
-        landmarks.head_radius_mm,
+        head_centre,
+        head_radius,
         shaft_point,
         shaft_direction,
         landmarks.neck_point_mm,

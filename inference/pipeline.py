@@ -416,11 +416,19 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     from inference import anatomy, localize, measure, surface
 
     femur = anatomy.femur_landmarks_from_labels(labels, grid, "right")
+    registration_masks = [to_registration_image(m, mirror) for m in full_masks]
+    # The hip centre from the head's outlines in the masks: a radiograph's edge of the head is
+    # sharper than the reconstructed surface (the network works at 1.3-2 mm voxels). The radius
+    # stays the reconstruction's: an outline is the head's widest extent, and masks drawn or
+    # rendered from voxel labels run a fraction of a voxel outside the bone (measured on our
+    # simulated cases: +0.6 to +0.9 mm), a bias the centre does not see but the radius does.
+    sphere = localize.fit_head_sphere_to_masks(projections, registration_masks, femur.head_centre_mm,
+                                               femur.head_radius_mm)
+    head_source = "reconstruction" if sphere is None else "masks"
     # The shaft axis from the masks: they usually show more shaft than the atlas grid holds, and
     # their edges are sharper than a reconstruction near the grid's border.
-    shaft = localize.shaft_axis_from_masks(
-        projections, [to_registration_image(m, mirror) for m in full_masks],
-        _below_lesser_trochanter(femur), -femur.shaft_direction)
+    shaft = localize.shaft_axis_from_masks(projections, registration_masks, _below_lesser_trochanter(femur),
+                                           -femur.shaft_direction)
     shaft_source = "reconstruction"
     if shaft is not None:
         disagreement_deg = float(np.degrees(np.arccos(np.clip(shaft.direction @ -femur.shaft_direction, -1, 1))))
@@ -430,7 +438,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
             warnings.append(f"the shaft axis seen in the masks and the reconstruction's differ by "
                             f"{disagreement_deg:.0f} deg; the reconstruction's is used: check the shaft")
     measurements = measure.measurements_from_femur_landmarks(
-        femur, None if shaft_source == "reconstruction" else (shaft.point_mm, shaft.direction))
+        femur, None if shaft_source == "reconstruction" else (shaft.point_mm, shaft.direction),
+        None if sphere is None else (sphere.centre_mm, femur.head_radius_mm))
     out_labels, out_grid = (mirrored_volume(labels, grid) if mirror else (labels, grid))
     out_hu = mirrored_volume(warped_hu, grid)[0] if mirror else warped_hu
     if mirror:
@@ -483,6 +492,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         } for v, src in zip(case.views, mask_sources)],
         "view_angle_deg": float(pair.angle_deg),
         "shaft_axis_source": shaft_source,
+        "hip_centre_source": head_source,
+        "head_radius_from_masks_mm": None if sphere is None else float(sphere.radius_mm),
         "femoral_head_located_mm": [float(x) for x in (head.centre_mm * [-1, 1, 1] if mirror else head.centre_mm)],
         "timings_s": timings,
         "warnings": warnings,

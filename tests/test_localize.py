@@ -129,3 +129,48 @@ def test_shaft_axis_triangulated_from_two_masks(second_view_deg):
     # too little shaft in a view: no answer (the caller keeps its own axis)
     short = [_cylinder_mask(P, rows, cols, top, direction, 45.0, 14.0) for P in views]
     assert shaft_axis_from_masks(views, short, start, guess) is None
+
+
+def _ball_points(centre, radius_mm, step=0.4):
+    g = np.arange(-radius_mm, radius_mm + step, step)
+    x, y, z = np.meshgrid(g, g, g, indexing="ij")
+    inside = x ** 2 + y ** 2 + z ** 2 <= radius_mm ** 2
+    return np.asarray(centre) + np.stack([x[inside], y[inside], z[inside]], axis=1)
+
+
+@pytest.mark.parametrize("second_view_deg", [90.0, 60.0])
+def test_head_sphere_fitted_to_the_mask_outlines(second_view_deg):
+    """A ball with a neck and a shaft: the sphere comes back from the outlines of its two masks,
+    starting 3 mm and 1.5 mm off, although the neck joins the ball's outline."""
+    from scipy import ndimage
+
+    from inference.localize import fit_head_sphere_to_masks
+
+    rows, cols = 400, 400
+    views = [geometry.projection_matrix(geometry.CArmView(sdd_mm=1000.0, sid_mm=925.0, lao_deg=angle,
+                                                          cranial_deg=0.0, rows=rows, cols=cols,
+                                                          pixel_mm=0.5))
+             for angle in (0.0, second_view_deg)]
+    centre, radius = np.array([8.0, -4.0, 30.0]), 22.0
+    neck_end = centre + np.array([-38.0, 5.0, -28.0])
+    masks = []
+    for P in views:
+        mask = _cylinder_mask(P, rows, cols, neck_end + np.array([-4.0, 0, 10]), np.array([0.0, 0.0, -1.0]),
+                              200.0, 15.0)
+        mask |= _cylinder_mask(P, rows, cols, centre, (neck_end - centre) / np.linalg.norm(neck_end - centre),
+                               np.linalg.norm(neck_end - centre), 14.0)
+        uv = np.round(geometry.project_points(P, _ball_points(centre, radius))).astype(int)
+        ball = np.zeros_like(mask)
+        ball[uv[:, 1], uv[:, 0]] = True
+        masks.append(mask | ndimage.binary_closing(ball, iterations=2))
+    sphere = fit_head_sphere_to_masks(views, masks, centre + np.array([3.0, -2.0, 1.0]), radius - 1.5)
+    assert sphere is not None
+    assert np.linalg.norm(sphere.centre_mm - centre) < 0.3
+    assert abs(sphere.radius_mm - radius) < 0.3
+    assert min(sphere.arc_deg) >= 180.0 and sphere.rms_mm < 0.5
+
+    # a head hidden under the image border in one view: not enough outline, no answer
+    cut = [m.copy() for m in masks]
+    v = int(round(geometry.project_points(views[1], centre[None])[0, 1]))
+    cut[1][: v + 10] = False
+    assert fit_head_sphere_to_masks(views, cut, centre, radius) is None

@@ -131,6 +131,7 @@ def _check_outputs(sim, out, result):
     assert set(report["timings_s"]) >= {"load_model_s", "network_s", "overlay_s", "total_s"}
     assert isinstance(report["warnings"], list) and report["warnings"] == result.warnings
     assert report["shaft_axis_source"] in ("masks", "reconstruction")
+    assert report["hip_centre_source"] in ("masks", "reconstruction")
     return measurements, report
 
 
