@@ -153,9 +153,9 @@ def locate_femoral_head(projections: list[np.ndarray], masks: list[np.ndarray],
 
 #: Sections of the shaft closer than this to where a mask ends are not used (the mask tapers or
 #: is cut there, by the image border or by a drawn line).
-SHAFT_END_MARGIN_MM = 8.0
+SHAFT_END_MARGIN_MM = 5.0
 #: Least length of shaft (mm) below the start point that each mask must show.
-MIN_SHAFT_LENGTH_MM = 40.0
+MIN_SHAFT_LENGTH_MM = 20.0
 #: Planes back-projected from the two views' 2D shaft lines closer than this (degrees) do not
 #: define a line well (nearly parallel views).
 MIN_PLANE_ANGLE_DEG = 15.0

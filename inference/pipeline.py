@@ -52,7 +52,7 @@ MIN_VIEW_ANGLE_DEG = 30.0
 LOW_MASK_AGREEMENT_DICE = 0.8
 #: The shaft axis triangulated from the masks replaces the reconstruction's only when the two
 #: agree within this angle (a larger difference means a mask or the registration went wrong).
-MAX_SHAFT_AXIS_DISAGREEMENT_DEG = 12.0
+MAX_SHAFT_AXIS_DISAGREEMENT_DEG = 20.0
 
 
 
