@@ -439,13 +439,15 @@ def _atlas_head_centre(atlas: Any, grid: str) -> tuple[np.ndarray | None, np.nda
 
 
 def add_parser(subparsers) -> None:
-    """``hipatlas evaluate MODEL DATA_DIR --out OUT [--split test] [--limit N]``."""
+    """``hipatlas evaluate MODEL DATA_DIR --out OUT [--split test] [--limit N]`` (or ``--model M --data DIR``)."""
     parser = subparsers.add_parser(
         "evaluate", help="accuracy of a model on a data set split",
         description="Register every sample of a data set split and write evaluation.md and "
         "evaluation.json (Dice, Jaccard, ASSD, HD95, SSIM, hip-centre error; mean +- sd).")
-    parser.add_argument("model", help=".keras model file (its model_card.json beside it)")
-    parser.add_argument("data_dir", help="data set folder (manifest.json)")
+    parser.add_argument("model", nargs="?", help=".keras model file or its folder (model_card.json beside it)")
+    parser.add_argument("data_dir", nargs="?", help="data set folder (manifest.json)")
+    parser.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as the first argument")
+    parser.add_argument("--data", dest="data_option", metavar="DIR", help="the same as the second argument")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most N samples")
@@ -453,7 +455,13 @@ def add_parser(subparsers) -> None:
 
 
 def _cli_evaluate(args) -> int:
-    report = evaluate_dataset(args.model, args.data_dir, args.out, split=args.split, limit=args.limit,
+    from inference.pipeline import model_file_in
+
+    model = args.model_option or args.model
+    data_dir = args.data_option or args.data_dir
+    if not model or not data_dir:
+        raise ConfigError("evaluate needs a model (MODEL or --model) and a data set (DATA_DIR or --data)")
+    report = evaluate_dataset(model_file_in(model), data_dir, args.out, split=args.split, limit=args.limit,
                               progress=lambda p: log.info("%3.0f%% %s", 100 * p.fraction, p.message))
     for name, stats in report.summary.items():
         print(f"{name}: {_fmt(stats['mean'])} +- {_fmt(stats['sd'])} (n={stats['n']}, "

@@ -290,3 +290,15 @@ def test_evaluate_dataset_writes_reports(tmp_path, data_dir, atlas):
         assert row["hip_centre_error_mm"] == pytest.approx(expected, abs=0.1)
         assert -1.0 <= row["ssim"] <= 1.0
     assert report.markdown_path.is_file() and report.json_path.is_file()
+
+
+def test_evaluate_command_takes_the_issue_s_options(tmp_path, data_dir, atlas, capsys):
+    from app import cli as app_cli
+
+    path, _ = M.save_model(M.build_model(TINY, atlas), tmp_path / "model" / "hipatlas-tiny.keras")
+    status = app_cli.main(["evaluate", "--model", str(path.parent), "--data", str(data_dir), "--split", "val",
+                           "--out", str(tmp_path / "eval")])
+    assert status == 0 and "dice:" in capsys.readouterr().out
+    payload = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert len(payload["rows"]) == len(SHIFTS["val"])
+    assert app_cli.main(["evaluate", "--data", str(data_dir), "--out", str(tmp_path / "e2")]) == 2
