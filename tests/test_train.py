@@ -227,8 +227,8 @@ def test_cancelled_and_resumed_run_matches_an_uninterrupted_one(tmp_path, data_d
     assert names == sorted(final_b.get_variable_to_shape_map())
     assert any("optimizer" in name for name in names)  # the optimizer state is saved too
     for name in names:
-        if "save_counter" in name or name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH"):
-            continue
+        if "save_counter" in name or name.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "wall_time")):
+            continue  # bookkeeping: the wall-clock counter differs between runs by nature
         np.testing.assert_allclose(final_a.get_tensor(name), final_b.get_tensor(name), rtol=1e-4,
                                    atol=1e-6, err_msg=name)
 

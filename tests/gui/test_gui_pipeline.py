@@ -61,7 +61,7 @@ def test_real_pipeline_in_the_worker(make_window, synthetic_case, qtbot):
 
 
 @pytest.mark.slow
-def test_hipatlas_gui_demo_end_to_end(tmp_path):
+def test_hipatlas_gui_demo_end_to_end(tmp_path, x_display):
     from inference import pipeline
     from inference.errors import ModelError
 
