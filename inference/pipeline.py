@@ -141,9 +141,10 @@ def load_registration_model(model: Any = None):
 
 
 _GRAPH_FUNCTIONS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
-#: From this many cases on, :func:`register_cohort` runs the network as a traced graph: tracing
-#: costs a few seconds once (measured: 6.4 s for the compact model, against 3-4 s for the first
-#: eager call), then each case's forward pass takes ~0.15 s instead of ~0.85 s eagerly.
+#: From this many cases on, :func:`register_cohort` runs the network as a traced graph: its first
+#: call costs more (measured on the idle 2-core machine, compact model: 3.8 s against 2.2 s for
+#: the first eager call), then each forward pass takes 0.11 s instead of 0.43 s eagerly
+#: (benchmarks/bench_model.py), so it pays from about 5 cases on.
 GRAPH_MODE_MIN_CASES = 8
 
 
@@ -151,8 +152,8 @@ def network_function(net, graph: bool = False) -> Callable[[dict], Any]:
     """The forward pass of ``net`` (``training=False``): eager, or a traced ``tf.function``.
 
     Eager is the fastest way through one case (no whole-model tracing); the traced graph is
-    ~6x faster per call afterwards (grappler fuses the many small ops), which pays from about
-    ten cases on. The traced function is cached per model.
+    ~4x faster per call afterwards (grappler fuses the many small ops), which pays from about
+    five cases on. The traced function is cached per model.
     """
     if not graph:
         return lambda inputs: net(inputs, training=False)
