@@ -201,10 +201,6 @@ def pooled_entries(folders: Sequence[pathlib.Path], manifests: Sequence[Mapping[
             for folder, manifest in zip(folders, manifests) for entry in _split_entries(manifest, split)]
 
 
-def _entry_path(folder: pathlib.Path, entry: Mapping[str, Any]) -> pathlib.Path:
-    return pathlib.Path(entry["_path"]) if "_path" in entry else folder / entry["file"]
-
-
 def learning_rate_at(train_config: "TrainConfig", step: int) -> float:
     """The learning rate of optimisation step ``step`` (0-based) under the run's schedule."""
     base = float(train_config.learning_rate)
@@ -242,24 +238,23 @@ def _example(arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
     return inputs, targets
 
 
-def training_examples(data_dir: str | os.PathLike, entries: list[dict], seed: int,
-                      start_sample: int = 0) -> Iterator[tuple[dict, dict]]:
-    """Endless stream of (inputs, targets) in the order of :func:`epoch_order`, starting at the
-    ``start_sample``-th sample of that infinite sequence (for resuming)."""
+def training_examples(entries: list[dict], seed: int, start_sample: int = 0) -> Iterator[tuple[dict, dict]]:
+    """Endless stream of (inputs, targets) of ``entries`` (:func:`pooled_entries`) in the order of
+    :func:`epoch_order`, starting at the ``start_sample``-th sample of that infinite sequence (for
+    resuming)."""
     from inference.data.dataset import load_sample
 
-    folder = pathlib.Path(data_dir)
     count = len(entries)
     epoch, offset = divmod(int(start_sample), count)
     while True:
         order = epoch_order(count, seed, epoch)
         for position in range(offset, count):
             entry = entries[order[position]]
-            yield _example(load_sample(_entry_path(folder, entry)))
+            yield _example(load_sample(entry["_path"]))
         epoch, offset = epoch + 1, 0
 
 
-def _dataset(data_dir, entries, config, train_config, start_step, strategy):
+def _dataset(entries, config, train_config, start_step, strategy):
     import tensorflow as tf
 
     height, width = config.detector_hw
@@ -274,7 +269,7 @@ def _dataset(data_dir, entries, config, train_config, start_step, strategy):
     )
     start = start_step * train_config.batch_size
     ds = tf.data.Dataset.from_generator(
-        lambda: training_examples(data_dir, entries, train_config.seed, start),
+        lambda: training_examples(entries, train_config.seed, start),
         output_signature=signature)
     ds = ds.batch(train_config.batch_size, drop_remainder=True).prefetch(2)
     return strategy.experimental_distribute_dataset(ds)
@@ -298,9 +293,13 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _one_or_list(values: list) -> Any:
+    """One data set's value plain, several data sets' values as a list (run.json, model card)."""
+    return values[0] if len(values) == 1 else values
+
+
 def _data_dir_record(folders: Sequence[pathlib.Path]) -> str | list[str]:
-    resolved = [str(f.resolve()) for f in folders]
-    return resolved[0] if len(resolved) == 1 else resolved
+    return _one_or_list([str(f.resolve()) for f in folders])
 
 
 def _check_run_file(out: pathlib.Path, config, train_config: TrainConfig, folders) -> None:
@@ -309,7 +308,7 @@ def _check_run_file(out: pathlib.Path, config, train_config: TrainConfig, folder
 
     path = out / "run.json"
     run = {"format": RUN_FORMAT, "model_config": config.to_dict(),
-           "train_config": train_config.to_dict(), "data_dir": _data_dir_record(data_folders(folders))}
+           "train_config": train_config.to_dict(), "data_dir": _data_dir_record(folders)}
     if path.is_file():
         try:
             previous = json.loads(path.read_text(encoding="utf-8"))
@@ -393,17 +392,14 @@ def _load_atlas(atlas, config):
     return atlas
 
 
-def _validate(model, data_dir, entries, limit, cancel) -> dict:
+def _validate(model, entries, limit, cancel) -> dict:
     from inference.data.dataset import load_sample
     from inference.evaluate import evaluate_samples, summarise
 
-    folder = pathlib.Path(data_dir)
-
     def samples():
         for entry in entries:
-            path = _entry_path(folder, entry)
-            yield {**load_sample(path), "subject": entry.get("subject", ""),
-                   "sample_index": int(entry.get("index", 0)), "path": str(path)}
+            yield {**load_sample(entry["_path"]), "subject": entry.get("subject", ""),
+                   "sample_index": int(entry.get("index", 0)), "path": entry["_path"]}
 
     rows = evaluate_samples(model, samples(), limit=limit, with_ssim=False, with_hip_centre=False,
                             cancel=cancel)
@@ -535,11 +531,18 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
             progress(TrainProgress(step, total, min(1.0, step / total), message, dict(losses or {}),
                                    validation, rate))
 
+    data_card = _data_card(folders, manifests)  # hashed once, not at every export
+
+    def card_extra(step, metrics):
+        training = {"steps": int(step), "train_config": train_config.to_dict(), **data_card,
+                    "wall_time_s": round(float(wall_time.numpy()), 1)}
+        return {"training": training, "validation": metrics}
+
     def run_validation(step):
         nonlocal last_validation
         if not val_entries:
             return
-        metrics = _validate(model, folders[0], val_entries, train_config.val_limit, cancel)
+        metrics = _validate(model, val_entries, train_config.val_limit, cancel)
         last_validation = metrics
         history.append({"step": step, "metrics": metrics})
         _write_json_atomic(history_path, history)
@@ -553,12 +556,12 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
             score > best if higher_better else score < best))
         if improved:
             best_score.assign(score)
-            export_model(model, out, _card_extra(config, train_config, folders, manifests, step, metrics, float(wall_time.numpy())))
+            export_model(model, out, card_extra(step, metrics))
             log.info("step %d: new best %s %.4f, model exported", step, train_config.best_metric, score)
         report(step, f"validation at step {step}: Dice {metrics['dice']:.3f}, "
                f"ASSD {metrics['assd_mm']:.2f} mm", validation=metrics)
 
-    dataset = _dataset(folders[0], train_entries, config, train_config, start_step, strategy)
+    dataset = _dataset(train_entries, config, train_config, start_step, strategy)
     iterator = iter(dataset)
     report(start_step, "starting" if start_step == 0 else f"resuming at step {start_step}")
     step = start_step
@@ -606,27 +609,21 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
 
     if not val_entries:
         # Without validation data the last model is the result.
-        export_model(model, out, _card_extra(config, train_config, folders, manifests, step, None, float(wall_time.numpy())))
+        export_model(model, out, card_extra(step, None))
     best = float(best_score.numpy())
     report(step, "training finished", losses, last_validation)
     return TrainResult(out, step, start_step, best_path if best_path.is_file() else None,
                        best if math.isfinite(best) else None, last_validation)
 
 
-def _card_extra(config, train_config, folders, manifests, step, metrics, wall_time_s) -> dict:
+def _data_card(folders, manifests) -> dict:
+    """What the model card says of the training data (one data set: plain values; several: lists)."""
     from inference.resources import file_sha256
 
-    return {
-        "training": {"steps": int(step), "train_config": train_config.to_dict(),
-                     "data_dir": _data_dir_record(folders),
-                     "data_manifest_sha256": [file_sha256(f / "manifest.json") for f in folders]
-                     if len(folders) > 1 else file_sha256(folders[0] / "manifest.json"),
-                     "dataset_samples": sum(len(m["samples"]) for m in manifests),
-                     "dataset_parameters": [m.get("parameters", {}) for m in manifests]
-                     if len(manifests) > 1 else manifests[0].get("parameters", {}),
-                     "wall_time_s": round(wall_time_s, 1)},
-        "validation": metrics,
-    }
+    return {"data_dir": _data_dir_record(folders),
+            "data_manifest_sha256": _one_or_list([file_sha256(f / "manifest.json") for f in folders]),
+            "dataset_samples": sum(len(m["samples"]) for m in manifests),
+            "dataset_parameters": _one_or_list([m.get("parameters", {}) for m in manifests])}
 
 
 def _initialise_from(model, path: str) -> None:
@@ -694,7 +691,7 @@ def _cli_train(args) -> int:
     def show(p: TrainProgress) -> None:
         print(f"{100 * p.fraction:5.1f}% {p.message}", file=sys.stderr, flush=True)
 
-    result = train(config, args.data if len(args.data) > 1 else args.data[0], args.out, train_config=train_config, progress=show)
+    result = train(config, args.data, args.out, train_config=train_config, progress=show)
     print(json.dumps({"steps": result.steps_done, "best_model": str(result.best_model_path),
                       "best_score": result.best_score, "validation": result.last_validation},
                      indent=2, default=_json_default))

@@ -156,13 +156,13 @@ def test_train_config_validation_names_the_field():
 
 def test_data_order_is_seeded_and_resumable(data_dir):
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    entries = [e for e in manifest["samples"] if e["split"] == "train"]
+    entries = T.pooled_entries([data_dir], [manifest], "train")
     order = T.epoch_order(len(entries), seed=3, epoch=1)
     assert sorted(order) == list(range(len(entries)))
     np.testing.assert_array_equal(order, T.epoch_order(len(entries), seed=3, epoch=1))
 
     def first(start, count):
-        stream = T.training_examples(data_dir, entries, seed=3, start_sample=start)
+        stream = T.training_examples(entries, seed=3, start_sample=start)
         return [next(stream)[0]["images"] for _ in range(count)]
 
     straight = first(0, 7)  # more than two epochs of 3 samples
