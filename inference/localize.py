@@ -180,12 +180,11 @@ def _shaft_midline(mask: np.ndarray, projection: np.ndarray, start_mm: np.ndarra
         return None
     along = along / np.linalg.norm(along)
     across = np.array([-along[1], along[0]])
-    step_px = 1.0
     reach = int(np.ceil(80.0 / mm_per_px))  # half-width searched across (a shaft is < 40 mm wide)
     offsets = np.arange(-reach, reach + 1, dtype=float)
-    midpoints = []
-    for k in range(int(np.ceil(400.0 / mm_per_px / step_px))):
-        centre = u0 + k * step_px * along
+    midpoints = []  # one section per pixel along the axis
+    for k in range(int(np.ceil(400.0 / mm_per_px))):
+        centre = u0 + k * along
         line = centre[None] + offsets[:, None] * across[None]
         c = np.round(line[:, 0]).astype(int)
         r = np.round(line[:, 1]).astype(int)
@@ -194,13 +193,12 @@ def _shaft_midline(mask: np.ndarray, projection: np.ndarray, start_mm: np.ndarra
             break
         values = np.zeros(len(offsets), bool)
         values[inside_image] = mask[r[inside_image], c[inside_image]]
-        if not values[reach]:
-            # the axis left the mask: the end of the shaft (or a gap): search a little sideways
-            near = np.flatnonzero(values[max(0, reach - 3):reach + 4])
-            if near.size == 0:
-                break
-        # the run of mask pixels around the centre
-        centre_index = reach if values[reach] else max(0, reach - 3) + int(near[0])
+        # the run of mask pixels around the centre; off the mask (the end of the shaft, or a
+        # gap), search a few pixels sideways
+        near = np.flatnonzero(values[reach - 3:reach + 4])
+        if not values[reach] and near.size == 0:
+            break
+        centre_index = reach if values[reach] else reach - 3 + int(near[0])
         lo = centre_index
         while lo > 0 and values[lo - 1]:
             lo -= 1
@@ -211,9 +209,9 @@ def _shaft_midline(mask: np.ndarray, projection: np.ndarray, start_mm: np.ndarra
         if touches:
             break  # the section reaches the image border: not a whole section
         midpoints.append(centre + 0.5 * (offsets[lo] + offsets[hi]) * across)
-    margin = int(np.ceil(SHAFT_END_MARGIN_MM / mm_per_px / step_px))
+    margin = int(np.ceil(SHAFT_END_MARGIN_MM / mm_per_px))
     midpoints = midpoints[:max(0, len(midpoints) - margin)]
-    length_mm = len(midpoints) * step_px * mm_per_px
+    length_mm = len(midpoints) * mm_per_px
     if length_mm < MIN_SHAFT_LENGTH_MM:
         return None
     return np.asarray(midpoints), length_mm
@@ -263,11 +261,11 @@ def shaft_axis_from_masks(projections: list[np.ndarray], masks: list[np.ndarray]
             return None
         points, length = midline
         line, rms = _fit_line_2d(points)
-        planes.append(np.asarray(projection, float).T @ line)
+        plane = np.asarray(projection, float).T @ line
+        planes.append(plane / np.linalg.norm(plane[:3]))  # unit normal, offset
         lengths.append(length)
         residuals.append(rms)
-    normals = np.array([p[:3] / np.linalg.norm(p[:3]) for p in planes])
-    planes = [p / np.linalg.norm(p[:3]) for p in planes]
+    normals, offsets = np.array(planes)[:, :3], np.array(planes)[:, 3]
     axis = np.cross(normals[0], normals[1])
     sine = np.linalg.norm(axis)
     if sine < np.sin(np.radians(MIN_PLANE_ANGLE_DEG)):
@@ -277,9 +275,7 @@ def shaft_axis_from_masks(projections: list[np.ndarray], masks: list[np.ndarray]
     if axis @ direction < 0:
         axis = -axis
     # the point of the line nearest the start point
-    A = np.array([p[:3] for p in planes])
-    b = np.array([p[3] for p in planes])
-    point = start - A.T @ np.linalg.solve(A @ A.T, A @ start + b)
+    point = start - normals.T @ np.linalg.solve(normals @ normals.T, normals @ start + offsets)
     point = point + ((start - point) @ axis) * axis
     return ShaftAxis(point, axis, tuple(lengths), tuple(residuals))
 

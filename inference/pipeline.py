@@ -334,8 +334,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     head = None
     if all(m is not None for m in full_masks):
         # Locate the femur before loading the model: bad masks or calibrations fail in a second.
-        head = _locate_checked(case, projections, [to_registration_image(m, mirror) for m in full_masks],
-                               start_mm)
+        registration_masks = [to_registration_image(m, mirror) for m in full_masks]
+        head = _locate_checked(case, projections, registration_masks, start_mm)
 
     yield Progress(0.08, "Loading model")
     t0 = time.perf_counter()
@@ -368,8 +368,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
                                 "automatically and is not confirmed: check proposed_mask_"
                                 f"{_safe_name(view.name)}.png")
         timings["mask_proposal_s"] = time.perf_counter() - t0
-        head = _locate_checked(case, projections, [to_registration_image(m, mirror) for m in full_masks],
-                               start_mm)
+        registration_masks = [to_registration_image(m, mirror) for m in full_masks]
+        head = _locate_checked(case, projections, registration_masks, start_mm)
         _check(cancel)
 
     yield Progress(0.15, "Preparing views")
@@ -380,12 +380,12 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     grid = placed_grid(atlas.geometry, atlas.landmarks["head_centre"], head.centre_mm)
 
     images_net, masks_net, projections_net = [], [], []
-    for view, pixels, projection, mask in zip(case.views, images, projections, full_masks):
+    for view, pixels, projection, mask in zip(case.views, images, projections, registration_masks):
         net_view = views.network_view(projection, grid, config.detector_hw, pixels.shape)
         if net_view.covered_fraction() < 0.6:
             warnings.append(f"view '{view.name}': the femur region extends beyond the radiograph")
         images_net.append(views.resample_to_network(pixels, net_view))
-        masks_net.append(views.resample_mask_to_network(to_registration_image(mask, mirror), net_view))
+        masks_net.append(views.resample_mask_to_network(mask, net_view))
         projections_net.append(net_view.projection)
     _check(cancel)
 
@@ -417,7 +417,6 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     from inference import anatomy, localize, measure, surface
 
     femur = anatomy.femur_landmarks_from_labels(labels, grid, "right")
-    registration_masks = [to_registration_image(m, mirror) for m in full_masks]
     # The hip centre from the head's outlines in the masks: a radiograph's edge of the head is
     # sharper than the reconstructed surface (the network works at 1.3-2 mm voxels). The radius
     # stays the reconstruction's: an outline is the head's widest extent, and masks drawn or
@@ -618,10 +617,9 @@ def register_cohort(case_dirs: list[str | os.PathLike], out_root: str | os.PathL
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COHORT_COLUMNS})
-    root.mkdir(parents=True, exist_ok=True)
     summary = io.write_text_atomic(root / "cohort.csv", buffer.getvalue())
     yield Progress(1.0, "Done")
-    return CohortResult(root, rows, pathlib.Path(summary))
+    return CohortResult(root, rows, summary)
 
 
 def _below_lesser_trochanter(femur, margin_mm: float = 12.0) -> np.ndarray:
