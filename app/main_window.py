@@ -1136,15 +1136,23 @@ class MainWindow(QMainWindow):
             self.report_error(error)
 
     def _on_proposal_done(self) -> None:
-        worker = self.proposal_worker
-        if worker is None:
+        outcome = self._release_worker("proposal_worker")
+        if outcome is None:
             return
-        worker.wait()
-        self.proposal_worker = None
-        worker.deleteLater()
         self._show_proposal_progress(False)
         self._refresh_register_panel()
-        self.proposal_finished.emit(worker.outcome or "errored")
+        self.proposal_finished.emit(outcome)
+
+    def _release_worker(self, attribute: str) -> str | None:
+        """Join the finished worker thread held in ``attribute``, drop it and return its outcome
+        (None when there was none)."""
+        worker = getattr(self, attribute)
+        if worker is None:
+            return None
+        worker.wait()  # run() has returned or is returning: join the thread before dropping it
+        setattr(self, attribute, None)
+        worker.deleteLater()
+        return worker.outcome or "errored"
 
     def _show_proposal_progress(self, visible: bool) -> None:
         self.proposal_progress.setVisible(visible)
@@ -1242,13 +1250,9 @@ class MainWindow(QMainWindow):
         self.report_error(error)
 
     def _on_worker_done(self) -> None:
-        worker = self.worker
-        if worker is None:
+        outcome = self._release_worker("worker")
+        if outcome is None:
             return
-        worker.wait()  # run() has returned or is returning: join the thread before dropping it
-        self.worker = None
-        outcome = worker.outcome or "errored"
-        worker.deleteLater()
         self._refresh_register_panel()
         self._refresh_steps()
         self.registration_finished.emit(outcome)
