@@ -551,7 +551,7 @@ def propose(images: Sequence[np.ndarray], projections: Sequence[np.ndarray], net
     for image, projection in zip(images, projections):
         pixels = np.asarray(image, np.float32)
         net_view = views_lib.network_view(projection, grid, config.detector_hw, pixels.shape)
-        images_net.append(views_lib.resample_to_network(pixels, net_view))
+        images_net.append(views_lib.resample_to_network(pixels, net_view, outside=views_lib.NETWORK_OUTSIDE))
         masks_net.append(_grid_footprint(grid, net_view.projection, tuple(config.detector_hw)))
         projections_net.append(net_view.projection)
     from inference.model import case_inputs

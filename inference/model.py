@@ -160,6 +160,14 @@ class ModelConfig:
     cross_view_fusion, skip_connections, shared_decoder, use_inv_prost : bool
         Ablation switches. Without inv-ProST the beam-space features are simply resized to the
         grid (k -> z, v -> y, u -> x), ignoring the geometry.
+    recompute : bool
+        Gradient checkpointing for training memory (the paper preset uses it): each view's
+        beam-space decoder and its inv-ProST run as one :class:`Recomputed` block, and each
+        scaling-and-squaring step keeps only its input; their activations (the largest tensors
+        of the network) are recomputed in the backward pass instead of being kept from the
+        forward pass. Same weights, same outputs; costs about one more forward pass of those
+        parts per training step. The blocks' batch norms update their moving statistics twice
+        per step (once more in the recomputation), with the same batch statistics.
     """
 
     grid: str = "compact"
@@ -182,6 +190,7 @@ class ModelConfig:
     skip_connections: bool = True
     shared_decoder: bool = False
     use_inv_prost: bool = True
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -206,7 +215,8 @@ class ModelConfig:
                     or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, not {value!r}")
             set_(name, float(value))
-        for name in ("cross_view_fusion", "skip_connections", "shared_decoder", "use_inv_prost"):
+        for name in ("cross_view_fusion", "skip_connections", "shared_decoder", "use_inv_prost",
+                     "recompute"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, not {getattr(self, name)!r}")
 
@@ -299,12 +309,14 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-#: The grid and widths of the paper (about 722 GFLOPs in the paper's count).
+#: The grid and widths of the paper (about 722 GFLOPs in the paper's count), with gradient
+#: checkpointing so that a training step at batch 1 stays below the paper's 18.7 GB
+#: (benchmarks/bench_model.py: ``paper_train_peak_gb``).
 PAPER = ModelConfig(
     grid="paper", shape_zyx=(192, 128, 192), spacing_xyz_mm=(0.664, 0.664, 1.0),
     detector_hw=(160, 224), num_samples=256, affine_widths=(16, 32, 64, 128, 256),
     local_encoder_widths=(16, 32, 64, 64, 64), depth_copies=4,
-    decoder_widths=(64, 32, 32, 16, 16, 16), velocity_downsample=1)
+    decoder_widths=(64, 32, 32, 16, 16, 16), velocity_downsample=1, recompute=True)
 
 #: Half-resolution grid with narrower widths for CPU training and tests of the full pipeline:
 #: 4 local levels (80 x 112 / 16 = 5 x 7), the decoder stops at beam grid (32, 40, 56) and the
@@ -642,6 +654,51 @@ class ResizeToGrid(keras.layers.Layer):
 # Intensities
 # --------------------------------------------------------------------------------------------
 
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class Recomputed(keras.layers.Layer):
+    """A sub-model whose activations are recomputed in the backward pass (gradient checkpointing).
+
+    Forward passes (``training`` false) simply call ``inner``. In training the forward pass keeps
+    only the block's inputs and outputs; the backward pass runs ``inner`` again to get the
+    activations it needs (:func:`keras.remat`, i.e. ``tf.recompute_grad``). Calling one instance
+    on several inputs shares ``inner`` (and its weights) between them.
+
+    Parameters
+    ----------
+    inner : keras.Model
+        The block, a functional model taking a list of tensors.
+    """
+
+    def __init__(self, inner, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(inner, Mapping):  # from get_config
+            inner = keras.saving.deserialize_keras_object(inner)
+        if not isinstance(inner, keras.Model):
+            raise ConfigError(f"{self.name}: the recomputed block must be a Keras model, not "
+                              f"{type(inner).__name__}")
+        self.inner = inner
+
+    def build(self, input_shape):
+        self.built = True  # ``inner`` is a built functional model
+
+    def call(self, inputs, training=None):
+        if not training:
+            return self.inner(list(inputs), training=training)
+
+        def block(*tensors):
+            return self.inner(list(tensors), training=True)
+
+        return keras.remat(block)(*inputs)
+
+    def compute_output_spec(self, inputs, training=None):
+        return self.inner.compute_output_spec(list(inputs))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(inner=keras.saving.serialize_keras_object(self.inner))
+        return config
+
+
 def femur_intensity(volume_hu: np.ndarray, labels: np.ndarray, label: int = FEMUR_LABEL) -> np.ndarray:
     """Relative attenuation of the femur: ``max(HU + 1000, 0) / 1000`` inside ``label``, else 0.
 
@@ -799,6 +856,57 @@ class _BeamDecoder:
         return x
 
 
+class _BeamBranch:
+    """One view's decoder and inv-ProST (beam space -> velocity grid); one instance per decoder.
+
+    With ``config.recompute`` the branch is built once as a sub-model and run through a
+    :class:`Recomputed` layer (a shared decoder is then one layer called for both views);
+    otherwise its layers sit directly in the network, as before that option existed.
+    """
+
+    def __init__(self, config, prefix, view, maps, beam_atlas, matrix, index_to_world):
+        self.config = config
+        self.decoder = _BeamDecoder(config, prefix)
+        self.block = None
+        if config.recompute:
+            used = self.used_maps(config)
+            inputs = [keras.Input(maps[i].shape[1:], name=f"{prefix}_map{i}") for i in used]
+            beam_in = keras.Input(beam_atlas.shape[1:], name=f"{prefix}_beam_atlas")
+            matrix_in = keras.Input(matrix.shape[1:], name=f"{prefix}_projection")
+            i2w_in = keras.Input(index_to_world.shape[1:], name=f"{prefix}_index_to_world")
+            inner_maps = [None] * len(maps)
+            for i, tensor in zip(used, inputs):
+                inner_maps[i] = tensor
+            output = self._layers(inner_maps, beam_in, matrix_in, i2w_in, view)
+            self.block = Recomputed(keras.Model([*inputs, beam_in, matrix_in, i2w_in], output,
+                                                name=f"{prefix}_branch"), name=f"{prefix}_recomputed")
+
+    @staticmethod
+    def used_maps(config) -> list[int]:
+        """Indices of the local encoder maps the decoder reads (bottom, then skip levels)."""
+        levels = len(config.local_encoder_widths)
+        used = {levels}
+        if config.skip_connections:
+            used.update(levels - level for level in range(1, config.decoder_upsamplings + 1))
+        return sorted(used)
+
+    def _layers(self, maps, beam_atlas, matrix, index_to_world, view):
+        from inference.layers.prost import InvProST
+
+        config = self.config
+        features = self.decoder(maps, beam_atlas, view)
+        if config.use_inv_prost:
+            return InvProST(config.velocity_shape_zyx, config.detector_hw, config.num_samples,
+                            geometry_gradients=False, dtype="float32", name=f"inv_prost_v{view}")(
+                [features, matrix, index_to_world])
+        return ResizeToGrid(config.velocity_shape_zyx, dtype="float32", name=f"resize_to_grid_v{view}")(features)
+
+    def __call__(self, maps, beam_atlas, matrix, index_to_world, view):
+        if self.block is None:
+            return self._layers(maps, beam_atlas, matrix, index_to_world, view)
+        return self.block([*(maps[i] for i in self.used_maps(self.config)), beam_atlas, matrix, index_to_world])
+
+
 def build_model(config: ModelConfig, atlas: Any = None, *, name: str = "hipatlas_registration",
                 jit_compile: bool = True) -> keras.Model:
     """Build the registration network for ``config``, storing ``atlas`` in it.
@@ -821,7 +929,7 @@ def build_model(config: ModelConfig, atlas: Any = None, *, name: str = "hipatlas
     keras.Model
         Inputs and outputs as in the module docstring.
     """
-    from inference.layers.prost import InvProST, ProST
+    from inference.layers.prost import ProST
 
     if not isinstance(config, ModelConfig):
         raise ConfigError(f"config must be a ModelConfig, not {type(config).__name__}")
@@ -889,24 +997,17 @@ def build_model(config: ModelConfig, atlas: Any = None, *, name: str = "hipatlas
             name=f"local_beam_atlas_v{view}")(beam)
         key = "shared" if config.shared_decoder else view
         if key not in decoders:
-            decoders[key] = _BeamDecoder(config, "decoder" if config.shared_decoder else f"decoder_v{view}")
-        features = decoders[key](maps, beam_atlas, view)
-        if config.use_inv_prost:
-            on_grid = InvProST(config.velocity_shape_zyx, config.detector_hw, config.num_samples,
-                               geometry_gradients=False, dtype="float32", name=f"inv_prost_v{view}")(
-                [features, matrices[view], velocity_i2w])
-        else:
-            on_grid = ResizeToGrid(config.velocity_shape_zyx, dtype="float32",
-                                   name=f"resize_to_grid_v{view}")(features)
-        grid_features.append(on_grid)
+            decoders[key] = _BeamBranch(config, "decoder" if config.shared_decoder else f"decoder_v{view}",
+                                        view, maps, beam_atlas, matrices[view], velocity_i2w)
+        grid_features.append(decoders[key](maps, beam_atlas, matrices[view], velocity_i2w, view))
     merged = keras.layers.Concatenate(name="views_concat")(grid_features)
     # As in VoxelMorph, a tiny initial velocity keeps phi ~ identity at the start.
     velocity = keras.layers.Conv3D(
         3, 3, padding="same", dtype="float32", name="velocity",
         kernel_initializer=keras.initializers.RandomNormal(stddev=config.velocity_init_stddev),
         bias_initializer="zeros")(merged)
-    phi = warp_layers.VecInt(config.int_steps, jit_compile=jit_compile, dtype="float32",
-                             name="integrate")(velocity)
+    phi = warp_layers.VecInt(config.int_steps, jit_compile=jit_compile, recompute=config.recompute,
+                             dtype="float32", name="integrate")(velocity)
     phi_coarse = phi
     if config.velocity_downsample > 1:
         phi = UpsampleField(name="phi_upsample")(phi)
@@ -1120,7 +1221,9 @@ def flops_of_model(model: keras.Model) -> int:
     """
     total = 0
     for layer in model.layers:
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv3D)):
+        if isinstance(layer, Recomputed):
+            total += flops_of_model(layer.inner) * len(layer._inbound_nodes)
+        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv3D)):
             kernel = layer.kernel.shape
             per_voxel = 2 * int(np.prod(kernel))
             for node in layer._inbound_nodes:

@@ -383,9 +383,10 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     for view, pixels, projection, mask in zip(case.views, images, projections, registration_masks):
         net_view = views.network_view(projection, grid, config.detector_hw, pixels.shape)
         if net_view.covered_fraction() < 0.6:
-            warnings.append(f"view '{view.name}': the femur region extends beyond the radiograph")
-        images_net.append(views.resample_to_network(pixels, net_view))
-        masks_net.append(views.resample_mask_to_network(mask, net_view))
+            warnings.append(f"view '{view.name}': the femur region extends beyond the radiograph (the femur "
+                            "beyond its border is extrapolated)")
+        images_net.append(views.resample_to_network(pixels, net_view, outside=views.NETWORK_OUTSIDE))
+        masks_net.append(views.resample_mask_to_network(mask, net_view, outside=views.NETWORK_OUTSIDE))
         projections_net.append(net_view.projection)
     _check(cancel)
 

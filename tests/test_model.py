@@ -26,6 +26,7 @@ ABLATIONS = {
     "no_fusion_shared_decoder": {"cross_view_fusion": False, "shared_decoder": True},
     "no_skips_no_inv_prost": {"skip_connections": False, "use_inv_prost": False},
     "dice_full_res_velocity": {"dice_weight": 0.5, "velocity_downsample": 1},
+    "recomputed_shared_decoder": {"recompute": True, "shared_decoder": True},
 }
 
 
@@ -290,6 +291,53 @@ def test_save_and_load_round_trip_with_safe_mode_and_card(tmp_path, atlas, sampl
     for key in expected:
         np.testing.assert_array_equal(got[key].numpy(), expected[key].numpy(), err_msg=key)
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_view", "shared"])
+def test_recomputed_decoder_gives_the_same_outputs_gradients_and_file_round_trip(tmp_path, atlas, sample, shared):
+    """Gradient checkpointing changes memory, not results: same weights -> same outputs and
+    gradients; the checkpointed model saves and loads (safe mode) like any other."""
+    inputs, fixed, _ = sample
+    plain_config = dataclasses.replace(TINY, shared_decoder=shared)
+    keras.utils.set_random_seed(3)
+    plain = M.build_model(plain_config, atlas)
+    recomputed = M.build_model(dataclasses.replace(plain_config, recompute=True), atlas)
+    blocks = [layer for layer in recomputed.layers if isinstance(layer, M.Recomputed)]
+    assert len(blocks) == (1 if shared else 2)
+    by_path = {w.path: w for w in plain.weights}
+    assert sorted(by_path) == sorted(w.path for w in recomputed.weights)
+    for weight in recomputed.weights:
+        weight.assign(by_path[weight.path].numpy() + np.float32(1e-3))
+        by_path[weight.path].assign(weight.numpy())
+
+    def outputs_and_grads(model):
+        with tf.GradientTape() as tape:
+            outputs = model(inputs, training=True)
+            total = M.registration_losses(plain_config, outputs, fixed)["total"]
+        grads = tape.gradient(total, model.trainable_weights)
+        return outputs, dict(zip((w.path for w in model.trainable_weights), grads))
+
+    calls = []
+    inner_call = blocks[0].inner.call
+    blocks[0].inner.call = lambda *args, **kwargs: calls.append(1) or inner_call(*args, **kwargs)
+    expected, expected_grads = outputs_and_grads(plain)
+    got, got_grads = outputs_and_grads(recomputed)
+    del blocks[0].inner.call
+    # forward once per view it serves, and once more per view in the backward pass
+    assert len(calls) == (4 if shared else 2)
+    for key in expected:
+        np.testing.assert_allclose(got[key].numpy(), expected[key].numpy(), rtol=1e-5, atol=1e-6, err_msg=key)
+    decoder_grads = [path for path in got_grads if "decoder" in path]
+    assert decoder_grads
+    for path, grad in got_grads.items():
+        assert grad is not None, path
+        np.testing.assert_allclose(grad.numpy(), expected_grads[path].numpy(), rtol=1e-4, atol=1e-7, err_msg=path)
+
+    path, _ = M.save_model(recomputed, tmp_path / "recomputed.keras")
+    loaded = M.load_model(path)
+    assert M.model_config_of(loaded).recompute
+    for key, value in recomputed(inputs, training=False).items():
+        np.testing.assert_array_equal(loaded(inputs, training=False)[key].numpy(), value.numpy(), err_msg=key)
 
 
 def test_load_model_refuses_a_file_that_does_not_match_its_card(tmp_path, atlas):

@@ -95,6 +95,36 @@ def test_mask_resampling_and_coverage():
     np.testing.assert_allclose(image.mean(), net.covered_fraction(), atol=0.05)
 
 
+def test_edge_mode_continues_a_shaft_cut_by_the_image_border():
+    """A vertical bar (a shaft) running off the bottom of a small radiograph runs on, straight
+    and with its profile, beyond the border with ``outside="edge"``; zeros with the default."""
+    shape = (100, 100)
+    projection = _view(0.0, *shape, 1.0)
+    net = views.network_view(projection, GRID, (80, 112), shape)
+    vv, uu = views.NetworkView.source_coordinates(net)
+    below = vv > shape[0] - 0.5  # network pixels under the radiograph's bottom edge
+    assert below.any() and net.covered_fraction() < 1.0
+    image = np.zeros(shape, np.float32)
+    image[40:, 45:56] = 2.0  # the bar reaches the bottom edge
+    mask = image > 0
+    column = np.abs(uu[0] - 50.0).argmin()
+    zero = views.resample_to_network(image, net)
+    edge = views.resample_to_network(image, net, outside="edge")
+    edge_mask = views.resample_mask_to_network(mask, net, outside="edge")
+    assert np.all(zero[below] == 0)
+    rows_below = below[:, column]
+    np.testing.assert_allclose(edge[rows_below, column], 2.0, rtol=1e-3)
+    assert edge_mask[rows_below, column].all()
+    # the bar's width below the border is its width above it
+    last_inside = np.nonzero(~rows_below)[0].max()
+    assert edge_mask[rows_below].sum(axis=1).tolist() == [edge_mask[last_inside].sum()] * int(rows_below.sum())
+    # inside the image's outer pixel centres both modes agree
+    inner = (vv <= shape[0] - 1) & (uu >= 0) & (uu <= shape[1] - 1)
+    np.testing.assert_allclose(edge[inner], zero[inner], atol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        views.resample_to_network(image, net, outside="mirror")
+
+
 def test_bad_inputs_raise_geometry_errors():
     projection = _view(0.0, 100, 100, 1.0)
     with pytest.raises(GeometryError, match="detector_hw"):
