@@ -18,10 +18,13 @@ Method
    and by the soft-tissue ramp. The two per-view score maps are combined over a 3D grid of
    translations (each 3D shift moves the template by the projection's 2x3 Jacobian in each view)
    with a mild penalty for distance from the start, then refined with the head and neck only.
-2. **Network** (:func:`propose`): the atlas grid, posed there, goes through the registration
-   model with each view's mask set to the projected grid's silhouette (the network sees the whole
-   radiograph around the grid), and the warped atlas femur label is projected back into each
-   full-size radiograph.
+2. **Outline, then network** (:func:`propose`): (a) the posed atlas femur is projected into each
+   full-size radiograph and refined on the image (step 3); (b) those masks go with the radiographs
+   through the registration model exactly as in registration, and the warped atlas femur is
+   projected back and refined again. The network was trained on radiographs masked by the femur:
+   given the whole radiograph around the grid instead (masks = the grid's footprint, as this
+   module first did), the trained compact-v2 model distorted the femur and the proposals fell to
+   Dice 0.40-0.45 (``tools/eval_cases.py --cases 2 --seed 2024 --no-masks``).
 3. **Refinement on the image** (:func:`refine_mask`): a profile search along the silhouette's
    outward normals, solved as a shortest path over the outline (dynamic programming, as in active
    shape models), moves each outline point by up to :data:`REFINE_BAND_MM` onto the strongest
@@ -35,9 +38,11 @@ Dice against the true masks in the rows the proposal covers): the coarse search 
 5-13 mm off (mean 8.7 mm) on this specimen, whose femur is much smaller and more valgus than the
 atlas (offset ~22 vs 49 mm); the projected atlas gives Dice 0.82, the refined mask 0.89. The mask
 covers the atlas field of view (to about 40 mm below the lesser trochanter), not the whole shaft.
-With an untrained network step 2 adds nothing; a trained one should bring the prior closer.
 ``tools/eval_cases.py --no-masks`` measures it (``proposed_mask_dice``): 0.84 +- 0.15 on six
 768 px cases, 0.80 +- 0.09 on six varied ones (sizes, pitches, +-30 deg obliques), untrained.
+With compact-v2, ``--cases 4 --seed 2024 --no-masks``: 0.898, 0.524, 0.931, 0.933 with step 2b,
+0.891, 0.549, 0.917, 0.929 after 2a alone; the 0.52 case is a coarse search that went wrong
+(its registration then fails too: Dice 0.14), which the surgeon's confirmation must catch.
 """
 
 from __future__ import annotations
@@ -497,7 +502,7 @@ class MaskProposal:
     ----------
     masks : list of (rows, cols) bool arrays, one per view
     pose : AtlasPose of the coarse search (registration world)
-    prior_masks : the network's projected femur before the image refinement
+    prior_masks : the projected femur (the network's, after step 2b) before the image refinement
     timings_s : seconds per step
     """
 
@@ -507,21 +512,8 @@ class MaskProposal:
     timings_s: dict[str, float]
 
 
-def _grid_footprint(grid: "geometry.VolumeGeometry", projection: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
-    """uint8 mask of the convex hull of the grid's projected corners on a detector."""
-    from scipy.spatial import ConvexHull
-    from skimage.draw import polygon
-
-    uv = geometry.project_points(projection, grid.corners_mm())
-    hull = uv[ConvexHull(uv).vertices]
-    mask = np.zeros(shape_hw, np.uint8)
-    rr, cc = polygon(hull[:, 1], hull[:, 0], shape=shape_hw)
-    mask[rr, cc] = 1
-    return mask
-
-
 def propose(images: Sequence[np.ndarray], projections: Sequence[np.ndarray], net: Any, atlas: Any,
-            start_mm: np.ndarray, *, refine: bool = True,
+            start_mm: np.ndarray, *, refine: bool = True, network_step: bool = True,
             cancel: Callable[[], bool] | None = None) -> MaskProposal:
     """Propose a femur mask for each view (module docstring).
 
@@ -534,6 +526,7 @@ def propose(images: Sequence[np.ndarray], projections: Sequence[np.ndarray], net
     atlas : its atlas (:func:`inference.data.atlas.load_atlas` of the model's grid)
     start_mm : (3,) start of the search (registration world)
     refine : bool, refine the projected femur on the image
+    network_step : bool, run step 2b (the network with the first masks); False stops after 2a
     """
     from inference import views as views_lib
     from inference import model as model_lib
@@ -544,41 +537,52 @@ def propose(images: Sequence[np.ndarray], projections: Sequence[np.ndarray], net
     timings["locate_s"] = time.perf_counter() - t0
     _check(cancel)
 
+    def outlines(labels, grid):
+        """The femur of ``labels`` projected into each view, and refined on each image."""
+        priors, masks = [], []
+        for image, projection in zip(images, projections):
+            prior = _largest_component(label_silhouette(labels, grid, projection, np.asarray(image).shape))
+            if not prior.any():
+                raise DataError("the proposed femur does not project onto a radiograph; check the calibration")
+            priors.append(prior)
+            if refine:
+                mm_per_pixel = 1.0 / _pixels_per_mm(projection, pose.head_mm)
+                masks.append(refine_mask(image, prior, mm_per_pixel))
+            else:
+                masks.append(prior.copy())
+            _check(cancel)
+        return priors, masks
+
+    # 2a. The posed atlas's outline, refined on the images.
+    t0 = time.perf_counter()
+    grid = pose.grid(atlas.geometry, atlas.landmarks["head_centre"])
+    posed_femur = (np.asarray(atlas.labels) == 1).astype(np.uint8)
+    priors, masks = outlines(posed_femur, grid)
+    timings["posed_refine_s"] = time.perf_counter() - t0
+    if not network_step:
+        return MaskProposal(masks=masks, pose=pose, prior_masks=priors, timings_s=timings)
+
+    # 2b. The network with those masks, as registration runs it; its femur projected and refined.
     t0 = time.perf_counter()
     config = model_lib.model_config_of(net)
-    grid = pose.grid(atlas.geometry, atlas.landmarks["head_centre"])
     images_net, masks_net, projections_net = [], [], []
-    for image, projection in zip(images, projections):
+    for image, projection, mask in zip(images, projections, masks):
         pixels = np.asarray(image, np.float32)
         net_view = views_lib.network_view(projection, grid, config.detector_hw, pixels.shape)
         images_net.append(views_lib.resample_to_network(pixels, net_view, outside=views_lib.NETWORK_OUTSIDE))
-        masks_net.append(_grid_footprint(grid, net_view.projection, tuple(config.detector_hw)))
+        masks_net.append(views_lib.resample_mask_to_network(mask, net_view, outside=views_lib.NETWORK_OUTSIDE))
         projections_net.append(net_view.projection)
-    from inference.model import case_inputs
-
-    outputs = net(case_inputs(images_net, masks_net, projections_net, grid.index_to_world()), training=False)
+    outputs = net(model_lib.case_inputs(images_net, masks_net, projections_net, grid.index_to_world()),
+                  training=False)
     warped = np.asarray(outputs["warped_labels"])[0, ..., 0].round().astype(np.uint8)
     timings["network_s"] = time.perf_counter() - t0
     if not (warped == 1).any():
-        # an untrained or confused network may lose the femur: fall back on the posed atlas
-        log.warning("the network's warped femur is empty; proposing the rigidly placed atlas")
-        warped = (np.asarray(atlas.labels) == 1).astype(np.uint8)
+        # an untrained or confused network may lose the femur: keep the posed atlas's outline
+        log.warning("the network's warped femur is empty; proposing the refined outline of the posed atlas")
+        return MaskProposal(masks=masks, pose=pose, prior_masks=priors, timings_s=timings)
     _check(cancel)
-
     t0 = time.perf_counter()
-    priors, masks = [], []
-    for image, projection in zip(images, projections):
-        shape = np.asarray(image).shape
-        prior = _largest_component(label_silhouette(warped, grid, projection, shape))
-        if not prior.any():
-            raise DataError("the proposed femur does not project onto a radiograph; check the calibration")
-        priors.append(prior)
-        if refine:
-            mm_per_pixel = 1.0 / _pixels_per_mm(projection, pose.head_mm)
-            masks.append(refine_mask(image, prior, mm_per_pixel))
-        else:
-            masks.append(prior.copy())
-        _check(cancel)
+    priors, masks = outlines((warped == 1).astype(np.uint8), grid)
     timings["project_refine_s"] = time.perf_counter() - t0
     return MaskProposal(masks=masks, pose=pose, prior_masks=priors, timings_s=timings)
 

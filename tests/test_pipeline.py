@@ -263,6 +263,43 @@ def test_propose_masks_api_for_the_gui(tmp_path_factory, model_path):
         assert _dice(mask, view.mask & window) > 0.6
 
 
+class _RecordingNet:
+    """A registration model that remembers its inputs."""
+
+    def __init__(self, net):
+        self.net, self.inputs = net, []
+
+    def get_layer(self, name):
+        return self.net.get_layer(name)
+
+    def __call__(self, inputs, training=False):
+        self.inputs.append(inputs)
+        return self.net(inputs, training=training)
+
+
+def test_proposal_network_sees_the_refined_outline_as_registration_would(tmp_path_factory, model_path):
+    """Step 2b feeds the network the refined outline of the posed atlas as the femur masks (a
+    trained network shown the whole radiograph around the grid distorts the femur)."""
+    from inference import views
+
+    sim = rh.simulated_case(tmp_path_factory.getbasetemp(), "right")
+    case = io.load_case(sim.case_dir)
+    net = pipeline.load_registration_model(model_path)
+    atlas = pipeline.atlas_for(net)
+    images, projections, start = pipeline.registration_frame(case)
+    outline = mask_proposal.propose(images, projections, net, atlas, start, network_step=False)
+    recording = _RecordingNet(net)
+    proposal = mask_proposal.propose(images, projections, recording, atlas, start)
+    assert len(recording.inputs) == 1 and "network_s" in proposal.timings_s
+    grid = outline.pose.grid(atlas.geometry, atlas.landmarks["head_centre"])
+    detector_hw = recording.inputs[0]["masks"].shape[2:]
+    for index, (image, projection, mask) in enumerate(zip(images, projections, outline.masks)):
+        net_view = views.network_view(projection, grid, detector_hw, np.asarray(image).shape)
+        expected = views.resample_mask_to_network(mask, net_view, outside=views.NETWORK_OUTSIDE)
+        np.testing.assert_array_equal(recording.inputs[0]["masks"][0, index], expected)
+        assert 0.05 < expected.mean() < 0.6  # a femur, not the grid's whole footprint
+
+
 def test_gui_masks_replace_the_case_masks(tmp_path, tmp_path_factory, model_path):
     sim = rh.simulated_case(tmp_path_factory.getbasetemp(), "right")
     case = io.load_case(sim.case_dir)
