@@ -204,15 +204,18 @@ def test_train_exports_logs_and_resumes(tmp_path, data_dir, atlas):
 
 
 @pytest.mark.slow
-def test_cancelled_and_resumed_run_matches_an_uninterrupted_one(tmp_path, data_dir, atlas):
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "checkpointed"])
+def test_cancelled_and_resumed_run_matches_an_uninterrupted_one(tmp_path, data_dir, atlas, recompute):
+    # with gradient checkpointing the decoders are nested models: their variables must restore too
+    config = dataclasses.replace(TINY, recompute=recompute)
     settings = dataclasses.replace(SETTINGS, steps=4)
-    T.train(TINY, data_dir, tmp_path / "straight", train_config=settings, atlas=atlas)
+    T.train(config, data_dir, tmp_path / "straight", train_config=settings, atlas=atlas)
     seen = []
     with pytest.raises(Cancelled):
-        T.train(TINY, data_dir, tmp_path / "resumed", train_config=settings, atlas=atlas,
+        T.train(config, data_dir, tmp_path / "resumed", train_config=settings, atlas=atlas,
                 progress=lambda p: seen.append(p.step) if p.losses else None,
                 cancel=lambda: len(seen) >= 2)
-    resumed = T.train(TINY, data_dir, tmp_path / "resumed", train_config=settings, atlas=atlas)
+    resumed = T.train(config, data_dir, tmp_path / "resumed", train_config=settings, atlas=atlas)
     assert resumed.resumed_from_step == 2 and resumed.steps_done == 4
     # Same data order, initialisation and optimizer state: the same final validation and weights.
     # (The cancel fired during the validation at step 2, which the resumed run does not repeat.)
