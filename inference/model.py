@@ -650,10 +650,6 @@ class ResizeToGrid(keras.layers.Layer):
         return config
 
 
-# --------------------------------------------------------------------------------------------
-# Intensities
-# --------------------------------------------------------------------------------------------
-
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class Recomputed(keras.layers.Layer):
     """A sub-model whose activations are recomputed in the backward pass (gradient checkpointing).
@@ -698,6 +694,10 @@ class Recomputed(keras.layers.Layer):
         config.update(inner=keras.saving.serialize_keras_object(self.inner))
         return config
 
+
+# --------------------------------------------------------------------------------------------
+# Intensities
+# --------------------------------------------------------------------------------------------
 
 def femur_intensity(volume_hu: np.ndarray, labels: np.ndarray, label: int = FEMUR_LABEL) -> np.ndarray:
     """Relative attenuation of the femur: ``max(HU + 1000, 0) / 1000`` inside ``label``, else 0.
