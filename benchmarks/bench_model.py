@@ -187,14 +187,15 @@ def paper_train_child(steps: int, scale: float | None) -> None:
                       "recompute": config.recompute, "ops_one_at_a_time": one_at_a_time}))
 
 
-def _rss_gb(pid: int) -> float:
+def _proc_gib(path: str, key: str, missing: float) -> float:
+    """A ``key: N kB`` line of a /proc file in GiB (``missing`` where there is none, e.g. not Linux)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024.0 ** 2
     except (OSError, ValueError):
         pass
-    return 0.0
+    return missing
 
 
 def _run_child(steps: int, scale: float | None, limit_gb: float = float("inf")) -> dict | None:
@@ -205,7 +206,8 @@ def _run_child(steps: int, scale: float | None, limit_gb: float = float("inf")) 
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}) as child:
         while child.poll() is None:
-            if _rss_gb(child.pid) > limit_gb:  # stop it before the machine starts swapping
+            # stop it before the machine starts swapping
+            if _proc_gib(f"/proc/{child.pid}/status", "VmRSS", 0.0) > limit_gb:
                 child.kill()
                 child.wait()
                 return None
@@ -217,13 +219,7 @@ def _run_child(steps: int, scale: float | None, limit_gb: float = float("inf")) 
 
 
 def _available_gb() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024.0 ** 2
-    except OSError:
-        pass
-    return float("inf")
+    return _proc_gib("/proc/meminfo", "MemAvailable", float("inf"))
 
 
 def bench_paper_training(report: BenchReport, steps: int) -> None:

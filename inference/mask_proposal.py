@@ -564,15 +564,8 @@ def propose(images: Sequence[np.ndarray], projections: Sequence[np.ndarray], net
 
     # 2b. The network with those masks, as registration runs it; its femur projected and refined.
     t0 = time.perf_counter()
-    config = model_lib.model_config_of(net)
-    images_net, masks_net, projections_net = [], [], []
-    for image, projection, mask in zip(images, projections, masks):
-        pixels = np.asarray(image, np.float32)
-        net_view = views_lib.network_view(projection, grid, config.detector_hw, pixels.shape)
-        images_net.append(views_lib.resample_to_network(pixels, net_view, outside=views_lib.NETWORK_OUTSIDE))
-        masks_net.append(views_lib.resample_mask_to_network(mask, net_view, outside=views_lib.NETWORK_OUTSIDE))
-        projections_net.append(net_view.projection)
-    outputs = net(model_lib.case_inputs(images_net, masks_net, projections_net, grid.index_to_world()),
+    network = views_lib.network_inputs(images, masks, projections, grid, model_lib.model_config_of(net).detector_hw)
+    outputs = net(model_lib.case_inputs(network.images, network.masks, network.projections, grid.index_to_world()),
                   training=False)
     warped = np.asarray(outputs["warped_labels"])[0, ..., 0].round().astype(np.uint8)
     timings["network_s"] = time.perf_counter() - t0

@@ -867,15 +867,15 @@ class _BeamBranch:
     def __init__(self, config, prefix, view, maps, beam_atlas, matrix, index_to_world):
         self.config = config
         self.decoder = _BeamDecoder(config, prefix)
+        self.used = self.used_maps(config)
         self.block = None
         if config.recompute:
-            used = self.used_maps(config)
-            inputs = [keras.Input(maps[i].shape[1:], name=f"{prefix}_map{i}") for i in used]
+            inputs = [keras.Input(maps[i].shape[1:], name=f"{prefix}_map{i}") for i in self.used]
             beam_in = keras.Input(beam_atlas.shape[1:], name=f"{prefix}_beam_atlas")
             matrix_in = keras.Input(matrix.shape[1:], name=f"{prefix}_projection")
             i2w_in = keras.Input(index_to_world.shape[1:], name=f"{prefix}_index_to_world")
             inner_maps = [None] * len(maps)
-            for i, tensor in zip(used, inputs):
+            for i, tensor in zip(self.used, inputs):
                 inner_maps[i] = tensor
             output = self._layers(inner_maps, beam_in, matrix_in, i2w_in, view)
             self.block = Recomputed(keras.Model([*inputs, beam_in, matrix_in, i2w_in], output,
@@ -904,7 +904,7 @@ class _BeamBranch:
     def __call__(self, maps, beam_atlas, matrix, index_to_world, view):
         if self.block is None:
             return self._layers(maps, beam_atlas, matrix, index_to_world, view)
-        return self.block([*(maps[i] for i in self.used_maps(self.config)), beam_atlas, matrix, index_to_world])
+        return self.block([*(maps[i] for i in self.used), beam_atlas, matrix, index_to_world])
 
 
 def build_model(config: ModelConfig, atlas: Any = None, *, name: str = "hipatlas_registration",

@@ -379,21 +379,17 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
             warnings.append(f"view '{view.name}': the femur mask touches the image border ({border})")
     grid = placed_grid(atlas.geometry, atlas.landmarks["head_centre"], head.centre_mm)
 
-    images_net, masks_net, projections_net = [], [], []
-    for view, pixels, projection, mask in zip(case.views, images, projections, registration_masks):
-        net_view = views.network_view(projection, grid, config.detector_hw, pixels.shape)
+    network = views.network_inputs(images, registration_masks, projections, grid, config.detector_hw)
+    for view, net_view in zip(case.views, network.views):
         if net_view.covered_fraction() < 0.6:
             warnings.append(f"view '{view.name}': the femur region extends beyond the radiograph (the femur "
                             "beyond its border is extrapolated)")
-        images_net.append(views.resample_to_network(pixels, net_view, outside=views.NETWORK_OUTSIDE))
-        masks_net.append(views.resample_mask_to_network(mask, net_view, outside=views.NETWORK_OUTSIDE))
-        projections_net.append(net_view.projection)
     _check(cancel)
 
     yield Progress(0.3, "Registering atlas")
     t0 = time.perf_counter()
     outputs = network_function(net, graph_mode)(
-        model_lib.case_inputs(images_net, masks_net, projections_net, grid.index_to_world()))
+        model_lib.case_inputs(network.images, network.masks, network.projections, grid.index_to_world()))
     labels = np.asarray(outputs["warped_labels"])[0, ..., 0].round().astype(np.uint8)
     psi = np.asarray(outputs["psi"])[0]
     timings["network_s"] = time.perf_counter() - t0

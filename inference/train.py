@@ -386,8 +386,8 @@ def run_ops_one_at_a_time(config) -> bool:
     backward passes) side by side, and the tensors of all of them are alive at once: measured
     here at a fifth of the paper preset, a training step's tensor peak was the same 4.7 GB with
     and without checkpointing, and 2.7 GB with checkpointing and one op at a time (4.0 GB
-    without it); its step took 5.5 s instead of 4.9 s. Must run before TensorFlow's runtime starts; returns
-    whether the setting is in effect.
+    without it); its step took 5.5 s instead of 4.9 s. Must run before TensorFlow's runtime
+    starts; returns whether the setting is in effect.
     """
     import tensorflow as tf
 

@@ -131,3 +131,31 @@ def resample_mask_to_network(mask: np.ndarray, view: NetworkView, outside: str =
     """Resample a binary mask onto the network detector (area-weighted, then thresholded at 0.5)."""
     fraction = resample_to_network((np.asarray(mask) > 0).astype(np.float32), view, outside=outside)
     return (fraction >= 0.5).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class NetworkInputs:
+    """Both views brought onto the network's detectors, as registration feeds the network."""
+
+    views: list[NetworkView]
+    images: list[np.ndarray]  # (H, W) float32 each
+    masks: list[np.ndarray]  # (H, W) uint8 each
+
+    @property
+    def projections(self) -> list[np.ndarray]:
+        return [view.projection for view in self.views]
+
+
+def network_inputs(images, masks, projections, grid: "geometry.VolumeGeometry",
+                   detector_hw: tuple[int, int]) -> NetworkInputs:
+    """Each radiograph and its femur mask on the network detector around ``grid`` (:func:`network_view`),
+    filled beyond the radiograph as :data:`NETWORK_OUTSIDE` says. Registration and the mask proposal
+    both use it, so the network sees their views alike."""
+    net_views, images_net, masks_net = [], [], []
+    for image, mask, projection in zip(images, masks, projections):
+        pixels = np.asarray(image, np.float32)
+        net_view = network_view(projection, grid, detector_hw, pixels.shape)
+        net_views.append(net_view)
+        images_net.append(resample_to_network(pixels, net_view, outside=NETWORK_OUTSIDE))
+        masks_net.append(resample_mask_to_network(mask, net_view, outside=NETWORK_OUTSIDE))
+    return NetworkInputs(net_views, images_net, masks_net)
