@@ -122,6 +122,12 @@ def demo_dir(root: str | os.PathLike | None = None) -> pathlib.Path:
     return (resources_root() if root is None else pathlib.Path(root)) / "demo"
 
 
+def bones_resource_dir(root: str | os.PathLike | None = None) -> pathlib.Path:
+    """The bundled real bone surfaces (training data; ``$HIPATLAS_BONES_DIR`` overrides in
+    :func:`inference.data.mesh.bones_dir`)."""
+    return (resources_root() if root is None else pathlib.Path(root)) / "bones"
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -4,7 +4,7 @@ A :class:`Mesh` holds welded vertices (N, 3) in millimetres and triangles (M, 3)
 indices, wound counter-clockwise when seen from outside (outward normals). Everything here is
 numpy/scipy only so that phantoms and label maps can be made without VTK.
 
-The shared bone surfaces (``<repo>/../shared/data/bones``, or ``$HIPATLAS_BONES_DIR``) are listed
+The bundled bone surfaces (``<repo>/resources/bones``, or ``$HIPATLAS_BONES_DIR``) are listed
 by :func:`list_subjects`; each subject keeps its own scan frame.
 """
 
@@ -320,7 +320,7 @@ def write_stl(path: str | os.PathLike, mesh: Mesh, header: str = "HipAtlas surfa
 # ----------------------------------------------------------------------------------------------
 # Shared bone surfaces
 # ----------------------------------------------------------------------------------------------
-# Source data sets of the shared bones (see shared/data/bones/README.md). "specimen" groups the
+# Source data sets of the bundled bones (see resources/bones/README.md). "specimen" groups the
 # files of one physical person: TLEM2 CT and MRI are one specimen and must share a split.
 _SOURCES = {
     "JIA_MRI": ("JIA-MRI (Montefiori et al. 2019)", "JIA", "MRI"),
@@ -360,9 +360,10 @@ class BoneSubject:
 
 
 def bones_dir() -> pathlib.Path:
-    """Folder of the shared bone STL files.
+    """Folder of the bone STL files.
 
-    ``$HIPATLAS_BONES_DIR`` if set, else ``<repo>/../shared/data/bones``.
+    ``$HIPATLAS_BONES_DIR`` if set, else the surfaces bundled with HipAtlas
+    (``<repo>/resources/bones``; provenance, licence and citations in its README).
 
     Raises
     ------
@@ -375,12 +376,13 @@ def bones_dir() -> pathlib.Path:
         if not folder.is_dir():
             raise InputFileError(f"HIPATLAS_BONES_DIR={env} is not a folder")
         return folder
-    repo = pathlib.Path(__file__).resolve().parents[2]
-    folder = repo.parent / "shared" / "data" / "bones"
+    from inference.resources import bones_resource_dir
+
+    folder = bones_resource_dir()
     if not folder.is_dir():
         raise InputFileError(
-            f"bone surface folder {folder} not found; put the shared data beside the repository "
-            "or set HIPATLAS_BONES_DIR"
+            f"bone surface folder {folder} not found; this installation does not ship the training "
+            "surfaces: set HIPATLAS_BONES_DIR to a folder of <subject>_femur_l/_r.stl files"
         )
     return folder
 
