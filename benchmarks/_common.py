@@ -38,6 +38,9 @@ def parse_args(argv: Sequence[str] | None = None, description: str = "",
                         help="timed repeats per figure (the median is reported; default 5)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer repeats and smaller optional workloads (smoke test)")
+    parser.add_argument("--report", metavar="PATH",
+                        help="also write PATH.md and PATH.json (the figures with the command, commit, "
+                        "model sha256 and machine they were measured on), e.g. docs/results/bench_model")
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
@@ -80,9 +83,12 @@ def machine_info() -> dict[str, Any]:
 class BenchReport:
     """Collects named figures, prints them as they come, and emits the final JSON line."""
 
-    def __init__(self, name: str, json_output: bool = False, stream=None):
+    def __init__(self, name: str, json_output: bool = False, stream=None, report: str | None = None,
+                 model_file: str | None = None):
         self.name = name
         self.json_output = json_output
+        self.report = report
+        self.model_file = model_file
         self.stream = stream if stream is not None else sys.stdout
         self.figures: dict[str, Any] = {}
 
@@ -116,4 +122,24 @@ class BenchReport:
         if self.json_output:
             payload = {"benchmark": self.name, **self.figures, "machine": machine_info()}
             print(json.dumps(payload, sort_keys=False), file=self.stream, flush=True)
+        if self.report:
+            self.write_report(self.report)
         return self.figures
+
+    def write_report(self, path: str) -> None:
+        """``path.md`` (a table of the figures under their provenance) and ``path.json``."""
+        from inference.io import write_json_atomic, write_text_atomic
+        from inference.provenance import provenance, provenance_markdown
+        from inference.resources import default_model_file
+
+        model = self.model_file
+        if model is None:
+            try:
+                model = default_model_file()
+            except Exception:  # no installed model: the report names none
+                model = None
+        record = provenance(model, command=["python", *sys.argv])
+        write_json_atomic(f"{path}.json", {"benchmark": self.name, "provenance": record, "figures": self.figures})
+        rows = [f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in self.figures.items()]
+        write_text_atomic(f"{path}.md", f"# Benchmark {self.name}\n\n{provenance_markdown(record)}\n"
+                          "| figure | value |\n|---|---|\n" + "\n".join(rows) + "\n")

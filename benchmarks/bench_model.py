@@ -273,7 +273,7 @@ def main(argv=None) -> dict:
         paper_train_child(args.paper_train_child, args.paper_train_scale)
         return {}
     repeats = 2 if args.quick else args.repeats
-    report = BenchReport("model", json_output=args.json)
+    report = BenchReport("model", json_output=args.json, report=args.report)
     report.note(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, load average "
                 f"{os.getloadavg()[0]:.1f}; median of {repeats}")
     if not args.no_paper:

@@ -170,7 +170,7 @@ def main(argv=None):
     args = parse_args(argv, description=__doc__.splitlines()[0])
     logging.basicConfig(level=logging.WARNING)
     repeats = 2 if args.quick else args.repeats
-    report = BenchReport("prost", json_output=args.json)
+    report = BenchReport("prost", json_output=args.json, report=args.report)
     report.note(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores; median of {repeats} "
                 "runs after a warm-up; shared machine, figures may be pessimistic")
     bench_prost(report, repeats)

@@ -89,7 +89,7 @@ def _timed_process(args: list[str]) -> tuple[float, subprocess.CompletedProcess]
 
 def main(argv=None) -> None:
     args = parse_args(argv, __doc__.splitlines()[0], _extra)
-    report = BenchReport("register", json_output=args.json)
+    report = BenchReport("register", json_output=args.json, report=args.report)
     repeats = 1 if args.quick else args.repeats
     root = pathlib.Path(tempfile.mkdtemp(prefix="bench_register_"))
     try:

@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
         parser.add_argument("--no-shape", action="store_true", help="phantoms without shape augmentation")
 
     args = parse_args(argv, "synthetic data generation throughput", extra)
-    report = BenchReport("synth", json_output=args.json)
+    report = BenchReport("synth", json_output=args.json, report=args.report)
     shape = not args.no_shape
     try:
         import inference.data.shape  # noqa: F401

@@ -253,9 +253,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def to_markdown(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Mapping[str, float]],
-                title: str = "Evaluation", metrics: Sequence[str] = METRICS) -> str:
+                title: str = "Evaluation", metrics: Sequence[str] = METRICS,
+                provenance: Mapping[str, Any] | None = None) -> str:
     """Per-sample table, per-subject means and a mean +- sd line, as GitHub markdown."""
-    lines = [f"# {title}", "", f"{len(rows)} samples.", "",
+    from inference.provenance import provenance_markdown
+
+    head = [provenance_markdown(dict(provenance))] if provenance else []
+    lines = [f"# {title}", "", *head, f"{len(rows)} samples.", "",
              "| subject | sample | " + " | ".join(metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
     for row in rows:
@@ -318,7 +322,8 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, 
     rows = tuple(dict(r) for r in rows)
     summary = summarise(rows)
     md_path, json_path = out / "evaluation.md", out / "evaluation.json"
-    write_text_atomic(md_path, to_markdown(rows, summary, title))
+    record = (extra or {}).get("provenance")
+    write_text_atomic(md_path, to_markdown(rows, summary, title, provenance=record))
     payload = {"title": title, **dict(extra or {}), "summary": summary, "rows": list(rows)}
     write_text_atomic(json_path, json.dumps(_json_safe(payload), indent=2, sort_keys=True) + "\n")
     return EvaluationReport(rows, summary, md_path, json_path)
@@ -397,6 +402,9 @@ def evaluate_dataset(model, data_dir: str | os.PathLike, out_dir: str | os.PathL
     from inference.data.dataset import iter_samples, load_manifest
     from inference.model import load_model, model_config_of
 
+    from inference.provenance import provenance
+
+    record = provenance(model if isinstance(model, (str, os.PathLike)) else None)
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)
     config = model_config_of(model)
@@ -418,7 +426,8 @@ def evaluate_dataset(model, data_dir: str | os.PathLike, out_dir: str | os.PathL
         return EvaluationReport(tuple(rows), summary)
     return write_report(rows, out_dir, title=f"Evaluation of {getattr(model, 'name', 'model')} on "
                         f"{pathlib.Path(data_dir).name}/{split}",
-                        extra={"data_dir": str(data_dir), "split": split, "config": config.to_dict(),
+                        extra={"provenance": record, "data_dir": str(data_dir), "split": split,
+                               "config": config.to_dict(),
                                "model": _json_safe(getattr(model, "_hipatlas_card", {}) or {})})
 
 

@@ -35,7 +35,7 @@ move together.
 
 With unit vectors ``e_u``, ``e_v`` along the pixel axes, ``n`` from source to detector, pitch
 ``p_u``, ``p_v`` and principal point ``(c_u, c_v)`` (where the perpendicular from the source
-meets the detector; the isocentre projects there), the matrix is (shared ``geometry.md``)::
+meets the detector; the isocentre projects there), the matrix is (``docs/geometry.md``)::
 
     A = [[e_u / p_u + c_u n / SDD], [e_v / p_v + c_v n / SDD], [n / SDD]],   P = [A | -A S]
 

@@ -1,6 +1,6 @@
 """Reading and writing cases, radiographs, masks, NIfTI volumes and JSON, never half-written.
 
-The case format is ``hipatlas-case/1`` (``shared/docs/case-format.md``): a folder with ``case.json``
+The case format is ``hipatlas-case/1`` (``docs/case-format.md``): a folder with ``case.json``
 naming two calibrated radiographs, optional femur masks and a 3x4 projection matrix per view.
 
 Decisions this module takes where the format leaves room

@@ -3,7 +3,7 @@
 From a CT (NIfTI / MHA / NRRD file or DICOM series folder; any orientation and spacing; HU) and a
 *geometry file* -- a ``case.json`` of the ``hipatlas-case/1`` format whose views carry
 ``projection_matrix``, ``rows`` and ``cols`` but no images -- :func:`simulate_case` writes a case
-folder (shared/docs/case-format.md) that ``hipatlas register`` and the GUI open: one DRR per view
+folder (docs/case-format.md) that ``hipatlas register`` and the GUI open: one DRR per view
 (16-bit PNG, or NIfTI), femur masks (8-bit PNG) when a label map is given, and a ``case.json``
 that repeats the given matrices exactly.
 

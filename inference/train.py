@@ -96,6 +96,9 @@ class TrainConfig:
     init_from : str or None
         A ``.keras`` model (of the same model config) whose weights start the run (fine-tuning);
         used only when the run starts, not when it resumes from a checkpoint.
+    stop_at : int or None
+        End the run after this step although the learning-rate schedule spans ``steps`` (how a
+        run that was stopped early is reproduced); None = run all ``steps``.
     """
 
     steps: int = 20000
@@ -113,6 +116,7 @@ class TrainConfig:
     lr_schedule: str = "constant"
     lr_final_fraction: float = 0.05
     init_from: str | None = None
+    stop_at: int | None = None
 
     def __post_init__(self) -> None:
         for name, minimum in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1),
@@ -136,6 +140,9 @@ class TrainConfig:
             raise ConfigError(f"lr_final_fraction must be a number in [0, 1], not {fraction!r}")
         if self.init_from is not None and not isinstance(self.init_from, str):
             raise ConfigError(f"init_from must be a path to a .keras model, not {self.init_from!r}")
+        if self.stop_at is not None and (isinstance(self.stop_at, bool) or not isinstance(
+                self.stop_at, (int, np.integer)) or not 1 <= self.stop_at <= self.steps):
+            raise ConfigError(f"stop_at must be a step between 1 and steps ({self.steps}), not {self.stop_at!r}")
         if self.best_metric not in ("dice", "assd_mm"):
             raise ConfigError(f"best_metric must be 'dice' or 'assd_mm', not {self.best_metric!r}")
 
@@ -320,7 +327,7 @@ def _check_run_file(out: pathlib.Path, config, train_config: TrainConfig, folder
             raise ConfigError(f"{out} holds a run of another model config; use a new output folder")
         # Only the length of the run and the logging cadence may change on resume.
         mutable = {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "validate_every",
-                   "val_limit", "run_eagerly", "init_from"}
+                   "val_limit", "run_eagerly", "init_from", "stop_at"}
         changed = [f.name for f in fields(TrainConfig) if f.name not in mutable
                    and getattr(previous_train, f.name) != getattr(train_config, f.name)]
         if changed:
@@ -550,7 +557,7 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
     writer_val = tf.summary.create_file_writer(str(out / "logs" / "val"))
     best_path = out / "model" / f"hipatlas-{config.grid}.keras"
     last_validation = history[-1]["metrics"] if history else None
-    total = train_config.steps
+    total = train_config.steps if train_config.stop_at is None else train_config.stop_at
 
     def report(step, message, losses=None, validation=None, rate=None):
         if progress is not None:
@@ -673,9 +680,15 @@ def add_parser(subparsers) -> None:
         "train", help="train the registration network on a data set",
         description="Train (or resume) the network on a data set made by `hipatlas synth` or "
         "`hipatlas prepare-ct`; writes checkpoints, TensorBoard logs and the best model with its model card.")
-    parser.add_argument("--data", required=True, action="append",
+    parser.add_argument("--data", action="append",
                         help="data set folder (manifest.json); repeat to pool several data sets")
-    parser.add_argument("--out", required=True, help="run folder (an existing run is resumed)")
+    parser.add_argument("--out", required=True, help="run folder (an existing run is resumed); with "
+                        "--recipe, the work folder of the whole recipe")
+    parser.add_argument("--recipe", metavar="CARD_OR_RECIPE",
+                        help="regenerate a model from nothing: run every data set, training stage and "
+                        "the verification of this recipe (a hipatlas-recipe/1 file or a model card "
+                        "with training.recipe); resumable: run it again to continue")
+    parser.add_argument("--dry-run", action="store_true", help="with --recipe: print its commands only")
     parser.add_argument("--preset", default="compact", help="model preset: compact or paper")
     parser.add_argument("--model-config", help="JSON model config (overrides --preset)")
     defaults = TrainConfig()
@@ -693,11 +706,20 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--lr-final-fraction", type=float, default=defaults.lr_final_fraction)
     parser.add_argument("--init-from", metavar="MODEL.keras",
                         help="start from the weights of this model (fine-tuning; same model config)")
+    parser.add_argument("--stop-at", type=int, metavar="STEP",
+                        help="end after this step although the learning-rate schedule spans --steps")
     parser.set_defaults(handler=_cli_train)
 
 
 def _cli_train(args) -> int:
     from inference.model import ModelConfig, preset
+
+    if args.recipe:
+        from inference.recipe import run_cli
+
+        return run_cli(args.recipe, args.out, dry_run=args.dry_run)
+    if not args.data:
+        raise ConfigError("train needs --data DIR (or --recipe CARD)")
 
     if args.model_config:
         try:
@@ -711,7 +733,7 @@ def _cli_train(args) -> int:
                                seed=args.seed, checkpoint_every=args.checkpoint_every,
                                validate_every=args.validate_every, val_limit=args.val_limit,
                                mixed_precision=args.mixed_precision, lr_schedule=args.lr_schedule,
-                               lr_final_fraction=args.lr_final_fraction,
+                               lr_final_fraction=args.lr_final_fraction, stop_at=args.stop_at,
                                init_from=str(pathlib.Path(args.init_from).resolve()) if args.init_from else None)
 
     def show(p: TrainProgress) -> None:

@@ -46,3 +46,28 @@ def test_importing_every_inference_module_loads_no_gui_library():
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded == [], f"inference imported GUI libraries: {loaded}"
+
+
+def test_nothing_reads_outside_the_repository():
+    """A clone stands on its own: no file of the project points at a folder beside it."""
+    import pathlib
+    import re
+
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"\.\./shared|parents\[2\]\s*/\s*[\"']shared")
+    listed = subprocess.run(["git", "-C", str(root), "ls-files", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    offenders = []
+    for name in listed:
+        path = root / name
+        if path == pathlib.Path(__file__).resolve() or not path.is_file() or path.suffix in {".stl", ".png", ".keras", ".gz"}:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if pattern.search(text):
+            offenders.append(name)
+    assert not offenders, offenders

@@ -305,3 +305,16 @@ def test_evaluate_command_takes_the_issue_s_options(tmp_path, data_dir, atlas, c
     payload = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert len(payload["rows"]) == len(SHIFTS["val"])
     assert app_cli.main(["evaluate", "--data", str(data_dir), "--out", str(tmp_path / "e2")]) == 2
+
+
+def test_stop_at_ends_early_on_the_full_schedule(tmp_path, data_dir, atlas):
+    """``stop_at`` reproduces a run stopped early: it ends there, with the rates of the long schedule."""
+    with pytest.raises(ConfigError, match="stop_at"):
+        T.TrainConfig(steps=4, stop_at=5)
+    config = dataclasses.replace(SETTINGS, steps=4, stop_at=2, lr_schedule="cosine", validate_every=2)
+    result = T.train(TINY, data_dir, tmp_path, train_config=config, atlas=atlas)
+    assert result.steps_done == 2
+    card = json.loads((result.best_model_path.parent / "model_card.json").read_text())
+    assert card["training"]["steps"] == 2 and card["training"]["train_config"]["stop_at"] == 2
+    # Half-way along a 4-step cosine, not at its end: the schedule is the long run's.
+    assert T.learning_rate_at(config, 2) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))

@@ -1,0 +1,68 @@
+"""Where a reported figure came from: the command, the code's commit, the model, the machine, the time.
+
+Every committed report (``docs/results/``, evaluation and benchmark reports) carries
+:func:`provenance` so that a figure in the README can be traced to the code and model that
+produced it and re-measured with the command recorded beside it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pathlib
+import platform
+import shlex
+import subprocess
+import sys
+from typing import Any
+
+from inference import __version__
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def git_commit(repo: str | os.PathLike = _REPO) -> dict[str, Any]:
+    """``{"commit": sha, "dirty": bool}`` of the checkout, or ``{"commit": None}`` outside git."""
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": sha, "dirty": bool(status.strip())}
+
+
+def provenance(model_file: str | os.PathLike | None = None, command: list[str] | None = None) -> dict[str, Any]:
+    """The provenance record of a report (JSON-ready).
+
+    ``model_file``: the ``.keras`` model the figures were measured with (its sha256 is recorded);
+    ``command``: the argument list that produced the report (default ``sys.argv``).
+    """
+    from inference.resources import file_sha256
+
+    record: dict[str, Any] = {
+        "command": shlex.join(command if command is not None else [pathlib.Path(sys.argv[0]).name, *sys.argv[1:]]),
+        **git_commit(),
+        "software_version": __version__,
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"python": platform.python_version(), "machine": platform.machine(),
+                    "cpu_count": os.cpu_count()},
+    }
+    if model_file is not None:
+        path = pathlib.Path(model_file)
+        record["model_file"] = path.name
+        record["model_sha256"] = file_sha256(path)
+    return record
+
+
+def provenance_markdown(record: dict[str, Any]) -> str:
+    """A short Markdown block of :func:`provenance` for the head of a report."""
+    lines = [f"- command: `{record['command']}`",
+             f"- commit: `{record.get('commit')}`" + (" (with uncommitted changes)" if record.get("dirty") else ""),
+             f"- software version: {record['software_version']}; measured {record['measured_at']}",
+             f"- machine: {record['machine']['machine']}, {record['machine']['cpu_count']} CPUs, "
+             f"Python {record['machine']['python']}"]
+    if "model_sha256" in record:
+        lines.append(f"- model: `{record['model_file']}` sha256 `{record['model_sha256']}`")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,204 @@
+"""Training recipes: regenerate a shipped model from nothing with one command.
+
+A recipe (``hipatlas-recipe/1``, JSON; also embedded in a model card as ``training.recipe``) lists
+what made a model, in order:
+
+``datasets``
+    ``{"name": ..., "synth": [ARGS]}``: ``hipatlas synth --out WORK/datasets/<name> ARGS``.
+``stages``
+    ``{"name": ..., "data": [dataset names], "init_from": previous stage name or null,
+    "train": [ARGS]}``: ``hipatlas train --data ... --out WORK/runs/<name> --model-config
+    WORK/model_config.json [--init-from WORK/runs/<init_from>/model/<file>] ARGS``. Each stage's
+    exported model is the best of its validations (``train``'s own checkpoint selection).
+``model_config``
+    The network (:class:`inference.model.ModelConfig` as a dict).
+``verify``
+    ``{"dataset": name, "split": "val", "dice": D, "tolerance": T}``: the final model is scored with
+    ``hipatlas evaluate`` on that split and must reach ``D - T`` (the shipped card's figure).
+
+:func:`run_recipe` is a generator of :class:`RecipeProgress` and resumes: each step is a
+``hipatlas`` command that itself resumes (synth keeps finished samples, train continues from its
+latest checkpoint), so running the same recipe into the same work folder again continues where it
+stopped. Every step runs in its own process (``python -m inference``), so one stage's TensorFlow
+state never leaks into the next.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+from inference.errors import Cancelled, ConfigError, DataError
+from inference.io import read_json_object, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+RECIPE_FORMAT = "hipatlas-recipe/1"
+
+
+@dataclass(frozen=True)
+class RecipeProgress:
+    """One step of a recipe: ``index`` of ``total``, its name and the command it runs."""
+
+    index: int
+    total: int
+    name: str
+    command: tuple[str, ...]
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """Read a recipe file, or the ``training.recipe`` of a model card; check its shape."""
+    data = read_json_object(path, what="recipe")
+    recipe = data if data.get("format") == RECIPE_FORMAT else (data.get("training") or {}).get("recipe")
+    if not isinstance(recipe, Mapping):
+        raise ConfigError(f"{path} is neither a {RECIPE_FORMAT} file nor a model card with a training recipe")
+    check_recipe(recipe, path)
+    return dict(recipe)
+
+
+def check_recipe(recipe: Mapping[str, Any], source: Any = "recipe") -> None:
+    """Raise :class:`ConfigError` naming the first thing wrong with ``recipe``."""
+    if recipe.get("format") != RECIPE_FORMAT:
+        raise ConfigError(f"{source}: format must be {RECIPE_FORMAT!r}")
+    datasets = recipe.get("datasets")
+    stages = recipe.get("stages")
+    if not isinstance(datasets, list) or not isinstance(stages, list) or not stages:
+        raise ConfigError(f"{source}: a recipe needs a list of datasets and a non-empty list of stages")
+    names = set()
+    for item in datasets:
+        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str) or not _is_args(item.get("synth")):
+            raise ConfigError(f"{source}: each dataset needs a name and a list of synth arguments")
+        names.add(item["name"])
+    done: set[str] = set()
+    for stage in stages:
+        if not isinstance(stage, Mapping) or not isinstance(stage.get("name"), str) or not _is_args(stage.get("train")):
+            raise ConfigError(f"{source}: each stage needs a name and a list of train arguments")
+        unknown = [d for d in stage.get("data", []) if d not in names]
+        if not stage.get("data") or unknown:
+            raise ConfigError(f"{source}: stage {stage['name']} uses unknown or no data sets {unknown}")
+        if stage.get("init_from") is not None and stage["init_from"] not in done:
+            raise ConfigError(f"{source}: stage {stage['name']} starts from {stage['init_from']!r}, "
+                              "which is not an earlier stage")
+        done.add(stage["name"])
+    if not isinstance(recipe.get("model_config"), Mapping):
+        raise ConfigError(f"{source}: model_config is missing")
+    verify = recipe.get("verify")
+    if verify is not None and (not isinstance(verify, Mapping) or verify.get("dataset") not in names):
+        raise ConfigError(f"{source}: verify must name one of the recipe's data sets")
+
+
+def _is_args(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def recipe_commands(recipe: Mapping[str, Any], work: pathlib.Path) -> list[tuple[str, list[str]]]:
+    """The ``hipatlas`` commands (argument lists, without the program) that the recipe runs."""
+    commands: list[tuple[str, list[str]]] = []
+    for item in recipe["datasets"]:
+        commands.append((f"data set {item['name']}",
+                         ["synth", "--out", str(work / "datasets" / item["name"]), *item["synth"], "--quiet"]))
+    grid = recipe["model_config"].get("grid", "compact")
+    for stage in recipe["stages"]:
+        args = ["train"]
+        for name in stage["data"]:
+            args += ["--data", str(work / "datasets" / name)]
+        args += ["--out", str(work / "runs" / stage["name"]), "--model-config", str(work / "model_config.json")]
+        if stage.get("init_from"):
+            args += ["--init-from", str(work / "runs" / stage["init_from"] / "model" / f"hipatlas-{grid}.keras")]
+        commands.append((f"training stage {stage['name']}", args + list(stage["train"])))
+    verify = recipe.get("verify")
+    if verify:
+        commands.append(("verification", ["evaluate", "--model", str(final_model_dir(recipe, work)),
+                                          "--data", str(work / "datasets" / verify["dataset"]),
+                                          "--split", verify.get("split", "val"),
+                                          "--out", str(work / "verification")]))
+    return commands
+
+
+def final_model_dir(recipe: Mapping[str, Any], work: pathlib.Path) -> pathlib.Path:
+    """The folder of the recipe's result: the last stage's best model."""
+    return work / "runs" / recipe["stages"][-1]["name"] / "model"
+
+
+def run_recipe(recipe: Mapping[str, Any], work: str | os.PathLike, *, cancel: Any = None,
+               python: str = sys.executable) -> Iterator[RecipeProgress]:
+    """Run (or resume) every step of ``recipe`` in ``work``; yields before each step.
+
+    Raises
+    ------
+    DataError
+        When a step fails (its exit status and the command are in the message).
+    Cancelled
+        When ``cancel`` (a callable or an Event) fires between steps; run again to resume.
+    """
+    check_recipe(recipe)
+    work = pathlib.Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(work / "recipe.json", recipe)
+    write_json_atomic(work / "model_config.json", recipe["model_config"])
+    commands = recipe_commands(recipe, work)
+    for index, (name, args) in enumerate(commands):
+        if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
+            raise Cancelled(f"recipe cancelled before {name}; run the same command again to resume")
+        command = (python, "-m", "inference", *args)
+        yield RecipeProgress(index, len(commands), name, command)
+        started = time.perf_counter()
+        code = subprocess.call(command)
+        if code != 0:
+            raise DataError(f"recipe step '{name}' failed with exit status {code}: {' '.join(command)}")
+        log.info("%s done in %.0f s", name, time.perf_counter() - started)
+
+
+def verification(recipe: Mapping[str, Any], work: str | os.PathLike) -> dict:
+    """Compare the reproduced model's score with the recipe's expected one."""
+    verify = recipe.get("verify")
+    if not verify:
+        return {}
+    path = pathlib.Path(work) / "verification" / "evaluation.json"
+    summary = read_json_object(path, what="evaluation").get("summary", {})
+    dice = summary.get("dice", {}).get("mean") if isinstance(summary.get("dice"), Mapping) else summary.get("dice")
+    if dice is None:
+        raise DataError(f"{path} holds no mean Dice")
+    expected, tolerance = float(verify["dice"]), float(verify["tolerance"])
+    return {"dice": float(dice), "expected_dice": expected, "tolerance": tolerance,
+            "within_tolerance": abs(float(dice) - expected) <= tolerance}
+
+
+def stamp_card(card_path: pathlib.Path, recipe: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+    """Put the recipe (and what its run measured) into the produced model's card, so the model
+    carries the one command that regenerates it (``hipatlas train --recipe <its card>``)."""
+    card = read_json_object(card_path, what="model card")
+    training = dict(card.get("training") or {})
+    training["recipe"] = dict(recipe)
+    training["reproduction"] = {k: v for k, v in result.items() if k != "model"}
+    card["training"] = training
+    write_json_atomic(card_path, card)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: hipatlas train --recipe CARD_OR_RECIPE --out WORK
+# --------------------------------------------------------------------------------------------
+
+def run_cli(recipe_path: str, work: str, dry_run: bool = False, python: str = sys.executable) -> int:
+    recipe = load_recipe(recipe_path)
+    work_dir = pathlib.Path(work)
+    if dry_run:
+        for name, args in recipe_commands(recipe, work_dir):
+            print(f"# {name}\nhipatlas {' '.join(args)}")
+        return 0
+    started = time.perf_counter()
+    for step in run_recipe(recipe, work_dir, python=python):
+        print(f"[{step.index + 1}/{step.total}] {step.name}", file=sys.stderr, flush=True)
+    result = {"model": str(final_model_dir(recipe, work_dir)), "wall_time_s": round(time.perf_counter() - started, 1),
+              **verification(recipe, work_dir)}
+    write_json_atomic(work_dir / "reproduction.json", result)
+    stamp_card(final_model_dir(recipe, work_dir) / "model_card.json", recipe, result)
+    print(json.dumps(result, indent=2))
+    return 0 if result.get("within_tolerance", True) else 1
