@@ -415,11 +415,13 @@ def assign_samples(n: int, femurs: Sequence[SourceFemur], config: SynthConfig) -
 # Views and rendering
 # ----------------------------------------------------------------------------------------------
 def sample_views(rng: np.random.Generator, sampling: ViewSampling, head_centre_mm: Any,
-                 detector_pixel_mm: float = 0.3, detector_size: int = 2048) -> tuple[list, np.ndarray]:
+                 detector_pixel_mm: float = 0.3, detector_size: int = 2048,
+                 angles_deg: Any = None) -> tuple[list, np.ndarray]:
     """Two C-arm views around a femoral head.
 
     Always draws the same number of random values (so later draws of ``rng`` do not depend on
-    the mode).
+    the mode). ``angles_deg`` (two LAO angles) replaces the sampled angles (experiments that set
+    the view pair themselves); the isocentre is drawn as always.
 
     Returns
     -------
@@ -435,6 +437,8 @@ def sample_views(rng: np.random.Generator, sampling: ViewSampling, head_centre_m
     angles = np.asarray(sampling.base_angles_deg, dtype=np.float64)
     if sampling.mode == "generalised":
         angles = angles + jitter * sampling.angle_range_deg
+    if angles_deg is not None:
+        angles = np.asarray(angles_deg, dtype=np.float64).reshape(2)
     isocentre = np.asarray(head_centre_mm, dtype=np.float64).reshape(3) + offset
     views = [CArmView(sdd_mm=sampling.sdd_mm, sid_mm=sampling.sid_mm, lao_deg=float(a), cranial_deg=0.0,
                       rows=detector_size, cols=detector_size, pixel_mm=detector_pixel_mm,
