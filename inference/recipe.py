@@ -147,13 +147,18 @@ def run_recipe(recipe: Mapping[str, Any], work: str | os.PathLike, *, cancel: An
     for index, (name, args) in enumerate(commands):
         if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
             raise Cancelled(f"recipe cancelled before {name}; run the same command again to resume")
-        command = (python, "-m", "inference", *args)
-        yield RecipeProgress(index, len(commands), name, command)
-        started = time.perf_counter()
-        code = subprocess.call(command)
-        if code != 0:
-            raise DataError(f"recipe step '{name}' failed with exit status {code}: {' '.join(command)}")
-        log.info("%s done in %.0f s", name, time.perf_counter() - started)
+        yield RecipeProgress(index, len(commands), name, (python, "-m", "inference", *args))
+        run_hipatlas(args, f"recipe step '{name}'", python=python)
+
+
+def run_hipatlas(args: list[str], what: str, *, python: str = sys.executable) -> None:
+    """Run ``hipatlas ARGS`` (without the GUI) in its own process; :class:`DataError` if it fails."""
+    command = (python, "-m", "inference", *args)
+    started = time.perf_counter()
+    code = subprocess.call(command)
+    if code != 0:
+        raise DataError(f"{what} failed with exit status {code}: {' '.join(command)}")
+    log.info("%s done in %.0f s", what, time.perf_counter() - started)
 
 
 def verification(recipe: Mapping[str, Any], work: str | os.PathLike) -> dict:

@@ -77,3 +77,33 @@ def test_angle_sensitivity_runs_end_to_end_with_the_shipped_model(tmp_path, monk
     assert 0.5 < results["table"]["AP"]["0"]["dice"]["mean"] <= 1.0
     text = (tmp_path / "results.md").read_text()
     assert "| LAT | 5 |" in text and "commit" in text and "sha256" in text
+
+
+def test_steps_to_converge_is_the_first_validation_near_the_best(tmp_path):
+    from inference.experiments import table2
+
+    history = [{"step": s, "metrics": {"dice": d}} for s, d in ((250, 0.80), (500, 0.905), (750, 0.91), (1000, 0.908))]
+    (tmp_path / "history.json").write_text(json.dumps(history))
+    assert table2._steps_to_converge(tmp_path) == 500
+    import dataclasses
+
+    from inference.model import ModelConfig
+
+    switches = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert all(set(changes) <= switches for changes in table2.ROWS.values())
+
+
+@pytest.mark.slow
+def test_table2_trains_every_row_and_tests_them_pairwise(tmp_path, monkeypatch):
+    from inference.experiments import table2
+
+    monkeypatch.setattr(table2, "ROWS", {"ours": {}, "no skip connections": {"skip_connections": False}})
+    monkeypatch.setitem(table2.BUDGET, "quick", {"subjects": 4, "steps": 2, "validate_every": 2, "val_limit": 1,
+                                                 "test": 2})
+    results = run_experiment("table2", tmp_path)
+    assert set(results["table"]) == {"ours", "no skip connections"}
+    assert 0 <= results["table"]["ours"]["affine_dice"]["mean"] <= 1
+    assert results["steps_to_converge"]["ours"] == 2
+    assert "| no skip connections |" in (tmp_path / "results.md").read_text()
+    config = json.loads((tmp_path / "configs" / "no-skip-connections.json").read_text())
+    assert config["skip_connections"] is False

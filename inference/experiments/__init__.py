@@ -7,6 +7,8 @@ name                   what                                                     
                        0-10 deg off (orthogonal pairs, held-out phantoms)
 ``view-map``           median Dice over a grid of view-angle pairs (+-30 deg around     Fig. 4
                        AP and LAT) in 4-deg bins, with the 90-deg diagonal
+``table2``             ablations retrained on one data set (``hipatlas train``),        Table 2
+                       affine-only and final metrics, paired t-tests, steps to converge
 =====================  ==============================================================  =========
 
 ``--scale quick`` uses the compact grid (the shipped model) and held-out phantom counts that fit a
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 EXPERIMENTS: dict[str, str] = {
     "angle-sensitivity": "inference.experiments.angle",
     "view-map": "inference.experiments.viewmap",
+    "table2": "inference.experiments.table2",
 }
 
 
@@ -52,7 +55,7 @@ def run_experiment(name: str, out: str | pathlib.Path, *, scale: str = "quick", 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "experiment", help="reproduce one of the paper's experiments (Fig. 3, Fig. 4)",
+        "experiment", help="reproduce one of the paper's experiments (Fig. 3, Fig. 4, Table 2)",
         description="Run one of the paper's experiments on held-out phantoms and write results.json, "
         "results.md and plots; resumable (run again with the same --out).")
     parser.add_argument("name", choices=sorted(EXPERIMENTS), help="which experiment")
