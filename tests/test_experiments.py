@@ -94,6 +94,7 @@ def test_steps_to_converge_is_the_first_validation_near_the_best(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_table2_trains_every_row_and_tests_them_pairwise(tmp_path, monkeypatch):
     from inference.experiments import table2
 
