@@ -1,0 +1,332 @@
+"""Into the hospital: cases as DICOM studies, a real Orthanc PACS, results back as DICOM, de-identification.
+
+The PACS tests talk to a real Orthanc (Debian package ``orthanc``, installed by ``make test``)
+started on free localhost ports in a temporary folder; no mock servers.
+"""
+
+from __future__ import annotations
+
+import io as stdio
+import json
+import pathlib
+import struct
+import time
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+
+from inference import __version__, dicom_case, dicom_results, geometry, io, pacs
+from inference.cli import run as cli_run
+from inference.errors import CalibrationError, Cancelled, GeometryError, PacsError
+from inference.orthanc_local import LocalOrthanc, find_orthanc, free_port
+from inference.pipeline import run_to_completion
+
+DEMO = pathlib.Path(__file__).resolve().parent.parent / "resources" / "demo"
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    if find_orthanc() is None:
+        pytest.fail("Orthanc is not installed: `make system-packages` installs the Debian package 'orthanc'")
+    server = LocalOrthanc(tmp_path_factory.mktemp("orthanc")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def settings(orthanc):
+    return pacs.PacsSettings(port=orthanc.dicom_port, called_ae=orthanc.ae_title, timeout_s=5.0)
+
+
+def _synthetic_case(folder: pathlib.Path, *, angles_deg=(10.0, 75.0), cranial_deg=8.0, mirrored=False,
+                    seed=0) -> pathlib.Path:
+    """A small seeded case with oblique, tilted views, non-square pixels and an off-centre principal point."""
+    rng = np.random.default_rng(seed)
+    views = []
+    for index, (name, angle) in enumerate(zip(("AP", "OBL"), angles_deg)):
+        view = geometry.CArmView(sdd_mm=1100.0, sid_mm=780.0, lao_deg=angle, cranial_deg=cranial_deg, rows=60,
+                                 cols=72, pixel_mm=0.6, pixel_v_mm=0.7, principal_point_px=(30.25 + index, 33.5),
+                                 isocentre_mm=(-40.0, 12.5, 95.0),
+                                 viewed_from="detector" if (mirrored and index == 1) else "source")
+        image = rng.integers(0, 4000, size=(60, 72)).astype(np.uint16)
+        views.append({"name": name, "image": image, "P": geometry.projection_matrix(view)})
+    return io.write_case(folder, "left", views)
+
+
+def _pixel_error(P_a: np.ndarray, P_b: np.ndarray, centre_mm: np.ndarray) -> float:
+    points = centre_mm + np.random.default_rng(1).normal(scale=60.0, size=(50, 3))
+    return float(np.max(np.abs(geometry.project_points(P_a, points) - geometry.project_points(P_b, points))))
+
+
+def _assert_round_trip(case_dir: pathlib.Path, dicom_files: list[pathlib.Path]) -> None:
+    case = io.load_case(case_dir)
+    origin, gap_mm = dicom_case.case_world_origin([v.P for v in case.views])
+    assert gap_mm < 1e-6
+    shift = np.eye(4)
+    shift[:3, 3] = origin
+    for view, path in zip(case.views, dicom_files):
+        P_tags, calibration = geometry.projection_from_dicom(pydicom.dcmread(path), name=view.name)
+        assert calibration.source == "dicom-tags"
+        # Same camera in the world moved to the isocentre; FL-typed tags limit this to ~1e-4 px.
+        assert _pixel_error(P_tags, geometry.transform_world(view.P, shift), np.zeros(3)) < 1e-3
+
+
+# ----------------------------------------------------------------------------- geometry tags
+def test_demo_case_tags_round_trip_to_the_same_projection(tmp_path):
+    files = dicom_case.case_to_dicom(DEMO, tmp_path / "dicom")
+    _assert_round_trip(DEMO, files)
+    ap = pydicom.dcmread(files[0])
+    assert ap.Modality == "DX" and ap.SOPClassUID == dicom_case.DX_SOP_CLASS_UID
+    assert list(ap.PatientOrientation) == ["L", "F"]  # AP radiograph: patient's left to the right, feet down
+    assert ap.FieldOfViewHorizontalFlip == "YES"
+    # PixelSpacing (isocentre plane) = ImagerPixelSpacing / magnification; the geometry uses ImagerPixelSpacing.
+    magnification = float(ap.DistanceSourceToDetector) / float(ap.DistanceSourceToPatient)
+    assert float(ap.PixelSpacing[0]) == pytest.approx(float(ap.ImagerPixelSpacing[0]) / magnification, rel=1e-8)
+    # Written twice: the same UIDs (a PACS keeps one copy).
+    again = dicom_case.case_to_dicom(DEMO, tmp_path / "again")
+    assert [pydicom.dcmread(f).SOPInstanceUID for f in again] == [pydicom.dcmread(f).SOPInstanceUID for f in files]
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_oblique_tilted_case_tags_round_trip(tmp_path, mirrored):
+    case_dir = _synthetic_case(tmp_path / "case", mirrored=mirrored)
+    files = dicom_case.case_to_dicom(case_dir, tmp_path / "dicom")
+    _assert_round_trip(case_dir, files)
+    obl = pydicom.dcmread(files[1])
+    assert obl.FieldOfViewHorizontalFlip == ("NO" if mirrored else "YES")
+    assert float(obl.PositionerSecondaryAngle) == pytest.approx(8.0)
+    assert obl.ImageLaterality == "L"
+
+
+def test_in_plane_rotated_detector_is_refused(tmp_path):
+    view = geometry.CArmView(sdd_mm=1000, sid_mm=900, lao_deg=0, cranial_deg=0, rows=50, cols=50, pixel_mm=0.5)
+    P = geometry.projection_matrix(view)
+    angle = np.radians(7.0)
+    rotate = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    with pytest.raises(GeometryError, match="rotated in its own plane"):
+        dicom_case.geometry_tags(rotate @ P, 50, 50, (0.0, 0.0, 0.0))
+
+
+def test_missing_geometry_tag_is_named_and_no_case_is_written(tmp_path):
+    files = dicom_case.case_to_dicom(DEMO, tmp_path / "dicom")
+    broken = pydicom.dcmread(files[1])
+    del broken.DistanceSourceToDetector
+    broken.save_as(files[1])
+    with pytest.raises(CalibrationError, match=r"DistanceSourceToDetector \(0018,1110\) is missing"):
+        dicom_case.study_to_case(files, tmp_path / "case")
+    assert not (tmp_path / "case").exists()
+
+
+# ----------------------------------------------------------------------------- PACS
+def test_echo_find_get_makes_a_calibrated_case(tmp_path, orthanc, settings):
+    patient = dicom_case.PatientInfo(patient_id="PACS-0001", patient_name="TEST^HIP", accession_number="ACC17",
+                                     study_date="20260315")
+    files = dicom_case.case_to_dicom(DEMO, tmp_path / "dicom", patient=patient)
+    assert pacs.echo(settings) < settings.timeout_s
+    stored = run_to_completion(pacs.send(settings, [tmp_path / "dicom"]))
+    assert sorted(stored) == sorted(str(pydicom.dcmread(f).SOPInstanceUID) for f in files)
+
+    studies = pacs.find_studies(settings, patient_id="PACS-0001")
+    assert len(studies) == 1 and studies[0]["AccessionNumber"] == "ACC17"
+    assert pacs.find_studies(settings, patient_name="TEST^H*", study_date="20260301-20260331")[0] == studies[0]
+    assert pacs.find_studies(settings, accession_number="NO-SUCH") == []
+    series = pacs.find_series(settings, studies[0]["StudyInstanceUID"])
+    assert [s["SeriesDescription"] for s in series] == ["AP", "LAT"]
+
+    fractions = []
+    case_dir = run_to_completion(pacs.retrieve_case(settings, studies[0]["StudyInstanceUID"], tmp_path / "case",
+                                                    series_uids=[s["SeriesInstanceUID"] for s in series]),
+                                 lambda p: fractions.append(p.fraction))
+    assert fractions[-1] == 1.0 and fractions == sorted(fractions)
+    case = io.load_case(case_dir)
+    assert case.side == "right" and [v.name for v in case.views] == ["AP", "LAT"]
+    assert all(v.calibration.source == "dicom-tags" for v in case.views)
+    source = json.loads((case_dir / "dicom_source.json").read_text())
+    assert [v["calibration"]["source"] for v in source["views"]] == ["dicom-tags", "dicom-tags"]
+    assert "FieldOfViewHorizontalFlip (0018,7034)" in source["views"][0]["calibration"]["tags_used"]
+    demo = io.load_case(DEMO)
+    origin, _ = dicom_case.case_world_origin([v.P for v in demo.views])
+    shift = np.eye(4)
+    shift[:3, 3] = origin
+    for got, want in zip(case.views, demo.views):
+        assert _pixel_error(got.P, geometry.transform_world(want.P, shift), np.zeros(3)) < 1e-3
+        np.testing.assert_allclose(got.image.pixels, want.image.pixels)
+
+
+def test_interrupted_retrieve_leaves_no_case(tmp_path, orthanc, settings):
+    dicom_case.case_to_dicom(DEMO, tmp_path / "dicom", patient=dicom_case.PatientInfo(patient_id="PACS-CANCEL"))
+    run_to_completion(pacs.send(settings, [tmp_path / "dicom"]))
+    study = pacs.find_studies(settings, patient_id="PACS-CANCEL")[0]["StudyInstanceUID"]
+    target = tmp_path / "cases" / "case"
+    with pytest.raises(Cancelled):
+        run_to_completion(pacs.retrieve_case(settings, study, target, cancel=lambda: True))
+    assert not target.exists()
+    assert list((tmp_path / "cases").iterdir()) == []  # no temporary leftovers either
+
+
+def test_unreachable_and_refusing_pacs_fail_fast_with_one_line(tmp_path, orthanc, capsys):
+    refused = pacs.PacsSettings(port=free_port(), timeout_s=3.0)
+    started = time.perf_counter()
+    with pytest.raises(PacsError, match="connection refused"):
+        pacs.echo(refused)
+    assert time.perf_counter() - started < 3.0
+    wrong_ae = pacs.PacsSettings(port=orthanc.dicom_port, called_ae="NOT-ORTHANC", timeout_s=3.0)
+    with pytest.raises(PacsError, match="rejected the association.*NOT-ORTHANC"):
+        pacs.echo(wrong_ae)
+    started = time.perf_counter()
+    status = cli_run(["pacs", "--port", str(refused.port), "--timeout", "3", "find", "--patient-id", "X"])
+    assert status == 2 and time.perf_counter() - started < 3.0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hipatlas: error: PACS ORTHANC at 127.0.0.1:")
+
+
+def test_cli_settings_file_echo_and_find(tmp_path, orthanc, capsys, monkeypatch):
+    monkeypatch.setenv("HIPATLAS_CONFIG_DIR", str(tmp_path / "config"))
+    assert cli_run(["pacs", "--port", str(orthanc.dicom_port), "--aet", "ORTHANC", "--timeout", "4", "configure"]) == 0
+    saved = json.loads((tmp_path / "config" / "pacs.json").read_text())
+    assert saved["port"] == orthanc.dicom_port and saved["timeout_s"] == 4 and saved["tls"] is False
+    assert pacs.load_settings().port == orthanc.dicom_port
+    capsys.readouterr()
+    assert cli_run(["pacs", "echo"]) == 0
+    assert "answered C-ECHO" in capsys.readouterr().out
+    dicom_case.case_to_dicom(DEMO, tmp_path / "dicom", patient=dicom_case.PatientInfo(patient_id="PACS-CLI"))
+    assert cli_run(["pacs", "send", str(tmp_path / "dicom")]) == 0
+    capsys.readouterr()
+    assert cli_run(["pacs", "find", "--patient-id", "PACS-CLI", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0]["PatientID"] == "PACS-CLI"
+
+
+# ----------------------------------------------------------------------------- results as DICOM
+def _binary_stl(triangles: np.ndarray) -> bytes:
+    out = stdio.BytesIO()
+    out.write(b"HipAtlas femur surface, world LPS mm".ljust(80, b" "))
+    out.write(struct.pack("<I", len(triangles)))
+    for tri in triangles:
+        normal = np.cross(tri[1] - tri[0], tri[2] - tri[0])
+        out.write(struct.pack("<12fH", *normal, *tri.reshape(-1), 0))
+    return out.getvalue()
+
+
+def _small_pdf() -> bytes:
+    from reportlab.pdfgen import canvas
+
+    buffer = stdio.BytesIO()
+    page = canvas.Canvas(buffer)
+    page.drawString(72, 720, "HipAtlas planning report (test)")
+    page.save()
+    return buffer.getvalue()
+
+
+def _results_folder(folder: pathlib.Path, case_dir: pathlib.Path) -> dict:
+    """A registration output folder with known content, for a case made of DICOM radiographs."""
+    rng = np.random.default_rng(3)
+    case = io.load_case(case_dir)
+    folder.mkdir()
+    measurements = {"side": case.side, "hip_centre_mm": [12.5, -3.25, 40.0], "head_radius_mm": 23.5,
+                    "femoral_offset_mm": 41.2, "neck_shaft_angle_deg": 128.5, "vertical_offset_mm": 55.0}
+    io.write_json_atomic(folder / "measurements.json", measurements)
+    report = {"case_dir": str(case_dir), "model": {"name": "hipatlas-test-model", "sha256": "ab" * 32},
+              "views": [{"name": v.name, "image_sha256": v.image.sha256} for v in case.views]}
+    io.write_json_atomic(folder / "report.json", report)
+    (folder / "femur_surface.stl").write_bytes(_binary_stl(rng.normal(size=(4, 3, 3)).astype(np.float32)))
+    for view in case.views:
+        io.write_png_atomic(folder / f"overlay_{view.name}.png",
+                            rng.integers(0, 255, size=view.image.shape + (3,)).astype(np.uint8))
+    (folder / "planning_report.pdf").write_bytes(_small_pdf())
+    return measurements
+
+
+def _text_items(dataset, concept) -> list[str]:
+    """TextValue of every content item named ``concept``, at any depth of an SR."""
+    found = []
+    for item in dataset.get("ContentSequence", []):
+        name = item.get("ConceptNameCodeSequence")
+        if name and name[0].CodeValue == concept.value and "TextValue" in item:
+            found.append(str(item.TextValue))
+        found += _text_items(item, concept)
+    return found
+
+
+def test_results_stored_in_pacs_read_back_and_resend_does_not_duplicate(tmp_path, orthanc, settings):
+    import highdicom as hd
+
+    patient = dicom_case.PatientInfo(patient_id="PACS-RESULTS", patient_name="RESULT^TEST")
+    files = dicom_case.case_to_dicom(DEMO, tmp_path / "dicom", patient=patient)
+    case_dir = dicom_case.study_to_case(files, tmp_path / "case")
+    measurements = _results_folder(tmp_path / "out", case_dir)
+    written = dicom_results.export_results(tmp_path / "out", tmp_path / "dicom_out")
+    assert sorted(written) == ["overlay_AP", "overlay_LAT", "pdf", "sr", "stl"]
+
+    run_to_completion(pacs.send(settings, [tmp_path / "dicom"]))
+    before = len(orthanc.instances())
+    run_to_completion(pacs.send(settings, [tmp_path / "dicom_out"]))
+    assert len(orthanc.instances()) == before + 5
+    run_to_completion(pacs.send(settings, [tmp_path / "dicom_out"]))  # a retried send
+    again = dicom_results.export_results(tmp_path / "out", tmp_path / "dicom_again")  # a repeated export
+    run_to_completion(pacs.send(settings, [tmp_path / "dicom_again"]))
+    assert len(orthanc.instances()) == before + 5
+
+    source = pydicom.dcmread(files[0])
+    stored = {}
+    for orthanc_id in orthanc.instances():
+        ds = pydicom.dcmread(stdio.BytesIO(orthanc.instance_file(orthanc_id)))
+        if ds.PatientID == "PACS-RESULTS":
+            stored[str(ds.SOPInstanceUID)] = ds
+    by_file = {name: stored[str(pydicom.dcmread(path).SOPInstanceUID)] for name, path in written.items()}
+    assert {str(ds.StudyInstanceUID) for ds in by_file.values()} == {str(source.StudyInstanceUID)}
+    assert len({str(ds.SeriesInstanceUID) for ds in by_file.values()}) == 4
+    assert not {str(ds.SOPInstanceUID) for ds in by_file.values()} & {str(pydicom.dcmread(f).SOPInstanceUID)
+                                                                      for f in files}
+    assert {name: str(pydicom.dcmread(p).SOPInstanceUID) for name, p in again.items()} == \
+        {name: str(ds.SOPInstanceUID) for name, ds in by_file.items()}
+
+    # The SR: TID 1500 with coded concepts, UCUM units, the hip centre in 3D, the observer context.
+    sr_file = tmp_path / "sr_back.dcm"
+    by_file["sr"].save_as(sr_file)
+    sr = hd.sr.srread(sr_file)
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    (head,) = sr.content.get_planar_roi_measurement_groups()
+    np.testing.assert_allclose(head.roi.value, [measurements["hip_centre_mm"]])
+    assert head.roi.frame_of_reference_uid == source.FrameOfReferenceUID
+    (radius,) = head.get_measurements()
+    assert (radius.name.value, radius.name.scheme_designator) == ("131190003", "SCT")
+    assert radius.value == pytest.approx(23.5) and radius.unit.value == "mm"
+    (femur,) = sr.content.get_image_measurement_groups()
+    got = {m.name.meaning: (m.value, m.unit.value) for m in femur.get_measurements()}
+    assert got == {"Femoral offset": (pytest.approx(41.2), "mm"),
+                   "Femoral neck-shaft angle": (pytest.approx(128.5), "deg"),
+                   "Vertical offset, head centre to lesser trochanter": (pytest.approx(55.0), "mm")}
+    (device,) = [o.observer_identifying_attributes for o in sr.content.get_observer_contexts()
+                 if o.observer_type.value == "121007"]  # DCM Device
+    assert (device.name, device.model_name) == ("HipAtlas", "hipatlas-test-model")
+    assert set(_text_items(sr, codes.DCM.AlgorithmVersion)) == {__version__}
+    assert set(_text_items(sr, codes.DCM.AlgorithmName)) == {"HipAtlas"}
+    evidence = {str(item.ReferencedSOPInstanceUID) for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+    assert evidence == {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+
+    # PDF and STL come back byte for byte; overlays name their radiograph.
+    pdf = by_file["pdf"]
+    assert pdf.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    assert bytes(pdf.EncapsulatedDocument)[:pdf.EncapsulatedDocumentLength] == \
+        (tmp_path / "out" / "planning_report.pdf").read_bytes()
+    stl = by_file["stl"]
+    assert stl.MIMETypeOfEncapsulatedDocument == "model/stl" and stl.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert bytes(stl.EncapsulatedDocument)[:stl.EncapsulatedDocumentLength] == \
+        (tmp_path / "out" / "femur_surface.stl").read_bytes()
+    overlay = by_file["overlay_AP"]
+    assert overlay.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    from PIL import Image
+
+    np.testing.assert_array_equal(overlay.pixel_array, np.asarray(Image.open(tmp_path / "out" / "overlay_AP.png")))
+
+
+def test_results_need_dicom_radiographs(tmp_path):
+    _results_folder(tmp_path / "out", DEMO)
+    with pytest.raises(Exception, match="no DICOM radiographs"):
+        dicom_results.export_results(tmp_path / "out", tmp_path / "dicom_out")
+    assert not (tmp_path / "dicom_out").exists()
