@@ -47,8 +47,7 @@ _CATEGORY_ACTION = {
 _CLEANED_CONTENT = {0x0040A730}
 #: Kept attributes that the table marks for replacement (see the module docstring).
 _KEPT_PAYLOAD = {0x00420011}
-_METHOD = ("DICOM PS3.15 E.1 Basic Application Level Confidentiality Profile "
-           "with Clean Structured Content Option (HipAtlas)")
+_METHOD = "PS3.15 Basic Profile, Clean Structured Content (HipAtlas)"  # LO: at most 64 characters
 
 
 def basic_profile_actions() -> dict[int, str]:
@@ -126,6 +125,9 @@ class Deidentifier:
             if elem.VR == "SQ":
                 if action in ("X", "XU") and tag not in _CLEANED_CONTENT and not uids_only:
                     del ds[elem.tag]
+                    continue
+                if action == "Z" and not uids_only:
+                    elem.value = []
                     continue
                 inner_uids_only = uids_only or tag in _CLEANED_CONTENT
                 for item in elem.value:

@@ -330,3 +330,126 @@ def test_results_need_dicom_radiographs(tmp_path):
     with pytest.raises(Exception, match="no DICOM radiographs"):
         dicom_results.export_results(tmp_path / "out", tmp_path / "dicom_out")
     assert not (tmp_path / "dicom_out").exists()
+
+
+# ----------------------------------------------------------------------------- de-identification
+_SAMPLE_VALUES = {"DA": "20240229", "TM": "101530", "DT": "20240229101530", "PN": "DOE^JANE", "AS": "045Y",
+                  "CS": "SECRET", "AE": "SECRETAE", "UI": "1.2.826.0.1.3680043.8.498.{n}", "IS": "7", "DS": "7.5",
+                  "US": 7, "SS": 7, "UL": 7, "SL": 7, "FL": 7.5, "FD": 7.5, "SV": 7, "UV": 7, "AT": 0x00100010}
+
+
+def _value_for(vr: str, n: int):
+    if vr in _SAMPLE_VALUES:
+        value = _SAMPLE_VALUES[vr]
+        return value.format(n=n) if isinstance(value, str) else value
+    if vr in ("OB", "OW", "OD", "OF", "OL", "OV", "UN"):
+        return b"SECRET!!"
+    if vr == "UR":
+        return "http://example.org/SECRET"
+    return "SECRET TEXT"  # LO, SH, ST, LT, UT, UC
+
+
+def _dataset_with_every_profile_tag():
+    """A dataset holding every attribute the Basic Profile acts on (that pydicom knows), with values to find."""
+    from pydicom import Dataset
+    from pydicom.datadict import dictionary_VR
+
+    from inference.deidentify import basic_profile_actions
+
+    ds, actions = Dataset(), basic_profile_actions()
+    for n, (tag, action) in enumerate(sorted(actions.items())):
+        if tag >> 16 in (0x0000, 0x0002):  # command and file meta elements live outside a stored dataset
+            continue
+        try:
+            vr = dictionary_VR(tag).split(" or ")[0]
+        except KeyError:
+            continue
+        if vr == "SQ":
+            item = Dataset()
+            item.PatientName = "DOE^JANE"
+            item.ReferencedSOPInstanceUID = f"1.2.826.0.1.3680043.8.498.9{n}"
+            ds.add_new(tag, vr, [item])
+        else:
+            ds.add_new(tag, vr, _value_for(vr, n))
+    ds.add_new(0x00291010, "LO", "PRIVATE SECRET")  # a private attribute
+    ds.add_new(0x00290010, "LO", "SOME VENDOR")
+    ds.add_new(0x60000022, "LO", "overlay description")  # an overlay plane
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    return ds, actions
+
+
+def test_deidentification_applies_every_basic_profile_action(tmp_path):
+    from pydicom.datadict import keyword_for_tag
+
+    from inference.deidentify import Deidentifier
+
+    original, actions = _dataset_with_every_profile_tag()
+    assert len(original) > 400
+    original.save_as(tmp_path / "in.dcm", implicit_vr=False, little_endian=True)
+    deidentify = Deidentifier(pseudonym="STUDY-042", salt="test-salt")
+    cleaned = deidentify(pydicom.dcmread(tmp_path / "in.dcm", force=True))
+    cleaned.save_as(tmp_path / "out.dcm", implicit_vr=False, little_endian=True)
+    cleaned = pydicom.dcmread(tmp_path / "out.dcm", force=True)
+    checked = 0
+    for tag, action in actions.items():
+        if tag not in original:
+            continue
+        before = original[tag]
+        name = keyword_for_tag(tag)
+        if tag in (0x00100010, 0x00100020):  # Patient's Name and ID: the pseudonym
+            assert str(cleaned[tag].value) == "STUDY-042"
+        elif tag == 0x0040A730:  # Content Sequence: kept (Clean Structured Content), UIDs replaced
+            item = cleaned[tag].value[0]
+            assert item.ReferencedSOPInstanceUID != before.value[0].ReferencedSOPInstanceUID
+        elif tag == 0x00420011:  # Encapsulated Document: kept (a HipAtlas mesh; see inference.deidentify)
+            assert cleaned[tag].value == before.value
+        elif action == "U" or (action == "XU" and before.VR == "UI"):
+            assert str(cleaned[tag].value).startswith("2.25.") and cleaned[tag].value != before.value, name
+        elif action in ("X", "XU"):
+            assert tag not in cleaned, f"{name} must be removed"
+        elif action == "Z":
+            assert tag in cleaned and cleaned[tag].value in (None, "", b"", []), f"{name} must be empty"
+        elif action == "D":
+            assert tag in cleaned, f"{name} must be replaced, not removed"
+            if before.VR == "SQ":
+                assert all(str(item.get("PatientName", "")) != "DOE^JANE" for item in cleaned[tag].value), name
+            else:
+                assert cleaned[tag].value != before.value, f"{name} still holds its value"
+        checked += 1
+    assert checked > 400
+    assert 0x00291010 not in cleaned and 0x00290010 not in cleaned and 0x60000022 not in cleaned
+    assert cleaned.PatientIdentityRemoved == "YES"
+    assert [c.CodeValue for c in cleaned.DeidentificationMethodCodeSequence] == ["113100", "113104"]
+    # One new UID per old UID: references between de-identified objects still resolve.
+    second = deidentify(pydicom.dcmread(tmp_path / "in.dcm", force=True))
+    assert second.StudyInstanceUID == cleaned.StudyInstanceUID and second.SOPInstanceUID == cleaned.SOPInstanceUID
+    assert Deidentifier(salt="other").new_uid(str(original.StudyInstanceUID)) != cleaned.StudyInstanceUID
+
+
+def test_anonymised_export_holds_no_identifiers_and_references_resolve(tmp_path):
+    patient = dicom_case.PatientInfo(patient_id="SECRET-ID", patient_name="SECRET^NAME", accession_number="SECRETACC",
+                                     patient_birth_date="19500101", study_date="20260315")
+    files = dicom_case.case_to_dicom(DEMO, tmp_path / "dicom", patient=patient)
+    case_dir = dicom_case.study_to_case(files, tmp_path / "case")
+    _results_folder(tmp_path / "out", case_dir)
+    with pytest.raises(Exception, match="PDF cannot be de-identified"):
+        dicom_results.export_results(tmp_path / "out", tmp_path / "anon", anonymise=True,
+                                     pdf=tmp_path / "out" / "planning_report.pdf")
+    written = dicom_results.export_results(tmp_path / "out", tmp_path / "anon", anonymise=True, pseudonym="R-7")
+    assert "pdf" not in written and {"radiograph_1", "radiograph_2", "sr", "stl"} <= set(written)
+    originals = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files} | {str(pydicom.dcmread(files[0]).StudyInstanceUID)}
+    radiograph_uids = {str(pydicom.dcmread(written[k]).SOPInstanceUID) for k in ("radiograph_1", "radiograph_2")}
+    for path in written.values():
+        raw = path.read_bytes()
+        for secret in (b"SECRET", b"19500101", b"20260315", *(u.encode() for u in originals)):
+            assert secret not in raw, f"{path.name} still holds {secret!r}"
+        assert pydicom.dcmread(path).PatientID == "R-7"
+    sr = pydicom.dcmread(written["sr"])
+    evidence = {str(item.ReferencedSOPInstanceUID) for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+    assert evidence == radiograph_uids
+    # The geometry survives: the de-identified radiographs still calibrate the same cameras.
+    for key, original in zip(("radiograph_1", "radiograph_2"), files):
+        P_anon, _ = geometry.projection_from_dicom(pydicom.dcmread(written[key]))
+        P_orig, _ = geometry.projection_from_dicom(pydicom.dcmread(original))
+        np.testing.assert_allclose(P_anon, P_orig)
