@@ -15,7 +15,7 @@ SYSTEM_PACKAGES := xvfb xauth libgl1-mesa-dri libglx-mesa0 libegl1 libegl-mesa0 
 PACS_PACKAGES := orthanc
 PYTEST_ARGS ?=
 
-.PHONY: install system-packages demo test test-slow test-all bench lint clean package
+.PHONY: install system-packages demo pacs-demo test test-slow test-all bench lint clean package
 
 install: system-packages $(STAMP)
 
@@ -49,6 +49,11 @@ demo: install
 		xvfb-run -a -s "-screen 0 1600x1000x24" $(VENV)/bin/hipatlas gui --demo \
 			--screenshot $(DEMO_OUT)/hipatlas-demo.png --quit-after-register; \
 	fi
+
+# The hospital round trip against a real Orthanc on localhost ports (docs/hospital-it.md): load the
+# demo and a simulated case as DICOM DX studies, retrieve, register, store SR + PDF + overlays + STL back.
+pacs-demo: install
+	$(PY) tools/pacs_demo.py --out work/pacs-demo
 
 package: install
 	packaging/build_linux.sh

@@ -453,3 +453,28 @@ def test_anonymised_export_holds_no_identifiers_and_references_resolve(tmp_path)
         P_anon, _ = geometry.projection_from_dicom(pydicom.dcmread(written[key]))
         P_orig, _ = geometry.projection_from_dicom(pydicom.dcmread(original))
         np.testing.assert_allclose(P_anon, P_orig)
+
+
+@pytest.mark.slow
+def test_retrieve_register_and_store_results_end_to_end(tmp_path, orthanc, settings):
+    """The hospital round trip with the shipped model: PACS -> case -> register --dicom-out -> PACS."""
+    import highdicom as hd
+
+    dicom_case.case_to_dicom(DEMO, tmp_path / "dicom", patient=dicom_case.PatientInfo(patient_id="PACS-E2E"))
+    run_to_completion(pacs.send(settings, [tmp_path / "dicom"]))
+    study = pacs.find_studies(settings, patient_id="PACS-E2E")[0]["StudyInstanceUID"]
+    case_dir = run_to_completion(pacs.retrieve_case(settings, study, tmp_path / "case"))
+    assert cli_run(["register", str(case_dir), "--out", str(tmp_path / "out"), "--dicom-out",
+                    str(tmp_path / "dicom_out"), "--quiet"]) == 0
+    measurements = json.loads((tmp_path / "out" / "measurements.json").read_text())
+    stored = run_to_completion(pacs.send(settings, [tmp_path / "dicom_out"]))
+    assert len(stored) == 4  # SR, STL, two overlays (register makes no PDF)
+    sr_uid = str(pydicom.dcmread(tmp_path / "dicom_out" / "measurements_sr.dcm").SOPInstanceUID)
+    (orthanc_id,) = [i for i in orthanc.instances()
+                     if orthanc.rest(f"/instances/{i}/simplified-tags").get("SOPInstanceUID") == sr_uid]
+    (tmp_path / "back.dcm").write_bytes(orthanc.instance_file(orthanc_id))
+    sr = hd.sr.srread(tmp_path / "back.dcm")
+    assert str(sr.StudyInstanceUID) == study
+    (head,) = sr.content.get_planar_roi_measurement_groups()
+    np.testing.assert_allclose(head.roi.value[0], measurements["hip_centre_mm"], rtol=1e-6)
+    assert head.get_measurements()[0].value == pytest.approx(measurements["head_radius_mm"])
