@@ -101,6 +101,20 @@ def test_oblique_tilted_case_tags_round_trip(tmp_path, mirrored):
     assert obl.ImageLaterality == "L"
 
 
+def test_field_of_view_horizontal_flip_mirrors_the_projection():
+    tags = {"ImagerPixelSpacing": [0.3, 0.25], "DistanceSourceToDetector": 1100.0, "DistanceSourceToPatient": 800.0,
+            "PositionerPrimaryAngle": 30.0, "PositionerSecondaryAngle": -5.0, "Rows": 90, "Columns": 120,
+            "PositionOfIsocenterProjection": [40.0, 70.0]}
+    P_detector, calibration = geometry.projection_from_dicom(tags)
+    P_flipped, flipped_calibration = geometry.projection_from_dicom({**tags, "FieldOfViewHorizontalFlip": "YES"})
+    points = np.random.default_rng(2).normal(scale=50.0, size=(20, 3))
+    expected = geometry.project_points(geometry.flip_horizontal(P_detector, 120), points)
+    np.testing.assert_allclose(geometry.project_points(P_flipped, points), expected, atol=1e-9)
+    assert calibration.details["view"]["viewed_from"] == "detector"
+    assert flipped_calibration.details["view"]["viewed_from"] == "source"
+    assert flipped_calibration.details["warnings"] == []
+
+
 def test_in_plane_rotated_detector_is_refused(tmp_path):
     view = geometry.CArmView(sdd_mm=1000, sid_mm=900, lao_deg=0, cranial_deg=0, rows=50, cols=50, pixel_mm=0.5)
     P = geometry.projection_matrix(view)
@@ -181,6 +195,19 @@ def test_unreachable_and_refusing_pacs_fail_fast_with_one_line(tmp_path, orthanc
     assert status == 2 and time.perf_counter() - started < 3.0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hipatlas: error: PACS ORTHANC at 127.0.0.1:")
+
+
+def test_pacs_that_never_answers_fails_within_the_timeout():
+    import socket
+
+    with socket.socket() as silent:  # accepts TCP connections (backlog) but never speaks DICOM
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        hung = pacs.PacsSettings(port=silent.getsockname()[1], timeout_s=1.5)
+        started = time.perf_counter()
+        with pytest.raises(PacsError, match="aborted or not answered"):
+            pacs.echo(hung)
+        assert time.perf_counter() - started < 1.5 + 2.0
 
 
 def test_cli_settings_file_echo_and_find(tmp_path, orthanc, capsys, monkeypatch):
