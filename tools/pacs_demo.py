@@ -36,20 +36,19 @@ def step(message: str) -> None:
     print(f"[pacs-demo] {message}", flush=True)
 
 
-def planning_pdf(case_dir: pathlib.Path, result, out_dir: pathlib.Path) -> pathlib.Path:
-    """The planning report PDF exactly as the workstation's export writes it (app.session, Qt-free)."""
-    from app.session import ExportOptions, Session, load_result
+def results_with_pdf(case_dir: pathlib.Path, result, folder: pathlib.Path) -> pathlib.Path:
+    """The results plus the planning report PDF, made as the workstation's "Send to PACS" makes them."""
+    from app.pacs_dialog import results_for_sending
+    from app.session import Session, load_result
 
-    session = Session(work_root=out_dir.parent, isolate=False)
+    session = Session(work_root=folder.parent, isolate=False)
     try:
         session.open_case(case_dir)
-        loaded = load_result(result.out_dir, measurements=result.measurements, landmarks_mm=result.landmarks_mm,
-                             warnings=result.warnings, report=result.report, files=result.files,
-                             view_names=[v.name for v in session.views])
-        session.set_result(loaded)
-        options = ExportOptions(surface_stl=False, nifti=False, measurements_json=False, measurements_csv=False,
-                                pdf_report=True)
-        return session.export(out_dir, options, overwrite=True)["pdf_report"]
+        session.set_result(load_result(result.out_dir, measurements=result.measurements,
+                                       landmarks_mm=result.landmarks_mm, warnings=result.warnings,
+                                       report=result.report, files=result.files,
+                                       view_names=[v.name for v in session.views]))
+        return results_for_sending(session, folder)
     finally:
         session.close()
 
@@ -104,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
         step("registering the retrieved case (shipped model)")
         result = run_to_completion(pipeline.register_case(case_dir, out / "register"))
-        pdf = planning_pdf(case_dir, result, out / "export")
-        written = dicom_results.export_results(out / "register", out / "dicom_out", source=case_dir, pdf=pdf)
+        results = results_with_pdf(case_dir, result, out / "results_with_pdf")
+        written = dicom_results.export_results(results, out / "dicom_out", source=case_dir)
         stored = run_to_completion(pacs.send(settings, [out / "dicom_out"]))
         step(f"stored {len(stored)} result objects: {', '.join(written)}")
         run_to_completion(pacs.send(settings, [out / "dicom_out"]))

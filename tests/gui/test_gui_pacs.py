@@ -116,3 +116,42 @@ def test_send_to_pacs_stores_the_results_in_the_patients_study(qtbot, tmp_path, 
     _wait_idle(qtbot, dialog)
     assert len(orthanc.instances()) == before + 3
     assert json.loads((case_dir / "dicom_source.json").read_text())["views"][0]["view"] == "AP"
+
+
+def test_send_to_pacs_sends_the_sessions_current_measurements_and_report_pdf(qtbot, tmp_path, orthanc, settings_file):
+    """What File > Send to PACS sends: the session's (edited) measurements, its PDF report, overlays, surface."""
+    import highdicom as hd
+    from PySide6.QtCore import Qt
+
+    from app.pacs_dialog import SendToPacsDialog, results_for_sending
+    from app.session import Session, load_result
+    from gui_helpers import synthetic_register
+
+    files = dicom_case.case_to_dicom(DEMO, tmp_path / "dicom", patient=dicom_case.PatientInfo(patient_id="GUI-3"))
+    case_dir = dicom_case.study_to_case(files, tmp_path / "case")
+    result = run_to_completion(synthetic_register(case_dir, tmp_path / "out"))
+    session = Session(work_root=tmp_path, isolate=False)
+    session.open_case(case_dir)
+    session.set_result(load_result(result.out_dir, measurements=result.measurements, landmarks_mm=result.landmarks_mm,
+                                   warnings=result.warnings, report=result.report, files=result.files,
+                                   view_names=[v.name for v in session.views]))
+    head = np.asarray(session.landmarks_mm["head_centre"]) + [4.0, 0.0, 0.0]
+    session.move_landmark("head_centre", head)
+    folder = results_for_sending(session, tmp_path / "send")
+    sent = json.loads((folder / "measurements.json").read_text())
+    assert sent["hip_centre_mm"] == pytest.approx(list(head)) and sent != result.measurements
+    assert (folder / "planning_report.pdf").read_bytes().startswith(b"%PDF")
+    dialog = SendToPacsDialog(None, folder, case_dir, settings_file=settings_file)
+    dialog.quiet = True
+    qtbot.addWidget(dialog)
+    qtbot.mouseClick(dialog.send_button, Qt.MouseButton.LeftButton)
+    _wait_idle(qtbot, dialog)
+    assert dialog.errors == [] and len(dialog.stored) == 5  # SR, PDF, STL, two overlays
+    for orthanc_id in orthanc.instances():
+        tags = orthanc.rest(f"/instances/{orthanc_id}/simplified-tags")
+        if tags.get("PatientID") == "GUI-3" and tags.get("Modality") == "SR":
+            (tmp_path / "sr.dcm").write_bytes(orthanc.instance_file(orthanc_id))
+    sr = hd.sr.srread(tmp_path / "sr.dcm")
+    (group,) = sr.content.get_planar_roi_measurement_groups()
+    np.testing.assert_allclose(group.roi.value[0], head)
+    session.close()
