@@ -20,7 +20,7 @@ from pydicom.sr.codedict import codes
 from inference import __version__, dicom_case, dicom_results, geometry, io, pacs
 from inference.cli import run as cli_run
 from inference.errors import CalibrationError, Cancelled, GeometryError, PacsError
-from inference.orthanc_local import LocalOrthanc, find_orthanc, free_port
+from inference.orthanc_local import LocalOrthanc, free_port
 from inference.pipeline import run_to_completion
 
 DEMO = pathlib.Path(__file__).resolve().parent.parent / "resources" / "demo"
@@ -29,11 +29,9 @@ DEMO = pathlib.Path(__file__).resolve().parent.parent / "resources" / "demo"
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    if find_orthanc() is None:
-        pytest.fail("Orthanc is not installed: `make system-packages` installs the Debian package 'orthanc'")
-    server = LocalOrthanc(tmp_path_factory.mktemp("orthanc")).start()
-    yield server
-    server.stop()
+    """A real Orthanc on free localhost ports (fails with a clear message if it is not installed)."""
+    with LocalOrthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from inference import dicom_case, io, pacs
-from inference.orthanc_local import LocalOrthanc, find_orthanc, free_port
+from inference.orthanc_local import LocalOrthanc, free_port
 from inference.pipeline import run_to_completion
 
 DEMO = pathlib.Path(__file__).resolve().parents[2] / "resources" / "demo"
@@ -18,11 +18,9 @@ DEMO = pathlib.Path(__file__).resolve().parents[2] / "resources" / "demo"
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    if find_orthanc() is None:
-        pytest.fail("Orthanc is not installed: `make system-packages` installs the Debian package 'orthanc'")
-    server = LocalOrthanc(tmp_path_factory.mktemp("orthanc")).start()
-    yield server
-    server.stop()
+    """A real Orthanc on free localhost ports (fails with a clear message if it is not installed)."""
+    with LocalOrthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
 
 
 @pytest.fixture()
