@@ -154,9 +154,12 @@ class LocalOrthanc:
             data = reply.read()
         return json.loads(data) if data[:1] in (b"{", b"[") else data
 
-    def instances(self) -> list[str]:
-        """Orthanc IDs of all stored instances."""
-        return list(self.rest("/instances"))
+    def instances(self, patient_id: str | None = None) -> list[str]:
+        """Orthanc IDs of the stored instances (of one patient if given)."""
+        if patient_id is None:
+            return list(self.rest("/instances"))
+        query = {"Level": "Instance", "Query": {"PatientID": patient_id}}
+        return list(self.rest("/tools/find", "POST", json.dumps(query).encode("utf-8")))
 
     def instance_file(self, orthanc_id: str) -> bytes:
         """The stored DICOM file of one instance."""

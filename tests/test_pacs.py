@@ -297,10 +297,10 @@ def test_results_stored_in_pacs_read_back_and_resend_does_not_duplicate(tmp_path
 
     source = pydicom.dcmread(files[0])
     stored = {}
-    for orthanc_id in orthanc.instances():
+    for orthanc_id in orthanc.instances(patient_id="PACS-RESULTS"):
         ds = pydicom.dcmread(stdio.BytesIO(orthanc.instance_file(orthanc_id)))
-        if ds.PatientID == "PACS-RESULTS":
-            stored[str(ds.SOPInstanceUID)] = ds
+        stored[str(ds.SOPInstanceUID)] = ds
+    assert len(stored) == 2 + 5
     by_file = {name: stored[str(pydicom.dcmread(path).SOPInstanceUID)] for name, path in written.items()}
     assert {str(ds.StudyInstanceUID) for ds in by_file.values()} == {str(source.StudyInstanceUID)}
     assert len({str(ds.SeriesInstanceUID) for ds in by_file.values()}) == 4
@@ -495,7 +495,7 @@ def test_retrieve_register_and_store_results_end_to_end(tmp_path, orthanc, setti
     stored = run_to_completion(pacs.send(settings, [tmp_path / "dicom_out"]))
     assert len(stored) == 4  # SR, STL, two overlays (register makes no PDF)
     sr_uid = str(pydicom.dcmread(tmp_path / "dicom_out" / "measurements_sr.dcm").SOPInstanceUID)
-    (orthanc_id,) = [i for i in orthanc.instances()
+    (orthanc_id,) = [i for i in orthanc.instances(patient_id="PACS-E2E")
                      if orthanc.rest(f"/instances/{i}/simplified-tags").get("SOPInstanceUID") == sr_uid]
     (tmp_path / "back.dcm").write_bytes(orthanc.instance_file(orthanc_id))
     sr = hd.sr.srread(tmp_path / "back.dcm")
