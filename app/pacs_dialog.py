@@ -357,7 +357,7 @@ def results_for_sending(session: Any, folder: pathlib.Path) -> pathlib.Path:
         raise HipAtlasError("nothing to send yet: register the case first")
     folder.mkdir(parents=True)
     for path in session.result.out_dir.iterdir():
-        if path.suffix in (".stl", ".png") or path.name == "report.json":
+        if path.suffix in (".stl", ".png") or path.name in ("report.json", "femur_labels.nii.gz"):
             shutil.copyfile(path, folder / path.name)
     io.write_json_atomic(folder / "measurements.json", session.measurements)
     pdf_only = ExportOptions(surface_stl=False, nifti=False, measurements_json=False, measurements_csv=False,

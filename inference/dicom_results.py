@@ -13,6 +13,10 @@ From a registration output folder (``measurements.json``, ``femur_surface.stl``,
   one (``hipatlas register`` does not make a PDF; the workstation's export does);
 * ``overlay_<view>.dcm``: each overlay (the radiograph with the registered femur's contour) as an
   RGB Secondary Capture image that names its radiograph as source image;
+* ``gsps_<view>.dcm``: a Grayscale Softcopy Presentation State over each original radiograph: the
+  outline of the registered femur's projection (from ``femur_labels.nii.gz`` and the view's
+  projection matrix from its geometry tags), the projected hip centre, shaft and neck axes, and a
+  line of text with the measurements, as graphics a PACS viewer draws over the radiograph;
 * ``femur_surface_stl.dcm``: the femur surface as Encapsulated STL (model/stl, mm, LPS) in the
   radiographs' frame of reference.
 
@@ -49,7 +53,9 @@ ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 ENCAPSULATED_STL = "1.2.840.10008.5.1.4.1.1.104.3"
 MANUFACTURER = "HipAtlas developers"
 #: Series numbers of the exported objects (kept apart from the radiographs' own series).
-SERIES_NUMBERS = {"sr": 901, "pdf": 902, "overlay": 903, "stl": 904}
+SERIES_NUMBERS = {"sr": 901, "pdf": 902, "overlay": 903, "stl": 904, "gsps": 905}
+#: Longest contour polyline in a presentation state (points); longer outlines are thinned evenly.
+MAX_CONTOUR_POINTS = 600
 
 
 def _code(value: str, meaning: str, scheme: str = PRIVATE_SCHEME) -> Any:
@@ -253,6 +259,84 @@ def _overlay(image: Any, rgb: np.ndarray, key: str, index: int, view: str) -> An
     return sc
 
 
+def _outline_px(labels: np.ndarray, grid: Any, P: np.ndarray, shape_hw: tuple[int, int]) -> list[np.ndarray]:
+    """Outlines of the femur label's projection as (N, 2) arrays of (u, v) pixel centres."""
+    from skimage.measure import find_contours
+
+    from inference.mask_proposal import project_label
+
+    silhouette = project_label(labels, grid, P, shape_hw, label=1) > 0.5
+    if not silhouette.any():
+        return []
+    # Pad so that an outline touching the image border still closes; contours are (row, col).
+    contours = find_contours(np.pad(silhouette, 1).astype(np.float32), 0.5)
+    outlines = []
+    for contour in sorted(contours, key=len, reverse=True)[:3]:
+        if len(contour) < 20:
+            continue
+        step = max(1, int(np.ceil(len(contour) / MAX_CONTOUR_POINTS)))
+        points = contour[::step] - 1.0
+        points = np.vstack([points, points[:1]])  # closed
+        outlines.append(np.clip(points[:, ::-1], 0.0, [shape_hw[1] - 1, shape_hw[0] - 1]))
+    return outlines
+
+
+def _presentation_state(image: Any, labels: np.ndarray, grid: Any, measurements: dict, key: str, index: int,
+                        view: str) -> Any:
+    """A GSPS over ``image``: the femur outline and the measurement graphics (see the module docs)."""
+    from highdicom.pr import (GraphicAnnotation, GraphicLayer, GraphicObject, GrayscaleSoftcopyPresentationState,
+                              TextObject)
+
+    from inference.geometry import project_points, projection_from_dicom
+
+    P, _ = projection_from_dicom(image, name=view)
+    rows, cols = int(image.Rows), int(image.Columns)
+
+    def to_dicom(uv: np.ndarray) -> np.ndarray:
+        # PIXEL units put 0.0\0.0 at the top-left corner of the first pixel; our (u, v) are pixel centres.
+        return np.asarray(uv, dtype=np.float64) + 0.5
+
+    outline_layer = GraphicLayer("FEMUR", order=1, description="outline of the registered femur")
+    measure_layer = GraphicLayer("MEASUREMENTS", order=2, description="hip centre, shaft and neck axes")
+    outline = [GraphicObject("POLYLINE", to_dicom(points), "PIXEL") for points in _outline_px(labels, grid, P, (rows, cols))]
+    def inside(uv: np.ndarray) -> np.ndarray:
+        return (uv[:, 0] >= 0) & (uv[:, 0] <= cols - 1) & (uv[:, 1] >= 0) & (uv[:, 1] <= rows - 1)
+
+    graphics = []
+    centre_uv = project_points(P, np.asarray(measurements["hip_centre_mm"], dtype=float)[None])
+    if inside(centre_uv).all():
+        graphics.append(GraphicObject("POINT", to_dicom(centre_uv), "PIXEL"))
+    for axis_key, half_length_mm in (("shaft_axis", 80.0), ("neck_axis", 30.0)):
+        axis = measurements.get(axis_key)
+        if isinstance(axis, dict) and "point_mm" in axis and "direction" in axis:
+            point, direction = np.asarray(axis["point_mm"], float), np.asarray(axis["direction"], float)
+            # A 3D line projects to a 2D line: keep the part of it that lies on the image.
+            along = np.linspace(-half_length_mm, half_length_mm, 161)[:, None]
+            uv = project_points(P, point + along * direction)
+            uv = uv[inside(uv)]
+            if len(uv) >= 2:
+                graphics.append(GraphicObject("POLYLINE", to_dicom(uv[[0, -1]]), "PIXEL"))
+    parts = [f"head radius {measurements['head_radius_mm']:.1f} mm"]
+    for name, label, unit in (("femoral_offset_mm", "offset", "mm"), ("neck_shaft_angle_deg", "neck-shaft", "deg"),
+                              ("vertical_offset_mm", "vertical offset", "mm")):
+        if measurements.get(name) is not None:
+            parts.append(f"{label} {float(measurements[name]):.1f} {unit}")
+    text = TextObject("HipAtlas (research use only): " + ", ".join(parts), "PIXEL",
+                      bounding_box=(5.0, 5.0, cols - 5.0, min(rows - 5.0, 5.0 + rows * 0.05)))
+    annotations = [GraphicAnnotation([image], outline_layer, graphic_objects=outline or None),
+                   GraphicAnnotation([image], measure_layer, graphic_objects=graphics, text_objects=[text])]
+    if not outline:
+        annotations = annotations[1:]
+        logger.warning("%s: the registered femur does not project onto the radiograph; no outline", view)
+    return GrayscaleSoftcopyPresentationState(
+        referenced_images=[image], series_instance_uid=hipatlas_uid("series-gsps", key),
+        series_number=SERIES_NUMBERS["gsps"], sop_instance_uid=hipatlas_uid("gsps", key, view),
+        instance_number=index + 1, manufacturer=MANUFACTURER, manufacturer_model_name="HipAtlas",
+        software_versions=__version__, device_serial_number="0", content_label=f"HIPATLAS_{index + 1}",
+        content_description=f"HipAtlas femur outline and measurements, {view}"[:64],
+        graphic_annotations=annotations, graphic_layers=[outline_layer, measure_layer])
+
+
 def _match_overlay(view_name: str, images_by_sha: dict[str, Any], report: dict) -> Any:
     """The source radiograph of an overlay: by the image checksum report.json gives, else by view name."""
     for view in report.get("views", []):
@@ -334,6 +418,13 @@ def export_results(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *
 
         rgb = np.asarray(Image.open(overlay).convert("RGB"))
         objects[f"overlay_{view}"] = _overlay(image, rgb, key, index, view_name)
+    labels_path = results / "femur_labels.nii.gz"
+    if labels_path.is_file():
+        labels, grid = io.read_volume(labels_path)
+        for index, image in enumerate(sorted(images, key=lambda ds: int(ds.get("SeriesNumber", 0) or 0))):
+            view = str(image.get("SeriesDescription", "") or image.get("ViewPosition", "") or f"view{index + 1}")
+            objects[f"gsps_{re.sub(r'[^A-Za-z0-9_-]+', '_', view)}"] = _presentation_state(
+                image, labels, grid, measurements, key, index, view)
     if anonymise:
         import pydicom
 

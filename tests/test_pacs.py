@@ -246,6 +246,9 @@ def _small_pdf() -> bytes:
     return buffer.getvalue()
 
 
+BALL_RADIUS_MM = 20.0
+
+
 def _results_folder(folder: pathlib.Path, case_dir: pathlib.Path) -> dict:
     """A registration output folder with known content, for a case made of DICOM radiographs."""
     rng = np.random.default_rng(3)
@@ -262,6 +265,11 @@ def _results_folder(folder: pathlib.Path, case_dir: pathlib.Path) -> dict:
         io.write_png_atomic(folder / f"overlay_{view.name}.png",
                             rng.integers(0, 255, size=view.image.shape + (3,)).astype(np.uint8))
     (folder / "planning_report.pdf").write_bytes(_small_pdf())
+    # The "femur": a 20 mm ball at the hip centre, 1 mm voxels.
+    grid = geometry.VolumeGeometry((50, 50, 50), (1.0, 1.0, 1.0), tuple(np.asarray(measurements["hip_centre_mm"]) - 24.5))
+    k, j, i = np.mgrid[:50, :50, :50]
+    labels = ((i - 24.5) ** 2 + (j - 24.5) ** 2 + (k - 24.5) ** 2 <= BALL_RADIUS_MM ** 2).astype(np.uint8)
+    io.write_volume(folder / "femur_labels.nii.gz", labels, grid, dtype=np.uint8)
     return measurements
 
 
@@ -284,26 +292,26 @@ def test_results_stored_in_pacs_read_back_and_resend_does_not_duplicate(tmp_path
     case_dir = dicom_case.study_to_case(files, tmp_path / "case")
     measurements = _results_folder(tmp_path / "out", case_dir)
     written = dicom_results.export_results(tmp_path / "out", tmp_path / "dicom_out")
-    assert sorted(written) == ["overlay_AP", "overlay_LAT", "pdf", "sr", "stl"]
+    assert sorted(written) == ["gsps_AP", "gsps_LAT", "overlay_AP", "overlay_LAT", "pdf", "sr", "stl"]
 
     run_to_completion(pacs.send(settings, [tmp_path / "dicom"]))
     before = len(orthanc.instances())
     run_to_completion(pacs.send(settings, [tmp_path / "dicom_out"]))
-    assert len(orthanc.instances()) == before + 5
+    assert len(orthanc.instances()) == before + 7
     run_to_completion(pacs.send(settings, [tmp_path / "dicom_out"]))  # a retried send
     again = dicom_results.export_results(tmp_path / "out", tmp_path / "dicom_again")  # a repeated export
     run_to_completion(pacs.send(settings, [tmp_path / "dicom_again"]))
-    assert len(orthanc.instances()) == before + 5
+    assert len(orthanc.instances()) == before + 7
 
     source = pydicom.dcmread(files[0])
     stored = {}
     for orthanc_id in orthanc.instances(patient_id="PACS-RESULTS"):
         ds = pydicom.dcmread(stdio.BytesIO(orthanc.instance_file(orthanc_id)))
         stored[str(ds.SOPInstanceUID)] = ds
-    assert len(stored) == 2 + 5
+    assert len(stored) == 2 + 7
     by_file = {name: stored[str(pydicom.dcmread(path).SOPInstanceUID)] for name, path in written.items()}
     assert {str(ds.StudyInstanceUID) for ds in by_file.values()} == {str(source.StudyInstanceUID)}
-    assert len({str(ds.SeriesInstanceUID) for ds in by_file.values()}) == 4
+    assert len({str(ds.SeriesInstanceUID) for ds in by_file.values()}) == 5
     assert not {str(ds.SOPInstanceUID) for ds in by_file.values()} & {str(pydicom.dcmread(f).SOPInstanceUID)
                                                                       for f in files}
     assert {name: str(pydicom.dcmread(p).SOPInstanceUID) for name, p in again.items()} == \
@@ -348,6 +356,29 @@ def test_results_stored_in_pacs_read_back_and_resend_does_not_duplicate(tmp_path
     from PIL import Image
 
     np.testing.assert_array_equal(overlay.pixel_array, np.asarray(Image.open(tmp_path / "out" / "overlay_AP.png")))
+
+    # The presentation state over the AP radiograph: the ball's outline where the camera puts it.
+    gsps = by_file["gsps_AP"]
+    assert gsps.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1" and gsps.StudyInstanceUID == source.StudyInstanceUID
+    assert gsps.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    layers = {a.GraphicLayer: a for a in gsps.GraphicAnnotationSequence}
+    (outline,) = layers["FEMUR"].GraphicObjectSequence
+    assert outline.GraphicType == "POLYLINE" and outline.GraphicAnnotationUnits == "PIXEL"
+    outline_uv = np.asarray(outline.GraphicData, dtype=float).reshape(-1, 2) - 0.5  # to pixel centres
+    P, _ = geometry.projection_from_dicom(source)
+    centre = np.asarray(measurements["hip_centre_mm"])
+    centre_uv = geometry.project_points(P, centre[None])[0]
+    K, _, _ = geometry.decompose(P)
+    distance_mm = np.linalg.norm(centre - geometry.source_position(P))
+    # The voxelised ball's surface lies half a voxel outside its outer voxel centres; a ball of radius r
+    # at distance d projects to a circle of radius f r / sqrt(d^2 - r^2). project_label blurs by ~1 voxel.
+    radius_mm = BALL_RADIUS_MM + 0.5
+    expected_px = K[0, 0] * radius_mm / np.sqrt(distance_mm ** 2 - radius_mm ** 2)
+    radii = np.linalg.norm(outline_uv - centre_uv, axis=1)
+    assert abs(radii.mean() - expected_px) < 1.5 and radii.std() < 1.0, (radii.mean(), expected_px, radii.std())
+    point = [o for o in layers["MEASUREMENTS"].GraphicObjectSequence if o.GraphicType == "POINT"][0]
+    np.testing.assert_allclose(np.asarray(point.GraphicData, dtype=float) - 0.5, centre_uv, atol=1e-3)
+    assert "head radius 23.5 mm" in layers["MEASUREMENTS"].TextObjectSequence[0].UnformattedTextValue
 
 
 def test_results_need_dicom_radiographs(tmp_path):
@@ -493,7 +524,7 @@ def test_retrieve_register_and_store_results_end_to_end(tmp_path, orthanc, setti
                     str(tmp_path / "dicom_out"), "--quiet"]) == 0
     measurements = json.loads((tmp_path / "out" / "measurements.json").read_text())
     stored = run_to_completion(pacs.send(settings, [tmp_path / "dicom_out"]))
-    assert len(stored) == 4  # SR, STL, two overlays (register makes no PDF)
+    assert len(stored) == 6  # SR, STL, two overlays, two presentation states (register makes no PDF)
     sr_uid = str(pydicom.dcmread(tmp_path / "dicom_out" / "measurements_sr.dcm").SOPInstanceUID)
     (orthanc_id,) = [i for i in orthanc.instances(patient_id="PACS-E2E")
                      if orthanc.rest(f"/instances/{i}/simplified-tags").get("SOPInstanceUID") == sr_uid]

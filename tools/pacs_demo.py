@@ -4,7 +4,7 @@
 2. load it with the demo case and simulated cases, written as DICOM DX studies with geometry tags;
 3. find the demo study by patient ID and retrieve it (C-GET) as a case folder;
 4. register it (the shipped model) and make the planning report PDF as the workstation does;
-5. write SR + PDF + overlays + STL as DICOM in the patient's study and store them (C-STORE);
+5. write SR + PDF + overlays (Secondary Capture and presentation states) + STL as DICOM in the patient's study and store them (C-STORE);
 6. read the SR back from the PACS and print its measurements.
 
 Usage: python tools/pacs_demo.py [--out work/pacs-demo] [--simulated N] [--keep-running]

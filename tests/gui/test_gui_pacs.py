@@ -144,7 +144,7 @@ def test_send_to_pacs_sends_the_sessions_current_measurements_and_report_pdf(qtb
     qtbot.addWidget(dialog)
     qtbot.mouseClick(dialog.send_button, Qt.MouseButton.LeftButton)
     _wait_idle(qtbot, dialog)
-    assert dialog.errors == [] and len(dialog.stored) == 5  # SR, PDF, STL, two overlays
+    assert dialog.errors == [] and len(dialog.stored) == 7  # SR, PDF, STL, two overlays, two presentation states
     for orthanc_id in orthanc.instances():
         tags = orthanc.rest(f"/instances/{orthanc_id}/simplified-tags")
         if tags.get("PatientID") == "GUI-3" and tags.get("Modality") == "SR":
