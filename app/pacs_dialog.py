@@ -29,7 +29,7 @@ __all__ = ["OpenFromPacsDialog", "SendToPacsDialog", "default_case_root"]
 
 STUDY_COLUMNS = ("PatientID", "PatientName", "StudyDate", "AccessionNumber", "ModalitiesInStudy", "StudyDescription")
 SERIES_COLUMNS = ("SeriesNumber", "Modality", "SeriesDescription", "NumberOfSeriesRelatedInstances")
-IMAGE_MODALITIES = ("DX", "CR", "XA", "RF")
+IMAGE_MODALITIES = pacs.IMAGE_MODALITIES
 
 
 def default_case_root() -> pathlib.Path:

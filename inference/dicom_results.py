@@ -124,7 +124,6 @@ def _frame_of_reference(images: Sequence[Any], key: str) -> str:
 
 
 def _sr(images: Sequence[Any], measurements: dict, report: dict, key: str, frame_uid: str) -> Any:
-    import highdicom as hd
     from highdicom import sr
     from pydicom.sr.codedict import codes
 
@@ -179,7 +178,6 @@ def _sr(images: Sequence[Any], measurements: dict, report: dict, key: str, frame
     scheme.CodingSchemeName = "HipAtlas hip planning measurements"
     scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
     document.CodingSchemeIdentificationSequence = [scheme]
-    del hd  # imported for its side effect of registering SR classes
     return document
 
 

@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from inference.errors import Cancelled, ConfigError, HipAtlasError, PacsError
+from inference.errors import Cancelled, ConfigError, HipAtlasError, OutputError, PacsError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,10 @@ RETRIEVE_SOP_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
     "1.2.840.10008.5.1.4.1.1.104.3",  # Encapsulated STL
     "1.2.840.10008.5.1.4.1.1.7",      # Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.11.1",   # Grayscale Softcopy Presentation State
 )
+#: Modalities of the series that hold radiographs (a study may also hold HipAtlas's results).
+IMAGE_MODALITIES = ("DX", "CR", "XA", "RF")
 _FIND = "1.2.840.10008.5.1.4.1.2.2.1"   # Study Root Query/Retrieve - FIND
 _GET = "1.2.840.10008.5.1.4.1.2.2.3"    # Study Root Query/Retrieve - GET
 _VERIFICATION = "1.2.840.10008.1.1"
@@ -333,19 +336,27 @@ def retrieve_case(settings: PacsSettings, study_uid: str, case_dir: str | os.Pat
                   cancel: Callable[[], bool] | None = None) -> Iterator[Any]:
     """Retrieve a study and make it a case folder; yields Progress, returns the case folder.
 
-    Nothing is written at ``case_dir`` unless the whole case is complete.
+    Without ``series_uids`` the study's radiograph series (DX/CR/XA/RF) are retrieved; it must hold
+    two radiographs. Nothing is written at ``case_dir`` unless the whole case is complete.
     """
     from inference import dicom_case, io
     from inference.pipeline import Progress
 
     final = pathlib.Path(case_dir)
     if final.is_dir() and any(final.iterdir()) and not overwrite:
-        raise HipAtlasError(f"{final}: the case folder already exists and is not empty; choose a new folder")
+        raise OutputError(f"{final}: the case folder already exists and is not empty; choose a new folder")
+    if not series_uids:
+        # Only the radiograph series: the study may also hold reports, results and other objects.
+        series_uids = [row["SeriesInstanceUID"] for row in find_series(settings, study_uid)
+                       if row.get("Modality") in IMAGE_MODALITIES]
+        if not series_uids:
+            raise PacsError(f"{settings.describe()}: study {study_uid} has no radiograph series "
+                            f"({'/'.join(IMAGE_MODALITIES)})")
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{final.name}.incoming-", dir=final.parent) as incoming:
         files = yield from retrieve_files(settings, study_uid, incoming, series_uids=series_uids, cancel=cancel)
         yield Progress(0.97, "Making the case")
-        dicom_case.study_to_case(files, final, side=side, series_uids=series_uids or None, overwrite=overwrite,
+        dicom_case.study_to_case(files, final, side=side, series_uids=series_uids, overwrite=overwrite,
                                  provenance={"retrieved_from": {"host": settings.host, "port": settings.port,
                                                                 "called_ae": settings.called_ae,
                                                                 "calling_ae": settings.calling_ae}})

@@ -317,6 +317,10 @@ def test_results_stored_in_pacs_read_back_and_resend_does_not_duplicate(tmp_path
     assert {name: str(pydicom.dcmread(p).SOPInstanceUID) for name, p in again.items()} == \
         {name: str(ds.SOPInstanceUID) for name, ds in by_file.items()}
 
+    # The study now holds results too; retrieving it again still makes a case of its two radiographs.
+    again_case = run_to_completion(pacs.retrieve_case(settings, str(source.StudyInstanceUID), tmp_path / "again"))
+    assert [v.name for v in io.load_case(again_case).views] == ["AP", "LAT"]
+
     # The SR: TID 1500 with coded concepts, UCUM units, the hip centre in 3D, the observer context.
     sr_file = tmp_path / "sr_back.dcm"
     by_file["sr"].save_as(sr_file)
