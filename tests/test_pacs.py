@@ -538,3 +538,23 @@ def test_retrieve_register_and_store_results_end_to_end(tmp_path, orthanc, setti
     (head,) = sr.content.get_planar_roi_measurement_groups()
     np.testing.assert_allclose(head.roi.value[0], measurements["hip_centre_mm"], rtol=1e-6)
     assert head.get_measurements()[0].value == pytest.approx(measurements["head_radius_mm"])
+
+
+def test_cli_case_to_dicom_get_and_dicom_export(tmp_path, orthanc, capsys):
+    port = ["pacs", "--port", str(orthanc.dicom_port), "--timeout", "5"]
+    assert cli_run(["case-to-dicom", str(DEMO), "--out", str(tmp_path / "dicom"), "--patient-id", "PACS-CLI-GET",
+                    "--accession", "A-17"]) == 0
+    assert cli_run(port + ["send", str(tmp_path / "dicom")]) == 0
+    capsys.readouterr()
+    assert cli_run(port + ["find", "--accession", "A-17", "--json"]) == 0
+    (study,) = json.loads(capsys.readouterr().out)
+    assert cli_run(port + ["get", study["StudyInstanceUID"], "--out", str(tmp_path / "case")]) == 0
+    assert capsys.readouterr().out.splitlines() == ["AP: ap.dcm, calibration from dicom-tags",
+                                                    "LAT: lat.dcm, calibration from dicom-tags"]
+    assert cli_run(port + ["get", study["StudyInstanceUID"], "--out", str(tmp_path / "case")]) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
+    _results_folder(tmp_path / "out", tmp_path / "case")
+    assert cli_run(["dicom-export", str(tmp_path / "out"), "--out", str(tmp_path / "dicom_out")]) == 0
+    listed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert set(listed) == {"sr", "pdf", "stl", "overlay_AP", "overlay_LAT", "gsps_AP", "gsps_LAT"}
+    assert all(pathlib.Path(p).is_file() for p in listed.values())
