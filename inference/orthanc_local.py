@@ -55,11 +55,14 @@ class LocalOrthanc:
         Holds orthanc.json, the storage, the index and orthanc.log.
     modalities : dict, optional
         AE title -> port of DICOM peers on 127.0.0.1 (C-MOVE destinations).
+    tls : (certificate, private key, trusted certificates), optional
+        PEM files: the DICOM port then speaks only DICOM over TLS.
     """
 
     def __init__(self, folder: str | os.PathLike, *, modalities: dict[str, int] | None = None,
-                 ae_title: str = ORTHANC_AE_TITLE):
+                 ae_title: str = ORTHANC_AE_TITLE, tls: tuple[str, str, str] | None = None):
         self.folder = pathlib.Path(folder)
+        self.tls = tls  # (certificate, private key, trusted client certificates) PEM files: DICOM over TLS
         self.ae_title = ae_title
         self.modalities = dict(modalities or {})
         self.dicom_port = 0
@@ -97,7 +100,13 @@ class LocalOrthanc:
             "ConcurrentJobs": 1,
             "HttpThreadsCount": 4,
             "OverwriteInstances": True,
-        }
+        } | ({} if self.tls is None else {
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(self.tls[0]),
+            "DicomTlsPrivateKey": str(self.tls[1]),
+            "DicomTlsTrustedCertificates": str(self.tls[2]),
+            "DicomTlsRemoteCertificateRequired": False,
+        })
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> "LocalOrthanc":
         """Start the server and wait until its REST API answers."""

@@ -208,6 +208,28 @@ def test_pacs_that_never_answers_fails_within_the_timeout():
         assert time.perf_counter() - started < 1.5 + 2.0
 
 
+def test_dicom_over_tls(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    with LocalOrthanc(tmp_path / "orthanc", tls=(str(cert), str(key), str(cert))) as server:
+        secure = pacs.PacsSettings(port=server.dicom_port, timeout_s=3.0, tls=True, tls_ca_file=str(cert))
+        assert pacs.echo(secure) < 3.0
+        started = time.perf_counter()
+        with pytest.raises(PacsError, match="aborted or not answered"):
+            pacs.echo(pacs.PacsSettings(port=server.dicom_port, timeout_s=2.0))  # plain DICOM to a TLS port
+        assert time.perf_counter() - started < 2.0 + 2.0
+        untrusted = pacs.PacsSettings(port=server.dicom_port, timeout_s=2.0, tls=True)  # system CAs only
+        with pytest.raises(PacsError, match="TLS"):
+            pacs.echo(untrusted)
+
+
 def test_cli_settings_file_echo_and_find(tmp_path, orthanc, capsys, monkeypatch):
     monkeypatch.setenv("HIPATLAS_CONFIG_DIR", str(tmp_path / "config"))
     assert cli_run(["pacs", "--port", str(orthanc.dicom_port), "--aet", "ORTHANC", "--timeout", "4", "configure"]) == 0
