@@ -27,7 +27,6 @@ is not cleaned of burned-in text (the objects HipAtlas writes carry none: Burned
 
 from __future__ import annotations
 
-import importlib
 import logging
 import secrets
 from typing import Any
@@ -38,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Deidentifier", "PROFILE_RELEASE", "basic_profile_actions"]
 
-PROFILE_RELEASE = "dicomfields_2026c"
+PROFILE_RELEASE = "2026c"  # the PS3.15 release of the table imported in basic_profile_actions
 _CATEGORY_ACTION = {
     "D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "D", "X_Z_TAGS": "X",
     "X_D_TAGS": "X", "X_Z_D_TAGS": "X", "X_Z_U_STAR_TAGS": "XU",
@@ -52,10 +51,9 @@ _METHOD = "PS3.15 Basic Profile, Clean Structured Content (HipAtlas)"  # LO: at 
 
 def basic_profile_actions() -> dict[int, str]:
     """Tag (as an int) -> action (``X``, ``Z``, ``D``, ``U`` or ``XU``) of the Basic Profile."""
-    try:
-        table = importlib.import_module(f"dicomanonymizer.dicom_anonymization_databases.{PROFILE_RELEASE}")
-    except ImportError as exc:  # pragma: no cover - a dependency of the project
-        raise ImportError("the PS3.15 table needs the 'dicom-anonymizer' package (pip install dicom-anonymizer)") from exc
+    # A static import (not importlib) so that packagers such as PyInstaller find the table.
+    from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as table
+
     actions: dict[int, str] = {}
     for category, action in _CATEGORY_ACTION.items():
         for entry in getattr(table, category):
