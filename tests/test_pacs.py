@@ -179,6 +179,24 @@ def test_interrupted_retrieve_leaves_no_case(tmp_path, orthanc, settings):
     assert list((tmp_path / "cases").iterdir()) == []  # no temporary leftovers either
 
 
+def test_pacs_going_down_during_a_retrieve_leaves_no_case(tmp_path):
+    files = dicom_case.case_to_dicom(DEMO, tmp_path / "dicom", patient=dicom_case.PatientInfo(patient_id="PACS-DOWN"))
+    with LocalOrthanc(tmp_path / "orthanc") as server:
+        settings = pacs.PacsSettings(port=server.dicom_port, timeout_s=3.0)
+        run_to_completion(pacs.send(settings, files))
+        series = [s["SeriesInstanceUID"] for s in pacs.find_series(settings, str(pydicom.dcmread(files[0]).StudyInstanceUID))]
+
+        def pacs_dies():  # called after the first image arrived: the PACS process goes away
+            server.stop()
+            return False
+
+        target = tmp_path / "cases" / "case"
+        with pytest.raises(PacsError, match="the connection was lost during the retrieve .* nothing was kept"):
+            run_to_completion(pacs.retrieve_case(settings, str(pydicom.dcmread(files[0]).StudyInstanceUID), target,
+                                                 series_uids=series, cancel=pacs_dies))
+    assert not target.exists() and list((tmp_path / "cases").iterdir()) == []
+
+
 def test_unreachable_and_refusing_pacs_fail_fast_with_one_line(tmp_path, orthanc, capsys):
     refused = pacs.PacsSettings(port=free_port(), timeout_s=3.0)
     started = time.perf_counter()
