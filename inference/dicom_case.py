@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from inference import __version__
-from inference.errors import CalibrationError, CaseFormatError, GeometryError, InputFileError
+from inference.errors import CaseFormatError, GeometryError, InputFileError
 
 logger = logging.getLogger(__name__)
 
