@@ -598,3 +598,24 @@ def test_cli_case_to_dicom_get_and_dicom_export(tmp_path, orthanc, capsys):
     listed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
     assert set(listed) == {"sr", "pdf", "stl", "overlay_AP", "overlay_LAT", "gsps_AP", "gsps_LAT"}
     assert all(pathlib.Path(p).is_file() for p in listed.values())
+
+
+@pytest.mark.slow
+def test_simulated_case_through_the_pacs_keeps_its_cameras(tmp_path, orthanc, settings):
+    """A `hipatlas simulate` phantom case, stored as DX and retrieved: same cameras, same pixels."""
+    from inference.simulate import simulate_phantom_case
+
+    case_dir = simulate_phantom_case("MC22:left", 5, tmp_path / "sim", detector=(256, 256, 1.2))
+    files = dicom_case.case_to_dicom(case_dir, tmp_path / "dicom", patient=dicom_case.PatientInfo(patient_id="SIM-5"))
+    _assert_round_trip(case_dir, files)
+    run_to_completion(pacs.send(settings, files))
+    study = pacs.find_studies(settings, patient_id="SIM-5")[0]["StudyInstanceUID"]
+    retrieved = io.load_case(run_to_completion(pacs.retrieve_case(settings, study, tmp_path / "case")))
+    original = io.load_case(case_dir)
+    assert retrieved.side == original.side == "left"
+    origin, _ = dicom_case.case_world_origin([v.P for v in original.views])
+    shift = np.eye(4)
+    shift[:3, 3] = origin
+    for got, want in zip(retrieved.views, original.views):
+        assert _pixel_error(got.P, geometry.transform_world(want.P, shift), np.zeros(3)) < 1e-3
+        np.testing.assert_allclose(got.image.pixels, want.image.pixels)

@@ -153,3 +153,26 @@ def test_send_to_pacs_sends_the_sessions_current_measurements_and_report_pdf(qtb
     (group,) = sr.content.get_planar_roi_measurement_groups()
     np.testing.assert_allclose(group.roi.value[0], head)
     session.close()
+
+
+def test_cancelling_a_retrieve_in_the_dialog_writes_no_case(qtbot, tmp_path, orthanc, settings_file):
+    from PySide6.QtCore import Qt
+
+    from app.pacs_dialog import OpenFromPacsDialog
+
+    files = dicom_case.case_to_dicom(DEMO, tmp_path / "dicom", patient=dicom_case.PatientInfo(patient_id="GUI-4"))
+    run_to_completion(pacs.send(pacs.load_settings(settings_file), files))
+    dialog = OpenFromPacsDialog(None, settings_file=settings_file, case_root=tmp_path / "cases")
+    dialog.quiet = True
+    qtbot.addWidget(dialog)
+    dialog.patient_id.setText("GUI-4")
+    qtbot.mouseClick(dialog.search_button, Qt.MouseButton.LeftButton)
+    _wait_idle(qtbot, dialog)
+    dialog.study_table.selectRow(0)
+    _wait_idle(qtbot, dialog)
+    qtbot.mouseClick(dialog.retrieve_button, Qt.MouseButton.LeftButton)
+    assert dialog.cancel_button.isEnabled()
+    qtbot.mouseClick(dialog.cancel_button, Qt.MouseButton.LeftButton)  # before the first image is in
+    _wait_idle(qtbot, dialog)
+    assert dialog.case_dir is None and dialog.status.text() == "Cancelled; nothing was written"
+    assert not (tmp_path / "cases").exists() or list((tmp_path / "cases").iterdir()) == []
