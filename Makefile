@@ -9,10 +9,13 @@ STAMP := $(VENV)/.installed
 # Debian packages for offscreen VTK (EGL / OSMesa) and Qt's xcb plugin under Xvfb.
 SYSTEM_PACKAGES := xvfb xauth libgl1-mesa-dri libglx-mesa0 libegl1 libegl-mesa0 libosmesa6 \
 	libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 \
-	libxcb-render-util0 libxcb-randr0 libxcb-shape0 libxkbcommon-x11-0 libdbus-1-3 libfontconfig1
+	libxcb-render-util0 libxcb-randr0 libxcb-shape0 libxkbcommon-x11-0 libdbus-1-3 libfontconfig1 \
+	$(PACS_PACKAGES)
+# A real PACS for the DICOM networking tests and `make pacs-demo` (started on localhost ports by them).
+PACS_PACKAGES := orthanc
 PYTEST_ARGS ?=
 
-.PHONY: install system-packages demo test test-slow test-all bench lint clean package model
+.PHONY: install system-packages demo pacs-demo test test-slow test-all bench lint clean package model
 
 install: system-packages $(STAMP)
 
@@ -46,6 +49,11 @@ demo: install
 		xvfb-run -a -s "-screen 0 1600x1000x24" $(VENV)/bin/hipatlas gui --demo \
 			--screenshot $(DEMO_OUT)/hipatlas-demo.png --quit-after-register; \
 	fi
+
+# The hospital round trip against a real Orthanc on localhost ports (docs/hospital-it.md): load the
+# demo and a simulated case as DICOM DX studies, retrieve, register, store SR + PDF + overlays + STL back.
+pacs-demo: install
+	$(PY) tools/pacs_demo.py --out work/pacs-demo
 
 package: install
 	packaging/build_linux.sh

@@ -110,6 +110,13 @@ def png_from_qimage(image: QImage) -> bytes:
     return bytes(data.data())
 
 
+def _pacs_dialog():
+    """app.pacs_dialog, imported when a PACS action is used (it loads pynetdicom)."""
+    from app import pacs_dialog
+
+    return pacs_dialog
+
+
 class MaskEditCommand(QUndoCommand):
     """One mask edit of one view (a brush stroke, a polygon, a reset) on the undo stack."""
 
@@ -612,12 +619,14 @@ class MainWindow(QMainWindow):
 
         action("open_case", "Open case folder\u2026", self.choose_case_folder, "Ctrl+O")
         action("import", "Import two radiographs\u2026", self.choose_radiographs, "Ctrl+I")
+        action("open_pacs", "Open from PACS\u2026", lambda: _pacs_dialog().open_from_pacs(self))
         action("open_project", "Open project\u2026", self.choose_project, "Ctrl+Shift+O")
         self.recent_menu = file_menu.addMenu("Open recent")
         file_menu.addSeparator()
         action("save", "Save project", self.save_project, QKeySequence.StandardKey.Save)
         action("save_as", "Save project as\u2026", self.save_project_as, "Ctrl+Shift+S")
         action("export", "Export\u2026", self.choose_export_folder, "Ctrl+E")
+        action("send_pacs", "Send to PACS\u2026", lambda: _pacs_dialog().send_to_pacs(self))
         file_menu.addSeparator()
         action("settings", "Settings\u2026", self.edit_settings, "Ctrl+,")
         file_menu.addSeparator()

@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "inference.evaluate",
     "inference.data.cli_data",
     "inference.experiments",
+    "inference.cli_pacs",
 )
 
 EXIT_BAD_INPUT = 2

@@ -26,6 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     register.add_argument("--model", help="model folder or .keras file (default: the shipped model)")
     register.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     register.add_argument("--quiet", action="store_true", help="no progress bar")
+    register.add_argument("--dicom-out", metavar="DIR",
+                          help="also write the results as DICOM in the source study (the case's radiographs must "
+                          "be DICOM); see hipatlas dicom-export")
     register.set_defaults(handler=_register)
 
 
@@ -62,6 +65,10 @@ def _register(args: argparse.Namespace) -> int:
     from inference import pipeline
 
     if len(args.case_dir) > 1:
+        if args.dicom_out:
+            from inference.errors import InputFileError
+
+            raise InputFileError("--dicom-out takes one case; run hipatlas dicom-export on each case's output")
         return _register_cohort(args)
     result = pipeline.run_to_completion(
         pipeline.register_case(args.case_dir[0], args.out, model=args.model, overwrite=args.overwrite),
@@ -70,6 +77,13 @@ def _register(args: argparse.Namespace) -> int:
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"outputs written to {pathlib.Path(args.out).resolve()}", file=sys.stderr)
+    if args.dicom_out:
+        from inference import dicom_results
+
+        written = dicom_results.export_results(args.out, args.dicom_out, source=args.case_dir[0],
+                                               overwrite=args.overwrite)
+        print(f"DICOM results ({', '.join(written)}) written to {pathlib.Path(args.dicom_out).resolve()}",
+              file=sys.stderr)
     return 0
 
 

@@ -51,3 +51,7 @@ class Cancelled(HipAtlasError):
 class OutputError(HipAtlasError):
     """An output file or folder cannot be written (exists and overwriting is not allowed, no
     permission, unsupported file type)."""
+
+
+class PacsError(HipAtlasError):
+    """A PACS cannot be reached, refuses the association, or refuses or fails a DICOM request."""

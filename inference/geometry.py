@@ -751,6 +751,9 @@ def projection_from_dicom(ds: Any, *, name: str = "view") -> tuple[np.ndarray, C
       detector elements as ``[along the column (v), along the row (u)]`` from the top-left
       element; converted with DetectorElementSpacing (0018,7022) (binning) and
       FieldOfViewOrigin (0018,7030) when present. Otherwise the image centre.
+    * FieldOfViewHorizontalFlip (0018,7034) = YES: the image is mirrored left-right relative to
+      the detector readout (shown as seen from the source, ``viewed_from="source"``); the
+      isocentre projection, given in detector elements, is mirrored with it.
 
     The world origin is the isocentre. Distances are never guessed.
 
@@ -823,9 +826,14 @@ def projection_from_dicom(ds: Any, *, name: str = "view") -> tuple[np.ndarray, C
     rotation = _dicom_value(ds, "FieldOfViewRotation")
     if rotation is not None and float(rotation) % 360.0 != 0.0:
         warnings.append(f"FieldOfViewRotation (0018,7032) = {rotation} deg is not applied")
+    # FieldOfViewHorizontalFlip = YES: the image was mirrored left-right after readout, so it shows
+    # the patient as seen from the source (a radiograph's usual display) rather than from the detector.
     flip = _dicom_value(ds, "FieldOfViewHorizontalFlip")
-    if flip is not None and str(flip).strip().upper() == "YES":
-        warnings.append("FieldOfViewHorizontalFlip (0018,7034) = YES is not applied")
+    flipped = flip is not None and str(flip).strip().upper() == "YES"
+    if flipped:
+        used.append(f"FieldOfViewHorizontalFlip {_DICOM_TAGS['FieldOfViewHorizontalFlip']}")
+        if principal_point is not None:
+            principal_point = (cols - 1.0 - principal_point[0], principal_point[1])
     for message in warnings:
         logger.warning("%s: %s; the image orientation may not match the geometry", name, message)
 
@@ -833,7 +841,7 @@ def projection_from_dicom(ds: Any, *, name: str = "view") -> tuple[np.ndarray, C
         view = CArmView(
             sdd_mm=sdd, sid_mm=sid, lao_deg=_wrap_deg(primary + 180.0), cranial_deg=secondary,
             rows=rows, cols=cols, pixel_mm=col_spacing, pixel_v_mm=row_spacing,
-            principal_point_px=principal_point, viewed_from="detector",
+            principal_point_px=principal_point, viewed_from="source" if flipped else "detector",
         )
     except GeometryError as error:
         raise CalibrationError(f"{name}: the DICOM geometry tags are inconsistent: {error}") from None
