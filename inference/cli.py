@@ -27,6 +27,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "inference.train",
     "inference.evaluate",
     "inference.data.cli_data",
+    "inference.templating.cli_plan",
 )
 
 EXIT_BAD_INPUT = 2

@@ -385,7 +385,7 @@ def generic_stem_family() -> dict:
 
     Size k (1..10): length 115 + 5(k-1) mm; a double taper: the ML width grows 0.14 mm per mm
     from the tip (6.5 + 1.1(k-1) mm) to 70 % of the length, then flares to the shoulder; standard
-    offset 37 + 0.8(k-1) mm, high offset 7 mm more; the neck axis crosses the stem axis 18 mm
+    offset 33 + (k-1) mm, high offset 7 mm more; the neck axis crosses the stem axis 18 mm
     below the shoulder.
     """
     variants = [{"name": f"{angle} {kind}", "neck_shaft_angle_deg": angle}
@@ -405,7 +405,7 @@ def generic_stem_family() -> dict:
                 ml = tip_ml + 0.14 * waist + f * (8.0 + 0.4 * k)
                 ap = tip_ap + 0.06 * waist + f * 2.0
             body.append({"height_mm": round(z, 2), "ml_width_mm": round(ml, 2), "ap_width_mm": round(ap, 2)})
-        standard = 37.0 + 0.8 * k
+        standard = 33.0 + 1.0 * k
         offsets = {v["name"]: round(standard + (7.0 if v["name"].endswith("high") else 0.0), 2) for v in variants}
         sizes.append({"size": str(k + 1), "length_mm": length, "neck_axis_height_mm": length - 18.0,
                       "offset_mm": offsets, "body": body})

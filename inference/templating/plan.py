@@ -9,7 +9,8 @@ superior/inferior, anterior/posterior), leg-length change at the femur and canal
 warnings past :data:`TARGETS`.
 
 :func:`auto_plan` makes the first plan: the largest stem that fits the canal below the lesser
-trochanter, its axis on the anatomical shaft axis, its neck in the plane of the native neck, the
+trochanter, its axis on the anatomical shaft axis, its neck in the plane of the shaft axis and the
+native head centre, the
 neck variant and head offset that best restore the native offset, seated so that the head centre
 keeps its height above the lesser trochanter; a cup from the native head diameter plus
 :data:`CUP_MARGIN_MM` on the native centre of rotation at 40 deg inclination / 20 deg anteversion.
@@ -87,12 +88,27 @@ class NativeHip:
         return np.array([self.side_sign, 0.0, 0.0])
 
     def neck_plane_x(self) -> np.ndarray:
-        """Unit direction of the neck projected onto the plane perpendicular to the shaft axis."""
+        """Unit direction from the shaft axis to the head centre, perpendicular to the shaft axis.
+
+        A stem's neck plane holds the stem axis; the native neck plane that holds the shaft axis
+        and the head centre is the one in which a stem restores the head centre. The measured neck
+        axis usually passes a few mm in front of or behind the shaft axis (on the shipped atlas its
+        projection is 5 deg from this direction): :meth:`neck_axis_version_deg` reports the angle.
+        """
         d = self.shaft_direction
-        x = self.neck_direction - (self.neck_direction @ d) * d
+        rel = self.hip_centre_mm - self.shaft_point_mm
+        x = rel - (rel @ d) * d
         if np.linalg.norm(x) < 1e-6:
-            raise DataError("the neck axis is parallel to the shaft axis; check the measurements")
+            raise DataError("the head centre lies on the shaft axis; check the measurements")
         return _unit(x)
+
+    def neck_axis_version_deg(self) -> float:
+        """Angle (deg, + = more anteverted) of the neck axis's projection from :meth:`neck_plane_x`."""
+        d = self.shaft_direction
+        n = self.neck_direction - (self.neck_direction @ d) * d
+        x = self.neck_plane_x()
+        angle = math.degrees(math.atan2(np.cross(x, n) @ d, x @ n))
+        return -self.side_sign * angle
 
     def height(self, point_mm) -> float:
         """Height of a point along the shaft axis above the lesser trochanter (mm)."""
@@ -156,7 +172,12 @@ def canal_profile(hu: np.ndarray, labels: np.ndarray, geometry, native: NativeHi
             if first < 0 or not inside[:first + 1].all():
                 widths = None
                 break
-            widths.append(radii[first])
+            radius = radii[first]
+            if first > 0 and lab[first] == femur_label and values[first] > values[first - 1]:
+                # Where the cortex (not the label's edge) stops the ray, place the boundary at the
+                # threshold crossing between the two samples instead of on the sample grid.
+                radius -= step_mm * (values[first] - threshold_hu) / (values[first] - values[first - 1])
+            widths.append(radius)
         if widths is not None and widths[0] + widths[1] > 0:
             heights.append(h)
             ml.append(float(widths[0] + widths[1]))
@@ -253,9 +274,9 @@ def _rotation_about(axis, angle_deg: float) -> np.ndarray:
 
 
 def place(native: NativeHip, plan: Plan, library: ImplantLibrary) -> PlacedPlan:
-    """Implant poses for a plan: the stem axis on the shaft axis, its neck plane turned from the native
-    neck plane by the version change, its tip at the planned height; the cup at its centre along
-    :func:`cup_axis`."""
+    """Implant poses for a plan: the stem axis on the shaft axis, its neck plane turned by the version
+    change from the native plane of the shaft axis and head centre, its tip at the planned height;
+    the cup at its centre along :func:`cup_axis`."""
     stem, cup = library.stem(plan.stem_family), library.cup(plan.cup_family)
     z = native.shaft_direction
     # A right femur's anteversion turns the neck from medial (+x) towards anterior (-y): a negative
@@ -329,9 +350,10 @@ def plan_changes(native: NativeHip, placed: PlacedPlan) -> dict:
     if fit["fits"] is False:
         warnings.append(f"stem size {plan.stem_size} is {-fit['min_ml_gap_mm']:.1f} mm wider than the canal; "
                         "choose a smaller size or seat it higher")
-    elif fit["fill_ml_mean"] is not None and fit["fill_ml_mean"] < TARGETS["canal_fill_min"]:
-        warnings.append(f"stem size {plan.stem_size} fills {100 * fit['fill_ml_mean']:.0f} % of the canal (ML); "
-                        "it may be undersized")
+    elif fit["fill_ml_max"] is not None and fit["fill_ml_max"] < TARGETS["canal_fill_min"]:
+        # A tapered wedge locks where it is tightest: undersized if it fills the canal well nowhere.
+        warnings.append(f"stem size {plan.stem_size} fills at most {100 * fit['fill_ml_max']:.0f} % of the canal "
+                        "width (ML); it may be undersized")
     elif fit["fits"] is None:
         warnings.append("the stem does not reach the measured canal levels; canal fill unknown")
     cup_size = placed.cup.size(plan.cup_size)
@@ -399,3 +421,108 @@ def auto_plan(native: NativeHip, library: ImplantLibrary, *, stem_family: str | 
     logger.info("auto plan: stem %s %s head %+g mm, cup %s", chosen.stem_size, chosen.stem_variant,
                 chosen.head_offset_mm, chosen.cup_size)
     return chosen
+
+
+# ----------------------------------------------------------------------------------------------
+# Implant surfaces and outlines of a placed plan; the plan document; headless planning
+# ----------------------------------------------------------------------------------------------
+def implant_meshes(placed: PlacedPlan) -> dict:
+    """World-space meshes ``{"stem", "head", "cup"}`` (the stem = body and neck shells)."""
+    from inference.templating import meshes
+
+    plan = placed.plan
+    parts = meshes.stem_meshes(placed.stem, plan.stem_size, plan.stem_variant, plan.head_offset_mm,
+                               plan.head_diameter_mm)
+    return {
+        "stem": meshes.merge_meshes([parts["body"], parts["neck"]]).transformed(placed.stem_to_world),
+        "head": parts["head"].transformed(placed.stem_to_world),
+        "cup": meshes.cup_mesh(placed.cup, plan.cup_size).transformed(placed.cup_to_world),
+    }
+
+
+def implant_outlines(placed: PlacedPlan, P) -> dict:
+    """Outlines ``{"stem", "head", "cup"}`` (lists of (M, 2) pixel polygons) on a view with ``P``."""
+    from inference.templating import meshes
+
+    plan = placed.plan
+    parts = meshes.stem_meshes(placed.stem, plan.stem_size, plan.stem_variant, plan.head_offset_mm,
+                               plan.head_diameter_mm)
+
+    def world(points):
+        return points @ placed.stem_to_world[:3, :3].T + placed.stem_to_world[:3, 3]
+
+    stem_pieces = [world(p) for p in meshes.body_pieces(parts["body"])] + [world(parts["neck"].vertices)]
+    cup = meshes.cup_mesh(placed.cup, plan.cup_size).transformed(placed.cup_to_world)
+    return meshes.projected_outlines(P, {"head": world(parts["head"].vertices), "cup": cup.vertices},
+                                     pieces={"stem": stem_pieces})
+
+
+def _plain(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def plan_document(native: NativeHip, placed: PlacedPlan, changes: dict, *, case_out: str | None = None) -> dict:
+    """The plan.json content (docs/templating.md)."""
+    import datetime
+
+    from inference import __version__
+
+    return _plain({
+        "format": PLAN_FORMAT,
+        "software": {"name": "hipatlas", "version": __version__},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "case_out": case_out,
+        "side": native.side,
+        "plan": placed.plan.to_dict(),
+        "implants": {
+            "stem": {"family": placed.stem.id, "name": placed.stem.name, "version": placed.stem.version,
+                     "size": placed.plan.stem_size, "variant": placed.plan.stem_variant,
+                     "head_offset_mm": placed.plan.head_offset_mm, "head_diameter_mm": placed.plan.head_diameter_mm},
+            "cup": {"family": placed.cup.id, "name": placed.cup.name, "version": placed.cup.version,
+                    "size": placed.plan.cup_size},
+        },
+        "native": {"hip_centre_mm": native.hip_centre_mm, "head_radius_mm": native.head_radius_mm,
+                   "femoral_offset_mm": native.femoral_offset_mm,
+                   "shaft_axis": {"point_mm": native.shaft_point_mm, "direction": native.shaft_direction},
+                   "lesser_trochanter_mm": native.axis_point(0.0),
+                   "neck_axis_version_deg": native.neck_axis_version_deg()},
+        "poses": {"stem_to_world": placed.stem_to_world, "cup_to_world": placed.cup_to_world},
+        "planned": {"head_centre_mm": placed.head_centre_mm,
+                    "cup_axis": placed.cup_to_world[:3, 2]},
+        "changes": changes,
+        "canal": {"heights_above_lesser_trochanter_mm": list(native.canal.heights_mm),
+                  "ml_width_mm": list(native.canal.ml_width_mm), "ap_width_mm": list(native.canal.ap_width_mm)},
+        "files": {"stem": "stem.stl", "head": "head.stl", "cup": "cup.stl"},
+    })
+
+
+def write_plan(out_dir: str | os.PathLike, native: NativeHip, placed: PlacedPlan, *, case_out: str | None = None,
+               overwrite: bool = False) -> dict:
+    """Write ``plan.json`` and the implant STLs (world mm) into a new folder, all or nothing."""
+    from inference import io
+    from inference.data.mesh import write_stl
+
+    changes = plan_changes(native, placed)
+    document = plan_document(native, placed, changes, case_out=case_out)
+    with io.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        for name, mesh in implant_meshes(placed).items():
+            path = write_stl(tmp / document["files"][name], mesh, header=f"HipAtlas planned {name} (world LPS mm)")
+            path.chmod(io.plain_mode())  # write_stl's temporary file is private (0600); plan.json is not
+        io.write_json_atomic(tmp / "plan.json", document)
+    return document
+
+
+def plan_case_out(case_out: str | os.PathLike, *, library: ImplantLibrary | None = None, **options):
+    """Native hip, automatic plan and its placement for a registration output folder."""
+    from inference.templating.library import load_library
+
+    library = library or load_library()
+    native = native_hip_from_case_out(case_out)
+    plan = auto_plan(native, library, **options)
+    return native, place(native, plan, library)
