@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 BONE_COLOUR = "#E8DCC4"
 IMPLANT_COLOURS = {"stem": "#B0BEC5", "head": "#FFD54F", "cup": "#4FC3F7"}
+#: Outline colours on the radiographs: saturated, so that they stand out on grey bone.
+OUTLINE_COLOURS = {"stem": "#FF7043", "head": "#FFD54F", "cup": "#4FC3F7"}
 
 
 def native_hip_from_session(session) -> NativeHip:
@@ -195,21 +197,21 @@ class TemplatePanel(QWidget):
         bar.addStretch(1)
         scene_layout.addLayout(bar)
         scene_layout.addWidget(self.plotter, 1)
-        radiographs = QWidget()
-        row = QHBoxLayout(radiographs)
-        row.setContentsMargins(0, 0, 0, 0)
+        radiographs = QSplitter(Qt.Orientation.Vertical)
         for title, view in zip(self.view_titles, self.views):
-            column = QVBoxLayout()
+            box = QWidget()
+            column = QVBoxLayout(box)
+            column.setContentsMargins(0, 0, 0, 0)
             column.addWidget(title)
             column.addWidget(view, 1)
-            row.addLayout(column, 1)
-        right = QSplitter(Qt.Orientation.Vertical)
-        right.addWidget(scene)
-        right.addWidget(radiographs)
+            radiographs.addWidget(box)
         split = QSplitter(Qt.Orientation.Horizontal)
         split.addWidget(controls)
-        split.addWidget(right)
-        split.setStretchFactor(1, 1)
+        split.addWidget(scene)
+        split.addWidget(radiographs)
+        split.setStretchFactor(1, 3)
+        split.setStretchFactor(2, 2)
+        split.setSizes([340, 600, 460])
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(split)
@@ -227,10 +229,17 @@ class TemplatePanel(QWidget):
             self.status.setText("Register a case to plan implants")
             self._set_enabled(False)
             return False
-        native = native_hip_from_session(s)
+        from inference.errors import HipAtlasError
+
         saved = getattr(s, "template_plan", None)
-        plan = Plan.from_dict(saved) if saved else None
-        self.editor = PlanEditor(native, self.library, plan)
+        try:
+            native = native_hip_from_session(s)
+            self.editor = PlanEditor(native, self.library, Plan.from_dict(saved) if saved else None)
+        except HipAtlasError as exc:
+            self.editor = None
+            self.status.setText(f"Cannot plan this case: {exc}")
+            self._set_enabled(False)
+            return False
         self.status.setText(f"{native.side.capitalize()} hip. "
                             + ("Saved plan." if saved else "Automatic first plan: adjust as needed."))
         self._fill_choices()
@@ -238,9 +247,26 @@ class TemplatePanel(QWidget):
         self._show_radiographs()
         self._set_enabled(True)
         self._update()
+        self.zoom_to_implants()
         self.plotter.reset_camera()
         self.plotter.render()
         return True
+
+    def zoom_to_implants(self, margin: float = 1.6) -> None:
+        """Fit each radiograph to its implant outlines (``margin`` times their extent)."""
+        from PySide6.QtCore import QRectF
+
+        for index, view in enumerate(self.views):
+            paths = self.outline_paths(index)
+            if not paths:
+                continue
+            box = paths[0].boundingRect()
+            for path in paths[1:]:
+                box = box.united(path.boundingRect())
+            side = margin * max(box.width(), box.height())
+            centre = box.center()
+            view.fitInView(QRectF(centre.x() - side / 2, centre.y() - side / 2, side, side),
+                           Qt.AspectRatioMode.KeepAspectRatio)
 
     def _set_enabled(self, enabled: bool) -> None:
         for w in (self.stem_size, self.size_down, self.size_up, self.variant, self.head_offset, self.head_diameter,
@@ -392,7 +418,7 @@ class TemplatePanel(QWidget):
                         path.lineTo(u, v)
                     path.closeSubpath()
                     item = QGraphicsPathItem(path)
-                    pen = QPen(QColor(IMPLANT_COLOURS[name]), 2)
+                    pen = QPen(QColor(OUTLINE_COLOURS[name]), 1.5)
                     pen.setCosmetic(True)
                     item.setPen(pen)
                     item.setZValue(6)
