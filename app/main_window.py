@@ -792,8 +792,7 @@ class MainWindow(QMainWindow):
             self.review_summary.setText("")
             self.warnings_box.setPlainText("")
             self._refresh_measurements()
-            self.template_panel.session = s
-            self.template_panel.load()
+            self.template_panel.set_session(s)
             return
         self.surface_view.set_result(result.surface_vertices, result.surface_faces, result.volume, result.grid)
         self.slice_panel.set_volume(result.volume, result.labels, result.grid)
@@ -812,8 +811,7 @@ class MainWindow(QMainWindow):
         self.review_summary.setText("<br>".join(lines))
         self._refresh_measurements()
         self._overlay_toggles()
-        self.template_panel.session = s
-        self.template_panel.load()
+        self.template_panel.set_session(s)  # loads when the Template tab is shown
 
     def _refresh_measurements(self) -> None:
         s = self.session

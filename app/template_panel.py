@@ -79,6 +79,7 @@ class TemplatePanel(QWidget):
         self.editor: PlanEditor | None = None
         self.last_update_s = 0.0
         self._closed = False
+        self._stale = True          # the session changed since the last load()
         self._updating = False
         self._actors: dict[str, object] = {}
         self._outline_items: list[list[QGraphicsPathItem]] = [[], []]
@@ -218,12 +219,26 @@ class TemplatePanel(QWidget):
         self._set_enabled(False)
 
     # ------------------------------------------------------------------ loading
+    def set_session(self, session) -> None:
+        """Follow a (new or changed) session: reload now if shown, else when next shown (loading
+        builds the canal profile and the 3D scene, which need not run while nobody looks)."""
+        self.session = session
+        self._stale = True
+        if self.isVisible():
+            self.load()
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if self._stale and not self._closed:
+            self.load()
+
     def load(self) -> bool:
         """(Re)build the editor from the session: its saved plan, else the automatic plan.
 
         Returns False (and shows why) when the session has no registration result yet.
         """
         s = self.session
+        self._stale = False
         if s.result is None or not s.measurements:
             self.editor = None
             self.status.setText("Register a case to plan implants")

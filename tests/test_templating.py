@@ -157,18 +157,19 @@ def test_outlines_land_where_P_puts_the_implant(analytic, library, lao_deg):
     (head,) = outlines["head"]
     err = meshes.sphere_outline_error_mm(P, placed.head_centre_mm, placed.plan.head_diameter_mm / 2, head)
     assert np.abs(err).max() < 0.15
-    # Stem and cup: every projected vertex is inside or within 0.3 px of the outline (the raster
-    # trace runs within half its 0.25 px step of the true edge), and every outline point is within
-    # 0.3 px of the projected surface (of a projected vertex or a hull edge between two).
+    # Stem and cup: every projected vertex is inside or within one 0.5 px raster step of the outline
+    # (the trace runs half a step outside straight edges and cuts sharp corners by up to
+    # step / sqrt(2)), and every outline point is within that of the projected surface (of a
+    # projected vertex or a hull edge between two).
     from matplotlib.path import Path
 
     for name in ("stem", "cup"):
         uv = project_points(P, world[name].vertices)
         polygon = max(outlines[name], key=len)
         inside = Path(polygon).contains_points(uv)
-        assert (inside | (_distance_to_polyline(uv, polygon) < 0.3)).all(), name
+        assert (inside | (_distance_to_polyline(uv, polygon) < meshes.OUTLINE_STEP_PX)).all(), name
         hull = meshes.convex_outline(uv)
-        on_surface = Path(hull).contains_points(polygon) | (_distance_to_polyline(polygon, hull) < 0.3)
+        on_surface = Path(hull).contains_points(polygon) | (_distance_to_polyline(polygon, hull) < meshes.OUTLINE_STEP_PX)
         assert on_surface.all(), name
     centre = project_points(P, placed.stem_to_world[:3, 3] + 20 * placed.stem_to_world[:3, 2])
     assert Path(max(outlines["stem"], key=len)).contains_point(centre)
