@@ -84,12 +84,9 @@ class TemplatePanel(QWidget):
         self._actors: dict[str, object] = {}
         self._outline_items: list[list[QGraphicsPathItem]] = [[], []]
 
-        # ---- 3D view
-        from pyvistaqt import QtInteractor
-
-        self.plotter = QtInteractor(self, auto_update=False)
-        self.plotter.set_background("#1B1F27", top="#2E3440")
-        self.plotter.add_axes(interactive=False, line_width=2)
+        # ---- 3D view: the render window is made on the first load (a window that never plans
+        # needs no second OpenGL context)
+        self.plotter = None
         self.clip_bone = QCheckBox("Clip bone at the neck plane")
         self.clip_bone.toggled.connect(lambda _=False: self._update_scene())
         self.bone_opacity = _spin(0.05, 1.0, 0.05, "", 2)
@@ -197,7 +194,10 @@ class TemplatePanel(QWidget):
         bar.addWidget(self.bone_opacity)
         bar.addStretch(1)
         scene_layout.addLayout(bar)
-        scene_layout.addWidget(self.plotter, 1)
+        self._scene_layout = scene_layout
+        self._scene_placeholder = QLabel("Register a case to plan implants")
+        self._scene_placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        scene_layout.addWidget(self._scene_placeholder, 1)
         radiographs = QSplitter(Qt.Orientation.Vertical)
         for title, view in zip(self.view_titles, self.views):
             box = QWidget()
@@ -257,6 +257,7 @@ class TemplatePanel(QWidget):
             return False
         self.status.setText(f"{native.side.capitalize()} hip. "
                             + ("Saved plan." if saved else "Automatic first plan: adjust as needed."))
+        self._make_plotter()
         self._fill_choices()
         self._show_bone()
         self._show_radiographs()
@@ -266,6 +267,17 @@ class TemplatePanel(QWidget):
         self.plotter.reset_camera()
         self.plotter.render()
         return True
+
+    def _make_plotter(self) -> None:
+        if self.plotter is not None or self._closed:
+            return
+        from pyvistaqt import QtInteractor
+
+        self.plotter = QtInteractor(self, auto_update=False)
+        self.plotter.set_background("#1B1F27", top="#2E3440")
+        self.plotter.add_axes(interactive=False, line_width=2)
+        self._scene_layout.replaceWidget(self._scene_placeholder, self.plotter)
+        self._scene_placeholder.deleteLater()
 
     def zoom_to_implants(self, margin: float = 1.6) -> None:
         """Fit each radiograph to its implant outlines (``margin`` times their extent)."""
@@ -395,7 +407,7 @@ class TemplatePanel(QWidget):
         self.plan_changed.emit(plan.to_dict())
 
     def _update_scene(self) -> None:
-        if self._closed or self.editor is None:
+        if self._closed or self.editor is None or self.plotter is None:
             return
         for actor in self._actors.values():
             self.plotter.remove_actor(actor, render=False)
@@ -488,4 +500,5 @@ class TemplatePanel(QWidget):
         self._closed = True
         self._actors = {}
         self._bone = None
-        self.plotter.close()
+        if self.plotter is not None:
+            self.plotter.close()
