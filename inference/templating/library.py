@@ -112,6 +112,14 @@ class _Checker:
         return value
 
 
+def _named(items, attribute: str, name: str, owner: str, what: str):
+    """The item whose ``attribute`` is ``name``; a DataError listing the choices otherwise."""
+    for item in items:
+        if getattr(item, attribute) == name:
+            return item
+    raise DataError(f"{owner} has no {what} {name!r}; it has {', '.join(getattr(i, attribute) for i in items)}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Stems
 # ----------------------------------------------------------------------------------------------
@@ -141,16 +149,17 @@ class StemSize:
     body_ml_width_mm: tuple[float, ...]
     body_ap_width_mm: tuple[float, ...]
 
+    def _width_at(self, height_mm, widths) -> np.ndarray:
+        h = np.asarray(height_mm, float)
+        return np.where((h >= 0) & (h <= self.length_mm), np.interp(h, self.body_heights_mm, widths), np.nan)
+
     def ml_width_at(self, height_mm) -> np.ndarray:
         """Body ML width (mm) at heights above the tip; NaN outside the body."""
-        h = np.asarray(height_mm, float)
-        w = np.interp(h, self.body_heights_mm, self.body_ml_width_mm)
-        return np.where((h >= 0) & (h <= self.length_mm), w, np.nan)
+        return self._width_at(height_mm, self.body_ml_width_mm)
 
     def ap_width_at(self, height_mm) -> np.ndarray:
-        h = np.asarray(height_mm, float)
-        w = np.interp(h, self.body_heights_mm, self.body_ap_width_mm)
-        return np.where((h >= 0) & (h <= self.length_mm), w, np.nan)
+        """Body AP width (mm) at heights above the tip; NaN outside the body."""
+        return self._width_at(height_mm, self.body_ap_width_mm)
 
 
 @dataclass(frozen=True)
@@ -168,18 +177,10 @@ class StemFamily:
     kind: str = "stem"
 
     def variant(self, name: str) -> StemVariant:
-        for v in self.variants:
-            if v.name == name:
-                return v
-        raise DataError(f"stem family {self.id!r} has no variant {name!r}; "
-                        f"it has {', '.join(v.name for v in self.variants)}")
+        return _named(self.variants, "name", name, f"stem family {self.id!r}", "variant")
 
     def size(self, name: str) -> StemSize:
-        for s in self.sizes:
-            if s.size == name:
-                return s
-        raise DataError(f"stem family {self.id!r} has no size {name!r}; "
-                        f"it has {', '.join(s.size for s in self.sizes)}")
+        return _named(self.sizes, "size", name, f"stem family {self.id!r}", "size")
 
     def neck_direction(self, variant: str) -> np.ndarray:
         """Unit neck axis in the stem frame, pointing from the stem axis to the head."""
@@ -264,11 +265,7 @@ class CupFamily:
     kind: str = "cup"
 
     def size(self, name: str) -> CupSize:
-        for s in self.sizes:
-            if s.size == name:
-                return s
-        raise DataError(f"cup family {self.id!r} has no size {name!r}; "
-                        f"it has {', '.join(s.size for s in self.sizes)}")
+        return _named(self.sizes, "size", name, f"cup family {self.id!r}", "size")
 
 
 def _parse_cup(data: dict, check: _Checker) -> CupFamily:
