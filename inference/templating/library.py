@@ -58,11 +58,13 @@ class ImplantTemplateError(DataError):
 
 
 def implants_dir() -> pathlib.Path:
-    """``$HIPATLAS_IMPLANTS_DIR`` if set, else the shipped ``<repo>/resources/implants``."""
+    """``$HIPATLAS_IMPLANTS_DIR`` if set, else the shipped ``resources/implants``."""
+    from inference.resources import resources_root
+
     env = os.environ.get("HIPATLAS_IMPLANTS_DIR")
     if env:
-        return pathlib.Path(env)
-    return pathlib.Path(__file__).resolve().parents[2] / "resources" / "implants"
+        return pathlib.Path(env).expanduser()
+    return resources_root() / "implants"
 
 
 # ----------------------------------------------------------------------------------------------
