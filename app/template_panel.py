@@ -71,6 +71,11 @@ class TemplatePanel(QWidget):
 
     #: The plan changed (its dict, as saved in the project).
     plan_changed = Signal(dict)
+    #: A 3D handle was dragged: ("head" or "cup", (3,) new world position in mm).
+    handle_moved = Signal(str, object)
+
+    #: The drag handles of the 3D view, in widget index order.
+    HANDLES = ("head", "cup")
 
     def __init__(self, session, library: ImplantLibrary | None = None, parent=None):
         super().__init__(parent)
@@ -87,6 +92,8 @@ class TemplatePanel(QWidget):
         # ---- 3D view: the render window is made on the first load (a window that never plans
         # needs no second OpenGL context)
         self.plotter = None
+        self.handle_moved.connect(self._move_handle, Qt.ConnectionType.QueuedConnection)
+        self._handle_points: dict[str, np.ndarray] = {}
         self.clip_bone = QCheckBox("Clip bone at the neck plane")
         self.clip_bone.toggled.connect(lambda _=False: self._update_scene())
         self.bone_opacity = _spin(0.05, 1.0, 0.05, "", 2)
@@ -424,7 +431,46 @@ class TemplatePanel(QWidget):
             self._actors[name] = self.plotter.add_mesh(
                 _polydata(mesh.vertices, mesh.faces), color=IMPLANT_COLOURS[name], smooth_shading=True,
                 specular=0.6, opacity=0.55 if name == "cup" else 1.0, reset_camera=False, render=False)
+        self._update_handles(placed)
         self.plotter.render()
+
+    # ------------------------------------------------------------------ drag handles
+    def _update_handles(self, placed) -> None:
+        """Sphere handles on the head centre (drag = seat the stem along the shaft axis) and on the
+        cup centre (drag = move the cup)."""
+        self._handle_points = {"head": np.asarray(placed.head_centre_mm, float),
+                               "cup": np.asarray(placed.cup_to_world[:3, 3], float)}
+        interactor = self.plotter.iren.interactor
+        interactor.EnableRenderOff()
+        try:
+            self.plotter.clear_sphere_widgets()
+            centres = np.array([self._handle_points[n] for n in self.HANDLES])
+            self.plotter.add_sphere_widget(self._handle_released, center=centres, radius=3.0,
+                                           theta_resolution=16, phi_resolution=16, color="#C6FF00",
+                                           selected_color="#FF4081", indices=list(range(len(centres))),
+                                           interaction_event="end")
+        finally:
+            interactor.EnableRenderOn()
+
+    def _handle_released(self, point, index) -> None:
+        # Runs inside VTK's interaction callback: only emit here (the slot, queued, rebuilds the
+        # handles); a click without a drag also ends an interaction and is ignored.
+        if not 0 <= index < len(self.HANDLES):
+            return
+        name = self.HANDLES[index]
+        position = np.asarray(point, dtype=np.float64)
+        if np.linalg.norm(position - self._handle_points.get(name, position)) > 1e-6:
+            self.handle_moved.emit(name, position)
+
+    def _move_handle(self, name: str, position) -> None:
+        if self.editor is None:
+            return
+        delta = np.asarray(position, float) - self._handle_points[name]
+        if name == "head":
+            along = float(delta @ self.editor.native.shaft_direction)
+            self._edit(stem_tip_height_mm=self.editor.plan.stem_tip_height_mm + along)
+        else:
+            self._edit(cup_centre_mm=tuple(float(v) for v in np.asarray(self.editor.plan.cup_centre_mm) + delta))
 
     def _update_outlines(self) -> None:
         s = self.session
@@ -501,4 +547,5 @@ class TemplatePanel(QWidget):
         self._actors = {}
         self._bone = None
         if self.plotter is not None:
+            self.plotter.clear_sphere_widgets()
             self.plotter.close()

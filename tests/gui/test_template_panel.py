@@ -103,6 +103,18 @@ def test_template_panel_plans_edits_undoes_and_saves(qtbot, panel, registered_se
     panel.cup_shift["superior"].setValue(2.0)
     assert editor.changes["hip_leg_length_change_mm"] == pytest.approx(hip_ll - 2.0, abs=1e-9)
 
+    # Drag handles: the head handle 4 mm up the shaft axis seats the stem 4 mm higher (leg +4 mm);
+    # the cup handle moves the cup centre.
+    ll = editor.changes["leg_length_change_mm"]
+    head = editor.placed.head_centre_mm
+    panel._handle_released(head + 4.0 * editor.native.shaft_direction + [0.0, 1.5, 0.0], panel.HANDLES.index("head"))
+    qtbot.waitUntil(lambda: abs(editor.changes["leg_length_change_mm"] - (ll + 4.0)) < 1e-6, timeout=5000)
+    cup = np.asarray(editor.plan.cup_centre_mm)
+    panel._handle_released(cup + [1.0, 0.0, -2.0], panel.HANDLES.index("cup"))
+    qtbot.waitUntil(lambda: np.allclose(editor.plan.cup_centre_mm, cup + [1.0, 0.0, -2.0]), timeout=5000)
+    qtbot.mouseClick(panel.undo_button, Qt.MouseButton.LeftButton)
+    assert np.allclose(editor.plan.cup_centre_mm, cup)
+
     # The 3D view shows something, and the report gets the table and three pictures.
     rgb = panel.render_image()
     assert rgb.std() > 5
@@ -139,3 +151,19 @@ def test_template_panel_waits_for_a_registration(qtbot, tmp_path):
     finally:
         widget.close_plotter()
         session.close()
+
+
+def test_main_window_plans_in_its_template_tab(make_window, synthetic_case, qtbot):
+    from gui_helpers import confirm_all, register
+
+    window = make_window()
+    window.open_case_folder(synthetic_case)
+    confirm_all(window)
+    register(qtbot, window)
+    panel = window.template_panel
+    assert panel.editor is None  # not planned until the tab is shown
+    window.viewers.setCurrentWidget(panel)
+    qtbot.waitUntil(lambda: panel.editor is not None, timeout=10_000)
+    assert window.session.template_plan == panel.editor.plan.to_dict()
+    # the synthetic registration's volume is uniform bone: no canal, and the plan says so
+    assert any("canal" in w for w in panel.editor.changes["warnings"])
