@@ -201,8 +201,8 @@ def native_hip_from_case_out(case_out: str | os.PathLike) -> NativeHip:
         raise DataError(f"{folder}: femur_labels.nii.gz and warped_atlas.nii.gz have different grids")
     canal = canal_profile(hu, labels, geometry, native)
     if not canal.heights_mm:
-        raise DataError(f"{folder}: no canal found below the lesser trochanter in warped_atlas.nii.gz; "
-                        "the registration may have failed")
+        # The plan still places the implants; its changes say that the canal fill is unknown.
+        logger.warning("%s: no canal found below the lesser trochanter in warped_atlas.nii.gz", folder)
     return dataclasses.replace(native, canal=canal)
 
 
@@ -355,7 +355,8 @@ def plan_changes(native: NativeHip, placed: PlacedPlan) -> dict:
         warnings.append(f"stem size {plan.stem_size} fills at most {100 * fit['fill_ml_max']:.0f} % of the canal "
                         "width (ML); it may be undersized")
     elif fit["fits"] is None:
-        warnings.append("the stem does not reach the measured canal levels; canal fill unknown")
+        warnings.append("no canal measured where the stem sits (none found in the reconstruction below the "
+                        "lesser trochanter, or the stem does not reach it): canal fill unknown, size by eye")
     cup_size = placed.cup.size(plan.cup_size)
     if plan.head_diameter_mm not in cup_size.head_diameters_mm:
         warnings.append(f"a {plan.head_diameter_mm:g} mm head does not fit cup {plan.cup_size} "

@@ -167,3 +167,9 @@ def test_main_window_plans_in_its_template_tab(make_window, synthetic_case, qtbo
     assert window.session.template_plan == panel.editor.plan.to_dict()
     # the synthetic registration's volume is uniform bone: no canal, and the plan says so
     assert any("canal" in w for w in panel.editor.changes["warnings"])
+    # the headless command's plan of the same registration output gives the same numbers
+    from inference.templating.plan import plan_case_out, plan_changes
+
+    native, placed = plan_case_out(window.session.result.out_dir)
+    assert placed.plan == panel.editor.plan
+    assert plan_changes(native, placed) == panel.editor.changes
