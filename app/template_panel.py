@@ -71,7 +71,7 @@ class TemplatePanel(QWidget):
 
     #: The plan changed (its dict, as saved in the project).
     plan_changed = Signal(dict)
-    #: A 3D handle was dragged: ("head" or "cup", (3,) new world position in mm).
+    #: A 3D handle was dragged: ("head" = the stem's, or "cup", (3,) new world position in mm).
     handle_moved = Signal(str, object)
 
     #: The drag handles of the 3D view, in widget index order.
@@ -436,10 +436,14 @@ class TemplatePanel(QWidget):
 
     # ------------------------------------------------------------------ drag handles
     def _update_handles(self, placed) -> None:
-        """Sphere handles on the head centre (drag = seat the stem along the shaft axis) and on the
-        cup centre (drag = move the cup)."""
-        self._handle_points = {"head": np.asarray(placed.head_centre_mm, float),
-                               "cup": np.asarray(placed.cup_to_world[:3, 3], float)}
+        """Sphere handles (outside the implants, so they can be grabbed): on the stem axis at the
+        shoulder (drag = seat the stem along the shaft axis) and in front of the cup's opening on
+        its axis (drag = move the cup)."""
+        shoulder = placed.stem.size(placed.plan.stem_size).length_mm
+        cup_radius = 0.5 * placed.cup.size(placed.plan.cup_size).outer_diameter_mm
+        self._handle_points = {
+            "head": placed.stem_to_world[:3, :3] @ [0.0, 0.0, shoulder + 6.0] + placed.stem_to_world[:3, 3],
+            "cup": placed.cup_to_world[:3, 3] + (cup_radius + 6.0) * placed.cup_to_world[:3, 2]}
         interactor = self.plotter.iren.interactor
         interactor.EnableRenderOff()
         try:

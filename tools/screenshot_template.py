@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         panel.resize(width, height)
         panel.show()
         app.processEvents()
-        if not panel.load():
+        if panel.editor is None and not panel.load():  # showing it loads it
             print(f"cannot plan: {panel.status.text()}", file=sys.stderr)
             return 1
         panel.clip_bone.setChecked(True)

@@ -106,11 +106,11 @@ def test_template_panel_plans_edits_undoes_and_saves(qtbot, panel, registered_se
     # Drag handles: the head handle 4 mm up the shaft axis seats the stem 4 mm higher (leg +4 mm);
     # the cup handle moves the cup centre.
     ll = editor.changes["leg_length_change_mm"]
-    head = editor.placed.head_centre_mm
-    panel._handle_released(head + 4.0 * editor.native.shaft_direction + [0.0, 1.5, 0.0], panel.HANDLES.index("head"))
+    handle = panel._handle_points["head"]
+    panel._handle_released(handle + 4.0 * editor.native.shaft_direction + [0.0, 1.5, 0.0], panel.HANDLES.index("head"))
     qtbot.waitUntil(lambda: abs(editor.changes["leg_length_change_mm"] - (ll + 4.0)) < 1e-6, timeout=5000)
     cup = np.asarray(editor.plan.cup_centre_mm)
-    panel._handle_released(cup + [1.0, 0.0, -2.0], panel.HANDLES.index("cup"))
+    panel._handle_released(panel._handle_points["cup"] + [1.0, 0.0, -2.0], panel.HANDLES.index("cup"))
     qtbot.waitUntil(lambda: np.allclose(editor.plan.cup_centre_mm, cup + [1.0, 0.0, -2.0]), timeout=5000)
     qtbot.mouseClick(panel.undo_button, Qt.MouseButton.LeftButton)
     assert np.allclose(editor.plan.cup_centre_mm, cup)
