@@ -313,3 +313,45 @@ def test_plan_command_writes_plan_and_meshes_atomically(tmp_path, capsys, librar
     assert cli_run(["plan", str(case_out), "--out", str(tmp_path / "p2")]) == 2
     assert "measurements file not found" in capsys.readouterr().err
     assert not (tmp_path / "p2").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["case_out", "plan"]
+
+
+def _bones_available() -> bool:
+    try:
+        from inference.data.mesh import bones_dir
+
+        bones_dir()
+        return True
+    except Exception:  # noqa: BLE001 - any failure to find them means "not available"
+        return False
+
+
+@pytest.mark.skipif(not _bones_available(), reason="shared bone surfaces not found")
+@pytest.mark.parametrize("seed", [3, 8])
+def test_shape_augmented_phantom_plan_changes_equal_the_analytic_ones(library, seed):
+    """A CT phantom of a real femur, shape-augmented and posed: its landmarks are known exactly."""
+    from inference import measure
+    from inference.data import phantom as ph
+    from inference.data.atlas import grid_geometry
+
+    model = ph.load_subject_model("MC22:right", spacing_mm=2.0, with_pelvis=False)
+    p = ph.make_phantom(model, ph.sample_phantom_params(np.random.default_rng(seed)), grid_geometry("compact"))
+    lm = p.landmarks_mm
+    m = measure.measurements_from_landmarks(
+        "right", lm["head_centre"], p.head_radius_mm, lm["shaft_point_distal"],
+        np.subtract(lm["shaft_point_proximal"], lm["shaft_point_distal"]), lm["neck_point"], None,
+        lm["lesser_trochanter"])
+    native = planning.native_hip_from_measurements(m)
+    native = dataclasses.replace(native, canal=planning.canal_profile(p.ct_hu, p.labels, p.geometry, native))
+    # a funnel: wider under the lesser trochanter than 60 mm below it
+    assert native.canal.ml_width_mm[0] > native.canal.ml_width_mm[min(24, len(native.canal.ml_width_mm) - 1)] + 5
+    plan = planning.auto_plan(native, library)
+    changes = planning.plan_changes(native, planning.place(native, plan, library))
+    stem = library.stem()
+    a = math.radians(stem.variant(plan.stem_variant).neck_shaft_angle_deg)
+    size = stem.size(plan.stem_size)
+    offset = size.offset_mm[plan.stem_variant] + plan.head_offset_mm * math.sin(a)
+    height = plan.stem_tip_height_mm + size.neck_axis_height_mm - \
+        (size.offset_mm[plan.stem_variant] / math.sin(a) + plan.head_offset_mm) * math.cos(a)
+    assert changes["offset_change_mm"] == pytest.approx(offset - m["femoral_offset_mm"], abs=0.5)
+    assert changes["leg_length_change_mm"] == pytest.approx(height - m["vertical_offset_mm"], abs=0.5)
+    assert changes["canal_fit"]["fits"]

@@ -383,7 +383,7 @@ def generic_stem_family() -> dict:
     """Template dict of the generic cementless tapered-wedge stem (10 sizes, 4 neck variants).
 
     Size k (1..10): length 115 + 5(k-1) mm; a double taper: the ML width grows 0.14 mm per mm
-    from the tip (6.5 + 1.1(k-1) mm) to 70 % of the length, then flares to the shoulder; standard
+    from the tip (5 + 1.2(k-1) mm) to 70 % of the length, then flares to the shoulder; standard
     offset 33 + (k-1) mm, high offset 7 mm more; the neck axis crosses the stem axis 18 mm
     below the shoulder.
     """
@@ -392,7 +392,7 @@ def generic_stem_family() -> dict:
     sizes = []
     for k in range(10):
         length = 115.0 + 5.0 * k
-        tip_ml, tip_ap = 6.5 + 1.1 * k, 6.0 + 0.7 * k
+        tip_ml, tip_ap = 5.0 + 1.2 * k, 5.0 + 0.8 * k
         waist = 0.7 * length
         levels = [0.0, 0.35 * length, waist, 0.85 * length, length]
         body = []
