@@ -82,11 +82,14 @@ class TemplatePanel(QWidget):
         self.session = session
         self.library = library or load_library()
         self.editor: PlanEditor | None = None
-        self.last_update_s = 0.0
+        self.last_update_s = 0.0       # wall time of the last update (s)
+        self.last_update_cpu_s = 0.0   # its process CPU time (s): steadier on a shared machine
         self._closed = False
         self._stale = True          # the session changed since the last load()
         self._updating = False
         self._actors: dict[str, object] = {}
+        self._implant_data: dict[str, object] = {}   # pyvista PolyData shown per implant
+        self._bone_key = None
         self._outline_items: list[list[QGraphicsPathItem]] = [[], []]
 
         # ---- 3D view: the render window is made on the first load (a window that never plans
@@ -327,6 +330,9 @@ class TemplatePanel(QWidget):
     def _show_bone(self) -> None:
         r = self.session.result
         self._bone = _polydata(r.surface_vertices, r.surface_faces)
+        for actor in self._actors.values():
+            self.plotter.remove_actor(actor, render=False)
+        self._actors, self._implant_data, self._bone_key = {}, {}, None
 
     def _show_radiographs(self) -> None:
         s = self.session
@@ -380,7 +386,7 @@ class TemplatePanel(QWidget):
     # ------------------------------------------------------------------ display
     def _update(self) -> None:
         """Controls, table, 3D scene and outlines from the editor's current plan."""
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         plan, changes = self.editor.plan, self.editor.changes
         self._updating = True
         try:
@@ -411,26 +417,41 @@ class TemplatePanel(QWidget):
         self.session.template_plan = plan.to_dict()
         self.session.dirty = True
         self.last_update_s = time.perf_counter() - started
+        self.last_update_cpu_s = time.process_time() - started_cpu
         self.plan_changed.emit(plan.to_dict())
 
     def _update_scene(self) -> None:
+        """Show the bone and the implants. Implant meshes keep their topology from one plan to the
+        next (same rings for every size), so an edit only moves their points; the bone is
+        re-added only when its clipping or opacity changes."""
         if self._closed or self.editor is None or self.plotter is None:
             return
-        for actor in self._actors.values():
-            self.plotter.remove_actor(actor, render=False)
-        self._actors = {}
         placed = self.editor.placed
-        bone = self._bone
-        if self.clip_bone.isChecked():
-            # Cut through the stem axis, perpendicular to the neck plane: the back half stays.
-            normal = placed.stem_to_world[:3, 1]
-            bone = bone.clip(normal=tuple(-normal), origin=tuple(placed.stem_to_world[:3, 3]))
-        self._actors["bone"] = self.plotter.add_mesh(bone, color=BONE_COLOUR, opacity=self.bone_opacity.value(),
-                                                     smooth_shading=True, reset_camera=False, render=False)
+        bone_key = (self.clip_bone.isChecked(), self.bone_opacity.value(),
+                    tuple(np.round(placed.stem_to_world[:3, 1:4:2].ravel(), 6)) if self.clip_bone.isChecked() else ())
+        if self._bone_key != bone_key:
+            if "bone" in self._actors:
+                self.plotter.remove_actor(self._actors.pop("bone"), render=False)
+            bone = self._bone
+            if self.clip_bone.isChecked():
+                # Cut through the stem axis, perpendicular to the neck plane: the back half stays.
+                normal = placed.stem_to_world[:3, 1]
+                bone = bone.clip(normal=tuple(-normal), origin=tuple(placed.stem_to_world[:3, 3]))
+            self._actors["bone"] = self.plotter.add_mesh(bone, color=BONE_COLOUR, opacity=self.bone_opacity.value(),
+                                                         smooth_shading=True, reset_camera=False, render=False)
+            self._bone_key = bone_key
         for name, mesh in implant_meshes(placed).items():
+            shown = self._implant_data.get(name)
+            if shown is not None and shown.n_points == mesh.n_vertices and shown.n_cells == mesh.n_faces:
+                shown.points = mesh.vertices
+                continue
+            if name in self._actors:
+                self.plotter.remove_actor(self._actors.pop(name), render=False)
+            data = _polydata(mesh.vertices, mesh.faces)
+            self._implant_data[name] = data
             self._actors[name] = self.plotter.add_mesh(
-                _polydata(mesh.vertices, mesh.faces), color=IMPLANT_COLOURS[name], smooth_shading=True,
-                specular=0.6, opacity=0.55 if name == "cup" else 1.0, reset_camera=False, render=False)
+                data, color=IMPLANT_COLOURS[name], smooth_shading=True, specular=0.6,
+                opacity=0.55 if name == "cup" else 1.0, reset_camera=False, render=False)
         self._update_handles(placed)
         self.plotter.render()
 
@@ -548,7 +569,7 @@ class TemplatePanel(QWidget):
         if self._closed:
             return
         self._closed = True
-        self._actors = {}
+        self._actors, self._implant_data = {}, {}
         self._bone = None
         if self.plotter is not None:
             self.plotter.clear_sphere_widgets()
