@@ -161,18 +161,18 @@ def test_outlines_land_where_P_puts_the_implant(analytic, library, lao_deg):
     # (the trace runs half a step outside straight edges and cuts sharp corners by up to
     # step / sqrt(2)), and every outline point is within that of the projected surface (of a
     # projected vertex or a hull edge between two).
-    from matplotlib.path import Path
+    from skimage.measure import points_in_poly
 
     for name in ("stem", "cup"):
         uv = project_points(P, world[name].vertices)
         polygon = max(outlines[name], key=len)
-        inside = Path(polygon).contains_points(uv)
+        inside = points_in_poly(uv, polygon)
         assert (inside | (_distance_to_polyline(uv, polygon) < meshes.OUTLINE_STEP_PX)).all(), name
         hull = meshes.convex_outline(uv)
-        on_surface = Path(hull).contains_points(polygon) | (_distance_to_polyline(polygon, hull) < meshes.OUTLINE_STEP_PX)
+        on_surface = points_in_poly(polygon, hull) | (_distance_to_polyline(polygon, hull) < meshes.OUTLINE_STEP_PX)
         assert on_surface.all(), name
     centre = project_points(P, placed.stem_to_world[:3, 3] + 20 * placed.stem_to_world[:3, 2])
-    assert Path(max(outlines["stem"], key=len)).contains_point(centre)
+    assert points_in_poly(centre[None], max(outlines["stem"], key=len))[0]
 
 
 # --------------------------------------------------------------------------- canal and auto plan
