@@ -30,6 +30,7 @@ from app import project as project_io
 from app.session import (RESEARCH_NOTICE, ExportOptions, RadiographImport, Session, describe_model,
                          landmark_label, measurement_rows)
 from app.settings import Settings
+from app.template_panel import TemplatePanel
 from app.views.radiograph_view import RadiographPanel
 from app.views.slice_view import SlicePanel
 from app.views.surface_view import SurfaceView
@@ -326,6 +327,8 @@ class MainWindow(QMainWindow):
         self.viewers.addTab(radiographs, "Radiographs")
         self.viewers.addTab(self.surface_view, "3D")
         self.viewers.addTab(self.slice_panel, "Slices")
+        self.template_panel = TemplatePanel(self.session)  # implant templating (app/template_panel.py)
+        self.viewers.addTab(self.template_panel, "Template")
 
         left = QWidget()
         left_layout = QHBoxLayout(left)
@@ -798,6 +801,7 @@ class MainWindow(QMainWindow):
             self.review_summary.setText("")
             self.warnings_box.setPlainText("")
             self._refresh_measurements()
+            self.template_panel.set_session(s)
             return
         self.surface_view.set_result(result.surface_vertices, result.surface_faces, result.volume, result.grid)
         self.slice_panel.set_volume(result.volume, result.labels, result.grid)
@@ -816,6 +820,7 @@ class MainWindow(QMainWindow):
         self.review_summary.setText("<br>".join(lines))
         self._refresh_measurements()
         self._overlay_toggles()
+        self.template_panel.set_session(s)  # loads when the Template tab is shown
 
     def _refresh_measurements(self) -> None:
         s = self.session
@@ -1509,6 +1514,7 @@ class MainWindow(QMainWindow):
                     log.error("the %s thread did not stop within 60 s", name)
                 setattr(self, name, None)
         self.surface_view.close_plotter()
+        self.template_panel.close_plotter()
         self.session.close()
         self.recovery.clear()
         self.settings.sync()

@@ -101,6 +101,7 @@ def project_document(session: Session) -> dict[str, Any]:
         "landmarks_mm": session.landmarks_mm,
         "measurements": session.measurements,
         "landmarks_edited": session.landmarks_edited,
+        "template_plan": session.template_plan,   # Template step (hipatlas-plan/1 "plan" fields), or null
     }
 
 
@@ -216,6 +217,7 @@ def _restore(session: Session, source: pathlib.Path) -> None:
             or session.landmarks_mm
         session.measurements = dict(document.get("measurements") or session.measurements)
         session.landmarks_edited = bool(document.get("landmarks_edited", False))
+        session.template_plan = document.get("template_plan") or None
     session.project_path = source
     session.dirty = False
 

@@ -429,6 +429,7 @@ class Session:
         self.landmarks_mm: dict[str, list[float]] = {}
         self.measurements: dict[str, Any] = {}
         self.landmarks_edited = False
+        self.template_plan: dict[str, Any] | None = None   # Template step (inference.templating.plan.Plan dict)
         self.project_path: pathlib.Path | None = None
         self.pseudonym = "ANON-" + secrets.token_hex(4).upper()
         self.dirty = False
@@ -657,10 +658,12 @@ class Session:
         self.landmarks_mm = editable_landmarks(result.measurements, result.landmarks_mm) if result else {}
         self.measurements = dict(result.measurements) if result else {}
         self.landmarks_edited = False
+        self.template_plan = None
         self.dirty = True
 
     def clear_result(self) -> None:
         self.result = None
+        self.template_plan = None
         self.landmarks_mm = {}
         self.measurements = {}
         self.landmarks_edited = False

@@ -29,6 +29,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "inference.data.cli_data",
     "inference.experiments",
     "inference.cli_pacs",
+    "inference.templating.cli_plan",
 )
 
 EXIT_BAD_INPUT = 2

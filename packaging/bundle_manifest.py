@@ -73,6 +73,7 @@ BUNDLED_RESOURCES: tuple[BundledResource, ...] = (
     BundledResource("resources/models", "resources/models", "the trained registration model", "*/*.keras"),
     BundledResource("resources/atlas", "resources/atlas", "the CT atlas", "*/atlas.json"),
     BundledResource("resources/demo", "resources/demo", "the demo case", "case.json"),
+    BundledResource("resources/implants", "resources/implants", "the implant templates", "*.json"),
 )
 
 #: Never shipped from a resource folder: work in progress (the atlas builder writes ".<grid>.xxxx"

@@ -66,7 +66,7 @@ def test_resource_files_skip_work_in_progress_and_keep_structure(tmp_path):
     files = {(src.relative_to(tmp_path).as_posix(), dest) for src, dest in bm.resource_files(tmp_path)}
     assert files == {("resources/atlas/paper/atlas.json", "resources/atlas/paper"),
                      ("resources/models/m/m.keras", "resources/models/m")}
-    assert [r.source for r in bm.missing_resources(tmp_path)] == ["resources/demo"]
+    assert [r.source for r in bm.missing_resources(tmp_path)] == ["resources/demo", "resources/implants"]
 
 
 def test_build_refuses_missing_resources_with_a_clear_message(tmp_path):

@@ -44,6 +44,26 @@ def _summary_text(measurements: dict) -> str:
     return "\n".join(lines)
 
 
+def render_window_image(plotter) -> np.ndarray:
+    """A pyvistaqt plotter's pixels as ``(rows, cols, 3)`` uint8 (read back from OpenGL)."""
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+    from vtkmodules.vtkRenderingCore import vtkWindowToImageFilter
+
+    plotter.render()
+    window = plotter.ren_win
+    window.Render()
+    grabber = vtkWindowToImageFilter()
+    grabber.SetInput(window)
+    grabber.SetInputBufferTypeToRGB()
+    grabber.ReadFrontBufferOff()
+    grabber.Update()
+    output = grabber.GetOutput()
+    cols, rows, _ = output.GetDimensions()
+    pixels = vtk_to_numpy(output.GetPointData().GetScalars()).reshape(rows, cols, -1)[..., :3]
+    # VTK images start at the bottom row.
+    return np.ascontiguousarray(pixels[::-1])
+
+
 class SurfaceView(QWidget):
     """3D view of a registration result (pyvistaqt)."""
 
@@ -286,22 +306,7 @@ class SurfaceView(QWidget):
 
     def render_image(self) -> np.ndarray:
         """The render window's pixels as ``(rows, cols, 3)`` uint8 (read back from OpenGL)."""
-        from vtkmodules.util.numpy_support import vtk_to_numpy
-        from vtkmodules.vtkRenderingCore import vtkWindowToImageFilter
-
-        self.plotter.render()
-        window = self.plotter.ren_win
-        window.Render()
-        grabber = vtkWindowToImageFilter()
-        grabber.SetInput(window)
-        grabber.SetInputBufferTypeToRGB()
-        grabber.ReadFrontBufferOff()
-        grabber.Update()
-        output = grabber.GetOutput()
-        cols, rows, _ = output.GetDimensions()
-        pixels = vtk_to_numpy(output.GetPointData().GetScalars()).reshape(rows, cols, -1)[..., :3]
-        # VTK images start at the bottom row.
-        return np.ascontiguousarray(pixels[::-1])
+        return render_window_image(self.plotter)
 
     def close_plotter(self) -> None:
         """Release the render window and every VTK object (call before destroying the widget)."""

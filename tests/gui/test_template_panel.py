@@ -1,0 +1,175 @@
+"""The Template panel driven like a surgeon would: plan, change size / head, undo, save, reload."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from gui_helpers import synthetic_register, write_synthetic_case
+from inference import geometry, pipeline
+from inference.templating.editor import CHANGE_ROWS
+
+
+@pytest.fixture
+def registered_session(tmp_path):
+    from app.session import Session
+
+    session = Session(work_root=tmp_path, register_fn=synthetic_register, isolate=False)
+    session.open_case(write_synthetic_case(tmp_path / "case"))
+    for index in range(len(session.views)):
+        session.set_confirmed(index, True)
+    session.set_result(pipeline.run_to_completion(session.registration_job()(lambda: False)))
+    # The synthetic registration's volume is uniform bone; give it a 3 mm cortex around a canal.
+    result = session.result
+    depth = ndimage.distance_transform_edt(result.labels > 0, sampling=result.grid.spacing_xyz_mm[::-1])
+    result.volume = np.where(result.labels == 0, -100.0, np.where(depth <= 3.0, 1500.0, 20.0)).astype(np.float32)
+    yield session
+    session.close()
+
+
+@pytest.fixture
+def panel(qtbot, registered_session):
+    from app.template_panel import TemplatePanel
+
+    widget = TemplatePanel(registered_session)
+    qtbot.addWidget(widget)
+    widget.resize(1300, 850)
+    widget.show()
+    qtbot.waitExposed(widget)
+    yield widget
+    widget.close_plotter()
+
+
+def _table(panel) -> dict[str, str]:
+    return {panel.table.item(i, 0).text(): panel.table.item(i, 1).text() for i in range(panel.table.rowCount())}
+
+
+def _choose(combo, value) -> None:
+    index = combo.findData(value)
+    combo.setCurrentIndex(index)
+    combo.activated.emit(index)
+
+
+def test_template_panel_plans_edits_undoes_and_saves(qtbot, panel, registered_session, tmp_path):
+    from PySide6.QtCore import Qt
+
+    from app import project
+    from app.template_panel import TemplatePanel
+
+    session = registered_session
+    assert panel.load()
+    editor = panel.editor
+    assert panel.table.rowCount() == len(CHANGE_ROWS)
+    assert _table(panel)["Offset change"] == f"{editor.changes['offset_change_mm']:+.1f} mm"
+    assert session.template_plan == editor.plan.to_dict()
+
+    # Larger stem: re-seated so the leg length at the femur stays as it was.
+    first = editor.plan
+    ll_before = editor.changes["leg_length_change_mm"]
+    qtbot.mouseClick(panel.size_up, Qt.MouseButton.LeftButton)
+    assert int(editor.plan.stem_size) == int(first.stem_size) + 1
+    assert editor.changes["leg_length_change_mm"] == pytest.approx(ll_before, abs=1e-9)
+    assert _table(panel)["Offset change"] == f"{editor.changes['offset_change_mm']:+.1f} mm"
+
+    # +7 mm head: the offset grows by (7 - old) sin(neck-shaft angle), shown in the table at once.
+    before = editor.changes["offset_change_mm"]
+    old_head = editor.plan.head_offset_mm
+    _choose(panel.head_offset, 7.0)
+    angle = math.radians(panel.library.stem().variant(editor.plan.stem_variant).neck_shaft_angle_deg)
+    assert editor.changes["offset_change_mm"] - before == pytest.approx((7.0 - old_head) * math.sin(angle), abs=1e-6)
+    assert _table(panel)["Offset change"] == f"{editor.changes['offset_change_mm']:+.1f} mm"
+
+    # Outlines: the head's outline on each radiograph is centred where P puts the head centre.
+    for index, view in enumerate(session.case.views):
+        paths = panel.outline_paths(index)
+        assert len(paths) >= 3
+        centre_uv = geometry.project_points(view.P, editor.placed.head_centre_mm)
+        head_boxes = [p.boundingRect() for p in paths]
+        assert min(math.hypot(b.center().x() - centre_uv[0], b.center().y() - centre_uv[1]) for b in head_boxes) < 0.5
+
+    # Undo twice -> the first plan; redo once -> the larger stem.
+    qtbot.mouseClick(panel.undo_button, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(panel.undo_button, Qt.MouseButton.LeftButton)
+    assert editor.plan == first and not panel.undo_button.isEnabled()
+    qtbot.mouseClick(panel.redo_button, Qt.MouseButton.LeftButton)
+    assert int(editor.plan.stem_size) == int(first.stem_size) + 1
+    assert panel.stem_size.currentData() == editor.plan.stem_size
+
+    # Cup moved 2 mm up: the hip's leg length shortens by 2 mm.
+    hip_ll = editor.changes["hip_leg_length_change_mm"]
+    panel.cup_shift["superior"].setValue(2.0)
+    assert editor.changes["hip_leg_length_change_mm"] == pytest.approx(hip_ll - 2.0, abs=1e-9)
+
+    # Drag handles: the head handle 4 mm up the shaft axis seats the stem 4 mm higher (leg +4 mm);
+    # the cup handle moves the cup centre.
+    ll = editor.changes["leg_length_change_mm"]
+    handle = panel._handle_points["head"]
+    panel._handle_released(handle + 4.0 * editor.native.shaft_direction + [0.0, 1.5, 0.0], panel.HANDLES.index("head"))
+    qtbot.waitUntil(lambda: abs(editor.changes["leg_length_change_mm"] - (ll + 4.0)) < 1e-6, timeout=5000)
+    cup = np.asarray(editor.plan.cup_centre_mm)
+    panel._handle_released(panel._handle_points["cup"] + [1.0, 0.0, -2.0], panel.HANDLES.index("cup"))
+    qtbot.waitUntil(lambda: np.allclose(editor.plan.cup_centre_mm, cup + [1.0, 0.0, -2.0]), timeout=5000)
+    qtbot.mouseClick(panel.undo_button, Qt.MouseButton.LeftButton)
+    assert np.allclose(editor.plan.cup_centre_mm, cup)
+
+    # The 3D view shows something, and the report gets the table and three pictures.
+    rgb = panel.render_image()
+    assert rgb.std() > 5
+    content = panel.report_content()
+    assert [name for name, _ in content["pictures"]] == ["Plan in 3D", "Plan on AP", "Plan on LAT"]
+    assert all(png.startswith(b"\x89PNG") for _, png in content["pictures"])
+    assert dict(content["changes"]) == _table(panel)
+
+    # Saved in the project file, and a new panel on the reloaded project shows the same plan.
+    saved = project.save_project(session, tmp_path / "plan.hipatlas")
+    reloaded = project.load_project(saved, work_root=tmp_path, isolate=False)
+    try:
+        assert reloaded.template_plan == editor.plan.to_dict()
+        again = TemplatePanel(reloaded, library=panel.library)
+        qtbot.addWidget(again)
+        assert again.load()
+        assert again.editor.plan == editor.plan
+        assert again.editor.changes["offset_change_mm"] == pytest.approx(editor.changes["offset_change_mm"])
+        again.close_plotter()
+    finally:
+        reloaded.close()
+
+
+def test_template_panel_waits_for_a_registration(qtbot, tmp_path):
+    from app.session import Session
+    from app.template_panel import TemplatePanel
+
+    session = Session(work_root=tmp_path, isolate=False)
+    widget = TemplatePanel(session)
+    qtbot.addWidget(widget)
+    try:
+        assert not widget.load()
+        assert not widget.stem_size.isEnabled() and "Register" in widget.status.text()
+    finally:
+        widget.close_plotter()
+        session.close()
+
+
+def test_main_window_plans_in_its_template_tab(make_window, synthetic_case, qtbot):
+    from gui_helpers import confirm_all, register
+
+    window = make_window()
+    window.open_case_folder(synthetic_case)
+    confirm_all(window)
+    register(qtbot, window)
+    panel = window.template_panel
+    assert panel.editor is None  # not planned until the tab is shown
+    window.viewers.setCurrentWidget(panel)
+    qtbot.waitUntil(lambda: panel.editor is not None, timeout=10_000)
+    assert window.session.template_plan == panel.editor.plan.to_dict()
+    # the synthetic registration's volume is uniform bone: no canal, and the plan says so
+    assert any("canal" in w for w in panel.editor.changes["warnings"])
+    # the headless command's plan of the same registration output gives the same numbers
+    from inference.templating.plan import plan_case_out, plan_changes
+
+    native, placed = plan_case_out(window.session.result.out_dir)
+    assert placed.plan == panel.editor.plan
+    assert plan_changes(native, placed) == panel.editor.changes
