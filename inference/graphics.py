@@ -293,7 +293,10 @@ def view_graphics(measurements: Mapping[str, Any], landmarks_mm: Mapping[str, An
         if len(uv) < 2:
             return
         text_uv = None
-        if text_at_mm is not None:
+        if closed:  # an outline is labelled at its top
+            top = uv[int(np.argmin(uv[:, 1]))]
+            text_uv = (float(top[0]), float(top[1]))
+        elif text_at_mm is not None:
             at = project([text_at_mm])[0]
             text_uv = (float(at[0]), float(at[1])) if np.all(np.isfinite(at)) else None
         polylines.append(Polyline(kind=kind, points_uv=uv, closed=closed, text=text, text_uv=text_uv))
@@ -305,7 +308,7 @@ def view_graphics(measurements: Mapping[str, Any], landmarks_mm: Mapping[str, An
         centre = np.asarray(centre, dtype=np.float64).reshape(3)
         if isinstance(radius, (int, float)) and radius > 0:
             add("head", head_silhouette_mm(P, centre, float(radius)), closed=True,
-                text=f"Head \u00f8 {2 * float(radius):.1f} mm", text_at_mm=centre)
+                text=f"Head \u00f8 {2 * float(radius):.1f} mm")
         calibration = view_calibration(P, centre, detector_mm_per_px)
         scale_bar = _scale_bar(calibration, shape)
     shaft = measurements.get("shaft_axis")
