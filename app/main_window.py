@@ -557,7 +557,7 @@ class MainWindow(QMainWindow):
         self.export_boxes = {}
         for key, text in (("surface_stl", "Femur surface (STL)"), ("nifti", "Label map and warped atlas (NIfTI)"),
                           ("measurements_json", "Measurements (JSON)"), ("measurements_csv", "Measurements (CSV)"),
-                          ("pdf_report", "Planning report (PDF, with screenshots)")):
+                          ("pdf_report", "Planning report (PDF)")):
             box = QCheckBox(text)
             box.setChecked(True)
             self.export_boxes[key] = box
@@ -1329,9 +1329,8 @@ class MainWindow(QMainWindow):
     def export_to(self, folder, options: ExportOptions | None = None, *, overwrite: bool = False) -> dict | None:
         options = options or self.export_options()
         try:
-            shots = self.capture_views() if options.pdf_report else []
-            with _busy():
-                written = self.session.export(folder, options, shots, overwrite=overwrite)
+            with _busy():  # the report renders its own pictures off-screen (app.report)
+                written = self.session.export(folder, options, overwrite=overwrite)
         except Exception as error:  # noqa: BLE001
             self.report_error(error)
             return None
@@ -1340,24 +1339,6 @@ class MainWindow(QMainWindow):
         return written
 
     # ================================================================== screenshots
-    def capture_views(self) -> list[tuple[str, bytes]]:
-        """PNG screenshots of the 3D view, both radiographs with overlays and the slices."""
-        shots = []
-        current = self.viewers.currentIndex()
-        self.viewers.setCurrentIndex(1)
-        QApplication.processEvents()
-        shots.append(("3D reconstruction with measurements", imaging.png_bytes(self.surface_view.render_image())))
-        self.viewers.setCurrentIndex(0)
-        QApplication.processEvents()
-        for panel, state in zip(self.radiograph_panels, self.session.views):
-            shots.append((f"{state.name}: radiograph with the registered femur contour",
-                          png_from_qimage(panel.view.viewport().grab().toImage())))
-        self.viewers.setCurrentIndex(2)
-        QApplication.processEvents()
-        shots.append(("Warped atlas slices with the femur label", png_from_qimage(self.slice_panel.grab().toImage())))
-        self.viewers.setCurrentIndex(current)
-        return shots
-
     def screenshot(self) -> QImage:
         """The whole window, with the 3D view's OpenGL pixels painted in where it is visible.
 

@@ -103,6 +103,12 @@ def patient_from_case(case) -> PatientInfo:
     return PatientInfo(**found)
 
 
+def patient_from_keywords(found: Mapping[str, str]) -> dict[str, str]:
+    """PatientInfo fields from DICOM keyword -> value (e.g. :attr:`app.session.Session.patient`)."""
+    return {field: _dicom_text(keyword, found[keyword]) for field, keyword in PATIENT_FIELDS.items()
+            if keyword is not None and found.get(keyword) not in (None, "")}
+
+
 def read_patient_json(path: str | os.PathLike) -> dict[str, str]:
     """A patient JSON file: an object with any of :data:`PATIENT_FIELDS` (strings)."""
     path = pathlib.Path(path)
@@ -501,9 +507,9 @@ def _story(content: ReportContent) -> list[Any]:
         story.append(Paragraph("Landmarks were moved by the user after registration; the measurements were "
                                "recomputed from the moved landmarks.", small))
 
-    calibration = table([("View", "Calibration source", "Pixel at the detector", "Pixel at the hip",
-                          "Magnification at the hip", "Source to hip"), *content.calibration_rows],
-                        [16 * mm, 42 * mm, 27 * mm, 25 * mm, page_width - 140 * mm, 30 * mm])
+    calibration = table([("View", "Source", "Detector pixel", "Pixel at hip", "Magnification at hip",
+                          "Source\u2013hip"), *content.calibration_rows],
+                        [14 * mm, 38 * mm, 26 * mm, 24 * mm, page_width - 126 * mm, 24 * mm])
     story += section("Calibration", calibration,
                      Paragraph("Pixel sizes in mm per pixel. The size at the hip follows from the projection "
                                "matrix; the detector pixel size and the magnification need the detector pitch "

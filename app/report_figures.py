@@ -112,7 +112,10 @@ def annotated_radiograph_png(image_rgb: np.ndarray, drawn: graphics.ViewGraphics
     for line in drawn.polylines:
         if line.text and line.text_uv is not None:
             x, y = xy(line.text_uv)
-            text((x + 8, y + 4), line.text, COLOURS.get(line.kind, "#FFFFFF"), small)
+            if line.closed:  # outlines are labelled above their top
+                text((x, y - 6), line.text, COLOURS.get(line.kind, "#FFFFFF"), small, anchor="mb")
+            else:
+                text((x + 8, y + 4), line.text, COLOURS.get(line.kind, "#FFFFFF"), small)
     radius = 2.5 * line_width
     for label in drawn.labels:
         if not label.inside:

@@ -44,7 +44,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from typing import Any, Callable, Generator, Iterable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 
@@ -425,6 +425,8 @@ class Session:
         self.views: list[ViewState] = []
         self.pair_report: geometry.ViewPairReport | None = None
         self.patient: dict[str, str] = {}
+        #: Report fields the user typed (surgeon, ...): app.report.PATIENT_FIELDS names.
+        self.report_patient: dict[str, str] = {}
         self.result: LoadedResult | None = None
         self.landmarks_mm: dict[str, list[float]] = {}
         self.measurements: dict[str, Any] = {}
@@ -746,7 +748,7 @@ class Session:
 
     # ---------------------------------------------------------------- export
     def export(self, out_dir: str | os.PathLike, options: ExportOptions = ExportOptions(),
-               screenshots: Iterable[tuple[str, bytes]] = (), *, overwrite: bool = False) -> dict[str, pathlib.Path]:
+               *, overwrite: bool = False) -> dict[str, pathlib.Path]:
         """Write the chosen outputs into ``out_dir`` (atomically: all or nothing).
 
         Returns the written files by kind. With ``options.anonymise`` no patient identifier
@@ -758,7 +760,6 @@ class Session:
                     options.measurements_csv, options.pdf_report)):
             raise OutputError("choose at least one thing to export")
         provenance = self.provenance(options.anonymise)
-        screenshots = list(screenshots)
         written: dict[str, str] = {}
         with io.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
             if options.surface_stl:
@@ -777,7 +778,7 @@ class Session:
             if options.pdf_report:
                 from app import report
 
-                content = self.report_content(options, screenshots, provenance)
+                content = self.report_content(options, provenance)
                 written["pdf_report"] = report.write_planning_report(tmp / "planning_report.pdf", content).name
         final = pathlib.Path(out_dir)
         log.info("exported %s to %s", ", ".join(written), final)
@@ -818,38 +819,25 @@ class Session:
         path.write_text(buffer.getvalue(), encoding="utf-8")
         return path
 
-    def report_content(self, options: ExportOptions, screenshots: Sequence[tuple[str, bytes]],
-                       provenance: dict[str, Any] | None = None):
-        """The data of the PDF planning report."""
+    def report_content(self, options: ExportOptions, provenance: dict[str, Any] | None = None):
+        """The data of the PDF planning report, its pictures rendered off-screen (never the screen)."""
         from app import report
 
         provenance = provenance or self.provenance(options.anonymise)
-        patient_lines = []
-        if options.anonymise:
-            patient_lines.append(("Case", self.pseudonym))
-            patient_lines.append(("Patient identifiers", "removed (anonymised export)"))
-        else:
-            patient_lines.append(("Case", self.case_label))
-            for keyword in PATIENT_KEYWORDS:
-                if keyword in self.patient:
-                    patient_lines.append((re.sub(r"(?<!^)(?=[A-Z])", " ", keyword), self.patient[keyword]))
-        model = provenance["model"]
-        return report.ReportContent(
-            title="HipAtlas hip planning report",
-            notice=RESEARCH_NOTICE,
-            created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            case_lines=patient_lines + [("Side", self.case.side)],
-            measurement_rows=measurement_rows(self.measurements, options.units),
-            landmark_rows=[(landmark_label(n), ", ".join(format_length(v, options.units) for v in p), options.units)
-                           for n, p in self.landmarks_mm.items()],
-            landmarks_edited=self.landmarks_edited,
-            views=provenance["views"],
-            software_version=__version__,
-            model_lines=[("Model", str(model.get("name", "unknown"))),
-                         ("Model sha256", str(model.get("sha256") or "not recorded"))],
-            warnings=list(self.result.warnings),
-            screenshots=list(screenshots),
-        )
+        result = self.result
+        radiographs, reconstruction = report.report_figures(
+            self.case, self.measurements, self.landmarks_mm,
+            overlay_paths={name[len("overlay_"):]: path for name, path in result.files.items()
+                           if name.startswith("overlay_")},
+            surface=(result.surface_vertices, result.surface_faces))
+        patient = report.patient_from_case(self.case).merged(report.patient_from_keywords(self.patient))
+        patient = patient.merged(self.report_patient)
+        return report.build_report_content(
+            case=self.case, measurements=self.measurements, landmarks_mm=self.landmarks_mm,
+            warnings=list(result.warnings), model=provenance["model"], views=provenance["views"],
+            patient=patient, case_label=self.pseudonym if options.anonymise else self.case_label,
+            landmarks_edited=self.landmarks_edited, units=options.units, anonymised=options.anonymise,
+            radiographs=radiographs, reconstruction=reconstruction)
 
 
 def describe_model(model_path: str | os.PathLike | None) -> dict[str, Any]:
