@@ -309,6 +309,10 @@ class MainWindow(QMainWindow):
             view.stroke_finished.connect(lambda i=panel.index: self._stroke_finished(i))
             view.polygon_closed.connect(lambda points, fill, i=panel.index: self._polygon_closed(i, points, fill))
             view.cursor_moved.connect(lambda u, v, i=panel.index: self._cursor_moved(i, u, v))
+            view.landmark_dragging.connect(lambda n, u, v, i=panel.index: self._landmark_dragging(i, n, u, v))
+            # Queued: the slot rebuilds the handles, one of which is finishing its mouse event.
+            view.landmark_dragged.connect(lambda n, u, v, i=panel.index: self._landmark_dragged(i, n, u, v),
+                                          Qt.ConnectionType.QueuedConnection)
         self.surface_view = SurfaceView()
         # Queued: the handle's callback runs inside VTK's event processing, and the slot rebuilds
         # the handles.
@@ -718,6 +722,7 @@ class MainWindow(QMainWindow):
                 self.case_table.setItem(index, column, item)
             panel = self.radiograph_panels[index]
             panel.view.set_image(state.display)
+            panel.view.set_intensities(view.image.pixels)
             panel.view.set_mask(state.mask)
             panel.view.set_editable(self._current_step() == "Masks")
         report = s.pair_report
@@ -829,7 +834,7 @@ class MainWindow(QMainWindow):
         self.reset_landmarks_button.setEnabled(s.landmarks_edited)
         self.surface_view.set_measurements(s.measurements, s.landmarks_mm)
         for index, panel in enumerate(self.radiograph_panels):
-            panel.view.set_markers(s.projected_landmarks(index) if s.result is not None and index < len(s.views) else {})
+            panel.view.set_graphics(s.view_graphics(index) if index < len(s.views) else None)
         self._overlay_toggles()
 
     def _build_landmark_editors(self, names: list[str]) -> None:
@@ -854,7 +859,7 @@ class MainWindow(QMainWindow):
         for panel in self.radiograph_panels:
             panel.view.set_contour_visible(self.show_contours.isChecked())
             panel.view.set_mask_visible(self.show_masks.isChecked() or self._current_step() == "Masks")
-            panel.view.set_markers_visible(self.show_markers.isChecked())
+            panel.view.set_graphics_visible(self.show_markers.isChecked())
 
     # ================================================================== steps
     def _current_step(self) -> str:
@@ -1273,6 +1278,22 @@ class MainWindow(QMainWindow):
             self.report_error(error)
         self._refresh_measurements()
         self._refresh_steps()
+
+    def _landmark_dragging(self, index: int, name: str, u: float, v: float) -> None:
+        """A landmark handle moves on radiograph ``index``: the other shows its epipolar line."""
+        for other, panel in enumerate(self.radiograph_panels):
+            if other != index and other < len(self.session.views):
+                panel.view.show_epipolar(self.session.epipolar_segment(index, (u, v), other))
+
+    def _landmark_dragged(self, index: int, name: str, u: float, v: float) -> None:
+        for panel in self.radiograph_panels:
+            panel.view.show_epipolar(None)
+        try:
+            position = self.session.landmark_moved_in_view(index, name, (u, v))
+        except Exception as error:  # noqa: BLE001
+            self.report_error(error)
+            return
+        self.move_landmark(name, position)
 
     def reset_landmarks(self) -> None:
         self.session.reset_landmarks()

@@ -220,8 +220,8 @@ def _view_calibrations(case, measurements: Mapping[str, Any]) -> list:
     out = []
     centre = measurements.get("hip_centre_mm")
     for view in case.views:
-        pitch = graphics.detector_pixel_mm(view.calibration.to_dict(), view.image.pixel_spacing_mm)
-        out.append(None if centre is None else graphics.view_calibration(view.P, centre, pitch))
+        out.append(None if centre is None else
+                   graphics.view_calibration(view.P, centre, graphics.case_view_pixel_mm(view)))
     return out
 
 
@@ -254,9 +254,8 @@ def report_figures(case, measurements: Mapping[str, Any], landmarks_mm: Mapping[
     legend = ", ".join(f"{graphics.SHORT_LABELS[n]} {graphics.landmark_label(n).lower()}"
                        for n in landmarks_mm if n in graphics.SHORT_LABELS)
     for view, calibration in zip(case.views, _view_calibrations(case, measurements)):
-        pitch = graphics.detector_pixel_mm(view.calibration.to_dict(), view.image.pixel_spacing_mm)
         drawn = graphics.view_graphics(measurements, landmarks_mm, view.P, view.image.shape,
-                                       detector_mm_per_px=pitch)
+                                       detector_mm_per_px=graphics.case_view_pixel_mm(view))
         overlay = (overlay_paths or {}).get(view.name)
         if overlay is not None and pathlib.Path(overlay).is_file():
             with Image.open(overlay) as image:

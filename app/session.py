@@ -706,6 +706,33 @@ class Session:
         uv = geometry.project_points(self.case.views[index].P, np.array([points[n] for n in names], dtype=np.float64))
         return {n: (float(u), float(v)) for n, (u, v) in zip(names, np.asarray(uv).reshape(-1, 2))}
 
+    # ---------------------------------------------------------------- measurement graphics (2D)
+    def view_graphics(self, index: int):
+        """Measurement graphics of view ``index`` (:func:`inference.graphics.view_graphics`), or None."""
+        if self.result is None or self.case is None or not self.measurements:
+            return None
+        from inference import graphics
+
+        view = self.case.views[index]
+        return graphics.view_graphics(self.measurements, self.landmarks_mm, view.P, view.image.shape,
+                                      detector_mm_per_px=graphics.case_view_pixel_mm(view))
+
+    def landmark_moved_in_view(self, index: int, name: str, uv) -> list[float]:
+        """Where landmark ``name`` goes when dragged to pixel ``uv`` of view ``index``: the same
+        depth in that view (:func:`inference.graphics.move_in_view_plane`)."""
+        from inference import graphics
+
+        if name not in self.landmarks_mm:
+            raise DataError(f"unknown landmark {name!r}")
+        return [float(x) for x in graphics.move_in_view_plane(self.case.views[index].P, self.landmarks_mm[name], uv)]
+
+    def epipolar_segment(self, from_index: int, uv, to_index: int):
+        """The line in view ``to_index`` on which pixel ``uv`` of view ``from_index`` lies in 3D."""
+        from inference import graphics
+
+        source, target = self.case.views[from_index], self.case.views[to_index]
+        return graphics.epipolar_segment(source.P, uv, target.P, target.image.shape)
+
     # ---------------------------------------------------------------- report data
     def views_provenance(self, anonymise: bool = False) -> list[dict[str, Any]]:
         """Per view: name, calibration, image file and checksum, mask source, checksum, confirmed."""

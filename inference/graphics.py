@@ -38,6 +38,7 @@ __all__ = [
     "LANDMARK_LABELS",
     "landmark_label",
     "detector_pixel_mm",
+    "case_view_pixel_mm",
     "view_calibration",
     "head_silhouette_mm",
     "view_graphics",
@@ -176,6 +177,11 @@ def detector_pixel_mm(calibration: Mapping[str, Any] | None, pixel_spacing_mm: S
         if math.isfinite(value) and value > 0:
             return value
     return None
+
+
+def case_view_pixel_mm(view) -> float | None:
+    """Detector pitch of an :class:`inference.io.CaseView` (calibration, else the image file)."""
+    return detector_pixel_mm(view.calibration.to_dict(), view.image.pixel_spacing_mm)
 
 
 def view_calibration(P: Any, point_mm: Any, detector_mm_per_px: float | None = None) -> ViewCalibration:
