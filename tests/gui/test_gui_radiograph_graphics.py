@@ -103,3 +103,30 @@ def test_measurement_graphics_and_landmark_drag_with_epipolar_line(make_window, 
     assert session.measurements["vertical_offset_mm"] != pytest.approx(offset_before)
     assert view.handle_positions()[name] == pytest.approx((dropped.x(), dropped.y()), abs=1e-6)
     assert FEMUR.head_radius_mm == session.measurements["head_radius_mm"]
+
+
+def test_see_through_bone_shows_the_axes_inside_and_landmarks_are_labelled(make_window, synthetic_case, qtbot):
+    window = make_window()
+    window.open_case_folder(synthetic_case)
+    confirm_all(window)
+    assert register(qtbot, window) == "finished"
+    window.viewers.setCurrentIndex(1)
+    surface = window.surface_view
+    qtbot.waitUntil(lambda: surface.isVisible(), timeout=3000)
+    assert any(name.startswith("landmark_labels") for name in surface.actor_names()), surface.actor_names()
+    surface.show_slices.setChecked(False)
+    surface.show_landmarks.setChecked(False)
+    surface.reset_camera()
+    assert surface.surface_opacity() == 1.0
+
+    def shaft_pixels() -> int:
+        rgb = surface.render_image().astype(np.int64)
+        # the amber shaft axis: red high, blue low (the bone is beige: blue well above 150)
+        return int(((rgb[..., 0] > 150) & (rgb[..., 2] < 90) & (rgb[..., 0] - rgb[..., 2] > 120)).sum())
+
+    opaque = shaft_pixels()
+    surface.see_through.setChecked(True)
+    assert surface.surface_opacity() == pytest.approx(0.35)
+    assert shaft_pixels() > opaque + 200   # the axis inside the shaft shows through the bone
+    surface.see_through.setChecked(False)
+    assert surface.surface_opacity() == 1.0
