@@ -31,6 +31,8 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--patient-json", metavar="FILE",
                         help="JSON object with name, patient_id, birth_date, study_date, acquisition_date, "
                         "institution, accession_number, surgeon (overrides the DICOM headers)")
+    report.add_argument("--landmarks", metavar="FILE",
+                        help="landmarks JSON {name: [x, y, z] mm} (default: OUT_DIR/landmarks.json if present)")
     report.add_argument("--case", metavar="CASE_DIR", help="case folder (default: the one named in OUT_DIR/report.json)")
     report.add_argument("--surgeon", help="surgeon's name (also settable in --patient-json)")
     report.add_argument("--units", choices=("mm", "cm"), default="mm", help="length units (default mm)")
@@ -41,7 +43,7 @@ def _run_report(args: argparse.Namespace) -> int:
     from app.report import report_for_output_dir  # Qt-free; VTK renders off-screen
 
     written = report_for_output_dir(args.out_dir, args.out, case_dir=args.case, patient_json=args.patient_json,
-                                    surgeon=args.surgeon, units=args.units)
+                                    landmarks=args.landmarks, surgeon=args.surgeon, units=args.units)
     print(written)
     return 0
 

@@ -56,6 +56,10 @@ PATIENT_FIELDS = {
     "surgeon": None,
 }
 NOT_RECORDED = "not recorded"
+RADIOGRAPH_LEGEND = ("Lines: cyan head outline (the shadow of the head sphere), amber shaft axis, green neck axis, "
+                     "pink offset, violet vertical offset. Points: HC head centre, NP neck axis point, SP1/SP2 "
+                     "shaft axis points, LT lesser trochanter. Numbers on the images are the 3D measurements "
+                     "(the projection foreshortens lines); the scale bar measures at the depth of the hip.")
 
 
 # ----------------------------------------------------------------------------------- patient
@@ -251,8 +255,6 @@ def report_figures(case, measurements: Mapping[str, Any], landmarks_mm: Mapping[
     from inference import graphics
 
     radiographs = []
-    legend = ", ".join(f"{graphics.SHORT_LABELS[n]} {graphics.landmark_label(n).lower()}"
-                       for n in landmarks_mm if n in graphics.SHORT_LABELS)
     for view, calibration in zip(case.views, _view_calibrations(case, measurements)):
         drawn = graphics.view_graphics(measurements, landmarks_mm, view.P, view.image.shape,
                                        detector_mm_per_px=graphics.case_view_pixel_mm(view))
@@ -264,10 +266,9 @@ def report_figures(case, measurements: Mapping[str, Any], landmarks_mm: Mapping[
                 pixels = imaging.window_to_uint8(view.image.pixels)
         else:
             pixels = imaging.window_to_uint8(view.image.pixels)
-        scale = "" if calibration is None else "; " + "; ".join(calibration.lines())
-        caption = (f"{view.name}: head outline (cyan), shaft axis (amber), neck axis (green), offset (pink), "
-                   f"vertical offset (violet); {legend}{scale}. Lengths written on the image are the 3D values.")
-        radiographs.append(ReportFigure(caption, figures.annotated_radiograph_png(pixels, drawn), 0.49))
+        scale = "" if calibration is None else ": " + "; ".join(calibration.lines())
+        radiographs.append(ReportFigure(f"{view.name}{scale}.", figures.annotated_radiograph_png(pixels, drawn),
+                                        0.49))
     reconstruction = None
     if surface is not None:
         png = figures.render_3d_png(surface[0], surface[1], measurements, landmarks_mm, case.side)
@@ -312,12 +313,16 @@ def build_report_content(*, case, measurements: Mapping[str, Any], landmarks_mm:
     )
 
 
-def _output_landmarks(out_dir: pathlib.Path, measurements: dict[str, Any]) -> dict[str, list[float]]:
-    """Landmarks of an output folder: ``landmarks.json``, else ``landmarks_mm`` in measurements.json
-    (a workstation export), else the points that reproduce the measurements."""
+def _output_landmarks(out_dir: pathlib.Path, measurements: dict[str, Any],
+                      landmarks_file: str | os.PathLike | None = None) -> dict[str, list[float]]:
+    """Landmarks of an output folder: ``landmarks_file`` or ``landmarks.json`` ({name: [x, y, z]} or
+    {"landmarks_mm": {...}}), else ``landmarks_mm`` in measurements.json (a workstation export),
+    else the points that reproduce the measurements."""
     from app.session import editable_landmarks
 
-    path = out_dir / "landmarks.json"
+    path = pathlib.Path(landmarks_file) if landmarks_file is not None else out_dir / "landmarks.json"
+    if landmarks_file is not None and not path.is_file():
+        raise InputFileError(f"{path}: landmarks file not found")
     if path.is_file():
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -334,6 +339,7 @@ def _output_landmarks(out_dir: pathlib.Path, measurements: dict[str, Any]) -> di
 def report_for_output_dir(out_dir: str | os.PathLike, pdf_path: str | os.PathLike, *,
                           case_dir: str | os.PathLike | None = None,
                           patient_json: str | os.PathLike | None = None,
+                          landmarks: str | os.PathLike | None = None,
                           surgeon: str | None = None, units: str = "mm") -> pathlib.Path:
     """Write the planning report of a registration output folder (``hipatlas report``).
 
@@ -356,7 +362,7 @@ def report_for_output_dir(out_dir: str | os.PathLike, pdf_path: str | os.PathLik
         if not case_dir:
             raise InputFileError(f"{out_dir}/report.json does not name the case folder; give it with --case")
     case = hio.load_case(case_dir)
-    landmarks = _output_landmarks(out_dir, measurements)
+    landmarks_mm = _output_landmarks(out_dir, measurements, landmarks)
     patient = patient_from_case(case)
     if patient_json is not None:
         patient = patient.merged(read_patient_json(patient_json))
@@ -374,7 +380,7 @@ def report_for_output_dir(out_dir: str | os.PathLike, pdf_path: str | os.PathLik
         if not overlays[view.name].is_file():
             safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in view.name).strip("_")
             overlays[view.name] = out_dir / f"overlay_{safe}.png"
-    radiographs, reconstruction = report_figures(case, measurements, landmarks, overlay_paths=overlays,
+    radiographs, reconstruction = report_figures(case, measurements, landmarks_mm, overlay_paths=overlays,
                                                  surface=surface)
     views = []
     for index, view in enumerate(case.views):
@@ -385,7 +391,7 @@ def report_for_output_dir(out_dir: str | os.PathLike, pdf_path: str | os.PathLik
                       "mask_confirmed": run_view.get("mask_confirmed", view.mask is not None),
                       "mask_png_sha256": run_view.get("mask_sha256") or ""})
     content = build_report_content(
-        case=case, measurements=measurements, landmarks_mm=landmarks,
+        case=case, measurements=measurements, landmarks_mm=landmarks_mm,
         warnings=list(run_report.get("warnings") or []), model=run_report.get("model") or {}, views=views,
         patient=patient, case_label=pathlib.Path(case.case_dir).resolve().name,
         landmarks_edited=bool((measurements.get("provenance") or {}).get("landmarks_edited")), units=units,
@@ -432,7 +438,7 @@ def _story(content: ReportContent) -> list[Any]:
     from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
     from reportlab.lib.units import mm
     from reportlab.lib.utils import ImageReader
-    from reportlab.platypus import CondPageBreak, Image, KeepTogether, Paragraph, Spacer, Table, TableStyle
+    from reportlab.platypus import Image, KeepTogether, Paragraph, Spacer, Table, TableStyle
 
     styles = getSampleStyleSheet()
     small = ParagraphStyle("small", parent=styles["BodyText"], fontSize=8, leading=10)
@@ -506,6 +512,14 @@ def _story(content: ReportContent) -> list[Any]:
         story.append(Paragraph("Landmarks were moved by the user after registration; the measurements were "
                                "recomputed from the moved landmarks.", small))
 
+    if content.radiographs:
+        images = [picture(f, 100 * mm) for f in content.radiographs]
+        captions = [Paragraph(_escape(f.caption), small) for f in content.radiographs]
+        grid = Table([images, captions], colWidths=[page_width / len(images)] * len(images))
+        grid.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("ALIGN", (0, 0), (-1, 0), "CENTER"),
+                                  ("LEFTPADDING", (0, 0), (-1, -1), 2), ("RIGHTPADDING", (0, 0), (-1, -1), 2)]))
+        story += section("Radiographs with measurement graphics", grid, Paragraph(_escape(RADIOGRAPH_LEGEND), small))
+
     calibration = table([("View", "Source", "Detector pixel", "Pixel at hip", "Magnification at hip",
                           "Source\u2013hip"), *content.calibration_rows],
                         [14 * mm, 38 * mm, 26 * mm, 24 * mm, page_width - 126 * mm, 24 * mm])
@@ -514,17 +528,9 @@ def _story(content: ReportContent) -> list[Any]:
                                "matrix; the detector pixel size and the magnification need the detector pitch "
                                "(DICOM or calibration file).", small))
 
-    if content.radiographs:
-        images = [picture(f, 125 * mm) for f in content.radiographs]
-        captions = [Paragraph(_escape(f.caption), small) for f in content.radiographs]
-        grid = Table([images, captions], colWidths=[page_width / len(images)] * len(images))
-        grid.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("ALIGN", (0, 0), (-1, 0), "CENTER")]))
-        story.append(CondPageBreak(150 * mm))
-        story += section("Radiographs with measurement graphics", grid)
     if content.reconstruction is not None:
-        story += section("3D reconstruction", KeepTogether([picture(content.reconstruction, 110 * mm),
-                                                            Paragraph(_escape(content.reconstruction.caption),
-                                                                      small)]))
+        story += section("3D reconstruction", picture(content.reconstruction, 110 * mm),
+                         Paragraph(_escape(content.reconstruction.caption), small))
     if content.landmark_rows:
         story += section("Landmarks (world LPS)", table([("Landmark", "Position (x, y, z)", "Unit"),
                                                           *content.landmark_rows],

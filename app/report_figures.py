@@ -93,29 +93,34 @@ def annotated_radiograph_png(image_rgb: np.ndarray, drawn: graphics.ViewGraphics
     picture = Image.fromarray(pixels[r0:r1, c0:c1]).resize(
         (width_px, max(1, round((r1 - r0) * scale))), Image.Resampling.LANCZOS)
     draw = ImageDraw.Draw(picture)
-    line_width = max(2, round(width_px / 330))
-    font = _font(max(14, width_px // 42))
-    small = _font(max(12, width_px // 55))
+    # sized for a picture half a page wide: text about 2 mm high in print
+    line_width = max(2, round(width_px / 300))
+    small = _font(max(12, width_px // 30))
 
     def xy(uv) -> tuple[float, float]:
         # pixel centre u lies at u + 0.5 from the image edge; Pillow's coordinates index pixels
         return (float(uv[0]) + 0.5 - c0) * scale - 0.5, (float(uv[1]) + 0.5 - r0) * scale - 0.5
 
-    def text(position, words, colour, fnt=font, anchor="la"):
-        draw.text(position, words, fill=colour, font=fnt, anchor=anchor, stroke_width=3, stroke_fill="#000000")
+    placed: list[tuple[float, float, float, float]] = []
+
+    def text(position, words, colour, fnt=small, anchor="la"):
+        # Labels must not cover each other: move a colliding one down (then up) by its height.
+        x, y = position
+        box = draw.textbbox((x, y), words, font=fnt, anchor=anchor, stroke_width=3)
+        height = box[3] - box[1] + 2
+        for shift in (0, 1, -1, 2, -2, 3):
+            moved = (box[0], box[1] + shift * height, box[2], box[3] + shift * height)
+            if not any(moved[0] < b[2] and b[0] < moved[2] and moved[1] < b[3] and b[1] < moved[3] for b in placed):
+                box, y = moved, y + shift * height
+                break
+        placed.append(box)
+        draw.text((x, y), words, fill=colour, font=fnt, anchor=anchor, stroke_width=3, stroke_fill="#000000")
 
     for line in drawn.polylines:
         points = [xy(p) for p in line.points_uv]
         if line.closed:
             points.append(points[0])
         draw.line(points, fill=COLOURS.get(line.kind, "#FFFFFF"), width=line_width, joint="curve")
-    for line in drawn.polylines:
-        if line.text and line.text_uv is not None:
-            x, y = xy(line.text_uv)
-            if line.closed:  # outlines are labelled above their top
-                text((x, y - 6), line.text, COLOURS.get(line.kind, "#FFFFFF"), small, anchor="mb")
-            else:
-                text((x + 8, y + 4), line.text, COLOURS.get(line.kind, "#FFFFFF"), small)
     radius = 2.5 * line_width
     for label in drawn.labels:
         if not label.inside:
@@ -123,6 +128,12 @@ def annotated_radiograph_png(image_rgb: np.ndarray, drawn: graphics.ViewGraphics
         x, y = xy(label.uv)
         draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=COLOURS["landmark"], width=line_width)
         text((x + radius + 3, y - radius - 3), label.short, COLOURS["landmark"], small, anchor="lb")
+    for line in drawn.polylines:
+        if line.text and line.text_uv is not None:
+            x, y = xy(line.text_uv)
+            position, anchor = {"above": ((x, y - 6), "mb"), "left": ((x - 8, y), "rm")}.get(
+                line.text_side, ((x + 8, y + 4), "la"))
+            text(position, line.text, COLOURS.get(line.kind, "#FFFFFF"), small, anchor=anchor)
     if drawn.calibration is not None:
         _draw_scale_bar(draw, drawn.calibration.mm_per_px_at_hip / scale, picture.size, line_width, text, small)
     buffer = _stdio.BytesIO()
@@ -137,11 +148,13 @@ def _draw_scale_bar(draw, mm_per_output_px: float, size: tuple[int, int], line_w
     pixels = length / mm_per_output_px
     x0, y = 0.04 * width, height - 0.05 * height
     tick = 3 * line_width
-    draw.rectangle((x0 - 6, y - tick - 34, x0 + pixels + 6, y + tick + 6), fill="#000000")
+    words = f"{length:g} mm at the hip"
+    box = draw.textbbox((x0, y - tick - 4), words, font=font, anchor="lb", stroke_width=3)
+    draw.rectangle((x0 - 6, box[1] - 4, max(x0 + pixels, box[2]) + 6, y + tick + 6), fill="#000000")
     draw.line([(x0, y), (x0 + pixels, y)], fill=COLOURS["scale"], width=line_width + 1)
     for x in (x0, x0 + pixels):
         draw.line([(x, y - tick), (x, y + tick)], fill=COLOURS["scale"], width=line_width)
-    text((x0, y - tick - 4), f"{length:g} mm at the hip", COLOURS["scale"], font, anchor="lb")
+    text((x0, y - tick - 4), words, COLOURS["scale"], font, anchor="lb")
 
 
 # ------------------------------------------------------------------------------------------- 3D
@@ -183,7 +196,6 @@ def render_3d_png(vertices: np.ndarray, faces: np.ndarray, measurements: Mapping
             eye = centre + 3.0 * extent * np.asarray(eye_direction)
             plotter.camera_position = [tuple(eye), tuple(centre), (0.0, 0.0, 1.0)]
             plotter.reset_camera()
-            plotter.camera.zoom(1.15)
         pixels = plotter.screenshot(return_img=True)
     finally:
         plotter.close()

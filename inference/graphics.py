@@ -92,6 +92,7 @@ class Polyline:
     closed: bool = False
     text: str = ""
     text_uv: tuple[float, float] | None = None
+    text_side: str = "right"        # where the text sits from text_uv: "above", "left" or "right"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +294,7 @@ def view_graphics(measurements: Mapping[str, Any], landmarks_mm: Mapping[str, An
     def project(points) -> np.ndarray:
         return np.asarray(geometry.project_points(P, np.asarray(points, dtype=np.float64)), dtype=np.float64)
 
-    def add(kind, points_mm, *, closed=False, text="", text_at_mm=None):
+    def add(kind, points_mm, *, closed=False, text="", text_at_mm=None, text_side="right"):
         uv = project(points_mm)
         uv = uv[np.all(np.isfinite(uv), axis=1)]
         if len(uv) < 2:
@@ -305,7 +306,8 @@ def view_graphics(measurements: Mapping[str, Any], landmarks_mm: Mapping[str, An
         elif text_at_mm is not None:
             at = project([text_at_mm])[0]
             text_uv = (float(at[0]), float(at[1])) if np.all(np.isfinite(at)) else None
-        polylines.append(Polyline(kind=kind, points_uv=uv, closed=closed, text=text, text_uv=text_uv))
+        polylines.append(Polyline(kind=kind, points_uv=uv, closed=closed, text=text, text_uv=text_uv,
+                                  text_side="above" if closed else text_side))
 
     centre = measurements.get("hip_centre_mm")
     radius = measurements.get("head_radius_mm")
@@ -332,7 +334,7 @@ def view_graphics(measurements: Mapping[str, Any], landmarks_mm: Mapping[str, An
         offset = measurements.get("femoral_offset_mm")
         add("offset", [centre, head_foot],
             text=f"Offset {float(offset):.1f} mm" if isinstance(offset, (int, float)) else "",
-            text_at_mm=0.5 * (centre + head_foot))
+            text_at_mm=0.5 * (centre + head_foot), text_side="above")
         lesser = landmarks_mm.get("lesser_trochanter")
         vertical = measurements.get("vertical_offset_mm")
         if lesser is not None:
@@ -340,7 +342,7 @@ def view_graphics(measurements: Mapping[str, Any], landmarks_mm: Mapping[str, An
             lesser_foot = _foot(lesser, shaft_point, shaft_dir)
             add("vertical_offset", [lesser, lesser_foot, head_foot],
                 text=f"Vertical offset {float(vertical):.1f} mm" if isinstance(vertical, (int, float)) else "",
-                text_at_mm=0.5 * (lesser_foot + head_foot))
+                text_at_mm=0.5 * (lesser_foot + head_foot), text_side="left")
         if isinstance(neck, Mapping):
             neck_dir = _unit(neck["direction"], "neck_axis")  # points towards the head
             tip = centre + float(radius or 0.0) * neck_dir

@@ -140,6 +140,10 @@ def test_report_cli_refuses_bad_input_in_one_line(registered, tmp_path):
                      "--patient-json", bad, cwd=tmp_path)
     assert done.returncode == 2 and "unknown patient field(s) nmae" in done.stderr
     assert not (tmp_path / "x.pdf").exists()
+    done = _hipatlas("report", registered["out"], "--case", registered["case"], "--out", tmp_path / "x.pdf",
+                     "--landmarks", tmp_path / "nowhere.json", cwd=tmp_path)
+    assert done.returncode == 2 and "landmarks file not found" in done.stderr
+    assert not (tmp_path / "x.pdf").exists()
 
 
 def test_uncertainty_forms_and_normal_ranges():

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 from PySide6.QtCore import QPointF, QRectF, Qt, Signal
-from PySide6.QtGui import QBrush, QColor, QFont, QImage, QPainter, QPainterPath, QPen, QPixmap
+from PySide6.QtGui import QBrush, QColor, QFont, QImage, QPainter, QPainterPath, QPen, QPixmap, QTransform
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QFrame, QGraphicsEllipseItem, QGraphicsItem, QGraphicsPathItem,
-                               QGraphicsPixmapItem, QGraphicsScene, QGraphicsSimpleTextItem, QGraphicsView,
+                               QGraphicsPixmapItem, QGraphicsRectItem, QGraphicsScene, QGraphicsSimpleTextItem, QGraphicsView,
                                QHBoxLayout, QLabel, QVBoxLayout, QWidget)
 
 from app import imaging, windowing
@@ -82,6 +82,23 @@ def _cosmetic_pen(colour: str, width: float, dashed: bool = False) -> QPen:
     return pen
 
 
+def _label_item(words: str, colour: str, parent: QGraphicsItem | None = None) -> QGraphicsRectItem:
+    """Text on a dark plate: readable on bright bone and on dark soft tissue alike."""
+    plate = QGraphicsRectItem(parent)
+    text = QGraphicsSimpleTextItem(words, plate)
+    font = QFont()
+    font.setBold(True)
+    text.setFont(font)
+    text.setBrush(QBrush(QColor(colour)))
+    box = text.boundingRect()
+    plate.setRect(box.adjusted(-3, -1, 3, 1))
+    plate.setBrush(QBrush(QColor(0, 0, 0, 170)))
+    plate.setPen(QPen(Qt.PenStyle.NoPen))
+    if parent is None:
+        plate.setFlag(QGraphicsItem.GraphicsItemFlag.ItemIgnoresTransformations)
+    return plate
+
+
 class LandmarkHandle(QGraphicsEllipseItem):
     """A labelled landmark on the radiograph, dragged with the left button.
 
@@ -105,13 +122,8 @@ class LandmarkHandle(QGraphicsEllipseItem):
         self.setCursor(Qt.CursorShape.SizeAllCursor)
         self.setToolTip(f"{label.text}: drag to move it in this view's plane")
         self.setZValue(8)
-        text = QGraphicsSimpleTextItem(label.short, self)
-        font = QFont()
-        font.setBold(True)
-        text.setFont(font)
-        text.setBrush(QBrush(QColor(GRAPHICS_COLOURS["landmark"])))
-        text.setPen(QPen(QColor(0, 0, 0, 200), 0.6))
-        text.setPos(r + 2, -r - text.boundingRect().height() + 2)
+        plate = _label_item(label.short, GRAPHICS_COLOURS["landmark"], self)
+        plate.setPos(r + 4, -r - plate.rect().height() + 2)
 
     def itemChange(self, change, value):
         if change == QGraphicsItem.GraphicsItemChange.ItemPositionHasChanged:
@@ -466,11 +478,13 @@ class RadiographView(QGraphicsView):
                 item.setData(0, line.kind)
                 self._graphics_items.append(item)
                 if line.text and line.text_uv is not None:
-                    text = QGraphicsSimpleTextItem(line.text)
-                    text.setBrush(QBrush(QColor(GRAPHICS_COLOURS.get(line.kind, "#FFFFFF"))))
-                    text.setPen(QPen(QColor(0, 0, 0, 200), 0.5))
-                    text.setFlag(QGraphicsItem.GraphicsItemFlag.ItemIgnoresTransformations)
+                    text = _label_item(line.text, GRAPHICS_COLOURS.get(line.kind, "#FFFFFF"))
                     text.setPos(QPointF(*line.text_uv))
+                    # offset in screen pixels (the item ignores the zoom): beside, not on, the line
+                    box = text.rect()
+                    dx, dy = {"above": (-box.width() / 2, -box.height() - 4),
+                              "left": (-box.width() - 8, -box.height() / 2)}.get(line.text_side, (8, 2))
+                    text.setTransform(QTransform.fromTranslate(dx, dy))
                     text.setZValue(6)
                     self._graphics_items.append(text)
             for label in drawn.labels:
@@ -491,6 +505,14 @@ class RadiographView(QGraphicsView):
 
     def graphics_kinds(self) -> list[str]:
         return [item.data(0) for item in self._graphics_items if isinstance(item, QGraphicsPathItem)]
+
+    def graphics_rect(self) -> QRectF:
+        """Scene rectangle of the measurement lines (empty without graphics)."""
+        rect = QRectF()
+        for item in self._graphics_items:
+            if isinstance(item, QGraphicsPathItem):
+                rect = rect.united(item.sceneBoundingRect())
+        return rect
 
     def handle_positions(self) -> dict[str, tuple[float, float]]:
         return {name: (h.pos().x(), h.pos().y()) for name, h in self._handles.items()}
