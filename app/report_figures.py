@@ -107,6 +107,9 @@ def annotated_radiograph_png(image_rgb: np.ndarray, drawn: graphics.ViewGraphics
         # Labels must not cover each other: move a colliding one down (then up) by its height.
         x, y = position
         box = draw.textbbox((x, y), words, font=fnt, anchor=anchor, stroke_width=3)
+        # keep it inside the picture
+        dx = max(0.0, 2 - box[0]) - max(0.0, box[2] - (picture.width - 2))
+        x, box = x + dx, (box[0] + dx, box[1], box[2] + dx, box[3])
         height = box[3] - box[1] + 2
         for shift in (0, 1, -1, 2, -2, 3):
             moved = (box[0], box[1] + shift * height, box[2], box[3] + shift * height)
@@ -121,6 +124,9 @@ def annotated_radiograph_png(image_rgb: np.ndarray, drawn: graphics.ViewGraphics
         if line.closed:
             points.append(points[0])
         draw.line(points, fill=COLOURS.get(line.kind, "#FFFFFF"), width=line_width, joint="curve")
+    if drawn.calibration is not None:
+        placed.append(_draw_scale_bar(draw, drawn.calibration.mm_per_px_at_hip / scale, picture.size, line_width,
+                                      small))
     radius = 2.5 * line_width
     for label in drawn.labels:
         if not label.inside:
@@ -134,27 +140,29 @@ def annotated_radiograph_png(image_rgb: np.ndarray, drawn: graphics.ViewGraphics
             position, anchor = {"above": ((x, y - 6), "mb"), "left": ((x - 8, y), "rm")}.get(
                 line.text_side, ((x + 8, y + 4), "la"))
             text(position, line.text, COLOURS.get(line.kind, "#FFFFFF"), small, anchor=anchor)
-    if drawn.calibration is not None:
-        _draw_scale_bar(draw, drawn.calibration.mm_per_px_at_hip / scale, picture.size, line_width, text, small)
     buffer = _stdio.BytesIO()
     picture.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
 
 
-def _draw_scale_bar(draw, mm_per_output_px: float, size: tuple[int, int], line_width: int, text, font) -> None:
+def _draw_scale_bar(draw, mm_per_output_px: float, size: tuple[int, int], line_width: int, font
+                    ) -> tuple[float, float, float, float]:
+    """A bar of a round length at the hip in the lower left corner; returns the box it covers."""
     width, height = size
     length = next((mm for mm in graphics.SCALE_BAR_LENGTHS_MM if mm / mm_per_output_px <= 0.3 * width),
                   graphics.SCALE_BAR_LENGTHS_MM[-1])
     pixels = length / mm_per_output_px
-    x0, y = 0.04 * width, height - 0.05 * height
+    x0, y = 0.04 * width, height - 0.04 * height
     tick = 3 * line_width
     words = f"{length:g} mm at the hip"
-    box = draw.textbbox((x0, y - tick - 4), words, font=font, anchor="lb", stroke_width=3)
-    draw.rectangle((x0 - 6, box[1] - 4, max(x0 + pixels, box[2]) + 6, y + tick + 6), fill="#000000")
+    text_box = draw.textbbox((x0, y - tick - 6), words, font=font, anchor="lb")
+    box = (x0 - 8, text_box[1] - 6, max(x0 + pixels, text_box[2]) + 8, y + tick + 6)
+    draw.rectangle(box, fill="#000000")
+    draw.text((x0, y - tick - 6), words, fill=COLOURS["scale"], font=font, anchor="lb")
     draw.line([(x0, y), (x0 + pixels, y)], fill=COLOURS["scale"], width=line_width + 1)
     for x in (x0, x0 + pixels):
         draw.line([(x, y - tick), (x, y + tick)], fill=COLOURS["scale"], width=line_width)
-    text((x0, y - tick - 4), words, COLOURS["scale"], font, anchor="lb")
+    return box
 
 
 # ------------------------------------------------------------------------------------------- 3D
