@@ -16,7 +16,7 @@ import traceback
 from typing import Sequence
 
 import numpy as np
-from PySide6.QtCore import QBuffer, QByteArray, QIODevice, Qt, QTimer, Signal
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QImage, QKeySequence, QPainter, QUndoCommand, QUndoStack
 from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QComboBox, QDialog, QDialogButtonBox,
                                QDoubleSpinBox, QFileDialog, QFormLayout, QGridLayout, QGroupBox,
@@ -25,7 +25,6 @@ from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QComb
                                QSpinBox, QSplitter, QStackedWidget, QTableWidget, QTableWidgetItem,
                                QTabWidget, QToolButton, QVBoxLayout, QWidget, QButtonGroup)
 
-from app import imaging
 from app import project as project_io
 from app.session import (RESEARCH_NOTICE, ExportOptions, RadiographImport, Session, describe_model,
                          landmark_label, measurement_rows)
@@ -99,15 +98,6 @@ def _calibration_tooltip(calibration: dict) -> str:
 def first_line(error: BaseException | str) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-def png_from_qimage(image: QImage) -> bytes:
-    data = QByteArray()
-    buffer = QBuffer(data)
-    buffer.open(QIODevice.OpenModeFlag.WriteOnly)
-    image.save(buffer, "PNG")
-    buffer.close()
-    return bytes(data.data())
 
 
 class MaskEditCommand(QUndoCommand):
@@ -510,7 +500,7 @@ class MainWindow(QMainWindow):
                                     "views (click to move the cursor).")
         self.show_contours = QCheckBox("Contour on radiographs")
         self.show_masks = QCheckBox("Masks on radiographs")
-        self.show_markers = QCheckBox("Landmarks on radiographs")
+        self.show_markers = QCheckBox("Measurement graphics on radiographs")
         for box in (self.show_contours, self.show_masks, self.show_markers):
             box.setChecked(True)
             box.toggled.connect(self._overlay_toggles)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import io
-import json
 import logging
 import math
 import os
@@ -115,15 +114,10 @@ def patient_from_keywords(found: Mapping[str, str]) -> dict[str, str]:
 
 def read_patient_json(path: str | os.PathLike) -> dict[str, str]:
     """A patient JSON file: an object with any of :data:`PATIENT_FIELDS` (strings)."""
+    from inference.io import read_json_object
+
     path = pathlib.Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputFileError(f"{path}: patient file not found") from None
-    except (OSError, ValueError) as error:
-        raise InputFileError(f"{path}: not a readable JSON file ({error})") from None
-    if not isinstance(data, dict):
-        raise InputFileError(f"{path}: the patient file must hold a JSON object")
+    data = read_json_object(path, "patient file")
     unknown = sorted(set(data) - set(PATIENT_FIELDS))
     if unknown:
         raise InputFileError(f"{path}: unknown patient field(s) {', '.join(unknown)}; "
@@ -324,11 +318,10 @@ def _output_landmarks(out_dir: pathlib.Path, measurements: dict[str, Any],
     if landmarks_file is not None and not path.is_file():
         raise InputFileError(f"{path}: landmarks file not found")
     if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise InputFileError(f"{path}: not a readable JSON file ({error})") from None
-        data = data.get("landmarks_mm", data) if isinstance(data, dict) else data
+        from inference.io import read_json_object
+
+        data = read_json_object(path, "landmarks file")
+        data = data.get("landmarks_mm", data)
         if isinstance(data, dict):
             return {k: [float(x) for x in v] for k, v in data.items() if isinstance(v, list) and len(v) == 3}
     if isinstance(measurements.get("landmarks_mm"), dict):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import datetime
 import hashlib
 import io as _stdio
 import json

@@ -62,12 +62,17 @@ def test_right_drag_changes_window_and_invert_flips(make_window, synthetic_case,
     assert not window.undo_stack.count()
 
 
-def test_measurement_graphics_and_landmark_drag_with_epipolar_line(make_window, synthetic_case, qtbot):
+def _registered_window(make_window, case, qtbot, tab: int):
     window = make_window()
-    window.open_case_folder(synthetic_case)
+    window.open_case_folder(case)
     confirm_all(window)
     assert register(qtbot, window) == "finished"
-    window.viewers.setCurrentIndex(0)
+    window.viewers.setCurrentIndex(tab)
+    return window
+
+
+def test_measurement_graphics_and_landmark_drag_with_epipolar_line(make_window, synthetic_case, qtbot):
+    window = _registered_window(make_window, synthetic_case, qtbot, tab=0)
     session = window.session
     for index, panel in enumerate(window.radiograph_panels):
         kinds = set(panel.view.graphics_kinds())
@@ -106,11 +111,7 @@ def test_measurement_graphics_and_landmark_drag_with_epipolar_line(make_window, 
 
 
 def test_see_through_bone_shows_the_axes_inside_and_landmarks_are_labelled(make_window, synthetic_case, qtbot):
-    window = make_window()
-    window.open_case_folder(synthetic_case)
-    confirm_all(window)
-    assert register(qtbot, window) == "finished"
-    window.viewers.setCurrentIndex(1)
+    window = _registered_window(make_window, synthetic_case, qtbot, tab=1)
     surface = window.surface_view
     qtbot.waitUntil(lambda: surface.isVisible(), timeout=3000)
     assert any(name.startswith("landmark_labels") for name in surface.actor_names()), surface.actor_names()
