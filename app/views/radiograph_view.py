@@ -17,7 +17,7 @@ Window/level: right-drag (horizontal = width, vertical = level), :meth:`Radiogra
 from __future__ import annotations
 
 import numpy as np
-from PySide6.QtCore import QPointF, QRectF, Qt, Signal
+from PySide6.QtCore import QEvent, QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QBrush, QColor, QFont, QImage, QPainter, QPainterPath, QPen, QPixmap, QTransform
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QFrame, QGraphicsEllipseItem, QGraphicsItem, QGraphicsPathItem,
                                QGraphicsPixmapItem, QGraphicsRectItem, QGraphicsScene, QGraphicsSimpleTextItem, QGraphicsView,
@@ -563,16 +563,24 @@ class RadiographView(QGraphicsView):
         self.landmark_dragged.emit(handle.name, handle.pos().x(), handle.pos().y())
         return True
 
+    def scale_bar_on_screen(self) -> tuple[float, float] | None:
+        """``(length_mm, screen pixels)`` of the scale bar at the current zoom (None: no bar)."""
+        drawn = self._graphics
+        if drawn is None or drawn.calibration is None:
+            return None
+        px_per_mm = self.transform().m11() / drawn.calibration.mm_per_px_at_hip
+        width = self.viewport().width()
+        length = next((mm for mm in measurement_graphics.SCALE_BAR_LENGTHS_MM if mm * px_per_mm <= 0.25 * width),
+                      None)
+        return None if length is None else (length, length * px_per_mm)
+
     def drawForeground(self, painter: QPainter, rect: QRectF) -> None:
         super().drawForeground(painter, rect)
         drawn = self._graphics
         if drawn is None or drawn.calibration is None or not self._graphics_visible or self._image_item is None:
             return
         # Scale bar and calibration in screen coordinates: always in the corner, sized to the zoom.
-        px_per_mm = self.transform().m11() / drawn.calibration.mm_per_px_at_hip
-        width = self.viewport().width()
-        length = next((mm for mm in measurement_graphics.SCALE_BAR_LENGTHS_MM if mm * px_per_mm <= 0.25 * width),
-                      None)
+        length, pixels = self.scale_bar_on_screen() or (None, 0.0)
         painter.save()
         painter.resetTransform()
         lines = drawn.calibration.lines()
@@ -581,7 +589,6 @@ class RadiographView(QGraphicsView):
         painter.fillRect(QRectF(x0 - 6, y - 34, max(metrics.horizontalAdvance(t) for t in lines) + 12,
                                 34 + metrics.height() * len(lines) + 8), QColor(0, 0, 0, 150))
         if length is not None:
-            pixels = length * px_per_mm
             painter.setPen(_cosmetic_pen(GRAPHICS_COLOURS["scale"], 2))
             painter.drawLine(QPointF(x0, y - 8), QPointF(x0 + pixels, y - 8))
             painter.drawLine(QPointF(x0, y - 14), QPointF(x0, y - 2))
@@ -660,8 +667,16 @@ class RadiographPanel(QWidget):
         self.invert = QCheckBox("Invert")
         self.invert.setToolTip("Show bone dark (as on film) or bright")
         self.invert.toggled.connect(self.view.set_inverted)
+        self.window_preset.installEventFilter(self)
         header.addWidget(self.window_preset)
         header.addWidget(self.invert)
+
+    def eventFilter(self, watched, event) -> bool:
+        # The wheel over an unfocused preset box scrolls the page, not the window setting.
+        if watched is self.window_preset and event.type() == QEvent.Type.Wheel and not watched.hasFocus():
+            event.ignore()
+            return True
+        return super().eventFilter(watched, event)
 
     def set_header(self, name: str, details: str) -> None:
         self.title.setText(name)

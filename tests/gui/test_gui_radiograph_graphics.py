@@ -110,6 +110,36 @@ def test_measurement_graphics_and_landmark_drag_with_epipolar_line(make_window, 
     assert FEMUR.head_radius_mm == session.measurements["head_radius_mm"]
 
 
+def test_scale_bar_follows_the_zoom_and_the_preset_box_ignores_the_wheel(make_window, synthetic_case, qtbot):
+    from PySide6.QtCore import QPoint
+    from PySide6.QtGui import QWheelEvent
+    from PySide6.QtWidgets import QApplication
+
+    window = _registered_window(make_window, synthetic_case, qtbot, tab=0)
+    panel = window.radiograph_panels[0]
+    view = panel.view
+    calibration = window.session.view_graphics(0).calibration
+    length, pixels = view.scale_bar_on_screen()
+    assert pixels == pytest.approx(length / calibration.mm_per_px_at_hip * view.transform().m11())
+    assert pixels <= 0.25 * view.viewport().width()
+    view.scale(2.0, 2.0)
+    zoomed_length, zoomed_pixels = view.scale_bar_on_screen()
+    assert zoomed_pixels / zoomed_length == pytest.approx(2.0 * pixels / length)
+    # the bar is drawn: white pixels along its row in the lower left corner
+    grab = view.viewport().grab().toImage()
+    rows = range(grab.height() - 120, grab.height())
+    widest = max(sum(1 for x in range(0, 12 + int(zoomed_pixels) + 4)
+                     if grab.pixelColor(x, y).lightness() > 240) for y in rows)
+    assert widest >= 0.9 * zoomed_pixels
+    # a wheel turn over the unfocused preset box changes nothing
+    box = panel.window_preset
+    before = (box.currentText(), view.window_level())
+    event = QWheelEvent(QPointF(5, 5), QPointF(box.mapToGlobal(QPoint(5, 5))), QPoint(0, 0), QPoint(0, -120),
+                        Qt.MouseButton.NoButton, Qt.KeyboardModifier.NoModifier, Qt.ScrollPhase.NoScrollPhase, False)
+    QApplication.sendEvent(box, event)
+    assert (box.currentText(), view.window_level()) == before
+
+
 def test_see_through_bone_shows_the_axes_inside_and_landmarks_are_labelled(make_window, synthetic_case, qtbot):
     window = _registered_window(make_window, synthetic_case, qtbot, tab=1)
     surface = window.surface_view
