@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -288,6 +289,11 @@ def test_export_writes_valid_files(registered, tmp_path):
     pdf = written["pdf_report"].read_bytes()
     assert pdf.startswith(b"%PDF") and b"Research use only" in pdf and b"Doe_John_case" in pdf
     assert pdf.count(b"/Subtype /Image") >= 3  # two annotated radiographs and the 3D picture, rendered off-screen
+    if shutil.which("pdftotext"):
+        text = " ".join(subprocess.run(["pdftotext", str(written["pdf_report"]), "-"], capture_output=True,
+                                       text=True, check=True).stdout.split())
+        assert "Operated side: RIGHT hip" in text and "Radiographs with measurement graphics" in text
+        assert "Signature" in text and "Pixel at hip" in text
     assert not [p for p in written["pdf_report"].parent.iterdir() if p.name.startswith(".")]
 
 
