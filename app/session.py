@@ -48,7 +48,7 @@ from typing import Any, Callable, Generator, Sequence
 import numpy as np
 
 from app import imaging, masks as mask_ops
-from inference import __version__, geometry, io
+from inference import __version__, geometry, graphics, io
 from inference.errors import CalibrationError, CaseFormatError, DataError, InputFileError, OutputError
 
 log = logging.getLogger(__name__)
@@ -68,15 +68,8 @@ MEASUREMENT_ROWS = (
     ("vertical_offset_mm", "Vertical offset", "length"),
 )
 
-#: Landmarks the surgeon may move, with labels (others found in a result are shown too).
-LANDMARK_LABELS = {
-    "head_centre": "Head centre",
-    "neck_point": "Neck axis point",
-    "shaft_point_proximal": "Shaft axis, proximal point",
-    "shaft_point_distal": "Shaft axis, distal point",
-    "lesser_trochanter": "Lesser trochanter",
-    "greater_trochanter": "Greater trochanter",
-}
+#: Printed landmark names: one table, shared with the radiograph graphics and the report.
+LANDMARK_LABELS = graphics.LANDMARK_LABELS
 
 #: DICOM attributes that identify the patient (shown in the report unless anonymised).
 PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName")
@@ -226,8 +219,7 @@ def measurement_rows(measurements: dict[str, Any], units: str = "mm") -> list[tu
     return rows
 
 
-def landmark_label(name: str) -> str:
-    return LANDMARK_LABELS.get(name, name.replace("_", " ").capitalize())
+landmark_label = graphics.landmark_label
 
 
 def _safe_name(name: str) -> str:
@@ -710,8 +702,6 @@ class Session:
         """Measurement graphics of view ``index`` (:func:`inference.graphics.view_graphics`), or None."""
         if self.result is None or self.case is None or not self.measurements:
             return None
-        from inference import graphics
-
         view = self.case.views[index]
         return graphics.view_graphics(self.measurements, self.landmarks_mm, view.P, view.image.shape,
                                       detector_mm_per_px=graphics.case_view_pixel_mm(view))
@@ -719,16 +709,12 @@ class Session:
     def landmark_moved_in_view(self, index: int, name: str, uv) -> list[float]:
         """Where landmark ``name`` goes when dragged to pixel ``uv`` of view ``index``: the same
         depth in that view (:func:`inference.graphics.move_in_view_plane`)."""
-        from inference import graphics
-
         if name not in self.landmarks_mm:
             raise DataError(f"unknown landmark {name!r}")
         return [float(x) for x in graphics.move_in_view_plane(self.case.views[index].P, self.landmarks_mm[name], uv)]
 
     def epipolar_segment(self, from_index: int, uv, to_index: int):
         """The line in view ``to_index`` on which pixel ``uv`` of view ``from_index`` lies in 3D."""
-        from inference import graphics
-
         source, target = self.case.views[from_index], self.case.views[to_index]
         return graphics.epipolar_segment(source.P, uv, target.P, target.image.shape)
 
