@@ -21,6 +21,33 @@ def _add_gui(subparsers: argparse._SubParsersAction) -> None:
     gui.set_defaults(handler=_run_gui)
 
 
+def _add_report(subparsers: argparse._SubParsersAction) -> None:
+    report = subparsers.add_parser(
+        "report", help="write the PDF planning report of a registration output folder",
+        description="Render the planning report of OUT_DIR (measurements, annotated radiographs, 3D picture, "
+        "calibration, patient, approval field) off-screen into a PDF.")
+    report.add_argument("out_dir", metavar="OUT_DIR", help="output folder of hipatlas register")
+    report.add_argument("--out", required=True, metavar="REPORT.pdf", help="PDF file to write")
+    report.add_argument("--patient-json", metavar="FILE",
+                        help="JSON object with name, patient_id, birth_date, study_date, acquisition_date, "
+                        "institution, accession_number, surgeon (overrides the DICOM headers)")
+    report.add_argument("--landmarks", metavar="FILE",
+                        help="landmarks JSON {name: [x, y, z] mm} (default: OUT_DIR/landmarks.json if present)")
+    report.add_argument("--case", metavar="CASE_DIR", help="case folder (default: the one named in OUT_DIR/report.json)")
+    report.add_argument("--surgeon", help="surgeon's name (also settable in --patient-json)")
+    report.add_argument("--units", choices=("mm", "cm"), default="mm", help="length units (default mm)")
+    report.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from app.report import report_for_output_dir  # Qt-free; VTK renders off-screen
+
+    written = report_for_output_dir(args.out_dir, args.out, case_dir=args.case, patient_json=args.patient_json,
+                                    landmarks=args.landmarks, surgeon=args.surgeon, units=args.units)
+    print(written)
+    return 0
+
+
 def _run_gui(args: argparse.Namespace) -> int:
     from app.main import run_gui  # Qt is imported only when the window is wanted
 
@@ -37,7 +64,7 @@ def main(argv=None) -> int:
         from inference.cli_commands import skip_pyplot_import
 
         skip_pyplot_import()
-    return inference_cli.run(argv, extra=(_add_gui,))
+    return inference_cli.run(argv, extra=(_add_gui, _add_report))
 
 
 if __name__ == "__main__":

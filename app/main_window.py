@@ -16,7 +16,7 @@ import traceback
 from typing import Sequence
 
 import numpy as np
-from PySide6.QtCore import QBuffer, QByteArray, QIODevice, Qt, QTimer, Signal
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QImage, QKeySequence, QPainter, QUndoCommand, QUndoStack
 from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QComboBox, QDialog, QDialogButtonBox,
                                QDoubleSpinBox, QFileDialog, QFormLayout, QGridLayout, QGroupBox,
@@ -25,7 +25,6 @@ from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QComb
                                QSpinBox, QSplitter, QStackedWidget, QTableWidget, QTableWidgetItem,
                                QTabWidget, QToolButton, QVBoxLayout, QWidget, QButtonGroup)
 
-from app import imaging
 from app import project as project_io
 from app.session import (RESEARCH_NOTICE, ExportOptions, RadiographImport, Session, describe_model,
                          landmark_label, measurement_rows)
@@ -100,15 +99,6 @@ def _calibration_tooltip(calibration: dict) -> str:
 def first_line(error: BaseException | str) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-def png_from_qimage(image: QImage) -> bytes:
-    data = QByteArray()
-    buffer = QBuffer(data)
-    buffer.open(QIODevice.OpenModeFlag.WriteOnly)
-    image.save(buffer, "PNG")
-    buffer.close()
-    return bytes(data.data())
 
 
 def _pacs_dialog():
@@ -317,6 +307,10 @@ class MainWindow(QMainWindow):
             view.stroke_finished.connect(lambda i=panel.index: self._stroke_finished(i))
             view.polygon_closed.connect(lambda points, fill, i=panel.index: self._polygon_closed(i, points, fill))
             view.cursor_moved.connect(lambda u, v, i=panel.index: self._cursor_moved(i, u, v))
+            view.landmark_dragging.connect(lambda n, u, v, i=panel.index: self._landmark_dragging(i, n, u, v))
+            # Queued: the slot rebuilds the handles, one of which is finishing its mouse event.
+            view.landmark_dragged.connect(lambda n, u, v, i=panel.index: self._landmark_dragged(i, n, u, v),
+                                          Qt.ConnectionType.QueuedConnection)
         self.surface_view = SurfaceView()
         # Queued: the handle's callback runs inside VTK's event processing, and the slot rebuilds
         # the handles.
@@ -516,7 +510,7 @@ class MainWindow(QMainWindow):
                                     "views (click to move the cursor).")
         self.show_contours = QCheckBox("Contour on radiographs")
         self.show_masks = QCheckBox("Masks on radiographs")
-        self.show_markers = QCheckBox("Landmarks on radiographs")
+        self.show_markers = QCheckBox("Measurement graphics on radiographs")
         for box in (self.show_contours, self.show_masks, self.show_markers):
             box.setChecked(True)
             box.toggled.connect(self._overlay_toggles)
@@ -567,7 +561,7 @@ class MainWindow(QMainWindow):
         self.export_boxes = {}
         for key, text in (("surface_stl", "Femur surface (STL)"), ("nifti", "Label map and warped atlas (NIfTI)"),
                           ("measurements_json", "Measurements (JSON)"), ("measurements_csv", "Measurements (CSV)"),
-                          ("pdf_report", "Planning report (PDF, with screenshots)")):
+                          ("pdf_report", "Planning report (PDF)")):
             box = QCheckBox(text)
             box.setChecked(True)
             self.export_boxes[key] = box
@@ -730,6 +724,7 @@ class MainWindow(QMainWindow):
                 self.case_table.setItem(index, column, item)
             panel = self.radiograph_panels[index]
             panel.view.set_image(state.display)
+            panel.view.set_intensities(view.image.pixels)
             panel.view.set_mask(state.mask)
             panel.view.set_editable(self._current_step() == "Masks")
         report = s.pair_report
@@ -843,7 +838,7 @@ class MainWindow(QMainWindow):
         self.reset_landmarks_button.setEnabled(s.landmarks_edited)
         self.surface_view.set_measurements(s.measurements, s.landmarks_mm)
         for index, panel in enumerate(self.radiograph_panels):
-            panel.view.set_markers(s.projected_landmarks(index) if s.result is not None and index < len(s.views) else {})
+            panel.view.set_graphics(s.view_graphics(index) if index < len(s.views) else None)
         self._overlay_toggles()
 
     def _build_landmark_editors(self, names: list[str]) -> None:
@@ -868,7 +863,7 @@ class MainWindow(QMainWindow):
         for panel in self.radiograph_panels:
             panel.view.set_contour_visible(self.show_contours.isChecked())
             panel.view.set_mask_visible(self.show_masks.isChecked() or self._current_step() == "Masks")
-            panel.view.set_markers_visible(self.show_markers.isChecked())
+            panel.view.set_graphics_visible(self.show_markers.isChecked())
 
     # ================================================================== steps
     def _current_step(self) -> str:
@@ -1288,6 +1283,22 @@ class MainWindow(QMainWindow):
         self._refresh_measurements()
         self._refresh_steps()
 
+    def _landmark_dragging(self, index: int, name: str, u: float, v: float) -> None:
+        """A landmark handle moves on radiograph ``index``: the other shows its epipolar line."""
+        for other, panel in enumerate(self.radiograph_panels):
+            if other != index and other < len(self.session.views):
+                panel.view.show_epipolar(self.session.epipolar_segment(index, (u, v), other))
+
+    def _landmark_dragged(self, index: int, name: str, u: float, v: float) -> None:
+        for panel in self.radiograph_panels:
+            panel.view.show_epipolar(None)
+        try:
+            position = self.session.landmark_moved_in_view(index, name, (u, v))
+        except Exception as error:  # noqa: BLE001
+            self.report_error(error)
+            return
+        self.move_landmark(name, position)
+
     def reset_landmarks(self) -> None:
         self.session.reset_landmarks()
         self._refresh_measurements()
@@ -1343,9 +1354,8 @@ class MainWindow(QMainWindow):
     def export_to(self, folder, options: ExportOptions | None = None, *, overwrite: bool = False) -> dict | None:
         options = options or self.export_options()
         try:
-            shots = self.capture_views() if options.pdf_report else []
-            with _busy():
-                written = self.session.export(folder, options, shots, overwrite=overwrite)
+            with _busy():  # the report renders its own pictures off-screen (app.report)
+                written = self.session.export(folder, options, overwrite=overwrite)
         except Exception as error:  # noqa: BLE001
             self.report_error(error)
             return None
@@ -1354,24 +1364,6 @@ class MainWindow(QMainWindow):
         return written
 
     # ================================================================== screenshots
-    def capture_views(self) -> list[tuple[str, bytes]]:
-        """PNG screenshots of the 3D view, both radiographs with overlays and the slices."""
-        shots = []
-        current = self.viewers.currentIndex()
-        self.viewers.setCurrentIndex(1)
-        QApplication.processEvents()
-        shots.append(("3D reconstruction with measurements", imaging.png_bytes(self.surface_view.render_image())))
-        self.viewers.setCurrentIndex(0)
-        QApplication.processEvents()
-        for panel, state in zip(self.radiograph_panels, self.session.views):
-            shots.append((f"{state.name}: radiograph with the registered femur contour",
-                          png_from_qimage(panel.view.viewport().grab().toImage())))
-        self.viewers.setCurrentIndex(2)
-        QApplication.processEvents()
-        shots.append(("Warped atlas slices with the femur label", png_from_qimage(self.slice_panel.grab().toImage())))
-        self.viewers.setCurrentIndex(current)
-        return shots
-
     def screenshot(self) -> QImage:
         """The whole window, with the 3D view's OpenGL pixels painted in where it is visible.
 

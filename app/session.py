@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import datetime
 import hashlib
 import io as _stdio
 import json
@@ -44,12 +43,12 @@ import re
 import secrets
 import shutil
 import tempfile
-from typing import Any, Callable, Generator, Iterable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 
 from app import imaging, masks as mask_ops
-from inference import __version__, geometry, io
+from inference import __version__, geometry, graphics, io
 from inference.errors import CalibrationError, CaseFormatError, DataError, InputFileError, OutputError
 
 log = logging.getLogger(__name__)
@@ -69,15 +68,8 @@ MEASUREMENT_ROWS = (
     ("vertical_offset_mm", "Vertical offset", "length"),
 )
 
-#: Landmarks the surgeon may move, with labels (others found in a result are shown too).
-LANDMARK_LABELS = {
-    "head_centre": "Head centre",
-    "neck_point": "Neck axis point",
-    "shaft_point_proximal": "Shaft axis, proximal point",
-    "shaft_point_distal": "Shaft axis, distal point",
-    "lesser_trochanter": "Lesser trochanter",
-    "greater_trochanter": "Greater trochanter",
-}
+#: Printed landmark names: one table, shared with the radiograph graphics and the report.
+LANDMARK_LABELS = graphics.LANDMARK_LABELS
 
 #: DICOM attributes that identify the patient (shown in the report unless anonymised).
 PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName")
@@ -227,8 +219,7 @@ def measurement_rows(measurements: dict[str, Any], units: str = "mm") -> list[tu
     return rows
 
 
-def landmark_label(name: str) -> str:
-    return LANDMARK_LABELS.get(name, name.replace("_", " ").capitalize())
+landmark_label = graphics.landmark_label
 
 
 def _safe_name(name: str) -> str:
@@ -425,6 +416,8 @@ class Session:
         self.views: list[ViewState] = []
         self.pair_report: geometry.ViewPairReport | None = None
         self.patient: dict[str, str] = {}
+        #: Report fields the user typed (surgeon, ...): app.report.PATIENT_FIELDS names.
+        self.report_patient: dict[str, str] = {}
         self.result: LoadedResult | None = None
         self.landmarks_mm: dict[str, list[float]] = {}
         self.measurements: dict[str, Any] = {}
@@ -707,6 +700,27 @@ class Session:
         uv = geometry.project_points(self.case.views[index].P, np.array([points[n] for n in names], dtype=np.float64))
         return {n: (float(u), float(v)) for n, (u, v) in zip(names, np.asarray(uv).reshape(-1, 2))}
 
+    # ---------------------------------------------------------------- measurement graphics (2D)
+    def view_graphics(self, index: int):
+        """Measurement graphics of view ``index`` (:func:`inference.graphics.view_graphics`), or None."""
+        if self.result is None or self.case is None or not self.measurements:
+            return None
+        view = self.case.views[index]
+        return graphics.view_graphics(self.measurements, self.landmarks_mm, view.P, view.image.shape,
+                                      detector_mm_per_px=graphics.case_view_pixel_mm(view))
+
+    def landmark_moved_in_view(self, index: int, name: str, uv) -> list[float]:
+        """Where landmark ``name`` goes when dragged to pixel ``uv`` of view ``index``: the same
+        depth in that view (:func:`inference.graphics.move_in_view_plane`)."""
+        if name not in self.landmarks_mm:
+            raise DataError(f"unknown landmark {name!r}")
+        return [float(x) for x in graphics.move_in_view_plane(self.case.views[index].P, self.landmarks_mm[name], uv)]
+
+    def epipolar_segment(self, from_index: int, uv, to_index: int):
+        """The line in view ``to_index`` on which pixel ``uv`` of view ``from_index`` lies in 3D."""
+        source, target = self.case.views[from_index], self.case.views[to_index]
+        return graphics.epipolar_segment(source.P, uv, target.P, target.image.shape)
+
     # ---------------------------------------------------------------- report data
     def views_provenance(self, anonymise: bool = False) -> list[dict[str, Any]]:
         """Per view: name, calibration, image file and checksum, mask source, checksum, confirmed."""
@@ -749,7 +763,7 @@ class Session:
 
     # ---------------------------------------------------------------- export
     def export(self, out_dir: str | os.PathLike, options: ExportOptions = ExportOptions(),
-               screenshots: Iterable[tuple[str, bytes]] = (), *, overwrite: bool = False) -> dict[str, pathlib.Path]:
+               *, overwrite: bool = False) -> dict[str, pathlib.Path]:
         """Write the chosen outputs into ``out_dir`` (atomically: all or nothing).
 
         Returns the written files by kind. With ``options.anonymise`` no patient identifier
@@ -761,7 +775,6 @@ class Session:
                     options.measurements_csv, options.pdf_report)):
             raise OutputError("choose at least one thing to export")
         provenance = self.provenance(options.anonymise)
-        screenshots = list(screenshots)
         written: dict[str, str] = {}
         with io.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
             if options.surface_stl:
@@ -780,7 +793,7 @@ class Session:
             if options.pdf_report:
                 from app import report
 
-                content = self.report_content(options, screenshots, provenance)
+                content = self.report_content(options, provenance)
                 written["pdf_report"] = report.write_planning_report(tmp / "planning_report.pdf", content).name
         final = pathlib.Path(out_dir)
         log.info("exported %s to %s", ", ".join(written), final)
@@ -821,38 +834,25 @@ class Session:
         path.write_text(buffer.getvalue(), encoding="utf-8")
         return path
 
-    def report_content(self, options: ExportOptions, screenshots: Sequence[tuple[str, bytes]],
-                       provenance: dict[str, Any] | None = None):
-        """The data of the PDF planning report."""
+    def report_content(self, options: ExportOptions, provenance: dict[str, Any] | None = None):
+        """The data of the PDF planning report, its pictures rendered off-screen (never the screen)."""
         from app import report
 
         provenance = provenance or self.provenance(options.anonymise)
-        patient_lines = []
-        if options.anonymise:
-            patient_lines.append(("Case", self.pseudonym))
-            patient_lines.append(("Patient identifiers", "removed (anonymised export)"))
-        else:
-            patient_lines.append(("Case", self.case_label))
-            for keyword in PATIENT_KEYWORDS:
-                if keyword in self.patient:
-                    patient_lines.append((re.sub(r"(?<!^)(?=[A-Z])", " ", keyword), self.patient[keyword]))
-        model = provenance["model"]
-        return report.ReportContent(
-            title="HipAtlas hip planning report",
-            notice=RESEARCH_NOTICE,
-            created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            case_lines=patient_lines + [("Side", self.case.side)],
-            measurement_rows=measurement_rows(self.measurements, options.units),
-            landmark_rows=[(landmark_label(n), ", ".join(format_length(v, options.units) for v in p), options.units)
-                           for n, p in self.landmarks_mm.items()],
-            landmarks_edited=self.landmarks_edited,
-            views=provenance["views"],
-            software_version=__version__,
-            model_lines=[("Model", str(model.get("name", "unknown"))),
-                         ("Model sha256", str(model.get("sha256") or "not recorded"))],
-            warnings=list(self.result.warnings),
-            screenshots=list(screenshots),
-        )
+        result = self.result
+        radiographs, reconstruction = report.report_figures(
+            self.case, self.measurements, self.landmarks_mm,
+            overlay_paths={name[len("overlay_"):]: path for name, path in result.files.items()
+                           if name.startswith("overlay_")},
+            surface=(result.surface_vertices, result.surface_faces))
+        patient = report.patient_from_case(self.case).merged(report.patient_from_keywords(self.patient))
+        patient = patient.merged(self.report_patient)
+        return report.build_report_content(
+            case=self.case, measurements=self.measurements, landmarks_mm=self.landmarks_mm,
+            warnings=list(result.warnings), model=provenance["model"], views=provenance["views"],
+            patient=patient, case_label=self.pseudonym if options.anonymise else self.case_label,
+            landmarks_edited=self.landmarks_edited, units=options.units, anonymised=options.anonymise,
+            radiographs=radiographs, reconstruction=reconstruction)
 
 
 def describe_model(model_path: str | os.PathLike | None) -> dict[str, Any]:

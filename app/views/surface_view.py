@@ -15,6 +15,7 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 
 from app import imaging
+from inference import graphics
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,8 @@ SHAFT_COLOUR = "#FFB300"
 NECK_COLOUR = "#7CB342"
 LANDMARK_COLOUR = "#C6FF00"
 AXIS_HALF_LENGTH_MM = 70.0
+#: Opacity of the bone with "See-through bone" on.
+SEE_THROUGH_OPACITY = 0.35
 
 
 def _faces_for_vtk(faces: np.ndarray) -> np.ndarray:
@@ -93,13 +96,18 @@ class SurfaceView(QWidget):
         for box in (self.show_surface, self.show_slices, self.show_measurements, self.show_landmarks):
             box.setChecked(True)
             box.toggled.connect(self._apply_visibility)
+        self.see_through = QCheckBox("See-through bone")
+        self.see_through.setToolTip("Show the bone half transparent, so the axes, head centre and landmarks "
+                                    "inside it stay visible")
+        self.see_through.toggled.connect(self.set_see_through)
         self.reset_button = QPushButton("Reset camera")
         self.reset_button.setToolTip("Show the whole femur from the front (R)")
         self.reset_button.clicked.connect(self.reset_camera)
         bar = QHBoxLayout()
         bar.setContentsMargins(8, 4, 6, 4)
         bar.setSpacing(14)
-        for widget in (self.show_surface, self.show_slices, self.show_measurements, self.show_landmarks):
+        for widget in (self.show_surface, self.see_through, self.show_slices, self.show_measurements,
+                       self.show_landmarks):
             bar.addWidget(widget)
         bar.addStretch(1)
         bar.addWidget(self.reset_button)
@@ -143,6 +151,7 @@ class SurfaceView(QWidget):
         actor = self.plotter.add_mesh(mesh, color=SURFACE_COLOUR, smooth_shading=True, specular=0.3,
                                       name="femur_surface", reset_camera=False, render=False)
         self._actors["surface"] = [actor]
+        self.set_see_through(self.see_through.isChecked(), render=False)
         if volume is not None and grid_geometry is not None:
             image = pv.ImageData(dimensions=tuple(int(s) for s in reversed(volume.shape)),
                                  spacing=tuple(float(s) for s in grid_geometry.spacing_xyz_mm),
@@ -222,8 +231,30 @@ class SurfaceView(QWidget):
             self._actors["landmarks"] = [self.plotter.add_mesh(
                 cloud, color=LANDMARK_COLOUR, point_size=10, render_points_as_spheres=True, name="landmarks",
                 reset_camera=False, render=False)]
+            # Labels are drawn over everything (always_visible): a landmark inside the bone or
+            # behind an atlas slice still says what it is.
+            self._actors["landmarks"].append(self.plotter.add_point_labels(
+                np.vstack(points), [graphics.landmark_label(n) for n in self._landmarks], name="landmark_labels",
+                font_size=11, text_color="#101317", shape_color=LANDMARK_COLOUR, shape_opacity=0.8,
+                show_points=False, always_visible=True, reset_camera=False, render=False))
         self._update_handles()
         self._apply_visibility()
+
+    def set_see_through(self, enabled: bool, render: bool = True) -> None:
+        """Bone half transparent (True) or opaque."""
+        if self._closed:
+            return
+        blocked = self.see_through.blockSignals(True)
+        self.see_through.setChecked(bool(enabled))
+        self.see_through.blockSignals(blocked)
+        for actor in self._actors["surface"]:
+            actor.GetProperty().SetOpacity(SEE_THROUGH_OPACITY if enabled else 1.0)
+        if render:
+            self.plotter.render()
+
+    def surface_opacity(self) -> float | None:
+        actors = self._actors["surface"]
+        return float(actors[0].GetProperty().GetOpacity()) if actors else None
 
     def set_landmark_handles(self, enabled: bool) -> None:
         """Show draggable spheres on the landmarks (left-drag moves one; emits landmark_moved)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -154,6 +155,37 @@ def test_import_dicom_takes_geometry_from_tags(tmp_path):
         session.close()
 
 
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils (pdftotext) not installed")
+def test_report_of_a_dicom_case_names_the_patient_and_the_magnification(tmp_path):
+    rng = np.random.default_rng(2)
+    paths = [write_dicom(tmp_path / f"v{i}.dcm", 1000 + rng.normal(0, 10, DETECTOR), primary_deg=angle)
+             for i, angle in enumerate((0.0, 90.0))]
+    session = Session(work_root=tmp_path, register_fn=synthetic_register, isolate=False)
+    try:
+        session.import_radiographs([RadiographImport("AP", paths[0]), RadiographImport("LAT", paths[1])], "right")
+        for index, view in enumerate(session.views):
+            mask = np.zeros_like(view.mask)
+            mask[20:70, 30:60] = True
+            session.replace_mask(index, mask)
+            session.set_confirmed(index, True)
+        session.set_result(pipeline.run_to_completion(session.registration_job()(lambda: False)))
+        session.report_patient = {"surgeon": "Dr. Example"}
+        written = session.export(tmp_path / "out", ExportOptions(nifti=False, surface_stl=False))
+        text = " ".join(subprocess.run(["pdftotext", "-layout", str(written["pdf_report"]), "-"],
+                                       capture_output=True, text=True, check=True).stdout.split())
+    finally:
+        session.close()
+    for required in ("Doe, Jane", "PID-12345", "Birth date 1960-01-01", "Dr. Example", "Operated side: RIGHT hip"):
+        assert required in text, required
+    # DICOM: detector pitch 2.5 mm, source-detector 1000 mm; the hip centre of the synthetic
+    # femur lies on the AP central ray's depth of the isocentre plane (y = 0, source 600 mm away).
+    from inference import graphics
+
+    ap = graphics.view_calibration(session.case.views[0].P, FEMUR.head_centre_mm, 2.5)
+    assert ap.magnification == pytest.approx(1000.0 / ap.source_to_hip_mm)
+    assert f"AP dicom-tags 2.500 mm {ap.mm_per_px_at_hip:.3f} mm {ap.magnification:.2f}\u00d7" in text
+
+
 # ------------------------------------------------------------------------------ session workflow
 @pytest.fixture
 def registered(tmp_path):
@@ -271,8 +303,7 @@ def test_export_writes_valid_files(registered, tmp_path):
     from inference.data.mesh import read_stl
 
     result = _register(registered)
-    shot = imaging.png_bytes(np.full((40, 60, 3), 128, np.uint8))
-    written = registered.export(tmp_path / "out", ExportOptions(), [("test view", shot)])
+    written = registered.export(tmp_path / "out", ExportOptions())
     assert set(written) == {"surface_stl", "labels_nifti", "atlas_nifti", "measurements_json",
                             "measurements_csv", "pdf_report"}
     assert read_stl(written["surface_stl"]).n_faces == len(result.surface_faces)
@@ -288,7 +319,12 @@ def test_export_writes_valid_files(registered, tmp_path):
     assert float(rows["hip_centre_z_mm"]["value"]) == pytest.approx(FEMUR.head_centre_mm[2])
     pdf = written["pdf_report"].read_bytes()
     assert pdf.startswith(b"%PDF") and b"Research use only" in pdf and b"Doe_John_case" in pdf
-    assert b"/Subtype /Image" in pdf
+    assert pdf.count(b"/Subtype /Image") >= 3  # two annotated radiographs and the 3D picture, rendered off-screen
+    if shutil.which("pdftotext"):
+        text = " ".join(subprocess.run(["pdftotext", str(written["pdf_report"]), "-"], capture_output=True,
+                                       text=True, check=True).stdout.split())
+        assert "Operated side: RIGHT hip" in text and "Radiographs with measurement graphics" in text
+        assert "Signature" in text and "Pixel at hip" in text
     assert not [p for p in written["pdf_report"].parent.iterdir() if p.name.startswith(".")]
 
 
