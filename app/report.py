@@ -33,6 +33,7 @@ class ReportContent:
     model_lines: Sequence[tuple[str, str]]
     warnings: Sequence[str]
     screenshots: Sequence[tuple[str, bytes]]   # (caption, PNG bytes)
+    measurement_notes: Sequence[str] = ()      # caveats of values marked (!) (inference.measure.caveat_lines)
 
 
 def _escape(text: Any) -> str:
@@ -100,6 +101,10 @@ def write_planning_report(path: str | os.PathLike, content: ReportContent) -> pa
     story.append(Paragraph("Measurements", styles["Heading2"]))
     story.append(table([("Quantity", "Value", "Unit"), *content.measurement_rows],
                        [85 * mm, page_width - 105 * mm, 20 * mm]))
+    story.append(Paragraph("Values are shown \u00b1 one standard uncertainty; definitions, sources and the "
+                           "uncertainty model are in docs/measurements.md.", small))
+    for note in content.measurement_notes:
+        story.append(Paragraph(f"(!) {_escape(note)}", small))
     if content.landmarks_edited:
         story.append(Paragraph("Landmarks were moved by the user after registration; the measurements "
                                "were recomputed from the moved landmarks.", small))

@@ -214,6 +214,12 @@ def measurement_rows(measurements: dict[str, Any], units: str = "mm") -> list[tu
     return rows
 
 
+def _caveat_lines(measurements: dict[str, Any]) -> list[str]:
+    from inference import measure
+
+    return measure.caveat_lines(measurements)
+
+
 def landmark_label(name: str) -> str:
     return LANDMARK_LABELS.get(name, name.replace("_", " ").capitalize())
 
@@ -750,26 +756,31 @@ class Session:
     def _write_csv(self, path: pathlib.Path) -> pathlib.Path:
         buffer = _stdio.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["quantity", "value", "unit"])
+        writer.writerow(["quantity", "value", "uncertainty", "unit"])
         m = self.measurements
+        uncertainty = m.get("uncertainty") or {}
         for key, value in m.items():
-            if isinstance(value, bool) or value is None:
+            if isinstance(value, bool) or value is None or key in ("uncertainty", "landmark_uncertainty_mm"):
                 continue
+            u = "" if uncertainty.get(key) is None else repr(float(uncertainty[key]))
             if isinstance(value, (int, float)):
                 unit = "mm" if key.endswith("_mm") else "deg" if key.endswith("_deg") else ""
-                writer.writerow([key, repr(float(value)), unit])
+                writer.writerow([key, repr(float(value)), u, unit])
             elif isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value):
                 for axis, v in zip("xyz", value):
                     writer.writerow([f"{key}_{axis}" if not key.endswith("_mm") else f"{key[:-3]}_{axis}_mm",
-                                     repr(float(v)), "mm" if key.endswith("_mm") else ""])
-            elif isinstance(value, dict):
+                                     repr(float(v)), u, "mm" if key.endswith("_mm") else ""])
+            elif isinstance(value, dict) and key != "landmarks_mm":
                 for sub, vec in value.items():
                     if isinstance(vec, (list, tuple)) and len(vec) == 3:
                         for axis, v in zip("xyz", vec):
-                            writer.writerow([f"{key}.{sub}_{axis}", repr(float(v)), "mm" if sub.endswith("_mm") else ""])
+                            writer.writerow([f"{key}.{sub}_{axis}", repr(float(v)), "",
+                                             "mm" if sub.endswith("_mm") else ""])
+        sd = m.get("landmark_uncertainty_mm") or {}
         for name, point in self.landmarks_mm.items():
             for axis, v in zip("xyz", point):
-                writer.writerow([f"landmark.{name}_{axis}_mm", repr(float(v)), "mm"])
+                writer.writerow([f"landmark.{name}_{axis}_mm", repr(float(v)),
+                                 "" if sd.get(name) is None else repr(float(sd[name])), "mm"])
         # Written straight into the export's temporary folder: atomic_output_dir publishes all
         # files together or none.
         path.write_text(buffer.getvalue(), encoding="utf-8")
@@ -806,6 +817,7 @@ class Session:
                          ("Model sha256", str(model.get("sha256") or "not recorded"))],
             warnings=list(self.result.warnings),
             screenshots=list(screenshots),
+            measurement_notes=_caveat_lines(self.measurements),
         )
 
 

@@ -522,10 +522,17 @@ class CohortResult:
         return [row for row in self.rows if row["status"] != "ok"]
 
 
-#: Columns of ``cohort.csv`` (measurements in world mm / degrees, as measurements.json).
-COHORT_COLUMNS = ("case", "status", "out_dir", "side", "hip_centre_x_mm", "hip_centre_y_mm",
-                  "hip_centre_z_mm", "head_radius_mm", "femoral_offset_mm", "neck_shaft_angle_deg",
-                  "vertical_offset_mm", "warnings", "time_s", "error")
+def _cohort_columns() -> tuple[str, ...]:
+    from inference.measure import MEASUREMENTS
+
+    scalars = tuple(m.key for m in MEASUREMENTS if m.kind == "scalar")
+    return ("case", "status", "out_dir", "side", "hip_centre_x_mm", "hip_centre_y_mm", "hip_centre_z_mm",
+            *scalars, *(f"{k}_uncertainty" for k in scalars), "warnings", "time_s", "error")
+
+
+#: Columns of ``cohort.csv`` (measurements in world mm / degrees, as measurements.json, from the
+#: descriptor table :data:`inference.measure.MEASUREMENTS`, then their standard uncertainties).
+COHORT_COLUMNS = _cohort_columns()
 
 
 def cohort_output_names(case_dirs: list[str | os.PathLike]) -> list[str]:
@@ -589,10 +596,13 @@ def register_cohort(case_dirs: list[str | os.PathLike], out_root: str | os.PathL
             m = result.measurements
             centre = m.get("hip_centre_mm") or [None] * 3
             row.update(status="ok", side=m.get("side"), hip_centre_x_mm=centre[0], hip_centre_y_mm=centre[1],
-                       hip_centre_z_mm=centre[2], head_radius_mm=m.get("head_radius_mm"),
-                       femoral_offset_mm=m.get("femoral_offset_mm"),
-                       neck_shaft_angle_deg=m.get("neck_shaft_angle_deg"),
-                       vertical_offset_mm=m.get("vertical_offset_mm"), warnings=len(result.warnings))
+                       hip_centre_z_mm=centre[2], warnings=len(result.warnings))
+            uncertainty = m.get("uncertainty") or {}
+            for column in COHORT_COLUMNS:
+                if column in m and column not in row:
+                    row[column] = m[column]
+                elif column.endswith("_uncertainty"):
+                    row[column] = uncertainty.get(column[:-len("_uncertainty")])
         row["time_s"] = round(time.perf_counter() - started, 3)
         rows.append(row)
     buffer = text_io.StringIO()
