@@ -259,6 +259,15 @@ def vertical_offset(axes: FemurAxes) -> float | None:
     return float((axes.head_centre_mm - axes.lesser_trochanter_mm) @ axes.shaft_direction)
 
 
+def neck_length(axes: FemurAxes) -> float:
+    # head centre to the point of the neck axis nearest the shaft axis (where they cross in an AP view)
+    w = axes.neck_point_mm - axes.shaft_point_mm
+    b = float(axes.neck_direction @ axes.shaft_direction)
+    d, e = float(axes.neck_direction @ w), float(axes.shaft_direction @ w)
+    t = (b * e - d) / (1.0 - b * b)  # along the neck axis from the neck point (1 - b^2 > 0: CCD never 180 deg)
+    return float(np.linalg.norm(axes.head_centre_mm - (axes.neck_point_mm + t * axes.neck_direction)))
+
+
 def short_shaft_caveat(axes: FemurAxes) -> str | None:
     below = axes.shaft_below_lesser_trochanter_mm()
     if below >= MIN_RELIABLE_SHAFT_MM:
@@ -318,6 +327,12 @@ MEASUREMENTS: tuple[Measurement, ...] = (
         "Height of the head centre above the tip of the lesser trochanter, along the anatomical shaft axis.",
         "Templating convention for leg length: head centre height over the lesser trochanter.",
         vertical_offset),
+    Measurement(
+        "neck_length_mm", "Neck length", "mm",
+        "Distance from the head centre along the neck axis to where it meets the anatomical shaft axis "
+        "(the point of the neck axis nearest the shaft axis, in 3D).",
+        "Templating convention: head centre to the neck-shaft axis intersection.",
+        neck_length, caveat=short_shaft_caveat),
 )
 
 #: Keys a measurements.json must hold (older outputs lack the later additions).

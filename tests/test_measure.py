@@ -211,19 +211,34 @@ def _geometric_bounds(base: dict, name: str, delta_mm: float) -> dict[str, float
     return {"vertical_offset_mm": delta_mm}  # lesser trochanter
 
 
+
+def _local_bound(base: dict, name: str, key: str, delta_mm: float) -> float:
+    """For measurements without a hand-derived bound: the largest change a move of ``delta_mm``
+    can make to first order (the gradient's norm from 1e-4 mm steps), plus 10 % for curvature.
+    A jump (two code paths, a discontinuity) breaks it."""
+    point = np.asarray(base["landmarks_mm"][name])
+    rows = []
+    for axis in np.eye(3):
+        plus = measure.recompute_measurements(base, {name: point + 1e-4 * axis})[key]
+        minus = measure.recompute_measurements(base, {name: point - 1e-4 * axis})[key]
+        rows.append((np.asarray(plus, float) - np.asarray(minus, float)) / 2e-4)
+    return 1.1 * float(np.linalg.norm(np.array(rows), 2)) * delta_mm
+
+
 def test_a_small_landmark_move_changes_values_only_as_far_as_the_geometry_allows():
     base = measure.measurements_from_measurement_landmarks(_landmarks())
     rng = np.random.default_rng(11)
     delta = 0.1
     for name in measure.LANDMARK_NAMES:
         bounds = _geometric_bounds(base, name, delta)
+        bounds.update({m.key: _local_bound(base, name, m.key, delta) for m in measure.MEASUREMENTS if m.key not in bounds})
         for _ in range(20):
             step = rng.normal(size=3)
             moved_point = np.asarray(base["landmarks_mm"][name]) + delta * step / np.linalg.norm(step)
             moved = measure.recompute_measurements(base, {name: moved_point})
             for m in measure.MEASUREMENTS:
                 change = np.linalg.norm(np.subtract(moved[m.key], base[m.key]))
-                allowed = bounds.get(m.key, 0.0)
+                allowed = bounds[m.key]
                 assert change <= allowed * 1.01 + 1e-9, (name, m.key, change, allowed)
 
 
@@ -260,9 +275,11 @@ def test_less_visible_shaft_gives_a_larger_offset_uncertainty_and_a_caveat():
     assert all(o["femoral_offset_mm"] == pytest.approx(38.0) for o in outs)  # the values themselves agree
     # 12 mm + the stretch below the lesser trochanter: 42 and 72 mm, the threshold 70 mm
     assert outs[0]["shaft_below_lesser_trochanter_mm"] == pytest.approx(42.0)
-    assert set(outs[0]["caveats"]) == {"femoral_offset_mm", "neck_shaft_angle_deg"}
+    assert {"femoral_offset_mm", "neck_shaft_angle_deg"} <= set(outs[0]["caveats"])
+    assert not {"hip_centre_mm", "head_radius_mm", "vertical_offset_mm"} & set(outs[0]["caveats"])
     assert "42 mm" in outs[0]["caveats"]["femoral_offset_mm"] and not outs[1]["caveats"]
-    assert measure.caveat_lines(outs[0]) == [f"Femoral offset, Neck-shaft angle (CCD): {outs[0]['caveats']['femoral_offset_mm']}"]
+    lines = measure.caveat_lines(outs[0])
+    assert len(lines) == 1 and lines[0].startswith("Femoral offset, Neck-shaft angle (CCD)")
 
 
 def test_measure_command_recomputes_from_edited_landmarks(tmp_path, capsys):
@@ -296,3 +313,16 @@ def test_degenerate_landmarks_are_refused_with_a_clear_message():
         measure.measurements_from_measurement_landmarks(marks.moved("neck_point", marks.points_mm["head_centre"]))
     with pytest.raises(DataError, match="without the landmark"):
         measure.MeasurementLandmarks("right", {"head_centre": [0, 0, 0]}, 20.0)
+
+
+def test_neck_length_known_answer():
+    # neck from the head (38, 0, 60) at CCD 130 deg meets the shaft axis x = 0 after 38 / sin(50 deg)
+    out = measure.measurements_from_measurement_landmarks(_landmarks())
+    assert out["neck_length_mm"] == pytest.approx(38.0 / np.sin(np.radians(50.0)))
+    # anteversion-like skew: the neck passes the shaft 10 mm in front; the nearest point counts
+    marks = _landmarks()
+    skewed = measure.recompute_measurements(out, {
+        "head_centre": marks.points_mm["head_centre"] + [0.0, -10.0, 0.0],
+        "neck_point": marks.points_mm["neck_point"] + [0.0, -10.0, 0.0]})
+    assert skewed["neck_length_mm"] == pytest.approx(out["neck_length_mm"])
+    assert skewed["uncertainty"]["neck_length_mm"] > 0
