@@ -80,7 +80,7 @@ SHAFT_POINT_SPACING_MM = 60.0
 #: Standard uncertainty of each end of the shaft stretch across the axis (mm): how far diaphyseal
 #: section midpoints stray from a straight line (anterior bow, metaphyseal flare, the lesser
 #: trochanter's bulge in the sections, cortical asymmetry). With the two ends a shaft length L
-#: apart, the axis direction is uncertain by about sqrt(2) * 2 mm / L: 3.8 deg for 40 mm of
+#: apart, the axis direction is uncertain by about sqrt(2) * 2 mm / L: 4.1 deg for 40 mm of
 #: shaft, 1.1 deg for 150 mm. Chosen so that the femoral offset errors reported on held-out real
 #: femurs (1.4-2.9 mm with long shafts, 9.1/9.6 mm with ~60 mm of shaft below the lesser
 #: trochanter, issue 13) lie within two standard uncertainties; not fitted to a data set.
