@@ -39,13 +39,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
-from inference.anatomy import FemurLandmarks, femur_landmarks, femur_landmarks_from_labels
-from inference.data.mesh import Mesh
 from inference.errors import DataError
+
+if TYPE_CHECKING:  # anatomy (scipy, meshes) is imported where a femur is measured: the table and the
+    # landmark path stay light for the workstation's GUI thread (2 s of imports otherwise)
+    from inference.anatomy import FemurLandmarks
 
 logger = logging.getLogger(__name__)
 
@@ -570,6 +572,9 @@ def measure_femur(femur, geometry=None, *, side: str | None = None, label: int =
     MeshError
         If a surface is not closed.
     """
+    from inference.anatomy import FemurLandmarks, femur_landmarks, femur_landmarks_from_labels
+    from inference.data.mesh import Mesh
+
     if isinstance(femur, FemurLandmarks):
         landmarks = femur
     else:
