@@ -363,6 +363,8 @@ def test_a_hundredth_mm_landmark_move_changes_the_measurements_by_a_hundredth(ma
     for key in ("femoral_offset_mm", "neck_shaft_angle_deg", "head_radius_mm", "hip_centre_mm"):
         assert after[key] == before[key], key
     assert _table(window)["Femoral offset"] == shown["Femoral offset"]
+    # the synthetic femur's shaft stretch is short: the offset is marked and the tooltip says why
+    assert shown["Femoral offset"].endswith("(!)") and "lesser trochanter" in window.measure_table.item(0, 1).toolTip()
 
 
 def test_dragging_a_3d_landmark_handle_moves_the_landmark(make_window, synthetic_case, qtbot):
