@@ -36,6 +36,7 @@ from app.views.surface_view import SurfaceView
 from app.workers import GeneratorWorker
 from inference import __version__
 from inference.errors import HipAtlasError
+from inference.measure import caveat_lines as measure_caveats
 
 log = logging.getLogger(__name__)
 
@@ -821,9 +822,12 @@ class MainWindow(QMainWindow):
         s = self.session
         rows = measurement_rows(s.measurements, self.settings.units) if s.measurements else []
         self.measure_table.setRowCount(len(rows))
+        notes = "\n".join(["\u00b1 one standard uncertainty (docs/measurements.md)",
+                           *(f"(!) {line}" for line in measure_caveats(s.measurements))])
         for row, (label, value, unit) in enumerate(rows):
             for column, text in enumerate((label, value, unit)):
                 item = QTableWidgetItem(text)
+                item.setToolTip(notes)
                 if column == 1:
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.measure_table.setItem(row, column, item)

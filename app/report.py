@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from inference.errors import InputFileError
+from inference.measure import MEASUREMENTS, caveat_lines
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,10 @@ __all__ = ["PatientInfo", "ReportFigure", "ReportContent", "NORMAL_RANGES", "pat
            "read_patient_json", "measurement_uncertainty", "report_measurement_rows", "build_report_content",
            "report_figures", "report_for_output_dir", "write_planning_report"]
 
-#: Typical adult values, for orientation only (not patient-specific targets): key -> (low, high, source).
+#: Typical adult values, for orientation only (not patient-specific targets): key -> (low, high, source),
+#: from the one measurement table (:data:`inference.measure.MEASUREMENTS`).
 NORMAL_RANGES: dict[str, tuple[float, float, str]] = {
-    "neck_shaft_angle_deg": (120.0, 135.0, "adult CCD angle, e.g. Boese et al. 2016"),
-    "femoral_offset_mm": (30.0, 50.0, "adult femoral offset, e.g. Lecerf et al. 2009"),
-    "head_radius_mm": (20.0, 27.5, "adult head diameter 40-55 mm"),
-}
+    m.key: (*m.normal_range, m.source) for m in MEASUREMENTS if m.normal_range is not None}
 
 #: Fields of a patient JSON file (``--patient-json``) and their DICOM keywords.
 PATIENT_FIELDS = {
@@ -147,32 +146,34 @@ def measurement_uncertainty(measurements: Mapping[str, Any], key: str) -> float 
 
 
 def report_measurement_rows(measurements: Mapping[str, Any], units: str = "mm") -> list[tuple[str, ...]]:
-    """``(quantity, value, +- uncertainty, unit, typical range)`` rows of the measurements table."""
-    from app.session import MEASUREMENT_ROWS, format_length
+    """``(quantity, value, +- uncertainty, unit, typical range)`` rows of the measurements table, one per
+    measurement of :data:`inference.measure.MEASUREMENTS` that has a value (``(!)``: it has a caveat)."""
+    from app.session import format_length
 
     rows = []
-    for key, label, kind in MEASUREMENT_ROWS:
-        value = measurements.get(key)
+    caveats = measurements.get("caveats") or {}
+    for m in MEASUREMENTS:
+        value = measurements.get(m.key)
         if value is None:
             continue
-        if kind == "point":
-            rows.append((label, ", ".join(format_length(float(v), units) for v in value), "", units, ""))
+        if m.kind == "point":
+            rows.append((m.label, ", ".join(format_length(float(v), units) for v in value), "", units, ""))
             continue
-        is_angle = kind == "angle"
-        unit = "deg" if is_angle else units
+        is_angle = m.unit == "deg"
 
         def show(x: float) -> str:
-            return f"{x:.1f}" if is_angle else format_length(x, units)
+            return f"{x:.{m.digits}f}" if is_angle else format_length(x, units)
 
-        uncertainty = measurement_uncertainty(measurements, key)
+        uncertainty = measurement_uncertainty(measurements, m.key)
         spread = "" if uncertainty is None else f"\u00b1 {show(uncertainty)}"
         normal = ""
-        if key in NORMAL_RANGES:
-            low, high, _ = NORMAL_RANGES[key]
+        if m.normal_range is not None:
+            low, high = m.normal_range
             normal = f"{show(low)}\u2013{show(high)}"
             if not low <= float(value) <= high:
                 normal += " (outside)"
-        rows.append((label, show(float(value)), spread, unit if not is_angle else "\u00b0", normal))
+        flag = " (!)" if m.key in caveats else ""
+        rows.append((m.label, show(float(value)) + flag, spread, "\u00b0" if is_angle else units, normal))
     return rows
 
 
@@ -205,6 +206,7 @@ class ReportContent:
     software_version: str
     model_lines: Sequence[tuple[str, str]]
     warnings: Sequence[str]
+    measurement_notes: Sequence[str] = ()      # caveats of values marked (!) (inference.measure.caveat_lines)
 
 
 def local_time_text(now: datetime.datetime | None = None) -> str:
@@ -304,6 +306,7 @@ def build_report_content(*, case, measurements: Mapping[str, Any], landmarks_mm:
         model_lines=[("Model", str(model.get("name") or model.get("id") or "unknown")),
                      ("Model sha256", str(model.get("sha256") or "not recorded"))],
         warnings=list(warnings),
+        measurement_notes=caveat_lines(measurements),
     )
 
 
@@ -496,11 +499,14 @@ def _story(content: ReportContent) -> list[Any]:
 
     note = Paragraph("Typical ranges are adult population values for orientation, not targets for this patient "
                      "(" + "; ".join(f"{_escape(src)}" for _, _, src in NORMAL_RANGES.values()) + "). "
-                     "\u00b1: uncertainty recorded in measurements.json; blank where none was recorded.", small)
+                     "\u00b1: one standard uncertainty recorded in measurements.json (blank where none was recorded); "
+                     "definitions, sources and the uncertainty model: docs/measurements.md.", small)
     measurement_table = table([("Quantity", "Value", "Uncertainty", "Unit", "Typical range"),
                                *content.measurement_rows],
                               [55 * mm, 38 * mm, 24 * mm, 14 * mm, page_width - 131 * mm])
     story += section("Measurements", measurement_table, note)
+    for caveat in content.measurement_notes:
+        story.append(Paragraph(f"(!) {_escape(caveat)}", small))
     if content.landmarks_edited:
         story.append(Paragraph("Landmarks were moved by the user after registration; the measurements were "
                                "recomputed from the moved landmarks.", small))

@@ -17,8 +17,9 @@ Workflow state
   before registering; any edit withdraws the confirmation.
 * **Result**: the registration outputs loaded for display (:class:`LoadedResult`), built in the
   worker thread by the job from :meth:`Session.registration_job`.
-* **Landmarks**: the surgeon may move landmarks; measurements are then recomputed with
-  :func:`inference.measure.measurements_from_landmarks`. The pipeline's values are kept to reset.
+* **Landmarks**: the surgeon may move the measurement landmarks; measurements are then recomputed
+  with :func:`inference.measure.recompute_measurements` (the one measurement path: the pipeline
+  and ``hipatlas measure`` compute them the same way). The pipeline's values are kept to reset.
 
 Calibration JSON (for importing two radiographs that are not self-describing DICOM files)
 ----------------------------------------------------------------------------------------
@@ -58,15 +59,6 @@ CALIBRATION_FORMAT = "hipatlas-calibration/1"
 MISSING_MASK = "missing"
 RESEARCH_NOTICE = "Research use only \u2014 not for diagnosis or treatment decisions."
 LENGTH_UNITS = {"mm": 1.0, "cm": 0.1}
-
-#: Rows of the measurements table: key in measurements.json, label, kind.
-MEASUREMENT_ROWS = (
-    ("hip_centre_mm", "Hip centre (x, y, z)", "point"),
-    ("head_radius_mm", "Femoral head radius", "length"),
-    ("femoral_offset_mm", "Femoral offset", "length"),
-    ("neck_shaft_angle_deg", "Neck-shaft angle (CCD)", "angle"),
-    ("vertical_offset_mm", "Vertical offset", "length"),
-)
 
 #: Printed landmark names: one table, shared with the radiograph graphics and the report.
 LANDMARK_LABELS = graphics.LANDMARK_LABELS
@@ -194,28 +186,23 @@ def format_length(value_mm: float, units: str) -> str:
 
 
 def measurement_rows(measurements: dict[str, Any], units: str = "mm") -> list[tuple[str, str, str]]:
-    """``(label, value text, unit)`` rows for the measurements table and the PDF report."""
+    """``(label, value text, unit)`` rows for the measurements table and the PDF report, one per
+    descriptor of :data:`inference.measure.MEASUREMENTS` that has a value; the value text carries
+    its uncertainty (``26.0 ± 4.0``) and ``(!)`` when the value has a caveat."""
+    from inference import measure
+
     rows = []
-    shown = set()
-    for key, label, kind in MEASUREMENT_ROWS:
-        if key not in measurements or measurements[key] is None:
+    uncertainty = measurements.get("uncertainty") or {}
+    caveats = measurements.get("caveats") or {}
+    for m in measure.MEASUREMENTS:
+        value = measurements.get(m.key)
+        if value is None:
             continue
-        shown.add(key)
-        value = measurements[key]
-        if kind == "point":
-            rows.append((label, ", ".join(format_length(float(v), units) for v in value), units))
-        elif kind == "length":
-            rows.append((label, format_length(float(value), units), units))
-        else:
-            rows.append((label, f"{float(value):.1f}", "deg"))
-    for key, value in measurements.items():
-        # Further scalar measurements a newer measure.py may add, shown with the unit of their name.
-        if key in shown or not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        if key.endswith("_mm"):
-            rows.append((key[:-3].replace("_", " ").capitalize(), format_length(float(value), units), units))
-        elif key.endswith("_deg"):
-            rows.append((key[:-4].replace("_", " ").capitalize(), f"{float(value):.1f}", "deg"))
+        unit = units if m.unit == "mm" else m.unit
+        digits = (1 if units == "mm" else 2) if m.unit == "mm" else m.digits
+        text = measure.format_value(m, value, uncertainty.get(m.key), scale=LENGTH_UNITS[units], digits=digits,
+                                    unit="").strip().replace("+-", "\u00b1")
+        rows.append((m.label, text + (" (!)" if m.key in caveats else ""), unit))
     return rows
 
 
@@ -287,62 +274,34 @@ def load_result(out_dir: str | os.PathLike, *, measurements: dict[str, Any], lan
         contours=contours)
 
 
-#: Where the editable neck point sits: this far from the head centre along the neck axis (mm).
-NECK_POINT_DISTANCE_MM = 25.0
-#: Distance between the two editable shaft axis points (mm).
-SHAFT_POINT_SPACING_MM = 60.0
-
-
-def _unit(vector) -> np.ndarray:
-    v = np.asarray(vector, dtype=np.float64)
-    norm = float(np.linalg.norm(v))
-    if not np.isfinite(norm) or norm == 0:
-        raise DataError(f"a measurement axis has no direction ({vector!r})")
-    return v / norm
-
-
 def editable_landmarks(measurements: dict[str, Any], landmarks_mm: dict[str, Any]) -> dict[str, list[float]]:
-    """The points the surgeon may move, placed so that they reproduce ``measurements``.
+    """The points the surgeon may move: the measurement landmarks the values were computed from
+    (``measurements["landmarks_mm"]``, :mod:`inference.measure`), so that recomputing from unmoved
+    points gives the pipeline's numbers again and moving a point changes only what depends on it.
 
-    The pipeline measures the label map (head sphere fit, axis fits); its warped atlas landmarks
-    need not lie exactly on those axes. So the editable points are taken from the measurements
-    themselves: the head centre, a point on the neck axis ``NECK_POINT_DISTANCE_MM`` from the head,
-    two points of the shaft axis ``SHAFT_POINT_SPACING_MM`` apart, and the lesser trochanter
-    landmark. Recomputing from unmoved points then gives the pipeline's numbers again, and moving
-    a point changes only what depends on it.
+    Measurements written before the landmarks were stored hold only the axes: the points are then
+    placed on them, with the lesser trochanter of ``landmarks_mm`` (the registration's).
     """
-    try:
-        centre = np.asarray(measurements["hip_centre_mm"], dtype=np.float64)
-        shaft_point = np.asarray(measurements["shaft_axis"]["point_mm"], dtype=np.float64)
-        shaft_dir = _unit(measurements["shaft_axis"]["direction"])
-        neck_dir = _unit(measurements["neck_axis"]["direction"])
-    except (KeyError, TypeError, ValueError, DataError):
-        log.warning("measurements lack the axes; showing the registration landmarks as they are")
-        return {k: [float(x) for x in v] for k, v in landmarks_mm.items()}
-    points = {
-        "head_centre": centre,
-        "neck_point": centre - NECK_POINT_DISTANCE_MM * neck_dir,
-        "shaft_point_proximal": shaft_point,
-        "shaft_point_distal": shaft_point - SHAFT_POINT_SPACING_MM * shaft_dir,
-    }
-    if "lesser_trochanter" in landmarks_mm:
-        points["lesser_trochanter"] = np.asarray(landmarks_mm["lesser_trochanter"], dtype=np.float64)
-    return {k: [float(x) for x in v] for k, v in points.items()}
-
-
-def measurements_from_landmarks(landmarks_mm: dict[str, Sequence[float]], *, head_radius_mm: float | None,
-                                side: str) -> dict[str, Any]:
-    """Measurements recomputed from (moved) editable landmarks with :mod:`inference.measure`."""
     from inference import measure
 
-    points = {k: np.asarray(v, dtype=np.float64) for k, v in landmarks_mm.items()}
-    missing = [k for k in ("head_centre", "neck_point", "shaft_point_proximal", "shaft_point_distal") if k not in points]
-    if missing:
-        raise DataError(f"cannot recompute the measurements without the landmark(s) {', '.join(missing)}")
-    return dict(measure.measurements_from_landmarks(
-        side, points["head_centre"], head_radius_mm, points["shaft_point_proximal"],
-        points["shaft_point_proximal"] - points["shaft_point_distal"], points["neck_point"],
-        lesser_trochanter_mm=points.get("lesser_trochanter")))
+    try:
+        marks = measure.measurement_landmarks_from_json(
+            measurements, landmarks_mm=None if measurements.get("landmarks_mm") else
+            {k: v for k, v in landmarks_mm.items() if k == "lesser_trochanter"})
+    except DataError:
+        log.warning("measurements lack the axes; showing the registration landmarks as they are")
+        return {k: [float(x) for x in v] for k, v in landmarks_mm.items()}
+    return {k: [float(x) for x in v] for k, v in marks.points_mm.items()}
+
+
+def measurements_from_landmarks(measurements: dict[str, Any], landmarks_mm: dict[str, Sequence[float]],
+                                side: str | None = None) -> dict[str, Any]:
+    """``measurements`` recomputed from (moved) editable landmarks: the one measurement path,
+    :func:`inference.measure.recompute_measurements` (what ``hipatlas measure`` does)."""
+    from inference import measure
+
+    marks = measure.measurement_landmarks_from_json(measurements, landmarks_mm=landmarks_mm, side=side)
+    return measure.measurements_from_measurement_landmarks(marks)
 
 
 def propose_case_masks(case_dir, *, model: Any, cancel: Callable[[], bool] | None):
@@ -673,9 +632,7 @@ class Session:
             raise DataError(f"landmark {name} needs 3 finite coordinates, not {position_mm!r}")
         moved = dict(self.landmarks_mm)
         moved[name] = point
-        measurements = measurements_from_landmarks(
-            moved, head_radius_mm=self.result.measurements.get("head_radius_mm"), side=self.case.side)
-        measurements.setdefault("side", self.case.side)
+        measurements = measurements_from_landmarks(self.result.measurements, moved, side=self.case.side)
         self.landmarks_mm = moved
         self.measurements = measurements
         self.landmarks_edited = True
@@ -809,26 +766,31 @@ class Session:
     def _write_csv(self, path: pathlib.Path) -> pathlib.Path:
         buffer = _stdio.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["quantity", "value", "unit"])
+        writer.writerow(["quantity", "value", "uncertainty", "unit"])
         m = self.measurements
+        uncertainty = m.get("uncertainty") or {}
         for key, value in m.items():
-            if isinstance(value, bool) or value is None:
+            if isinstance(value, bool) or value is None or key in ("uncertainty", "landmark_uncertainty_mm"):
                 continue
+            u = "" if uncertainty.get(key) is None else repr(float(uncertainty[key]))
             if isinstance(value, (int, float)):
                 unit = "mm" if key.endswith("_mm") else "deg" if key.endswith("_deg") else ""
-                writer.writerow([key, repr(float(value)), unit])
+                writer.writerow([key, repr(float(value)), u, unit])
             elif isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value):
                 for axis, v in zip("xyz", value):
                     writer.writerow([f"{key}_{axis}" if not key.endswith("_mm") else f"{key[:-3]}_{axis}_mm",
-                                     repr(float(v)), "mm" if key.endswith("_mm") else ""])
-            elif isinstance(value, dict):
+                                     repr(float(v)), u, "mm" if key.endswith("_mm") else ""])
+            elif isinstance(value, dict) and key != "landmarks_mm":
                 for sub, vec in value.items():
                     if isinstance(vec, (list, tuple)) and len(vec) == 3:
                         for axis, v in zip("xyz", vec):
-                            writer.writerow([f"{key}.{sub}_{axis}", repr(float(v)), "mm" if sub.endswith("_mm") else ""])
+                            writer.writerow([f"{key}.{sub}_{axis}", repr(float(v)), "",
+                                             "mm" if sub.endswith("_mm") else ""])
+        sd = m.get("landmark_uncertainty_mm") or {}
         for name, point in self.landmarks_mm.items():
             for axis, v in zip("xyz", point):
-                writer.writerow([f"landmark.{name}_{axis}_mm", repr(float(v)), "mm"])
+                writer.writerow([f"landmark.{name}_{axis}_mm", repr(float(v)),
+                                 "" if sd.get(name) is None else repr(float(sd[name])), "mm"])
         # Written straight into the export's temporary folder: atomic_output_dir publishes all
         # files together or none.
         path.write_text(buffer.getvalue(), encoding="utf-8")

@@ -23,6 +23,7 @@ log = logging.getLogger("hipatlas")
 #: Modules that contribute subcommands through ``add_parser(subparsers)``.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "inference.cli_commands",
+    "inference.cli_measure",
     "inference.selftest",
     "inference.train",
     "inference.evaluate",

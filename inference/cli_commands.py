@@ -88,15 +88,16 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _register_cohort(args: argparse.Namespace) -> int:
-    from inference import pipeline
+    from inference import measure, pipeline
 
     result = pipeline.run_to_completion(
         pipeline.register_cohort(args.case_dir, args.out, model=args.model, overwrite=args.overwrite),
         on_progress=_progress_printer(args.quiet))
     for row in result.rows:
         if row["status"] == "ok":
-            print(f"{row['case']}: ok in {row['time_s']:.1f} s, head radius {row['head_radius_mm']:.1f} mm, "
-                  f"offset {row['femoral_offset_mm']:.1f} mm, neck-shaft {row['neck_shaft_angle_deg']:.1f} deg")
+            values = ", ".join(f"{m.label.lower()} {measure.format_value(m, row[m.key])}" for m in measure.MEASUREMENTS
+                               if m.kind == "scalar" and row.get(m.key) is not None)
+            print(f"{row['case']}: ok in {row['time_s']:.1f} s, {values}")
         else:
             print(f"{row['case']}: FAILED: {row['error']}", file=sys.stderr)
     print(f"{len(result.rows) - len(result.failures)} of {len(result.rows)} cases registered; summary in "

@@ -58,6 +58,10 @@ def _mm_per_pixel(projection: np.ndarray, point_mm: np.ndarray) -> float:
     return 10.0 / pixels_per_10mm
 
 
+#: Public name for the measurement code (landmark uncertainties at the detector's resolution).
+mm_per_pixel = _mm_per_pixel
+
+
 def _superior_direction(projection: np.ndarray, point_mm: np.ndarray) -> np.ndarray:
     """Unit image direction (du, dv) in which the patient's superior (+z) points."""
     base = geometry.project_points(projection, point_mm[None])[0]

@@ -205,22 +205,6 @@ def mirrored_volume(array_zyx: np.ndarray, grid: "geometry.VolumeGeometry"):
     return np.ascontiguousarray(array_zyx[:, :, ::-1]), dataclasses.replace(grid, origin_mm=tuple(new_origin))
 
 
-def mirror_measurements(measurements: dict[str, Any]) -> dict[str, Any]:
-    """Mirror every point and direction of a measurements dict in x (for left femurs)."""
-    def flip(v):
-        return [-float(v[0]), float(v[1]), float(v[2])]
-
-    out = dict(measurements)
-    out["hip_centre_mm"] = flip(measurements["hip_centre_mm"])
-    for axis in ("shaft_axis", "neck_axis"):
-        out[axis] = {"point_mm": flip(measurements[axis]["point_mm"]),
-                     "direction": flip(measurements[axis]["direction"])}
-    for key, value in measurements.items():
-        if key.endswith("_mm") and isinstance(value, (list, tuple)) and len(value) == 3 and key not in out:
-            out[key] = flip(value)
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------------------------
@@ -434,15 +418,17 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         else:
             warnings.append(f"the shaft axis seen in the masks and the reconstruction's differ by "
                             f"{disagreement_deg:.0f} deg; the reconstruction's is used: check the shaft")
-    measurements = measure.measurements_from_femur_landmarks(
-        femur, None if shaft_source == "reconstruction" else (shaft.point_mm, shaft.direction),
-        None if sphere is None else (sphere.centre_mm, femur.head_radius_mm))
+    marks = measure.measurement_landmarks_from_femur(
+        femur, _shaft_stretch(shaft) if shaft_source == "masks" else None,
+        None if sphere is None else (sphere.centre_mm, femur.head_radius_mm),
+        _landmark_uncertainty(femur, sphere, projections, grid))
     out_labels, out_grid = (mirrored_volume(labels, grid) if mirror else (labels, grid))
     out_hu = mirrored_volume(warped_hu, grid)[0] if mirror else warped_hu
     if mirror:
-        measurements = mirror_measurements(measurements)
+        marks = dataclasses.replace(marks, points_mm={k: v * [-1.0, 1.0, 1.0] for k, v in marks.points_mm.items()})
         landmarks = {k: [-v[0], v[1], v[2]] for k, v in landmarks.items()}
-    measurements["side"] = case.side
+    measurements = measure.measurements_from_measurement_landmarks(dataclasses.replace(marks, side=case.side))
+    warnings.extend(measure.caveat_lines(measurements))
     timings["measure_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     mesh = surface.label_surface(out_labels, out_grid, label=1)
@@ -536,10 +522,17 @@ class CohortResult:
         return [row for row in self.rows if row["status"] != "ok"]
 
 
-#: Columns of ``cohort.csv`` (measurements in world mm / degrees, as measurements.json).
-COHORT_COLUMNS = ("case", "status", "out_dir", "side", "hip_centre_x_mm", "hip_centre_y_mm",
-                  "hip_centre_z_mm", "head_radius_mm", "femoral_offset_mm", "neck_shaft_angle_deg",
-                  "vertical_offset_mm", "warnings", "time_s", "error")
+def _cohort_columns() -> tuple[str, ...]:
+    from inference.measure import MEASUREMENTS
+
+    scalars = tuple(m.key for m in MEASUREMENTS if m.kind == "scalar")
+    return ("case", "status", "out_dir", "side", "hip_centre_x_mm", "hip_centre_y_mm", "hip_centre_z_mm",
+            *scalars, *(f"{k}_uncertainty" for k in scalars), "warnings", "time_s", "error")
+
+
+#: Columns of ``cohort.csv`` (measurements in world mm / degrees, as measurements.json, from the
+#: descriptor table :data:`inference.measure.MEASUREMENTS`, then their standard uncertainties).
+COHORT_COLUMNS = _cohort_columns()
 
 
 def cohort_output_names(case_dirs: list[str | os.PathLike]) -> list[str]:
@@ -603,10 +596,13 @@ def register_cohort(case_dirs: list[str | os.PathLike], out_root: str | os.PathL
             m = result.measurements
             centre = m.get("hip_centre_mm") or [None] * 3
             row.update(status="ok", side=m.get("side"), hip_centre_x_mm=centre[0], hip_centre_y_mm=centre[1],
-                       hip_centre_z_mm=centre[2], head_radius_mm=m.get("head_radius_mm"),
-                       femoral_offset_mm=m.get("femoral_offset_mm"),
-                       neck_shaft_angle_deg=m.get("neck_shaft_angle_deg"),
-                       vertical_offset_mm=m.get("vertical_offset_mm"), warnings=len(result.warnings))
+                       hip_centre_z_mm=centre[2], warnings=len(result.warnings))
+            uncertainty = m.get("uncertainty") or {}
+            for column in COHORT_COLUMNS:
+                if column in m and column not in row:
+                    row[column] = m[column]
+                elif column.endswith("_uncertainty"):
+                    row[column] = uncertainty.get(column[:-len("_uncertainty")])
         row["time_s"] = round(time.perf_counter() - started, 3)
         rows.append(row)
     buffer = text_io.StringIO()
@@ -617,6 +613,33 @@ def register_cohort(case_dirs: list[str | os.PathLike], out_root: str | os.PathL
     summary = io.write_text_atomic(root / "cohort.csv", buffer.getvalue())
     yield Progress(1.0, "Done")
     return CohortResult(root, rows, summary)
+
+
+def _shaft_stretch(shaft) -> tuple[np.ndarray, np.ndarray]:
+    """(proximal, distal) ends of the shaft stretch the masks' axis rests on: its start point and
+    the shortest length of shaft the two views showed."""
+    point, distal_direction = np.asarray(shaft.point_mm, float), np.asarray(shaft.direction, float)
+    return point, point + min(shaft.length_mm) * distal_direction
+
+
+def _landmark_uncertainty(femur, sphere, projections, grid) -> dict[str, float]:
+    """Standard uncertainties (mm) of the measurement landmarks of a registration (docs/measurements.md).
+
+    Head centre from the masks: half a detector pixel at the hip combined with half the distance
+    between the masks' and the reconstruction's head centres (their disagreement); from the
+    reconstruction: half a voxel. Radius and neck point: half a voxel (RMS spacing); lesser
+    trochanter: one voxel; shaft ends: :data:`inference.measure.SHAFT_POINT_SD_MM`.
+    """
+    from inference import localize
+
+    voxel_mm = float(np.sqrt(np.mean(np.square(grid.spacing_xyz_mm))))
+    head_sd = 0.5 * voxel_mm
+    if sphere is not None:
+        pixel_mm = max(localize.mm_per_pixel(P, np.asarray(sphere.centre_mm, float)) for P in projections)
+        disagreement_mm = float(np.linalg.norm(np.asarray(sphere.centre_mm) - np.asarray(femur.head_centre_mm)))
+        head_sd = float(np.hypot(0.5 * pixel_mm, 0.5 * disagreement_mm))
+    return {"head_centre": head_sd, "head_radius": 0.5 * voxel_mm, "neck_point": 0.5 * voxel_mm,
+            "lesser_trochanter": voxel_mm}
 
 
 def _below_lesser_trochanter(femur, margin_mm: float = 12.0) -> np.ndarray:

@@ -96,6 +96,11 @@ def _check_outputs(sim, out, result):
 
     measurements = json.loads((out / "measurements.json").read_text())
     assert set(measurements) >= MEASUREMENT_KEYS
+    # one measurement path: the stored landmarks give the stored values again, bit for bit
+    from inference import measure
+
+    assert measure.recompute_measurements(measurements) == measurements
+    assert set(measurements["uncertainty"]) == {m.key for m in measure.MEASUREMENTS}
     assert measurements["side"] == sim.truth["side"]
     # untrained: the atlas sits on the head located from the masks, within ~10 mm of the truth
     assert np.linalg.norm(np.asarray(measurements["hip_centre_mm"]) - truth_hip) < 10.0

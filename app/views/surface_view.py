@@ -36,14 +36,17 @@ def _faces_for_vtk(faces: np.ndarray) -> np.ndarray:
 
 
 def _summary_text(measurements: dict) -> str:
+    """The scalar measurements of :data:`inference.measure.MEASUREMENTS` shown in 3D, with their
+    uncertainty (``Femoral offset: 26.0 \u00b1 4.0 mm``)."""
+    from inference import measure
+
+    uncertainty = measurements.get("uncertainty") or {}
     lines = []
-    for key, label, unit, digits in (("head_radius_mm", "Head radius", "mm", 1),
-                                     ("femoral_offset_mm", "Femoral offset", "mm", 1),
-                                     ("neck_shaft_angle_deg", "Neck-shaft angle", "deg", 1),
-                                     ("vertical_offset_mm", "Vertical offset", "mm", 1)):
-        value = measurements.get(key)
-        if isinstance(value, (int, float)):
-            lines.append(f"{label}: {value:.{digits}f} {unit}")
+    for m in measure.MEASUREMENTS:
+        value = measurements.get(m.key)
+        if m.show_in_3d and m.kind == "scalar" and isinstance(value, (int, float)):
+            text = measure.format_value(m, value, uncertainty.get(m.key)).replace("+-", "\u00b1")
+            lines.append(f"{m.label}: {text}")
     return "\n".join(lines)
 
 

@@ -368,3 +368,24 @@ def untrained_compact_propose(case_dir, *, model=None, cancel=None):
         config = model_lib.preset("compact")
         _UNTRAINED["net"] = model_lib.build_model(config, atlas_lib.load_atlas(config.grid))
     return (yield from propose_case_masks(case_dir, model=_UNTRAINED["net"], cancel=cancel))
+
+
+#: Where the warped atlas's own lesser trochanter lands in :func:`pipeline_like_register`: 2.4 mm
+#: from the one the measurements were computed from, as in a real registration (the warped atlas
+#: landmark and the tip found on the reconstructed label map differ).
+ATLAS_LESSER_TROCHANTER_MM = [8.0, 5.0, FEMUR.lesser_trochanter_z_mm + 2.4]
+
+
+def pipeline_like_register(case_dir, out_dir, **kwargs):
+    """:func:`synthetic_register` whose measurements.json is written as the pipeline writes it
+    (:mod:`inference.measure`, with its landmarks and uncertainties) while the result's
+    ``landmarks_mm`` are the warped atlas's, whose lesser trochanter differs from the measured one."""
+    from inference import measure
+
+    result = yield from synthetic_register(case_dir, out_dir, **kwargs)
+    marks = FEMUR.landmarks()
+    measured = measure.measurements_from_measurement_landmarks(measure.MeasurementLandmarks(
+        "right", {k: v for k, v in marks.items() if k in measure.LANDMARK_NAMES}, FEMUR.head_radius_mm))
+    io.write_json_atomic(pathlib.Path(out_dir) / "measurements.json", measured)
+    atlas = dict(marks, lesser_trochanter=list(ATLAS_LESSER_TROCHANTER_MM))
+    return dataclasses.replace(result, measurements=measured, landmarks_mm=atlas)

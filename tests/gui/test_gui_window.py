@@ -14,8 +14,8 @@ import pytest
 from PySide6.QtCore import QPoint, QPointF, Qt
 from PySide6.QtWidgets import QApplication
 
-from gui_helpers import (FEMUR, Heartbeat, busy_register, confirm_all, crashing_register, failing_register, register,
-                         synthetic_register, write_synthetic_case)
+from gui_helpers import (FEMUR, Heartbeat, busy_register, confirm_all, crashing_register, failing_register,
+                         pipeline_like_register, register, synthetic_register, write_synthetic_case)
 
 pytestmark = pytest.mark.gui
 
@@ -324,13 +324,47 @@ def test_moving_a_landmark_updates_table_3d_and_radiographs(make_window, synthet
     spins[0].setValue(FEMUR.head_centre_mm[0] + 5.0)   # as if typed (keyboard tracking is off)
     table = {window.measure_table.item(r, 0).text(): window.measure_table.item(r, 1).text()
              for r in range(window.measure_table.rowCount())}
-    assert table["Femoral offset"] == "40.0"
+    assert table["Femoral offset"].startswith("40.0 \u00b1 ")
     assert window.reset_landmarks_button.isEnabled()
     sphere_centre = window.surface_view.plotter.actors["head_sphere"].GetCenter()
     assert sphere_centre[0] == pytest.approx(FEMUR.head_centre_mm[0] + 5.0, abs=0.3)
     qtbot.mouseClick(window.reset_landmarks_button, Qt.MouseButton.LeftButton)
     assert window.session.measurements["femoral_offset_mm"] == pytest.approx(FEMUR.femoral_offset_mm)
     assert spins[0].value() == pytest.approx(FEMUR.head_centre_mm[0])
+
+
+def _table(window) -> dict[str, str]:
+    return {window.measure_table.item(r, 0).text(): window.measure_table.item(r, 1).text()
+            for r in range(window.measure_table.rowCount())}
+
+
+def test_a_hundredth_mm_landmark_move_changes_the_measurements_by_a_hundredth(make_window, synthetic_case, qtbot):
+    """Issue 15 finding 1: moving the lesser trochanter by 0.01 mm changed the vertical offset from
+    59.3 to 56.9 mm, because the values after registration and those recomputed from the
+    landmarks came from different points. One measurement path: unchanged landmarks give the
+    shown values again, and a 0.01 mm move changes the vertical offset by 0.01 mm, nothing else."""
+    window = make_window(register_fn=pipeline_like_register)
+    window.open_case_folder(synthetic_case)
+    confirm_all(window)
+    assert register(qtbot, window) == "finished"
+    window.go_to_step("Measure")
+    before = dict(window.session.measurements)
+    shown = _table(window)
+    assert shown["Vertical offset"].startswith(f"{FEMUR.head_centre_mm[2] - FEMUR.lesser_trochanter_z_mm:.1f} \u00b1 ")
+    # recomputing from the unchanged landmarks (as typed back in) gives identical values
+    spins = window.landmark_spins["lesser_trochanter"]
+    spins[0].setValue(spins[0].value() + 1.0)
+    spins[0].setValue(spins[0].value() - 1.0)
+    assert window.session.measurements == before and _table(window) == shown
+    # a 0.01 mm move of the lesser trochanter (typed: keyboard tracking is off)
+    spins[2].setValue(spins[2].value() + 0.01)
+    after = window.session.measurements
+    assert after["vertical_offset_mm"] == pytest.approx(before["vertical_offset_mm"] - 0.01, abs=1e-6)
+    for key in ("femoral_offset_mm", "neck_shaft_angle_deg", "head_radius_mm", "hip_centre_mm"):
+        assert after[key] == before[key], key
+    assert _table(window)["Femoral offset"] == shown["Femoral offset"]
+    # the synthetic femur's shaft stretch is short: the offset is marked and the tooltip says why
+    assert shown["Femoral offset"].endswith("(!)") and "lesser trochanter" in window.measure_table.item(0, 1).toolTip()
 
 
 def test_dragging_a_3d_landmark_handle_moves_the_landmark(make_window, synthetic_case, qtbot):
