@@ -51,3 +51,8 @@ class Cancelled(HipAtlasError):
 class OutputError(HipAtlasError):
     """An output file or folder cannot be written (exists and overwriting is not allowed, no
     permission, unsupported file type)."""
+
+
+class ClusterError(HipAtlasError):
+    """A worker of a multi-worker training is gone or unreachable (the run stops; restarting
+    every worker with the same command resumes from the last checkpoint)."""

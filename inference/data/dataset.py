@@ -92,6 +92,7 @@ __all__ = [
     "generate_dataset",
     "load_manifest",
     "load_sample",
+    "decode_sample",
     "iter_samples",
 ]
 
@@ -695,8 +696,17 @@ def load_sample(path: str | os.PathLike, *, verify_sha256: str | None = None) ->
         if actual != verify_sha256:
             raise InputFileError(f"{file}: checksum differs from the manifest (file changed or damaged); "
                                  "regenerate it with the same command (generation resumes)")
+    return _read_sample(file, file)
+
+
+def decode_sample(data: bytes, name: str = "sample") -> dict[str, np.ndarray]:
+    """:func:`load_sample` of the bytes of a sample file (read elsewhere, e.g. by ``tf.data``)."""
+    return _read_sample(io.BytesIO(data), name)
+
+
+def _read_sample(source: Any, file: Any) -> dict[str, np.ndarray]:
     try:
-        with np.load(file, allow_pickle=False) as data:
+        with np.load(source, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise InputFileError(f"{file}: cannot read the sample ({exc}); is it truncated?") from exc
