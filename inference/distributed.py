@@ -95,13 +95,12 @@ def tf_config_tasks(environ: Mapping[str, str] | None = None) -> tuple[str, int,
     return task_type, index, count
 
 
-def make_strategy(cluster: Cluster | None = None, devices: list[str] | None = None,
-                  health_check_s: float = 30.0):
+def make_strategy(cluster: Cluster | None = None, devices: list[str] | None = None):
     """The ``tf.distribute`` strategy of this process and whether it computes on GPU.
 
-    ``cluster`` (or ``TF_CONFIG``) of more than one task: MultiWorkerMirroredStrategy, whose
-    health check pings the other workers every ``health_check_s`` seconds and aborts the step
-    when one is gone. Must be called before TensorFlow runs any op in this process.
+    ``cluster`` (or ``TF_CONFIG``) of more than one task: MultiWorkerMirroredStrategy (its
+    coordination service's heartbeats notice a lost worker and abort the step in the others).
+    Must be called before TensorFlow runs any op in this process.
     """
     import tensorflow as tf
 
@@ -115,9 +114,6 @@ def make_strategy(cluster: Cluster | None = None, devices: list[str] | None = No
         strategy = tf.distribute.MultiWorkerMirroredStrategy(
             communication_options=tf.distribute.experimental.CommunicationOptions(
                 implementation=implementation))
-        # Read by the strategy's health-check thread at every round (class attribute defaults: 30 s).
-        strategy.extended._check_health_interval = float(health_check_s)
-        strategy.extended._check_health_timeout = max(1.0, min(10.0, float(health_check_s)))
         log.info("multi-worker training: %s of %d tasks, %d replicas", task_name(strategy), tasks[2],
                  strategy.num_replicas_in_sync)
         return strategy, bool(gpus)
@@ -193,7 +189,8 @@ def cluster_failure_types() -> tuple[type, ...]:
     import tensorflow as tf
 
     return (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
-            tf.errors.AbortedError, tf.errors.FailedPreconditionError, tf.errors.InternalError)
+            tf.errors.AbortedError, tf.errors.FailedPreconditionError, tf.errors.InternalError,
+            tf.errors.UnknownError)
 
 
 def strategy_summary(strategy) -> dict[str, Any]:

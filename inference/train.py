@@ -593,7 +593,9 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
         nonlocal last_validation
         if not val_entries or not chief:
             return
+        started = time.perf_counter()
         metrics = _validate(model, val_entries, train_config.val_limit, cancel)
+        log.info("step %d: validated %d samples in %.1f s", step, metrics["samples"], time.perf_counter() - started)
         last_validation = metrics
         history.append({"step": step, "metrics": metrics})
         _write_json_atomic(history_path, history)
@@ -623,7 +625,10 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
         while step < total:
             if _is_cancelled(cancel):
                 raise Cancelled("cancelled")
-            inputs, targets = next(iterator)
+            try:
+                inputs, targets = next(iterator)
+            except tf.errors.OpError as error:
+                raise (_input_error(error) or error) from None
             if train_config.lr_schedule != "constant":
                 optimizer.learning_rate.assign(learning_rate_at(train_config, step))
             terms = train_step(inputs, targets)
@@ -676,6 +681,12 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
     report(step, "training finished", losses, last_validation)
     return TrainResult(out, step, start_step, best_path if best_path.is_file() else None,
                        best if math.isfinite(best) else None, last_validation)
+
+
+def _input_error(error):
+    from inference.data.stream import input_error
+
+    return input_error(error)
 
 
 def _data_card(folders, manifests) -> dict:

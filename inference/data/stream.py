@@ -20,12 +20,17 @@ switched off: auto-shard by file would change the order with the number of worke
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["training_example", "sample_indices", "training_dataset", "signature"]
+from inference import errors
+
+_RAISED = re.compile(r"inference\.errors\.(\w+): (.+)")
+
+__all__ = ["training_example", "sample_indices", "training_dataset", "signature", "input_error"]
 
 _INPUT_KEYS = ("images", "masks", "projection", "index_to_world")
 
@@ -115,3 +120,13 @@ def training_dataset(paths: Sequence[str], seed: int, batch: int, positions: Cal
     options.deterministic = True
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options)
+
+
+def input_error(error: BaseException) -> errors.HipAtlasError | None:
+    """The HipAtlas error (e.g. a damaged sample file) that a ``tf.data`` error carries from the
+    decoding function, as its own type with its one-line message; None for other errors."""
+    match = _RAISED.search(str(error))
+    kind = getattr(errors, match.group(1), None) if match else None
+    if isinstance(kind, type) and issubclass(kind, errors.HipAtlasError):
+        return kind(match.group(2).strip())
+    return None
