@@ -31,6 +31,7 @@ def main() -> int:
     parser.add_argument("--local-replicas", type=int, default=1)
     parser.add_argument("--per-replica-batch", type=int, default=1)
     parser.add_argument("--checkpoint-every", type=int, default=2)
+    parser.add_argument("--graph", action="store_true", help="trace the step (default: eager, no tracing)")
     args = parser.parse_args()
 
     import logging
@@ -57,7 +58,8 @@ def main() -> int:
     with np.load(args.atlas) as data:
         atlas = {"volume": data["volume"], "labels": data["labels"]}
     settings = T.TrainConfig(steps=args.steps, learning_rate=1e-3, seed=5, checkpoint_every=args.checkpoint_every,
-                             validate_every=args.checkpoint_every, val_limit=1, log_every=1)
+                             validate_every=args.checkpoint_every, val_limit=1, log_every=1,
+                             run_eagerly=not args.graph)
     try:
         result = T.train(TINY, args.data, args.out, train_config=settings, atlas=atlas, strategy=strategy,
                          per_replica_batch=args.per_replica_batch)

@@ -189,7 +189,9 @@ def _start(tmp_path, out, steps, name, extra):
     log = open(tmp_path / f"{name}.log", "w")
     command = [sys.executable, str(WORKER), "--data", str(tmp_path / "data"), "--out", str(out),
                "--atlas", str(tmp_path / "atlas.npz"), "--steps", str(steps), *extra]
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
+    _STARTED.append(process)
+    return process
 
 
 def _workers(tmp_path, out, steps, tag, **options):
@@ -215,10 +217,19 @@ def worker_data(tmp_path):
     make_tiny_dataset(tmp_path / "data")
     hu, labels = _ellipsoid(TINY)
     np.savez(tmp_path / "atlas.npz", volume=hu, labels=labels)
-    return tmp_path
+    yield tmp_path
+    for process in _STARTED:  # a failed test leaves no worker behind
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    _STARTED.clear()
+
+
+_STARTED: list[subprocess.Popen] = []
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # six TensorFlow processes; minutes on a busy 2-core machine
 def test_two_workers_train_to_the_weights_of_one_process(worker_data):
     tmp_path = worker_data
     # The reference: one process, two replicas (logical CPUs) of batch 1 = the same global batch
@@ -251,6 +262,7 @@ def test_two_workers_train_to_the_weights_of_one_process(worker_data):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_killed_worker_is_reported_and_the_run_resumes_from_the_last_checkpoint(worker_data):
     tmp_path = worker_data
     out = tmp_path / "run"
