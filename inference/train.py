@@ -665,7 +665,7 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
         saved = tf.train.latest_checkpoint(str(out / "checkpoints"))
         raise ClusterError(
             f"multi-worker training stopped at step {step} ({distributed.task_name(strategy)}): another "
-            f"worker is gone or unreachable ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            f"worker is gone or unreachable ({type(error).__name__}: {_short_reason(error)}); "
             f"restart every worker with the same command to resume from "
             f"{'checkpoint ' + pathlib.Path(saved).name if saved else 'the start'}") from None
     finally:
@@ -681,6 +681,15 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
     report(step, "training finished", losses, last_validation)
     return TrainResult(out, step, start_step, best_path if best_path.is_file() else None,
                        best if math.isfinite(best) else None, last_validation)
+
+
+def _short_reason(error) -> str:
+    """TensorFlow's message of ``error`` without its op names, on one line (at most 240 characters)."""
+    import re
+
+    text = re.sub(r"\{\{[^}]*\}\}", "", str(error))
+    text = re.sub(r"\[Op:[^\]]*\].*", "", text, flags=re.S)
+    return " ".join(text.split())[:240]
 
 
 def _input_error(error):

@@ -278,6 +278,7 @@ def test_killed_worker_is_reported_and_the_run_resumes_from_the_last_checkpoint(
     assert status == 2, text[-3000:]
     message = [line for line in text.splitlines() if line.startswith("error:")][-1]
     assert "another worker is gone or unreachable" in message and "restart every worker" in message, message
+    assert "task:1" in message and "{{" not in message, message  # names the lost worker, no op names
     import tensorflow as tf
 
     last = int(pathlib.Path(tf.train.latest_checkpoint(str(out / "checkpoints"))).name.split("-")[1])
