@@ -30,7 +30,6 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from inference.errors import ConfigError
 
@@ -192,8 +191,3 @@ def cluster_failure_types() -> tuple[type, ...]:
             tf.errors.AbortedError, tf.errors.FailedPreconditionError, tf.errors.InternalError,
             tf.errors.UnknownError)
 
-
-def strategy_summary(strategy) -> dict[str, Any]:
-    """What run logs say of the strategy."""
-    return {"strategy": type(strategy).__name__, "task": task_name(strategy),
-            "replicas": int(strategy.num_replicas_in_sync)}
