@@ -55,3 +55,8 @@ class OutputError(HipAtlasError):
 
 class PacsError(HipAtlasError):
     """A PACS cannot be reached, refuses the association, or refuses or fails a DICOM request."""
+
+
+class ClusterError(HipAtlasError):
+    """A worker of a multi-worker training is gone or unreachable (the run stops; restarting
+    every worker with the same command resumes from the last checkpoint)."""

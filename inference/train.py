@@ -26,8 +26,12 @@ Choices
       their validation splits.
     * Loss: :func:`inference.model.registration_losses` (global NCC of the affine and of the
       final result, smoothness of phi, optional Dice).
-    * A ``tf.distribute`` strategy: MirroredStrategy on more than one GPU, the default otherwise;
-      mixed precision (float16 compute, float32 sampling layers) only on GPU.
+    * A ``tf.distribute`` strategy (:mod:`inference.distributed`): MultiWorkerMirroredStrategy
+      for a cluster (``TF_CONFIG`` or ``cluster``; the chief writes checkpoints, logs and the
+      model), MirroredStrategy on more than one GPU, the default otherwise; mixed precision
+      (float16 compute, float32 sampling layers) by default only on GPU.
+    * Input: a streaming ``tf.data`` pipeline (:mod:`inference.data.stream`) that reads and
+      decodes the sample files in parallel, each worker its share of every global batch.
     * Validation each epoch (or every ``validate_every`` steps): Dice and ASSD of the warped atlas
       femur label on up to ``val_limit`` validation samples.
 """
@@ -48,7 +52,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from inference.errors import Cancelled, ConfigError, DataError
+from inference.errors import Cancelled, ClusterError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -236,13 +240,9 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def _example(arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
-    from inference.model import femur_intensity, inputs_from_sample
+    from inference.data.stream import training_example
 
-    inputs = {k: v[0] for k, v in inputs_from_sample(arrays).items()}
-    labels = np.asarray(arrays["labels"], np.uint8)
-    targets = {"fixed": femur_intensity(arrays["volume"], labels)[..., None],
-               "labels": labels[..., None]}
-    return inputs, targets
+    return training_example(arrays)
 
 
 def training_examples(entries: list[dict], seed: int, start_sample: int = 0) -> Iterator[tuple[dict, dict]]:
@@ -262,24 +262,24 @@ def training_examples(entries: list[dict], seed: int, start_sample: int = 0) -> 
 
 
 def _dataset(entries, config, train_config, start_step, strategy):
-    import tensorflow as tf
+    """The distributed streaming input (:mod:`inference.data.stream`): each worker's input
+    pipeline reads its share of every global batch of the seeded order, from ``start_step``.
+    The batches equal those of :func:`training_examples` (tested)."""
+    from inference.data.stream import training_dataset
+    from inference.distributed import pipeline_positions
 
-    height, width = config.detector_hw
-    grid = tuple(config.shape_zyx)
-    signature = (
-        {"images": tf.TensorSpec((2, height, width), tf.float32),
-         "masks": tf.TensorSpec((2, height, width), tf.float32),
-         "projection": tf.TensorSpec((2, 3, 4), tf.float32),
-         "index_to_world": tf.TensorSpec((4, 4), tf.float32)},
-        {"fixed": tf.TensorSpec(grid + (1,), tf.float32),
-         "labels": tf.TensorSpec(grid + (1,), tf.uint8)},
-    )
-    start = start_step * train_config.batch_size
-    ds = tf.data.Dataset.from_generator(
-        lambda: training_examples(entries, train_config.seed, start),
-        output_signature=signature)
-    ds = ds.batch(train_config.batch_size, drop_remainder=True).prefetch(2)
-    return strategy.experimental_distribute_dataset(ds)
+    global_batch = train_config.batch_size
+    paths = [entry["_path"] for entry in entries]
+
+    def per_worker(context):
+        batch = context.get_per_replica_batch_size(global_batch)
+        return training_dataset(
+            paths, train_config.seed, batch,
+            lambda: pipeline_positions(start_step, global_batch, context.input_pipeline_id,
+                                       context.num_input_pipelines),
+            shape_zyx=config.shape_zyx, detector_hw=config.detector_hw)
+
+    return strategy.distribute_datasets_from_function(per_worker)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,13 +376,10 @@ def _scalar(tag: str, value: float) -> None:
     tf.summary.write(tag, tf.constant(float(value), tf.float32), metadata=metadata)
 
 
-def _strategy():
-    import tensorflow as tf
+def _strategy(cluster=None):
+    from inference.distributed import make_strategy
 
-    gpus = tf.config.list_physical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy(), True
-    return tf.distribute.get_strategy(), bool(gpus)
+    return make_strategy(cluster)
 
 
 def run_ops_one_at_a_time(config) -> bool:
@@ -442,7 +439,8 @@ def _validate(model, entries, limit, cancel) -> dict:
 
 def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps: int | None = None, *,
           train_config: TrainConfig | None = None, atlas: Any = None,
-          progress: Callable[[TrainProgress], None] | None = None, cancel: Any = None) -> TrainResult:
+          progress: Callable[[TrainProgress], None] | None = None, cancel: Any = None,
+          strategy: Any = None, cluster: Any = None, per_replica_batch: int | None = None) -> TrainResult:
     """Train (or resume training of) the registration network.
 
     Parameters
@@ -457,6 +455,14 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
         the config's grid
     progress : called with :class:`TrainProgress` every ``log_every`` steps and after validation
     cancel : callable returning True, or a threading.Event, checked every step
+    strategy : a ``tf.distribute`` strategy (default :func:`inference.distributed.make_strategy`:
+        from ``cluster`` or ``TF_CONFIG``, MirroredStrategy on several GPUs, else one device)
+    cluster : :class:`inference.distributed.Cluster` of a multi-worker run (every worker calls
+        :func:`train` with the same arguments and its own task index; the chief writes the outputs,
+        ``out_dir`` must be on storage every worker sees)
+    per_replica_batch : batch per replica; the global batch (``train_config.batch_size``, which the
+        run records) becomes this times the replicas. Without it the global batch must split
+        evenly over the replicas.
 
     Returns
     -------
@@ -466,10 +472,13 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
     ------
     Cancelled
         After writing a checkpoint, when ``cancel`` fired.
+    ClusterError
+        A worker of a multi-worker run was lost; rerunning every worker resumes.
     """
     import keras
     import tensorflow as tf
 
+    from inference import distributed
     from inference.data.dataset import load_manifest
     from inference.model import ModelConfig, build_model, preset, registration_losses
 
@@ -481,7 +490,6 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
     if steps is not None:
         train_config = TrainConfig.from_dict({**train_config.to_dict(), "steps": steps})
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     folders = data_folders(data_dir)
     manifests = [load_manifest(folder) for folder in folders]
     for folder, manifest in zip(folders, manifests):
@@ -490,11 +498,23 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
     val_entries = pooled_entries(folders, manifests, "val")
     if not train_entries:
         raise DataError(f"the data set(s) in {', '.join(map(str, folders))} have no training samples")
-    _check_run_file(out, config, train_config, folders)
-    atlas = _load_atlas(atlas, config)
 
     run_ops_one_at_a_time(config)
-    strategy, on_gpu = _strategy()
+    if strategy is None:
+        strategy, on_gpu = _strategy(cluster)
+    else:
+        on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    replicas = strategy.num_replicas_in_sync
+    _, global_batch = distributed.split_batch(None if per_replica_batch else train_config.batch_size,
+                                              per_replica_batch, replicas)
+    if global_batch != train_config.batch_size:
+        train_config = TrainConfig.from_dict({**train_config.to_dict(), "batch_size": global_batch})
+    chief = distributed.is_chief(strategy)
+    multi_worker = distributed.is_multi_worker(strategy)
+    if chief:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_run_file(out, config, train_config, folders)
+    atlas = _load_atlas(atlas, config)
     use_mixed = train_config.mixed_precision == "on" or (train_config.mixed_precision == "auto" and on_gpu)
     previous_policy = keras.config.dtype_policy()
     if use_mixed:
@@ -514,21 +534,23 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
 
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, best_score=best_score,
                                      wall_time=wall_time)
-    manager = tf.train.CheckpointManager(checkpoint, str(out / "checkpoints"),
+    # Every worker saves (saving may read variables through collectives); only the chief's
+    # checkpoints are kept, the others go to a scratch folder removed at the end.
+    scratch = None if chief else pathlib.Path(tempfile.mkdtemp(prefix="hipatlas-worker-"))
+    manager = tf.train.CheckpointManager(checkpoint, str(out / "checkpoints" if chief else scratch),
                                          max_to_keep=train_config.keep_checkpoints)
     start_step = 0
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).expect_partial()
+    latest = tf.train.latest_checkpoint(str(out / "checkpoints"))  # the chief's, for every worker
+    if latest:
+        checkpoint.restore(latest).expect_partial()
         start_step = int(optimizer.iterations.numpy())
-        log.info("resuming %s from step %d", out, start_step)
+        log.info("resuming %s from step %d (%s)", out, start_step, distributed.task_name(strategy))
     elif train_config.init_from:
         _initialise_from(model, train_config.init_from)
     history_path = out / "history.json"
-    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    history = json.loads(history_path.read_text()) if chief and history_path.is_file() else []
     # Validations after the restored checkpoint belong to steps that will be redone.
     history = [h for h in history if int(h.get("step", 0)) <= start_step]
-
-    replicas = strategy.num_replicas_in_sync
 
     def replica_step(inputs, targets):
         with tf.GradientTape() as tape:
@@ -553,8 +575,11 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
     steps_per_epoch = max(1, len(train_entries) // train_config.batch_size)
     validate_every = train_config.validate_every or steps_per_epoch
     higher_better = train_config.best_metric == "dice"
-    writer_train = tf.summary.create_file_writer(str(out / "logs" / "train"))
-    writer_val = tf.summary.create_file_writer(str(out / "logs" / "val"))
+    if chief:
+        writer_train = tf.summary.create_file_writer(str(out / "logs" / "train"))
+        writer_val = tf.summary.create_file_writer(str(out / "logs" / "val"))
+    else:
+        writer_train = writer_val = tf.summary.create_noop_writer()
     best_path = out / "model" / f"hipatlas-{config.grid}.keras"
     last_validation = history[-1]["metrics"] if history else None
     total = train_config.steps if train_config.stop_at is None else train_config.stop_at
@@ -573,9 +598,11 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
 
     def run_validation(step):
         nonlocal last_validation
-        if not val_entries:
+        if not val_entries or not chief:
             return
+        started = time.perf_counter()
         metrics = _validate(model, val_entries, train_config.val_limit, cancel)
+        log.info("step %d: validated %d samples in %.1f s", step, metrics["samples"], time.perf_counter() - started)
         last_validation = metrics
         history.append({"step": step, "metrics": metrics})
         _write_json_atomic(history_path, history)
@@ -605,7 +632,10 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
         while step < total:
             if _is_cancelled(cancel):
                 raise Cancelled("cancelled")
-            inputs, targets = next(iterator)
+            try:
+                inputs, targets = next(iterator)
+            except tf.errors.OpError as error:
+                raise (_input_error(error) or error) from None
             if train_config.lr_schedule != "constant":
                 optimizer.learning_rate.assign(learning_rate_at(train_config, step))
             terms = train_step(inputs, targets)
@@ -636,17 +666,43 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
         manager.save(checkpoint_number=step)
         raise Cancelled(f"training cancelled at step {step}; run again with the same output "
                         "folder to resume") from None
+    except distributed.cluster_failure_types() as error:
+        if not multi_worker:
+            raise
+        saved = tf.train.latest_checkpoint(str(out / "checkpoints"))
+        raise ClusterError(
+            f"multi-worker training stopped at step {step} ({distributed.task_name(strategy)}): another "
+            f"worker is gone or unreachable ({type(error).__name__}: {_short_reason(error)}); "
+            f"restart every worker with the same command to resume from "
+            f"{'checkpoint ' + pathlib.Path(saved).name if saved else 'the start'}") from None
     finally:
         writer_train.flush()
         writer_val.flush()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
-    if not val_entries:
+    if not val_entries and chief:
         # Without validation data the last model is the result.
         export_model(model, out, card_extra(step, None))
     best = float(best_score.numpy())
     report(step, "training finished", losses, last_validation)
     return TrainResult(out, step, start_step, best_path if best_path.is_file() else None,
                        best if math.isfinite(best) else None, last_validation)
+
+
+def _short_reason(error) -> str:
+    """TensorFlow's message of ``error`` without its op names, on one line (at most 240 characters)."""
+    import re
+
+    text = re.sub(r"\{\{[^}]*\}\}", "", str(error))
+    text = re.sub(r"\[Op:[^\]]*\].*", "", text, flags=re.S)
+    return " ".join(text.split())[:240]
+
+
+def _input_error(error):
+    from inference.data.stream import input_error
+
+    return input_error(error)
 
 
 def _data_card(folders, manifests) -> dict:
@@ -693,7 +749,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model-config", help="JSON model config (overrides --preset)")
     defaults = TrainConfig()
     parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"global batch, split over all replicas (default {defaults.batch_size})")
+    parser.add_argument("--per-replica-batch", type=int, default=None,
+                        help="batch per GPU/worker replica; the global batch is this times the replicas")
+    parser.add_argument("--cluster", metavar="HOST:PORT,...",
+                        help="multi-worker training: every worker's host:port (the same list on each "
+                        "worker; worker 0 is the chief); without it TF_CONFIG is used if set")
+    parser.add_argument("--task-index", type=int, default=None,
+                        help="with --cluster: this worker's index in the list")
     parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
@@ -729,7 +793,19 @@ def _cli_train(args) -> int:
         config = ModelConfig.from_json(text)
     else:
         config = preset(args.preset)
-    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+    if args.batch_size is not None and args.per_replica_batch is not None:
+        raise ConfigError("give --batch-size (global) or --per-replica-batch, not both")
+    cluster = None
+    if args.cluster:
+        from inference.distributed import parse_cluster
+
+        if args.task_index is None:
+            raise ConfigError("--cluster needs --task-index (this worker's place in the list)")
+        cluster = parse_cluster(args.cluster, args.task_index)
+    elif args.task_index is not None:
+        raise ConfigError("--task-index needs --cluster")
+    batch_size = TrainConfig().batch_size if args.batch_size is None else args.batch_size
+    train_config = TrainConfig(steps=args.steps, batch_size=batch_size, learning_rate=args.lr,
                                seed=args.seed, checkpoint_every=args.checkpoint_every,
                                validate_every=args.validate_every, val_limit=args.val_limit,
                                mixed_precision=args.mixed_precision, lr_schedule=args.lr_schedule,
@@ -739,7 +815,8 @@ def _cli_train(args) -> int:
     def show(p: TrainProgress) -> None:
         print(f"{100 * p.fraction:5.1f}% {p.message}", file=sys.stderr, flush=True)
 
-    result = train(config, args.data, args.out, train_config=train_config, progress=show)
+    result = train(config, args.data, args.out, train_config=train_config, progress=show, cluster=cluster,
+                   per_replica_batch=args.per_replica_batch)
     print(json.dumps({"steps": result.steps_done, "best_model": str(result.best_model_path),
                       "best_score": result.best_score, "validation": result.last_validation},
                      indent=2, default=_json_default))

@@ -31,7 +31,11 @@ def _head_world(shift_zyx):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_dataset")
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny_dataset"))
+
+
+def make_tiny_dataset(folder: pathlib.Path) -> pathlib.Path:
+    """A hipatlas-dataset/1 folder of TINY blobs moved by SHIFTS (3 train, 2 val samples)."""
     samples = []
     index = 0
     for split, shifts in SHIFTS.items():

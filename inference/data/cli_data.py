@@ -101,7 +101,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "one calibrated view pair of realistic DRRs and femur masks, split by specimen into train/val/test "
         "(docs/architecture.md, 'Data set on disk'). Resumable: run the same command again to continue.")
     synth.add_argument("--out", required=True, help="data set folder (created; resumed if it holds the same set)")
-    synth.add_argument("--subjects", required=True, type=_positive_int, help="number of samples (phantoms) N")
+    synth.add_argument("--subjects", type=_positive_int, help="number of samples (phantoms) N (required unless --merge)")
     synth.add_argument("--grid", choices=("compact", "paper"), default="compact", help="atlas grid (default compact)")
     synth.add_argument("--geometry", choices=("orthogonal", "generalised"), default="orthogonal",
                        help="orthogonal: AP + lateral; generalised: each angle within +-30 deg of those")
@@ -120,6 +120,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--oversample", type=_positive_int, default=2,
                        help="render DRRs this many times finer than the network detector (default 2)")
     synth.add_argument("--step-mm", type=float, help="ray-marching step (default: the grid's smallest spacing)")
+    synth.add_argument("--shard", metavar="I/N",
+                       help="make only shard I of N (I = 0..N-1; samples i with i %% N == I) into --out, e.g. "
+                       "one Slurm array task each; join the shards with --merge")
+    synth.add_argument("--merge", nargs="+", metavar="SHARD_DIR",
+                       help="join the N shard folders of one synth --shard command into --out (checksums "
+                       "verified; the same files as an unsharded run)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(handler=_synth)
 
@@ -188,7 +194,16 @@ def _synth(args: argparse.Namespace) -> int:
 
     from inference.data import dataset as ds
     from inference.data.augment import CalibrationErrorRanges, RealismRanges
+    from inference.errors import ConfigError
 
+    if args.merge:
+        if args.shard:
+            raise ConfigError("give --shard (make one shard) or --merge (join shards), not both")
+        manifest = ds.merge_shards(args.out, args.merge, progress=_counter_progress(args.quiet, "samples"))
+        print(f"data set written: {manifest}")
+        return 0
+    if args.subjects is None:
+        raise ConfigError("synth needs --subjects N (the number of samples), or --merge SHARD_DIR...")
     config = ds.SynthConfig()
     if args.no_realism:
         config = dataclasses.replace(config, realism=RealismRanges(enabled=False))
@@ -201,7 +216,8 @@ def _synth(args: argparse.Namespace) -> int:
             config.phantom, max_translation_mm=args.max_translation_mm))
     manifest = ds.generate_dataset(args.out, args.subjects, args.grid, args.geometry, args.seed, args.workers,
                                    config=config, split=parse_split(args.split),
-                                   progress=_counter_progress(args.quiet, "samples"))
+                                   progress=_counter_progress(args.quiet, "samples"),
+                                   shard=ds.parse_shard(args.shard) if args.shard else None)
     print(f"data set written: {manifest}")
     return 0
 

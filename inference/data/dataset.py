@@ -90,8 +90,11 @@ __all__ = [
     "write_npz",
     "quantise_hu",
     "generate_dataset",
+    "parse_shard",
+    "merge_shards",
     "load_manifest",
     "load_sample",
+    "decode_sample",
     "iter_samples",
 ]
 
@@ -699,8 +702,17 @@ def load_sample(path: str | os.PathLike, *, verify_sha256: str | None = None) ->
         if actual != verify_sha256:
             raise InputFileError(f"{file}: checksum differs from the manifest (file changed or damaged); "
                                  "regenerate it with the same command (generation resumes)")
+    return _read_sample(file, file)
+
+
+def decode_sample(data: bytes, name: str = "sample") -> dict[str, np.ndarray]:
+    """:func:`load_sample` of the bytes of a sample file (read elsewhere, e.g. by ``tf.data``)."""
+    return _read_sample(io.BytesIO(data), name)
+
+
+def _read_sample(source: Any, file: Any) -> dict[str, np.ndarray]:
     try:
-        with np.load(file, allow_pickle=False) as data:
+        with np.load(source, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise InputFileError(f"{file}: cannot read the sample ({exc}); is it truncated?") from exc
@@ -837,8 +849,9 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, grid: str | Data
                      geometry: str = "orthogonal", seed: int = 0, workers: int = 2, *,
                      config: SynthConfig | None = None, split: Mapping[str, Sequence[str]] | None = None,
                      femurs: Sequence[SourceFemur] | None = None, models: Mapping[str, Any] | None = None,
-                     progress: Callable[[int, int], None] | None = None, cancel: Any = None) -> pathlib.Path:
-    """Generate (or resume) a synthetic DRR data set.
+                     progress: Callable[[int, int], None] | None = None, cancel: Any = None,
+                     shard: tuple[int, int] | None = None) -> pathlib.Path:
+    """Generate (or resume) a synthetic DRR data set, or one shard of it.
 
     Parameters
     ----------
@@ -866,6 +879,10 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, grid: str | Data
     cancel : threading.Event or callable, optional
         Checked between samples; a cancelled run keeps what is done (resumable) and raises
         :class:`~inference.errors.Cancelled`.
+    shard : (I, N), optional
+        Make only the samples ``i`` with ``i % N == I`` (0 <= I < N) of the N-sample data set,
+        into a shard folder whose manifest says so; :func:`merge_shards` joins the N shard
+        folders into the data set an unsharded run makes (the same sample files, byte for byte).
 
     Returns
     -------
@@ -887,6 +904,7 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, grid: str | Data
     n = int(subjects)
     seed = int(seed)
     assignment = assign_samples(n, femurs, config)
+    shard_index, shard_count = parse_shard(shard) if shard is not None else (0, 1)
 
     parameters = {"seed": seed, "config": config.to_dict(),
                   "femurs": [{"name": f.name, "specimen": f.specimen} for f in femurs]}
@@ -894,6 +912,8 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, grid: str | Data
     manifest["geometry_mode"] = geometry
     manifest["seed"] = seed
     manifest["num_samples"] = n
+    if shard is not None:
+        manifest["shard"] = {"index": shard_index, "count": shard_count}
 
     out = pathlib.Path(out_dir)
     entries: dict[int, dict] = {}
@@ -902,6 +922,9 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, grid: str | Data
         if previous.get("parameters") != manifest["parameters"] or previous.get("grid") != manifest["grid"]:
             raise DataError(f"{out} holds a data set made with other parameters (grid, geometry, seed, split or "
                             "augmentation); choose another --out folder or repeat the original command")
+        if previous.get("shard") != manifest.get("shard"):
+            raise DataError(f"{out} holds {_shard_text(previous.get('shard'))}, not "
+                            f"{_shard_text(manifest.get('shard'))}; choose another --out folder")
         if previous.get("software_version") != __version__:
             logger.warning("%s was started with HipAtlas %s; continuing with %s", out,
                            previous.get("software_version"), __version__)
@@ -909,7 +932,7 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, grid: str | Data
 
         for entry in previous["samples"]:
             index = entry.get("index")
-            if not isinstance(index, int) or index >= n:
+            if not isinstance(index, int) or index >= n or index % shard_count != shard_index:
                 continue
             path = out / entry["file"]
             if path.is_file() and sha256_file(path) == entry.get("sha256"):
@@ -923,11 +946,13 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, grid: str | Data
         (out / name).mkdir(exist_ok=True)
 
     tasks = [(i, split_name, femur.name, femur.specimen, _sample_file(split_name, femur, i))
-             for i, (split_name, femur) in enumerate(assignment) if i not in entries]
+             for i, (split_name, femur) in enumerate(assignment)
+             if i not in entries and i % shard_count == shard_index]
+    total = sum(1 for i in range(n) if i % shard_count == shard_index)
     state = {"config": config, "grid": grid, "seed": seed, "out": str(out), "models": dict(models or {})}
     done = len(entries)
     if progress is not None:
-        progress(done, n)
+        progress(done, total)
     last_write = time.monotonic()
     _write_manifest(out, manifest, entries, complete=not tasks)
 
@@ -936,7 +961,7 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, grid: str | Data
         entries[entry["index"]] = entry
         done += 1
         if progress is not None:
-            progress(done, n)
+            progress(done, total)
         if time.monotonic() - last_write > _MANIFEST_INTERVAL_S:
             _write_manifest(out, manifest, entries, complete=False)
             last_write = time.monotonic()
@@ -975,8 +1000,125 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, grid: str | Data
         _remove_stale_temporaries(out)
         raise
     _write_manifest(out, manifest, entries, complete=True)
-    logger.info("data set %s: %d samples (%s)", out, n, ", ".join(
+    logger.info("data set %s: %d samples (%s)", out, len(entries), ", ".join(
         f"{name} {sum(1 for e in entries.values() if e['split'] == name)}" for name in SPLITS))
+    return out / MANIFEST
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards
+# ----------------------------------------------------------------------------------------------
+def parse_shard(shard: Any) -> tuple[int, int]:
+    """``"I/N"`` or ``(I, N)`` -> (I, N) with 0 <= I < N (I counts from 0, as Slurm array task ids)."""
+    try:
+        index, count = (str(shard).split("/") if isinstance(shard, str) else shard)
+        index, count = int(index), int(count)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--shard must be I/N (e.g. 0/8 for the first of 8 shards), not {shard!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"--shard {index}/{count}: I must be 0..N-1 (the first of 8 shards is 0/8)")
+    return index, count
+
+
+def _shard_text(shard: Any) -> str:
+    return f"shard {shard['index']}/{shard['count']}" if isinstance(shard, dict) else "a whole data set"
+
+
+# The keys a shard's manifest has beyond the data set's, and those rewritten on every write.
+_SHARD_ONLY = ("shard",)
+_PER_WRITE = ("complete", "updated", "split_counts", "split_subjects", "samples")
+
+
+def _copy_verified(source: pathlib.Path, target: pathlib.Path, sha256: str) -> None:
+    """Copy ``source`` to ``target`` (temp file + rename), hashing what is copied; a file whose
+    sha256 is not ``sha256`` is refused and nothing is written."""
+    import hashlib
+
+    from inference.io import _atomic_file
+
+    digest = hashlib.sha256()
+    with _atomic_file(target) as tmp:
+        with open(source, "rb") as reader, open(tmp, "wb") as writer:
+            for chunk in iter(lambda: reader.read(1 << 20), b""):
+                digest.update(chunk)
+                writer.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise InputFileError(f"{source}: checksum differs from its shard's manifest (file changed or damaged); "
+                                 "run that shard's synth command again (it regenerates damaged samples)")
+
+
+def merge_shards(out_dir: str | os.PathLike, shard_dirs: Sequence[str | os.PathLike], *,
+                 progress: Callable[[int, int], None] | None = None, cancel: Any = None) -> pathlib.Path:
+    """Join the N shard folders of one data set (``synth --shard I/N``) into ``out_dir``.
+
+    Every shard must be complete and made with the same parameters, grid, seed and size, and the
+    N shards must all be there once. Each sample file is copied with its sha256 checked against
+    its shard's manifest. The result is the data set an unsharded run with the same seed makes:
+    the same sample files byte for byte and the same manifest (apart from its ``updated`` time).
+    Resumable: files already in ``out_dir`` with the right checksum are kept.
+    """
+    from inference.io import sha256_file
+
+    folders = [pathlib.Path(d) for d in shard_dirs]
+    if not folders:
+        raise ConfigError("--merge needs the shard folders")
+    manifests = [load_manifest(folder) for folder in folders]
+    reference = manifests[0]
+    count = (reference.get("shard") or {}).get("count")
+    by_index: dict[int, pathlib.Path] = {}
+    for folder, manifest in zip(folders, manifests):
+        shard = manifest.get("shard")
+        if not isinstance(shard, dict):
+            raise DataError(f"{folder} is not a shard (made without synth --shard); nothing to merge")
+        for key in ("kind", "parameters", "grid", "num_samples", "seed", "geometry_mode"):
+            if manifest.get(key) != reference.get(key):
+                raise DataError(f"{folder} and {folders[0]} are shards of different data sets ({key} differs); "
+                                "merge the shards of one synth command")
+        if shard["count"] != count:
+            raise DataError(f"{folder} is shard {shard['index']}/{shard['count']}, {folders[0]} one of {count}")
+        if shard["index"] in by_index:
+            raise DataError(f"{folder} and {by_index[shard['index']]} are both shard {shard['index']}/{count}")
+        by_index[shard["index"]] = folder
+        expected = sum(1 for i in range(manifest["num_samples"]) if i % count == shard["index"])
+        if not manifest.get("complete") or len(manifest["samples"]) != expected:
+            raise DataError(f"{folder}: shard {shard['index']}/{count} is not finished ({len(manifest['samples'])} "
+                            f"of {expected} samples); run its synth command again to finish it")
+        if manifest.get("software_version") != reference.get("software_version"):
+            logger.warning("%s was made with HipAtlas %s, %s with %s", folder, manifest.get("software_version"),
+                           folders[0], reference.get("software_version"))
+    missing = sorted(set(range(count)) - set(by_index))
+    if missing:
+        raise DataError(f"shard(s) {', '.join(f'{i}/{count}' for i in missing)} missing; give all {count} "
+                        "shard folders")
+    base = {k: v for k, v in reference.items() if k not in _SHARD_ONLY + _PER_WRITE}
+    out = pathlib.Path(out_dir)
+    if (out / MANIFEST).exists():
+        previous = load_manifest(out)
+        if {k: v for k, v in previous.items() if k not in _PER_WRITE} != base:
+            raise DataError(f"{out} holds another data set; choose another --out folder")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} exists and is not an empty folder or a HipAtlas data set; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
+    jobs = sorted(((entry["index"], folder, entry) for folder, manifest in zip(folders, manifests)
+                   for entry in manifest["samples"]), key=lambda job: job[0])
+    entries: dict[int, dict] = {}
+    try:
+        for done, (index, folder, entry) in enumerate(jobs):
+            if _is_cancelled(cancel):
+                raise Cancelled("merging was cancelled; run the same command again to resume")
+            target = out / entry["file"]
+            if not (target.is_file() and sha256_file(target) == entry["sha256"]):
+                _copy_verified(folder / entry["file"], target, entry["sha256"])
+            entries[index] = entry
+            if progress is not None:
+                progress(done + 1, len(jobs))
+    except BaseException:
+        _write_manifest(out, base, entries, complete=False)
+        _remove_stale_temporaries(out)
+        raise
+    _write_manifest(out, base, entries, complete=True)
+    logger.info("merged %d shards into %s: %d samples", count, out, len(entries))
     return out / MANIFEST
 
 
