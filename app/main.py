@@ -94,6 +94,7 @@ def run_gui(args: argparse.Namespace) -> int:
 
     settings = Settings()
     _apply_device(settings.device)
+    settings.apply_backend()
     quit_after = bool(getattr(args, "quit_after_register", False))
     screenshot = getattr(args, "screenshot", None)
     window = MainWindow(settings, interactive=not quit_after)

@@ -202,6 +202,12 @@ class SettingsDialog(QDialog):
         self.device.addItems(["cpu", "gpu"])
         self.device.setCurrentText(settings.device)
         form.addRow("Compute device", self.device)
+        self.backend = QComboBox()
+        self.backend.addItems(["auto", "tf", "onnx"])
+        self.backend.setCurrentText(settings.backend)
+        self.backend.setToolTip("Who runs the registration network: ONNX Runtime (onnx), TensorFlow (tf), "
+                                "or auto (ONNX Runtime when the model has its .onnx export)")
+        form.addRow("Inference backend", self.backend)
         note = QLabel("The device takes effect the next time the workstation starts.")
         note.setObjectName("hint")
         form.addRow("", note)
@@ -231,6 +237,8 @@ class SettingsDialog(QDialog):
     def apply(self) -> None:
         self.settings.model_path = self.model.text().strip()
         self.settings.device = self.device.currentText()
+        self.settings.backend = self.backend.currentText()
+        self.settings.apply_backend()
         self.settings.units = self.units.currentText()
         self.settings.auto_propose = self.auto_propose.isChecked()
         self.settings.autosave_minutes = self.autosave.value()

@@ -11,6 +11,9 @@ ORGANISATION = "HipAtlas"
 APPLICATION = "HipAtlas Planning Workstation"
 MAX_RECENT = 8
 DEVICES = ("cpu", "gpu")
+#: Who runs the registration network (inference.backends): auto = ONNX Runtime when the model has
+#: its .onnx, else TensorFlow.
+BACKENDS = ("auto", "tf", "onnx")
 UNITS = ("mm", "cm")
 
 
@@ -50,6 +53,24 @@ class Settings:
         if value not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, not {value!r}")
         self.q.setValue("compute/device", value)
+
+    @property
+    def backend(self) -> str:
+        value = str(self._get("compute/backend", "auto")).lower()
+        return value if value in BACKENDS else "auto"
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {value!r}")
+        self.q.setValue("compute/backend", value)
+
+    def apply_backend(self) -> None:
+        """Make the setting the default of :func:`inference.backends.load_backend` in this process
+        and in the registration processes it starts (they inherit the environment)."""
+        from inference.backends import BACKEND_ENV
+
+        os.environ[BACKEND_ENV] = self.backend
 
     # display ----------------------------------------------------------------------------
     @property

@@ -20,6 +20,16 @@ importing TensorFlow and loading the model measured in their own processes.
     python benchmarks/bench_register.py --json
     python benchmarks/bench_register.py --case my_case --model resources/models/x --repeats 3
     python benchmarks/bench_register.py --profile          # where a cold run spends its time
+    python benchmarks/bench_register.py --backends-only --case resources/demo --json
+
+Backends (``--backends tf,onnx``, side by side in one run; each figure ``<backend>_...``):
+``fresh_wall_s`` (``python -m inference.cli register CASE --backend B`` in a fresh process, median),
+``fresh_peak_rss_mb`` (that process's peak resident memory), ``import_s`` (a fresh interpreter
+importing the pipeline and the backend's runtime: TensorFlow + the Keras layers, or onnxruntime),
+``first_call_s`` / ``warm_s`` (in a fresh process: the first ``register_case``, model load and
+compilation included, then the median of the next ones) and ``first_network_s`` /
+``warm_network_s`` (the network's share of those, from report.json). The figures above them
+(``register_wall_s`` ...) use ``--backend`` (default: auto).
 """
 
 from __future__ import annotations
@@ -50,6 +60,84 @@ def _extra(parser) -> None:
     parser.add_argument("--profile", action="store_true", help="print a cProfile summary of a cold in-process run")
     parser.add_argument("--cohort", type=int, default=10,
                         help="also time one command registering this many copies of the case (0: skip)")
+    parser.add_argument("--backend", choices=("auto", "tf", "onnx"), default="auto",
+                        help="backend of the figures that do not compare backends (default auto)")
+    parser.add_argument("--backends", default="tf,onnx",
+                        help="backends to compare side by side (comma separated; empty: skip)")
+    parser.add_argument("--backends-only", action="store_true", help="only the backend comparison")
+
+
+#: Run in a fresh interpreter: register the case ``repeats + 1`` times with one backend and print
+#: the first and the warm timings (argv: case, model, out root, backend, repeats).
+_PROBE = """
+import json, statistics, sys, time
+case, model, root, backend, repeats = sys.argv[1:6]
+t0 = time.perf_counter()
+from inference import pipeline
+walls, network = [], []
+for index in range(int(repeats) + 1):
+    start = time.perf_counter()
+    result = pipeline.run_to_completion(pipeline.register_case(case, f"{root}/{index}", model=model,
+                                                               backend=backend))
+    walls.append(time.perf_counter() - start)
+    network.append(result.report["timings_s"]["network_s"])
+print(json.dumps({"first_call_s": walls[0], "warm_s": statistics.median(walls[1:]),
+                  "first_network_s": network[0], "warm_network_s": statistics.median(network[1:]),
+                  "ran": result.report["model"].get("backend")}))
+"""
+
+#: Run in a fresh interpreter: the CLI, then this process's peak resident memory (argv: CLI args).
+_CLI_WITH_RSS = """
+import json, resource, sys
+from inference.cli import main
+status = main(sys.argv[1:])
+print(json.dumps({"status": status, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+_RUNTIME_IMPORT = {"tf": "import tensorflow, inference.model", "onnx": "import onnxruntime"}
+
+
+def compare_backends(report, case: pathlib.Path, model: pathlib.Path, root: pathlib.Path,
+                     backends: list[str], repeats: int) -> None:
+    """The backend figures of the module docstring, one backend after the other."""
+    for backend in backends:
+        walls, rss = [], []
+        for index in range(repeats):
+            out = root / f"fresh_{backend}_{index}"
+            wall, completed = _timed_process(["-c", _CLI_WITH_RSS, "register", str(case), "--out", str(out),
+                                              "--model", str(model), "--backend", backend, "--quiet"])
+            if completed.returncode != 0:
+                raise SystemExit(f"register --backend {backend} failed: {completed.stderr.strip()[-2000:]}")
+            walls.append(wall)
+            rss.append(json.loads(completed.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+            shutil.rmtree(out)
+        report.add(f"{backend}_fresh_wall_s", statistics.median(walls), "s",
+                   f"hipatlas register --backend {backend} (fresh process, median)")
+        report.add(f"{backend}_fresh_peak_rss_mb", max(rss), "MB", "  its peak resident memory")
+        imports = []
+        for _ in range(repeats):
+            script = ("import time; t = time.perf_counter(); import inference.pipeline, inference.backends; "
+                      f"{_RUNTIME_IMPORT[backend]}; print(time.perf_counter() - t)")
+            _, completed = _timed_process(["-c", script])
+            imports.append(float(completed.stdout.strip().splitlines()[-1]))
+        report.add(f"{backend}_import_s", statistics.median(imports), "s", "  import pipeline + runtime")
+        _, completed = _timed_process(["-c", _PROBE, str(case), str(model), str(root / f"probe_{backend}"),
+                                       backend, str(max(1, repeats))])
+        if completed.returncode != 0:
+            raise SystemExit(f"in-process probe of {backend} failed: {completed.stderr.strip()[-2000:]}")
+        probe = json.loads(completed.stdout.strip().splitlines()[-1])
+        if probe.pop("ran") != backend:
+            raise SystemExit(f"the probe did not run the {backend} backend")
+        for key, value in probe.items():
+            report.add(f"{backend}_{key}", value, "s", f"  in-process {key.replace('_s', '')}")
+        shutil.rmtree(root / f"probe_{backend}", ignore_errors=True)
+    if {"tf", "onnx"} <= set(backends):
+        report.add("onnx_over_tf_fresh_wall", report_value(report, "onnx_fresh_wall_s")
+                   / report_value(report, "tf_fresh_wall_s"), "", "fresh-process wall, ONNX / TensorFlow")
+
+
+def report_value(report, name: str) -> float:
+    return float(report.figures[name])
 
 
 def _simulated_case(root: pathlib.Path, detector: int) -> pathlib.Path:
@@ -97,6 +185,13 @@ def main(argv=None) -> None:
         model, model_kind = _model_path(root, args.model)
         report.note(f"case {case}, model {model} ({model_kind})")
         report.add("model_kind", model_kind)
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        if backends:
+            compare_backends(report, case, model, root, backends, repeats)
+        if args.backends_only:
+            shutil.rmtree(root, ignore_errors=True)
+            report.finish()
+            return
 
         # Fixed costs of a fresh process, each measured alone.
         wall, _ = _timed_process(["-c", "import tensorflow"])
@@ -111,7 +206,7 @@ def main(argv=None) -> None:
         for index in range(repeats):
             out = root / f"out_{index}"
             wall, completed = _timed_process(["-m", "app.cli", "register", str(case), "--out", str(out),
-                                              "--model", str(model), "--quiet"])
+                                              "--model", str(model), "--backend", args.backend, "--quiet"])
             if completed.returncode != 0:
                 raise SystemExit(f"register failed ({completed.returncode}): {completed.stderr.strip()[-2000:]}")
             walls.append(wall)
@@ -131,7 +226,7 @@ def main(argv=None) -> None:
                 shutil.copytree(case, copy)
                 cases.append(str(copy))
             wall, completed = _timed_process(["-m", "app.cli", "register", *cases, "--out", str(root / "cohort"),
-                                              "--model", str(model), "--quiet"])
+                                              "--model", str(model), "--backend", args.backend, "--quiet"])
             if completed.returncode != 0:
                 raise SystemExit(f"cohort register failed: {completed.stderr.strip()[-2000:]}")
             report.add("register_cohort_per_case_s", wall / args.cohort, "s",
@@ -141,7 +236,8 @@ def main(argv=None) -> None:
         from inference import pipeline
 
         def run(out, masks=None, case_dir=case):
-            return pipeline.run_to_completion(pipeline.register_case(case_dir, out, model=str(model), masks=masks))
+            return pipeline.run_to_completion(pipeline.register_case(case_dir, out, model=str(model), masks=masks,
+                                                                     backend=args.backend))
 
         start = time.perf_counter()
         if args.profile:

@@ -31,6 +31,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "inference.experiments",
     "inference.cli_pacs",
     "inference.templating.cli_plan",
+    "inference.onnx_export",
 )
 
 EXIT_BAD_INPUT = 2
@@ -89,6 +90,14 @@ def run(argv: Sequence[str] | None = None,
     except KeyboardInterrupt:
         print("hipatlas: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as error:
+        if args.debug or error.name not in ("tensorflow", "keras", "tf2onnx", "onnx"):
+            raise
+        # the TensorFlow-free installation (packaging/requirements-onnx.txt) has no training,
+        # evaluation, export or refinement
+        print(f"hipatlas: error: {args.command} needs the package {error.name}, which this installation "
+              "does not have (registration runs with --backend onnx)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except HipAtlasError as error:
         if args.debug:
             raise

@@ -24,6 +24,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           "and each case goes to OUT/<case folder name>, with OUT/cohort.csv")
     register.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     register.add_argument("--model", help="model folder or .keras file (default: the shipped model)")
+    register.add_argument("--backend", choices=("auto", "tf", "onnx"),
+                          help="who runs the network: TensorFlow, ONNX Runtime, or auto (ONNX Runtime when "
+                          "the model has its .onnx and onnxruntime is installed); default $HIPATLAS_BACKEND "
+                          "or auto")
     register.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     register.add_argument("--quiet", action="store_true", help="no progress bar")
     register.add_argument("--dicom-out", metavar="DIR",
@@ -71,7 +75,8 @@ def _register(args: argparse.Namespace) -> int:
             raise InputFileError("--dicom-out takes one case; run hipatlas dicom-export on each case's output")
         return _register_cohort(args)
     result = pipeline.run_to_completion(
-        pipeline.register_case(args.case_dir[0], args.out, model=args.model, overwrite=args.overwrite),
+        pipeline.register_case(args.case_dir[0], args.out, model=args.model, overwrite=args.overwrite,
+                               backend=args.backend),
         on_progress=_progress_printer(args.quiet))
     print(json.dumps(result.measurements, indent=2))
     for warning in result.warnings:
@@ -91,7 +96,8 @@ def _register_cohort(args: argparse.Namespace) -> int:
     from inference import measure, pipeline
 
     result = pipeline.run_to_completion(
-        pipeline.register_cohort(args.case_dir, args.out, model=args.model, overwrite=args.overwrite),
+        pipeline.register_cohort(args.case_dir, args.out, model=args.model, overwrite=args.overwrite,
+                                 backend=args.backend),
         on_progress=_progress_printer(args.quiet))
     for row in result.rows:
         if row["status"] == "ok":

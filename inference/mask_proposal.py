@@ -529,7 +529,8 @@ def propose(images: Sequence[np.ndarray], projections: Sequence[np.ndarray], net
     network_step : bool, run step 2b (the network with the first masks); False stops after 2a
     """
     from inference import views as views_lib
-    from inference import model as model_lib
+    from inference.backends import as_backend
+    from inference.model_config import case_inputs
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -564,10 +565,10 @@ def propose(images: Sequence[np.ndarray], projections: Sequence[np.ndarray], net
 
     # 2b. The network with those masks, as registration runs it; its femur projected and refined.
     t0 = time.perf_counter()
-    network = views_lib.network_inputs(images, masks, projections, grid, model_lib.model_config_of(net).detector_hw)
-    outputs = net(model_lib.case_inputs(network.images, network.masks, network.projections, grid.index_to_world()),
-                  training=False)
-    warped = np.asarray(outputs["warped_labels"])[0, ..., 0].round().astype(np.uint8)
+    net = as_backend(net)
+    network = views_lib.network_inputs(images, masks, projections, grid, net.config.detector_hw)
+    outputs = net.run(case_inputs(network.images, network.masks, network.projections, grid.index_to_world()))
+    warped = outputs["warped_labels"][0, ..., 0].round().astype(np.uint8)
     timings["network_s"] = time.perf_counter() - t0
     if not (warped == 1).any():
         # an untrained or confused network may lose the femur: keep the posed atlas's outline
@@ -581,7 +582,7 @@ def propose(images: Sequence[np.ndarray], projections: Sequence[np.ndarray], net
 
 
 def propose_masks(case: Any, model: Any = None, *, refine: bool = True,
-                  cancel: Callable[[], bool] | None = None) -> list[np.ndarray]:
+                  cancel: Callable[[], bool] | None = None, backend: str | None = None) -> list[np.ndarray]:
     """Proposed femur masks (bool, full size) for both views of a loaded case, for the GUI.
 
     Parameters
@@ -591,7 +592,9 @@ def propose_masks(case: Any, model: Any = None, *, refine: bool = True,
     """
     from inference import pipeline
 
-    net = pipeline.load_registration_model(model)
+    from inference.backends import load_backend
+
+    net = load_backend(model, backend)
     atlas = pipeline.atlas_for(net)
     images, projections, start = pipeline.registration_frame(case)
     return propose(images, projections, net, atlas, start, refine=refine, cancel=cancel).masks

@@ -219,10 +219,10 @@ _ATLAS_CACHE: dict[str, Any] = {}
 
 def atlas_for(net) -> Any:
     """The atlas of a registration model's grid (loaded once per process: the GUI registers many cases)."""
-    from inference import model as model_lib
+    from inference.backends import as_backend
     from inference.data import atlas as atlas_lib
 
-    grid_name = model_lib.model_config_of(net).grid
+    grid_name = as_backend(net).config.grid
     if grid_name not in _ATLAS_CACHE:
         _ATLAS_CACHE[grid_name] = atlas_lib.load_atlas(grid_name)
     return _ATLAS_CACHE[grid_name]
@@ -258,7 +258,8 @@ def to_registration_image(image: np.ndarray, mirror: bool) -> np.ndarray:
 
 def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model: Any = None,
                   overwrite: bool = False, masks: list[np.ndarray | None] | None = None,
-                  cancel: Callable[[], bool] | None = None, graph_mode: bool = False) -> Iterator[Progress]:
+                  cancel: Callable[[], bool] | None = None, graph_mode: bool = False,
+                  backend: str | None = None) -> Iterator[Progress]:
     """Register the atlas to a case and write the outputs (a generator; see module docstring).
 
     Parameters
@@ -276,6 +277,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     graph_mode : bool
         Run the network as a traced graph (:func:`network_function`): slower for one case,
         faster for each further case with the same model.
+    backend : {"auto", "tf", "onnx"} or None
+        Who runs the network (:func:`inference.backends.load_backend`; None = the setting).
 
     Views without a mask get a proposed one (:mod:`inference.mask_proposal`), written to
     ``OUT_DIR/proposed_mask_<view>.png`` and marked unconfirmed in report.json.
@@ -329,10 +332,11 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         from inference.resources import verify_resources
 
         verify_resources()
-    net = load_registration_model(model)
-    from inference import model as model_lib
+    from inference import backends
+    from inference.model_config import case_inputs
 
-    config = model_lib.model_config_of(net)
+    net = backends.load_backend(model, backend, graph=graph_mode)
+    config = net.config
     atlas = atlas_for(net)
     timings["load_model_s"] = time.perf_counter() - t0
     _check(cancel)
@@ -372,10 +376,9 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
 
     yield Progress(0.3, "Registering atlas")
     t0 = time.perf_counter()
-    outputs = network_function(net, graph_mode)(
-        model_lib.case_inputs(network.images, network.masks, network.projections, grid.index_to_world()))
-    labels = np.asarray(outputs["warped_labels"])[0, ..., 0].round().astype(np.uint8)
-    psi = np.asarray(outputs["psi"])[0]
+    outputs = net.run(case_inputs(network.images, network.masks, network.projections, grid.index_to_world()))
+    labels = outputs["warped_labels"][0, ..., 0].round().astype(np.uint8)
+    psi = outputs["psi"][0]
     timings["network_s"] = time.perf_counter() - t0
     if not (labels == 1).any():
         raise DataError(f"{case_json}: the registration produced an empty femur; check the masks and calibration")
@@ -383,11 +386,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
 
     yield Progress(0.55, "Warping atlas")
     t0 = time.perf_counter()
-    from inference.layers import warp as warp_lib
-
     # Warp HU + 1000 so that the zero padding outside the atlas grid reads as air, not water.
-    shifted = (np.asarray(atlas.volume, np.float32) + 1000.0)[None, ..., None]
-    warped_hu = np.asarray(warp_lib.warp(shifted, psi[None].astype(np.float32), interp="linear"))[0, ..., 0] - 1000.0
+    warped_hu = net.warp_volume(np.asarray(atlas.volume, np.float32) + 1000.0, psi) - 1000.0
     landmarks = {name: invert_displacement_at(np.asarray(point, float), psi, atlas.geometry, grid)
                  for name, point in atlas.landmarks.items() if np.size(point) == 3}
     timings["warp_s"] = time.perf_counter() - t0
@@ -456,7 +456,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         "case_dir": str(case.case_dir),
         "case_json_sha256": io.sha256_file(case_json),
         "side": case.side,
-        "model": model_identity(net),
+        "model": net.identity(),
         "atlas": {"grid": config.grid, "files_sha256": dict(atlas.provenance.get("files", {}))},
         "views": [{
             "name": v.name,
@@ -548,8 +548,8 @@ def cohort_output_names(case_dirs: list[str | os.PathLike]) -> list[str]:
 
 
 def register_cohort(case_dirs: list[str | os.PathLike], out_root: str | os.PathLike, *, model: Any = None,
-                    overwrite: bool = False, cancel: Callable[[], bool] | None = None
-                    ) -> Iterator[Progress]:
+                    overwrite: bool = False, cancel: Callable[[], bool] | None = None,
+                    backend: str | None = None) -> Iterator[Progress]:
     """Register several cases with one loaded model (a generator, like :func:`register_case`).
 
     Each case goes to ``out_root/<case folder name>``; a case with bad input is recorded as
@@ -569,7 +569,9 @@ def register_cohort(case_dirs: list[str | os.PathLike], out_root: str | os.PathL
         from inference.resources import verify_resources
 
         verify_resources()
-    net = load_registration_model(model)
+    from inference import backends
+
+    net = backends.load_backend(model, backend, graph=len(case_dirs) >= GRAPH_MODE_MIN_CASES)
     rows = []
     for index, (case, name) in enumerate(zip(case_dirs, names)):
         _check(cancel)

@@ -220,6 +220,29 @@ def check_model_file(model_file: str | os.PathLike) -> list[ResourceProblem]:
             "model", model_file,
             f"the shipped model file {model_file} is damaged (sha256 mismatch: {actual[:12]}... instead of "
             f"{expected[:12]}... recorded in {card_path.name}); {_REINSTALL}")]
+    return _check_onnx_export(model_file, card, card_path)
+
+
+def _check_onnx_export(model_file: pathlib.Path, card: dict, card_path: pathlib.Path) -> list[ResourceProblem]:
+    """The ONNX export the card records beside the model (key ``onnx``, see
+    :mod:`inference.onnx_export`): present and matching its sha256, like the ``.keras``."""
+    entry = card.get("onnx")
+    if entry is None:
+        return []
+    name = entry.get("file") if isinstance(entry, dict) else None
+    expected = entry.get("sha256") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or not isinstance(expected, str) or pathlib.Path(name).name != name:
+        return [ResourceProblem("model", card_path, f"{card_path} has an invalid 'onnx' entry (file and "
+                                f"sha256 needed); {_REINSTALL}")]
+    onnx_file = model_file.with_name(name)
+    if not onnx_file.is_file():
+        return [ResourceProblem("model", onnx_file, f"the shipped ONNX model {onnx_file} is missing; {_REINSTALL}")]
+    actual = file_sha256(onnx_file)
+    if actual != expected.lower():
+        return [ResourceProblem(
+            "model", onnx_file,
+            f"the shipped ONNX model {onnx_file} is damaged (sha256 mismatch: {actual[:12]}... instead of "
+            f"{expected[:12]}... recorded in {card_path.name}); {_REINSTALL}")]
     return []
 
 

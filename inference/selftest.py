@@ -211,7 +211,8 @@ def check_outputs(out_dir: str | pathlib.Path, measurements: dict[str, Any], *,
 
 def run_self_test(out_dir: str | pathlib.Path | None = None, *,
                   on_progress: Callable[[Any], None] | None = None,
-                  cancel: Callable[[], bool] | None = None, raise_unexpected: bool = False) -> SelfTestResult:
+                  cancel: Callable[[], bool] | None = None, raise_unexpected: bool = False,
+                  backend: str | None = None) -> SelfTestResult:
     """Verify the installation and register the demo case (see module docstring).
 
     Expected failures (a damaged resource, a registration error) become failed checks, not
@@ -227,6 +228,8 @@ def run_self_test(out_dir: str | pathlib.Path | None = None, *,
     raise_unexpected : bool
         Let exceptions other than :class:`~inference.errors.HipAtlasError` propagate (``--debug``)
         instead of reporting them as a failed check.
+    backend : {"auto", "tf", "onnx"} or None
+        Who runs the network (:func:`inference.backends.load_backend`); the check says which ran.
     """
     from inference import resources
 
@@ -252,7 +255,7 @@ def run_self_test(out_dir: str | pathlib.Path | None = None, *,
             model_file = resources.default_model_file()
             registration_started = time.perf_counter()
             registration = pipeline.run_to_completion(
-                pipeline.register_case(case_dir, target, model=model_file, cancel=cancel),
+                pipeline.register_case(case_dir, target, model=model_file, cancel=cancel, backend=backend),
                 on_progress=on_progress)
         except Cancelled:
             raise
@@ -269,7 +272,8 @@ def run_self_test(out_dir: str | pathlib.Path | None = None, *,
             result.elapsed_s = time.perf_counter() - started
             return result
         register_s = time.perf_counter() - registration_started
-        result.checks.append(Check("registration", True, f"demo registered in {register_s:.1f} s"))
+        ran = ((registration.report or {}).get("model") or {}).get("backend", "?")
+        result.checks.append(Check("registration", True, f"demo registered in {register_s:.1f} s ({ran})"))
         result.measurements = dict(registration.measurements)
 
         reference, source = demo_truth_hip_centre(case_dir)
@@ -298,12 +302,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "Same as `hipatlas --self-test`.")
     command.add_argument("--out", help="keep the demo's outputs in this folder (default: a temporary folder)")
     command.add_argument("--json", action="store_true", help="also print every check as JSON")
+    command.add_argument("--backend", choices=("auto", "tf", "onnx"),
+                         help="who runs the network (default $HIPATLAS_BACKEND or auto)")
     command.set_defaults(handler=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
     """Run the self-test for the CLI; prints the summary line (and JSON with ``--json``)."""
-    result = run_self_test(getattr(args, "out", None), raise_unexpected=getattr(args, "debug", False))
+    result = run_self_test(getattr(args, "out", None), raise_unexpected=getattr(args, "debug", False),
+                           backend=getattr(args, "backend", None))
     if getattr(args, "json", False):
         print(json.dumps({"passed": result.passed, "version": __version__, "elapsed_s": round(result.elapsed_s, 2),
                           "checks": [c.__dict__ for c in result.checks],

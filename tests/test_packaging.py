@@ -435,6 +435,8 @@ def test_shipped_model_copy_with_one_flipped_byte_is_detected(tmp_path):
     copy_dir.mkdir()
     shutil.copy(source, copy_dir / source.name)
     shutil.copy(card, copy_dir / card.name)
+    for export in source.parent.glob("*.onnx"):  # the ONNX export the card records is checked too
+        shutil.copy(export, copy_dir / export.name)
     assert resources.check_model_file(copy_dir / source.name) == []
     _flip_byte(copy_dir / source.name)
     (problem,) = resources.check_model_file(copy_dir / source.name)

@@ -56,7 +56,7 @@ import keras
 import tensorflow as tf
 
 from inference.errors import ConfigError
-from inference.layers.sampling import trilinear_sample
+from inference.layers.sampling import portable, trilinear_sample
 
 __all__ = [
     "ProST",
@@ -91,6 +91,38 @@ def _as_geometry(x):
     return tf.cast(tf.convert_to_tensor(x), _GEOMETRY_DTYPE)
 
 
+def _cross(a, b):
+    """Cross product of (..., 3) vectors, written out (every exporter knows products and sums)."""
+    return tf.stack([a[..., 1] * b[..., 2] - a[..., 2] * b[..., 1],
+                     a[..., 2] * b[..., 0] - a[..., 0] * b[..., 2],
+                     a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]], axis=-1)
+
+
+def inverse3(a):
+    """Inverse of batched (B, 3, 3) matrices by the adjugate: column j of ``inv(A)`` is the
+    cross product of the other two rows over ``det(A)``.
+
+    Exact arithmetic without a matrix-inverse op (ONNX has none), for the well-conditioned
+    3 x 3 blocks of projection and grid matrices; in float64 it agrees with an LU inverse to
+    ~1e-15 relative.
+    """
+    r0, r1, r2 = a[:, 0, :], a[:, 1, :], a[:, 2, :]
+    c0 = _cross(r1, r2)
+    det = tf.reduce_sum(r0 * c0, axis=-1)
+    columns = tf.stack([c0, _cross(r2, r0), _cross(r0, r1)], axis=-1)
+    return columns / det[:, None, None]
+
+
+def affine_inverse(matrix):
+    """Inverse of batched (B, 4, 4) affine matrices (last row [0, 0, 0, 1])."""
+    inv_linear = inverse3(matrix[:, :3, :3])
+    offset = -tf.reduce_sum(inv_linear * matrix[:, None, :3, 3], axis=-1)
+    top = tf.concat([inv_linear, offset[:, :, None]], axis=2)
+    bottom = tf.broadcast_to(tf.constant([[[0.0, 0.0, 0.0, 1.0]]], matrix.dtype),
+                             tf.stack([tf.shape(matrix)[0], 1, 4]))
+    return tf.concat([top, bottom], axis=1)
+
+
 def source_and_axis(projection):
     """Source position, principal direction and depth scale of batched projection matrices.
 
@@ -113,7 +145,7 @@ def source_and_axis(projection):
     projection = _as_geometry(projection)
     a = projection[:, :, :3]
     b = projection[:, :, 3:]
-    source = -tf.linalg.solve(a, b)[..., 0]
+    source = -tf.reduce_sum(inverse3(a) * b[:, None, :, 0], axis=-1)
     a3 = a[:, 2, :]
     axis_scale = tf.norm(a3, axis=-1)
     axis = a3 / axis_scale[:, None]
@@ -180,7 +212,7 @@ def ray_directions(projection, rows, cols):
     """
     projection = _as_geometry(projection)
     _, _, axis_scale = source_and_axis(projection)
-    inv_a = tf.linalg.inv(projection[:, :, :3]) * axis_scale[:, None, None]
+    inv_a = inverse3(projection[:, :, :3]) * axis_scale[:, None, None]
     rows = tf.cast(rows, _GEOMETRY_DTYPE)
     cols = tf.cast(cols, _GEOMETRY_DTYPE)
     # inv_a @ [u, v, 1] = u * col0 + v * col1 + col2, computed by broadcasting (no matmul per pixel)
@@ -281,7 +313,7 @@ def ray_march_plan(projection, index_to_world, shape_zyx, rows, cols, num_sample
         near_default, far_default = near_far(projection, index_to_world, shape_zyx)
         near = near_default if near is None else _as_geometry(near)
         far = far_default if far is None else _as_geometry(far)
-    world_to_index = tf.linalg.inv(index_to_world)
+    world_to_index = affine_inverse(index_to_world)
     # reverse (i, j, k) = (x, y, z) rows into the (z, y, x) order of the array
     linear_zyx = tf.reverse(world_to_index[:, :3, :3], axis=[1])
     offset_zyx = tf.reverse(world_to_index[:, :3, 3], axis=[1])
@@ -339,12 +371,12 @@ def inv_prost_coords(projection, index_to_world, volume_shape_zyx, detector_hw, 
 
     hu, hv, hw = affine(q[:, 0]), affine(q[:, 1]), affine(q[:, 2])
     in_front = hw > 0
-    safe_w = tf.where(in_front, hw, tf.ones_like(hw))
+    safe_w = tf.where(in_front, hw, 1.0)  # scalars broadcast: no full-size constant in an export
     u = (hu / safe_w + 0.5) * (beam_w / width) - 0.5
     v = (hv / safe_w + 0.5) * (beam_h / height) - 0.5
     kk = affine(k_row) - 0.5
     coords = tf.stack([kk, v, u], axis=-1)
-    return tf.where(in_front[..., None], coords, tf.fill(tf.shape(coords), -4.0))
+    return tf.where(in_front[..., None], coords, -4.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,6 +626,9 @@ def ray_integral(volume, plan, geometry_gradients=False, chunk_points=None):
     plan = plan.cast(volume.dtype)
     num_samples = int(plan.num_samples)
     chunk_points = int(chunk_points or _CHUNK_POINTS)
+    if portable():  # forward only, all planes at once (see sampling.portable_ops)
+        values = trilinear_sample(volume, beam_coords(plan))
+        return tf.reduce_sum(values, axis=1) * (plan.step[:, None, None] * plan.ray_scale)[..., None]
 
     @tf.custom_gradient
     def _integral(volume, start, dirs, step, ray_scale):
@@ -679,6 +714,8 @@ def sample_points(volume, coords_zyx, coordinate_gradients=True, chunk_points=No
     volume = tf.convert_to_tensor(volume)
     coords_zyx = tf.cast(coords_zyx, volume.dtype)
     chunk_points = int(chunk_points or _CHUNK_POINTS)
+    if portable():  # forward only, no XLA kernel (see sampling.portable_ops)
+        return trilinear_sample(volume, _clamp_coords(coords_zyx, _dims(volume)[1]))
 
     @tf.custom_gradient
     def _sample(volume, coords):

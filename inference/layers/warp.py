@@ -75,7 +75,7 @@ import numpy as np
 import tensorflow as tf
 
 from inference.errors import ConfigError
-from inference.layers.sampling import nearest_sample, trilinear_sample
+from inference.layers.sampling import nearest_sample, portable, trilinear_sample
 
 _PACKAGE = "hipatlas"
 _INTERPOLATIONS = ("linear", "nearest")
@@ -104,8 +104,38 @@ def identity_grid(shape_zyx, dtype=tf.float32):
 
 
 def _grid_like(field):
-    """Identity grid for a (B, Z, Y, X, 3) field, shaped (1, Z, Y, X, 3) to broadcast."""
+    """Identity grid for a (B, Z, Y, X, 3) field, shaped (1, Z, Y, X, 3) to broadcast.
+
+    Under :func:`~inference.layers.sampling.portable_ops` (static shapes) the three index ramps
+    of :func:`_axis_grid`, added per component (:func:`_plus_grid`): an exporter would otherwise
+    fold the whole grid into a constant of the model file (7 MB at the compact grid).
+    """
+    if portable():
+        return _axis_grid(field.shape[1:4], field.dtype)
     return identity_grid(tf.shape(field)[1:4], field.dtype)[None]
+
+
+def _axis_grid(shape_zyx, dtype):
+    """The identity grid as three index ramps shaped (1, Z, 1, 1), (1, 1, Y, 1), (1, 1, 1, X)."""
+    parts = []
+    for axis in range(3):
+        shape = [1, 1, 1, 1]
+        shape[axis + 1] = int(shape_zyx[axis])
+        parts.append(tf.reshape(tf.range(int(shape_zyx[axis]), dtype=dtype), shape))
+    return tuple(parts)
+
+
+def _plus_grid(field, grid, sign=1.0):
+    """``field + sign * grid`` for a dense grid or the ramps of :func:`_axis_grid`; with ramps
+    each component gets its own ramp (no chain of constant additions that a constant folder
+    would merge into a dense grid)."""
+    if isinstance(grid, tuple):
+        return tf.stack([field[..., axis] + sign * grid[axis] for axis in range(3)], axis=-1)
+    return field + grid if sign > 0 else field - grid
+
+
+def _minus_grid(field, grid):
+    return _plus_grid(field, grid, -1.0)
 
 
 def sample_clamped(volume, coords_zyx):
@@ -134,14 +164,14 @@ def sample_clamped(volume, coords_zyx):
 # The identity grid is built outside the XLA functions and passed in: built inside, XLA
 # constant-folds it, which at the paper grid (4.7 M voxels) added seconds to every compile.
 def _warp_impl(image, field, grid, interp):
-    coords = grid + field
+    coords = _plus_grid(field, grid)
     if interp == "nearest":
         return nearest_sample(image, coords)
     return trilinear_sample(image, coords)
 
 
 def _compose_impl(inner, outer, grid):
-    coords = grid + inner
+    coords = _plus_grid(inner, grid)
     return inner + sample_clamped(outer, coords)
 
 
@@ -175,7 +205,7 @@ def warp(image, field, interp="linear", jit_compile=True):
     _check_interp(interp)
     image = tf.convert_to_tensor(image)
     field = tf.cast(field, tf.float32)
-    fn = _warp_xla if jit_compile else _warp_impl
+    fn = _warp_xla if jit_compile and not portable() else _warp_impl
     if interp == "nearest":
         return fn(image, field, _grid_like(field), interp)
     # Interpolate in float32 even under mixed precision: in (b)float16 the sample coordinates
@@ -199,7 +229,7 @@ def compose_fields(inner, outer, jit_compile=True):
     """
     inner = tf.cast(inner, tf.float32)
     outer = tf.cast(outer, tf.float32)
-    fn = _compose_xla if jit_compile else _compose_impl
+    fn = _compose_xla if jit_compile and not portable() else _compose_impl
     return fn(inner, outer, _grid_like(inner))
 
 
@@ -230,8 +260,8 @@ def integrate_velocity(velocity, num_steps=7, jit_compile=True, recompute=False)
     # (without a gradient tape) ran ~6.5 s instead of ~0.05 s, presumably because XLA fuses
     # the chained gathers and recomputes them; one step compiles in about a second.
     field = tf.cast(velocity, tf.float32) / float(2 ** int(num_steps))
-    compose = _compose_xla if jit_compile else _compose_impl
-    if recompute:
+    compose = _compose_xla if jit_compile and not portable() else _compose_impl
+    if recompute and not portable():
         compose = tf.recompute_grad(compose)
     grid = _grid_like(field)
     for _ in range(int(num_steps)):
@@ -340,8 +370,11 @@ def affine_field(voxel_matrix_zyx, shape_zyx):
     tensor, shape (B, Z, Y, X, 3): ``M @ x - x`` at every voxel ``x``.
     """
     voxel_matrix_zyx = tf.cast(voxel_matrix_zyx, tf.float32)
-    grid = identity_grid(shape_zyx)
-    return _apply_affine(voxel_matrix_zyx, grid[None]) - grid[None]
+    if portable():
+        grid = _axis_grid(shape_zyx, tf.float32)
+    else:
+        grid = identity_grid(shape_zyx)[None]
+    return _minus_grid(_apply_affine(voxel_matrix_zyx, grid), grid)
 
 
 def _apply_affine(matrix, points):
@@ -351,7 +384,8 @@ def _apply_affine(matrix, points):
     coeff = matrix[:, None, None, None, :, :]
     out = coeff[..., :3, 3]
     for j in range(3):
-        out = out + coeff[..., :3, j] * points[..., j:j + 1]
+        component = points[j][..., None] if isinstance(points, tuple) else points[..., j:j + 1]
+        out = out + coeff[..., :3, j] * component
     return out
 
 
@@ -372,7 +406,7 @@ def compose_affine(inner, voxel_matrix_zyx):
     """
     inner = tf.cast(inner, tf.float32)
     grid = _grid_like(inner)
-    return _apply_affine(tf.cast(voxel_matrix_zyx, tf.float32), grid + inner) - grid
+    return _minus_grid(_apply_affine(tf.cast(voxel_matrix_zyx, tf.float32), _plus_grid(inner, grid)), grid)
 
 
 def jacobian_determinant(field):
@@ -597,9 +631,11 @@ class AffineToField(keras.layers.Layer):
         # D^-1 (sR (o - c) - (o - c) + t). Working with (o - c), the grid origin relative to
         # the centre, keeps the float32 arithmetic away from large absolute coordinates.
         linear = i2w[:3, :3]
-        self._d = tf.constant(linear, tf.float32)
-        self._d_inv = tf.constant(np.linalg.inv(linear), tf.float32)
-        self._origin_rel = tf.constant(i2w[:3, 3] - center, tf.float32)
+        # numpy, not tf.constant: a traced call then embeds them as constants of its own graph
+        # (an eager tensor would be a captured input, which an ONNX export cannot feed)
+        self._d = linear.astype(np.float32)
+        self._d_inv = np.linalg.inv(linear).astype(np.float32)
+        self._origin_rel = (i2w[:3, 3] - center).astype(np.float32)
         self._center = center
 
     def voxel_matrix(self, params):

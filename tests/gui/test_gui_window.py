@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import os
 import sys
 import threading
 
@@ -424,16 +425,20 @@ def test_import_dialog_and_dicom_calibration_in_the_load_step(make_window, tmp_p
     assert window.session.case.side == "left"
 
 
-def test_settings_dialog_applies_units_and_autosave(make_window, gui_settings):
+def test_settings_dialog_applies_units_and_autosave(make_window, gui_settings, monkeypatch):
     from app.main_window import SettingsDialog
+    from inference.backends import BACKEND_ENV
 
+    monkeypatch.setenv(BACKEND_ENV, "auto")  # restored afterwards: apply() sets it
     window = make_window()
     dialog = SettingsDialog(gui_settings, window)
     dialog.units.setCurrentText("cm")
     dialog.autosave.setValue(5)
     dialog.model.setText("/opt/models/m.keras")
+    dialog.backend.setCurrentText("onnx")
     dialog.apply()
     assert (gui_settings.units, gui_settings.autosave_minutes, gui_settings.model_path) == ("cm", 5.0, "/opt/models/m.keras")
+    assert gui_settings.backend == "onnx" and os.environ[BACKEND_ENV] == "onnx"
     window._restart_autosave()
     assert window.autosave_timer.isActive() and window.autosave_timer.interval() == 300_000
 

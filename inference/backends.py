@@ -1,0 +1,304 @@
+"""Inference backends: the registration network run by TensorFlow or by ONNX Runtime.
+
+Registration (:mod:`inference.pipeline`), the mask proposal (:mod:`inference.mask_proposal`)
+and the self-test run the network through an :class:`InferenceBackend`:
+
+``tf`` (:class:`TensorFlowBackend`)
+    The Keras model (``.keras``), eager or as a traced graph. Training and the test-time
+    refinement (which needs gradients) use TensorFlow directly.
+``onnx`` (:class:`OnnxBackend`)
+    The same network exported by ``hipatlas export-onnx`` (:mod:`inference.onnx_export`) to a
+    ``.onnx`` file beside the ``.keras`` (recorded with its sha256 in the model card), run by
+    ONNX Runtime. Importing this module, the pipeline and this backend never imports
+    TensorFlow (``tests/test_backends.py`` checks it in a fresh process), which saves the
+    ~3 s import and the kernel compilation of every fresh process.
+``auto``
+    ONNX Runtime when the model has its ``.onnx`` and ``onnxruntime`` is installed, else
+    TensorFlow.
+
+The choice comes from the ``backend`` argument (``--backend`` on the command line), else the
+``HIPATLAS_BACKEND`` environment variable (the workstation's setting), else ``auto``.
+
+Both backends return the same outputs as numpy arrays (:data:`OUTPUT_NAMES`) and warp volumes
+with the same zero-padded trilinear backward warp (:meth:`InferenceBackend.warp_volume`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import pathlib
+from typing import Any, Mapping
+
+import numpy as np
+
+from inference.errors import ConfigError, ModelError
+from inference.model_config import ModelConfig, card_path_for, read_model_card
+from inference.resources import file_sha256
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "tf", "onnx")
+#: Environment variable holding the default backend (the workstation's setting).
+BACKEND_ENV = "HIPATLAS_BACKEND"
+#: The network outputs registration and the mask proposal use (the ONNX model computes only these).
+OUTPUT_NAMES = ("warped_labels", "psi", "affine_params")
+#: Model card key describing the exported ONNX model.
+ONNX_CARD_KEY = "onnx"
+
+
+def requested_backend(backend: str | None = None) -> str:
+    """``backend``, else ``$HIPATLAS_BACKEND``, else ``auto``; validated."""
+    name = backend or os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
+    if name not in BACKENDS:
+        source = "backend" if backend else BACKEND_ENV
+        raise ConfigError(f"{source} must be one of {', '.join(BACKENDS)}, not {name!r}")
+    return name
+
+
+def onnxruntime_available() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+class InferenceBackend:
+    """One loaded registration network.
+
+    Attributes
+    ----------
+    name : ``"tf"`` or ``"onnx"``
+    config : ModelConfig
+    card : dict or None, the model card
+    path : pathlib.Path or None, the model file that was loaded
+    """
+
+    name = ""
+
+    def __init__(self, config: ModelConfig, card: Mapping[str, Any] | None, path: pathlib.Path | None):
+        self.config = config
+        self.card = dict(card) if card is not None else None
+        self.path = path
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Forward pass of one case (:func:`inference.model_config.case_inputs`) -> the
+        :data:`OUTPUT_NAMES` as numpy arrays (batch of one)."""
+        raise NotImplementedError
+
+    def warp_volume(self, volume_zyx: np.ndarray, psi: np.ndarray) -> np.ndarray:
+        """``volume(x + psi(x))`` (trilinear, zero outside the grid) of a (Z, Y, X) volume by a
+        (Z, Y, X, 3) voxel-unit field (the convention of :mod:`inference.layers.warp`)."""
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        """Model id, sha256, path and backend for reports."""
+        card = self.card or {}
+        return {"name": card.get("name", self.path.stem if self.path else "unknown"),
+                "sha256": card.get("sha256"), "path": str(self.path) if self.path else None,
+                "backend": self.name}
+
+
+class TensorFlowBackend(InferenceBackend):
+    """The Keras model run by TensorFlow (eager, or traced with ``graph=True``)."""
+
+    name = "tf"
+
+    def __init__(self, keras_model: Any, graph: bool = False):
+        from inference import model as model_lib
+
+        info = getattr(keras_model, "_hipatlas_card", None)
+        path = pathlib.Path(info["path"]) if info and info.get("path") else None
+        super().__init__(model_lib.model_config_of(keras_model), info, path)
+        self.model = keras_model
+        self.graph = graph
+
+    def run(self, inputs):
+        from inference.pipeline import network_function
+
+        outputs = network_function(self.model, self.graph)(dict(inputs))
+        return {key: np.asarray(outputs[key]) for key in OUTPUT_NAMES}
+
+    def warp_volume(self, volume_zyx, psi):
+        from inference.layers import warp as warp_lib
+
+        image = np.asarray(volume_zyx, np.float32)[None, ..., None]
+        field = np.asarray(psi, np.float32)[None]
+        return np.asarray(warp_lib.warp(image, field, interp="linear"))[0, ..., 0]
+
+    def identity(self):
+        from inference.pipeline import model_identity
+
+        return {**model_identity(self.model), "backend": self.name}
+
+
+class OnnxBackend(InferenceBackend):
+    """The exported ONNX model run by ONNX Runtime (CPU, or the providers given)."""
+
+    name = "onnx"
+
+    def __init__(self, onnx_path: str | os.PathLike, card: Mapping[str, Any],
+                 providers: list[str] | None = None):
+        import onnxruntime
+
+        onnx_path = pathlib.Path(onnx_path)
+        entry = card.get(ONNX_CARD_KEY) or {}
+        try:
+            config = ModelConfig.from_dict(card["config"])
+        except (KeyError, ConfigError) as error:
+            raise ModelError(f"the model card of {onnx_path.name} has no valid config ({error})") from None
+        super().__init__(config, card, onnx_path)
+        self.entry = entry
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = onnxruntime.InferenceSession(
+                str(onnx_path), options, providers=providers or ["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise ModelError(f"the ONNX model {onnx_path} cannot be loaded: {error}") from error
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        missing = sorted(set(OUTPUT_NAMES) - set(self.output_names))
+        if missing:
+            raise ModelError(f"the ONNX model {onnx_path.name} lacks the outputs {', '.join(missing)}; "
+                             "export it again with hipatlas export-onnx")
+
+    def run(self, inputs):
+        feed = {}
+        for item in self.session.get_inputs():
+            value = np.asarray(inputs[item.name], np.float32)
+            if list(value.shape) != list(item.shape):
+                raise ModelError(
+                    f"the ONNX model takes {item.name} of shape {tuple(item.shape)}, not "
+                    f"{value.shape}: it was exported for another grid or detector size")
+            feed[item.name] = value
+        values = self.session.run(list(OUTPUT_NAMES), feed)
+        return dict(zip(OUTPUT_NAMES, values))
+
+    def warp_volume(self, volume_zyx, psi):
+        return warp_volume_numpy(volume_zyx, psi)
+
+    def identity(self):
+        card = self.card or {}
+        return {"name": card.get("name", self.path.stem), "sha256": self.entry.get("sha256"),
+                "path": str(self.path), "backend": self.name,
+                "source_sha256": self.entry.get("source_sha256")}
+
+
+def warp_volume_numpy(volume_zyx: np.ndarray, psi: np.ndarray) -> np.ndarray:
+    """:meth:`InferenceBackend.warp_volume` in SciPy (no TensorFlow): linear interpolation with
+    zero padding outside the grid (``grid-constant``: values fade to 0 within one voxel, as
+    :func:`inference.layers.sampling.trilinear_sample`)."""
+    from scipy import ndimage
+
+    volume = np.asarray(volume_zyx, np.float32)
+    psi = np.asarray(psi, np.float32)
+    grid = np.indices(volume.shape, dtype=np.float32)
+    coords = grid + np.moveaxis(psi, -1, 0)
+    return ndimage.map_coordinates(volume, coords, order=1, mode="grid-constant", cval=0.0,
+                                   prefilter=False).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and loading
+# --------------------------------------------------------------------------------------------
+
+def onnx_entry(card: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    entry = (card or {}).get(ONNX_CARD_KEY)
+    return dict(entry) if isinstance(entry, Mapping) and entry.get("file") else None
+
+
+def onnx_file_for(model_path: str | os.PathLike) -> tuple[pathlib.Path | None, dict[str, Any] | None]:
+    """The ``.onnx`` recorded in the model card beside ``model_path`` (a .keras or .onnx file),
+    and the card; (None, card) when the card names none."""
+    model_path = pathlib.Path(model_path)
+    card_file = card_path_for(model_path)
+    card = read_model_card(card_file) if card_file.is_file() else None
+    entry = onnx_entry(card)
+    if entry is None:
+        return None, card
+    return model_path.with_name(entry["file"]), card
+
+
+def verify_onnx_file(onnx_path: pathlib.Path, card: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The card's ONNX entry after checking that ``onnx_path`` is the file it describes."""
+    entry = onnx_entry(card)
+    if entry is None:
+        raise ModelError(f"{onnx_path.name} has no model card entry ({card_path_for(onnx_path).name} "
+                         "has no 'onnx' section); export it with hipatlas export-onnx")
+    if entry["file"] != onnx_path.name:
+        raise ModelError(f"the model card names {entry['file']!r}, not {onnx_path.name!r}: it belongs "
+                         "to another model")
+    if not onnx_path.is_file():
+        raise ModelError(f"the ONNX model {onnx_path} is missing; reinstall the model or use --backend tf")
+    digest = file_sha256(onnx_path)
+    if digest != entry.get("sha256"):
+        raise ModelError(f"ONNX model {onnx_path.name} does not match its model card (sha256 "
+                         f"{digest[:12]}... instead of {str(entry.get('sha256'))[:12]}...): the file "
+                         "is corrupt or was replaced; reinstall the model or export it again")
+    return entry
+
+
+_CACHE: dict[tuple, InferenceBackend] = {}
+
+
+def load_backend(model: Any = None, backend: str | None = None, *, graph: bool = False,
+                 providers: list[str] | None = None) -> InferenceBackend:
+    """The registration network behind the chosen backend.
+
+    Parameters
+    ----------
+    model : None (the shipped model), a path (folder, ``.keras`` or ``.onnx``), a loaded
+        keras model, or an :class:`InferenceBackend` (returned as it is).
+    backend : ``auto``, ``tf``, ``onnx`` or None (:func:`requested_backend`).
+    graph : bool
+        TensorFlow only: run the network as a traced graph (cohorts).
+    providers : ONNX Runtime execution providers (default CPU).
+
+    Loaded backends are cached by file and modification time (the GUI registers many cases).
+    """
+    if isinstance(model, InferenceBackend):
+        return model
+    choice = requested_backend(backend)
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        if choice == "onnx":
+            raise ConfigError("the ONNX backend needs a model file, not a loaded Keras model")
+        return TensorFlowBackend(model, graph=graph)
+
+    from inference import pipeline
+
+    path = pathlib.Path(model) if model is not None else pipeline.default_model_path()
+    if path.suffix == ".onnx":
+        if choice == "tf":
+            raise ConfigError(f"{path.name} is an ONNX model; the TensorFlow backend needs the .keras file")
+        onnx_path, card = path, (read_model_card(card_path_for(path))
+                                 if card_path_for(path).is_file() else None)
+        choice = "onnx"
+    else:
+        path = pipeline.model_file_in(path)
+        onnx_path, card = onnx_file_for(path)
+    if choice == "auto":
+        usable = onnx_path is not None and onnx_path.is_file() and onnxruntime_available()
+        choice = "onnx" if usable else "tf"
+        log.info("backend auto: %s", "ONNX Runtime" if usable else "TensorFlow")
+    if choice == "onnx":
+        if onnx_path is None:
+            raise ModelError(f"the model {path.name} has no ONNX export; run hipatlas export-onnx "
+                             f"{path} or use --backend tf")
+        if not onnxruntime_available():
+            raise ModelError("the ONNX backend needs the onnxruntime package, which is not installed; "
+                             "install it or use --backend tf")
+        entry = verify_onnx_file(onnx_path, card)
+        key = ("onnx", str(onnx_path.resolve()), onnx_path.stat().st_mtime, tuple(providers or ()))
+        if key not in _CACHE:
+            _CACHE.clear()
+            _CACHE[key] = OnnxBackend(onnx_path, card, providers)
+            log.info("ONNX model %s (opset %s) loaded", onnx_path.name, entry.get("opset"))
+        return _CACHE[key]
+    if importlib.util.find_spec("tensorflow") is None:
+        raise ModelError(f"TensorFlow is not installed (a TensorFlow-free installation) and the model "
+                         f"{path.name} has no usable ONNX export; reinstall the model with its .onnx")
+    return TensorFlowBackend(pipeline.load_registration_model(path), graph=graph)
+
+
+def as_backend(net: Any) -> InferenceBackend:
+    """``net`` if it is a backend, else the TensorFlow backend of a loaded Keras model."""
+    return net if isinstance(net, InferenceBackend) else TensorFlowBackend(net)
