@@ -274,7 +274,8 @@ def to_registration_image(image: np.ndarray, mirror: bool) -> np.ndarray:
 
 def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model: Any = None,
                   overwrite: bool = False, masks: list[np.ndarray | None] | None = None,
-                  cancel: Callable[[], bool] | None = None, graph_mode: bool = False) -> Iterator[Progress]:
+                  cancel: Callable[[], bool] | None = None, graph_mode: bool = False,
+                  full_resolution: bool = True) -> Iterator[Progress]:
     """Register the atlas to a case and write the outputs (a generator; see module docstring).
 
     Parameters
@@ -292,6 +293,9 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     graph_mode : bool
         Run the network as a traced graph (:func:`network_function`): slower for one case,
         faster for each further case with the same model.
+    full_resolution : bool
+        Write the labels, warped atlas, surface and measurements from the paper-grid atlas
+        warped by the upsampled field (:mod:`inference.fullres`); False keeps the network's grid.
 
     Views without a mask get a proposed one (:mod:`inference.mask_proposal`), written to
     ``OUT_DIR/proposed_mask_<view>.png`` and marked unconfirmed in report.json.
@@ -399,12 +403,24 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
 
     yield Progress(0.55, "Warping atlas")
     t0 = time.perf_counter()
-    from inference.layers import warp as warp_lib
+    from inference import fullres
 
-    # Warp HU + 1000 so that the zero padding outside the atlas grid reads as air, not water.
-    shifted = (np.asarray(atlas.volume, np.float32) + 1000.0)[None, ..., None]
-    warped_hu = np.asarray(warp_lib.warp(shifted, psi[None].astype(np.float32), interp="linear"))[0, ..., 0] - 1000.0
-    landmarks = {name: invert_displacement_at(np.asarray(point, float), psi, atlas.geometry, grid)
+    fine_atlas = fullres.fine_atlas_for(atlas) if full_resolution else None
+    if fine_atlas is not None:
+        # Outputs from the finer atlas warped by the upsampled field (inference.fullres).
+        fine = fullres.warp_fine(fine_atlas, psi, grid, atlas.geometry)
+        labels, warped_hu, coarse_grid, grid = fine.labels, fine.volume_hu, grid, fine.grid
+    else:
+        from inference.layers import warp as warp_lib
+
+        # Warp HU + 1000 so that the zero padding outside the atlas grid reads as air, not water.
+        shifted = (np.asarray(atlas.volume, np.float32) + 1000.0)[None, ..., None]
+        warped_hu = np.asarray(warp_lib.warp(shifted, psi[None].astype(np.float32), interp="linear"))[0, ..., 0] \
+            - 1000.0
+        coarse_grid = grid
+    output_resolution = {"grid": fine_atlas.grid if fine_atlas is not None else config.grid,
+                         "spacing_xyz_mm": [float(s) for s in grid.spacing_xyz_mm]}
+    landmarks = {name: invert_displacement_at(np.asarray(point, float), psi, atlas.geometry, coarse_grid)
                  for name, point in atlas.landmarks.items() if np.size(point) == 3}
     timings["warp_s"] = time.perf_counter() - t0
     _check(cancel)
@@ -472,6 +488,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         "side": case.side,
         "model": model_identity(net),
         "atlas": {"grid": config.grid, "files_sha256": dict(atlas.provenance.get("files", {}))},
+        "output_resolution": output_resolution,
         "views": [{
             "name": v.name,
             "image": str(v.image_path.name),
