@@ -275,7 +275,8 @@ def to_registration_image(image: np.ndarray, mirror: bool) -> np.ndarray:
 def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model: Any = None,
                   overwrite: bool = False, masks: list[np.ndarray | None] | None = None,
                   cancel: Callable[[], bool] | None = None, graph_mode: bool = False,
-                  full_resolution: bool = True) -> Iterator[Progress]:
+                  full_resolution: bool = True, refine: "bool | refine_lib.RefineSettings | None" = None,
+                  self_calibrate: bool | None = None) -> Iterator[Progress]:
     """Register the atlas to a case and write the outputs (a generator; see module docstring).
 
     Parameters
@@ -296,6 +297,11 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     full_resolution : bool
         Write the labels, warped atlas, surface and measurements from the paper-grid atlas
         warped by the upsampled field (:mod:`inference.fullres`); False keeps the network's grid.
+    refine : bool, RefineSettings or None
+        Test-time refinement of the network's result on the radiographs (:mod:`inference.refine`);
+        None = its default; settings = on with them.
+    self_calibrate : bool or None
+        With the refinement, also estimate each view's pose (None: the settings' choice).
 
     Views without a mask get a proposed one (:mod:`inference.mask_proposal`), written to
     ``OUT_DIR/proposed_mask_<view>.png`` and marked unconfirmed in report.json.
@@ -400,6 +406,24 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     if not (labels == 1).any():
         raise DataError(f"{case_json}: the registration produced an empty femur; check the masks and calibration")
     _check(cancel)
+
+    from inference import refine as refine_lib
+
+    refinement = None
+    if refine_lib.DEFAULT_REFINE if refine is None else refine:
+        yield Progress(0.45, "Refining on the radiographs")
+        settings = refine if isinstance(refine, refine_lib.RefineSettings) else refine_lib.RefineSettings()
+        if self_calibrate is not None:
+            settings = dataclasses.replace(settings, self_calibrate=self_calibrate)
+        refinement = yield from _scaled_progress(refine_lib.refine_registration(
+            atlas, psi, grid, images, registration_masks, projections, config.detector_hw, head.centre_mm,
+            settings, cancel), 0.45, 0.1)
+        timings["refine_s"] = refinement.time_s
+        if refinement.used:
+            psi = refinement.psi
+            labels = refine_lib.warped_labels(atlas.labels, psi)
+            projections, world_projections = refine_lib.corrected_projections(
+                refinement, projections, world_projections, mirror)
 
     yield Progress(0.55, "Warping atlas")
     t0 = time.perf_counter()
@@ -512,6 +536,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         "timings_s": timings,
         "warnings": warnings,
     }
+    report["refinement"] = refine_lib.report_entry(refinement, [v.name for v in case.views], mirror, warnings)
     if proposal is not None:
         pose_head = proposal.pose.head_mm * ([-1.0, 1.0, 1.0] if mirror else 1.0)
         report["mask_proposal"] = {"atlas_head_mm": [float(x) for x in pose_head],
@@ -647,6 +672,17 @@ def _below_lesser_trochanter(femur, margin_mm: float = 12.0) -> np.ndarray:
     if femur.lesser_trochanter_mm is not None:
         depth = min(depth, float((head - np.asarray(femur.lesser_trochanter_mm, float)) @ direction) + margin_mm)
     return foot - depth * direction
+
+
+def _scaled_progress(steps, start: float, width: float):
+    """Forward a sub-step's (fraction, message) as :class:`Progress` in [start, start + width];
+    returns the sub-step's result."""
+    while True:
+        try:
+            fraction, message = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield Progress(start + width * fraction, message)
 
 
 def _refuse_existing_output(out_dir: str | os.PathLike, overwrite: bool) -> None:
