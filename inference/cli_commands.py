@@ -26,6 +26,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     register.add_argument("--model", help="model folder or .keras file (default: the shipped model)")
     register.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     register.add_argument("--quiet", action="store_true", help="no progress bar")
+    register.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                          help="test-time refinement on the radiographs (default: off; see docs/refinement.md)")
+    register.add_argument("--self-calibrate", action=argparse.BooleanOptionalAction, default=None,
+                          help="with --refine, also estimate the lateral view's pose")
+    register.add_argument("--network-grid", action="store_true",
+                          help="outputs on the network's grid instead of the full-resolution atlas grid")
     register.set_defaults(handler=_register)
 
 
@@ -64,7 +70,9 @@ def _register(args: argparse.Namespace) -> int:
     if len(args.case_dir) > 1:
         return _register_cohort(args)
     result = pipeline.run_to_completion(
-        pipeline.register_case(args.case_dir[0], args.out, model=args.model, overwrite=args.overwrite),
+        pipeline.register_case(args.case_dir[0], args.out, model=args.model, overwrite=args.overwrite,
+                               refine=args.refine, self_calibrate=args.self_calibrate,
+                               full_resolution=not args.network_grid),
         on_progress=_progress_printer(args.quiet))
     print(json.dumps(result.measurements, indent=2))
     for warning in result.warnings:
