@@ -89,6 +89,8 @@ class RefineSettings:
         (pipeline.py, head radius from masks); matching them as they are inflates the femur.
     displacement : bool
         Optimise the smooth displacement (else only the similarity and the poses).
+    rotation_and_scale : bool
+        Optimise the similarity's rotation and scale (else only its translation).
     min_improvement : float
         Relative loss decrease the refinement must reach to be used.
     """
@@ -108,6 +110,7 @@ class RefineSettings:
     silhouette_mm: float = 1.5
     mask_bias_mm: float = 0.7
     displacement: bool = True
+    rotation_and_scale: bool = True
     min_improvement: float = 0.002
 
     def __post_init__(self) -> None:
@@ -359,7 +362,7 @@ def refine_registration(atlas, psi: np.ndarray, grid, images: list[np.ndarray], 
     points_coarse_zyx = tf.constant(points_coarse[:, ::-1].astype(np.float32))
 
     dv = tf.Variable(tf.zeros(coarse_shape + (3,)), name="displacement_mm")  # world mm (x, y, z)
-    dp = tf.Variable(tf.zeros(7), name="similarity")  # deg (3), mm (3), log-scale x 100
+    dp = dp_var = tf.Variable(tf.zeros(7), name="similarity")  # deg (3), mm (3), log-scale x 100
     calibrated = list(range(1, num_views)) if settings.self_calibrate else []
     pose_angles = tf.Variable(tf.zeros((max(len(calibrated), 1), 3)), name="pose_angles_deg")
     pose_shift = tf.Variable(tf.zeros((max(len(calibrated), 1), 3)), name="pose_shift_mm")
@@ -369,9 +372,12 @@ def refine_registration(atlas, psi: np.ndarray, grid, images: list[np.ndarray], 
 
     from inference.layers.sampling import trilinear_sample
 
+    dof = tf.constant([1.0] * 7 if settings.rotation_and_scale else [0, 0, 0, 1, 1, 1, 0], tf.float32)
+
     def similarity():
         from inference.layers.warp import rotation_matrix_xyz
 
+        dp = dp_var * dof
         rotation = tf.cast(rotation_matrix_xyz(dp[None, :3] * (math.pi / 180.0))[0], tf.float64)
         return rotation * tf.cast(tf.exp(dp[6] / 100.0), tf.float64), tf.cast(dp[3:6], tf.float64)
 
