@@ -329,9 +329,9 @@ def refine_registration(atlas, psi: np.ndarray, grid, images: list[np.ndarray], 
                   for m, v, area in zip(masks, inputs.views, pixel_area)]
     radiographs = [tf.constant(np.asarray(im, np.float32)) for im in inputs.images]
 
-    log.info("refine: inputs %.2f s", time.perf_counter() - started)
+    log.debug("refine: inputs %.2f s", time.perf_counter() - started)
     points, voxel_mm3, mu = femur_points(atlas, psi, grid, settings.subdivide)
-    log.info("refine: %d points %.2f s", len(points), time.perf_counter() - started)
+    log.debug("refine: %d points %.2f s", len(points), time.perf_counter() - started)
     points_t = tf.constant(points - centre_mm, tf.float64)  # relative to the centre: float precision
     point_values = tf.constant(np.stack([np.ones_like(mu), mu], axis=1))  # path length, attenuation
     # Where the atlas grid projects (its corners' hull, approximated by the box of all grid
@@ -449,7 +449,7 @@ def refine_registration(atlas, psi: np.ndarray, grid, images: list[np.ndarray], 
     first = None
     best = None
     steps = 0
-    log.info("refine: setup %.2f s", time.perf_counter() - started)
+    log.debug("refine: setup %.2f s", time.perf_counter() - started)
     for step in range(1, settings.max_steps + 1):
         if cancel is not None and cancel():
             raise Cancelled("registration cancelled")
