@@ -19,7 +19,7 @@ point iteration), which the full-resolution warp and the measurements then use.
 
 Why points rather than the ProST layer on the warped atlas volume: both are differentiable, but
 on this 2-core machine (shared, load ~13) a ProST step with the dense warp and velocity
-integration took 2.5-4.5 s after 9-40 s of tracing/XLA compilation (work/prof_refine.py), so a
+integration took 2.5-4.5 s after 9-40 s of tracing/XLA compilation, so a
 10 s budget would buy one or two steps; a splatting step takes a few tens of milliseconds.
 
 Self-calibration adds, for every view but the first (the reference: the two cameras and the femur
