@@ -20,7 +20,8 @@ point iteration), which the full-resolution warp and the measurements then use.
 Why points rather than the ProST layer on the warped atlas volume: both are differentiable, but
 on this 2-core machine (shared, load ~13) a ProST step with the dense warp and velocity
 integration took 2.5-4.5 s after 9-40 s of tracing/XLA compilation, so a
-10 s budget would buy one or two steps; a splatting step takes a few tens of milliseconds.
+10 s budget would buy one or two steps; a traced splatting step took 0.15-0.4 s under the same load
+(plus 2-5 s to trace it once).
 
 Self-calibration adds, for every view but the first (the reference: the two cameras and the femur
 share a rigid motion that no image can reveal, so the first view fixes the world), a rigid
