@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         net, model_name = _load_model(args)
+        provenance = _provenance(net)  # the code that runs, not what HEAD is when it ends
         for index in range(args.start, args.start + args.cases):
             plan = _case_plan(index, args.seed, args.vary, sides)
             subject = f"{args.subject}:{plan['side']}"
@@ -399,7 +400,6 @@ def main(argv: list[str] | None = None) -> int:
     summary_metrics = tuple(m for m in metrics if m not in ("head_radius_error_mm", "offset_error_mm",
                                                             "neck_shaft_angle_error_deg")) \
         + ("abs_head_radius_error_mm", "abs_offset_error_mm", "abs_neck_shaft_angle_error_deg")
-    provenance = _provenance(net)
     title = f"hipatlas register on {args.cases} simulated {args.subject} cases ({model_name})"
     table, summary = _summary_table(rows, summary_metrics, ("lat_angle_error_deg", "variant"))
     command = "tools/eval_cases.py " + " ".join(argv if argv is not None else sys.argv[1:])
