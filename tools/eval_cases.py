@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     markdown = (f"# {title}\n\n- command: `{command}`\n- commit: {provenance['commit']}\n"
                 f"- model: {provenance['model']} (sha256 {provenance['model_sha256']})\n"
                 f"- seed {args.seed}, vary {args.vary}, sides {','.join(sides)}, CT spacing {args.ct_spacing} mm\n\n"
-                "## Mean +- sd per LAT angle error and step\n\n" + table)
+                "## Summary: mean +- sd per LAT angle error and step\n\n" + table)
     per_case = [f"| {r['sample_index']} | {r['side']} | {r.get('lat_angle_error_deg')} | {r.get('variant')} | "
                 + " | ".join(evaluate._fmt(r.get(m, math.nan)) for m in summary_metrics)
                 + f" | {r.get('refinement_used', '')} |" for r in rows if "error" not in r]
