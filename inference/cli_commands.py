@@ -33,6 +33,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     register.add_argument("--dicom-out", metavar="DIR",
                           help="also write the results as DICOM in the source study (the case's radiographs must "
                           "be DICOM); see hipatlas dicom-export")
+    register.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                          help="test-time refinement on the radiographs (default: off; see docs/refinement.md)")
+    register.add_argument("--self-calibrate", action=argparse.BooleanOptionalAction, default=None,
+                          help="with --refine, also estimate the lateral view's pose")
+    register.add_argument("--network-grid", action="store_true",
+                          help="outputs on the network's grid instead of the full-resolution atlas grid")
     register.set_defaults(handler=_register)
 
 
@@ -76,7 +82,8 @@ def _register(args: argparse.Namespace) -> int:
         return _register_cohort(args)
     result = pipeline.run_to_completion(
         pipeline.register_case(args.case_dir[0], args.out, model=args.model, overwrite=args.overwrite,
-                               backend=args.backend),
+                               backend=args.backend, refine=args.refine, self_calibrate=args.self_calibrate,
+                               full_resolution=not args.network_grid),
         on_progress=_progress_printer(args.quiet))
     print(json.dumps(result.measurements, indent=2))
     for warning in result.warnings:

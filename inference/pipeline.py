@@ -259,7 +259,9 @@ def to_registration_image(image: np.ndarray, mirror: bool) -> np.ndarray:
 def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model: Any = None,
                   overwrite: bool = False, masks: list[np.ndarray | None] | None = None,
                   cancel: Callable[[], bool] | None = None, graph_mode: bool = False,
-                  backend: str | None = None) -> Iterator[Progress]:
+                  backend: str | None = None, full_resolution: bool = True,
+                  refine: Any = None,
+                  self_calibrate: bool | None = None) -> Iterator[Progress]:
     """Register the atlas to a case and write the outputs (a generator; see module docstring).
 
     Parameters
@@ -279,6 +281,14 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         faster for each further case with the same model.
     backend : {"auto", "tf", "onnx"} or None
         Who runs the network (:func:`inference.backends.load_backend`; None = the setting).
+    full_resolution : bool
+        Write the labels, warped atlas, surface and measurements from the paper-grid atlas
+        warped by the upsampled field (:mod:`inference.fullres`); False keeps the network's grid.
+    refine : bool, RefineSettings or None
+        Test-time refinement of the network's result on the radiographs (:mod:`inference.refine`);
+        None = its default; settings = on with them.
+    self_calibrate : bool or None
+        With the refinement, also estimate each view's pose (None: the settings' choice).
 
     Views without a mask get a proposed one (:mod:`inference.mask_proposal`), written to
     ``OUT_DIR/proposed_mask_<view>.png`` and marked unconfirmed in report.json.
@@ -384,11 +394,40 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         raise DataError(f"{case_json}: the registration produced an empty femur; check the masks and calibration")
     _check(cancel)
 
+    from inference import refine as refine_lib
+
+    refinement = None
+    if refine_lib.DEFAULT_REFINE if refine is None else refine:
+        yield Progress(0.45, "Refining on the radiographs")
+        settings = refine if isinstance(refine, refine_lib.RefineSettings) else refine_lib.RefineSettings()
+        if self_calibrate is not None:
+            settings = dataclasses.replace(settings, self_calibrate=self_calibrate)
+        refinement = yield from _scaled_progress(refine_lib.refine_registration(
+            atlas, psi, grid, images, registration_masks, projections, config.detector_hw, head.centre_mm,
+            settings, cancel), 0.45, 0.1)
+        timings["refine_s"] = refinement.time_s
+        if refinement.used:
+            psi = refinement.psi
+            labels = refine_lib.warped_labels(atlas.labels, psi)
+            projections, world_projections = refine_lib.corrected_projections(
+                refinement, projections, world_projections, mirror)
+
     yield Progress(0.55, "Warping atlas")
     t0 = time.perf_counter()
-    # Warp HU + 1000 so that the zero padding outside the atlas grid reads as air, not water.
-    warped_hu = net.warp_volume(np.asarray(atlas.volume, np.float32) + 1000.0, psi) - 1000.0
-    landmarks = {name: invert_displacement_at(np.asarray(point, float), psi, atlas.geometry, grid)
+    from inference import fullres
+
+    fine_atlas = fullres.fine_atlas_for(atlas) if full_resolution else None
+    if fine_atlas is not None:
+        # Outputs from the finer atlas warped by the upsampled field (inference.fullres).
+        fine = fullres.warp_fine(fine_atlas, psi, grid, atlas.geometry)
+        labels, warped_hu, coarse_grid, grid = fine.labels, fine.volume_hu, grid, fine.grid
+    else:
+        # Warp HU + 1000 so that the zero padding outside the atlas grid reads as air, not water.
+        warped_hu = net.warp_volume(np.asarray(atlas.volume, np.float32) + 1000.0, psi) - 1000.0
+        coarse_grid = grid
+    output_resolution = {"grid": fine_atlas.grid if fine_atlas is not None else config.grid,
+                         "spacing_xyz_mm": [float(s) for s in grid.spacing_xyz_mm]}
+    landmarks = {name: invert_displacement_at(np.asarray(point, float), psi, atlas.geometry, coarse_grid)
                  for name, point in atlas.landmarks.items() if np.size(point) == 3}
     timings["warp_s"] = time.perf_counter() - t0
     _check(cancel)
@@ -458,6 +497,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         "side": case.side,
         "model": net.identity(),
         "atlas": {"grid": config.grid, "files_sha256": dict(atlas.provenance.get("files", {}))},
+        "output_resolution": output_resolution,
         "views": [{
             "name": v.name,
             "image": str(v.image_path.name),
@@ -481,6 +521,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         "timings_s": timings,
         "warnings": warnings,
     }
+    report["refinement"] = refine_lib.report_entry(refinement, [v.name for v in case.views], mirror, warnings)
     if proposal is not None:
         pose_head = proposal.pose.head_mm * ([-1.0, 1.0, 1.0] if mirror else 1.0)
         report["mask_proposal"] = {"atlas_head_mm": [float(x) for x in pose_head],
@@ -655,6 +696,17 @@ def _below_lesser_trochanter(femur, margin_mm: float = 12.0) -> np.ndarray:
     if femur.lesser_trochanter_mm is not None:
         depth = min(depth, float((head - np.asarray(femur.lesser_trochanter_mm, float)) @ direction) + margin_mm)
     return foot - depth * direction
+
+
+def _scaled_progress(steps, start: float, width: float):
+    """Forward a sub-step's (fraction, message) as :class:`Progress` in [start, start + width];
+    returns the sub-step's result."""
+    while True:
+        try:
+            fraction, message = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield Progress(start + width * fraction, message)
 
 
 def _refuse_existing_output(out_dir: str | os.PathLike, overwrite: bool) -> None:

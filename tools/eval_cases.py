@@ -25,6 +25,18 @@ mean +- sd:
 image format and intensity scale (float TIFF scaled by 10^U(-2, 2)), a random scale and sign of
 each P (the same camera), and oblique views (each view turned by U(-30, 30) deg).
 
+Steps (issue 13): ``--variants`` registers every case several times, once per step of the
+pipeline, so that each step's effect is measured on the same cases:
+
+* ``network``: the network's output on its own grid (as before issue 13);
+* ``fullres``: + outputs from the paper-grid atlas warped by the upsampled field;
+* ``refine``: + test-time refinement on the radiographs;
+* ``selfcal``: + self-calibration of the second view's pose.
+
+``--lat-angle-errors 0,2,5,10`` records the lateral view's matrix rotated by that many degrees
+about the patient's long axis through the hip (the radiograph is unchanged): the paper's Fig. 3
+experiment. ``--assd`` adds ASSD and HD95 (mm) of the femur against the truth.
+
 Targets (issue 5): mean Dice >= 0.90, hip centre <= 2 mm, head radius <= 1 mm, offset <= 3 mm.
 
     .venv/bin/python tools/eval_cases.py --model resources/models/<name> --cases 10 --out eval_out
@@ -58,14 +70,23 @@ from inference.io import write_text_atomic  # noqa: E402
 log = logging.getLogger("eval_cases")
 
 
+
 def _error_name(m) -> str:
     return f"{m.key[:-len(m.unit) - 1]}_error_{m.unit}"
 
 
+#: The steps of issue 13, each a set of register_case options.
+VARIANTS = {
+    "network": {"full_resolution": False, "refine": False},
+    "fullres": {"full_resolution": True, "refine": False},
+    "refine": {"full_resolution": True, "refine": True, "self_calibrate": False},
+    "selfcal": {"full_resolution": True, "refine": True, "self_calibrate": True},
+}
 #: Measurements compared with the truth measured on the true label (the head radius has its phantom truth).
 COMPARED = tuple(m for m in measure.MEASUREMENTS if m.kind == "scalar" and m.key != "head_radius_mm")
 ERROR_METRICS = ("head_radius_error_mm", *(_error_name(m) for m in COMPARED))
-METRICS = ("dice", "hip_centre_error_mm", *ERROR_METRICS, *(f"{m.key[:-len(m.unit) - 1]}_covered" for m in COMPARED),
+METRICS = ("dice", "assd_mm", "hd95_mm", "hip_centre_error_mm", *ERROR_METRICS,
+           *(f"{m.key[:-len(m.unit) - 1]}_covered" for m in COMPARED),
            "time_s")
 PROPOSAL_METRICS = ("proposed_mask_dice", "proposed_mask_dice_full")
 TARGETS = {"dice": ">= 0.90 (mean)", "hip_centre_error_mm": "<= 2 mm", "head_radius_error_mm": "<= 1 mm (|error|)",
@@ -134,6 +155,25 @@ def _apply_variety(case_dir: pathlib.Path, plan: dict[str, Any]) -> None:
     (case_dir / "case.json").write_text(json.dumps(raw, indent=2))
 
 
+def _perturb_lateral(case_dir: pathlib.Path, angle_deg: float) -> None:
+    """Record the second (lateral) view's P rotated by ``angle_deg`` about the patient's long axis
+    through the point where the two central rays meet (the images stay as they were taken)."""
+    from inference import geometry
+
+    raw = json.loads((case_dir / "case.json").read_text())
+    matrices = [np.asarray(v["projection_matrix"], float) for v in raw["views"]]
+    centre = geometry.view_pair_check(matrices[0], matrices[1]).midpoint_mm
+    angle = math.radians(angle_deg)
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
+    move = np.eye(4)
+    move[:3, 3] = centre
+    back = np.eye(4)
+    back[:3, 3] = -np.asarray(centre)
+    raw["views"][1]["projection_matrix"] = (matrices[1] @ move @ rotation @ back).tolist()
+    (case_dir / "case.json").write_text(json.dumps(raw, indent=2))
+
+
 def _without_masks(case_dir: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
     shutil.copytree(case_dir, dest)
     raw = json.loads((dest / "case.json").read_text())
@@ -150,7 +190,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / total) if total else math.nan
 
 
-def _metrics(out_dir: pathlib.Path, truth_dir: pathlib.Path, side: str) -> dict[str, float]:
+def _metrics(out_dir: pathlib.Path, truth_dir: pathlib.Path, side: str, assd: bool = False) -> dict[str, float]:
     import SimpleITK as sitk
 
     from inference import io
@@ -170,6 +210,13 @@ def _metrics(out_dir: pathlib.Path, truth_dir: pathlib.Path, side: str) -> dict[
         "head_radius_error_mm": float(ours["head_radius_mm"] - truth["head_radius_mm"]),
         **{_error_name(m): math.nan for m in COMPARED},
     }
+    if assd:
+        from inference import evaluate
+
+        spacing = tuple(float(v) for v in grid.spacing_xyz_mm[::-1])
+        distances = np.concatenate(evaluate.surface_distances(labels == 1, truth_fov, spacing))
+        row["assd_mm"] = float(distances.mean()) if distances.size else math.nan
+        row["hd95_mm"] = float(np.percentile(distances, 95)) if distances.size else math.nan
     try:
         truth_measured = measure.measure_femur(truth_fov.astype(np.uint8), grid, side=side)
         for m in COMPARED:
@@ -220,12 +267,51 @@ def _load_model(args):
     return net, str(args.model or "shipped model")
 
 
+def _provenance(net) -> dict[str, Any]:
+    """Commit of the code and sha256 of the model, for the report."""
+    import subprocess
+
+    from inference import pipeline
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", False
+    identity = pipeline.model_identity(net)
+    return {"commit": commit + ("+uncommitted changes" if dirty else ""), "model": identity.get("name"),
+            "model_sha256": identity.get("sha256")}
+
+
+def _summary_table(rows: list[dict[str, Any]], metrics: tuple[str, ...], group_keys: tuple[str, ...]) -> str:
+    """One line per group (e.g. angle error x variant): mean +- sd of each metric."""
+    from inference import evaluate
+
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        if "error" not in row:
+            groups.setdefault(tuple(row[k] for k in group_keys), []).append(row)
+    lines = ["| " + " | ".join(group_keys + metrics) + " |", "|" + "---|" * (len(group_keys) + len(metrics))]
+    summary = {}
+    for key, members in groups.items():
+        stats = evaluate.summarise(members, metrics)
+        summary[" / ".join(str(k) for k in key)] = stats
+        cells = [f"{stats[m]['mean']:.3f} +- {stats[m]['sd']:.3f}" if stats[m]["n"] > 1 else
+                 f"{stats[m]['mean']:.3f}" for m in metrics]
+        lines.append("| " + " | ".join([str(k) for k in key] + cells) + " |")
+    return "\n".join(lines) + "\n", summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model folder or .keras (default: the shipped model)")
     parser.add_argument("--untrained", nargs="?", const="compact", choices=["compact", "paper"],
                         help="an untrained model of this grid instead (smoke test)")
     parser.add_argument("--out", required=True, help="folder for eval_cases.md / .json")
+    parser.add_argument("--name", default="eval_cases", help="report file name (without .md / .json)")
     parser.add_argument("--cases", type=int, default=10, help="number of cases (default 10)")
     parser.add_argument("--start", type=int, default=0, help="index of the first case (to re-run one case)")
     parser.add_argument("--subject", default="JIA_MRI",
@@ -235,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vary", action="store_true", help="vary sizes, pitch, format, intensity, P scale, angles")
     parser.add_argument("--no-masks", action="store_true", help="register without masks (proposals) and score them")
     parser.add_argument("--ct-spacing", type=float, default=1.5, help="phantom CT voxel size, mm (3 = quick)")
+    parser.add_argument("--variants", default="fullres",
+                        help=f"comma-separated steps to compare, of {', '.join(VARIANTS)} (default fullres: "
+                             "what register does without refinement)")
+    parser.add_argument("--lat-angle-errors", default="0",
+                        help="comma-separated errors (deg) of the lateral view's recorded angle, e.g. 0,2,5,10")
+    parser.add_argument("--assd", action="store_true", help="also ASSD and HD95 of the femur (mm)")
     parser.add_argument("--keep", action="store_true", help="keep the cases and outputs under OUT/work")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -246,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     if not sides or any(s not in ("right", "left") for s in sides):
         parser.error(f"--sides must list right and/or left, not {args.sides!r}")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or any(v not in VARIANTS for v in variants):
+        parser.error(f"--variants must list some of {', '.join(VARIANTS)}, not {args.variants!r}")
+    try:
+        angle_errors = [float(a) for a in args.lat_angle_errors.split(",") if a.strip()]
+    except ValueError:
+        parser.error(f"--lat-angle-errors must be numbers, not {args.lat_angle_errors!r}")
 
     from inference import evaluate, io, pipeline
 
@@ -256,52 +355,88 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         net, model_name = _load_model(args)
+        provenance = _provenance(net)  # the code that runs, not what HEAD is when it ends
         for index in range(args.start, args.start + args.cases):
             plan = _case_plan(index, args.seed, args.vary, sides)
             subject = f"{args.subject}:{plan['side']}"
-            row: dict[str, Any] = {"subject": subject, "sample_index": index, **{k: plan[k] for k in (
+            base: dict[str, Any] = {"subject": subject, "sample_index": index, **{k: plan[k] for k in (
                 "seed", "side", "detector", "angles_offset_deg", "image_format", "intensity_scale")}}
             try:
                 case_dir, truth_dir = _simulate(plan, subject, work, args.ct_spacing)
-                run_dir = _without_masks(case_dir, work / f"nomask_{index:03d}") if args.no_masks else case_dir
-                result_dir = work / f"out_{index:03d}"
-                start = time.perf_counter()
-                result = pipeline.run_to_completion(pipeline.register_case(run_dir, result_dir, model=net))
-                row["time_s"] = time.perf_counter() - start
-                row.update(_metrics(result_dir, truth_dir, plan["side"]))
-                row["warnings"] = result.warnings
-                if args.no_masks:
-                    row["proposed_mask_dice"], row["proposed_mask_dice_full"] = _proposal_dice(result_dir, case_dir)
             except HipAtlasError as error:
                 log.error("case %d: %s", index, error)
-                row["error"] = str(error)
-            rows.append(row)
-            log.info("case %d (%d of %d) %s: %s", index, index - args.start + 1, args.cases, subject,
-                     ", ".join(f"{m} {row[m]:.3g}" for m in METRICS + PROPOSAL_METRICS
-                               if isinstance(row.get(m), float)))
+                rows.append({**base, "error": str(error)})
+                continue
+            for angle_error in angle_errors:
+                run_dir = case_dir
+                if angle_error:
+                    run_dir = work / f"case_{index:03d}_lat{angle_error:g}"
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    shutil.copytree(case_dir, run_dir)
+                    _perturb_lateral(run_dir, angle_error)
+                if args.no_masks:
+                    run_dir = _without_masks(run_dir, work / f"nomask_{index:03d}_lat{angle_error:g}")
+                for variant in variants:
+                    row = {**base, "variant": variant, "lat_angle_error_deg": angle_error}
+                    result_dir = work / f"out_{index:03d}_lat{angle_error:g}_{variant}"
+                    try:
+                        start = time.perf_counter()
+                        result = pipeline.run_to_completion(pipeline.register_case(
+                            run_dir, result_dir, model=net, overwrite=True, **VARIANTS[variant]))
+                        row["time_s"] = time.perf_counter() - start
+                        row.update(_metrics(result_dir, truth_dir, plan["side"], assd=args.assd))
+                        row["warnings"] = result.warnings
+                        refinement = result.report.get("refinement", {})
+                        if refinement.get("run"):
+                            row["refinement_used"] = refinement["used"]
+                            row["refinement_loss"] = [refinement["loss_before"], refinement["loss_after"]]
+                            row["refinement_time_s"] = refinement["time_s"]
+                            row["self_calibration"] = refinement.get("self_calibration")
+                        if args.no_masks:
+                            row["proposed_mask_dice"], row["proposed_mask_dice_full"] = _proposal_dice(
+                                result_dir, case_dir)
+                    except HipAtlasError as error:
+                        log.error("case %d (%s, LAT error %g deg): %s", index, variant, angle_error, error)
+                        row["error"] = str(error)
+                    rows.append(row)
+                    log.info("case %d (%d of %d) %s, LAT error %g deg, %s: %s", index, index - args.start + 1,
+                             args.cases, subject, angle_error, variant,
+                             ", ".join(f"{m} {row[m]:.3g}" for m in METRICS + PROPOSAL_METRICS
+                                       if isinstance(row.get(m), float)))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    metrics = METRICS + (PROPOSAL_METRICS if args.no_masks else ())
+    metrics = tuple(m for m in METRICS if args.assd or m not in ("assd_mm", "hd95_mm")) \
+        + (PROPOSAL_METRICS if args.no_masks else ())
     # absolute errors for the summary of signed metrics: the targets are on magnitudes
     for row in rows:
         for key in ERROR_METRICS:
             if isinstance(row.get(key), float):
                 row[f"abs_{key}"] = abs(row[key])
     summary_metrics = metrics + tuple(f"abs_{key}" for key in ERROR_METRICS)
-    summary = evaluate.summarise(rows, summary_metrics)
     title = f"hipatlas register on {args.cases} simulated {args.subject} cases ({model_name})"
-    markdown = evaluate.to_markdown(rows, summary, title=title, metrics=summary_metrics)
+    table, summary = _summary_table(rows, summary_metrics, ("lat_angle_error_deg", "variant"))
+    command = "tools/eval_cases.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    markdown = (f"# {title}\n\n- command: `{command}`\n- commit: {provenance['commit']}\n"
+                f"- model: {provenance['model']} (sha256 {provenance['model_sha256']})\n"
+                f"- seed {args.seed}, vary {args.vary}, sides {','.join(sides)}, CT spacing {args.ct_spacing} mm\n\n"
+                "## Summary: mean +- sd per LAT angle error and step\n\n" + table)
+    per_case = [f"| {r['sample_index']} | {r['side']} | {r.get('lat_angle_error_deg')} | {r.get('variant')} | "
+                + " | ".join(evaluate._fmt(r.get(m, math.nan)) for m in summary_metrics)
+                + f" | {r.get('refinement_used', '')} |" for r in rows if "error" not in r]
+    markdown += ("\n## Per case\n\n| case | side | LAT error deg | step | " + " | ".join(summary_metrics)
+                 + " | refinement used |\n|" + "---|" * (len(summary_metrics) + 5) + "\n" + "\n".join(per_case) + "\n")
     markdown += "\n## Targets (issue 5)\n\n" + "\n".join(f"- {k}: {v}" for k, v in TARGETS.items()) + "\n"
     failures = [r for r in rows if "error" in r]
     if failures:
-        markdown += "\n## Failed cases\n\n" + "\n".join(f"- case {r['sample_index']}: {r['error']}"
-                                                         for r in failures) + "\n"
-    io.write_json_atomic(out / "eval_cases.json", evaluate._json_safe({
-        "model": model_name, "subject": args.subject, "cases": args.cases, "seed": args.seed, "vary": args.vary,
-        "no_masks": args.no_masks, "ct_spacing_mm": args.ct_spacing, "rows": rows, "summary": summary}))
-    write_text_atomic(out / "eval_cases.md", markdown)
+        markdown += "\n## Failed cases\n\n" + "\n".join(f"- case {r['sample_index']} ({r.get('variant')}): "
+                                                         f"{r['error']}" for r in failures) + "\n"
+    io.write_json_atomic(out / f"{args.name}.json", evaluate._json_safe({
+        "command": command, **provenance, "model_path": model_name, "subject": args.subject, "cases": args.cases,
+        "seed": args.seed, "vary": args.vary, "no_masks": args.no_masks, "ct_spacing_mm": args.ct_spacing,
+        "variants": variants, "lat_angle_errors_deg": angle_errors, "rows": rows, "summary": summary}))
+    write_text_atomic(out / f"{args.name}.md", markdown)
     print(markdown)
     return 0 if not failures else 1
 

@@ -1,0 +1,66 @@
+"""register_case with test-time refinement and self-calibration (untrained compact model)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from inference import io, pipeline, refine
+from inference.errors import Cancelled
+
+import register_helpers as rh
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    return rh.simulated_case(base, "left"), rh.saved_model(base)
+
+
+def test_refinement_reports_its_losses_and_pose_and_keeps_the_better_result(setup, tmp_path):
+    sim, model_path = setup
+    settings = refine.RefineSettings(max_steps=4, time_limit_s=120.0, self_calibrate=True)
+    progress = []
+    result = pipeline.run_to_completion(
+        pipeline.register_case(sim.case_dir, tmp_path / "out", model=model_path, refine=settings),
+        on_progress=progress.append)
+    entry = result.report["refinement"]
+    assert entry["run"] and entry["steps"] == 4
+    assert math.isfinite(entry["loss_before"]) and entry["loss_after"] <= entry["loss_before"]
+    assert entry["used"] == (entry["loss_after"] < entry["loss_before"] - 0.002 * abs(entry["loss_before"]))
+    assert set(entry["terms_before"]) >= {"ncc_v0", "dice_v0", "ncc_v1", "dice_v1", "total"}
+    if entry["used"]:
+        lat = entry["self_calibration"]["LAT"]
+        assert np.asarray(lat["matrix"]).shape == (4, 4) and lat["rotation_deg"] >= 0.0
+    assert any(p.message.startswith("Refining") for p in progress)
+    fractions = [p.fraction for p in progress]
+    assert fractions == sorted(fractions)
+    # outputs on the paper grid
+    labels, grid = io.read_volume(tmp_path / "out" / "femur_labels.nii.gz")
+    assert labels.shape == (192, 128, 192) and result.report["output_resolution"]["grid"] == "paper"
+
+
+def test_refinement_can_be_cancelled(setup, tmp_path):
+    sim, model_path = setup
+    calls = {"n": 0}
+
+    def cancel():
+        calls["n"] += 1
+        return calls["n"] > 6  # after the network (4 checks), inside the refinement
+
+    with pytest.raises(Cancelled):
+        pipeline.run_to_completion(pipeline.register_case(
+            sim.case_dir, tmp_path / "out", model=model_path,
+            refine=refine.RefineSettings(max_steps=50, time_limit_s=600.0), cancel=cancel))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_without_refinement_the_report_says_so(setup, tmp_path):
+    sim, model_path = setup
+    result = pipeline.run_to_completion(pipeline.register_case(sim.case_dir, tmp_path / "out", model=model_path,
+                                                               refine=False, full_resolution=False))
+    assert result.report["refinement"] == {"run": False}
+    labels, _ = io.read_volume(tmp_path / "out" / "femur_labels.nii.gz")
+    assert labels.shape == (96, 64, 96) and result.report["output_resolution"]["grid"] == "compact"
