@@ -3,7 +3,9 @@
 Modules
 -------
 main.py          QApplication, exception hooks, ``run_gui`` (the ``hipatlas gui`` command)
-main_window.py   the window: guided workflow Load - Masks - Register - Review - Measure - Export
+main_window.py   the window: wires the workflow steps to the viewers, menus, project and autosave
+steps/           one module per workflow step: load, masks, register, review, measure, export
+dialogs.py       settings dialog;  style.py  the style sheet
 session.py       the Qt-free state of one case: masks, registration job, landmarks, export
 masks.py         mask editing (brush, eraser, polygon) and mask proposals, Qt-free
 imaging.py       windowing, tints, slices and contours for display, Qt-free

@@ -1,0 +1,61 @@
+"""Small dialogs of the workstation that belong to no workflow step."""
+
+from __future__ import annotations
+
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout,
+                               QLabel, QLineEdit, QPushButton, QSpinBox)
+
+from app.settings import Settings
+
+
+class SettingsDialog(QDialog):
+    def __init__(self, settings: Settings, parent=None):
+        super().__init__(parent)
+        self.setWindowTitle("Settings")
+        self.settings = settings
+        form = QFormLayout(self)
+        self.model = QLineEdit(settings.model_path)
+        self.model.setPlaceholderText("shipped model")
+        browse = QPushButton("Browse\u2026")
+        browse.clicked.connect(self._browse)
+        row = QHBoxLayout()
+        row.addWidget(self.model, 1)
+        row.addWidget(browse)
+        form.addRow("Model (.keras)", row)
+        self.device = QComboBox()
+        self.device.addItems(["cpu", "gpu"])
+        self.device.setCurrentText(settings.device)
+        form.addRow("Compute device", self.device)
+        note = QLabel("The device takes effect the next time the workstation starts.")
+        note.setObjectName("hint")
+        form.addRow("", note)
+        self.units = QComboBox()
+        self.units.addItems(["mm", "cm"])
+        self.units.setCurrentText(settings.units)
+        form.addRow("Length units", self.units)
+        self.auto_propose = QCheckBox("Propose masks from the atlas when a case has none")
+        self.auto_propose.setChecked(settings.auto_propose)
+        form.addRow("Masks", self.auto_propose)
+        self.autosave = QSpinBox()
+        self.autosave.setRange(0, 60)
+        self.autosave.setSuffix(" min")
+        self.autosave.setSpecialValueText("off")
+        self.autosave.setValue(int(round(settings.autosave_minutes)))
+        form.addRow("Autosave every", self.autosave)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        form.addRow(buttons)
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a model", "", "Keras model (*.keras)")
+        if path:
+            self.model.setText(path)
+
+    def apply(self) -> None:
+        self.settings.model_path = self.model.text().strip()
+        self.settings.device = self.device.currentText()
+        self.settings.units = self.units.currentText()
+        self.settings.auto_propose = self.auto_propose.isChecked()
+        self.settings.autosave_minutes = self.autosave.value()
+        self.settings.sync()

@@ -1,0 +1,110 @@
+"""Step 6, Export: write the plan (surface, label map, measurements, report) into a new folder,
+and save the project."""
+
+from __future__ import annotations
+
+import pathlib
+
+from PySide6.QtCore import QBuffer, QByteArray, QIODevice
+from PySide6.QtGui import QImage
+from PySide6.QtWidgets import QApplication, QCheckBox, QFileDialog, QLabel, QMessageBox, QPushButton
+
+from app import imaging
+from app.session import ExportOptions
+from app.steps.base import Step, busy
+
+#: The export check boxes: ExportOptions field and label.
+EXPORT_CHOICES = (("surface_stl", "Femur surface (STL)"), ("nifti", "Label map and warped atlas (NIfTI)"),
+                  ("measurements_json", "Measurements (JSON)"), ("measurements_csv", "Measurements (CSV)"),
+                  ("pdf_report", "Planning report (PDF, with screenshots)"))
+
+
+def png_from_qimage(image: QImage) -> bytes:
+    data = QByteArray()
+    buffer = QBuffer(data)
+    buffer.open(QIODevice.OpenModeFlag.WriteOnly)
+    image.save(buffer, "PNG")
+    buffer.close()
+    return bytes(data.data())
+
+
+class ExportStep(Step):
+    name, viewer = "Export", 1
+    title = "Export"
+    hint = "Write the plan to a new folder. Files are written completely or not at all."
+
+    def __init__(self, window):
+        super().__init__(window)
+        layout = self.layout_
+        self.export_boxes = {}
+        for key, text in EXPORT_CHOICES:
+            box = QCheckBox(text)
+            box.setChecked(True)
+            self.export_boxes[key] = box
+            layout.addWidget(box)
+        self.anonymise_box = QCheckBox("Anonymise (remove patient identifiers from every file)")
+        layout.addWidget(self.anonymise_box)
+        self.export_button = QPushButton("Export\u2026")
+        self.export_button.setObjectName("primary")
+        self.export_button.clicked.connect(self.choose_export_folder)
+        layout.addWidget(self.export_button)
+        save = QPushButton("Save project\u2026")
+        save.clicked.connect(window.save_project_as)
+        layout.addWidget(save)
+        self.export_summary = QLabel("")
+        self.export_summary.setWordWrap(True)
+        self.export_summary.setObjectName("hint")
+        layout.addWidget(self.export_summary)
+        layout.addStretch(1)
+
+    def export_options(self) -> ExportOptions:
+        return ExportOptions(**{k: box.isChecked() for k, box in self.export_boxes.items()},
+                             anonymise=self.anonymise_box.isChecked(), units=self.settings.units)
+
+    def choose_export_folder(self) -> None:
+        if self.session.result is None:
+            return
+        parent = QFileDialog.getExistingDirectory(self.window, "Export into folder", self.settings.last_folder)
+        if not parent:
+            return
+        label = self.session.pseudonym if self.anonymise_box.isChecked() else self.session.case_label
+        target = pathlib.Path(parent) / f"{label}-plan"
+        overwrite = False
+        if target.exists() and any(target.iterdir()):
+            answer = QMessageBox.question(self.window, "Replace export?", f"{target} exists. Replace it?")
+            if answer != QMessageBox.StandardButton.Yes:
+                return
+            overwrite = True
+        self.export_to(target, overwrite=overwrite)
+
+    def export_to(self, folder, options: ExportOptions | None = None, *, overwrite: bool = False) -> dict | None:
+        options = options or self.export_options()
+        try:
+            shots = self.capture_views() if options.pdf_report else []
+            with busy():
+                written = self.session.export(folder, options, shots, overwrite=overwrite)
+        except Exception as error:  # noqa: BLE001
+            self.window.report_error(error)
+            return None
+        self.export_summary.setText("Exported:<br>" + "<br>".join(p.name for p in written.values()))
+        self.window.status(f"Exported to {folder}")
+        return written
+
+    def capture_views(self) -> list[tuple[str, bytes]]:
+        """PNG screenshots of the 3D view, both radiographs with overlays and the slices."""
+        w = self.window
+        shots = []
+        current = w.viewers.currentIndex()
+        w.viewers.setCurrentIndex(1)
+        QApplication.processEvents()
+        shots.append(("3D reconstruction with measurements", imaging.png_bytes(w.surface_view.render_image())))
+        w.viewers.setCurrentIndex(0)
+        QApplication.processEvents()
+        for panel, state in zip(w.radiograph_panels, self.session.views):
+            shots.append((f"{state.name}: radiograph with the registered femur contour",
+                          png_from_qimage(panel.view.viewport().grab().toImage())))
+        w.viewers.setCurrentIndex(2)
+        QApplication.processEvents()
+        shots.append(("Warped atlas slices with the femur label", png_from_qimage(w.slice_panel.grab().toImage())))
+        w.viewers.setCurrentIndex(current)
+        return shots

@@ -1,0 +1,106 @@
+"""Step 5, Measure: the measurements and the landmarks they are computed from; a landmark typed
+in, dragged in 3D or reset recomputes the measurements."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QCheckBox, QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QTableWidgetItem
+
+from app.session import landmark_label, measurement_rows
+from app.steps.base import Step, read_only_table
+
+
+class MeasureStep(Step):
+    name, viewer = "Measure", 1
+    title = "Measure"
+    hint = ("Values follow the landmarks: edit a landmark's coordinates, or drag its handle in the 3D view, "
+            "and the measurements are recomputed. Shown in 3D as the head sphere (cyan), shaft axis (amber) "
+            "and neck axis (green).")
+
+    def __init__(self, window):
+        super().__init__(window)
+        layout = self.layout_
+        self.measure_table = read_only_table(["Quantity", "Value", "Unit"])
+        layout.addWidget(self.measure_table, 2)
+        title = QLabel("Landmarks (world LPS, mm)")
+        title.setObjectName("viewTitle")
+        layout.addWidget(title)
+        self.landmark_table = read_only_table(["Landmark", "x", "y", "z"], stretch=(1, 2, 3))
+        layout.addWidget(self.landmark_table, 3)
+        self.landmark_spins: dict[str, list[QDoubleSpinBox]] = {}
+        row = QHBoxLayout()
+        self.drag_landmarks = QCheckBox("Drag landmarks in 3D")
+        self.drag_landmarks.setToolTip("Show a handle on each landmark in the 3D view; drag it with the left button")
+        self.drag_landmarks.toggled.connect(lambda on: window.surface_view.set_landmark_handles(on))
+        row.addWidget(self.drag_landmarks)
+        row.addStretch(1)
+        self.reset_landmarks_button = QPushButton("Reset landmarks")
+        self.reset_landmarks_button.clicked.connect(self.reset_landmarks)
+        row.addWidget(self.reset_landmarks_button)
+        layout.addLayout(row)
+        # Queued: the handle's callback runs inside VTK's event processing, and the slot rebuilds
+        # the handles.
+        window.surface_view.landmark_moved.connect(self.move_landmark, Qt.ConnectionType.QueuedConnection)
+
+    def refresh(self) -> None:
+        s, w = self.session, self.window
+        rows = measurement_rows(s.measurements, self.settings.units) if s.measurements else []
+        self.measure_table.setRowCount(len(rows))
+        for row, (label, value, unit) in enumerate(rows):
+            for column, text in enumerate((label, value, unit)):
+                item = QTableWidgetItem(text)
+                if column == 1:
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                self.measure_table.setItem(row, column, item)
+        names = list(s.landmarks_mm)
+        if names != list(self.landmark_spins):
+            self._build_landmark_editors(names)
+        for name, spins in self.landmark_spins.items():
+            for spin, value in zip(spins, s.landmarks_mm.get(name, (0, 0, 0))):
+                blocked = spin.blockSignals(True)
+                spin.setValue(float(value))
+                spin.blockSignals(blocked)
+        self.reset_landmarks_button.setEnabled(s.landmarks_edited)
+        w.surface_view.set_measurements(s.measurements, s.landmarks_mm)
+        for index, panel in enumerate(w.radiograph_panels):
+            panel.view.set_markers(s.projected_landmarks(index) if s.result is not None and index < len(s.views) else {})
+        w.review_step.apply_overlay_toggles()
+
+    def _build_landmark_editors(self, names: list[str]) -> None:
+        self.landmark_spins = {}
+        self.landmark_table.setRowCount(len(names))
+        for row, name in enumerate(names):
+            self.landmark_table.setItem(row, 0, QTableWidgetItem(landmark_label(name)))
+            spins = []
+            for axis in range(3):
+                spin = QDoubleSpinBox()
+                spin.setRange(-5000.0, 5000.0)
+                spin.setDecimals(2)
+                spin.setSingleStep(0.5)
+                spin.setKeyboardTracking(False)
+                spin.setFrame(False)
+                spin.valueChanged.connect(lambda value, n=name, a=axis: self._landmark_axis_edited(n, a, value))
+                self.landmark_table.setCellWidget(row, axis + 1, spin)
+                spins.append(spin)
+            self.landmark_spins[name] = spins
+
+    def _landmark_axis_edited(self, name: str, axis: int, value: float) -> None:
+        """A coordinate typed into the landmark table: only that coordinate changes (the others
+        keep their full precision rather than the table's rounded display)."""
+        point = list(self.session.landmarks_mm.get(name, (0.0, 0.0, 0.0)))
+        point[axis] = float(value)
+        self.move_landmark(name, point)
+
+    def move_landmark(self, name: str, position_mm) -> None:
+        """Move a landmark (typed, dragged in 3D, or from a script) and show the new measurements."""
+        try:
+            self.session.move_landmark(name, [float(v) for v in position_mm])
+        except Exception as error:  # noqa: BLE001
+            self.window.report_error(error)
+        self.refresh()
+        self.window.refresh_steps()
+
+    def reset_landmarks(self) -> None:
+        self.session.reset_landmarks()
+        self.refresh()
+        self.window.refresh_steps()
