@@ -6,6 +6,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, 
                                QLabel, QLineEdit, QPushButton, QSpinBox)
 
 from app.settings import Settings
+from app.steps.base import ignore_wheel_unless_focused
 
 
 class SettingsDialog(QDialog):
@@ -41,6 +42,9 @@ class SettingsDialog(QDialog):
         self.autosave.setSuffix(" min")
         self.autosave.setSpecialValueText("off")
         self.autosave.setValue(int(round(settings.autosave_minutes)))
+        ignore_wheel_unless_focused(self.autosave)
+        for combo in (self.device, self.units):
+            ignore_wheel_unless_focused(combo)
         form.addRow("Autosave every", self.autosave)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         buttons.accepted.connect(self.accept)
@@ -48,7 +52,7 @@ class SettingsDialog(QDialog):
         form.addRow(buttons)
 
     def _browse(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Choose a model", "", "Keras model (*.keras)")
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a model", self.settings.last_folder, "Keras model (*.keras)")
         if path:
             self.model.setText(path)
 

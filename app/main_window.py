@@ -16,17 +16,18 @@ import traceback
 
 import numpy as np
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QImage, QKeySequence, QPainter, QUndoStack
+from PySide6.QtGui import QAction, QImage, QKeySequence, QPainter, QUndoGroup
 from PySide6.QtWidgets import (QApplication, QDialog, QFileDialog, QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMainWindow,
-                               QMessageBox, QSplitter, QStackedWidget, QTabWidget, QVBoxLayout, QWidget)
+                               QMessageBox, QPushButton, QSplitter, QStackedWidget, QTabWidget, QVBoxLayout, QWidget)
 
 from app import project as project_io
 from app.dialogs import SettingsDialog
+from app.isolated import WorkerProcess
 from app.session import RESEARCH_NOTICE, Session, describe_model
 from app.settings import Settings
 from app.steps import STEP_CLASSES, STEPS
 from app.steps.base import busy, first_line
-from app.style import STYLE
+from app.style import style_sheet
 from app.views.radiograph_view import RadiographPanel
 from app.views.slice_view import SlicePanel
 from app.views.surface_view import SurfaceView
@@ -61,11 +62,16 @@ class MainWindow(QMainWindow):
         self.interactive = interactive
         self.errors: list[str] = []
         self.last_error_box: QMessageBox | None = None
-        self.undo_stack = QUndoStack(self)
+        #: Undo/redo act on the current step's own history (masks, landmarks), never another's.
+        self.undo_group = QUndoGroup(self)
+        #: The registration and mask proposals run here, one job after the other; the model it
+        #: loads stays loaded for the next job (restarted if it dies).
+        self.worker_process = WorkerProcess()
+        self.session.runner = self.worker_process.run
         self.recovery = project_io.RecoveryStore(self.settings.recovery_dir)
         self._closing = False
         self.setWindowTitle("HipAtlas planning workstation")
-        self.setStyleSheet(STYLE)
+        self.setStyleSheet(style_sheet())
         self.resize(1500, 920)
         self._build_viewers()
         self.step_panels = {cls.name: cls(self) for cls in STEP_CLASSES}
@@ -73,6 +79,8 @@ class MainWindow(QMainWindow):
          self.export_step) = self.step_panels.values()
         for panel in self.radiograph_panels:
             self.masks_step.connect_view(panel)
+        for step in (self.masks_step, self.measure_step):
+            self.undo_group.addStack(step.stack)
         self._build_layout()
         self._build_actions()
         self.autosave_timer = QTimer(self)
@@ -125,12 +133,32 @@ class MainWindow(QMainWindow):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.setSpacing(0)
         layout.addWidget(self.banner)
+        layout.addWidget(self._build_stale_banner())
         layout.addWidget(splitter, 1)
         self.setCentralWidget(central)
         self.status_message = QLabel("Open a case to start")
         self.statusBar().addWidget(self.status_message, 1)
         self.cursor_label = QLabel("")
         self.statusBar().addPermanentWidget(self.cursor_label)
+
+    def _build_stale_banner(self) -> QWidget:
+        """Shown while the result no longer matches the masks: register again or keep it."""
+        self.stale_banner = QWidget()
+        self.stale_banner.setObjectName("staleBanner")
+        row = QHBoxLayout(self.stale_banner)
+        row.setContentsMargins(10, 3, 10, 3)
+        self.stale_text = QLabel("")
+        self.stale_text.setWordWrap(True)
+        row.addWidget(self.stale_text, 1)
+        again = QPushButton("Register again")
+        again.clicked.connect(lambda: self.go_to_step("Register"))
+        self.keep_result_button = QPushButton("Keep the old result")
+        self.keep_result_button.setToolTip("Use the registration result although the masks changed since")
+        self.keep_result_button.clicked.connect(lambda: self.register_step.keep_result())
+        row.addWidget(again)
+        row.addWidget(self.keep_result_button)
+        self.stale_banner.setVisible(False)
+        return self.stale_banner
 
     def _build_actions(self) -> None:
         menu = self.menuBar()
@@ -161,9 +189,9 @@ class MainWindow(QMainWindow):
         action("quit", "Quit", self.close, "Ctrl+Q")
 
         edit_menu = menu.addMenu("&Edit")
-        undo = self.undo_stack.createUndoAction(self, "Undo")
+        undo = self.undo_group.createUndoAction(self, "Undo")
         undo.setShortcut(QKeySequence.StandardKey.Undo)
-        redo = self.undo_stack.createRedoAction(self, "Redo")
+        redo = self.undo_group.createRedoAction(self, "Redo")
         redo.setShortcuts([QKeySequence.StandardKey.Redo, QKeySequence("Ctrl+Y")])
         edit_menu.addAction(undo)
         edit_menu.addAction(redo)
@@ -186,6 +214,7 @@ class MainWindow(QMainWindow):
         action("cancel", "Cancel registration", self.register_step.cancel_registration, "Esc", work_menu)
         view_menu = menu.addMenu("&View")
         action("reset_camera", "Reset 3D camera", self.surface_view.reset_camera, "R", view_menu)
+        action("fit", "Fit radiographs", lambda: [p.view.fit_to_view() for p in self.radiograph_panels], "F", view_menu)
         for index, name in enumerate(("Radiographs", "3D", "Slices")):
             action(f"viewer_{index}", name, lambda _=False, i=index: self.viewers.setCurrentIndex(i),
                    f"Alt+{index + 1}", view_menu)
@@ -223,6 +252,7 @@ class MainWindow(QMainWindow):
 
     def refresh_steps(self) -> None:
         s = self.session
+        stale = self.register_step.stale_reason()
         enabled = {"Load": True, "Masks": s.has_case, "Register": s.has_case,
                    "Review": s.result is not None, "Measure": s.result is not None, "Export": s.result is not None}
         done = {"Load": s.has_case, "Masks": s.all_confirmed, "Register": s.result is not None,
@@ -231,8 +261,14 @@ class MainWindow(QMainWindow):
             item = self.steps.item(row)
             flags = Qt.ItemFlag.ItemIsSelectable | Qt.ItemFlag.ItemIsEnabled if enabled[name] else Qt.ItemFlag.NoItemFlags
             item.setFlags(flags)
-            mark = "\u2713" if done[name] else str(row + 1)
+            # a mark, not only a colour: done, out of date, or the step's number
+            mark = "!" if stale and name in ("Register", "Review", "Measure") else "\u2713" if done[name] else str(row + 1)
             item.setText(f"{mark}  {name}")
+            item.setToolTip(f"Out of date: {stale}" if mark == "!" else "")
+        self.stale_banner.setVisible(stale is not None)
+        if stale:
+            self.stale_text.setText(f"\u26a0  Results out of date: {stale}. Register again, or keep the old result.")
+        self.export_step.refresh()
         if self.steps.currentRow() < 0:
             self.steps.setCurrentRow(0)
         title = "HipAtlas planning workstation"
@@ -245,7 +281,7 @@ class MainWindow(QMainWindow):
         self.setWindowTitle(title)
         self.actions["save"].setEnabled(s.has_case)
         self.actions["save_as"].setEnabled(s.has_case)
-        self.actions["export"].setEnabled(s.result is not None)
+        self.actions["export"].setEnabled(self.export_step.export_button.isEnabled())
 
     # ================================================================== steps
     def current_step(self) -> str:
@@ -262,6 +298,7 @@ class MainWindow(QMainWindow):
             return
         self.step_stack.setCurrentIndex(row)
         step = self.step_stack.widget(row)
+        self.undo_group.setActiveStack(getattr(step, "stack", None))
         self.viewers.setCurrentIndex(step.viewer)
         editing = step.name == "Masks"
         for panel in self.radiograph_panels:
@@ -296,7 +333,10 @@ class MainWindow(QMainWindow):
         self.session = session
         if old is not session:
             old.close()
-        self.undo_stack.clear()
+        session.runner = self.worker_process.run
+        for step in (self.masks_step, self.measure_step):
+            step.stack.clear()
+        self.register_step.session_replaced()
         self.refresh_all()
 
     def remember(self, path) -> None:
@@ -482,6 +522,7 @@ class MainWindow(QMainWindow):
         self.autosave_timer.stop()
         for step in self.step_panels.values():
             step.shutdown()
+        self.worker_process.close()
         self.surface_view.close_plotter()
         self.session.close()
         self.recovery.clear()

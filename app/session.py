@@ -420,6 +420,9 @@ class Session:
         self.register_fn = register_fn
         self.propose_fn = propose_fn
         self.isolate = bool(isolate)
+        #: With ``isolate``: what runs a job in a child process (:func:`app.isolated.run_isolated`,
+        #: or the workstation's long-lived :meth:`app.isolated.WorkerProcess.run`).
+        self.runner: Callable[..., Generator[Any, None, Any]] | None = None
         self.case: io.Case | None = None
         self.case_label = ""
         self.views: list[ViewState] = []
@@ -578,13 +581,13 @@ class Session:
             raise DataError("open a case first")
         propose = self.propose_fn or propose_case_masks
         case_dir = self.case.case_dir
-        isolate = self.isolate
+        isolate, runner = self.isolate, self.runner
 
         def job(cancel: Callable[[], bool]):
             if isolate:
                 from app.isolated import run_isolated
 
-                return (yield from run_isolated(propose, case_dir, cancel=cancel, model=model))
+                return (yield from (runner or run_isolated)(propose, case_dir, cancel=cancel, model=model))
             return (yield from propose(case_dir, model=model, cancel=cancel))
 
         return job
@@ -630,7 +633,7 @@ class Session:
         case_dir = self.case.case_dir
         masks = [v.mask.copy() for v in self.views]
         names = [v.name for v in self.views]
-        isolate = self.isolate
+        isolate, runner = self.isolate, self.runner
         self._runs += 1
         # Each run writes into its own folder, deleted whole if the run fails or is cancelled
         # (a terminated child process cannot clean up its temporary output folder itself).
@@ -642,8 +645,8 @@ class Session:
                 if isolate:
                     from app.isolated import run_isolated
 
-                    return (yield from run_isolated(register_and_load, register, case_dir, out_dir, names,
-                                                    cancel=cancel, model=model, masks=masks))
+                    return (yield from (runner or run_isolated)(register_and_load, register, case_dir, out_dir,
+                                                                names, cancel=cancel, model=model, masks=masks))
                 return (yield from register_and_load(register, case_dir, out_dir, names, model=model, masks=masks,
                                                      cancel=cancel))
             except BaseException:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QEvent, QObject, Qt
 from PySide6.QtWidgets import QAbstractItemView, QApplication, QHeaderView, QLabel, QTableWidget, QVBoxLayout, QWidget
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,6 +60,29 @@ class Step(QWidget):
 
     def shutdown(self) -> None:
         """Stop and join whatever the step runs in the background."""
+
+
+class _WheelGuard(QObject):
+    """Drops wheel events on a field that does not have the keyboard focus: scrolling a panel must
+    never change a value the pointer happens to pass over (a landmark moved 0.5 mm per notch)."""
+
+    def eventFilter(self, watched, event) -> bool:  # noqa: N802 - Qt's name
+        if event.type() == QEvent.Type.Wheel and not watched.hasFocus():
+            event.ignore()
+            return True
+        return False
+
+
+_WHEEL_GUARD: _WheelGuard | None = None
+
+
+def ignore_wheel_unless_focused(widget: QWidget) -> None:
+    """Spin boxes and combo boxes: the wheel changes them only once clicked or tabbed into."""
+    global _WHEEL_GUARD
+    if _WHEEL_GUARD is None:
+        _WHEEL_GUARD = _WheelGuard(QApplication.instance())
+    widget.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
+    widget.installEventFilter(_WHEEL_GUARD)
 
 
 def read_only_table(headers: Sequence[str], stretch: Sequence[int] = (0,)) -> QTableWidget:

@@ -61,20 +61,36 @@ class ExportStep(Step):
         return ExportOptions(**{k: box.isChecked() for k, box in self.export_boxes.items()},
                              anonymise=self.anonymise_box.isChecked(), units=self.settings.units)
 
+    def refresh(self) -> None:
+        """Export only a result that matches the masks (or one the user chose to keep)."""
+        stale = self.window.register_step.stale_reason()
+        self.export_button.setEnabled(self.session.result is not None and stale is None)
+        self.export_button.setToolTip("Register the case first" if self.session.result is None else
+                                      f"Results out of date: {stale}" if stale else "Write the plan to a new folder")
+
     def choose_export_folder(self) -> None:
-        if self.session.result is None:
-            return
-        parent = QFileDialog.getExistingDirectory(self.window, "Export into folder", self.settings.last_folder)
-        if not parent:
+        """Ask for the export folder: a new one the user names (or an existing one to replace)."""
+        if not self.export_button.isEnabled():
             return
         label = self.session.pseudonym if self.anonymise_box.isChecked() else self.session.case_label
-        target = pathlib.Path(parent) / f"{label}-plan"
+        suggestion = pathlib.Path(self.settings.last_folder) / f"{label}-plan"
+        # A save dialog, not a folder chooser: the folder to write is usually one that does not
+        # exist yet, and a folder chooser only accepts existing folders.
+        chosen, _ = QFileDialog.getSaveFileName(self.window, "Export the plan to a new folder", str(suggestion),
+                                                "Plan folder (*)", options=QFileDialog.Option.DontConfirmOverwrite)
+        if not chosen:
+            return
+        target = pathlib.Path(chosen)
         overwrite = False
-        if target.exists() and any(target.iterdir()):
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            if not target.is_dir():
+                self.window.report_error(f"{target} is a file; choose a folder name")
+                return
             answer = QMessageBox.question(self.window, "Replace export?", f"{target} exists. Replace it?")
             if answer != QMessageBox.StandardButton.Yes:
                 return
             overwrite = True
+        self.settings.last_folder = str(target.parent)
         self.export_to(target, overwrite=overwrite)
 
     def export_to(self, folder, options: ExportOptions | None = None, *, overwrite: bool = False) -> dict | None:

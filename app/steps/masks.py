@@ -7,11 +7,13 @@ import logging
 from typing import Sequence
 
 import numpy as np
-from PySide6.QtGui import QUndoCommand
+from PySide6.QtCore import QElapsedTimer
+from PySide6.QtGui import QUndoCommand, QUndoStack
 from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QProgressBar,
                                QPushButton, QSpinBox, QToolButton)
+from PySide6.QtWidgets import QApplication
 
-from app.steps.base import Step, first_line, release_worker
+from app.steps.base import Step, first_line, ignore_wheel_unless_focused, release_worker
 from app.workers import GeneratorWorker
 from inference.errors import HipAtlasError
 
@@ -50,6 +52,11 @@ class MasksStep(Step):
         layout = self.layout_
         self.proposal_worker: GeneratorWorker | None = None
         self._stroke_before: dict[int, np.ndarray] = {}
+        self._stroke_segments = 0
+        #: The last stroke that was a single click: (view index, its command, a timer since then).
+        self._last_click: tuple[int, MaskEditCommand, QElapsedTimer] | None = None
+        #: The mask edits of this step (the views' masks); each step has its own undo history.
+        self.stack = QUndoStack(self)
         tools = QHBoxLayout()
         self.tool_group = QButtonGroup(self)
         self.tool_buttons = {}
@@ -73,11 +80,12 @@ class MasksStep(Step):
         self.brush_size.setValue(12)
         self.brush_size.setSuffix(" px")
         self.brush_size.valueChanged.connect(self._brush_size_changed)
+        ignore_wheel_unless_focused(self.brush_size)
         size_row.addWidget(self.brush_size)
         size_row.addStretch(1)
         layout.addLayout(size_row)
         history = QHBoxLayout()
-        undo_stack = window.undo_stack
+        undo_stack = self.stack
         self.undo_button = QPushButton("Undo")
         self.redo_button = QPushButton("Redo")
         self.undo_button.clicked.connect(undo_stack.undo)
@@ -142,6 +150,7 @@ class MasksStep(Step):
         view.segment.connect(lambda u0, v0, u1, v1: self._stroke_segment(i, u0, v0, u1, v1))
         view.stroke_finished.connect(lambda: self._stroke_finished(i))
         view.polygon_closed.connect(lambda points, fill: self._polygon_closed(i, points, fill))
+        view.double_clicked.connect(lambda: self._double_clicked(i))
 
     # ---------------------------------------------------------------- refresh
     def refresh(self) -> None:
@@ -192,9 +201,11 @@ class MasksStep(Step):
 
     def _stroke_started(self, index: int) -> None:
         self._stroke_before[index] = self.session.views[index].mask.copy()
+        self._stroke_segments = 0
 
     def _stroke_segment(self, index: int, u0: float, v0: float, u1: float, v1: float) -> None:
         view = self.window.radiograph_panels[index].view
+        self._stroke_segments += 1
         edit = self.session.paint(index, (u0, v0), (u1, v1), view.brush_radius_px, view.tool == "brush")
         if edit is not None:
             view.update_mask_region(edit.row0, edit.col0, edit.after)
@@ -206,16 +217,31 @@ class MasksStep(Step):
         edit = self.session.stroke_edit(index, before)
         if edit is not None:
             tool = self.window.radiograph_panels[index].view.tool
-            self.push(index, edit, "Brush" if tool == "brush" else "Erase")
+            command = self.push(index, edit, "Brush" if tool == "brush" else "Erase")
+            if self._stroke_segments == 1:
+                timer = QElapsedTimer()
+                timer.start()
+                self._last_click = (index, command, timer)
+
+    def _double_clicked(self, index: int) -> None:
+        """A double click fits the view; the dot its first click painted is taken back."""
+        last, self._last_click = self._last_click, None
+        if last is None or last[0] != index or last[2].elapsed() > QApplication.doubleClickInterval() + 100:
+            return
+        if self.stack.index() > 0 and self.stack.command(self.stack.index() - 1) is last[1]:
+            last[1].setObsolete(True)  # undone and dropped: no redo entry for a dot nobody meant
+            self.stack.undo()
 
     def _polygon_closed(self, index: int, points, fill: bool) -> None:
         edit = self.session.fill_polygon(index, points, fill)
         if edit is not None and edit.changed_pixels:
             self.push(index, edit, "Polygon" if fill else "Polygon erase")
 
-    def push(self, index: int, edit, text: str) -> None:
+    def push(self, index: int, edit, text: str) -> MaskEditCommand:
         """Put an edit that is already applied on the undo stack."""
-        self.window.undo_stack.push(MaskEditCommand(self, index, edit, text, applied=True))
+        command = MaskEditCommand(self, index, edit, text, applied=True)
+        self.stack.push(command)
+        return command
 
     def reset_mask(self, index: int, source: str) -> None:
         """Replace a mask with the proposal, the case's mask file or nothing (undoable)."""
@@ -242,6 +268,7 @@ class MasksStep(Step):
         self.refresh()
         self.window.register_step.refresh()
         self.window.refresh_steps()
+        self.window.status(self.window.register_step.readiness())
 
     def set_mask_confirmed(self, index: int, confirmed: bool) -> None:
         w = self.window
@@ -254,8 +281,7 @@ class MasksStep(Step):
         self.refresh()
         w.register_step.refresh()
         w.refresh_steps()
-        if self.session.all_confirmed:
-            w.status("Both masks confirmed: ready to register (Ctrl+R)")
+        w.status(w.register_step.readiness())
 
     # ---------------------------------------------------------------- proposals
     def propose_if_needed(self) -> None:
@@ -310,7 +336,7 @@ class MasksStep(Step):
             return
         awaiting = set(self.session.views_awaiting_proposal)
         applied = []
-        stack = self.window.undo_stack
+        stack = self.stack
         stack.beginMacro("Atlas mask proposal")
         try:
             for index in indices:

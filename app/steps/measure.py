@@ -4,10 +4,42 @@ in, dragged in 3D or reset recomputes the measurements."""
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QUndoCommand, QUndoStack
 from PySide6.QtWidgets import QCheckBox, QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QTableWidgetItem
 
 from app.session import landmark_label, measurement_rows
-from app.steps.base import Step, read_only_table
+from app.steps.base import Step, ignore_wheel_unless_focused, read_only_table
+
+
+class LandmarkCommand(QUndoCommand):
+    """Landmarks moved (one typed or dragged, or all reset) on the Measure step's undo stack.
+
+    ``before`` and ``after`` hold the moved landmarks' positions and whether the landmarks were
+    edited at all (``False``: the registration's own landmarks, restored exactly by a reset)."""
+
+    def __init__(self, step: "MeasureStep", text: str, before: tuple[dict, bool], after: tuple[dict, bool]):
+        super().__init__(text)
+        self._step, self._before, self._after = step, before, after
+        self._skip_first_redo = True  # pushed after the move was made
+
+    def _apply(self, state: tuple[dict, bool]) -> None:
+        points, edited = state
+        session = self._step.session
+        if not edited:
+            session.reset_landmarks()
+        else:
+            for name, point in points.items():
+                session.move_landmark(name, point)
+        self._step.landmarks_changed()
+
+    def redo(self) -> None:
+        if self._skip_first_redo:
+            self._skip_first_redo = False
+        else:
+            self._apply(self._after)
+
+    def undo(self) -> None:
+        self._apply(self._before)
 
 
 class MeasureStep(Step):
@@ -28,6 +60,8 @@ class MeasureStep(Step):
         self.landmark_table = read_only_table(["Landmark", "x", "y", "z"], stretch=(1, 2, 3))
         layout.addWidget(self.landmark_table, 3)
         self.landmark_spins: dict[str, list[QDoubleSpinBox]] = {}
+        #: Landmark moves and resets of the current result (cleared by a new registration).
+        self.stack = QUndoStack(self)
         row = QHBoxLayout()
         self.drag_landmarks = QCheckBox("Drag landmarks in 3D")
         self.drag_landmarks.setToolTip("Show a handle on each landmark in the 3D view; drag it with the left button")
@@ -79,6 +113,7 @@ class MeasureStep(Step):
                 spin.setSingleStep(0.5)
                 spin.setKeyboardTracking(False)
                 spin.setFrame(False)
+                ignore_wheel_unless_focused(spin)
                 spin.valueChanged.connect(lambda value, n=name, a=axis: self._landmark_axis_edited(n, a, value))
                 self.landmark_table.setCellWidget(row, axis + 1, spin)
                 spins.append(spin)
@@ -91,16 +126,27 @@ class MeasureStep(Step):
         point[axis] = float(value)
         self.move_landmark(name, point)
 
+    def _state(self, names) -> tuple[dict, bool]:
+        return {n: list(self.session.landmarks_mm[n]) for n in names}, self.session.landmarks_edited
+
     def move_landmark(self, name: str, position_mm) -> None:
         """Move a landmark (typed, dragged in 3D, or from a script) and show the new measurements."""
+        before = self._state([name]) if name in self.session.landmarks_mm else None
         try:
             self.session.move_landmark(name, [float(v) for v in position_mm])
         except Exception as error:  # noqa: BLE001
             self.window.report_error(error)
-        self.refresh()
-        self.window.refresh_steps()
+        else:
+            self.stack.push(LandmarkCommand(self, f"Move {landmark_label(name)}", before, self._state([name])))
+        self.landmarks_changed()
 
     def reset_landmarks(self) -> None:
+        before = self._state(list(self.session.landmarks_mm))
         self.session.reset_landmarks()
+        if before[1]:
+            self.stack.push(LandmarkCommand(self, "Reset landmarks", before, self._state(before[0])))
+        self.landmarks_changed()
+
+    def landmarks_changed(self) -> None:
         self.refresh()
         self.window.refresh_steps()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from PySide6.QtWidgets import QLabel, QPlainTextEdit, QProgressBar, QPushButton
 
 from app.steps.base import Step, release_worker
@@ -22,6 +24,11 @@ class RegisterStep(Step):
         super().__init__(window)
         layout = self.layout_
         self.worker: GeneratorWorker | None = None
+        self._pending_masks: list[np.ndarray] | None = None
+        #: The masks the current result was registered with, and those the user chose to keep
+        #: the result for although they differ (None: nothing kept).
+        self.result_masks: list[np.ndarray] | None = None
+        self.kept_masks: list[np.ndarray] | None = None
         self.model_label = QLabel("")
         self.model_label.setWordWrap(True)
         self.model_label.setObjectName("hint")
@@ -59,12 +66,56 @@ class RegisterStep(Step):
             blocker = "wait for the mask proposal to finish (or stop it)"
         return blocker
 
+    def readiness(self) -> str:
+        """The status line about registering, true to the current state."""
+        blocker = self.blocker()
+        if blocker is None:
+            return "Both masks confirmed: ready to register (Ctrl+R)"
+        return f"To register: {blocker}"
+
+    # ---------------------------------------------------------------- out-of-date results
+    def session_replaced(self) -> None:
+        """A case or project was opened: a result it brings was made from its current masks."""
+        s = self.session
+        self.result_masks = [v.mask.copy() for v in s.views] if s.result is not None else None
+        self.kept_masks = None
+
+    def _masks_equal(self, masks) -> bool:
+        views = self.session.views
+        return masks is not None and len(masks) == len(views) and all(
+            np.array_equal(m, v.mask) for m, v in zip(masks, views))
+
+    def stale_reason(self) -> str | None:
+        """Why the result no longer matches the masks (None: it does, or the user kept it)."""
+        s = self.session
+        if s.result is None or self.result_masks is None or self._masks_equal(self.kept_masks):
+            return None
+        views = s.views
+        changed = [v.name for v, m in zip(views, self.result_masks) if not np.array_equal(m, v.mask)]
+        if changed:
+            return "the mask of " + " and ".join(repr(n) for n in changed) + " changed after the registration"
+        unconfirmed = [v.name for v in views if not v.confirmed]
+        if unconfirmed:
+            return "the mask of " + " and ".join(repr(n) for n in unconfirmed) + " is no longer confirmed"
+        return None
+
+    def keep_result(self) -> None:
+        """The user keeps the result although the masks changed (until they change again)."""
+        self.kept_masks = [v.mask.copy() for v in self.session.views]
+        self.window.refresh_steps()
+        self.window.status("Kept the registration result from before the mask changes")
+
     def refresh(self) -> None:
         w = self.window
         running = self.worker is not None
         blocker = self.blocker()
         self.register_button.setEnabled(blocker is None and not running)
-        w.actions["register"].setEnabled(blocker is None and not running)
+        # The shortcut stays live so that Ctrl+R explains why it cannot register, not nothing.
+        w.actions["register"].setEnabled(not running)
+        tip = ("Registering…" if running else f"Cannot register yet: {blocker}" if blocker
+               else "Register the atlas to both radiographs (Ctrl+R)")
+        self.register_button.setToolTip(tip)
+        w.actions["register"].setToolTip(tip)
         w.actions["cancel"].setEnabled(running)
         self.cancel_button.setEnabled(running)
         self.register_blocker.setText("" if blocker is None or running else f"To register: {blocker}.")
@@ -90,6 +141,7 @@ class RegisterStep(Step):
         except Exception as error:  # noqa: BLE001
             w.report_error(error)
             return False
+        self._pending_masks = [v.mask.copy() for v in self.session.views]
         self.worker = GeneratorWorker(job, self)
         self.worker.progress.connect(self._on_progress)
         self.worker.succeeded.connect(self._on_registered)
@@ -106,7 +158,8 @@ class RegisterStep(Step):
         return True
 
     def cancel_registration(self) -> None:
-        if self.worker is not None:
+        # outcome is set once the job has ended: an Esc then has nothing left to cancel
+        if self.worker is not None and self.worker.outcome is None:
             self.worker.cancel()
             self.progress_message.setText("Cancelling\u2026")
             self.cancel_button.setEnabled(False)
@@ -118,6 +171,9 @@ class RegisterStep(Step):
     def _on_registered(self, result) -> None:
         w = self.window
         self.session.set_result(result)
+        self.result_masks, self.kept_masks = self._pending_masks, None
+        w.measure_step.stack.clear()  # its landmark moves belonged to the previous result
+        self.progress.setValue(1000)
         self.progress_message.setText("Done")
         w.refresh_result()
         w.refresh_steps()

@@ -180,10 +180,10 @@ def test_mask_editing_with_the_mouse_and_undo(make_window, synthetic_case, qtbot
     painted = session.views[0].mask
     assert painted[80, 5:21].all() and not original[80, 5:21].any()
     assert not session.views[0].confirmed and not window.register_step.register_button.isEnabled()
-    assert window.undo_stack.count() == 1  # the whole drag is one undo step
-    window.undo_stack.undo()
+    assert window.masks_step.stack.count() == 1  # the whole drag is one undo step
+    window.masks_step.stack.undo()
     assert np.array_equal(session.views[0].mask, original)
-    window.undo_stack.redo()
+    window.masks_step.stack.redo()
     assert session.views[0].mask[80, 5:21].all()
     # eraser, then a polygon (clicks + double click) in the other view
     window.masks_step.set_tool("eraser")
@@ -196,8 +196,8 @@ def test_mask_editing_with_the_mouse_and_undo(make_window, synthetic_case, qtbot
         qtbot.mouseClick(other.viewport(), Qt.MouseButton.LeftButton, pos=other.mapFromScene(QPointF(u, v)))
     qtbot.mouseDClick(other.viewport(), Qt.MouseButton.LeftButton, pos=other.mapFromScene(QPointF(80.0, 20.0)))
     assert session.views[1].mask[6:19, 81:99].all()
-    assert window.undo_stack.count() == 3
-    window.undo_stack.undo()
+    assert window.masks_step.stack.count() == 3
+    window.masks_step.stack.undo()
     assert not session.views[1].mask[6:19, 81:99].any()
     # the displayed mask layer follows the session's mask
     layer = view.mask_layer_image()
@@ -426,9 +426,9 @@ def test_atlas_mask_proposal_fills_missing_masks(make_window, gui_settings, tmp_
     assert np.array_equal(window.session.views[0].mask, truth[0])
     assert np.array_equal(window.session.views[1].mask, drawn)          # drawn by the user: kept
     assert window.session.views[1].confirmed and not window.session.views[0].confirmed
-    window.undo_stack.undo()                                            # one step undoes the proposal
+    window.masks_step.stack.undo()                                            # one step undoes the proposal
     assert not window.session.views[0].mask.any()
-    window.undo_stack.redo()
+    window.masks_step.stack.redo()
     window.set_mask_confirmed(0, True)
     with qtbot.waitSignal(window.proposal_finished, timeout=60_000):     # registration waits for it
         assert window.masks_step.start_mask_proposal([0])
