@@ -5,8 +5,12 @@ from __future__ import annotations
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout,
                                QLabel, QLineEdit, QPushButton, QSpinBox)
 
+from PySide6.QtGui import QKeySequence
+
+from app.session import RESEARCH_NOTICE, describe_model
 from app.settings import Settings
 from app.steps.base import ignore_wheel_unless_focused
+from inference import __version__
 
 
 class SettingsDialog(QDialog):
@@ -63,3 +67,29 @@ class SettingsDialog(QDialog):
         self.settings.auto_propose = self.auto_propose.isChecked()
         self.settings.autosave_minutes = self.autosave.value()
         self.settings.sync()
+
+
+def about_html(model_path) -> str:
+    """The About box: version, the model a registration would use, the research notice."""
+    model = describe_model(model_path)
+    if "error" in model:
+        model_text = f"<i>{model['error']}</i>"
+    else:
+        model_text = f"{model.get('id')}<br><small>{model.get('file')}</small>"
+        if model.get("sha256"):
+            model_text += f"<br><small>sha256 {str(model['sha256'])[:16]}\u2026</small>"
+    return (f"<h3>HipAtlas planning workstation</h3><p>Version {__version__}</p>"
+            f"<p><b>Model:</b> {model_text}</p>"
+            "<p>3D proximal femur reconstruction from two calibrated radiographs by deep "
+            "atlas registration (after Van Houtte et al., IJCARS 2022).</p>"
+            f"<p style='color:#E57373'><b>{RESEARCH_NOTICE}</b></p>")
+
+
+def shortcuts_html(actions) -> str:
+    """A table of the actions that have a keyboard shortcut."""
+    lines = []
+    for act in actions:
+        if act.shortcut() and not act.shortcut().isEmpty():
+            lines.append(f"<tr><td><b>{act.shortcut().toString(QKeySequence.SequenceFormat.NativeText)}</b></td>"
+                         f"<td>{act.text().replace('&', '')}</td></tr>")
+    return "<table cellspacing=4>" + "".join(lines) + "</table>"

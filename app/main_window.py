@@ -14,19 +14,20 @@ import os
 import pathlib
 import traceback
 
-import numpy as np
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QImage, QKeySequence, QPainter, QUndoGroup
-from PySide6.QtWidgets import (QApplication, QDialog, QFileDialog, QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMainWindow,
+from PySide6.QtGui import QImage, QUndoGroup
+from PySide6.QtWidgets import (QDialog, QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMainWindow,
                                QMessageBox, QPushButton, QSplitter, QStackedWidget, QTabWidget, QVBoxLayout, QWidget)
 
 from app import project as project_io
-from app.dialogs import SettingsDialog
+from app.dialogs import SettingsDialog, about_html, shortcuts_html
 from app.isolated import WorkerProcess
+from app.menus import build_menus
+from app.screenshots import window_screenshot
 from app.session import RESEARCH_NOTICE, Session, describe_model
 from app.settings import Settings
 from app.steps import STEP_CLASSES, STEPS
-from app.steps.base import busy, first_line
+from app.steps.base import first_line
 from app.style import style_sheet
 from app.views.radiograph_view import RadiographPanel
 from app.views.slice_view import SlicePanel
@@ -82,7 +83,8 @@ class MainWindow(QMainWindow):
         for step in (self.masks_step, self.measure_step):
             self.undo_group.addStack(step.stack)
         self._build_layout()
-        self._build_actions()
+        self.actions = build_menus(self)
+        self.rebuild_recent_menu()
         self.autosave_timer = QTimer(self)
         self.autosave_timer.timeout.connect(self.autosave)
         self._restart_autosave()
@@ -159,69 +161,6 @@ class MainWindow(QMainWindow):
         row.addWidget(self.keep_result_button)
         self.stale_banner.setVisible(False)
         return self.stale_banner
-
-    def _build_actions(self) -> None:
-        menu = self.menuBar()
-        file_menu = menu.addMenu("&File")
-        self.actions: dict[str, QAction] = {}
-
-        def action(key, text, slot, shortcut=None, menu_=file_menu):
-            act = QAction(text, self)
-            if shortcut:
-                act.setShortcut(QKeySequence(shortcut))
-            act.triggered.connect(slot)
-            menu_.addAction(act)
-            self.actions[key] = act
-            return act
-
-        load, masks = self.load_step, self.masks_step
-        action("open_case", "Open case folder\u2026", load.choose_case_folder, "Ctrl+O")
-        action("import", "Import two radiographs\u2026", load.choose_radiographs, "Ctrl+I")
-        action("open_project", "Open project\u2026", load.choose_project, "Ctrl+Shift+O")
-        self.recent_menu = file_menu.addMenu("Open recent")
-        file_menu.addSeparator()
-        action("save", "Save project", self.save_project, QKeySequence.StandardKey.Save)
-        action("save_as", "Save project as\u2026", self.save_project_as, "Ctrl+Shift+S")
-        action("export", "Export\u2026", self.export_step.choose_export_folder, "Ctrl+E")
-        file_menu.addSeparator()
-        action("settings", "Settings\u2026", self.edit_settings, "Ctrl+,")
-        file_menu.addSeparator()
-        action("quit", "Quit", self.close, "Ctrl+Q")
-
-        edit_menu = menu.addMenu("&Edit")
-        undo = self.undo_group.createUndoAction(self, "Undo")
-        undo.setShortcut(QKeySequence.StandardKey.Undo)
-        redo = self.undo_group.createRedoAction(self, "Redo")
-        redo.setShortcuts([QKeySequence.StandardKey.Redo, QKeySequence("Ctrl+Y")])
-        edit_menu.addAction(undo)
-        edit_menu.addAction(redo)
-        self.actions["undo"], self.actions["redo"] = undo, redo
-        edit_menu.addSeparator()
-        for key, text, shortcut in (("navigate", "Pan tool", "N"), ("brush", "Brush", "B"),
-                                    ("eraser", "Eraser", "E"), ("polygon", "Polygon", "P")):
-            action(f"tool_{key}", text, lambda _=False, t=key: masks.set_tool(t), shortcut, edit_menu)
-        action("brush_bigger", "Larger brush", lambda: masks.brush_size.setValue(int(masks.brush_size.value() * 1.25) + 1),
-               "]", edit_menu)
-        action("brush_smaller", "Smaller brush", lambda: masks.brush_size.setValue(max(1, int(masks.brush_size.value() / 1.25))),
-               "[", edit_menu)
-
-        work_menu = menu.addMenu("&Workflow")
-        for number, name in enumerate(STEPS, 1):
-            action(f"step_{name.lower()}", f"{number}. {name}", lambda _=False, n=name: self.go_to_step(n),
-                   f"Ctrl+{number}", work_menu)
-        work_menu.addSeparator()
-        action("register", "Register", self.register_step.start_registration, "Ctrl+R", work_menu)
-        action("cancel", "Cancel registration", self.register_step.cancel_registration, "Esc", work_menu)
-        view_menu = menu.addMenu("&View")
-        action("reset_camera", "Reset 3D camera", self.surface_view.reset_camera, "R", view_menu)
-        action("fit", "Fit radiographs", lambda: [p.view.fit_to_view() for p in self.radiograph_panels], "F", view_menu)
-        for index, name in enumerate(("Radiographs", "3D", "Slices")):
-            action(f"viewer_{index}", name, lambda _=False, i=index: self.viewers.setCurrentIndex(i),
-                   f"Alt+{index + 1}", view_menu)
-        help_menu = menu.addMenu("&Help")
-        action("shortcuts", "Keyboard shortcuts", self.show_shortcuts, "F1", help_menu)
-        action("about", "About HipAtlas", self.show_about, None, help_menu)
-        self._rebuild_recent_menu()
 
     # ================================================================== the public entry points
     def open_path(self, path: str | os.PathLike) -> bool:
@@ -324,7 +263,7 @@ class MainWindow(QMainWindow):
                                       QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard
                                       | QMessageBox.StandardButton.Cancel)
         if answer == QMessageBox.StandardButton.Save:
-            return self.save_project()
+            return self.export_step.save_project()
         return answer == QMessageBox.StandardButton.Discard
 
     def replace_session(self, session: Session) -> None:
@@ -342,9 +281,9 @@ class MainWindow(QMainWindow):
     def remember(self, path) -> None:
         self.settings.add_recent(path)
         self.settings.last_folder = str(pathlib.Path(path).resolve().parent)
-        self._rebuild_recent_menu()
+        self.rebuild_recent_menu()
 
-    def _rebuild_recent_menu(self) -> None:
+    def rebuild_recent_menu(self) -> None:
         self.recent_menu.clear()
         recent = self.settings.recent_files
         for path in recent:
@@ -355,60 +294,14 @@ class MainWindow(QMainWindow):
     def _open_recent(self, path: str) -> None:
         if not pathlib.Path(path).exists():
             self.settings.remove_recent(path)
-            self._rebuild_recent_menu()
+            self.rebuild_recent_menu()
             self.report_error(f"{path}: no longer exists; removed from the recent files")
             return
         self.open_path(path)
 
-    def save_project(self) -> bool:
-        if self.session.project_path is None:
-            return self.save_project_as()
-        return self._save_to(self.session.project_path)
-
-    def save_project_as(self) -> bool:
-        if not self.session.has_case:
-            return False
-        suggestion = str(pathlib.Path(self.settings.last_folder) / f"{self.session.case_label}{project_io.PROJECT_SUFFIX}")
-        path, _ = QFileDialog.getSaveFileName(self, "Save project", suggestion,
-                                              f"HipAtlas project (*{project_io.PROJECT_SUFFIX})")
-        return bool(path) and self._save_to(path)
-
-    def _save_to(self, path) -> bool:
-        try:
-            with busy():
-                saved = project_io.save_project(self.session, path)
-        except Exception as error:  # noqa: BLE001
-            self.report_error(error)
-            return False
-        self.recovery.clear()
-        self.remember(saved)
-        self.refresh_steps()
-        self.status(f"Saved {saved}")
-        return True
-
     def screenshot(self) -> QImage:
-        """The whole window, with the 3D view's OpenGL pixels painted in where it is visible.
-
-        ``QWidget.grab`` cannot read a native OpenGL window's pixels (they come out black), so
-        the render window is read back through VTK and composed onto the grab.
-        """
-        QApplication.processEvents()
-        image = self.grab().toImage()
-        if self.viewers.currentWidget() is self.surface_view and self.surface_view.isVisible():
-            pixels = self.surface_view.render_image()
-            plotter = self.surface_view.plotter
-            ratio = plotter.devicePixelRatioF() if hasattr(plotter, "devicePixelRatioF") else 1.0
-            from app.views.qimage import rgba_qimage
-
-            rgba = np.concatenate([pixels, np.full(pixels.shape[:2] + (1,), 255, np.uint8)], axis=2)
-            render = rgba_qimage(rgba)
-            if ratio != 1.0:
-                render = render.scaled(plotter.width(), plotter.height())
-            origin = plotter.mapTo(self, plotter.rect().topLeft())
-            painter = QPainter(image)
-            painter.drawImage(origin, render)
-            painter.end()
-        return image
+        """The whole window as shown (the 3D view's OpenGL pixels included)."""
+        return window_screenshot(self)
 
     # ================================================================== errors, dialogs
     def report_error(self, error: BaseException | str) -> None:
@@ -429,31 +322,14 @@ class MainWindow(QMainWindow):
         self.error_reported.emit(message)
 
     def show_about(self) -> None:
-        model = describe_model(self.settings.model_path or None)
-        if "error" in model:
-            model_text = f"<i>{model['error']}</i>"
-        else:
-            model_text = f"{model.get('id')}<br><small>{model.get('file')}</small>"
-            if model.get("sha256"):
-                model_text += f"<br><small>sha256 {str(model['sha256'])[:16]}\u2026</small>"
-        QMessageBox.about(self, "About HipAtlas",
-                          f"<h3>HipAtlas planning workstation</h3><p>Version {__version__}</p>"
-                          f"<p><b>Model:</b> {model_text}</p>"
-                          "<p>3D proximal femur reconstruction from two calibrated radiographs by deep "
-                          "atlas registration (after Van Houtte et al., IJCARS 2022).</p>"
-                          f"<p style='color:#E57373'><b>{RESEARCH_NOTICE}</b></p>")
+        QMessageBox.about(self, "About HipAtlas", about_html(self.settings.model_path or None))
 
     def about_text(self) -> str:
         model = describe_model(self.settings.model_path or None)
         return f"HipAtlas {__version__}; model {model.get('id', model.get('error'))}"
 
     def show_shortcuts(self) -> None:
-        lines = []
-        for key, act in self.actions.items():
-            if act.shortcut() and not act.shortcut().isEmpty():
-                lines.append(f"<tr><td><b>{act.shortcut().toString(QKeySequence.SequenceFormat.NativeText)}</b></td>"
-                             f"<td>{act.text().replace('&', '')}</td></tr>")
-        QMessageBox.information(self, "Keyboard shortcuts", "<table cellspacing=4>" + "".join(lines) + "</table>")
+        QMessageBox.information(self, "Keyboard shortcuts", shortcuts_html(self.actions.values()))
 
     def edit_settings(self) -> None:
         dialog = SettingsDialog(self.settings, self)

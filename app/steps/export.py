@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pathlib
 
-from PySide6.QtCore import QBuffer, QByteArray, QIODevice
-from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QApplication, QCheckBox, QFileDialog, QLabel, QMessageBox, QPushButton
 
 from app import imaging
+from app.screenshots import png_from_qimage
+from app import project as project_io
 from app.session import ExportOptions
 from app.steps.base import Step, busy
 
@@ -17,15 +17,6 @@ from app.steps.base import Step, busy
 EXPORT_CHOICES = (("surface_stl", "Femur surface (STL)"), ("nifti", "Label map and warped atlas (NIfTI)"),
                   ("measurements_json", "Measurements (JSON)"), ("measurements_csv", "Measurements (CSV)"),
                   ("pdf_report", "Planning report (PDF, with screenshots)"))
-
-
-def png_from_qimage(image: QImage) -> bytes:
-    data = QByteArray()
-    buffer = QBuffer(data)
-    buffer.open(QIODevice.OpenModeFlag.WriteOnly)
-    image.save(buffer, "PNG")
-    buffer.close()
-    return bytes(data.data())
 
 
 class ExportStep(Step):
@@ -49,7 +40,7 @@ class ExportStep(Step):
         self.export_button.clicked.connect(self.choose_export_folder)
         layout.addWidget(self.export_button)
         save = QPushButton("Save project\u2026")
-        save.clicked.connect(window.save_project_as)
+        save.clicked.connect(self.save_project_as)
         layout.addWidget(save)
         self.export_summary = QLabel("")
         self.export_summary.setWordWrap(True)
@@ -124,3 +115,30 @@ class ExportStep(Step):
         shots.append(("Warped atlas slices with the femur label", png_from_qimage(w.slice_panel.grab().toImage())))
         w.viewers.setCurrentIndex(current)
         return shots
+
+    # ---------------------------------------------------------------- project
+    def save_project(self) -> bool:
+        if self.session.project_path is None:
+            return self.save_project_as()
+        return self._save_to(self.session.project_path)
+
+    def save_project_as(self) -> bool:
+        if not self.session.has_case:
+            return False
+        suggestion = str(pathlib.Path(self.settings.last_folder) / f"{self.session.case_label}{project_io.PROJECT_SUFFIX}")
+        path, _ = QFileDialog.getSaveFileName(self.window, "Save project", suggestion,
+                                              f"HipAtlas project (*{project_io.PROJECT_SUFFIX})")
+        return bool(path) and self._save_to(path)
+
+    def _save_to(self, path) -> bool:
+        try:
+            with busy():
+                saved = project_io.save_project(self.session, path)
+        except Exception as error:  # noqa: BLE001
+            self.window.report_error(error)
+            return False
+        self.window.recovery.clear()
+        self.window.remember(saved)
+        self.window.refresh_steps()
+        self.window.status(f"Saved {saved}")
+        return True

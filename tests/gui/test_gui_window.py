@@ -213,7 +213,7 @@ def test_export_project_round_trip_and_recent_files(make_window, synthetic_case,
     pdf = written["pdf_report"].read_bytes()
     assert pdf.startswith(b"%PDF") and pdf.count(b"/Subtype /Image") >= 4   # 3D, 2 radiographs, slices
     assert json.loads(written["measurements_json"].read_text())["head_radius_mm"] == FEMUR.head_radius_mm
-    assert window._save_to(tmp_path / "plan.hipatlas")
+    assert window.export_step._save_to(tmp_path / "plan.hipatlas")
     assert window.settings.recent_files[0] == str((tmp_path / "plan.hipatlas").resolve())
 
     second = make_window()
