@@ -49,6 +49,7 @@ from typing import Any, Callable, Generator, Iterable, Sequence
 import numpy as np
 
 from app import imaging, masks as mask_ops
+from app.export import EXPORT_WRITERS, ExportContext
 from inference import __version__, geometry, io
 from inference.errors import CalibrationError, CaseFormatError, DataError, InputFileError, OutputError
 
@@ -757,31 +758,14 @@ class Session:
         """
         if self.result is None:
             raise DataError("nothing to export yet: register the case first")
-        if not any((options.surface_stl, options.nifti, options.measurements_json,
-                    options.measurements_csv, options.pdf_report)):
+        writers = [w for w in EXPORT_WRITERS if getattr(options, w.key)]
+        if not writers:
             raise OutputError("choose at least one thing to export")
-        provenance = self.provenance(options.anonymise)
-        screenshots = list(screenshots)
+        context = ExportContext(options, self.provenance(options.anonymise), list(screenshots))
         written: dict[str, str] = {}
         with io.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-            if options.surface_stl:
-                written["surface_stl"] = self._copy_output("femur_surface", tmp / "femur_surface.stl")
-            if options.nifti:
-                written["labels_nifti"] = self._copy_output("femur_labels", tmp / "femur_labels.nii.gz")
-                if "warped_atlas" in self.result.files:
-                    written["atlas_nifti"] = self._copy_output("warped_atlas", tmp / "warped_atlas.nii.gz")
-            if options.measurements_json:
-                document = dict(self.measurements)
-                document["landmarks_mm"] = self.landmarks_mm
-                document["provenance"] = provenance
-                written["measurements_json"] = io.write_json_atomic(tmp / "measurements.json", document).name
-            if options.measurements_csv:
-                written["measurements_csv"] = self._write_csv(tmp / "measurements.csv").name
-            if options.pdf_report:
-                from app import report
-
-                content = self.report_content(options, screenshots, provenance)
-                written["pdf_report"] = report.write_planning_report(tmp / "planning_report.pdf", content).name
+            for writer in writers:
+                written.update(writer.write(self, tmp, context))
         final = pathlib.Path(out_dir)
         log.info("exported %s to %s", ", ".join(written), final)
         return {k: final / v for k, v in written.items()}

@@ -10,14 +10,9 @@ from PySide6.QtWidgets import QApplication, QCheckBox, QFileDialog, QLabel, QMes
 from app import imaging
 from app.screenshots import png_from_qimage
 from app import project as project_io
+from app.export import EXPORT_WRITERS
 from app.session import ExportOptions
 from app.steps.base import Step, busy
-
-#: The export check boxes: ExportOptions field and label.
-EXPORT_CHOICES = (("surface_stl", "Femur surface (STL)"), ("nifti", "Label map and warped atlas (NIfTI)"),
-                  ("measurements_json", "Measurements (JSON)"), ("measurements_csv", "Measurements (CSV)"),
-                  ("pdf_report", "Planning report (PDF, with screenshots)"))
-
 
 class ExportStep(Step):
     name, viewer = "Export", 1
@@ -28,8 +23,8 @@ class ExportStep(Step):
         super().__init__(window)
         layout = self.layout_
         self.export_boxes = {}
-        for key, text in EXPORT_CHOICES:
-            box = QCheckBox(text)
+        for writer in EXPORT_WRITERS:
+            key, box = writer.key, QCheckBox(writer.label)
             box.setChecked(True)
             self.export_boxes[key] = box
             layout.addWidget(box)
