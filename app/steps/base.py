@@ -68,7 +68,9 @@ class _WheelGuard(QObject):
 
     def eventFilter(self, watched, event) -> bool:  # noqa: N802 - Qt's name
         if event.type() == QEvent.Type.Wheel and not watched.hasFocus():
-            event.ignore()
+            parent = watched.parentWidget()
+            if parent is not None:  # the surrounding table or panel scrolls instead
+                QApplication.sendEvent(parent, event)
             return True
         return False
 
