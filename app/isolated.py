@@ -229,7 +229,8 @@ class WorkerProcess:
             pass
         return False
 
-    def _discard(self) -> None:
+    def _discard(self, routine: bool = False) -> None:
+        """Drop the process (``routine``: it was told to quit, so ending it is no news)."""
         process, self._process = self._process, None
         if self._connection is not None:
             self._connection.close()
@@ -237,7 +238,7 @@ class WorkerProcess:
         if process is not None:
             if self._cancel_event is not None:
                 self._cancel_event.set()
-            _end(process, finished=False)
+            _end(process, finished=routine)
 
     def close(self) -> None:
         """Ask the process to quit after its job (if any) and end it."""
@@ -247,7 +248,7 @@ class WorkerProcess:
             except (OSError, EOFError):
                 pass
             self._process.join(CANCEL_GRACE_S)
-        self._discard()
+        self._discard(routine=True)
 
 
 def _crashed(process) -> HipAtlasError:

@@ -27,6 +27,7 @@ class MaskEditCommand(QUndoCommand):
         super().__init__(f"{text} ({step.session.views[index].name})")
         self._step, self._index, self._edit = step, index, edit
         self._skip_first_redo = applied
+        self.drop_on_undo = False  # undone once and removed (a double click's stray dot)
 
     def redo(self) -> None:
         if self._skip_first_redo:  # the stroke was painted live; pushing must not paint it again
@@ -38,6 +39,8 @@ class MaskEditCommand(QUndoCommand):
     def undo(self) -> None:
         self._step.session.apply_mask_edit(self._index, self._edit, undo=True)
         self._step.mask_changed(self._index, self._edit)
+        if self.drop_on_undo:
+            self.setObsolete(True)  # QUndoStack deletes a command that turns obsolete in undo()
 
 
 class MasksStep(Step):
@@ -229,7 +232,7 @@ class MasksStep(Step):
         if last is None or last[0] != index or last[2].elapsed() > QApplication.doubleClickInterval() + 100:
             return
         if self.stack.index() > 0 and self.stack.command(self.stack.index() - 1) is last[1]:
-            last[1].setObsolete(True)  # undone and dropped: no redo entry for a dot nobody meant
+            last[1].drop_on_undo = True  # undone and dropped: no redo entry for a dot nobody meant
             self.stack.undo()
 
     def _polygon_closed(self, index: int, points, fill: bool) -> None:

@@ -29,6 +29,15 @@ def _wheel(widget, position: QPointF, notches: int = 1) -> None:
     QApplication.sendEvent(widget, event)
 
 
+def _double_click(qtbot, widget, position: QPoint) -> None:
+    """What a mouse sends for a double click: press, release, double-click, release (QTest's
+    mouseDClick sends the double-click event alone)."""
+    qtbot.mousePress(widget, Qt.MouseButton.LeftButton, pos=position)
+    qtbot.mouseRelease(widget, Qt.MouseButton.LeftButton, pos=position)
+    qtbot.mouseDClick(widget, Qt.MouseButton.LeftButton, pos=position)
+    qtbot.mouseRelease(widget, Qt.MouseButton.LeftButton, pos=position)
+
+
 def _registered(make_window, synthetic_case, qtbot, register_fn=synthetic_register):
     window = make_window(register_fn)
     assert window.open_case_folder(synthetic_case)
@@ -120,6 +129,14 @@ def test_radiograph_zooms_at_the_cursor_fits_by_button_and_double_click_never_pa
     assert view.transform().m11() == pytest.approx(fitted * 1.25 ** 3)
     after = view.mapToScene(here.toPoint())
     assert abs(after.x() - anchor.x()) < 1.0 and abs(after.y() - anchor.y()) < 1.0
+    # a right drag pans by the distance dragged (also past the image edge)
+    start, end = here.toPoint(), here.toPoint() + QPoint(-60, -40)
+    qtbot.mousePress(view.viewport(), Qt.MouseButton.RightButton, pos=start)
+    qtbot.mouseMove(view.viewport(), end)
+    qtbot.mouseRelease(view.viewport(), Qt.MouseButton.RightButton, pos=end)
+    moved = view.mapToScene(end)
+    scale = view.transform().m11()
+    assert abs(moved.x() - after.x()) < 2.0 / scale + 0.5 and abs(moved.y() - after.y()) < 2.0 / scale + 0.5
     # the visible fit control
     panel.fit_button.click()
     assert view.transform().m11() == pytest.approx(fitted)
@@ -127,8 +144,10 @@ def test_radiograph_zooms_at_the_cursor_fits_by_button_and_double_click_never_pa
     _wheel(view.viewport(), here, notches=2)
     window.masks_step.set_tool("brush")
     mask = window.session.views[0].mask.copy()
-    qtbot.mouseDClick(view.viewport(), Qt.MouseButton.LeftButton, pos=view.mapFromScene(QPointF(60.0, 40.0)))
+    assert not mask[85, 8]
+    _double_click(qtbot, view.viewport(), view.mapFromScene(QPointF(8.0, 85.0)))
     assert np.array_equal(window.session.views[0].mask, mask)
+    assert window.masks_step.stack.count() == 0                       # and leaves nothing to redo
     assert view.transform().m11() == pytest.approx(fitted)            # it fits, as in the other modes
 
 
