@@ -12,7 +12,7 @@ from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFileDialog
 
 from app import project as project_io
 from app.session import RadiographImport, Session
-from app.steps.base import Step, busy, read_only_table
+from app.steps.base import Step, busy, ignore_wheel_unless_focused, read_only_table
 
 #: Short names of calibration sources for the case table (the tooltip has the details).
 CALIBRATION_LABELS = {"case.json projection_matrix": "case.json matrix", "dicom-tags": "DICOM tags",
@@ -66,6 +66,7 @@ class ImportDialog(QDialog):
         side_row.addWidget(QLabel("Femur side"))
         self.side = QComboBox()
         self.side.addItems(["right", "left"])
+        ignore_wheel_unless_focused(self.side)  # scrolling past it must never switch the side
         side_row.addWidget(self.side)
         side_row.addStretch(1)
         form.addLayout(side_row)

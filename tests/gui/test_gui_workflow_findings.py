@@ -110,6 +110,13 @@ def test_wheel_over_an_unfocused_landmark_field_edits_nothing(make_window, synth
     value = brush.value()
     _wheel(brush, QPointF(brush.width() / 2, brush.height() / 2), notches=2)
     assert brush.value() == value
+    from app.steps.load import ImportDialog
+
+    dialog = ImportDialog(window)
+    dialog.show()
+    _wheel(dialog.side, QPointF(5, 5), notches=-1)                    # the femur side of an import
+    assert dialog.side.currentText() == "right"
+    dialog.close()
 
 
 # ---------------------------------------------------------------------------- finding 5: navigation
