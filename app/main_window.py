@@ -80,8 +80,8 @@ class MainWindow(QMainWindow):
          self.export_step) = self.step_panels.values()
         for panel in self.radiograph_panels:
             self.masks_step.connect_view(panel)
-        for step in (self.masks_step, self.measure_step):
-            self.undo_group.addStack(step.stack)
+        for stack in (*self.masks_step.stacks, self.measure_step.stack):
+            self.undo_group.addStack(stack)
         self._build_layout()
         self.actions = build_menus(self)
         self.rebuild_recent_menu()
@@ -273,8 +273,8 @@ class MainWindow(QMainWindow):
         if old is not session:
             old.close()
         session.runner = self.worker_process.run
-        for step in (self.masks_step, self.measure_step):
-            step.stack.clear()
+        for stack in (*self.masks_step.stacks, self.measure_step.stack):
+            stack.clear()
         self.register_step.session_replaced()
         self.refresh_all()
 

@@ -58,8 +58,10 @@ class MasksStep(Step):
         self._stroke_segments = 0
         #: The last stroke that was a single click: (view index, its command, a timer since then).
         self._last_click: tuple[int, MaskEditCommand, QElapsedTimer] | None = None
-        #: The mask edits of this step (the views' masks); each step has its own undo history.
-        self.stack = QUndoStack(self)
+        #: One undo history per view's mask (each step, and each object in it, has its own);
+        #: Ctrl+Z acts on the view last edited or pointed at (:meth:`activate_view`).
+        self.stacks = [QUndoStack(self) for _ in range(2)]
+        self.active_view = 0
         tools = QHBoxLayout()
         self.tool_group = QButtonGroup(self)
         self.tool_buttons = {}
@@ -88,13 +90,14 @@ class MasksStep(Step):
         size_row.addStretch(1)
         layout.addLayout(size_row)
         history = QHBoxLayout()
-        undo_stack = self.stack
         self.undo_button = QPushButton("Undo")
         self.redo_button = QPushButton("Redo")
-        self.undo_button.clicked.connect(undo_stack.undo)
-        self.redo_button.clicked.connect(undo_stack.redo)
-        undo_stack.canUndoChanged.connect(self.undo_button.setEnabled)
-        undo_stack.canRedoChanged.connect(self.redo_button.setEnabled)
+        self.undo_button.clicked.connect(lambda: self.stack.undo())
+        self.redo_button.clicked.connect(lambda: self.stack.redo())
+        window.undo_group.canUndoChanged.connect(self.undo_button.setEnabled)
+        window.undo_group.canRedoChanged.connect(self.redo_button.setEnabled)
+        window.undo_group.undoTextChanged.connect(lambda text: self.undo_button.setText(f"Undo {text}".strip()))
+        window.undo_group.redoTextChanged.connect(lambda text: self.redo_button.setText(f"Redo {text}".strip()))
         history.addWidget(self.undo_button)
         history.addWidget(self.redo_button)
         layout.addLayout(history)
@@ -145,6 +148,18 @@ class MasksStep(Step):
         layout.addWidget(self.mask_next)
         layout.addStretch(1)
 
+    @property
+    def stack(self) -> QUndoStack:
+        """The undo history of the active view's mask."""
+        return self.stacks[self.active_view]
+
+    def activate_view(self, index: int) -> None:
+        """Undo/redo now act on view ``index`` (edited, confirmed or pointed at last)."""
+        if index != self.active_view and 0 <= index < len(self.stacks):
+            self.active_view = index
+            if self.window.current_step() == self.name:
+                self.window.undo_group.setActiveStack(self.stack)
+
     def connect_view(self, panel) -> None:
         """Wire a radiograph panel's editing gestures to this step."""
         i, view = panel.index, panel.view
@@ -154,6 +169,7 @@ class MasksStep(Step):
         view.stroke_finished.connect(lambda: self._stroke_finished(i))
         view.polygon_closed.connect(lambda points, fill: self._polygon_closed(i, points, fill))
         view.double_clicked.connect(lambda: self._double_clicked(i))
+        view.cursor_moved.connect(lambda _u, _v: self.activate_view(i))
 
     # ---------------------------------------------------------------- refresh
     def refresh(self) -> None:
@@ -231,9 +247,10 @@ class MasksStep(Step):
         last, self._last_click = self._last_click, None
         if last is None or last[0] != index or last[2].elapsed() > QApplication.doubleClickInterval() + 100:
             return
-        if self.stack.index() > 0 and self.stack.command(self.stack.index() - 1) is last[1]:
+        stack = self.stacks[index]
+        if stack.index() > 0 and stack.command(stack.index() - 1) is last[1]:
             last[1].drop_on_undo = True  # undone and dropped: no redo entry for a dot nobody meant
-            self.stack.undo()
+            stack.undo()
 
     def _polygon_closed(self, index: int, points, fill: bool) -> None:
         edit = self.session.fill_polygon(index, points, fill)
@@ -241,9 +258,10 @@ class MasksStep(Step):
             self.push(index, edit, "Polygon" if fill else "Polygon erase")
 
     def push(self, index: int, edit, text: str) -> MaskEditCommand:
-        """Put an edit that is already applied on the undo stack."""
+        """Put an edit of view ``index`` that is already applied on that view's undo stack."""
         command = MaskEditCommand(self, index, edit, text, applied=True)
-        self.stack.push(command)
+        self.activate_view(index)
+        self.stacks[index].push(command)
         return command
 
     def reset_mask(self, index: int, source: str) -> None:
@@ -339,8 +357,6 @@ class MasksStep(Step):
             return
         awaiting = set(self.session.views_awaiting_proposal)
         applied = []
-        stack = self.stack
-        stack.beginMacro("Atlas mask proposal")
         try:
             for index in indices:
                 if automatic and index not in awaiting:
@@ -351,8 +367,6 @@ class MasksStep(Step):
                 applied.append(views[index].name)
         except Exception as error:  # noqa: BLE001
             self.window.report_error(error)
-        finally:
-            stack.endMacro()
         self.refresh_view_headers()
         self.proposal_status.setText(
             ("Proposed masks for " + " and ".join(applied) + ": check them, correct them if needed and confirm.")

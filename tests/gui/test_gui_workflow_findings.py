@@ -68,9 +68,14 @@ def test_undo_acts_on_the_current_step_and_covers_landmarks(make_window, synthet
     window.actions["redo"].trigger()
     assert window.session.landmarks_mm["head_centre"][0] == pytest.approx(head[0] + 5.0)
     assert window.measure_step.landmark_spins["head_centre"][0].value() == pytest.approx(head[0] + 5.0)
-    window.go_to_step("Masks")                                      # the Masks step undoes mask edits
+    window.go_to_step("Masks")                                      # the Masks step undoes mask edits...
+    window.masks_step._polygon_closed(1, SQUARE, True)
+    drawn = window.session.views[1].mask.copy()
+    view = window.radiograph_panels[0].view
+    qtbot.mouseMove(view.viewport(), view.viewport().rect().center())  # ...of the view under the pointer
     window.actions["undo"].trigger()
     assert not window.session.views[0].mask[15:25, 15:25].any()
+    assert np.array_equal(window.session.views[1].mask, drawn)
 
 
 def test_mask_edit_after_registration_marks_results_out_of_date(make_window, synthetic_case, qtbot):
