@@ -63,6 +63,9 @@ def main(argv=None) -> dict:
         report.add("first_s", times[0], "s", "first registration (process start, TensorFlow, model)")
         report.add("second_s", times[1], "s", "second registration of the case, same window")
         report.add("later_median_s", sorted(times[1:])[len(times[1:]) // 2], "s", "median of the later ones")
+        # where the last registration spent its time (the pipeline's own report.json timings)
+        for key, value in (session.result.report.get("timings_s") or {}).items():
+            report.add(f"last_{key}", float(value), "s", f"last registration: {key}")
         if not args.quick:
             report.add("one_shot_s", _register(session, run_isolated), "s", "a fresh process per registration")
         session.close()
