@@ -72,7 +72,7 @@ def build_menus(window) -> dict[str, QAction]:
     view_menu = menu.addMenu("&View")
     action("reset_camera", "Reset 3D camera", window.surface_view.reset_camera, "R", view_menu)
     action("fit", "Fit radiographs", lambda: [p.view.fit_to_view() for p in window.radiograph_panels], "F", view_menu)
-    for index, name in enumerate(("Radiographs", "3D", "Slices")):
+    for index, name in enumerate(("Radiographs", "3D", "Slices", "Template")):
         action(f"viewer_{index}", name, lambda _=False, i=index: window.viewers.setCurrentIndex(i),
                f"Alt+{index + 1}", view_menu)
     help_menu = menu.addMenu("&Help")

@@ -132,10 +132,11 @@ def test_radiograph_zooms_at_the_cursor_fits_by_button_and_double_click_never_pa
     panel = window.radiograph_panels[0]
     view = panel.view
     qtbot.wait(20)
-    fitted = view.transform().m11()
     here = QPointF(view.viewport().width() * 0.75, view.viewport().height() * 0.7)
     qtbot.mouseMove(view.viewport(), QPoint(5, 5))
     qtbot.mouseMove(view.viewport(), here.toPoint())
+    QApplication.processEvents()  # the layout has settled (the headers' texts were just set): fitted
+    fitted = view.transform().m11()
     anchor = view.mapToScene(here.toPoint())
     _wheel(view.viewport(), here, notches=3)
     assert view.transform().m11() == pytest.approx(fitted * 1.25 ** 3)
