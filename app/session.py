@@ -49,6 +49,7 @@ from typing import Any, Callable, Generator, Sequence
 import numpy as np
 
 from app import imaging, masks as mask_ops
+from app.export import EXPORT_WRITERS, ExportContext
 from inference import __version__, geometry, graphics, io
 from inference.errors import CalibrationError, CaseFormatError, DataError, InputFileError, OutputError
 
@@ -370,6 +371,9 @@ class Session:
         self.register_fn = register_fn
         self.propose_fn = propose_fn
         self.isolate = bool(isolate)
+        #: With ``isolate``: what runs a job in a child process (:func:`app.isolated.run_isolated`,
+        #: or the workstation's long-lived :meth:`app.isolated.WorkerProcess.run`).
+        self.runner: Callable[..., Generator[Any, None, Any]] | None = None
         self.case: io.Case | None = None
         self.case_label = ""
         self.views: list[ViewState] = []
@@ -531,13 +535,13 @@ class Session:
             raise DataError("open a case first")
         propose = self.propose_fn or propose_case_masks
         case_dir = self.case.case_dir
-        isolate = self.isolate
+        isolate, runner = self.isolate, self.runner
 
         def job(cancel: Callable[[], bool]):
             if isolate:
                 from app.isolated import run_isolated
 
-                return (yield from run_isolated(propose, case_dir, cancel=cancel, model=model))
+                return (yield from (runner or run_isolated)(propose, case_dir, cancel=cancel, model=model))
             return (yield from propose(case_dir, model=model, cancel=cancel))
 
         return job
@@ -583,7 +587,7 @@ class Session:
         case_dir = self.case.case_dir
         masks = [v.mask.copy() for v in self.views]
         names = [v.name for v in self.views]
-        isolate = self.isolate
+        isolate, runner = self.isolate, self.runner
         self._runs += 1
         # Each run writes into its own folder, deleted whole if the run fails or is cancelled
         # (a terminated child process cannot clean up its temporary output folder itself).
@@ -595,8 +599,8 @@ class Session:
                 if isolate:
                     from app.isolated import run_isolated
 
-                    return (yield from run_isolated(register_and_load, register, case_dir, out_dir, names,
-                                                    cancel=cancel, model=model, masks=masks))
+                    return (yield from (runner or run_isolated)(register_and_load, register, case_dir, out_dir,
+                                                                names, cancel=cancel, model=model, masks=masks))
                 return (yield from register_and_load(register, case_dir, out_dir, names, model=model, masks=masks,
                                                      cancel=cancel))
             except BaseException:
@@ -728,30 +732,14 @@ class Session:
         """
         if self.result is None:
             raise DataError("nothing to export yet: register the case first")
-        if not any((options.surface_stl, options.nifti, options.measurements_json,
-                    options.measurements_csv, options.pdf_report)):
+        writers = [w for w in EXPORT_WRITERS if getattr(options, w.key)]
+        if not writers:
             raise OutputError("choose at least one thing to export")
-        provenance = self.provenance(options.anonymise)
+        context = ExportContext(options, self.provenance(options.anonymise))
         written: dict[str, str] = {}
         with io.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-            if options.surface_stl:
-                written["surface_stl"] = self._copy_output("femur_surface", tmp / "femur_surface.stl")
-            if options.nifti:
-                written["labels_nifti"] = self._copy_output("femur_labels", tmp / "femur_labels.nii.gz")
-                if "warped_atlas" in self.result.files:
-                    written["atlas_nifti"] = self._copy_output("warped_atlas", tmp / "warped_atlas.nii.gz")
-            if options.measurements_json:
-                document = dict(self.measurements)
-                document["landmarks_mm"] = self.landmarks_mm
-                document["provenance"] = provenance
-                written["measurements_json"] = io.write_json_atomic(tmp / "measurements.json", document).name
-            if options.measurements_csv:
-                written["measurements_csv"] = self._write_csv(tmp / "measurements.csv").name
-            if options.pdf_report:
-                from app import report
-
-                content = self.report_content(options, provenance)
-                written["pdf_report"] = report.write_planning_report(tmp / "planning_report.pdf", content).name
+            for writer in writers:
+                written.update(writer.write(self, tmp, context))
         final = pathlib.Path(out_dir)
         log.info("exported %s to %s", ", ".join(written), final)
         return {k: final / v for k, v in written.items()}

@@ -7,6 +7,8 @@ import pathlib
 
 from PySide6.QtCore import QSettings, QStandardPaths
 
+from inference.resources import resources_root
+
 ORGANISATION = "HipAtlas"
 APPLICATION = "HipAtlas Planning Workstation"
 MAX_RECENT = 8
@@ -15,6 +17,12 @@ DEVICES = ("cpu", "gpu")
 #: its .onnx, else TensorFlow.
 BACKENDS = ("auto", "tf", "onnx")
 UNITS = ("mm", "cm")
+
+
+def documents_folder() -> str:
+    """The user's documents folder if it exists, else their home folder."""
+    documents = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.DocumentsLocation)
+    return documents if documents and os.path.isdir(documents) else os.path.expanduser("~")
 
 
 class Settings:
@@ -138,7 +146,13 @@ class Settings:
 
     @property
     def last_folder(self) -> str:
-        return str(self._get("recent/folder", os.path.expanduser("~")))
+        """Where file dialogs start: the user's last folder, else their documents folder. Never
+        a folder inside the installation's resources (where the demo case lives)."""
+        folder = pathlib.Path(str(self._get("recent/folder", "")) or documents_folder())
+        resources = resources_root().resolve()
+        if not folder.is_dir() or folder.resolve() == resources or resources in folder.resolve().parents:
+            return documents_folder()
+        return str(folder)
 
     @last_folder.setter
     def last_folder(self, value: str | os.PathLike) -> None:

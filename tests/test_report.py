@@ -57,6 +57,13 @@ def _hipatlas(*args, cwd) -> subprocess.CompletedProcess:
 
 
 @needs_poppler
+
+def _normal_range(key: str) -> tuple[float, float]:
+    """The typical range of measurement ``key`` in the descriptor table the report reads."""
+    from inference.measure import MEASUREMENTS
+
+    return next(m.normal_range for m in MEASUREMENTS if m.key == key)
+
 def test_report_pages_hold_the_record_and_the_pictures(registered, tmp_path):
     pdf = tmp_path / "plan.pdf"
     done = _hipatlas("report", registered["out"], "--case", registered["case"], "--out", pdf,
@@ -73,13 +80,11 @@ def test_report_pages_hold_the_record_and_the_pictures(registered, tmp_path):
                      "Radiographs with measurement graphics", "3D reconstruction", "Typical range",
                      "Research use only"):
         assert required in flat, f"{required!r} missing from the report"
-    # Values with their uncertainty and typical range (from the one measurement table); a value
-    # without an uncertainty shows none.
-    from inference.measure import measurement
-
-    low, high = measurement("femoral_offset_mm").normal_range
+    # Values with their uncertainty and typical range (the descriptor table's, inference.measure);
+    # a value without an uncertainty shows none.
+    low, high = _normal_range("femoral_offset_mm")
     assert f"Femoral offset {FEMUR.femoral_offset_mm:.1f} ± 1.7 mm {low:.1f}–{high:.1f}" in flat
-    low, high = measurement("neck_shaft_angle_deg").normal_range
+    low, high = _normal_range("neck_shaft_angle_deg")
     assert f"Neck-shaft angle (CCD) 130.0 ± 2.4 ° {low:.1f}–{high:.1f}" in flat
     assert f"Vertical offset {FEMUR.measurements()['vertical_offset_mm']:.1f} mm" in flat
     # Calibration in human terms: the synthetic views' pixel size at the hip follows from P.
@@ -160,9 +165,8 @@ def test_uncertainty_forms_and_normal_ranges():
     assert measurement_uncertainty({**m, "femoral_offset_uncertainty_mm": 2.0}, "femoral_offset_mm") == 2.0
     assert measurement_uncertainty({**m, "uncertainty": {"neck_shaft_angle_deg": {"sd": 3.0}}},
                                    "neck_shaft_angle_deg") == 3.0
-    from inference.measure import measurement
-
     rows = {r[0]: r for r in report_measurement_rows({**m, "head_radius_mm_uncertainty": 0.5}, "cm")}
-    low, high = measurement("head_radius_mm").normal_range  # 12 mm lies outside it
+    low, high = _normal_range("head_radius_mm")
+    assert 12.0 < low  # the synthetic femur's 12 mm head is outside the typical range
     assert rows["Femoral head radius"] == ("Femoral head radius", "1.20", "\u00b1 0.05", "cm",
                                            f"{low / 10:.2f}\u2013{high / 10:.2f} (outside)")

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     panel = window.radiograph_panels[0]
     window.radiograph_panels[1].hide()       # the AP view alone, zoomed to the hip
     app.processEvents()
-    window.show_masks.setChecked(False)
+    window.review_step.show_masks.setChecked(False)
     panel.view._fit_pending = False          # keep this zoom when the layout settles
     hip = panel.view.graphics_rect()
     margin = 0.25 * max(hip.width(), hip.height())
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     radiograph_png = out / "radiograph-graphics.png"
     picture.save(str(radiograph_png))
 
-    written = window.export_to(work / "export")
+    written = window.export_step.export_to(work / "export")
     if not written:
         print(f"export failed: {window.errors}", file=sys.stderr)
         return 1

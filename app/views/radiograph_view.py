@@ -21,7 +21,7 @@ from PySide6.QtCore import QEvent, QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QBrush, QColor, QFont, QImage, QPainter, QPainterPath, QPen, QPixmap, QTransform
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QFrame, QGraphicsEllipseItem, QGraphicsItem, QGraphicsPathItem,
                                QGraphicsPixmapItem, QGraphicsRectItem, QGraphicsScene, QGraphicsSimpleTextItem, QGraphicsView,
-                               QHBoxLayout, QLabel, QVBoxLayout, QWidget)
+                               QHBoxLayout, QLabel, QToolButton, QVBoxLayout, QWidget)
 
 from app import imaging, windowing
 from app.report_figures import COLOURS as GRAPHICS_COLOURS
@@ -142,6 +142,7 @@ class RadiographView(QGraphicsView):
     landmark_dragging = Signal(str, float, float)  # landmark name, u, v while its handle is dragged
     landmark_dragged = Signal(str, float, float)   # landmark name, u, v where its handle was dropped
     window_changed = Signal(float, float)          # window centre, width (image intensities)
+    double_clicked = Signal()                      # a double click outside polygon drawing (the view fits)
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -151,6 +152,8 @@ class RadiographView(QGraphicsView):
         self.setBackgroundBrush(QColor("#101317"))
         self.setFrameShape(QFrame.Shape.NoFrame)
         self.setMouseTracking(True)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # pan by dragging
+        self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self._image_item: QGraphicsPixmapItem | None = None
         self._mask_layer: LayerItem | None = None
         self._contour_layer: LayerItem | None = None
@@ -262,9 +265,22 @@ class RadiographView(QGraphicsView):
         return None if self._mask_layer is None else self._mask_layer.image()
 
     # ------------------------------------------------------------------ navigation
+    def _image_rect(self) -> QRectF:
+        rows, cols = self._shape
+        return QRectF(-0.5, -0.5, cols, rows)
+
     def fit(self) -> None:
+        """Show the whole radiograph. The scene reaches one image size beyond each edge, so the
+        image can be panned (and zoomed at the cursor) anywhere, as in a PACS viewer."""
         if self._image_item is not None:
-            self.fitInView(self.sceneRect(), Qt.AspectRatioMode.KeepAspectRatio)
+            image = self._image_rect()
+            self.setSceneRect(image.adjusted(-image.width(), -image.height(), image.width(), image.height()))
+            self.fitInView(image, Qt.AspectRatioMode.KeepAspectRatio)
+
+    def fit_to_view(self) -> None:
+        """The Fit button: fit now and keep fitting when the view is resized."""
+        self._fit_pending = True
+        self.fit()
 
     def resizeEvent(self, event) -> None:
         super().resizeEvent(event)
@@ -272,11 +288,17 @@ class RadiographView(QGraphicsView):
             self.fit()
 
     def wheelEvent(self, event) -> None:
+        """Zoom by 1.25 per notch about the image point under the cursor."""
         if self._image_item is None:
             return
         factor = 1.25 ** (event.angleDelta().y() / 120.0)
         self._fit_pending = False
+        cursor = event.position().toPoint()
+        anchor = self.mapToScene(cursor)
         self.scale(factor, factor)
+        drift = self.mapFromScene(anchor) - cursor  # Qt anchors at the last *move*, not at this event
+        self.horizontalScrollBar().setValue(self.horizontalScrollBar().value() + drift.x())
+        self.verticalScrollBar().setValue(self.verticalScrollBar().value() + drift.y())
 
     def set_tool(self, tool: str) -> None:
         if tool not in TOOLS:
@@ -303,8 +325,9 @@ class RadiographView(QGraphicsView):
         if self._window_mouse_press(event) or self._graphics_mouse_press(event):
             return
         button = event.button()
-        if button in (Qt.MouseButton.MiddleButton, Qt.MouseButton.RightButton) or (
-                button == Qt.MouseButton.LeftButton and not self._editing()):
+        if button == Qt.MouseButton.RightButton:
+            return  # right-drag is window/level (_window_mouse_press), never a pan
+        if button == Qt.MouseButton.MiddleButton or (button == Qt.MouseButton.LeftButton and not self._editing()):
             self._panning_from = event.position()
             self.setCursor(Qt.CursorShape.ClosedHandCursor)
             return
@@ -355,8 +378,10 @@ class RadiographView(QGraphicsView):
         if self._editing() and self.tool == "polygon":
             self.close_polygon(fill=not bool(event.modifiers() & Qt.KeyboardModifier.ShiftModifier))
         else:
-            self._fit_pending = True
-            self.fit()
+            # In brush/eraser mode the double click's first press painted a dot: the window takes
+            # it back on this signal (a double click fits, it does not paint).
+            self.double_clicked.emit()
+            self.fit_to_view()
 
     def keyPressEvent(self, event) -> None:
         key = event.key()
@@ -649,6 +674,12 @@ class RadiographPanel(QWidget):
         text.addWidget(self.details)
         header.addLayout(text, 1)
         self._build_display_controls(header)
+        self.fit_button = QToolButton()
+        self.fit_button.setText("Fit")
+        self.fit_button.setToolTip("Show the whole radiograph (F); wheel zooms at the cursor, middle-drag pans, "
+                                   "right-drag sets window/level")
+        self.fit_button.clicked.connect(self.view.fit_to_view)
+        header.addWidget(self.fit_button)
         header.addWidget(self.confirm)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)

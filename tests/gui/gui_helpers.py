@@ -389,3 +389,26 @@ def pipeline_like_register(case_dir, out_dir, **kwargs):
     io.write_json_atomic(pathlib.Path(out_dir) / "measurements.json", measured)
     atlas = dict(marks, lesser_trochanter=list(ATLAS_LESSER_TROCHANTER_MM))
     return dataclasses.replace(result, measurements=measured, landmarks_mm=atlas)
+
+
+# ---------------------------------------------------------------------------- a registration with a "model"
+_LOADED_MODELS: list[int] = []  # in the registration process: one entry per model load
+
+
+def model_loading_register(case_dir, out_dir, *, model=None, overwrite=False, masks=None, cancel=None,
+                           load_seconds: float = 2.0):
+    """:func:`synthetic_register` after "loading a model" (``load_seconds``) once per process, the
+    way :func:`inference.pipeline.load_registration_model` caches the real one. The result's report
+    says which process ran it and how often that process loaded the model."""
+    import os
+
+    from inference.pipeline import Progress
+
+    if not _LOADED_MODELS:
+        yield Progress(0.01, "Loading model")
+        time.sleep(load_seconds)
+        _LOADED_MODELS.append(os.getpid())
+    result = yield from synthetic_register(case_dir, out_dir, model=model, overwrite=overwrite, masks=masks,
+                                           cancel=cancel)
+    result.report["process"] = {"pid": os.getpid(), "model_loads": len(_LOADED_MODELS)}
+    return result

@@ -34,8 +34,8 @@ def test_real_pipeline_in_the_worker(make_window, synthetic_case, qtbot):
     with qtbot.waitSignal(window.registration_finished, timeout=300_000) as blocker:
         started = heartbeat.now()
         assert window.start_registration()
-        window.worker.progress.connect(lambda fraction, message: messages.append(message))
-        window.worker.succeeded.connect(lambda _r: finished_at.append(heartbeat.now()),
+        window.register_step.worker.progress.connect(lambda fraction, message: messages.append(message))
+        window.register_step.worker.succeeded.connect(lambda _r: finished_at.append(heartbeat.now()),
                                         Qt.ConnectionType.DirectConnection)
     heartbeat.stop()
     assert blocker.args == ["finished"], window.errors
@@ -46,17 +46,17 @@ def test_real_pipeline_in_the_worker(make_window, synthetic_case, qtbot):
     assert window.surface_view.has_surface()
     measurements = window.session.measurements
     assert {"femoral_offset_mm", "neck_shaft_angle_deg", "head_radius_mm"} <= set(measurements)
-    assert window.measure_table.rowCount() >= 4
+    assert window.measure_step.measure_table.rowCount() >= 4
     # the pipeline's warnings reach the Register panel
     for warning in window.session.result.warnings:
-        assert warning in window.warnings_box.toPlainText()
+        assert warning in window.register_step.warnings_box.toPlainText()
     # moving the head centre recomputes with inference.measure: offset grows by the lateral move
     window.go_to_step("Measure")
     shaft_dir = np.asarray(measurements["shaft_axis"]["direction"])
     head = np.asarray(window.session.landmarks_mm["head_centre"])
     shaft_point = np.asarray(measurements["shaft_axis"]["point_mm"])
     radial = head - shaft_point - ((head - shaft_point) @ shaft_dir) * shaft_dir
-    window.move_landmark("head_centre", head + 4.0 * radial / np.linalg.norm(radial))
+    window.measure_step.move_landmark("head_centre", head + 4.0 * radial / np.linalg.norm(radial))
     assert window.session.measurements["femoral_offset_mm"] == pytest.approx(measurements["femoral_offset_mm"] + 4.0)
 
 

@@ -59,7 +59,7 @@ def test_right_drag_changes_window_and_invert_flips(make_window, synthetic_case,
     panel.window_preset.activated.emit(panel.window_preset.currentIndex())
     assert view.window_level() == pytest.approx(view._lut.preset("Full range"))
     # the mask editor's view was not panned or edited by the right button
-    assert not window.undo_stack.count()
+    assert not any(stack.count() for stack in window.masks_step.stacks)
 
 
 def _registered_window(make_window, case, qtbot, tab: int):
@@ -108,6 +108,15 @@ def test_measurement_graphics_and_landmark_drag_with_epipolar_line(make_window, 
     assert session.measurements["vertical_offset_mm"] != pytest.approx(offset_before)
     assert view.handle_positions()[name] == pytest.approx((dropped.x(), dropped.y()), abs=1e-6)
     assert FEMUR.head_radius_mm == session.measurements["head_radius_mm"]
+    # the 2D drag is one undoable landmark move (the Measure step's history), redone exactly
+    stack = window.measure_step.stack
+    assert stack.count() == 1 and stack.undoText().startswith("Move ")
+    stack.undo()
+    assert np.array(session.landmarks_mm[name]) == pytest.approx(before) and not session.landmarks_edited
+    assert session.measurements["vertical_offset_mm"] == pytest.approx(offset_before)
+    assert view.handle_positions()[name] == pytest.approx((u0, v0), abs=1e-6)
+    stack.redo()
+    assert np.array(session.landmarks_mm[name]) == pytest.approx(moved)
 
 
 def test_scale_bar_follows_the_zoom_and_the_preset_box_ignores_the_wheel(make_window, synthetic_case, qtbot):

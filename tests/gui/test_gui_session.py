@@ -6,6 +6,7 @@ These tests need no display.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -339,6 +340,23 @@ def test_anonymised_export_holds_no_identifier(registered, tmp_path):
     assert registered.pseudonym.encode() in written["pdf_report"].read_bytes()
     plain = registered.export(tmp_path / "plain", ExportOptions(anonymise=False, nifti=False, surface_stl=False))
     assert b"PID-777" in plain["pdf_report"].read_bytes()
+
+
+def test_each_export_writer_writes_its_files_alone(registered, tmp_path):
+    from app.export import EXPORT_WRITERS
+
+    _register(registered)
+    fields = {f.name for f in dataclasses.fields(ExportOptions)}
+    kinds = {"surface_stl": {"surface_stl"}, "nifti": {"labels_nifti", "atlas_nifti"},
+             "measurements_json": {"measurements_json"}, "measurements_csv": {"measurements_csv"},
+             "pdf_report": {"pdf_report"}}
+    assert [w.key for w in EXPORT_WRITERS] == list(kinds)
+    for writer in EXPORT_WRITERS:
+        assert writer.key in fields and writer.label
+        only = ExportOptions(**{key: key == writer.key for key in kinds})
+        written = registered.export(tmp_path / writer.key, only)
+        assert set(written) == kinds[writer.key]
+        assert sorted(p.name for p in (tmp_path / writer.key).iterdir()) == sorted(p.name for p in written.values())
 
 
 def test_export_refuses_a_filled_folder_and_changes_nothing(registered, tmp_path):

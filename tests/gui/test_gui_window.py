@@ -37,21 +37,21 @@ def _not_blank(rgb: np.ndarray, background_fraction: float = 0.97) -> bool:
 def test_open_confirm_register_review_measure(make_window, synthetic_case, qtbot):
     window = make_window()
     assert window.open_case_folder(synthetic_case)
-    assert window._current_step() == "Masks"
-    assert [window.case_table.item(r, 3).text() for r in range(2)] == ["case.json matrix"] * 2
-    assert "case.json projection_matrix" in window.case_table.item(0, 3).toolTip()
-    assert not window.register_button.isEnabled() and "confirm the mask" in window.register_blocker.text()
+    assert window.current_step() == "Masks"
+    assert [window.load_step.case_table.item(r, 3).text() for r in range(2)] == ["case.json matrix"] * 2
+    assert "case.json projection_matrix" in window.load_step.case_table.item(0, 3).toolTip()
+    assert not window.register_step.register_button.isEnabled() and "confirm the mask" in window.register_step.register_blocker.text()
     window.radiograph_panels[0].confirm.setChecked(True)      # the header checkbox of a view
-    assert window.session.views[0].confirmed and window.mask_rows[0][2].isChecked()
-    assert not window.register_button.isEnabled()
-    window.mask_rows[1][2].setChecked(True)                   # the panel checkbox
-    assert window.register_button.isEnabled()
+    assert window.session.views[0].confirmed and window.masks_step.mask_rows[0][2].isChecked()
+    assert not window.register_step.register_button.isEnabled()
+    window.masks_step.mask_rows[1][2].setChecked(True)                   # the panel checkbox
+    assert window.register_step.register_button.isEnabled()
 
     assert register(qtbot, window) == "finished"
-    assert window._current_step() == "Review" and window.worker is None
+    assert window.current_step() == "Review" and window.register_step.worker is None
     # measurements table holds the pipeline's values
-    table = {window.measure_table.item(r, 0).text(): window.measure_table.item(r, 1).text()
-             for r in range(window.measure_table.rowCount())}
+    table = {window.measure_step.measure_table.item(r, 0).text(): window.measure_step.measure_table.item(r, 1).text()
+             for r in range(window.measure_step.measure_table.rowCount())}
     assert table["Femoral head radius"] == "12.0"
     assert table["Femoral offset"] == f"{FEMUR.femoral_offset_mm:.1f}"
     assert table["Neck-shaft angle (CCD)"] == "130.0"
@@ -98,7 +98,7 @@ def test_gui_thread_never_blocks_during_registration(make_window, synthetic_case
         assert window.start_registration()
         # Direct connection: runs in the worker thread the moment the job returns, so the time
         # excludes building the 3D scene afterwards (which runs on the GUI thread by design).
-        window.worker.succeeded.connect(lambda _result: finished_at.append(heartbeat.now()),
+        window.register_step.worker.succeeded.connect(lambda _result: finished_at.append(heartbeat.now()),
                                         Qt.ConnectionType.DirectConnection)
     heartbeat.stop()
     assert blocker.args == ["finished"] and finished_at
@@ -114,14 +114,14 @@ def test_cancel_stops_between_steps_and_writes_nothing(make_window, synthetic_ca
     confirm_all(window)
     with qtbot.waitSignal(window.registration_finished, timeout=30_000) as blocker:
         window.start_registration()
-        qtbot.waitUntil(lambda: window.progress.value() > 0, timeout=10_000)
-        assert window.cancel_button.isEnabled()
-        qtbot.mouseClick(window.cancel_button, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(lambda: window.register_step.progress.value() > 0, timeout=10_000)
+        assert window.register_step.cancel_button.isEnabled()
+        qtbot.mouseClick(window.register_step.cancel_button, Qt.MouseButton.LeftButton)
     assert blocker.args == ["cancelled"]
-    assert window.session.result is None and window.worker is None
-    assert window.progress_message.text() == "Cancelled"
+    assert window.session.result is None and window.register_step.worker is None
+    assert window.register_step.progress_message.text() == "Cancelled"
     assert not [p for p in window.session.work_dir.iterdir() if p.name.startswith("run-")]
-    assert window.register_button.isEnabled()
+    assert window.register_step.register_button.isEnabled()
 
 
 def test_pipeline_error_shows_its_one_line_message(make_window, synthetic_case, qtbot):
@@ -155,7 +155,7 @@ def test_bad_inputs_never_crash(make_window, tmp_path):
     assert not window.open_case_folder(broken)
     bad_project = tmp_path / "x.hipatlas"
     bad_project.write_bytes(b"PK\x03\x04 truncated")
-    assert not window.open_project(bad_project)
+    assert not window.load_step.open_project(bad_project)
     assert len(window.errors) == 3 and all("Unexpected" not in e for e in window.errors)
     assert not window.session.has_case
 
@@ -175,30 +175,30 @@ def test_mask_editing_with_the_mouse_and_undo(make_window, synthetic_case, qtbot
     confirm_all(window)
     session, view = window.session, window.radiograph_panels[0].view
     original = session.views[0].mask.copy()
-    window.set_tool("brush")
-    window.brush_size.setValue(3)
+    window.masks_step.set_tool("brush")
+    window.masks_step.brush_size.setValue(3)
     _drag(qtbot, view, [(5.0, 80.0), (12.0, 80.0), (20.0, 80.0)])
     painted = session.views[0].mask
     assert painted[80, 5:21].all() and not original[80, 5:21].any()
-    assert not session.views[0].confirmed and not window.register_button.isEnabled()
-    assert window.undo_stack.count() == 1  # the whole drag is one undo step
-    window.undo_stack.undo()
+    assert not session.views[0].confirmed and not window.register_step.register_button.isEnabled()
+    assert window.masks_step.stack.count() == 1  # the whole drag is one undo step
+    window.masks_step.stack.undo()
     assert np.array_equal(session.views[0].mask, original)
-    window.undo_stack.redo()
+    window.masks_step.stack.redo()
     assert session.views[0].mask[80, 5:21].all()
     # eraser, then a polygon (clicks + double click) in the other view
-    window.set_tool("eraser")
+    window.masks_step.set_tool("eraser")
     _drag(qtbot, view, [(12.0, 80.0), (12.0, 80.0)])
     assert not session.views[0].mask[80, 11:14].any()
-    window.set_tool("polygon")
+    window.masks_step.set_tool("polygon")
     other = window.radiograph_panels[1].view
     corners = [(80.0, 5.0), (100.0, 5.0), (100.0, 20.0), (80.0, 20.0)]
     for u, v in corners:
         qtbot.mouseClick(other.viewport(), Qt.MouseButton.LeftButton, pos=other.mapFromScene(QPointF(u, v)))
     qtbot.mouseDClick(other.viewport(), Qt.MouseButton.LeftButton, pos=other.mapFromScene(QPointF(80.0, 20.0)))
     assert session.views[1].mask[6:19, 81:99].all()
-    assert window.undo_stack.count() == 3
-    window.undo_stack.undo()
+    assert [stack.count() for stack in window.masks_step.stacks] == [2, 1]   # one history per view
+    window.masks_step.stack.undo()                                            # the view edited last
     assert not session.views[1].mask[6:19, 81:99].any()
     # the displayed mask layer follows the session's mask
     layer = view.mask_layer_image()
@@ -210,16 +210,16 @@ def test_export_project_round_trip_and_recent_files(make_window, synthetic_case,
     window.open_case_folder(synthetic_case)
     confirm_all(window)
     assert register(qtbot, window) == "finished"
-    written = window.export_to(tmp_path / "export")
+    written = window.export_step.export_to(tmp_path / "export")
     pdf = written["pdf_report"].read_bytes()
     assert pdf.startswith(b"%PDF") and pdf.count(b"/Subtype /Image") >= 3   # 3D, 2 annotated radiographs
     assert json.loads(written["measurements_json"].read_text())["head_radius_mm"] == FEMUR.head_radius_mm
-    assert window._save_to(tmp_path / "plan.hipatlas")
+    assert window.export_step._save_to(tmp_path / "plan.hipatlas")
     assert window.settings.recent_files[0] == str((tmp_path / "plan.hipatlas").resolve())
 
     second = make_window()
-    assert second.open_project(tmp_path / "plan.hipatlas")
-    assert second._current_step() == "Review"
+    assert second.load_step.open_project(tmp_path / "plan.hipatlas")
+    assert second.current_step() == "Review"
     assert second.session.measurements == window.session.measurements
     assert second.surface_view.has_surface() and all(v.confirmed for v in second.session.views)
     assert "plan.hipatlas" in second.windowTitle()
@@ -275,7 +275,7 @@ def test_settings_model_path_reaches_the_pipeline_and_about(make_window, synthet
     window = make_window()
     window.open_case_folder(synthetic_case)
     confirm_all(window)
-    assert "custom.keras" in window.model_label.text()
+    assert "custom.keras" in window.register_step.model_label.text()
     assert register(qtbot, window) == "finished"
     assert window.session.result.report["model"]["path"] == "/models/custom.keras"
     from inference import __version__
@@ -300,11 +300,11 @@ def test_close_joins_the_worker_and_releases_vtk(qtbot, gui_settings, tmp_path):
     # close while a second registration runs: the worker is cancelled and joined first
     window.session.register_fn = functools.partial(synthetic_register, steps=500, step_seconds=0.02)
     assert window.start_registration()
-    worker, bar = window.worker, window.progress
+    worker, bar = window.register_step.worker, window.register_step.progress
     qtbot.waitUntil(lambda: bar.value() > 0, timeout=10_000)
     work_dir = window.session.work_dir
     window.close()
-    assert worker.isFinished() and window.worker is None
+    assert worker.isFinished() and window.register_step.worker is None
     assert window.surface_view._closed and not work_dir.exists()
     window.deleteLater()
     del window, worker
@@ -319,24 +319,24 @@ def test_moving_a_landmark_updates_table_3d_and_radiographs(make_window, synthet
     confirm_all(window)
     assert register(qtbot, window) == "finished"
     window.go_to_step("Measure")
-    spins = window.landmark_spins["head_centre"]
+    spins = window.measure_step.landmark_spins["head_centre"]
     assert [s.value() for s in spins] == pytest.approx(list(FEMUR.head_centre_mm))
-    assert not window.reset_landmarks_button.isEnabled()
+    assert not window.measure_step.reset_landmarks_button.isEnabled()
     spins[0].setValue(FEMUR.head_centre_mm[0] + 5.0)   # as if typed (keyboard tracking is off)
-    table = {window.measure_table.item(r, 0).text(): window.measure_table.item(r, 1).text()
-             for r in range(window.measure_table.rowCount())}
+    table = {window.measure_step.measure_table.item(r, 0).text(): window.measure_step.measure_table.item(r, 1).text()
+             for r in range(window.measure_step.measure_table.rowCount())}
     assert table["Femoral offset"].startswith("40.0 \u00b1 ")
-    assert window.reset_landmarks_button.isEnabled()
+    assert window.measure_step.reset_landmarks_button.isEnabled()
     sphere_centre = window.surface_view.plotter.actors["head_sphere"].GetCenter()
     assert sphere_centre[0] == pytest.approx(FEMUR.head_centre_mm[0] + 5.0, abs=0.3)
-    qtbot.mouseClick(window.reset_landmarks_button, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(window.measure_step.reset_landmarks_button, Qt.MouseButton.LeftButton)
     assert window.session.measurements["femoral_offset_mm"] == pytest.approx(FEMUR.femoral_offset_mm)
     assert spins[0].value() == pytest.approx(FEMUR.head_centre_mm[0])
 
 
 def _table(window) -> dict[str, str]:
-    return {window.measure_table.item(r, 0).text(): window.measure_table.item(r, 1).text()
-            for r in range(window.measure_table.rowCount())}
+    return {window.measure_step.measure_table.item(r, 0).text(): window.measure_step.measure_table.item(r, 1).text()
+            for r in range(window.measure_step.measure_table.rowCount())}
 
 
 def test_a_hundredth_mm_landmark_move_changes_the_measurements_by_a_hundredth(make_window, synthetic_case, qtbot):
@@ -353,7 +353,7 @@ def test_a_hundredth_mm_landmark_move_changes_the_measurements_by_a_hundredth(ma
     shown = _table(window)
     assert shown["Vertical offset"].startswith(f"{FEMUR.head_centre_mm[2] - FEMUR.lesser_trochanter_z_mm:.1f} \u00b1 ")
     # recomputing from the unchanged landmarks (as typed back in) gives identical values
-    spins = window.landmark_spins["lesser_trochanter"]
+    spins = window.measure_step.landmark_spins["lesser_trochanter"]
     spins[0].setValue(spins[0].value() + 1.0)
     spins[0].setValue(spins[0].value() - 1.0)
     assert window.session.measurements == before and _table(window) == shown
@@ -365,7 +365,7 @@ def test_a_hundredth_mm_landmark_move_changes_the_measurements_by_a_hundredth(ma
         assert after[key] == before[key], key
     assert _table(window)["Femoral offset"] == shown["Femoral offset"]
     # the synthetic femur's shaft stretch is short: the offset is marked and the tooltip says why
-    assert shown["Femoral offset"].endswith("(!)") and "lesser trochanter" in window.measure_table.item(0, 1).toolTip()
+    assert shown["Femoral offset"].endswith("(!)") and "lesser trochanter" in window.measure_step.measure_table.item(0, 1).toolTip()
 
 
 def test_dragging_a_3d_landmark_handle_moves_the_landmark(make_window, synthetic_case, qtbot):
@@ -374,7 +374,7 @@ def test_dragging_a_3d_landmark_handle_moves_the_landmark(make_window, synthetic
     confirm_all(window)
     assert register(qtbot, window) == "finished"
     window.go_to_step("Measure")
-    window.drag_landmarks.setChecked(True)
+    window.measure_step.drag_landmarks.setChecked(True)
     handles = window.surface_view.handle_widgets()
     names = list(window.session.landmarks_mm)
     assert len(handles) == len(names)
@@ -385,17 +385,17 @@ def test_dragging_a_3d_landmark_handle_moves_the_landmark(make_window, synthetic
     head.InvokeEvent("EndInteractionEvent")
     qtbot.waitUntil(lambda: window.session.landmarks_edited, timeout=5000)
     assert window.session.measurements["femoral_offset_mm"] == pytest.approx(40.0)
-    assert window.landmark_spins["head_centre"][0].value() == pytest.approx(FEMUR.head_centre_mm[0] + 5.0)
+    assert window.measure_step.landmark_spins["head_centre"][0].value() == pytest.approx(FEMUR.head_centre_mm[0] + 5.0)
     # the handles were rebuilt at the new positions
     names = list(window.session.landmarks_mm)
     moved = window.surface_view.handle_widgets()[names.index("head_centre")]
     assert moved.GetCenter()[0] == pytest.approx(FEMUR.head_centre_mm[0] + 5.0)
-    window.drag_landmarks.setChecked(False)
+    window.measure_step.drag_landmarks.setChecked(False)
     assert window.surface_view.handle_widgets() == []
 
 
 def test_import_dialog_and_dicom_calibration_in_the_load_step(make_window, tmp_path):
-    from app.main_window import ImportDialog
+    from app.steps.load import ImportDialog
     from gui_helpers import write_dicom
 
     rng = np.random.default_rng(3)
@@ -409,24 +409,24 @@ def test_import_dialog_and_dicom_calibration_in_the_load_step(make_window, tmp_p
     dialog.side.setCurrentText("left")
     imports = dialog.imports()
     assert [i.calibration_path for i in imports] == [None, None]
-    assert window.import_radiographs(imports, dialog.side.currentText())
+    assert window.load_step.import_radiographs(imports, dialog.side.currentText())
     assert window.session.case.side == "left"
-    assert [window.case_table.item(r, 3).text() for r in range(2)] == ["DICOM tags", "DICOM tags"]
-    assert "DistanceSourceToDetector" in window.case_table.item(0, 3).toolTip()
+    assert [window.load_step.case_table.item(r, 3).text() for r in range(2)] == ["DICOM tags", "DICOM tags"]
+    assert "DistanceSourceToDetector" in window.load_step.case_table.item(0, 3).toolTip()
     assert "dicom-tags" in window.radiograph_panels[1].details.text()
-    assert "90\u00b0 apart" in window.pair_label.text()
+    assert "90\u00b0 apart" in window.load_step.pair_label.text()
     # a PNG without calibration is refused with an actionable message, the open case stays
     png = tmp_path / "plain.png"
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(png)
     from app.session import RadiographImport
 
-    assert not window.import_radiographs([RadiographImport("A", png), RadiographImport("B", png)], "right")
+    assert not window.load_step.import_radiographs([RadiographImport("A", png), RadiographImport("B", png)], "right")
     assert "choose a calibration JSON" in window.errors[-1]
     assert window.session.case.side == "left"
 
 
 def test_settings_dialog_applies_units_and_autosave(make_window, gui_settings, monkeypatch):
-    from app.main_window import SettingsDialog
+    from app.dialogs import SettingsDialog
     from inference.backends import BACKEND_ENV
 
     monkeypatch.setenv(BACKEND_ENV, "auto")  # restored afterwards: apply() sets it
@@ -453,32 +453,32 @@ def test_atlas_mask_proposal_fills_missing_masks(make_window, gui_settings, tmp_
     with qtbot.waitSignal(window.proposal_finished, timeout=60_000) as blocker:
         assert window.open_case_folder(case)
         assert [v.mask_source for v in window.session.views] == ["missing"] * 2
-        assert window.proposal_worker is not None and window.proposal_progress.isVisible()
+        assert window.masks_step.proposal_worker is not None and window.masks_step.proposal_progress.isVisible()
         # meanwhile the user draws LAT and confirms it; registration waits for the proposal
         window.session.fill_polygon(1, np.array([[40.0, 20.0], [70.0, 20.0], [70.0, 80.0], [40.0, 80.0]]), True)
         drawn = window.session.views[1].mask.copy()
         window.set_mask_confirmed(1, True)
-        assert "mask proposal" in window.register_blocker.text() or not window.register_button.isEnabled()
+        assert "mask proposal" in window.register_step.register_blocker.text() or not window.register_step.register_button.isEnabled()
     assert blocker.args == ["finished"]
     truth = synthetic_masks(io.load_case(case))
     assert window.session.views[0].mask_source == "proposed"
     assert np.array_equal(window.session.views[0].mask, truth[0])
     assert np.array_equal(window.session.views[1].mask, drawn)          # drawn by the user: kept
     assert window.session.views[1].confirmed and not window.session.views[0].confirmed
-    window.undo_stack.undo()                                            # one step undoes the proposal
+    window.masks_step.stack.undo()                                            # one step undoes the proposal
     assert not window.session.views[0].mask.any()
-    window.undo_stack.redo()
+    window.masks_step.stack.redo()
     window.set_mask_confirmed(0, True)
     with qtbot.waitSignal(window.proposal_finished, timeout=60_000):     # registration waits for it
-        assert window.start_mask_proposal([0])
-        assert not window.register_button.isEnabled() and "mask proposal" in window.register_blocker.text()
+        assert window.masks_step.start_mask_proposal([0])
+        assert not window.register_step.register_button.isEnabled() and "mask proposal" in window.register_step.register_blocker.text()
     # Propose on demand for a single view (the button), then stop one midway
     with qtbot.waitSignal(window.proposal_finished, timeout=60_000):
-        window.propose_buttons[0].click()
+        window.masks_step.propose_buttons[0].click()
     assert np.array_equal(window.session.views[0].mask, truth[0])
     window.session.propose_fn = functools.partial(synthetic_propose, steps=200, step_seconds=0.05)
     with qtbot.waitSignal(window.proposal_finished, timeout=60_000) as blocker:
-        assert window.start_mask_proposal([0])
-        qtbot.waitUntil(lambda: window.proposal_progress.value() > 0, timeout=20_000)
-        window.proposal_cancel.click()
-    assert blocker.args == ["cancelled"] and window.proposal_worker is None
+        assert window.masks_step.start_mask_proposal([0])
+        qtbot.waitUntil(lambda: window.masks_step.proposal_progress.value() > 0, timeout=20_000)
+        window.masks_step.proposal_cancel.click()
+    assert blocker.args == ["cancelled"] and window.masks_step.proposal_worker is None

@@ -1,0 +1,76 @@
+"""Registration times of the workstation: the first and the later registrations of one case in one
+window (issue 15 target: the second <= 3 s on this machine).
+
+The workstation runs the pipeline in a long-lived child process (:class:`app.isolated.WorkerProcess`)
+that keeps TensorFlow imported and the model loaded between jobs. This script drives the same
+path without a window: a :class:`app.session.Session` on the demo case (or ``--case``), its masks
+confirmed, its registration job run through a ``WorkerProcess`` ``--runs`` times. The job includes
+reading the outputs for display, as in the window. ``one_shot_s`` is the old path for comparison: a
+fresh child process per registration (:func:`app.isolated.run_isolated`).
+
+    python benchmarks/bench_workstation_registration.py --json
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import tempfile
+import time
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import BenchReport, parse_args  # noqa: E402
+
+
+def _extra(parser) -> None:
+    parser.add_argument("--case", help="case folder (default: the demo case)")
+    parser.add_argument("--runs", type=int, default=3, help="registrations in the long-lived process")
+
+
+def _register(session, runner) -> float:
+    session.runner = runner
+    job = session.registration_job()
+    started = time.perf_counter()
+    generator = job(lambda: False)
+    try:
+        while True:
+            next(generator)
+    except StopIteration as stop:
+        session.set_result(stop.value)
+    return time.perf_counter() - started
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv, __doc__, _extra)
+    from app.isolated import WorkerProcess, run_isolated
+    from app.session import Session
+    from inference.resources import demo_dir
+
+    report = BenchReport("workstation_registration", json_output=args.json)
+    case = args.case or str(demo_dir())
+    with tempfile.TemporaryDirectory() as work:
+        session = Session(work_root=work)
+        session.open_case(case)
+        for index in range(len(session.views)):
+            session.set_confirmed(index, True)
+        process = WorkerProcess()
+        try:
+            times = [_register(session, process.run) for _ in range(max(2, args.runs))]
+        finally:
+            process.close()
+        report.add("first_s", times[0], "s", "first registration (process start, TensorFlow, model)")
+        report.add("second_s", times[1], "s", "second registration of the case, same window")
+        report.add("later_median_s", sorted(times[1:])[len(times[1:]) // 2], "s", "median of the later ones")
+        # where the last registration spent its time (the pipeline's own report.json timings)
+        for key, value in (session.result.report.get("timings_s") or {}).items():
+            report.add(f"last_{key}", float(value), "s", f"last registration: {key}")
+        if not args.quick:
+            report.add("one_shot_s", _register(session, run_isolated), "s", "a fresh process per registration")
+        session.close()
+    return report.finish()
+
+
+if __name__ == "__main__":
+    main()
