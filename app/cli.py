@@ -54,6 +54,10 @@ def _run_gui(args: argparse.Namespace) -> int:
     return run_gui(args)
 
 
+#: The subcommands that live in ``app`` (they need Qt or VTK), added to the inference CLI's.
+APP_SUBCOMMANDS = (_add_gui, _add_report)
+
+
 def main(argv=None) -> int:
     import multiprocessing
 
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
         from inference.cli_commands import skip_pyplot_import
 
         skip_pyplot_import()
-    return inference_cli.run(argv, extra=(_add_gui, _add_report))
+    return inference_cli.run(argv, extra=APP_SUBCOMMANDS)
 
 
 if __name__ == "__main__":

@@ -74,13 +74,22 @@ def fine_grid_placed(coarse_placed, coarse_atlas_grid, fine_atlas_grid):
 def upsample_displacement(psi_zyx3: np.ndarray) -> np.ndarray:
     """The coarse displacement (coarse voxels) on the grid twice as fine (fine voxels).
 
-    :class:`inference.model.UpsampleField` does it (the network's own x2 upsampling: shared
-    outer edges, linear, border values held), so the fine field is exactly what the network
-    would have produced with a full-resolution output layer.
+    The same arithmetic as :class:`inference.model.UpsampleField`, the network's own x2
+    upsampling (shared outer edges, linear weights 3/4 and 1/4, border values held; displacements
+    double in fine voxels), so the fine field is exactly what the network would have produced with
+    a full-resolution output layer; in numpy, so that a registration through ONNX Runtime never
+    loads TensorFlow.
     """
-    from inference.model import UpsampleField
-
-    return np.asarray(UpsampleField()(np.asarray(psi_zyx3, np.float32)[None]))[0]
+    field = np.asarray(psi_zyx3, np.float32)
+    for axis in range(3):
+        n = field.shape[axis]
+        before = np.take(field, np.r_[0, np.arange(n - 1)], axis=axis)
+        after = np.take(field, np.r_[np.arange(1, n), n - 1], axis=axis)
+        even = np.float32(0.75) * field + np.float32(0.25) * before
+        odd = np.float32(0.75) * field + np.float32(0.25) * after
+        stacked = np.stack([even, odd], axis=axis + 1)
+        field = stacked.reshape(field.shape[:axis] + (2 * n,) + field.shape[axis + 1:])
+    return np.float32(2.0) * field
 
 
 def warp_linear(channels: list[np.ndarray], field: np.ndarray) -> list[np.ndarray]:

@@ -69,3 +69,12 @@ def test_the_bundled_paper_atlas_is_twice_as_fine_as_the_compact_one():
     fine = fullres.fine_atlas_for(compact)
     assert fine is not None and fine.grid == "paper"
     np.testing.assert_allclose(fullres.spacing_ratio(compact.geometry, fine.geometry), [2.0, 2.0, 2.0])
+
+
+def test_numpy_upsampling_equals_the_network_layer():
+    """The registration upsamples in numpy (no TensorFlow under ONNX Runtime) exactly as the model's layer."""
+    from inference.model import UpsampleField
+
+    field = np.random.default_rng(4).normal(size=(5, 4, 6, 3)).astype(np.float32)
+    expected = np.asarray(UpsampleField()(field[None]))[0]
+    np.testing.assert_allclose(fullres.upsample_displacement(field), expected, rtol=1e-6, atol=1e-6)

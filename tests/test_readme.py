@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from app.cli import _add_gui
+from app.cli import APP_SUBCOMMANDS
 from inference.cli import build_parser
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_readme_names_commands():
 @pytest.mark.parametrize("command", HIPATLAS)
 def test_readme_hipatlas_command_parses(command):
     argv = _placeholders(command)[1:]
-    parser = build_parser(extra=(_add_gui,))
+    parser = build_parser(extra=APP_SUBCOMMANDS)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
