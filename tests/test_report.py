@@ -53,7 +53,7 @@ def _hipatlas(*args, cwd) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("DISPLAY", None)  # off-screen without any display: EGL or OSMesa
     return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, encoding="utf-8", timeout=300)
 
 
 @needs_poppler
@@ -71,7 +71,7 @@ def test_report_pages_hold_the_record_and_the_pictures(registered, tmp_path):
     assert done.returncode == 0, done.stderr
     assert pdf.is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
-    text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True,
+    text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, encoding="utf-8",
                           check=True).stdout
     flat = " ".join(text.split())
     for required in ("Testperson, Erika", "PID-4711", "1951-06-30", "Study date 2026-11-02",
@@ -137,7 +137,7 @@ def test_report_pictures_show_the_bone_and_the_graphics(registered, tmp_path):
         for colour in (head, shaft):
             assert (np.abs(picture - colour).sum(axis=-1) < 40).sum() > 50, "measurement graphics missing"
     # no patient identifiers without a patient file, and the record says so
-    text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, encoding="utf-8", check=True).stdout
     assert "not recorded" in text
 
 

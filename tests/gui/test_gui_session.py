@@ -173,7 +173,7 @@ def test_report_of_a_dicom_case_names_the_patient_and_the_magnification(tmp_path
         session.report_patient = {"surgeon": "Dr. Example"}
         written = session.export(tmp_path / "out", ExportOptions(nifti=False, surface_stl=False))
         text = " ".join(subprocess.run(["pdftotext", "-layout", str(written["pdf_report"]), "-"],
-                                       capture_output=True, text=True, check=True).stdout.split())
+                                       capture_output=True, encoding="utf-8", check=True).stdout.split())
     finally:
         session.close()
     for required in ("Doe, Jane", "PID-12345", "Birth date 1960-01-01", "Dr. Example", "Operated side: RIGHT hip"):
@@ -323,7 +323,7 @@ def test_export_writes_valid_files(registered, tmp_path):
     assert pdf.count(b"/Subtype /Image") >= 3  # two annotated radiographs and the 3D picture, rendered off-screen
     if shutil.which("pdftotext"):
         text = " ".join(subprocess.run(["pdftotext", str(written["pdf_report"]), "-"], capture_output=True,
-                                       text=True, check=True).stdout.split())
+                                       encoding="utf-8", check=True).stdout.split())
         assert "Operated side: RIGHT hip" in text and "Radiographs with measurement graphics" in text
         assert "Signature" in text and "Pixel at hip" in text
     assert not [p for p in written["pdf_report"].parent.iterdir() if p.name.startswith(".")]
