@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import io as stdio
 import json
+import os
 import pathlib
 import struct
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -619,3 +622,16 @@ def test_simulated_case_through_the_pacs_keeps_its_cameras(tmp_path, orthanc, se
     for got, want in zip(retrieved.views, original.views):
         assert _pixel_error(got.P, geometry.transform_world(want.P, shift), np.zeros(3)) < 1e-3
         np.testing.assert_allclose(got.image.pixels, want.image.pixels)
+
+
+@pytest.mark.slow
+def test_pacs_demo_runs_the_whole_round_trip(tmp_path):
+    """`make pacs-demo`: load, retrieve, register, report, store back, read back (one process that
+    renders the report's 3D pictures, so it must never have loaded TensorFlow)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "tools" / "pacs_demo.py"), "--out", str(tmp_path / "demo")],
+                          cwd=root, capture_output=True, encoding="utf-8", timeout=1200,
+                          env=dict(os.environ, PYTHONPATH=str(root)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stored 7 result objects: sr, pdf, stl" in done.stdout
+    assert "(no duplicates)" in done.stdout and "SR read back from the PACS" in done.stdout

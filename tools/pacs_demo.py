@@ -75,12 +75,16 @@ def main(argv: list[str] | None = None) -> int:
 
         studies = [(ROOT / "resources" / "demo", dicom_case.PatientInfo(accession_number="DEMO-1"))]
         for index in range(args.simulated):
-            from inference.simulate import simulate_phantom_case
+            from inference.recipe import run_hipatlas
 
             case_dir = out / f"simulated_{index + 1}"
             step(f"simulating case {index + 1} (phantom MC22, seed {index + 1})")
-            simulate_phantom_case("MC22:left", index + 1, case_dir, truth_out=out / f"simulated_{index + 1}_truth",
-                                  detector=(512, 512, 0.6))
+            # In its own process: the DRR renderer loads TensorFlow, and this process later renders
+            # the report's 3D pictures with VTK, which crashes where TensorFlow is loaded (Mesa
+            # llvmpipe; see tests/gui/conftest.py).
+            run_hipatlas(["simulate", "--phantom", "MC22:left", "--side", "left", "--seed", str(index + 1),
+                          "--out", str(case_dir), "--truth-out", str(out / f"simulated_{index + 1}_truth")],
+                         f"simulating case {index + 1}")
             studies.append((case_dir, dicom_case.PatientInfo(patient_id=f"HIPATLAS-SIM-{index + 1}",
                                                              patient_name=f"SIMULATED^CASE{index + 1}",
                                                              accession_number=f"SIM-{index + 1}")))
@@ -101,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
 
         from inference import pipeline
 
-        step("registering the retrieved case (shipped model)")
-        result = run_to_completion(pipeline.register_case(case_dir, out / "register"))
+        step("registering the retrieved case (shipped model, ONNX Runtime: no TensorFlow in this process)")
+        result = run_to_completion(pipeline.register_case(case_dir, out / "register", backend="onnx"))
+        if "tensorflow" in sys.modules:
+            raise RuntimeError("TensorFlow was loaded; the report's off-screen 3D rendering would crash")
         results = results_with_pdf(case_dir, result, out / "results_with_pdf")
         written = dicom_results.export_results(results, out / "dicom_out", source=case_dir)
         stored = run_to_completion(pacs.send(settings, [out / "dicom_out"]))
