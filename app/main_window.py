@@ -39,6 +39,9 @@ from inference.errors import HipAtlasError
 
 log = logging.getLogger(__name__)
 
+#: The surgeon's walk-through (Help > User guide).
+USER_GUIDE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "user-guide.md"
+
 
 class MainWindow(QMainWindow):
     """The planning workstation window.
@@ -331,6 +334,16 @@ class MainWindow(QMainWindow):
     def about_text(self) -> str:
         model = describe_model(self.settings.model_path or None)
         return f"HipAtlas {__version__}; model {model.get('id', model.get('error'))}"
+
+    def show_user_guide(self) -> None:
+        """Open docs/user-guide.md (with its pictures) in the system's viewer."""
+        from PySide6.QtCore import QUrl
+        from PySide6.QtGui import QDesktopServices
+
+        guide = USER_GUIDE
+        if not guide.is_file() or not QDesktopServices.openUrl(QUrl.fromLocalFile(str(guide))):
+            QMessageBox.information(self, "User guide", f"The user guide is {guide}; no viewer could open it "
+                                    "here. It is also in the HipAtlas source repository, docs/user-guide.md.")
 
     def show_shortcuts(self) -> None:
         QMessageBox.information(self, "Keyboard shortcuts", shortcuts_html(self.actions.values()))

@@ -76,6 +76,7 @@ def build_menus(window) -> dict[str, QAction]:
         action(f"viewer_{index}", name, lambda _=False, i=index: window.viewers.setCurrentIndex(i),
                f"Alt+{index + 1}", view_menu)
     help_menu = menu.addMenu("&Help")
+    action("user_guide", "User guide", window.show_user_guide, "Shift+F1", help_menu)
     action("shortcuts", "Keyboard shortcuts", window.show_shortcuts, "F1", help_menu)
     action("about", "About HipAtlas", window.show_about, None, help_menu)
     return actions

@@ -6,6 +6,7 @@ import functools
 import gc
 import json
 import os
+import pathlib
 import sys
 import threading
 
@@ -482,3 +483,23 @@ def test_atlas_mask_proposal_fills_missing_masks(make_window, gui_settings, tmp_
         qtbot.waitUntil(lambda: window.masks_step.proposal_progress.value() > 0, timeout=20_000)
         window.masks_step.proposal_cancel.click()
     assert blocker.args == ["cancelled"] and window.masks_step.proposal_worker is None
+
+
+def test_help_opens_the_user_guide_with_its_pictures(make_window, monkeypatch):
+    """Help > User guide opens docs/user-guide.md, whose pictures and links exist."""
+    import re
+
+    from PySide6.QtGui import QDesktopServices
+
+    opened = []
+    monkeypatch.setattr(QDesktopServices, "openUrl", lambda url: opened.append(url.toLocalFile()) or True)
+    window = make_window()
+    window.actions["user_guide"].trigger()
+    assert len(opened) == 1 and opened[0].endswith("docs/user-guide.md")
+    guide = pathlib.Path(opened[0])
+    text = guide.read_text(encoding="utf-8")
+    for step in ("Load", "Masks", "Register", "Review", "Measure", "Template", "Export"):
+        assert re.search(rf"^## \d\. {step}", text, re.M), step
+    targets = re.findall(r"\]\(([^)#\s]+)\)", text)
+    assert sum(t.endswith(".png") for t in targets) >= 4
+    assert all((guide.parent / t).is_file() for t in targets), targets
