@@ -324,7 +324,19 @@ def write_model_card(model_path: str | os.PathLike, config: ModelConfig,
         if key in card:
             raise ConfigError(f"model card key {key!r} is reserved")
         card[key] = value
-    path = card_path_for(model_path)
+    return write_card_file(card_path_for(model_path), card)
+
+
+def update_model_card(path: str | os.PathLike, updates: Mapping[str, Any]) -> pathlib.Path:
+    """Replace top-level keys of an existing model card (an ONNX export, a recipe's record),
+    written as :func:`write_model_card` writes cards; the card must be valid to begin with."""
+    card = read_model_card(path)
+    card.update(updates)
+    return write_card_file(pathlib.Path(path), card)
+
+
+def write_card_file(path: pathlib.Path, card: Mapping[str, Any]) -> pathlib.Path:
+    """Write a whole card dict to ``path`` (atomic; the one layout of every model card)."""
     write_text_atomic(path, json.dumps(card, indent=2, sort_keys=True) + "\n")
     return path
 

@@ -32,8 +32,9 @@ from typing import Any
 
 from inference.backends import ONNX_CARD_KEY, OUTPUT_NAMES
 from inference.errors import ConfigError, ModelError
-from inference.io import plain_mode, write_text_atomic
-from inference.model_config import NUM_VIEWS, card_path_for, read_model_card
+from inference.io import plain_mode
+from inference.model_config import (NUM_VIEWS, card_path_for, read_model_card, update_model_card,
+                                    write_card_file)
 from inference.resources import file_sha256
 
 log = logging.getLogger(__name__)
@@ -131,10 +132,10 @@ def export_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike | Non
         "export_s": round(time.perf_counter() - started, 1),
     }
     target_card = card_path_for(out_path)
-    updated = dict(card) if target_card.resolve() == card_file.resolve() or not target_card.is_file() \
-        else read_model_card(target_card)
-    updated[ONNX_CARD_KEY] = entry
-    write_text_atomic(target_card, json.dumps(updated, indent=2, sort_keys=True) + "\n")
+    if target_card.is_file():
+        update_model_card(target_card, {ONNX_CARD_KEY: entry})
+    else:  # an export into another folder starts from the source model's card
+        write_card_file(target_card, {**card, ONNX_CARD_KEY: entry})
     log.info("exported %s -> %s (%.1f MB, opset %d) in %.0f s", model_path.name, out_path,
              entry["bytes"] / 1e6, opset, entry["export_s"])
     return entry

@@ -168,7 +168,7 @@ def verification(recipe: Mapping[str, Any], work: str | os.PathLike) -> dict:
         return {}
     path = pathlib.Path(work) / "verification" / "evaluation.json"
     summary = read_json_object(path, what="evaluation").get("summary", {})
-    dice = summary.get("dice", {}).get("mean") if isinstance(summary.get("dice"), Mapping) else summary.get("dice")
+    dice = (summary.get("dice") or {}).get("mean")  # hipatlas evaluate's summary: {"dice": {"mean": ...}}
     if dice is None:
         raise DataError(f"{path} holds no mean Dice")
     expected, tolerance = float(verify["dice"]), float(verify["tolerance"])
@@ -179,12 +179,12 @@ def verification(recipe: Mapping[str, Any], work: str | os.PathLike) -> dict:
 def stamp_card(card_path: pathlib.Path, recipe: Mapping[str, Any], result: Mapping[str, Any]) -> None:
     """Put the recipe (and what its run measured) into the produced model's card, so the model
     carries the one command that regenerates it (``hipatlas train --recipe <its card>``)."""
-    card = read_json_object(card_path, what="model card")
-    training = dict(card.get("training") or {})
+    from inference.model_config import read_model_card, update_model_card
+
+    training = dict(read_model_card(card_path).get("training") or {})
     training["recipe"] = dict(recipe)
     training["reproduction"] = {k: v for k, v in result.items() if k != "model"}
-    card["training"] = training
-    write_json_atomic(card_path, card)
+    update_model_card(card_path, {"training": training})
 
 
 # --------------------------------------------------------------------------------------------

@@ -89,7 +89,8 @@ if args[0] == 'evaluate':
     (out / 'evaluation.json').write_text(json.dumps({{'summary': {{'dice': {{'mean': 0.505}}}}}}))
 if args[0] == 'train':
     out = pathlib.Path(args[args.index('--out') + 1]) / 'model'; out.mkdir(parents=True, exist_ok=True)
-    (out / 'model_card.json').write_text(json.dumps({{'format': 'card', 'training': {{'steps': 3}}}}))
+    (out / 'model_card.json').write_text(json.dumps({{'format': 'hipatlas-model-card/1', 'sha256': '0' * 64,
+                                                     'training': {{'steps': 3}}}}))
 """)
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return script

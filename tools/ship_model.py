@@ -20,7 +20,8 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from inference.io import write_json_atomic, write_text_atomic  # noqa: E402
+from inference.io import write_text_atomic  # noqa: E402
+from inference.model_config import write_card_file  # noqa: E402
 from inference.resources import file_sha256  # noqa: E402
 
 
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     destination.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(keras_file, destination / keras_file.name)
     (destination / keras_file.name).chmod(0o644)
-    write_json_atomic(destination / "model_card.json", card)
+    write_card_file(destination / "model_card.json", card)
     if args.default:
         write_text_atomic(REPO / "resources" / "models" / "DEFAULT", args.name + "\n")
     print(f"shipped {destination} sha256 {card['sha256']} steps {training['steps']}")
