@@ -812,11 +812,11 @@ def describe_model(model_path: str | os.PathLike | None) -> dict[str, Any]:
     (seconds) just to show a name. The card sits beside the model as ``<stem>.card.json``
     (:func:`inference.model.card_path_for`).
     """
-    from inference import pipeline
+    from inference import registration
     from inference.errors import ModelError
 
     try:
-        path = pipeline.model_file_in(model_path) if model_path else pipeline.default_model_path()
+        path = registration.model_file_in(model_path) if model_path else registration.default_model_path()
     except ModelError as exc:
         return {"error": str(exc)}
     info: dict[str, Any] = {"file": str(path), "id": path.stem}

@@ -5,7 +5,7 @@ Run: ``python benchmarks/bench_model.py [--json] [--repeats N] [--quick] [--no-p
 Figures (the issue's keys first):
 
 * ``compact_infer_s`` / ``paper_infer_s``: inference per case, i.e. one forward pass
-  (``training=False``) through the traced graph (:func:`inference.pipeline.network_function`,
+  (``training=False``) through the traced graph (:func:`inference.registration.network_function`,
   as ``hipatlas register`` runs cohorts), median after a warm-up call; ``<preset>_infer_eager_s``:
   the same pass as an eager Keras call (how a single case runs: no whole-model tracing);
   ``<preset>_first_infer_<mode>_s``: the warm-up calls (tracing + XLA compilation).
@@ -109,7 +109,7 @@ def _train_step_fn(config, model, inputs, fixed):
 
 
 def _bench_inference(report: BenchReport, name: str, config, model, inputs, repeats: int) -> None:
-    from inference.pipeline import network_function
+    from inference.registration import network_function
 
     for mode, graph in (("eager", False), ("graph", True)):
         forward = network_function(model, graph=graph)

@@ -151,12 +151,12 @@ def _simulated_case(root: pathlib.Path, detector: int) -> pathlib.Path:
 
 
 def _model_path(root: pathlib.Path, given: str | None) -> tuple[pathlib.Path, str]:
-    from inference import pipeline
+    from inference import registration
 
     if given:
-        return pipeline.model_file_in(given), "given"
+        return registration.model_file_in(given), "given"
     try:
-        return pipeline.default_model_path(), "shipped"
+        return registration.default_model_path(), "shipped"
     except Exception:  # no trained model installed yet: an untrained one costs the same
         import keras
 

@@ -112,7 +112,7 @@ class TensorFlowBackend(InferenceBackend):
         self.graph = graph
 
     def run(self, inputs):
-        from inference.pipeline import network_function
+        from inference.registration import network_function
 
         outputs = network_function(self.model, self.graph)(dict(inputs))
         return {key: np.asarray(outputs[key]) for key in OUTPUT_NAMES}
@@ -125,7 +125,7 @@ class TensorFlowBackend(InferenceBackend):
         return np.asarray(warp_lib.warp(image, field, interp="linear"))[0, ..., 0]
 
     def identity(self):
-        from inference.pipeline import model_identity
+        from inference.registration import model_identity
 
         return {**model_identity(self.model), "backend": self.name}
 
@@ -263,9 +263,9 @@ def load_backend(model: Any = None, backend: str | None = None, *, graph: bool =
             raise ConfigError("the ONNX backend needs a model file, not a loaded Keras model")
         return TensorFlowBackend(model, graph=graph)
 
-    from inference import pipeline
+    from inference import registration
 
-    path = pathlib.Path(model) if model is not None else pipeline.default_model_path()
+    path = pathlib.Path(model) if model is not None else registration.default_model_path()
     if path.suffix == ".onnx":
         if choice == "tf":
             raise ConfigError(f"{path.name} is an ONNX model; the TensorFlow backend needs the .keras file")
@@ -273,7 +273,7 @@ def load_backend(model: Any = None, backend: str | None = None, *, graph: bool =
                                  if card_path_for(path).is_file() else None)
         choice = "onnx"
     else:
-        path = pipeline.model_file_in(path)
+        path = registration.model_file_in(path)
         onnx_path, card = onnx_file_for(path)
     if choice == "auto":
         usable = onnx_path is not None and onnx_path.is_file() and onnxruntime_available()
@@ -296,7 +296,7 @@ def load_backend(model: Any = None, backend: str | None = None, *, graph: bool =
     if importlib.util.find_spec("tensorflow") is None:
         raise ModelError(f"TensorFlow is not installed (a TensorFlow-free installation) and the model "
                          f"{path.name} has no usable ONNX export; reinstall the model with its .onnx")
-    return TensorFlowBackend(pipeline.load_registration_model(path), graph=graph)
+    return TensorFlowBackend(registration.load_registration_model(path), graph=graph)
 
 
 def as_backend(net: Any) -> InferenceBackend:

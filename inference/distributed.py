@@ -16,7 +16,7 @@ The batch (:func:`split_batch`)
 
 Which samples a worker reads (:func:`pipeline_positions`)
     The data order is one infinite sequence of sample positions fixed by the seed
-    (:func:`inference.train.epoch_order`); step ``s`` consumes positions
+    (:func:`inference.data.stream.epoch_order`); step ``s`` consumes positions
     ``[s * global_batch, (s + 1) * global_batch)``, of which input pipeline ``i`` of ``n`` (one
     per worker) reads the ``i``-th contiguous share. A resumed run starts at its step and reads
     the same positions as an uninterrupted one.

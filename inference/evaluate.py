@@ -464,7 +464,7 @@ def add_parser(subparsers) -> None:
 
 
 def _cli_evaluate(args) -> int:
-    from inference.pipeline import model_file_in
+    from inference.registration import model_file_in
 
     model = args.model_option or args.model
     data_dir = args.data_option or args.data_dir

@@ -589,12 +589,16 @@ def propose_masks(case: Any, model: Any = None, *, refine: bool = True,
     ----------
     case : inference.io.Case
     model : path, keras.Model or None (the shipped model), as :func:`inference.pipeline.register_case`
-    """
-    from inference import pipeline
 
+    The masks are in the case's pixels (for a left hip, the proposal made in the registration
+    frame's flipped images is flipped back).
+    """
     from inference.backends import load_backend
+    from inference.registration import RegistrationFrame, atlas_for
 
     net = load_backend(model, backend)
-    atlas = pipeline.atlas_for(net)
-    images, projections, start = pipeline.registration_frame(case)
-    return propose(images, projections, net, atlas, start, refine=refine, cancel=cancel).masks
+    atlas = atlas_for(net)
+    frame = RegistrationFrame.of_case(case)
+    proposal = propose(frame.images_in(case), frame.projections, net, atlas, frame.start_mm, refine=refine,
+                       cancel=cancel)
+    return [frame.image_out(mask) for mask in proposal.masks]

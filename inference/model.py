@@ -1064,7 +1064,7 @@ def load_model(path: str | os.PathLike, card: str | os.PathLike | Mapping[str, A
             raise ModelError(f"model card of {path.name} has an invalid config: {error}") from None
         if card_config != config:
             raise ModelError(f"model {path.name} was built with a different config than its card says")
-    # For reports (inference.pipeline.model_identity): which model, verified how.
+    # For reports (inference.registration.model_identity): which model, verified how.
     model._hipatlas_card = {**(dict(card) if card is not None else {"name": path.stem}),
                             "path": str(path)}
     return model

@@ -9,8 +9,10 @@ Steps
 -----
 1. Load and validate the case (:mod:`inference.io`); refuse views under 30 degrees apart and a
    non-empty output folder before any work.
-2. A left femur is registered in a mirrored world (``P @ diag(-1, 1, 1, 1)``) so that the network
-   always sees a right femur; results are mirrored back at the end.
+2. Build the case's :class:`~inference.registration.RegistrationFrame` (the two-view check, the
+   normalised cameras): a left femur is registered in a mirrored world with flipped images, so that
+   the network always sees a right femur through right-handed cameras; the frame carries every
+   result back.
 3. Locate the femoral head by triangulating the two masks (:mod:`inference.localize`) and place the
    atlas grid there (the world origin is wherever the calibration put it). With masks, this runs
    before the model is loaded, so bad masks or calibrations (a femur cut off at the top of an
@@ -21,7 +23,9 @@ Steps
    mask it; the model normalises intensities itself.
 5. Run the network; warp the atlas intensities, labels and landmarks to the patient.
 6. Write the outputs atomically (:func:`inference.io.atomic_output_dir`): label map and warped atlas
-   (NIfTI with world geometry), surface (STL), measurements, overlays and a report.
+   (NIfTI with world geometry), surface (STL), measurements, the outline of the projected femur
+   per view (``silhouette_<view>.json``, :mod:`inference.silhouettes`), the overlays drawn from it
+   and a report.
 """
 
 from __future__ import annotations
@@ -32,19 +36,18 @@ import logging
 import os
 import pathlib
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Iterator
 
 import numpy as np
 
 from inference import __version__, geometry, io, views
+from inference import silhouettes as silhouettes_lib
 from inference.errors import Cancelled, DataError, InputFileError, ModelError, OutputError
+from inference.registration import GRAPH_MODE_MIN_CASES, RegistrationFrame, atlas_for, placed_grid
 
 log = logging.getLogger(__name__)
 
-#: Views closer than this are refused: depth along the viewing direction is then unknowable.
-MIN_VIEW_ANGLE_DEG = 30.0
 #: Below this Dice between a view's femur mask and the projected reconstruction (inside the
 #: projection's bounding box: the mask may run past the atlas field of view) the report warns.
 #: The NCC between the raw radiograph and the projected femur is also reported, but it is not a
@@ -87,126 +90,7 @@ def run_to_completion(generator: Generator[Progress, None, Any],
 
 
 # --------------------------------------------------------------------------------------------
-# Model and atlas
-# --------------------------------------------------------------------------------------------
-
-def default_model_path() -> pathlib.Path:
-    """The shipped model: ``resources/models/DEFAULT`` names its folder, else the only folder."""
-    from inference.resources import models_dir
-
-    models = models_dir()
-    pointer = models / "DEFAULT"
-    if pointer.is_file():
-        folder = models / pointer.read_text().strip()
-    else:
-        folders = sorted(p for p in models.glob("*") if (p / "model_card.json").is_file())
-        if not folders:
-            raise ModelError(f"no trained model is installed in {models}; choose a model file "
-                             "(--model on the command line, Settings in the window)")
-        folder = folders[0]
-    return model_file_in(folder)
-
-
-def model_file_in(path: str | os.PathLike) -> pathlib.Path:
-    path = pathlib.Path(path)
-    if path.is_dir():
-        candidates = sorted(path.glob("*.keras"))
-        if len(candidates) != 1:
-            raise ModelError(f"{path}: expected one .keras model file, found {len(candidates)}")
-        return candidates[0]
-    if not path.is_file():
-        raise ModelError(f"model file not found: {path}")
-    return path
-
-
-_MODEL_CACHE: dict[tuple[str, float], Any] = {}
-
-
-def load_registration_model(model: Any = None):
-    """A loaded Keras model: ``model`` may be a model object, a path, or None (shipped model).
-
-    Loaded models are cached by path and modification time: the GUI registers many cases.
-    """
-    if model is not None and not isinstance(model, (str, os.PathLike)):
-        return model
-    from inference import model as model_lib
-
-    path = model_file_in(model) if model is not None else default_model_path()
-    key = (str(path.resolve()), path.stat().st_mtime)
-    if key not in _MODEL_CACHE:
-        card = model_lib.card_path_for(path)
-        _MODEL_CACHE.clear()
-        _MODEL_CACHE[key] = model_lib.load_model(path, card=card if card.is_file() else None)
-    return _MODEL_CACHE[key]
-
-
-_GRAPH_FUNCTIONS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
-#: From this many cases on, :func:`register_cohort` runs the network as a traced graph: its first
-#: call costs more (measured on the idle 2-core machine, compact model: 3.8 s against 2.2 s for
-#: the first eager call), then each forward pass takes 0.11 s instead of 0.43 s eagerly
-#: (benchmarks/bench_model.py), so it pays from about 5 cases on.
-GRAPH_MODE_MIN_CASES = 8
-
-
-def network_function(net, graph: bool = False) -> Callable[[dict], Any]:
-    """The forward pass of ``net`` (``training=False``): eager, or a traced ``tf.function``.
-
-    Eager is the fastest way through one case (no whole-model tracing); the traced graph is
-    ~4x faster per call afterwards (grappler fuses the many small ops), which pays from about
-    five cases on. The traced function is cached per model.
-    """
-    if not graph:
-        return lambda inputs: net(inputs, training=False)
-    function = _GRAPH_FUNCTIONS.get(net)
-    if function is None:
-        import tensorflow as tf
-
-        def forward(inputs):
-            return net(inputs, training=False)
-
-        function = _GRAPH_FUNCTIONS[net] = tf.function(forward, reduce_retracing=True)
-    return function
-
-
-def model_identity(model) -> dict[str, Any]:
-    """Model id and sha256 for the report (from the model card when the model came from a file)."""
-    info = getattr(model, "_hipatlas_card", None) or {}
-    return {"name": info.get("name", getattr(model, "name", "unknown")),
-            "sha256": info.get("sha256"), "path": info.get("path")}
-
-
-# --------------------------------------------------------------------------------------------
-# Geometry helpers
-# --------------------------------------------------------------------------------------------
-
-MIRROR_X = np.diag([-1.0, 1.0, 1.0, 1.0])
-
-
-def placed_grid(atlas_geometry: "geometry.VolumeGeometry", atlas_head_mm: np.ndarray,
-                head_world_mm: np.ndarray) -> "geometry.VolumeGeometry":
-    """The atlas grid translated so that the atlas's head centre sits on the located head."""
-    shift = np.asarray(head_world_mm, float) - np.asarray(atlas_head_mm, float)
-    return dataclasses.replace(atlas_geometry, origin_mm=tuple(np.asarray(atlas_geometry.origin_mm) + shift))
-
-
-def mirrored_volume(array_zyx: np.ndarray, grid: "geometry.VolumeGeometry"):
-    """Array and geometry of a volume seen in the world mirrored in x (x -> -x).
-
-    Keeps an identity-like direction: flip the array along x and move the origin, rather than
-    storing a direction matrix with a negative determinant that some viewers mishandle.
-    """
-    direction = np.array(grid.direction)
-    if not np.allclose(direction, np.eye(3)):
-        raise DataError("mirroring expects an axis-aligned grid")
-    nx = grid.shape_zyx[2]
-    origin = np.array(grid.origin_mm)
-    new_origin = origin.copy()
-    new_origin[0] = -(origin[0] + (nx - 1) * grid.spacing_xyz_mm[0])
-    return np.ascontiguousarray(array_zyx[:, :, ::-1]), dataclasses.replace(grid, origin_mm=tuple(new_origin))
-
-
-# --------------------------------------------------------------------------------------------
-# The pipeline
+# The pipeline: register_case is a sequence of the named steps below
 # --------------------------------------------------------------------------------------------
 
 def _check(cancel: Callable[[], bool] | None) -> None:
@@ -214,46 +98,60 @@ def _check(cancel: Callable[[], bool] | None) -> None:
         raise Cancelled("registration cancelled")
 
 
-_ATLAS_CACHE: dict[str, Any] = {}
+@dataclass
+class _Job:
+    """One case on its way through :func:`register_case`: what the steps share.
 
-
-def atlas_for(net) -> Any:
-    """The atlas of a registration model's grid (loaded once per process: the GUI registers many cases)."""
-    from inference.backends import as_backend
-    from inference.data import atlas as atlas_lib
-
-    grid_name = as_backend(net).config.grid
-    if grid_name not in _ATLAS_CACHE:
-        _ATLAS_CACHE[grid_name] = atlas_lib.load_atlas(grid_name)
-    return _ATLAS_CACHE[grid_name]
-
-
-def registration_frame(case) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """Images, projection matrices and a start point in the registration world of a case.
-
-    The registration world is the case's world, mirrored in x for a left femur (so that the
-    network always sees a right femur). Mirroring the world alone would leave the cameras
-    mirrored too (P @ diag(-1,1,1,1) has a left-handed pixel frame), and the network's encoders,
-    trained on right-handed views, would see mirror images of what they learned; so the images
-    are also flipped left-right (:func:`to_registration_image`) with P updated exactly
-    (``flip_horizontal``), which gives right-handed cameras looking at a right femur. Every P is
-    normalised so that w > 0 in front of its source; the start point is the closest approach of
-    the two central rays (mirrored too).
+    ``masks`` are the femur masks in the case's pixels (bool, None where a view has none yet);
+    ``mask_sources`` says where each came from ("case", "provided", "proposed").
     """
-    pair = geometry.view_pair_check(case.views[0].projection, case.views[1].projection)
-    world = [geometry.normalise_projection(v.projection, front_point_mm=pair.midpoint_mm) for v in case.views]
-    start = np.asarray(pair.midpoint_mm, float)
-    images = [np.asarray(v.image.pixels, np.float32) for v in case.views]
-    if case.side == "left":
-        world = [geometry.flip_horizontal(p @ MIRROR_X, image.shape[1]) for p, image in zip(world, images)]
-        images = [to_registration_image(image, True) for image in images]
-        start = start * [-1.0, 1.0, 1.0]
-    return images, world, start
+
+    case: Any
+    frame: RegistrationFrame
+    masks: list[np.ndarray | None]
+    mask_sources: list[str | None]
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def case_json(self) -> pathlib.Path:
+        return self.case.case_dir / io.CASE_JSON
+
+    @property
+    def registration_masks(self) -> list[np.ndarray]:
+        """The masks in the registration frame."""
+        return [self.frame.image_in(m) for m in self.masks]
 
 
-def to_registration_image(image: np.ndarray, mirror: bool) -> np.ndarray:
-    """An image (or mask) of the case in the registration frame and back (its own inverse)."""
-    return np.ascontiguousarray(image[:, ::-1]) if mirror else image
+@dataclass
+class _Warped:
+    """The atlas warped to the patient (registration frame): the output volumes and landmarks."""
+
+    labels: np.ndarray
+    volume_hu: np.ndarray
+    grid: "geometry.VolumeGeometry"
+    landmarks_mm: dict[str, list[float]]
+    resolution: dict[str, Any]
+
+
+@dataclass
+class _Measured:
+    """The measurements (case world) and where their hip centre and shaft axis came from."""
+
+    measurements: dict[str, Any]
+    hip_centre_source: str
+    shaft_axis_source: str
+    head_radius_from_masks_mm: float | None
+
+
+@dataclass
+class _Overlays:
+    """Per view: the outline of the projected reconstruction, the overlay picture and agreements."""
+
+    silhouettes: dict[str, silhouettes_lib.Silhouette]
+    pictures: dict[str, np.ndarray]
+    similarity_ncc: dict[str, float | None]
+    mask_agreement_dice: dict[str, float | None]
 
 
 def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model: Any = None,
@@ -298,43 +196,94 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     HipAtlasError
         Bad input (the message names the file and the problem); nothing is written then.
     """
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    warnings: list[str] = []
+    from inference import refine as refine_lib, surface
 
+    started = time.perf_counter()
     yield Progress(0.02, "Loading case")
+    job = _load_job(case_dir, out_dir, overwrite, masks)
+    _check(cancel)
+    head = _locate_head(job) if all(m is not None for m in job.masks) else None
+
+    yield Progress(0.08, "Loading model")
+    net, atlas = _load_network(job, model, backend, graph_mode)
+    _check(cancel)
+    proposal = None
+    if head is None:
+        yield Progress(0.12, "Proposing femur masks")
+        proposal = _propose_missing_masks(job, net, atlas, cancel)
+        head = _locate_head(job)
+        _check(cancel)
+
+    yield Progress(0.15, "Preparing views")
+    grid, network = _network_views(job, atlas, head, net.config.detector_hw)
+    _check(cancel)
+
+    yield Progress(0.3, "Registering atlas")
+    psi, labels = _run_network(job, net, network, grid)
+    _check(cancel)
+
+    refinement = None
+    if refine_lib.DEFAULT_REFINE if refine is None else refine:
+        yield Progress(0.45, "Refining on the radiographs")
+        refinement = yield from _refine(job, atlas, psi, grid, net.config.detector_hw, head, refine,
+                                        self_calibrate, cancel)
+        if refinement.used:
+            psi, labels = refinement.psi, refine_lib.warped_labels(atlas.labels, refinement.psi)
+            job.frame = job.frame.with_pose_corrections(refinement.pose_corrections)
+
+    yield Progress(0.55, "Warping atlas")
+    warped = _warp_atlas(job, net, atlas, psi, labels, grid, full_resolution)
+    _check(cancel)
+
+    yield Progress(0.65, "Measuring")
+    measured = _measure(job, warped)
+    out_labels, out_grid = job.frame.volume_out(warped.labels, warped.grid)
+    out_hu = job.frame.volume_out(warped.volume_hu, warped.grid)[0]
+    t0 = time.perf_counter()
+    mesh = surface.label_surface(out_labels, out_grid, label=1)
+    job.timings["surface_s"] = time.perf_counter() - t0
+    _check(cancel)
+
+    yield Progress(0.75, "Writing overlays")
+    overlays = _project_outlines(job, out_labels, out_grid)
+
+    yield Progress(0.9, "Writing outputs")
+    report = _report(job, net, atlas, warped, measured, overlays, head, refinement, proposal)
+    files = _write_outputs(job, out_dir, overwrite, out_labels, out_hu, out_grid, mesh, measured, overlays,
+                           report, started)
+    yield Progress(1.0, "Done")
+    return RegistrationResult(out_dir=pathlib.Path(out_dir), measurements=measured.measurements,
+                              warnings=job.warnings, files=files, report=report,
+                              landmarks_mm=job.frame.points_out(warped.landmarks_mm))
+
+
+def _load_job(case_dir, out_dir, overwrite: bool, masks: list[np.ndarray | None] | None) -> _Job:
+    """Refuse a used output folder, load the case (masks replaced by ``masks`` where given), build
+    its registration frame (the two-view check) and refuse empty masks."""
     _refuse_existing_output(out_dir, overwrite)
     case = io.load_case(case_dir)
-    case_json = case.case_dir / io.CASE_JSON
     mask_sources = ["case" if v.mask is not None else None for v in case.views]
     if masks is not None:
         case = _with_masks(case, masks)
         mask_sources = ["provided" if m is not None else s for m, s in zip(masks, mask_sources)]
-    _check(cancel)
-
-    pair = geometry.view_pair_check(case.views[0].projection, case.views[1].projection)
-    if pair.angle_deg < MIN_VIEW_ANGLE_DEG:
-        raise DataError(f"{case_json}: the two views are only {pair.angle_deg:.1f} deg "
-                        f"apart; at least {MIN_VIEW_ANGLE_DEG:.0f} deg (ideally 90) is needed")
-    if pair.angle_deg < 60.0:
-        warnings.append(f"views are {pair.angle_deg:.0f} deg apart; accuracy is best near 90 deg")
-    images, projections, start_mm = registration_frame(case)
-    mirror = case.side == "left"
-    world_projections = [geometry.normalise_projection(v.projection, front_point_mm=pair.midpoint_mm)
-                         for v in case.views]
-
-    full_masks: list[np.ndarray | None] = [None if v.mask is None else np.asarray(v.mask) > 0 for v in case.views]
-    for view, mask, source in zip(case.views, full_masks, mask_sources):
+    frame = RegistrationFrame.of_case(case)
+    job = _Job(case, frame, [None if v.mask is None else np.asarray(v.mask) > 0 for v in case.views], mask_sources)
+    frame.check_view_angle(job.case_json, job.warnings)
+    for view, mask, source in zip(case.views, job.masks, mask_sources):
         if mask is not None and not mask.any():
             where = view.mask_path if source == "case" else "the edited mask"
             raise DataError(f"{where}: the femur mask of view '{view.name}' is empty")
-    head = None
-    if all(m is not None for m in full_masks):
-        # Locate the femur before loading the model: bad masks or calibrations fail in a second.
-        registration_masks = [to_registration_image(m, mirror) for m in full_masks]
-        head = _locate_checked(case, projections, registration_masks, start_mm)
+    return job
 
-    yield Progress(0.08, "Loading model")
+
+def _locate_head(job: _Job):
+    """The femoral head triangulated from the two masks (registration frame); with masks given this
+    runs before the model is loaded, so bad masks or calibrations fail in a second."""
+    return _locate_checked(job.case, job.frame.projections, job.registration_masks, job.frame.start_mm)
+
+
+def _load_network(job: _Job, model: Any, backend: str | None, graph_mode: bool):
+    """The network (a backend) and its atlas."""
     t0 = time.perf_counter()
     if model is None:
         # The shipped model and atlas must match their recorded checksums (a damaged install
@@ -343,111 +292,114 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
 
         verify_resources()
     from inference import backends
-    from inference.model_config import case_inputs
 
     net = backends.load_backend(model, backend, graph=graph_mode)
-    config = net.config
     atlas = atlas_for(net)
-    timings["load_model_s"] = time.perf_counter() - t0
-    _check(cancel)
+    job.timings["load_model_s"] = time.perf_counter() - t0
+    return net, atlas
 
-    proposal = None
-    if head is None:
-        yield Progress(0.12, "Proposing femur masks")
-        from inference import mask_proposal
 
-        t0 = time.perf_counter()
-        proposal = mask_proposal.propose(images, projections, net, atlas, start_mm, cancel=cancel)
-        for index, view in enumerate(case.views):
-            if full_masks[index] is None:
-                full_masks[index] = to_registration_image(proposal.masks[index], mirror)
-                mask_sources[index] = "proposed"
-                warnings.append(f"view '{view.name}': no femur mask was given; the mask was proposed "
+def _propose_missing_masks(job: _Job, net, atlas, cancel):
+    """Masks for the views without one, proposed from the atlas (marked unconfirmed)."""
+    from inference import mask_proposal
+
+    t0 = time.perf_counter()
+    frame = job.frame
+    proposal = mask_proposal.propose(frame.images_in(job.case), frame.projections, net, atlas, frame.start_mm,
+                                     cancel=cancel)
+    for index, view in enumerate(job.case.views):
+        if job.masks[index] is None:
+            job.masks[index] = frame.image_out(proposal.masks[index])
+            job.mask_sources[index] = "proposed"
+            job.warnings.append(f"view '{view.name}': no femur mask was given; the mask was proposed "
                                 "automatically and is not confirmed: check proposed_mask_"
                                 f"{_safe_name(view.name)}.png")
-        timings["mask_proposal_s"] = time.perf_counter() - t0
-        registration_masks = [to_registration_image(m, mirror) for m in full_masks]
-        head = _locate_checked(case, projections, registration_masks, start_mm)
-        _check(cancel)
+    job.timings["mask_proposal_s"] = time.perf_counter() - t0
+    return proposal
 
-    yield Progress(0.15, "Preparing views")
-    for view, mask in zip(case.views, full_masks):
+
+def _network_views(job: _Job, atlas, head, detector_hw):
+    """The atlas grid placed on the head, and each view and mask on the network detector around it."""
+    for view, mask in zip(job.case.views, job.masks):
         border = _touches_border(mask)
         if border:
-            warnings.append(f"view '{view.name}': the femur mask touches the image border ({border})")
+            job.warnings.append(f"view '{view.name}': the femur mask touches the image border ({border})")
     grid = placed_grid(atlas.geometry, atlas.landmarks["head_centre"], head.centre_mm)
-
-    network = views.network_inputs(images, registration_masks, projections, grid, config.detector_hw)
-    for view, net_view in zip(case.views, network.views):
+    network = views.network_inputs(job.frame.images_in(job.case), job.registration_masks, job.frame.projections,
+                                   grid, detector_hw)
+    for view, net_view in zip(job.case.views, network.views):
         if net_view.covered_fraction() < 0.6:
-            warnings.append(f"view '{view.name}': the femur region extends beyond the radiograph (the femur "
-                            "beyond its border is extrapolated)")
-    _check(cancel)
+            job.warnings.append(f"view '{view.name}': the femur region extends beyond the radiograph (the femur "
+                                "beyond its border is extrapolated)")
+    return grid, network
 
-    yield Progress(0.3, "Registering atlas")
+
+def _run_network(job: _Job, net, network, grid):
+    """The network's pull-back field ``psi`` and warped labels (refused when the femur is empty)."""
+    from inference.model_config import case_inputs
+
     t0 = time.perf_counter()
     outputs = net.run(case_inputs(network.images, network.masks, network.projections, grid.index_to_world()))
     labels = outputs["warped_labels"][0, ..., 0].round().astype(np.uint8)
-    psi = outputs["psi"][0]
-    timings["network_s"] = time.perf_counter() - t0
+    job.timings["network_s"] = time.perf_counter() - t0
     if not (labels == 1).any():
-        raise DataError(f"{case_json}: the registration produced an empty femur; check the masks and calibration")
-    _check(cancel)
+        raise DataError(f"{job.case_json}: the registration produced an empty femur; check the masks and calibration")
+    return outputs["psi"][0], labels
 
+
+def _refine(job: _Job, atlas, psi, grid, detector_hw, head, refine, self_calibrate, cancel):
+    """Test-time refinement on the radiographs (:mod:`inference.refine`), a progress sub-step."""
     from inference import refine as refine_lib
 
-    refinement = None
-    if refine_lib.DEFAULT_REFINE if refine is None else refine:
-        yield Progress(0.45, "Refining on the radiographs")
-        settings = refine if isinstance(refine, refine_lib.RefineSettings) else refine_lib.RefineSettings()
-        if self_calibrate is not None:
-            settings = dataclasses.replace(settings, self_calibrate=self_calibrate)
-        refinement = yield from _scaled_progress(refine_lib.refine_registration(
-            atlas, psi, grid, images, registration_masks, projections, config.detector_hw, head.centre_mm,
-            settings, cancel), 0.45, 0.1)
-        timings["refine_s"] = refinement.time_s
-        if refinement.used:
-            psi = refinement.psi
-            labels = refine_lib.warped_labels(atlas.labels, psi)
-            projections, world_projections = refine_lib.corrected_projections(
-                refinement, projections, world_projections, mirror)
+    settings = refine if isinstance(refine, refine_lib.RefineSettings) else refine_lib.RefineSettings()
+    if self_calibrate is not None:
+        settings = dataclasses.replace(settings, self_calibrate=self_calibrate)
+    refinement = yield from _scaled_progress(refine_lib.refine_registration(
+        atlas, psi, grid, job.frame.images_in(job.case), job.registration_masks, list(job.frame.projections),
+        detector_hw, head.centre_mm, settings, cancel), 0.45, 0.1)
+    job.timings["refine_s"] = refinement.time_s
+    return refinement
 
-    yield Progress(0.55, "Warping atlas")
-    t0 = time.perf_counter()
+
+def _warp_atlas(job: _Job, net, atlas, psi, labels, grid, full_resolution: bool) -> _Warped:
+    """The atlas labels, intensities and landmarks warped to the patient (registration frame)."""
     from inference import fullres
 
+    t0 = time.perf_counter()
     fine_atlas = fullres.fine_atlas_for(atlas) if full_resolution else None
     if fine_atlas is not None:
         # Outputs from the finer atlas warped by the upsampled field (inference.fullres).
         fine = fullres.warp_fine(fine_atlas, psi, grid, atlas.geometry)
-        labels, warped_hu, coarse_grid, grid = fine.labels, fine.volume_hu, grid, fine.grid
+        labels, warped_hu, out_grid = fine.labels, fine.volume_hu, fine.grid
     else:
         # Warp HU + 1000 so that the zero padding outside the atlas grid reads as air, not water.
         warped_hu = net.warp_volume(np.asarray(atlas.volume, np.float32) + 1000.0, psi) - 1000.0
-        coarse_grid = grid
-    output_resolution = {"grid": fine_atlas.grid if fine_atlas is not None else config.grid,
-                         "spacing_xyz_mm": [float(s) for s in grid.spacing_xyz_mm]}
-    landmarks = {name: invert_displacement_at(np.asarray(point, float), psi, atlas.geometry, coarse_grid)
+        out_grid = grid
+    resolution = {"grid": fine_atlas.grid if fine_atlas is not None else net.config.grid,
+                  "spacing_xyz_mm": [float(s) for s in out_grid.spacing_xyz_mm]}
+    landmarks = {name: invert_displacement_at(np.asarray(point, float), psi, atlas.geometry, grid)
                  for name, point in atlas.landmarks.items() if np.size(point) == 3}
-    timings["warp_s"] = time.perf_counter() - t0
-    _check(cancel)
+    job.timings["warp_s"] = time.perf_counter() - t0
+    return _Warped(labels, warped_hu, out_grid, landmarks, resolution)
 
-    yield Progress(0.65, "Measuring")
+
+def _measure(job: _Job, warped: _Warped) -> _Measured:
+    """Landmarks of the warped femur, hip centre and shaft axis from the masks where they agree,
+    and the measurements in the case's world (:mod:`inference.measure`)."""
+    from inference import anatomy, localize, measure
+
     t0 = time.perf_counter()
-    from inference import anatomy, localize, measure, surface
-
-    femur = anatomy.femur_landmarks_from_labels(labels, grid, "right")
+    projections, masks = job.frame.projections, job.registration_masks
+    femur = anatomy.femur_landmarks_from_labels(warped.labels, warped.grid, "right")
     # The hip centre from the head's outlines in the masks: a radiograph's edge of the head is
     # sharper than the reconstructed surface (the network works at 1.3-2 mm voxels). The radius
     # stays the reconstruction's: an outline is the head's widest extent, and masks drawn or
     # rendered from voxel labels run a fraction of a voxel outside the bone (measured on our
     # simulated cases: +0.6 to +0.9 mm), a bias the centre does not see but the radius does.
-    sphere = localize.fit_head_sphere_to_masks(projections, registration_masks, femur.head_centre_mm,
-                                               femur.head_radius_mm)
-    head_source = "reconstruction" if sphere is None else "masks"
+    sphere = localize.fit_head_sphere_to_masks(projections, masks, femur.head_centre_mm, femur.head_radius_mm)
     # The shaft axis from the masks: they usually show more shaft than the atlas grid holds, and
     # their edges are sharper than a reconstruction near the grid's border.
-    shaft = localize.shaft_axis_from_masks(projections, registration_masks, _below_lesser_trochanter(femur),
+    shaft = localize.shaft_axis_from_masks(projections, masks, _below_lesser_trochanter(femur),
                                            -femur.shaft_direction)
     shaft_source = "reconstruction"
     if shaft is not None:
@@ -455,49 +407,52 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         if disagreement_deg <= MAX_SHAFT_AXIS_DISAGREEMENT_DEG:
             shaft_source = "masks"
         else:
-            warnings.append(f"the shaft axis seen in the masks and the reconstruction's differ by "
-                            f"{disagreement_deg:.0f} deg; the reconstruction's is used: check the shaft")
+            job.warnings.append(f"the shaft axis seen in the masks and the reconstruction's differ by "
+                                f"{disagreement_deg:.0f} deg; the reconstruction's is used: check the shaft")
     marks = measure.measurement_landmarks_from_femur(
         femur, _shaft_stretch(shaft) if shaft_source == "masks" else None,
         None if sphere is None else (sphere.centre_mm, femur.head_radius_mm),
-        _landmark_uncertainty(femur, sphere, projections, grid))
-    out_labels, out_grid = (mirrored_volume(labels, grid) if mirror else (labels, grid))
-    out_hu = mirrored_volume(warped_hu, grid)[0] if mirror else warped_hu
-    if mirror:
-        marks = dataclasses.replace(marks, points_mm={k: v * [-1.0, 1.0, 1.0] for k, v in marks.points_mm.items()})
-        landmarks = {k: [-v[0], v[1], v[2]] for k, v in landmarks.items()}
-    measurements = measure.measurements_from_measurement_landmarks(dataclasses.replace(marks, side=case.side))
-    warnings.extend(measure.caveat_lines(measurements))
-    timings["measure_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    mesh = surface.label_surface(out_labels, out_grid, label=1)
-    timings["surface_s"] = time.perf_counter() - t0
-    _check(cancel)
+        _landmark_uncertainty(femur, sphere, projections, warped.grid))
+    measurements = measure.measurements_from_measurement_landmarks(job.frame.measurement_landmarks_out(marks))
+    job.warnings.extend(measure.caveat_lines(measurements))
+    job.timings["measure_s"] = time.perf_counter() - t0
+    return _Measured(measurements, "reconstruction" if sphere is None else "masks", shaft_source,
+                     None if sphere is None else float(sphere.radius_mm))
 
-    yield Progress(0.75, "Writing overlays")
+
+def _project_outlines(job: _Job, labels, grid) -> _Overlays:
+    """Each view's outline of the reconstruction (case world and pixels), the overlay drawn from
+    it, and how well the projection agrees with the radiograph and the mask."""
     t0 = time.perf_counter()
-    overlays, similarities, agreements = {}, {}, {}
-    for view, projection, mask in zip(case.views, world_projections, full_masks):
-        rgb, ncc, silhouette = overlay_image(view.image.pixels, projection, out_labels, out_grid,
-                                             return_silhouette=True)
-        overlays[view.name] = rgb
-        similarities[view.name] = ncc
-        agreements[view.name] = agreement = mask_agreement(silhouette, mask)
+    overlays = _Overlays({}, {}, {}, {})
+    for view, projection, mask in zip(job.case.views, job.frame.world_projections, job.masks):
+        projected = silhouettes_lib.project_silhouette(labels, grid, projection, view.image.pixels.shape)
+        overlays.silhouettes[view.name] = projected.silhouette(view.name)
+        overlays.pictures[view.name] = silhouettes_lib.draw_overlay(view.image.pixels, projected.polylines)
+        overlays.similarity_ncc[view.name] = silhouettes_lib.similarity_ncc(view.image.pixels, projected)
+        overlays.mask_agreement_dice[view.name] = agreement = mask_agreement(projected.mask, mask)
         if agreement is not None and agreement < LOW_MASK_AGREEMENT_DICE:
-            warnings.append(f"view '{view.name}': the reconstruction's projection agrees poorly with the "
-                            f"femur mask (Dice {agreement:.2f}); check the result carefully")
-    timings["overlay_s"] = time.perf_counter() - t0
+            job.warnings.append(f"view '{view.name}': the reconstruction's projection agrees poorly with the "
+                                f"femur mask (Dice {agreement:.2f}); check the result carefully")
+    job.timings["overlay_s"] = time.perf_counter() - t0
+    return overlays
 
-    yield Progress(0.9, "Writing outputs")
+
+def _report(job: _Job, net, atlas, warped: _Warped, measured: _Measured, overlays: _Overlays, head,
+            refinement, proposal) -> dict[str, Any]:
+    """report.json: software, model, atlas, inputs with checksums, sources, timings, warnings."""
+    from inference import refine as refine_lib
+
+    case, frame = job.case, job.frame
     report = {
         "software": {"name": "hipatlas", "version": __version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "case_dir": str(case.case_dir),
-        "case_json_sha256": io.sha256_file(case_json),
+        "case_json_sha256": io.sha256_file(job.case_json),
         "side": case.side,
         "model": net.identity(),
-        "atlas": {"grid": config.grid, "files_sha256": dict(atlas.provenance.get("files", {}))},
-        "output_resolution": output_resolution,
+        "atlas": {"grid": net.config.grid, "files_sha256": dict(atlas.provenance.get("files", {}))},
+        "output_resolution": warped.resolution,
         "views": [{
             "name": v.name,
             "image": str(v.image_path.name),
@@ -510,45 +465,51 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
             "mask_confirmed": src != "proposed",
             "calibration": (dataclasses.asdict(v.calibration) if dataclasses.is_dataclass(v.calibration)
                             else str(v.calibration)),
-            "similarity_ncc": similarities[v.name],
-            "mask_agreement_dice": agreements[v.name],
-        } for v, src in zip(case.views, mask_sources)],
-        "view_angle_deg": float(pair.angle_deg),
-        "shaft_axis_source": shaft_source,
-        "hip_centre_source": head_source,
-        "head_radius_from_masks_mm": None if sphere is None else float(sphere.radius_mm),
-        "femoral_head_located_mm": [float(x) for x in (head.centre_mm * [-1, 1, 1] if mirror else head.centre_mm)],
-        "timings_s": timings,
-        "warnings": warnings,
+            "similarity_ncc": overlays.similarity_ncc[v.name],
+            "mask_agreement_dice": overlays.mask_agreement_dice[v.name],
+        } for v, src in zip(case.views, job.mask_sources)],
+        "view_angle_deg": frame.view_angle_deg,
+        "shaft_axis_source": measured.shaft_axis_source,
+        "hip_centre_source": measured.hip_centre_source,
+        "head_radius_from_masks_mm": measured.head_radius_from_masks_mm,
+        "femoral_head_located_mm": [float(x) for x in frame.point_out(head.centre_mm)],
+        "timings_s": job.timings,
+        "warnings": job.warnings,
     }
-    report["refinement"] = refine_lib.report_entry(refinement, [v.name for v in case.views], mirror, warnings)
+    report["refinement"] = refine_lib.report_entry(refinement, [v.name for v in case.views], frame, job.warnings)
     if proposal is not None:
-        pose_head = proposal.pose.head_mm * ([-1.0, 1.0, 1.0] if mirror else 1.0)
-        report["mask_proposal"] = {"atlas_head_mm": [float(x) for x in pose_head],
+        report["mask_proposal"] = {"atlas_head_mm": [float(x) for x in frame.point_out(proposal.pose.head_mm)],
                                    "atlas_scale": float(proposal.pose.scale),
                                    "timings_s": proposal.timings_s}
+    return report
+
+
+def _write_outputs(job: _Job, out_dir, overwrite: bool, labels, volume_hu, grid, mesh, measured: _Measured,
+                   overlays: _Overlays, report: dict[str, Any], started: float) -> dict[str, pathlib.Path]:
+    """Every output file (docs/case-format.md), written into a temporary folder moved into place."""
+    from inference import surface
+
     with io.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         files = {
-            "femur_labels": io.write_volume(tmp / "femur_labels.nii.gz", out_labels, out_grid, dtype=np.uint8),
-            "warped_atlas": io.write_volume(tmp / "warped_atlas.nii.gz", out_hu.astype(np.float32), out_grid,
+            "femur_labels": io.write_volume(tmp / "femur_labels.nii.gz", labels, grid, dtype=np.uint8),
+            "warped_atlas": io.write_volume(tmp / "warped_atlas.nii.gz", volume_hu.astype(np.float32), grid,
                                             dtype=np.float32),
             "femur_surface": surface.write_surface_stl(tmp / "femur_surface.stl", mesh),
-            "measurements": io.write_json_atomic(tmp / "measurements.json", measurements),
+            "measurements": io.write_json_atomic(tmp / "measurements.json", measured.measurements),
         }
-        for name, rgb in overlays.items():
+        for name, rgb in overlays.pictures.items():
             files[f"overlay_{name}"] = io.write_png_atomic(tmp / f"overlay_{_safe_name(name)}.png", rgb)
-        for view, mask, src in zip(case.views, full_masks, mask_sources):
+        for name, outline in overlays.silhouettes.items():
+            files[f"silhouette_{name}"] = silhouettes_lib.write_silhouette(
+                tmp / silhouettes_lib.file_name(_safe_name(name)), outline)
+        for view, mask, src in zip(job.case.views, job.masks, job.mask_sources):
             if src == "proposed":
                 files[f"proposed_mask_{view.name}"] = io.write_png_atomic(
                     tmp / f"proposed_mask_{_safe_name(view.name)}.png", mask.astype(np.uint8) * 255)
-        timings["total_s"] = time.perf_counter() - started
+        job.timings["total_s"] = time.perf_counter() - started
         files["report"] = io.write_json_atomic(tmp / "report.json", report)
     final = pathlib.Path(out_dir)
-    files = {k: final / pathlib.Path(v).name for k, v in files.items()}
-    yield Progress(1.0, "Done")
-    return RegistrationResult(out_dir=final, measurements=measurements, warnings=warnings, files=files,
-                              report=report, landmarks_mm={k: list(map(float, v)) for k, v in landmarks.items()})
-
+    return {k: final / pathlib.Path(v).name for k, v in files.items()}
 
 @dataclass
 class CohortResult:
@@ -832,40 +793,3 @@ def mask_agreement(silhouette: np.ndarray, mask: np.ndarray | None) -> float | N
     a, b = silhouette[box], np.asarray(mask, bool)[box]
     total = a.sum() + b.sum()
     return float(2.0 * (a & b).sum() / total) if total else None
-
-
-def overlay_image(pixels: np.ndarray, projection: np.ndarray, labels: np.ndarray,
-                  grid: "geometry.VolumeGeometry", max_side: int = 768, return_silhouette: bool = False):
-    """The radiograph in grey with the contour of the projected femur in colour.
-
-    The silhouette is the femur label's path length (> 0.5 mm) from
-    :func:`inference.mask_proposal.project_label`: voxel centres splatted onto a detector of about
-    the voxel size, then upsampled. It is numpy only; ray marching with
-    :func:`inference.drr.render_path_length` gave the same outline but cost ~3 s per new image size
-    in TensorFlow tracing, most of a command-line run. ``max_side`` is kept for compatibility
-    (the render size follows the voxel size). Returns (RGB uint8 array, NCC between the radiograph
-    and the projected femur thickness inside the silhouette's bounding box, or None).
-    """
-    from scipy import ndimage
-    from inference.mask_proposal import project_label
-
-    pixels = np.asarray(pixels, np.float32)
-    rows, cols = pixels.shape
-    thickness_full = project_label(labels, grid, projection, (rows, cols), label=1)
-    silhouette = thickness_full > 0.5
-    width = max(1, int(round(max(rows, cols) / 600)))
-    edge = silhouette & ~ndimage.binary_erosion(silhouette, iterations=width)
-
-    lo, hi = np.percentile(pixels, [0.5, 99.5])
-    grey = np.clip((pixels - lo) / max(hi - lo, 1e-6), 0, 1)
-    rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=2)
-    rgb[edge] = (255, 64, 32)
-
-    ncc = None
-    if silhouette.any():
-        vv, uu = np.nonzero(silhouette)
-        box = (slice(vv.min(), vv.max() + 1), slice(uu.min(), uu.max() + 1))
-        a, b = pixels[box].ravel(), thickness_full[box].ravel()
-        if a.std() > 0 and b.std() > 0:
-            ncc = float(np.corrcoef(a, b)[0, 1])
-    return (rgb, ncc, silhouette) if return_silhouette else (rgb, ncc)

@@ -145,18 +145,18 @@ class RefineResult:
     time_s: float
     centre_mm: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(3))
 
-    def calibration_report(self, mirror: bool) -> list[dict[str, Any] | None]:
-        """Per view: the estimated camera correction in the case's world (None: reference view)."""
+    def calibration_report(self, frame) -> list[dict[str, Any] | None]:
+        """Per view: the estimated camera correction in the case's world (None: reference view).
+
+        ``frame`` is the case's :class:`inference.registration.RegistrationFrame` (the corrections
+        were estimated in it)."""
         out = []
         for correction in self.pose_corrections:
             if correction is None:
                 out.append(None)
                 continue
-            matrix = correction
-            if mirror:
-                flip = np.diag([-1.0, 1.0, 1.0, 1.0])
-                matrix = flip @ matrix @ flip
-            centre = np.asarray(self.centre_mm, float) * ([-1.0, 1.0, 1.0] if mirror else 1.0)
+            matrix = frame.transform_out(correction)
+            centre = frame.point_out(self.centre_mm)
             angle = math.degrees(math.acos(float(np.clip((np.trace(matrix[:3, :3]) - 1) / 2, -1, 1))))
             shift = float(np.linalg.norm(correction_shift(matrix, centre)))
             out.append({"rotation_deg": angle, "shift_at_head_mm": shift, "matrix": matrix.tolist(),
@@ -569,35 +569,18 @@ def warped_labels(labels: np.ndarray, psi: np.ndarray) -> np.ndarray:
     return np.asarray(warped)[0, ..., 0].round().astype(np.uint8)
 
 
-def corrected_projections(result: RefineResult, projections: list[np.ndarray], world_projections: list[np.ndarray],
-                          mirror: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The full-image projection matrices with the estimated pose corrections applied.
-
-    ``projections`` are in the registration frame (mirrored for a left hip), ``world_projections``
-    in the case's world; a correction ``M`` of the registration frame is ``F M F`` in the case's
-    world (``F`` the mirror in x).
-    """
-    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
-    new_reg, new_world = [], []
-    for p_reg, p_world, correction in zip(projections, world_projections, result.pose_corrections):
-        if correction is None:
-            new_reg.append(p_reg)
-            new_world.append(p_world)
-            continue
-        new_reg.append(np.asarray(p_reg, float) @ correction)
-        new_world.append(np.asarray(p_world, float) @ (flip @ correction @ flip if mirror else correction))
-    return new_reg, new_world
-
-
-def report_entry(result: RefineResult | None, view_names: list[str], mirror: bool,
+def report_entry(result: RefineResult | None, view_names: list[str], frame,
                  warnings: list[str]) -> dict[str, Any]:
-    """The ``refinement`` entry of report.json; appends a warning per view past the calibration limit."""
+    """The ``refinement`` entry of report.json; appends a warning per view past the calibration limit.
+
+    ``frame``: the case's :class:`inference.registration.RegistrationFrame`. The corrected cameras
+    themselves are :meth:`~inference.registration.RegistrationFrame.with_pose_corrections`."""
     if result is None:
         return {"run": False}
     entry = {"run": True, "used": result.used, "loss_before": result.loss_before, "loss_after": result.loss_after,
              "terms_before": result.terms_before, "terms_after": result.terms_after, "steps": result.steps,
              "time_s": result.time_s, "self_calibration": {}}
-    for name, correction in zip(view_names, result.calibration_report(mirror)):
+    for name, correction in zip(view_names, result.calibration_report(frame)):
         if correction is None:
             continue
         entry["self_calibration"][name] = correction

@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from inference.data.stream import epoch_order  # the seeded sample order (tests read it here too)
 from inference.errors import Cancelled, ClusterError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -232,11 +233,6 @@ def _check_dataset(manifest: Mapping[str, Any], config, data_dir) -> None:
     if detector and detector != tuple(config.detector_hw):
         raise ConfigError(f"the data set in {data_dir} has detector {detector}, the model "
                           f"detector_hw {config.detector_hw}")
-
-
-def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of the training samples in one epoch: a permutation fixed by (seed, epoch)."""
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_samples)
 
 
 def _example(arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict]:

@@ -252,7 +252,7 @@ def _proposal_dice(out_dir: pathlib.Path, case_dir: pathlib.Path) -> tuple[float
 
 
 def _load_model(args):
-    from inference import pipeline
+    from inference import registration
 
     if args.untrained:
         import keras
@@ -263,7 +263,7 @@ def _load_model(args):
         keras.utils.set_random_seed(0)
         net = model_lib.build_model(model_lib.preset(args.untrained), atlas_lib.load_atlas(args.untrained))
         return net, f"untrained {args.untrained}"
-    net = pipeline.load_registration_model(args.model)
+    net = registration.load_registration_model(args.model)
     return net, str(args.model or "shipped model")
 
 
@@ -271,7 +271,7 @@ def _provenance(net) -> dict[str, Any]:
     """Commit of the code and sha256 of the model, for the report."""
     import subprocess
 
-    from inference import pipeline
+    from inference import registration
 
     repo = pathlib.Path(__file__).resolve().parents[1]
     try:
@@ -281,7 +281,7 @@ def _provenance(net) -> dict[str, Any]:
                                     capture_output=True, text=True, check=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", False
-    identity = pipeline.model_identity(net)
+    identity = registration.model_identity(net)
     return {"commit": commit + ("+uncommitted changes" if dirty else ""), "model": identity.get("name"),
             "model_sha256": identity.get("sha256")}
 

@@ -1,6 +1,6 @@
 """The streaming ``tf.data`` input of training: sample files read and decoded in parallel.
 
-:func:`training_dataset` turns the seeded sample order of a run (:func:`inference.train.epoch_order`
+:func:`training_dataset` turns the seeded sample order of a run (:func:`epoch_order`
 over the pooled training samples) into batches of ``(inputs, targets)``:
 
 1. a generator of the sample indices this input pipeline reads (its share of each global batch,
@@ -47,10 +47,13 @@ def training_example(arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
     return inputs, targets
 
 
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the training samples in one epoch: a permutation fixed by (seed, epoch)."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_samples)
+
+
 def sample_indices(count: int, seed: int, positions: Iterator[int]) -> Iterator[int]:
     """The sample index at each position of the run's infinite seeded order."""
-    from inference.train import epoch_order
-
     cached_epoch, order = -1, None
     for position in positions:
         epoch, offset = divmod(int(position), count)

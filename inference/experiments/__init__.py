@@ -41,7 +41,7 @@ def run_experiment(name: str, out: str | pathlib.Path, *, scale: str = "quick", 
     """Run (or resume) experiment ``name``; returns its results (also written to ``out``)."""
     from inference.errors import ConfigError
     from inference.experiments.common import ExperimentContext
-    from inference.pipeline import model_file_in
+    from inference.registration import model_file_in
     from inference.resources import default_model_file
 
     if name not in EXPERIMENTS:

@@ -118,7 +118,7 @@ def run(ctx: ExperimentContext) -> dict[str, Any]:
     from scipy import stats
 
     from inference.model import load_model
-    from inference.pipeline import model_file_in
+    from inference.registration import model_file_in
 
     budget = BUDGET[ctx.scale]
     data = _data(ctx, budget)

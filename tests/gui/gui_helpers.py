@@ -398,7 +398,7 @@ _LOADED_MODELS: list[int] = []  # in the registration process: one entry per mod
 def model_loading_register(case_dir, out_dir, *, model=None, overwrite=False, masks=None, cancel=None,
                            load_seconds: float = 2.0):
     """:func:`synthetic_register` after "loading a model" (``load_seconds``) once per process, the
-    way :func:`inference.pipeline.load_registration_model` caches the real one. The result's report
+    way :func:`inference.registration.load_registration_model` caches the real one. The result's report
     says which process ran it and how often that process loaded the model."""
     import os
 

@@ -62,13 +62,13 @@ def test_real_pipeline_in_the_worker(make_window, synthetic_case, qtbot):
 
 @pytest.mark.slow
 def test_hipatlas_gui_demo_end_to_end(tmp_path, x_display):
-    from inference import pipeline
+    from inference import registration
     from inference.errors import ModelError
 
     if not (ROOT / "resources" / "demo" / "case.json").is_file():
         pytest.skip("the demo case is not installed (resources/demo/case.json)")
     try:
-        pipeline.default_model_path()
+        registration.default_model_path()
     except ModelError as error:
         pytest.skip(f"no shipped model: {error}")
     shot = tmp_path / "demo.png"
