@@ -10,7 +10,7 @@ export.py        the export writers, one table row per format, Qt-free
 screenshots.py   the window as shown (3D pixels included)
 session.py       the Qt-free state of one case: masks, registration job, landmarks, export
 masks.py         mask editing (brush, eraser, polygon) and mask proposals, Qt-free
-imaging.py       windowing, tints, slices and contours for display, Qt-free
+imaging.py       windowing, tints and slices for display, Qt-free
 project.py       ``.hipatlas`` project files (one zip), autosave and crash recovery, Qt-free
 report.py        the PDF planning report (reportlab), Qt-free; report_figures.py its off-screen pictures
 template_panel.py  the Template tab (implant templating);  pacs_dialog.py  Open from / Send to PACS

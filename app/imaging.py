@@ -1,4 +1,4 @@
-"""Pixel conversions for display, without Qt: windowing, mask and label tints, slices, contours.
+"""Pixel conversions for display, without Qt: windowing, mask and label tints, slices.
 
 The views turn the arrays returned here into ``QImage`` objects; keeping the arithmetic here keeps
 it out of Qt slots and testable without a display.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "window_to_uint8", "robust_window", "png_bytes", "mask_rgba", "contour_rgba", "SLICE_AXES", "volume_slice", "label_rgba",
+    "window_to_uint8", "robust_window", "png_bytes", "mask_rgba", "SLICE_AXES", "volume_slice", "label_rgba",
     "slice_spacing_mm", "slice_cursor_px", "index_from_slice_px",
 ]
 
@@ -75,24 +75,6 @@ def mask_rgba(mask: np.ndarray, colour: tuple[int, int, int] = MASK_COLOUR, alph
     mask = np.asarray(mask, dtype=bool)
     rgba = np.zeros(mask.shape + (4,), dtype=np.uint8)
     rgba[mask] = (*colour, alpha)
-    return rgba
-
-
-def contour_rgba(overlay_rgb: np.ndarray) -> np.ndarray:
-    """The coloured contour of a pipeline overlay image as an RGBA layer (transparent elsewhere).
-
-    The pipeline's overlay is the radiograph in grey (R = G = B) with the projected femur contour
-    drawn in colour, so every pixel whose channels differ belongs to the contour, whatever colour
-    the pipeline chose.
-    """
-    rgb = np.asarray(overlay_rgb)
-    if rgb.ndim != 3 or rgb.shape[2] < 3:
-        raise ValueError(f"expected an (rows, cols, 3) overlay image, not shape {rgb.shape}")
-    rgb = rgb[..., :3].astype(np.int16)
-    coloured = (rgb[..., 0] != rgb[..., 1]) | (rgb[..., 1] != rgb[..., 2])
-    rgba = np.zeros(rgb.shape[:2] + (4,), dtype=np.uint8)
-    rgba[coloured, :3] = rgb[coloured].astype(np.uint8)
-    rgba[coloured, 3] = 255
     return rgba
 
 

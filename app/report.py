@@ -242,11 +242,12 @@ def calibration_rows(case, measurements: Mapping[str, Any]) -> list[tuple[str, .
 
 
 def report_figures(case, measurements: Mapping[str, Any], landmarks_mm: Mapping[str, Any], *,
-                   overlay_paths: Mapping[str, Any] | None = None,
+                   outlines: Mapping[str, Sequence[np.ndarray]] | None = None,
                    surface: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[list[ReportFigure], ReportFigure | None]:
-    """The annotated radiographs (one per view) and the 3D picture, rendered off-screen."""
-    from PIL import Image
+    """The annotated radiographs (one per view) and the 3D picture, rendered off-screen.
 
+    ``outlines``: view name -> the registered femur's outline polylines ((u, v) pixels, as in
+    ``silhouette_<view>.json``), drawn on the radiograph."""
     from app import imaging, report_figures as figures
     from inference import graphics
 
@@ -254,17 +255,10 @@ def report_figures(case, measurements: Mapping[str, Any], landmarks_mm: Mapping[
     for view, calibration in zip(case.views, _view_calibrations(case, measurements)):
         drawn = graphics.view_graphics(measurements, landmarks_mm, view.P, view.image.shape,
                                        detector_mm_per_px=graphics.case_view_pixel_mm(view))
-        overlay = (overlay_paths or {}).get(view.name)
-        if overlay is not None and pathlib.Path(overlay).is_file():
-            with Image.open(overlay) as image:
-                pixels = np.asarray(image.convert("RGB"))
-            if pixels.shape[:2] != tuple(view.image.shape):
-                pixels = imaging.window_to_uint8(view.image.pixels)
-        else:
-            pixels = imaging.window_to_uint8(view.image.pixels)
+        pixels = imaging.window_to_uint8(view.image.pixels)
         scale = "" if calibration is None else ": " + "; ".join(calibration.lines())
-        radiographs.append(ReportFigure(f"{view.name}{scale}.", figures.annotated_radiograph_png(pixels, drawn),
-                                        0.49))
+        png = figures.annotated_radiograph_png(pixels, drawn, outline_uv=(outlines or {}).get(view.name, ()))
+        radiographs.append(ReportFigure(f"{view.name}{scale}.", png, 0.49))
     reconstruction = None
     if surface is not None:
         png = figures.render_3d_png(surface[0], surface[1], measurements, landmarks_mm, case.side)
@@ -342,7 +336,7 @@ def report_for_output_dir(out_dir: str | os.PathLike, pdf_path: str | os.PathLik
     The case (radiographs and projection matrices) is the one named in the folder's report.json
     (``case_dir``) unless ``case_dir`` is given.
     """
-    from inference import io as hio
+    from inference import io as hio, silhouettes
     from inference.measure import validate_measurements
 
     out_dir = pathlib.Path(out_dir)
@@ -371,12 +365,13 @@ def report_for_output_dir(out_dir: str | os.PathLike, pdf_path: str | os.PathLik
 
         mesh = read_stl(stl)
         surface = (np.asarray(mesh.vertices), np.asarray(mesh.faces))
-    overlays = {v.name: out_dir / f"overlay_{v.name}.png" for v in case.views}
+    outlines = {}
     for view in case.views:  # the pipeline writes safe names (letters, digits, _ and -)
-        if not overlays[view.name].is_file():
-            safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in view.name).strip("_")
-            overlays[view.name] = out_dir / f"overlay_{safe}.png"
-    radiographs, reconstruction = report_figures(case, measurements, landmarks_mm, overlay_paths=overlays,
+        safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in view.name)
+        path = out_dir / silhouettes.file_name(safe)
+        if path.is_file():
+            outlines[view.name] = silhouettes.read_silhouette(path).polylines
+    radiographs, reconstruction = report_figures(case, measurements, landmarks_mm, outlines=outlines,
                                                  surface=surface)
     views = []
     for index, view in enumerate(case.views):

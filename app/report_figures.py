@@ -1,7 +1,7 @@
 """The pictures of the planning report, rendered off-screen with fixed settings (never a screen grab).
 
-- :func:`annotated_radiograph_png`: a radiograph (the registration overlay with the femur contour
-  when there is one) cropped to the hip, with the measurement graphics of
+- :func:`annotated_radiograph_png`: a radiograph (with the outline of the registered femur, the
+  polylines of ``silhouette_<view>.json``, when there is one) cropped to the hip, with the measurement graphics of
   :func:`inference.graphics.view_graphics` and a scale bar at the hip, drawn with Pillow.
 - :func:`render_3d_png`: the reconstructed femur from the front and from the side by VTK in an
   off-screen render window (EGL or OSMesa without a display), with a fixed camera; the bone is
@@ -15,7 +15,7 @@ from __future__ import annotations
 import io as _stdio
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -33,6 +33,7 @@ COLOURS = {
     "landmark": "#FFFF00",
     "scale": "#FFFFFF",
     "epipolar": "#FF9100",
+    "femur_outline": "#FF4020",  # inference.silhouettes.CONTOUR_RGB, as in the overlay PNGs
 }
 #: Width of an annotated radiograph in the report (pixels of the PNG).
 RADIOGRAPH_WIDTH_PX = 1000
@@ -73,7 +74,7 @@ def _crop_box(drawn: graphics.ViewGraphics) -> tuple[int, int, int, int]:
 
 
 def annotated_radiograph_png(image_rgb: np.ndarray, drawn: graphics.ViewGraphics, *,
-                             width_px: int = RADIOGRAPH_WIDTH_PX) -> bytes:
+                             width_px: int = RADIOGRAPH_WIDTH_PX, outline_uv: Sequence[np.ndarray] = ()) -> bytes:
     """The radiograph cropped to the hip with the measurement graphics, as PNG bytes.
 
     Parameters
@@ -82,6 +83,9 @@ def annotated_radiograph_png(image_rgb: np.ndarray, drawn: graphics.ViewGraphics
         The radiograph as displayed (the registration overlay or a windowed image).
     drawn : ViewGraphics
         Graphics of this view (:func:`inference.graphics.view_graphics`).
+    outline_uv : sequence of (N, 2) arrays
+        The registered femur's outline ((u, v) pixel polylines, :mod:`inference.silhouettes`),
+        drawn under the graphics; it does not move the crop, which follows the graphics.
     """
     from PIL import Image, ImageDraw
 
@@ -119,6 +123,8 @@ def annotated_radiograph_png(image_rgb: np.ndarray, drawn: graphics.ViewGraphics
         placed.append(box)
         draw.text((x, y), words, fill=colour, font=fnt, anchor=anchor, stroke_width=3, stroke_fill="#000000")
 
+    for line in outline_uv:
+        draw.line([xy(p) for p in line], fill=COLOURS["femur_outline"], width=max(1, line_width // 2), joint="curve")
     for line in drawn.polylines:
         points = [xy(p) for p in line.points_uv]
         if line.closed:

@@ -52,6 +52,7 @@ from app import imaging, masks as mask_ops
 from app.export import EXPORT_WRITERS, ExportContext
 from inference import __version__, geometry, graphics, io
 from inference.errors import CalibrationError, CaseFormatError, DataError, InputFileError, OutputError
+from inference.registration import RegistrationFrame
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class LoadedResult:
     labels: np.ndarray               # (z, y, x) uint8
     grid: geometry.VolumeGeometry
     volume: np.ndarray | None        # (z, y, x) warped atlas intensities (HU) or None
-    contours: dict[str, np.ndarray]  # view name -> (rows, cols, 4) RGBA contour layer
+    contours: dict[str, tuple[np.ndarray, ...]]  # view name -> outline polylines, (N, 2) (u, v) pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,8 +236,7 @@ def load_result(out_dir: str | os.PathLike, *, measurements: dict[str, Any], lan
     ``files`` maps output keys to paths (the pipeline's ``RegistrationResult.files``); missing keys
     fall back to the standard names of ``docs/case-format.md``.
     """
-    from PIL import Image
-
+    from inference import silhouettes
     from inference.data.mesh import read_stl
 
     out_dir = pathlib.Path(out_dir)
@@ -248,6 +248,7 @@ def load_result(out_dir: str | os.PathLike, *, measurements: dict[str, Any], lan
         names.setdefault(key, name)
     for view in view_names:
         names.setdefault(f"overlay_{view}", f"overlay_{_safe_name(view)}.png")
+        names.setdefault(f"silhouette_{view}", silhouettes.file_name(_safe_name(view)))
     paths = {k: out_dir / v for k, v in names.items() if (out_dir / v).is_file()}
     for key in ("femur_surface", "femur_labels"):
         if key not in paths:
@@ -262,10 +263,11 @@ def load_result(out_dir: str | os.PathLike, *, measurements: dict[str, Any], lan
             volume = None
     contours = {}
     for view in view_names:
-        path = paths.get(f"overlay_{view}")
+        path = paths.get(f"silhouette_{view}")
         if path is not None:
-            with Image.open(path) as image:
-                contours[view] = imaging.contour_rgba(np.asarray(image.convert("RGB")))
+            contours[view] = silhouettes.read_silhouette(path).polylines
+        else:  # output folders written before the outlines were stored as data show none
+            log.info("%s: no outline of view %r (%s)", out_dir, view, names[f"silhouette_{view}"])
     return LoadedResult(
         out_dir=out_dir, files=paths, measurements=dict(measurements),
         landmarks_mm={k: [float(x) for x in v] for k, v in (landmarks_mm or {}).items()},
@@ -377,6 +379,7 @@ class Session:
         self.case: io.Case | None = None
         self.case_label = ""
         self.views: list[ViewState] = []
+        self.frame: RegistrationFrame | None = None
         self.pair_report: geometry.ViewPairReport | None = None
         self.patient: dict[str, str] = {}
         #: Report fields the user typed (surgeon, ...): app.report.PATIENT_FIELDS names.
@@ -416,7 +419,9 @@ class Session:
                 calibration = dict(calibration_notes[index])
             views.append(ViewState(name=view.name, mask=mask, mask_source=source, confirmed=False,
                                    calibration=calibration, display=imaging.window_to_uint8(view.image.pixels)))
-        self.pair_report = geometry.view_pair_check(case.views[0].P, case.views[1].P)
+        # The case in the network's frame (the two-view check, normalised cameras), once per case.
+        self.frame = RegistrationFrame.of_case(case)
+        self.pair_report = self.frame.pair
         self.case = case
         self.case_label = label or case.case_dir.resolve().name
         self.views = views
@@ -792,8 +797,7 @@ class Session:
         result = self.result
         radiographs, reconstruction = report.report_figures(
             self.case, self.measurements, self.landmarks_mm,
-            overlay_paths={name[len("overlay_"):]: path for name, path in result.files.items()
-                           if name.startswith("overlay_")},
+            outlines=result.contours,
             surface=(result.surface_vertices, result.surface_faces))
         patient = report.patient_from_case(self.case).merged(report.patient_from_keywords(self.patient))
         patient = patient.merged(self.report_patient)

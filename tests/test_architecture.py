@@ -48,6 +48,100 @@ def test_importing_every_inference_module_loads_no_gui_library():
     assert loaded == [], f"inference imported GUI libraries: {loaded}"
 
 
+def _import_graph(root: pathlib.Path, package: str) -> dict[str, set[str]]:
+    """Module -> the modules of ``package`` it imports, anywhere in its code (imports inside
+    functions count: they hide a dependency, they do not remove it)."""
+    import ast
+
+    files = {}
+    for path in sorted((root / package).rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def resolve(name: str) -> str | None:
+        # "inference.geometry.project_points" -> "inference.geometry"
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    here = name.split(".") if is_package else name.split(".")[:-1]
+                    base = ".".join(here[:len(here) - node.level + 1] + ([base] if base else []))
+                targets = [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                module = resolve(target) if target.split(".")[0] == package else None
+                if module is not None and module != name:
+                    graph[name].add(module)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in sorted(graph[node]):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_import_graph_finds_a_cycle_hidden_in_a_function(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg import b\n")
+    (package / "b.py").write_text("def f():\n    from pkg.sub.c import g\n")
+    (package / "sub" / "c.py").write_text("from ..a import x\nimport numpy\n")
+    (package / "d.py").write_text("import pkg.a\n")
+    graph = _import_graph(tmp_path, "pkg")
+    assert graph["pkg.b"] == {"pkg.sub.c"} and graph["pkg.sub.c"] == {"pkg.a"} and graph["pkg.d"] == {"pkg.a"}
+    assert _cycles(graph) == [["pkg.a", "pkg.b", "pkg.sub.c"]]
+
+
+def test_inference_has_no_import_cycle():
+    """Modules that import each other (even through imports inside functions) are one module in
+    disguise, or miss a layer between them (the registration frame between the pipeline and the
+    mask proposal, issue 16)."""
+    cycles = _cycles(_import_graph(ROOT, "inference"))
+    assert cycles == [], "import cycles in inference: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
 def test_nothing_reads_outside_the_repository():
     """A clone stands on its own: no file of the project points at a folder beside it."""
     import pathlib

@@ -15,14 +15,14 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from inference import geometry, io, mask_proposal, pipeline
+from inference import geometry, io, mask_proposal, pipeline, registration, silhouettes
 from inference.data import mesh as mesh_lib
 from inference.errors import Cancelled, HipAtlasError
 
 import register_helpers as rh
 
 OUTPUT_FILES = {"femur_labels.nii.gz", "warped_atlas.nii.gz", "femur_surface.stl", "measurements.json",
-                "overlay_AP.png", "overlay_LAT.png", "report.json"}
+                "overlay_AP.png", "overlay_LAT.png", "silhouette_AP.json", "silhouette_LAT.json", "report.json"}
 MEASUREMENT_KEYS = {"side", "hip_centre_mm", "head_radius_mm", "femoral_offset_mm", "neck_shaft_angle_deg",
                     "vertical_offset_mm", "shaft_axis", "neck_axis"}
 
@@ -56,6 +56,13 @@ def _truth_on_output_grid(sim, out):
     truth = sitk.ReadImage(str(sim.truth_dir / "labels.nii.gz"))
     resampled = sitk.Resample(truth, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, truth.GetPixelID())
     return sitk.GetArrayFromImage(resampled) == 1, sitk.GetArrayFromImage(reference) == 1
+
+
+def _distances_px(points_uv, line_uv):
+    """Distance of each point to the nearest vertex of a polyline (pixels)."""
+    points_uv, line_uv = np.asarray(points_uv, float), np.asarray(line_uv, float)
+    return np.min(np.hypot(points_uv[:, None, 0] - line_uv[None, :, 0], points_uv[:, None, 1] - line_uv[None, :, 1]),
+                  axis=1)
 
 
 def _check_outputs(sim, out, result):
@@ -116,13 +123,26 @@ def _check_outputs(sim, out, result):
     assert result.measurements == measurements
 
     case = io.load_case(sim.case_dir)
+    frame = registration.RegistrationFrame.of_case(case)
+    world_projections = {view.name: P for view, P in zip(case.views, frame.world_projections)}
     for view in case.views:
         with Image.open(out / f"overlay_{view.name}.png") as overlay:
             assert overlay.mode == "RGB" and overlay.size == (view.image.shape[1], view.image.shape[0])
             rgb = np.asarray(overlay)
-        # the contour colour is drawn, and it runs near the true mask's outline
-        contour = np.all(rgb == (255, 64, 32), axis=-1)
+        # the outline travels as data: closed (u, v) polylines inside the image, around the
+        # projected label volume; the overlay's coloured pixels are those polylines
+        outline = silhouettes.read_silhouette(out / f"silhouette_{view.name}.json")
+        assert outline.view == view.name and outline.image_shape == tuple(view.image.shape)
+        longest = outline.polylines[0]
+        assert len(longest) > 20 and np.array_equal(longest[0], longest[-1])
+        rows, cols = view.image.shape
+        assert np.all((longest >= 0) & (longest <= [cols - 1, rows - 1]))
+        projected = silhouettes.project_silhouette(labels, grid, world_projections[view.name], view.image.shape)
+        assert _distances_px(projected.polylines[0], longest).max() < 0.05  # (NIfTI stores float32 geometry)
+        contour = np.all(rgb == silhouettes.CONTOUR_RGB, axis=-1)
         assert contour.sum() > 20
+        vv, uu = np.nonzero(contour)
+        assert _distances_px(np.stack([uu, vv], axis=1), np.concatenate(outline.polylines)).max() < 1.5
 
     report = json.loads((out / "report.json").read_text())
     assert report["software"]["version"] and report["model"]["name"] == "compact_untrained"
@@ -289,9 +309,10 @@ def test_proposal_network_sees_the_refined_outline_as_registration_would(tmp_pat
 
     sim = rh.simulated_case(tmp_path_factory.getbasetemp(), "right")
     case = io.load_case(sim.case_dir)
-    net = pipeline.load_registration_model(model_path)
-    atlas = pipeline.atlas_for(net)
-    images, projections, start = pipeline.registration_frame(case)
+    net = registration.load_registration_model(model_path)
+    atlas = registration.atlas_for(net)
+    frame = registration.RegistrationFrame.of_case(case)
+    images, projections, start = frame.images_in(case), frame.projections, frame.start_mm
     outline = mask_proposal.propose(images, projections, net, atlas, start, network_step=False)
     recording = _RecordingNet(net)
     proposal = mask_proposal.propose(images, projections, recording, atlas, start)
@@ -383,37 +404,6 @@ def test_eval_cases_tool_smoke(tmp_path):
     assert "## Summary" in (tmp_path / "eval_cases.md").read_text()
 
 
-def test_left_femur_is_registered_with_right_handed_cameras_on_flipped_images():
-    """A left case is mirrored in x *and* its images flipped, so that the network sees a right femur
-    through right-handed cameras as in training; a world point stays on its (flipped) pixel."""
-    from types import SimpleNamespace
-
-    from inference import geometry, pipeline
-
-    rng = np.random.default_rng(5)
-    views = []
-    for lao in (0.0, 90.0):
-        P = geometry.projection_matrix(geometry.CArmView(sdd_mm=1000, sid_mm=925, lao_deg=lao, cranial_deg=0,
-                                                         rows=60, cols=80, pixel_mm=2.0))
-        image = rng.random((60, 80)).astype(np.float32)
-        views.append(SimpleNamespace(projection=P, image=SimpleNamespace(pixels=image)))
-    point = np.array([60.0, -10.0, 20.0])  # a left hip: patient left is +x
-    for side in ("right", "left"):
-        case = SimpleNamespace(side=side, views=views)
-        images, projections, _ = pipeline.registration_frame(case)
-        mirrored = point * ([-1.0, 1.0, 1.0] if side == "left" else 1.0)
-        for view, image, P in zip(views, images, projections):
-            _, R, _ = geometry.decompose(P)
-            assert np.linalg.det(R) > 0, "registration cameras must be right-handed"
-            u, v = geometry.project_points(P, mirrored[None])[0]
-            u0, v0 = geometry.project_points(view.projection, point[None])[0]
-            expected_u = (view.image.pixels.shape[1] - 1 - u0) if side == "left" else u0
-            assert abs(u - expected_u) < 1e-6 and abs(v - v0) < 1e-6
-            column = int(round(u))
-            original_column = int(round(u0))
-            np.testing.assert_array_equal(image[:, column], view.image.pixels[:, original_column])
-
-
 def test_mask_agreement_is_dice_inside_the_projection_box():
     from inference.pipeline import mask_agreement
 
@@ -429,11 +419,11 @@ def test_mask_agreement_is_dice_inside_the_projection_box():
 def test_graph_mode_network_matches_eager(tmp_path, tmp_path_factory, model_path):
     """The traced forward pass used for cohorts gives the eager pass's result."""
     sim = rh.simulated_case(tmp_path_factory.getbasetemp(), "right")
-    net = pipeline.load_registration_model(model_path)
+    net = registration.load_registration_model(model_path)
     eager = pipeline.run_to_completion(pipeline.register_case(sim.case_dir, tmp_path / "eager", model=net))
     graph = pipeline.run_to_completion(pipeline.register_case(sim.case_dir, tmp_path / "graph", model=net,
                                                               graph_mode=True))
-    assert pipeline.network_function(net, graph=True) is pipeline.network_function(net, graph=True)
+    assert registration.network_function(net, graph=True) is registration.network_function(net, graph=True)
     labels = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / "femur_labels.nii.gz")))
               for name in ("eager", "graph")]
     assert (labels[0] != labels[1]).mean() < 1e-3

@@ -73,10 +73,20 @@ def _result_with_rotation(angle_deg):
                                time_s=0.1, centre_mm=np.array([30.0, 0.0, 0.0]))
 
 
+def _frame(side):
+    """The registration frame of an AP and a lateral view of a ``side`` hip."""
+    from inference import geometry
+    from inference.registration import RegistrationFrame
+
+    projections = [geometry.projection_matrix(geometry.CArmView(sdd_mm=1000, sid_mm=925, lao_deg=lao, cranial_deg=0,
+                                                                rows=60, cols=80, pixel_mm=2.0)) for lao in (0, 90)]
+    return RegistrationFrame.from_projections(side, projections, [(60, 80), (60, 80)])
+
+
 @pytest.mark.parametrize("angle_deg, flagged", [(3.0, False), (10.0, True)])
 def test_a_calibration_correction_past_the_limit_is_flagged(angle_deg, flagged):
     warnings: list[str] = []
-    entry = refine.report_entry(_result_with_rotation(angle_deg), ["AP", "LAT"], False, warnings)
+    entry = refine.report_entry(_result_with_rotation(angle_deg), ["AP", "LAT"], _frame("right"), warnings)
     lat = entry["self_calibration"]["LAT"]
     assert math.isclose(lat["rotation_deg"], angle_deg, abs_tol=1e-3)
     assert lat["shift_at_head_mm"] < 1e-3  # a rotation about the head does not move it
@@ -86,7 +96,7 @@ def test_a_calibration_correction_past_the_limit_is_flagged(angle_deg, flagged):
 
 
 def test_a_left_hip_reports_its_correction_in_the_case_world():
-    entry = refine.report_entry(_result_with_rotation(5.0), ["AP", "LAT"], True, [])
+    entry = refine.report_entry(_result_with_rotation(5.0), ["AP", "LAT"], _frame("left"), [])
     matrix = np.array(entry["self_calibration"]["LAT"]["matrix"])
     # mirrored in x: a rotation about z changes sign, the head centre is at -30 mm in x
     np.testing.assert_allclose(matrix[:3, :3] @ [1.0, 0.0, 0.0],
@@ -96,16 +106,18 @@ def test_a_left_hip_reports_its_correction_in_the_case_world():
 
 def test_corrected_projections_apply_the_correction_in_both_frames():
     result = _result_with_rotation(4.0)
-    p = np.arange(12, dtype=float).reshape(3, 4)
-    reg, world = refine.corrected_projections(result, [p, p], [p, p], mirror=True)
-    np.testing.assert_array_equal(reg[0], p)
+    frame = _frame("left")
+    corrected = frame.with_pose_corrections(result.pose_corrections)
+    np.testing.assert_array_equal(corrected.projections[0], frame.projections[0])
+    np.testing.assert_array_equal(corrected.world_projections[0], frame.world_projections[0])
     flip = np.diag([-1.0, 1.0, 1.0, 1.0])
-    np.testing.assert_allclose(reg[1], p @ result.pose_corrections[1])
-    np.testing.assert_allclose(world[1], p @ flip @ result.pose_corrections[1] @ flip)
+    np.testing.assert_allclose(corrected.projections[1], frame.projections[1] @ result.pose_corrections[1])
+    np.testing.assert_allclose(corrected.world_projections[1],
+                               frame.world_projections[1] @ flip @ result.pose_corrections[1] @ flip)
 
 
 def test_no_refinement_is_reported_as_not_run():
-    assert refine.report_entry(None, ["AP", "LAT"], False, []) == {"run": False}
+    assert refine.report_entry(None, ["AP", "LAT"], _frame("right"), []) == {"run": False}
 
 
 @pytest.mark.parametrize("field, value", [("max_steps", 0), ("time_limit_s", -1.0), ("mask_bias_mm", -0.5),

@@ -16,6 +16,8 @@ Window/level: right-drag (horizontal = width, vertical = level), :meth:`Radiogra
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from PySide6.QtCore import QEvent, QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QBrush, QColor, QFont, QImage, QPainter, QPainterPath, QPen, QPixmap, QTransform
@@ -27,6 +29,7 @@ from app import imaging, windowing
 from app.report_figures import COLOURS as GRAPHICS_COLOURS
 from app.views.qimage import grey_qimage, rgba_qimage
 from inference import graphics as measurement_graphics
+from inference.silhouettes import CONTOUR_RGB
 
 TOOLS = ("navigate", "brush", "eraser", "polygon")
 
@@ -156,7 +159,13 @@ class RadiographView(QGraphicsView):
         self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self._image_item: QGraphicsPixmapItem | None = None
         self._mask_layer: LayerItem | None = None
-        self._contour_layer: LayerItem | None = None
+        # The registered femur's outline: polylines in pixel coordinates (inference.silhouettes).
+        self._contour_item = QGraphicsPathItem()
+        contour_pen = QPen(QColor(*CONTOUR_RGB), 1.5)
+        contour_pen.setCosmetic(True)
+        self._contour_item.setPen(contour_pen)
+        self._contour_item.setZValue(2)
+        self.scene().addItem(self._contour_item)
         self._marker_items: list[QGraphicsItem] = []
         self._brush_outline = QGraphicsEllipseItem()
         self._brush_outline.setPen(QPen(QColor(255, 255, 255, 200), 0))
@@ -193,9 +202,6 @@ class RadiographView(QGraphicsView):
         self._mask_layer = LayerItem(rows, cols)
         self._mask_layer.setZValue(1)
         self.scene().addItem(self._mask_layer)
-        self._contour_layer = LayerItem(rows, cols)
-        self._contour_layer.setZValue(2)
-        self.scene().addItem(self._contour_layer)
         self.setSceneRect(QRectF(-0.5, -0.5, cols, rows))
         self._fit_pending = True
         self.fit()
@@ -204,10 +210,11 @@ class RadiographView(QGraphicsView):
         self.set_graphics(None)
         self.show_epipolar(None)
         self._lut = None
-        for item in (self._image_item, self._mask_layer, self._contour_layer, *self._marker_items):
+        for item in (self._image_item, self._mask_layer, *self._marker_items):
             if item is not None:
                 self.scene().removeItem(item)
-        self._image_item = self._mask_layer = self._contour_layer = None
+        self._image_item = self._mask_layer = None
+        self._contour_item.setPath(QPainterPath())
         self._marker_items = []
         self._polygon = []
         self._polygon_item.setPath(QPainterPath())
@@ -225,13 +232,24 @@ class RadiographView(QGraphicsView):
         if self._mask_layer is not None:
             self._mask_layer.setVisible(visible)
 
-    def set_contour(self, rgba: np.ndarray | None) -> None:
-        if self._contour_layer is not None:
-            self._contour_layer.set_all(rgba)
+    def set_contour(self, polylines: Sequence[np.ndarray] | None) -> None:
+        """Show the registered femur's outline: (N, 2) arrays of (u, v) pixels; None clears it."""
+        path = QPainterPath()
+        for line in polylines or ():
+            points = np.asarray(line, float)
+            if len(points) < 2:
+                continue
+            path.moveTo(float(points[0, 0]), float(points[0, 1]))
+            for u, v in points[1:]:
+                path.lineTo(float(u), float(v))
+        self._contour_item.setPath(path)
+
+    def contour_path(self) -> QPainterPath:
+        """The outline shown (scene = pixel coordinates)."""
+        return self._contour_item.path()
 
     def set_contour_visible(self, visible: bool) -> None:
-        if self._contour_layer is not None:
-            self._contour_layer.setVisible(visible)
+        self._contour_item.setVisible(visible)
 
     def set_markers(self, points_uv: dict[str, tuple[float, float]], highlight: str | None = "hip_centre") -> None:
         """Small cross-hair markers (with names) at projected landmark positions."""

@@ -129,17 +129,6 @@ def write_synthetic_case(folder, *, with_masks: bool = True, side: str = "right"
     return str(folder)
 
 
-def overlay(image: np.ndarray, silhouette: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    lo, hi = np.percentile(image, [0.5, 99.5])
-    grey = (np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
-    edge = silhouette & ~ndimage.binary_erosion(silhouette)
-    rgb[edge] = (255, 64, 32)
-    return rgb
-
-
 def synthetic_register(case_dir, out_dir, *, model=None, overwrite=False, masks=None, cancel=None,
                        steps: int = 4, step_seconds: float = 0.0):
     """A small registration with the contract of ``inference.pipeline.register_case``.
@@ -148,7 +137,7 @@ def synthetic_register(case_dir, out_dir, *, model=None, overwrite=False, masks=
     outputs atomically and returns a RegistrationResult whose measurements are the synthetic
     femur's known values.
     """
-    from inference import pipeline, surface
+    from inference import pipeline, silhouettes, surface
     from inference.errors import Cancelled
 
     def check():
@@ -177,9 +166,13 @@ def synthetic_register(case_dir, out_dir, *, model=None, overwrite=False, masks=
         files["femur_surface"] = surface.write_surface_stl(tmp / "femur_surface.stl", mesh)
         files["measurements"] = io.write_json_atomic(tmp / "measurements.json", FEMUR.measurements())
         for view in case.views:
-            silhouette = splat(labels, grid, view.P, view.image.shape) > 0.3
-            files[f"overlay_{view.name}"] = io.write_png_atomic(tmp / f"overlay_{view.name}.png",
-                                                                overlay(view.image.pixels, silhouette))
+            # the outline as the pipeline writes it: polylines, and the overlay drawn from them
+            outline = silhouettes.Silhouette(view.name, tuple(view.image.shape), silhouettes.outline_polylines(
+                splat(labels, grid, view.P, view.image.shape), 0.3))
+            files[f"silhouette_{view.name}"] = silhouettes.write_silhouette(
+                tmp / silhouettes.file_name(view.name), outline)
+            files[f"overlay_{view.name}"] = io.write_png_atomic(
+                tmp / f"overlay_{view.name}.png", silhouettes.draw_overlay(view.image.pixels, outline.polylines))
         report = {"software": {"name": "hipatlas"},
                   "model": {"name": "synthetic-test-model", "sha256": "0" * 64, "path": None if model is None else str(model)},
                   "views": [{"name": v.name, "similarity_ncc": 0.9} for v in case.views]}

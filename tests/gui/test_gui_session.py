@@ -73,13 +73,6 @@ def test_edit_between_folds_a_stroke_into_one_rectangle():
 
 
 # ------------------------------------------------------------------------------ display helpers
-def test_contour_layer_keeps_only_coloured_pixels():
-    rgb = np.repeat(np.arange(12, dtype=np.uint8).reshape(3, 4)[..., None] * 20, 3, axis=2)
-    rgb[1, 2] = (255, 64, 32)
-    layer = imaging.contour_rgba(rgb)
-    assert layer[..., 3].sum() == 255 and tuple(layer[1, 2]) == (255, 64, 32, 255)
-
-
 @pytest.mark.parametrize("view", ["axial", "coronal", "sagittal"])
 def test_slice_cursor_round_trip(view):
     shape = (7, 5, 6)
@@ -224,7 +217,13 @@ def test_registration_result_and_projected_landmarks(registered):
     result = _register(registered)
     assert registered.measurements["head_radius_mm"] == FEMUR.head_radius_mm
     assert result.surface_faces.shape[1] == 3 and result.labels.shape == FEMUR.grid().shape_zyx
-    assert set(result.contours) == {"AP", "LAT"} and all(c[..., 3].any() for c in result.contours.values())
+    # the outlines come as data (closed (u, v) polylines), read from silhouette_<view>.json
+    assert set(result.contours) == {"AP", "LAT"}
+    for polylines in result.contours.values():
+        longest = polylines[0]
+        assert len(longest) > 20 and np.array_equal(longest[0], longest[-1])
+        rows, cols = registered.views[0].mask.shape
+        assert np.all((longest >= 0) & (longest <= [cols - 1, rows - 1]))
     # the hip centre lands where P says in each view
     for index, P in enumerate(view_projections()):
         expected = geometry.project_points(P, np.array([FEMUR.head_centre_mm]))[0]

@@ -70,11 +70,22 @@ def test_open_confirm_register_review_measure(make_window, synthetic_case, qtbot
     changed = np.abs(pixels.astype(int) - without.astype(int)).sum(axis=2) > 30
     assert changed.mean() > 0.02
     # radiographs show the projected contour; slices show the label
-    contour = window.radiograph_panels[0].view._contour_layer.image()
-    assert contour.pixelColor(0, 0).alpha() == 0
-    alpha = np.array([[contour.pixelColor(x, y).alpha() for x in range(contour.width())]
-                      for y in range(contour.height())])
-    assert alpha.sum() > 0
+    # (drawn from the registration's outline polylines, in pixel coordinates)
+    radiograph = window.radiograph_panels[0].view
+    polylines = window.session.result.contours[window.session.views[0].name]
+    points = np.concatenate(polylines)
+    path = radiograph.contour_path()
+    assert path.elementCount() == len(points) > 20
+    box = path.boundingRect()
+    assert (box.left(), box.top(), box.right(), box.bottom()) == pytest.approx(
+        (*points.min(axis=0), *points.max(axis=0)))
+    window.viewers.setCurrentIndex(0)
+    qtbot.wait(20)
+    shown = radiograph.grab().toImage()
+    radiograph.set_contour_visible(False)
+    hidden = radiograph.grab().toImage()
+    radiograph.set_contour_visible(True)
+    assert shown != hidden
     assert window.slice_panel.cursor_zyx == tuple(s // 2 for s in FEMUR.grid().shape_zyx)
     # a click in the coronal view moves the linked cursor (and the 3D slices)
     view = window.slice_panel.views["coronal"]
