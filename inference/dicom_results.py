@@ -258,24 +258,17 @@ def _overlay(image: Any, rgb: np.ndarray, key: str, index: int, view: str) -> An
 
 
 def _outline_px(labels: np.ndarray, grid: Any, P: np.ndarray, shape_hw: tuple[int, int]) -> list[np.ndarray]:
-    """Outlines of the femur label's projection as (N, 2) arrays of (u, v) pixel centres."""
-    from skimage.measure import find_contours
+    """Outlines of the femur label's projection as closed (N, 2) arrays of (u, v) pixel centres: the
+    registration's outline polylines (:func:`inference.silhouettes.project_silhouette`), the three
+    longest, thinned to :data:`MAX_CONTOUR_POINTS`."""
+    from inference.silhouettes import project_silhouette
 
-    from inference.mask_proposal import project_label
-
-    silhouette = project_label(labels, grid, P, shape_hw, label=1) > 0.5
-    if not silhouette.any():
-        return []
-    # Pad so that an outline touching the image border still closes; contours are (row, col).
-    contours = find_contours(np.pad(silhouette, 1).astype(np.float32), 0.5)
     outlines = []
-    for contour in sorted(contours, key=len, reverse=True)[:3]:
-        if len(contour) < 20:
+    for line in project_silhouette(labels, grid, P, shape_hw).polylines[:3]:
+        if len(line) < 20:
             continue
-        step = max(1, int(np.ceil(len(contour) / MAX_CONTOUR_POINTS)))
-        points = contour[::step] - 1.0
-        points = np.vstack([points, points[:1]])  # closed
-        outlines.append(np.clip(points[:, ::-1], 0.0, [shape_hw[1] - 1, shape_hw[0] - 1]))
+        step = max(1, int(np.ceil(len(line) / MAX_CONTOUR_POINTS)))
+        outlines.append(np.vstack([line[:-1:step], line[:1]]))  # closed
     return outlines
 
 

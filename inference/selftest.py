@@ -42,7 +42,7 @@ HIP_CENTRE_TOLERANCE_MM = 30.0
 #: Files of the demo case folder that may hold its ground truth, in order of preference.
 TRUTH_FILES = ("truth.json", "ground_truth.json", "truth/truth.json", "truth/measurements.json",
                "measurements_truth.json")
-#: Outputs every registration writes (case-format.md), besides one overlay per view.
+#: Outputs every registration writes (case-format.md), besides one overlay and one outline per view.
 EXPECTED_OUTPUTS = ("femur_labels.nii.gz", "warped_atlas.nii.gz", "femur_surface.stl",
                     "measurements.json", "report.json")
 
@@ -158,8 +158,9 @@ def check_outputs(out_dir: str | pathlib.Path, measurements: dict[str, Any], *,
         Output folder of :func:`inference.pipeline.register_case`.
     measurements : dict
         Its measurements (as in measurements.json).
-    view_names : names of the case's views (one ``overlay_<view>.png`` each; names are made safe
-        the same way as the pipeline does, so only the count is checked)
+    view_names : names of the case's views (one ``overlay_<view>.png`` and one
+        ``silhouette_<view>.json`` each; names are made safe the same way as the pipeline does, so
+        only the count is checked)
     reference_mm : (3,) array or None
         Where the hip centre should be (world mm); None skips that check.
     """
@@ -167,11 +168,14 @@ def check_outputs(out_dir: str | pathlib.Path, measurements: dict[str, Any], *,
     checks = []
     missing = [n for n in EXPECTED_OUTPUTS if not (out_dir / n).is_file() or (out_dir / n).stat().st_size == 0]
     overlays = sorted(out_dir.glob("overlay_*.png"))
+    outlines = sorted(out_dir.glob("silhouette_*.json"))
     n_views = len(list(view_names))
     if n_views and len(overlays) < n_views:
         missing.append(f"{n_views - len(overlays)} overlay_<view>.png")
+    if n_views and len(outlines) < n_views:
+        missing.append(f"{n_views - len(outlines)} silhouette_<view>.json")
     checks.append(Check("outputs", not missing,
-                        f"{len(EXPECTED_OUTPUTS) + len(overlays)} outputs written" if not missing
+                        f"{len(EXPECTED_OUTPUTS) + len(overlays) + len(outlines)} outputs written" if not missing
                         else "missing or empty: " + ", ".join(missing)))
 
     labels_path = out_dir / "femur_labels.nii.gz"

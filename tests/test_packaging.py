@@ -468,7 +468,7 @@ def _fake_outputs(out, labels):
     grid = VolumeGeometry.centered(labels.shape, (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
     io.write_volume(out / "femur_labels.nii.gz", labels, grid, dtype=np.uint8)
     for name in ("warped_atlas.nii.gz", "femur_surface.stl", "measurements.json", "report.json",
-                 "overlay_AP.png", "overlay_LAT.png"):
+                 "overlay_AP.png", "overlay_LAT.png", "silhouette_AP.json", "silhouette_LAT.json"):
         (out / name).write_bytes(b"data")
 
 

@@ -270,8 +270,11 @@ def test_views_without_masks_get_proposed_unconfirmed_masks(tmp_path, tmp_path_f
     assert "mask_proposal" in report and report["timings_s"]["mask_proposal_s"] > 0
 
 
-def test_propose_masks_api_for_the_gui(tmp_path_factory, model_path):
-    sim = rh.simulated_case(tmp_path_factory.getbasetemp(), "right")
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_propose_masks_api_for_the_gui(tmp_path_factory, model_path, side):
+    """The masks come in the case's pixels: for a left hip the proposal, made on the registration
+    frame's flipped images, is flipped back (before issue 16 the GUI got it mirrored)."""
+    sim = rh.simulated_case(tmp_path_factory.getbasetemp(), side)
     case = io.load_case(sim.case_dir)
     masks = mask_proposal.propose_masks(case, model_path)
     assert len(masks) == 2
