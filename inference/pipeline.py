@@ -135,6 +135,16 @@ class _Warped:
 
 
 @dataclass
+class _Outputs:
+    """The reconstruction in the case's world: label map, warped intensities, their grid, surface."""
+
+    labels: np.ndarray
+    volume_hu: np.ndarray
+    grid: "geometry.VolumeGeometry"
+    mesh: Any
+
+
+@dataclass
 class _Measured:
     """The measurements (case world) and where their hip centre and shaft axis came from."""
 
@@ -196,7 +206,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     HipAtlasError
         Bad input (the message names the file and the problem); nothing is written then.
     """
-    from inference import refine as refine_lib, surface
+    from inference import refine as refine_lib
 
     started = time.perf_counter()
     yield Progress(0.02, "Loading case")
@@ -237,20 +247,15 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
 
     yield Progress(0.65, "Measuring")
     measured = _measure(job, warped)
-    out_labels, out_grid = job.frame.volume_out(warped.labels, warped.grid)
-    out_hu = job.frame.volume_out(warped.volume_hu, warped.grid)[0]
-    t0 = time.perf_counter()
-    mesh = surface.label_surface(out_labels, out_grid, label=1)
-    job.timings["surface_s"] = time.perf_counter() - t0
+    outputs = _in_case_world(job, warped)
     _check(cancel)
 
     yield Progress(0.75, "Writing overlays")
-    overlays = _project_outlines(job, out_labels, out_grid)
+    overlays = _project_outlines(job, outputs)
 
     yield Progress(0.9, "Writing outputs")
     report = _report(job, net, atlas, warped, measured, overlays, head, refinement, proposal)
-    files = _write_outputs(job, out_dir, overwrite, out_labels, out_hu, out_grid, mesh, measured, overlays,
-                           report, started)
+    files = _write_outputs(job, out_dir, overwrite, outputs, measured, overlays, report, started)
     yield Progress(1.0, "Done")
     return RegistrationResult(out_dir=pathlib.Path(out_dir), measurements=measured.measurements,
                               warnings=job.warnings, files=files, report=report,
@@ -420,13 +425,26 @@ def _measure(job: _Job, warped: _Warped) -> _Measured:
                      None if sphere is None else float(sphere.radius_mm))
 
 
-def _project_outlines(job: _Job, labels, grid) -> _Overlays:
+def _in_case_world(job: _Job, warped: _Warped) -> _Outputs:
+    """The warped atlas carried out of the registration frame, and the femur surface."""
+    from inference import surface
+
+    labels, grid = job.frame.volume_out(warped.labels, warped.grid)
+    volume_hu = job.frame.volume_out(warped.volume_hu, warped.grid)[0]
+    t0 = time.perf_counter()
+    mesh = surface.label_surface(labels, grid, label=1)
+    job.timings["surface_s"] = time.perf_counter() - t0
+    return _Outputs(labels, volume_hu, grid, mesh)
+
+
+def _project_outlines(job: _Job, outputs: _Outputs) -> _Overlays:
     """Each view's outline of the reconstruction (case world and pixels), the overlay drawn from
     it, and how well the projection agrees with the radiograph and the mask."""
     t0 = time.perf_counter()
     overlays = _Overlays({}, {}, {}, {})
     for view, projection, mask in zip(job.case.views, job.frame.world_projections, job.masks):
-        projected = silhouettes_lib.project_silhouette(labels, grid, projection, view.image.pixels.shape)
+        projected = silhouettes_lib.project_silhouette(outputs.labels, outputs.grid, projection,
+                                                       view.image.pixels.shape)
         overlays.silhouettes[view.name] = projected.silhouette(view.name)
         overlays.pictures[view.name] = silhouettes_lib.draw_overlay(view.image.pixels, projected.polylines)
         overlays.similarity_ncc[view.name] = silhouettes_lib.similarity_ncc(view.image.pixels, projected)
@@ -484,17 +502,18 @@ def _report(job: _Job, net, atlas, warped: _Warped, measured: _Measured, overlay
     return report
 
 
-def _write_outputs(job: _Job, out_dir, overwrite: bool, labels, volume_hu, grid, mesh, measured: _Measured,
+def _write_outputs(job: _Job, out_dir, overwrite: bool, outputs: _Outputs, measured: _Measured,
                    overlays: _Overlays, report: dict[str, Any], started: float) -> dict[str, pathlib.Path]:
     """Every output file (docs/case-format.md), written into a temporary folder moved into place."""
     from inference import surface
 
     with io.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         files = {
-            "femur_labels": io.write_volume(tmp / "femur_labels.nii.gz", labels, grid, dtype=np.uint8),
-            "warped_atlas": io.write_volume(tmp / "warped_atlas.nii.gz", volume_hu.astype(np.float32), grid,
-                                            dtype=np.float32),
-            "femur_surface": surface.write_surface_stl(tmp / "femur_surface.stl", mesh),
+            "femur_labels": io.write_volume(tmp / "femur_labels.nii.gz", outputs.labels, outputs.grid,
+                                            dtype=np.uint8),
+            "warped_atlas": io.write_volume(tmp / "warped_atlas.nii.gz", outputs.volume_hu.astype(np.float32),
+                                            outputs.grid, dtype=np.float32),
+            "femur_surface": surface.write_surface_stl(tmp / "femur_surface.stl", outputs.mesh),
             "measurements": io.write_json_atomic(tmp / "measurements.json", measured.measurements),
         }
         for name, rgb in overlays.pictures.items():

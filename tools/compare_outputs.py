@@ -14,7 +14,8 @@ Must match exactly (exit status 1 otherwise):
   - ``proposed_mask_<view>.png``: every pixel;
   - ``report.json`` without what changes from run to run (``created``, ``timings_s``, the
     proposal's and the refinement's timings).
-Reported, not required to match: the overlay pictures (how many pixels differ) and files that
+With ``--refine`` the refinement stops at a wall-clock time limit, so runs on a loaded machine may
+take fewer steps and differ; the tool says so. Reported, not required to match: the overlay pictures (how many pixels differ) and files that
 only one folder has. ``--json`` ends the output with one JSON line.
 """
 
@@ -98,9 +99,14 @@ def compare(before: str | pathlib.Path, after: str | pathlib.Path) -> dict[str, 
             diffs = _differences(json.loads(a.read_text()), json.loads(b.read_text()))
             entry = {"identical": not diffs, "required": True, "differences": diffs[:20]}
         elif name == "report.json":
-            diffs = _differences(_without_volatile(json.loads(a.read_text())),
-                                 _without_volatile(json.loads(b.read_text())))
+            report_a, report_b = json.loads(a.read_text()), json.loads(b.read_text())
+            diffs = _differences(_without_volatile(report_a), _without_volatile(report_b))
             entry = {"identical": not diffs, "required": True, "differences": diffs[:20]}
+            steps = [(r.get("refinement") or {}).get("steps") for r in (report_a, report_b)]
+            if steps[0] != steps[1]:
+                # refine.RefineSettings.time_limit_s is wall-clock time: a loaded machine stops sooner
+                entry["note"] = (f"the refinement ran {steps[0]} and {steps[1]} steps (its time limit is wall "
+                                 "clock: compare runs made on an equally quiet machine)")
         elif name.endswith(".png"):
             pa, pb = _pixels(a), _pixels(b)
             same = pa.shape == pb.shape and np.array_equal(pa, pb)
