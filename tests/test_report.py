@@ -133,8 +133,9 @@ def test_report_pictures_show_the_bone_and_the_graphics(registered, tmp_path):
     radiographs = [a for a in images if a is not widest]
     head = np.array([0x00, 0xE5, 0xFF])
     shaft = np.array([0xFF, 0xB3, 0x00])
+    outline = np.array([0xFF, 0x40, 0x20])  # the femur outline, drawn from silhouette_<view>.json
     for picture in radiographs:
-        for colour in (head, shaft):
+        for colour in (head, shaft, outline):
             assert (np.abs(picture - colour).sum(axis=-1) < 40).sum() > 50, "measurement graphics missing"
     # no patient identifiers without a patient file, and the record says so
     text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, encoding="utf-8", check=True).stdout
