@@ -211,7 +211,8 @@ def _restore(session: Session, source: pathlib.Path) -> None:
                              measurements=result_doc.get("measurements") or {},
                              landmarks_mm=result_doc.get("landmarks_mm") or {},
                              warnings=result_doc.get("warnings") or [], report=result_doc.get("report") or {},
-                             files=result_doc.get("files"), view_names=[v.name for v in session.views])
+                             files=result_doc.get("files"), view_names=[v.name for v in session.views],
+                             frame=session.frame)
         session.set_result(result)
         session.landmarks_mm = {k: [float(x) for x in v] for k, v in (document.get("landmarks_mm") or {}).items()} \
             or session.landmarks_mm

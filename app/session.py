@@ -230,11 +230,13 @@ def mask_png_bytes(mask: np.ndarray) -> bytes:
 
 def load_result(out_dir: str | os.PathLike, *, measurements: dict[str, Any], landmarks_mm: dict[str, Any],
                 warnings: Sequence[str], report: dict[str, Any], files: dict[str, Any] | None,
-                view_names: Sequence[str]) -> LoadedResult:
+                view_names: Sequence[str], frame: RegistrationFrame | None = None) -> LoadedResult:
     """Read a registration output folder for display (called in the worker thread).
 
     ``files`` maps output keys to paths (the pipeline's ``RegistrationResult.files``); missing keys
-    fall back to the standard names of ``docs/case-format.md``.
+    fall back to the standard names of ``docs/case-format.md``. The outline of each view is read
+    from ``silhouette_<view>.json``; a folder written before outlines were stored (an older
+    project) gets them projected from its label map with the cameras of the case's ``frame``.
     """
     from inference import silhouettes
     from inference.data.mesh import read_stl
@@ -262,11 +264,14 @@ def load_result(out_dir: str | os.PathLike, *, measurements: dict[str, Any], lan
             log.warning("warped atlas and label map differ in shape; slices show labels only")
             volume = None
     contours = {}
-    for view in view_names:
+    for index, view in enumerate(view_names):
         path = paths.get(f"silhouette_{view}")
         if path is not None:
             contours[view] = silhouettes.read_silhouette(path).polylines
-        else:  # output folders written before the outlines were stored as data show none
+        elif frame is not None:
+            contours[view] = silhouettes.project_silhouette(labels, grid, frame.world_projections[index],
+                                                            frame.image_shapes[index]).polylines
+        else:
             log.info("%s: no outline of view %r (%s)", out_dir, view, names[f"silhouette_{view}"])
     return LoadedResult(
         out_dir=out_dir, files=paths, measurements=dict(measurements),

@@ -369,6 +369,28 @@ def test_export_refuses_a_filled_folder_and_changes_nothing(registered, tmp_path
 
 
 # ------------------------------------------------------------------------------ projects
+def test_an_output_folder_without_outlines_gets_them_projected_from_its_labels(registered):
+    """Older projects hold no silhouette_<view>.json: their outlines come from the label map and
+    the case's registration frame (data, not pixels of the overlay)."""
+    from app.session import load_result
+
+    result = _register(registered)
+    for path in result.out_dir.glob("silhouette_*.json"):
+        path.unlink()
+    names = [v.name for v in registered.views]
+    kwargs = dict(measurements=result.measurements, landmarks_mm=result.landmarks_mm, warnings=[], report={},
+                  files=None, view_names=names)
+    assert load_result(result.out_dir, **kwargs).contours == {}
+    projected = load_result(result.out_dir, frame=registered.frame, **kwargs).contours
+    assert set(projected) == set(names)
+    for name in names:
+        line, stored = projected[name][0], np.concatenate(result.contours[name])
+        assert len(line) > 20 and np.array_equal(line[0], line[-1])
+        # the synthetic registration drew its outline from a blurred voxel count: the same femur
+        distance = np.min(np.hypot(line[:, None, 0] - stored[None, :, 0], line[:, None, 1] - stored[None, :, 1]), axis=1)
+        assert np.median(distance) < 1.5 and distance.max() < 4.0
+
+
 def test_project_round_trip(registered, tmp_path):
     _register(registered)
     registered.paint(0, (10.0, 10.0), (14.0, 10.0), 2.0, True)
