@@ -208,3 +208,10 @@ def test_prepare_ct_command_line_shards_and_merges(cts, made, tmp_path, capsys):
                    extra=extra) == 2
     assert "--split with --cases" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_worker_processes_do_not_change_the_bytes(cts, made, tmp_path):
+    _make(cts / "cases.csv", tmp_path / "parallel", workers=2)
+    assert _files(tmp_path / "parallel") == _files(made / "whole")
+    assert _manifest(tmp_path / "parallel") == _manifest(made / "whole")
