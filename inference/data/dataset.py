@@ -45,9 +45,11 @@ import math
 import multiprocessing
 import os
 import pathlib
+import struct
 import time
 import uuid
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +101,7 @@ __all__ = [
     "load_manifest",
     "load_sample",
     "decode_sample",
+    "read_npz_bytes",
     "iter_samples",
 ]
 
@@ -706,20 +709,77 @@ def load_sample(path: str | os.PathLike, *, verify_sha256: str | None = None) ->
         if actual != verify_sha256:
             raise InputFileError(f"{file}: checksum differs from the manifest (file changed or damaged); "
                                  "regenerate it with the same command (generation resumes)")
-    return _read_sample(file, file)
-
-
-def decode_sample(data: bytes, name: str = "sample") -> dict[str, np.ndarray]:
-    """:func:`load_sample` of the bytes of a sample file (read elsewhere, e.g. by ``tf.data``)."""
-    return _read_sample(io.BytesIO(data), name)
-
-
-def _read_sample(source: Any, file: Any) -> dict[str, np.ndarray]:
     try:
-        with np.load(source, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise InputFileError(f"{file}: cannot read the sample ({exc}); is it truncated?") from exc
+        data = file.read_bytes()
+    except OSError as exc:
+        raise InputFileError(f"{file}: cannot read the sample ({exc})") from exc
+    return decode_sample(data, file)
+
+
+def decode_sample(data: bytes, name: Any = "sample", *, writable: bool = True) -> dict[str, np.ndarray]:
+    """:func:`load_sample` of the bytes of a sample file (read elsewhere, e.g. by ``tf.data``).
+
+    ``writable=False`` returns read-only arrays over the decompressed bytes (one copy fewer)."""
+    try:
+        arrays = read_npz_bytes(data, writable=writable)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, struct.error, *_INFLATE_ERRORS) as exc:
+        raise InputFileError(f"{name}: cannot read the sample ({exc}); is it truncated?") from exc
+    return _check_sample(arrays, name)
+
+
+def read_npz_bytes(data: bytes, *, writable: bool = True) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` held in memory, like ``np.load`` with ``allow_pickle=False``.
+
+    Faster than ``np.load`` on a sample: each deflated member is inflated by one zlib call
+    (which releases Python's lock for the whole member, so parallel ``tf.data`` decodes run side
+    by side) and checked against its CRC-32; arrays are views of the inflated bytes, copied only
+    when ``writable``. Object arrays are refused (ValueError).
+    """
+    view = memoryview(data)
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            if info.compress_type == zipfile.ZIP_DEFLATED and not info.flag_bits & 0x1:
+                signature, name_length, extra_length = struct.unpack_from("<4s22xHH", data, info.header_offset)
+                if signature != b"PK\x03\x04":
+                    raise zipfile.BadZipFile(f"no local header for {info.filename}")
+                begin = info.header_offset + 30 + name_length + extra_length
+                member = _inflate(view[begin:begin + info.compress_size], -15, info.file_size)
+                if len(member) != info.file_size or zlib.crc32(member) != info.CRC:
+                    raise zipfile.BadZipFile(f"bad CRC-32 or size of {info.filename}")
+            else:
+                member = archive.read(info)  # stored (or other) members: zipfile's own reader
+            arrays[info.filename.removesuffix(".npy")] = _npy_array(member, writable)
+    return arrays
+
+
+def _raw_inflate() -> tuple[Callable[..., bytes], tuple[type[Exception], ...]]:
+    """zlib's ``decompress`` and its error, or ISA-L's (the same bytes, ~1.6x faster) when
+    ``isal`` is installed (``pip install hipatlas[fast-input]``)."""
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return zlib.decompress, (zlib.error,)
+    return isal_zlib.decompress, (isal_zlib.error, zlib.error)
+
+
+_inflate, _INFLATE_ERRORS = _raw_inflate()
+
+
+def _npy_array(member: bytes, writable: bool) -> np.ndarray:
+    header = io.BytesIO(member)
+    version = np.lib.format.read_magic(header)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = reader(header)
+    if dtype.hasobject:
+        raise ValueError("the file holds an object array; samples hold numeric arrays only")
+    count = math.prod(shape)
+    array = np.frombuffer(member, dtype=dtype, count=count, offset=header.tell())
+    array = array.reshape(shape[::-1]).transpose() if fortran_order else array.reshape(shape)
+    return array.copy() if writable else array
+
+
+def _check_sample(arrays: dict[str, np.ndarray], file: Any) -> dict[str, np.ndarray]:
     missing = [name for name in SAMPLE_KEYS if name not in arrays]
     if missing:
         raise DataError(f"{file}: sample lacks {missing}; not a {DATASET_FORMAT} sample")
