@@ -776,7 +776,7 @@ def _npy_array(member: bytes, writable: bool) -> np.ndarray:
     count = math.prod(shape)
     array = np.frombuffer(member, dtype=dtype, count=count, offset=header.tell())
     array = array.reshape(shape[::-1]).transpose() if fortran_order else array.reshape(shape)
-    return array.copy() if writable else array
+    return array.copy(order="K") if writable else array
 
 
 def _check_sample(arrays: dict[str, np.ndarray], file: Any) -> dict[str, np.ndarray]:
