@@ -82,6 +82,8 @@ def main(argv=None) -> dict:
         parser.add_argument("--count", type=int, default=200, help="samples read per measurement (default 200)")
         parser.add_argument("--parallel", type=int, default=None, help="parallel reads/decodes (default autotune)")
         parser.add_argument("--no-step", action="store_true", help="do not time the compact training step")
+        parser.add_argument("--zlib", action="store_true",
+                            help="inflate with zlib even when isal is installed (to compare)")
         parser.add_argument("--idle-step-s", type=float, default=None,
                             help="this CPU's compact step measured when idle (bench_model.py "
                             "compact_train_step_s), for one more comparison")
@@ -113,6 +115,10 @@ def _measure(report: BenchReport, data_dir: pathlib.Path, args, count: int) -> N
     from inference.data.stream import training_dataset
     from inference.distributed import pipeline_positions
 
+    if args.zlib:
+        import zlib
+
+        ds._inflate, ds._INFLATE_ERRORS = zlib.decompress, (zlib.error,)
     entries, manifest = _entries(data_dir)
     grid = manifest["grid"]
     shape, detector = grid["shape_zyx"], manifest.get("detector_hw") or grid["detector_hw"]

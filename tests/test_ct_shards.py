@@ -19,6 +19,7 @@ from inference.data import dataset as ds
 from inference.errors import ConfigError, DataError, InputFileError
 from inference.io import write_volume
 from test_ct_import import _config, _extra_commands, _tiny_grid, patient_ct
+from test_shards import _files, _manifest
 
 PAIRS = 2
 LIST = "ct,labels,side,subject,split\n{rows}"
@@ -35,17 +36,6 @@ def _write_ct(folder: pathlib.Path, side: str, rng: np.random.Generator) -> None
 def _make(cases, out, shard=None, **kwargs):
     return ct_import.prepare_ct_list(cases, out, grid=_tiny_grid(), pairs=PAIRS, geometry="generalised", seed=5,
                                      config=_config(), shard=shard, **kwargs)
-
-
-def _files(folder: pathlib.Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
-
-
-def _manifest(folder: pathlib.Path) -> dict:
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest.pop("updated")
-    return manifest
 
 
 @pytest.fixture(scope="module")

@@ -120,12 +120,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--oversample", type=_positive_int, default=2,
                        help="render DRRs this many times finer than the network detector (default 2)")
     synth.add_argument("--step-mm", type=float, help="ray-marching step (default: the grid's smallest spacing)")
-    synth.add_argument("--shard", metavar="I/N",
-                       help="make only shard I of N (I = 0..N-1; samples i with i %% N == I) into --out, e.g. "
-                       "one Slurm array task each; join the shards with --merge")
-    synth.add_argument("--merge", nargs="+", metavar="SHARD_DIR",
-                       help="join the N shard folders of one synth --shard command into --out (checksums "
-                       "verified; the same files as an unsharded run)")
+    _add_shard_options(synth, "make only shard I of N (I = 0..N-1; samples i with i %% N == I)", "synth --shard")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(handler=_synth)
 
@@ -156,12 +151,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     prep.add_argument("--no-realism", action="store_true", help="clean DRRs")
     prep.add_argument("--workers", type=_non_negative_int, default=1,
                       help="with --cases: CTs imported side by side, one process each (default 1)")
-    prep.add_argument("--shard", metavar="I/N",
-                      help="with --cases: import only the CTs k (0-based list rows) with k %% N == I into --out, "
-                      "e.g. one Slurm array task each; join the shards with --merge")
-    prep.add_argument("--merge", nargs="+", metavar="SHARD_DIR",
-                      help="join the N shard folders of one prepare-ct --cases --shard command into --out "
-                      "(checksums verified; the same files as an unsharded run)")
+    _add_shard_options(prep, "with --cases: import only the CTs k (0-based list rows) with k %% N == I",
+                       "prepare-ct --cases --shard")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(handler=_prepare_ct)
 
@@ -196,6 +187,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--pixel-mm", type=float, default=0.4)
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     sim.set_defaults(handler=_simulate)
+
+
+def _add_shard_options(parser: argparse.ArgumentParser, shard_help: str, command: str) -> None:
+    """``--shard I/N`` and ``--merge SHARD_DIR...`` (synth, prepare-ct)."""
+    parser.add_argument("--shard", metavar="I/N", help=f"{shard_help} into --out, e.g. one Slurm array task each; "
+                        "join the shards with --merge")
+    parser.add_argument("--merge", nargs="+", metavar="SHARD_DIR",
+                        help=f"join the N shard folders of one {command} command into --out (checksums verified; "
+                        "the same files as an unsharded run)")
 
 
 #: The name the task brief uses.
