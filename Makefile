@@ -33,7 +33,7 @@ system-packages:
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,fast-input]"
 	touch $(STAMP)
 
 # With a display: the workstation window on the demo case. Headless (no DISPLAY): register the

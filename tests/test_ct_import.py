@@ -39,12 +39,14 @@ def _rotation_z(deg):
     return np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1.0]])
 
 
-def patient_ct(side="left"):
-    """(HU (z, y, x), labels, geometry, canonical->world 4x4) of a femur placed in a patient world."""
+def patient_ct(side="left", angle_deg=12.0, shift_mm=(0.0, 0.0, 0.0)):
+    """(HU (z, y, x), labels, geometry, canonical->world 4x4) of a femur placed in a patient world
+    (turned by ``angle_deg`` about z and moved by ``shift_mm`` from the standard place)."""
     mirror = np.diag([-1.0 if side == "left" else 1.0, 1.0, 1.0])
     to_world = np.eye(4)
-    to_world[:3, :3] = _rotation_z(12.0) @ mirror
-    to_world[:3, 3] = (95.0 if side == "left" else -95.0, 20.0, 800.0)  # the hip of a patient on a table
+    to_world[:3, :3] = _rotation_z(angle_deg) @ mirror
+    # the hip of a patient on a table
+    to_world[:3, 3] = np.array([95.0 if side == "left" else -95.0, 20.0, 800.0]) + np.asarray(shift_mm)
     # CT grid: oblique axes (scanner gantry tilt about x) around the proximal femur
     direction = np.array([[1.0, 0, 0], [0, np.cos(0.15), -np.sin(0.15)], [0, np.sin(0.15), np.cos(0.15)]])
     centre = to_world[:3, :3] @ np.array([-25.0, 0.0, -60.0]) + to_world[:3, 3]

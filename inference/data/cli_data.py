@@ -120,12 +120,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--oversample", type=_positive_int, default=2,
                        help="render DRRs this many times finer than the network detector (default 2)")
     synth.add_argument("--step-mm", type=float, help="ray-marching step (default: the grid's smallest spacing)")
-    synth.add_argument("--shard", metavar="I/N",
-                       help="make only shard I of N (I = 0..N-1; samples i with i %% N == I) into --out, e.g. "
-                       "one Slurm array task each; join the shards with --merge")
-    synth.add_argument("--merge", nargs="+", metavar="SHARD_DIR",
-                       help="join the N shard folders of one synth --shard command into --out (checksums "
-                       "verified; the same files as an unsharded run)")
+    _add_shard_options(synth, "make only shard I of N (I = 0..N-1; samples i with i %% N == I)", "synth --shard")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(handler=_synth)
 
@@ -133,10 +128,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "prepare-ct", help="make training samples from your own CT and femur labels",
         description="Read a CT (DICOM series folder, NIfTI or MHA, in HU) and its label map, find the femur's "
         "frame from the label, resample to the atlas grid and render calibrated DRR pairs in the data set "
-        "format of 'synth'. Appends to an existing data set made by prepare-ct.")
-    prep.add_argument("--ct", required=True, help="CT: DICOM series folder, .nii(.gz), .mha or .nrrd")
-    prep.add_argument("--labels", required=True, help="label map (any grid overlapping the CT)")
-    prep.add_argument("--side", required=True, choices=("left", "right"), help="which femur")
+        "format of 'synth'. One CT (--ct, --labels, --side) is appended to a data set made by prepare-ct; a "
+        "list of CTs (--cases LIST.csv) makes one data set, resumably, on one machine or in shards on many "
+        "(--shard I/N, then --merge).")
+    prep.add_argument("--ct", help="CT: DICOM series folder, .nii(.gz), .mha or .nrrd")
+    prep.add_argument("--labels", help="label map (any grid overlapping the CT)")
+    prep.add_argument("--side", choices=("left", "right"), help="which femur")
+    prep.add_argument("--cases", metavar="LIST.csv",
+                      help="instead of --ct/--labels/--side: a CSV list of CTs with the header ct,labels,side"
+                      "[,subject][,split] (paths relative to the list's folder), made into one data set")
     prep.add_argument("--out", required=True, help="data set folder")
     prep.add_argument("--grid", choices=("compact", "paper", "both"), default="compact",
                       help="atlas grid; 'both' writes OUT/compact and OUT/paper")
@@ -144,10 +144,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     prep.add_argument("--geometry", choices=("orthogonal", "generalised"), default="orthogonal")
     prep.add_argument("--seed", type=_non_negative_int, default=0)
     prep.add_argument("--subject", help="subject name in the manifest (default: the CT's file name)")
-    prep.add_argument("--split", choices=("train", "val", "test"), default="train")
+    prep.add_argument("--split", choices=("train", "val", "test"),
+                      help="split of the CT (default train; with --cases, the list's split column)")
     prep.add_argument("--femur-label", type=int, default=1, help="label value of the femur (default 1)")
     prep.add_argument("--pelvis-label", type=int, help="label value of the pelvis (optional)")
     prep.add_argument("--no-realism", action="store_true", help="clean DRRs")
+    prep.add_argument("--workers", type=_non_negative_int, default=1,
+                      help="with --cases: CTs imported side by side, one process each (default 1)")
+    _add_shard_options(prep, "with --cases: import only the CTs k (0-based list rows) with k %% N == I",
+                       "prepare-ct --cases --shard")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(handler=_prepare_ct)
 
@@ -184,6 +189,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sim.set_defaults(handler=_simulate)
 
 
+def _add_shard_options(parser: argparse.ArgumentParser, shard_help: str, command: str) -> None:
+    """``--shard I/N`` and ``--merge SHARD_DIR...`` (synth, prepare-ct)."""
+    parser.add_argument("--shard", metavar="I/N", help=f"{shard_help} into --out, e.g. one Slurm array task each; "
+                        "join the shards with --merge")
+    parser.add_argument("--merge", nargs="+", metavar="SHARD_DIR",
+                        help=f"join the N shard folders of one {command} command into --out (checksums verified; "
+                        "the same files as an unsharded run)")
+
+
 #: The name the task brief uses.
 add_subcommands = add_parser
 
@@ -197,11 +211,7 @@ def _synth(args: argparse.Namespace) -> int:
     from inference.errors import ConfigError
 
     if args.merge:
-        if args.shard:
-            raise ConfigError("give --shard (make one shard) or --merge (join shards), not both")
-        manifest = ds.merge_shards(args.out, args.merge, progress=_counter_progress(args.quiet, "samples"))
-        print(f"data set written: {manifest}")
-        return 0
+        return _merge(args)
     if args.subjects is None:
         raise ConfigError("synth needs --subjects N (the number of samples), or --merge SHARD_DIR...")
     config = ds.SynthConfig()
@@ -222,26 +232,65 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    """``synth --merge`` and ``prepare-ct --merge``: join shard folders into ``--out``."""
+    from inference.data import dataset as ds
+    from inference.errors import ConfigError
+
+    if args.shard:
+        raise ConfigError("give --shard (make one shard) or --merge (join shards), not both")
+    manifest = ds.merge_shards(args.out, args.merge, progress=_counter_progress(args.quiet, "samples"))
+    print(f"data set written: {manifest}")
+    return 0
+
+
 def _prepare_ct(args: argparse.Namespace) -> int:
     import dataclasses
+    import pathlib
 
     from inference.data import ct_import
     from inference.data import dataset as ds
     from inference.data.augment import RealismRanges
+    from inference.errors import ConfigError
 
+    single = [f"--{name}" for name in ("ct", "labels", "side") if getattr(args, name)]
+    if args.merge:
+        if single or args.cases:
+            raise ConfigError("--merge joins shard folders; give it without --ct, --labels, --side or --cases")
+        return _merge(args)
+    if args.cases:
+        given = single + [f"--{name}" for name in ("subject", "split") if getattr(args, name)]
+        if given:
+            raise ConfigError(f"give --cases LIST or --ct, --labels and --side, not both ({', '.join(given)} with "
+                              "--cases; the list names each CT's labels, side, subject and split)")
+    else:
+        missing = [f"--{name}" for name in ("ct", "labels", "side") if not getattr(args, name)]
+        if missing:
+            raise ConfigError(f"prepare-ct needs --ct, --labels and --side (missing {', '.join(missing)}), or a "
+                              "list of CTs with --cases LIST.csv")
+        if args.shard:
+            raise ConfigError("--shard splits a list of CTs (--cases LIST.csv); one CT is one command")
     config = ds.SynthConfig()
     if args.no_realism:
         config = dataclasses.replace(config, realism=RealismRanges(enabled=False))
     grids = ("compact", "paper") if args.grid == "both" else (args.grid,)
-    kwargs = dict(pairs=args.pairs, geometry=args.geometry, seed=args.seed, subject=args.subject, split=args.split,
-                  femur_label=args.femur_label, pelvis_label=args.pelvis_label, config=config,
-                  progress=_counter_progress(args.quiet, "pairs"))
-    if args.grid == "both":
-        paths = ct_import.prepare_ct_grids(args.ct, args.labels, args.side, args.out, grids, **kwargs)
+    kwargs = dict(pairs=args.pairs, geometry=args.geometry, seed=args.seed, femur_label=args.femur_label,
+                  pelvis_label=args.pelvis_label, config=config, progress=_counter_progress(args.quiet, "pairs"))
+    if args.cases:
+        cases = ct_import.read_case_list(args.cases)
+        paths = [ct_import.prepare_ct_list(cases, pathlib.Path(args.out) / name if args.grid == "both" else args.out,
+                                           grid=name, workers=args.workers,
+                                           shard=ds.parse_shard(args.shard) if args.shard else None,
+                                           root=pathlib.Path(args.cases).parent, **kwargs)
+                 for name in grids]
+    elif args.grid == "both":
+        paths = ct_import.prepare_ct_grids(args.ct, args.labels, args.side, args.out, grids, subject=args.subject,
+                                           split=args.split or "train", **kwargs)
     else:
-        paths = [ct_import.prepare_ct(args.ct, args.labels, args.side, args.out, grid=grids[0], **kwargs)]
+        paths = [ct_import.prepare_ct(args.ct, args.labels, args.side, args.out, grid=grids[0], subject=args.subject,
+                                      split=args.split or "train", **kwargs)]
     for path in paths:
-        print(f"data set updated: {path}")
+        print(f"data set {'written' if args.cases else 'updated'}: {path}")
     return 0
 
 

@@ -34,7 +34,8 @@ from inference.errors import ConfigError, DataError, InputFileError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["read_ct", "read_labels", "femur_frame", "resample_to_grid", "prepare_ct", "FOV_MIN_FRACTION"]
+__all__ = ["read_ct", "read_labels", "femur_frame", "resample_to_grid", "prepare_ct", "load_ct", "LoadedCt", "CtCase",
+           "read_case_list", "prepare_ct_list", "FOV_MIN_FRACTION", "CASE_COLUMNS"]
 
 #: The atlas grid must lie at least this much inside the CT's field of view.
 FOV_MIN_FRACTION = 0.5
@@ -274,33 +275,23 @@ def prepare_ct(ct: str | os.PathLike, labels: str | os.PathLike, side: str, out_
     """
     from inference.data import dataset as ds
     from inference.errors import Cancelled
-    from inference.io import sha256_file
 
-    if split not in ds.SPLITS:
-        raise ConfigError(f"split must be one of {ds.SPLITS}, not {split!r}")
-    if geometry not in ds.GEOMETRY_MODES:
-        raise ConfigError(f"geometry must be one of {ds.GEOMETRY_MODES}, not {geometry!r}")
-    if isinstance(pairs, bool) or int(pairs) != pairs or pairs < 1:
-        raise ConfigError(f"pairs must be an integer >= 1, not {pairs!r}")
-    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, not {seed!r}")
-    config = config or ds.SynthConfig()
-    config = dataclasses.replace(config, views=dataclasses.replace(config.views, mode=geometry))
-    dgrid = ds.dataset_grid(grid) if isinstance(grid, str) else grid
+    config, dgrid = _check_options(split, geometry, pairs, seed, config, grid)
     ct_path = pathlib.Path(ct)
     subject = subject or _subject_name(ct_path)
     out = pathlib.Path(out_dir)
 
     # Check the destination before the expensive work.
-    parameters = {"kind": "ct-import", "config": {k: v for k, v in config.to_dict().items()
-                                                  if k not in ("split", "split_fractions")}}
-    manifest = ds._base_manifest("ct-import", dgrid, parameters)
+    manifest = ds._base_manifest("ct-import", dgrid, _parameters(config))
     manifest["geometry_mode"] = geometry
     existing: list[dict] = []
     if (out / ds.MANIFEST).exists():
         previous = ds.load_manifest(out)
         if previous.get("grid") != manifest["grid"] or previous.get("kind") != "ct-import":
             raise DataError(f"{out} holds a data set of another kind or grid; choose another --out folder")
+        if "num_samples" in previous:
+            raise DataError(f"{out} was made from a list of CTs (prepare-ct --cases); make a data set of this CT "
+                            "in another --out folder and train on both (--data A --data B)")
         if previous.get("parameters") != manifest["parameters"] or previous.get("geometry_mode") != geometry:
             raise DataError(f"{out} was made with other view or augmentation settings; choose another --out folder")
         existing = list(previous["samples"])
@@ -311,18 +302,7 @@ def prepare_ct(ct: str | os.PathLike, labels: str | os.PathLike, side: str, out_
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out} exists and is not an empty folder or a HipAtlas data set; choose another --out")
 
-    ct_hu, ct_geometry, ct_sha = read_ct(ct_path)
-    label_map, labels_sha = read_labels(labels, ct_geometry)
-    if not np.any(label_map == femur_label):
-        raise DataError(f"{labels}: no voxel with the femur label {femur_label} inside the CT's field of view")
-    marks = femur_frame(label_map, ct_geometry, side, femur_label)
-    # Canonical frame (mirrored for a left femur): the world of the samples.
-    to_canonical = np.asarray(marks.to_canonical, dtype=np.float64)
-    grid_in_ct = dgrid.geometry.transformed(np.linalg.inv(to_canonical))
-    fov = _check_field_of_view(ct_geometry, grid_in_ct, marks.head_centre_mm, marks.head_radius_mm)
-    femur_only = (label_map == femur_label).astype(np.uint8)
-    pose_sampling = config.phantom
-
+    loaded = load_ct(ct_path, labels, side, femur_label, dgrid)
     start = 1 + max([int(e["index"]) for e in existing], default=-1)
     written: list[pathlib.Path] = []
     entries = []
@@ -332,51 +312,10 @@ def prepare_ct(ct: str | os.PathLike, labels: str | os.PathLike, side: str, out_
         for number in range(int(pairs)):
             if ds._is_cancelled(cancel):
                 raise Cancelled("CT import was cancelled; nothing was written")
-            index = start + number
-            rngs = ds._sample_rngs(seed, number)
-            # The femur is posed inside the fixed atlas grid as the phantoms are (same ranges, same
-            # convention), so that CT samples also teach the affine module.
-            pose = _sample_pose(rngs["phantom"], pose_sampling)
-            to_world = pose @ to_canonical
-            ct_world = ct_geometry.transformed(to_world)
-            posed_marks = marks.transformed(to_world)
-            landmarks = posed_marks.points_mm().astype(np.float32)
-            volume, grid_labels = resample_to_grid(ct_hu, label_map, ct_world, dgrid.geometry, femur_label,
-                                                   pelvis_label)
-            views, angles = ds.sample_views(rngs["views"], config.views, landmarks[0])
-            realism = [ds.sample_realism_params(rngs["realism"], config.realism) for _ in views]
-            calibration = None
-            if config.calibration_error.enabled:
-                calibration = [ds.sample_calibration_perturbation(rngs["calibration"], config.calibration_error)
-                               for _ in views]
-            rendered = ds.render_view_pair(ct_hu, femur_only, ct_world, dgrid, views, config.render, realism,
-                                           calibration, views[0].isocentre_mm, cancel=cancel)
-            if any(int(m.sum()) == 0 for m in rendered["masks"]):
-                raise DataError("the femur does not project onto the network detector of a view; the label map and "
-                                "the CT do not overlap as expected")
-            arrays = {"volume": ds.quantise_hu(volume), "labels": grid_labels, "images": rendered["images"],
-                      "masks": rendered["masks"], "projection": rendered["projection"],
-                      "index_to_world": dgrid.geometry.index_to_world(), "landmarks_mm": landmarks,
-                      "view_angles_deg": angles.astype(np.float64), "pose": pose}
-            relative = f"{split}/s{subject}_{index:06d}.npz"
-            if (out / relative).exists():
-                raise DataError(f"{out / relative} already exists; the data set folder is inconsistent")
-            path = ds.write_npz(out / relative, arrays)
-            written.append(path)
-            entries.append(ds._json_normalise({
-                "index": index, "file": relative, "split": split, "subject": subject, "specimen": subject,
-                "sha256": sha256_file(path), "bytes": path.stat().st_size, "side": side,
-                "source": {"ct": str(ct_path), "ct_sha256": ct_sha, "labels": str(labels),
-                           "labels_sha256": labels_sha, "femur_label": femur_label, "pelvis_label": pelvis_label,
-                           "seed": seed, "pair": number, "grid_fov_fraction": fov},
-                "view_names": list(config.views.view_names), "view_angles_deg": angles.tolist(),
-                "isocentre_mm": list(views[0].isocentre_mm), "network_pixel_mm": rendered["pixel_mm"].tolist(),
-                "head_radius_mm": marks.head_radius_mm,
-                "to_canonical": to_canonical.tolist(),
-                "realism": [r.to_dict() for r in realism],
-                "calibration_error": None if calibration is None else [c.to_dict() for c in calibration],
-                "mask_pixels": [int(m.sum()) for m in rendered["masks"]],
-            }))
+            entry = _write_sample(loaded, out, start + number, number, seed, number, dgrid, config, split, subject,
+                                  {"ct": str(ct_path), "labels": str(labels)}, pelvis_label, cancel)
+            written.append(out / entry["file"])
+            entries.append(entry)
             if progress is not None:
                 progress(number + 1, int(pairs))
         all_entries = {int(e["index"]): e for e in existing}
@@ -392,6 +331,114 @@ def prepare_ct(ct: str | os.PathLike, labels: str | os.PathLike, side: str, out_
     return out / ds.MANIFEST
 
 
+def _check_options(split: str, geometry: str, pairs: int, seed: int, config: Any, grid: Any) -> tuple[Any, Any]:
+    """(config with the view mode, DatasetGrid) after checking the options shared by the two forms."""
+    from inference.data import dataset as ds
+
+    if split not in ds.SPLITS:
+        raise ConfigError(f"split must be one of {ds.SPLITS}, not {split!r}")
+    if geometry not in ds.GEOMETRY_MODES:
+        raise ConfigError(f"geometry must be one of {ds.GEOMETRY_MODES}, not {geometry!r}")
+    if isinstance(pairs, bool) or int(pairs) != pairs or pairs < 1:
+        raise ConfigError(f"pairs must be an integer >= 1, not {pairs!r}")
+    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, not {seed!r}")
+    config = config or ds.SynthConfig()
+    config = dataclasses.replace(config, views=dataclasses.replace(config.views, mode=geometry))
+    return config, (ds.dataset_grid(grid) if isinstance(grid, str) else grid)
+
+
+def _parameters(config: Any) -> dict:
+    return {"kind": "ct-import", "config": {k: v for k, v in config.to_dict().items()
+                                           if k not in ("split", "split_fractions")}}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedCt:
+    """A CT read and checked for import: HU, geometry, label map and the femur's frame."""
+
+    hu: np.ndarray
+    geometry: Any
+    ct_sha256: str
+    label_map: np.ndarray
+    labels_sha256: str
+    side: str
+    femur_label: int
+    marks: Any
+    to_canonical: np.ndarray
+    fov_fraction: float
+
+
+def load_ct(ct: str | os.PathLike, labels: str | os.PathLike, side: str, femur_label: int, dgrid: Any) -> LoadedCt:
+    """Read a CT and its label map, find the femur's frame and check the grid is in view.
+
+    Raises InputFileError or DataError (unreadable file, no femur label, femur out of view).
+    """
+    ct_hu, ct_geometry, ct_sha = read_ct(ct)
+    label_map, labels_sha = read_labels(labels, ct_geometry)
+    if not np.any(label_map == femur_label):
+        raise DataError(f"{labels}: no voxel with the femur label {femur_label} inside the CT's field of view")
+    marks = femur_frame(label_map, ct_geometry, side, femur_label)
+    # Canonical frame (mirrored for a left femur): the world of the samples.
+    to_canonical = np.asarray(marks.to_canonical, dtype=np.float64)
+    grid_in_ct = dgrid.geometry.transformed(np.linalg.inv(to_canonical))
+    fov = _check_field_of_view(ct_geometry, grid_in_ct, marks.head_centre_mm, marks.head_radius_mm)
+    return LoadedCt(ct_hu, ct_geometry, ct_sha, label_map, labels_sha, side, femur_label, marks, to_canonical, fov)
+
+
+def _write_sample(loaded: LoadedCt, out: pathlib.Path, index: int, rng_index: int, seed: int, pair: int, dgrid: Any,
+                  config: Any, split: str, subject: str, names: dict, pelvis_label: int | None,
+                  cancel: Any = None) -> dict:
+    """Render sample ``index`` of a CT (random draws of ``(seed, rng_index)``), write its npz to
+    ``out`` and return its manifest entry; ``names`` (the CT's and labels' names) go in its source."""
+    from inference.data import dataset as ds
+
+    rngs = ds._sample_rngs(seed, rng_index)
+    # The femur is posed inside the fixed atlas grid as the phantoms are (same ranges, same
+    # convention), so that CT samples also teach the affine module.
+    pose = _sample_pose(rngs["phantom"], config.phantom)
+    to_world = pose @ loaded.to_canonical
+    ct_world = loaded.geometry.transformed(to_world)
+    landmarks = loaded.marks.transformed(to_world).points_mm().astype(np.float32)
+    volume, grid_labels = resample_to_grid(loaded.hu, loaded.label_map, ct_world, dgrid.geometry,
+                                           loaded.femur_label, pelvis_label)
+    views, angles = ds.sample_views(rngs["views"], config.views, landmarks[0])
+    realism = [ds.sample_realism_params(rngs["realism"], config.realism) for _ in views]
+    calibration = None
+    if config.calibration_error.enabled:
+        calibration = [ds.sample_calibration_perturbation(rngs["calibration"], config.calibration_error)
+                       for _ in views]
+    femur_only = (loaded.label_map == loaded.femur_label).astype(np.uint8)
+    rendered = ds.render_view_pair(loaded.hu, femur_only, ct_world, dgrid, views, config.render, realism,
+                                   calibration, views[0].isocentre_mm, cancel=cancel)
+    if any(int(m.sum()) == 0 for m in rendered["masks"]):
+        raise DataError("the femur does not project onto the network detector of a view; the label map and "
+                        "the CT do not overlap as expected")
+    arrays = {"volume": ds.quantise_hu(volume), "labels": grid_labels, "images": rendered["images"],
+              "masks": rendered["masks"], "projection": rendered["projection"],
+              "index_to_world": dgrid.geometry.index_to_world(), "landmarks_mm": landmarks,
+              "view_angles_deg": angles.astype(np.float64), "pose": pose}
+    relative = f"{split}/s{subject}_{index:06d}.npz"
+    if (out / relative).exists():
+        raise DataError(f"{out / relative} already exists; the data set folder is inconsistent")
+    entry = ds.sample_entry(ds.write_npz(out / relative, arrays), index, relative, split, subject, subject)
+    entry.update({
+        "side": loaded.side,
+        "source": {"ct": names["ct"], "ct_sha256": loaded.ct_sha256, "labels": names["labels"],
+                   "labels_sha256": loaded.labels_sha256, "femur_label": loaded.femur_label,
+                   "pelvis_label": pelvis_label, "seed": seed, "pair": pair, "grid_fov_fraction": loaded.fov_fraction,
+                   **({"list_line": names["line"]} if "line" in names else {})},
+        "view_names": list(config.views.view_names), "view_angles_deg": angles.tolist(),
+        "isocentre_mm": list(views[0].isocentre_mm), "network_pixel_mm": rendered["pixel_mm"].tolist(),
+        "head_radius_mm": loaded.marks.head_radius_mm,
+        "to_canonical": loaded.to_canonical.tolist(),
+        "realism": [r.to_dict() for r in realism],
+        "calibration_error": None if calibration is None else [c.to_dict() for c in calibration],
+        "mask_pixels": [int(m.sum()) for m in rendered["masks"]],
+    })
+    return ds._json_normalise(entry)
+
+
 def _sample_pose(rng: np.random.Generator, sampling: Any) -> np.ndarray:
     """A femur pose inside the grid drawn like a phantom's (rotation about the grid centre, shift)."""
     from inference.data.phantom import PhantomParams, pose_matrix
@@ -405,3 +452,191 @@ def prepare_ct_grids(ct: str | os.PathLike, labels: str | os.PathLike, side: str
                      grids: Sequence[str], **kwargs) -> list[pathlib.Path]:
     """:func:`prepare_ct` for several grids, each into ``out_dir/<grid>`` (``--grid both``)."""
     return [prepare_ct(ct, labels, side, pathlib.Path(out_dir) / name, grid=name, **kwargs) for name in grids]
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare-ct --cases LIST [--shard I/N]: many CTs into one data set, on many machines
+# ----------------------------------------------------------------------------------------------
+#: Columns of a case list (CSV with a header line): required, then optional.
+CASE_COLUMNS = ("ct", "labels", "side", "subject", "split")
+
+
+@dataclasses.dataclass(frozen=True)
+class CtCase:
+    """One row of a case list: a CT, its label map and which femur, as written in the list (paths
+    relative to the list's folder), with the subject (default: from the CT's path) and split."""
+
+    ct: str
+    labels: str
+    side: str
+    subject: str
+    split: str = "train"
+    line: int = 0
+
+    def to_dict(self) -> dict:
+        return {"ct": self.ct, "labels": self.labels, "side": self.side, "subject": self.subject,
+                "split": self.split}
+
+
+def read_case_list(path: str | os.PathLike) -> list[CtCase]:
+    """Read a case list: CSV with a header line naming the columns ``ct``, ``labels``, ``side``
+    and optionally ``subject`` and ``split`` (default train); empty lines and lines starting with
+    ``#`` are skipped. Relative paths are relative to the list's folder.
+
+    The default subject is the CT's path without its extension, e.g. ``p017-ct`` for
+    ``p017/ct.nii.gz``, so that one patient's two femurs (two rows, one CT) are one subject.
+
+    Raises
+    ------
+    InputFileError
+        The list cannot be read.
+    ConfigError
+        A missing column or value, an unknown side or split, a subject in two splits, an
+        empty list; the message names the line.
+    """
+    import csv
+
+    from inference.data import dataset as ds
+
+    file = pathlib.Path(path)
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"{file}: cannot read the case list ({exc})") from exc
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1)
+             if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise ConfigError(f"{file}: the case list is empty (expected a header line 'ct,labels,side[,subject][,split]' "
+                          "and one line per CT)")
+    rows = csv.DictReader([line for _, line in lines], skipinitialspace=True)
+    header = [name.strip().lower() for name in (rows.fieldnames or [])]
+    missing = [name for name in CASE_COLUMNS[:3] if name not in header]
+    unknown = [name for name in header if name not in CASE_COLUMNS]
+    if missing or unknown:
+        raise ConfigError(f"{file} line {lines[0][0]}: the header must name the columns ct, labels, side and "
+                          f"optionally subject, split ({'missing ' + ', '.join(missing) if missing else ''}"
+                          f"{'; ' if missing and unknown else ''}{'unknown ' + ', '.join(unknown) if unknown else ''})")
+    rows.fieldnames = header
+    cases: list[CtCase] = []
+    for (number, _), row in zip(lines[1:], rows):
+        values = {k: (v or "").strip() for k, v in row.items() if k is not None}
+        where = f"{file} line {number}"
+        if None in row:
+            raise ConfigError(f"{where}: more values than columns (a comma in a path? quote it)")
+        for name in CASE_COLUMNS[:3]:
+            if not values.get(name):
+                raise ConfigError(f"{where}: no {name}")
+        if values["side"] not in ("left", "right"):
+            raise ConfigError(f"{where}: side must be left or right, not {values['side']!r}")
+        split = values.get("split") or "train"
+        if split not in ds.SPLITS:
+            raise ConfigError(f"{where}: split must be one of {', '.join(ds.SPLITS)}, not {split!r}")
+        subject = values.get("subject") or _list_subject(values["ct"])
+        cases.append(CtCase(values["ct"], values["labels"], values["side"], subject, split, number))
+    if not cases:
+        raise ConfigError(f"{file}: the case list names no CT (only a header line)")
+    first: dict[str, CtCase] = {}
+    for case in cases:
+        seen = first.setdefault(case.subject, case)
+        if seen.split != case.split:
+            raise ConfigError(f"{file} lines {seen.line} and {case.line}: subject {case.subject!r} is in the "
+                              f"{seen.split} and the {case.split} split; a subject must stay in one split")
+    return cases
+
+
+def _list_subject(ct: str) -> str:
+    """``p017/ct.nii.gz`` -> ``p017-ct``: the CT's path in the list, without extension."""
+    parts = [part for part in pathlib.PurePosixPath(ct.replace("\\", "/")).parts if part not in ("/", ".", "..")]
+    return _subject_name(pathlib.Path("-".join(parts) or "ct"))
+
+
+def prepare_ct_list(cases: str | os.PathLike | Sequence[CtCase], out_dir: str | os.PathLike, *,
+                    grid: str | Any = "compact", pairs: int = 1, geometry: str = "orthogonal", seed: int = 0,
+                    femur_label: int = 1, pelvis_label: int | None = None, config: Any = None, workers: int = 1,
+                    shard: Any = None, root: str | os.PathLike | None = None,
+                    progress: Callable[[int, int], None] | None = None, cancel: Any = None) -> pathlib.Path:
+    """Make one data set of many CTs (``prepare-ct --cases LIST``), or one shard of it.
+
+    CT ``k`` of the list (0-based) gives the samples ``k * pairs + p`` (``p < pairs``), each drawn
+    from ``(seed, k * pairs + p)`` alone, so a CT's samples do not depend on the other CTs, on
+    ``workers`` or on sharding; a list of one CT gives the samples of :func:`prepare_ct` into an
+    empty folder. With ``shard=(I, N)`` only the CTs ``k`` with ``k % N == I`` are read, into a
+    shard folder; :func:`inference.data.dataset.merge_shards` joins the N shard folders into the
+    data set the unsharded run makes (the same sample files, byte for byte).
+
+    Like ``synth`` (and unlike :func:`prepare_ct`, which appends one CT to a folder), the folder
+    holds this list's data set alone and the run resumes: run the same command again after a
+    failure or cancellation. A CT that cannot be used stops the run with an error naming its line
+    of the list; its samples are not written (those of other CTs are kept).
+
+    Parameters
+    ----------
+    cases : path of a case list (:func:`read_case_list`) or sequence of CtCase
+    root : path, optional
+        Folder that relative paths of ``cases`` are relative to (default: the list's folder, or
+        the current folder for a sequence).
+    workers : int
+        CTs imported side by side in separate processes (each holds its CT in memory).
+    Other parameters as :func:`prepare_ct`.
+
+    Returns
+    -------
+    pathlib.Path
+        The manifest.
+    """
+    from inference.data import dataset as ds
+
+    if isinstance(cases, (str, os.PathLike)):
+        root = pathlib.Path(cases).parent if root is None else root
+        cases = read_case_list(cases)
+    cases = list(cases)
+    if not cases:
+        raise ConfigError("the case list names no CT")
+    config, dgrid = _check_options("train", geometry, pairs, seed, config, grid)
+    pairs, seed = int(pairs), int(seed)
+    parameters = dict(_parameters(config), seed=seed, pairs=pairs, femur_label=femur_label, pelvis_label=pelvis_label,
+                      cases=[case.to_dict() for case in cases])
+    manifest = ds._base_manifest("ct-import", dgrid, parameters)
+    manifest.update(geometry_mode=geometry, seed=seed, num_samples=len(cases) * pairs, samples_per_ct=pairs)
+    out = pathlib.Path(out_dir)
+    entries = ds.open_output(out, manifest, shard, "grid, geometry, seed, pairs, labels, CT list or augmentation")
+    mine = ds.shard_members(manifest)
+    base = pathlib.Path(root) if root is not None else pathlib.Path.cwd()
+    tasks = []
+    for k, case in enumerate(cases):
+        todo = [p for p in range(pairs) if k * pairs + p in mine and k * pairs + p not in entries]
+        if todo:
+            for name in ("ct", "labels"):
+                if not (base / getattr(case, name)).exists():
+                    raise InputFileError(f"line {case.line} of the case list: {name} {getattr(case, name)} not found "
+                                         f"(relative paths are relative to {base})")
+            tasks.append((k, case, todo))
+    state = {"run": _import_case, "config": config, "grid": dgrid, "seed": seed, "pairs": pairs, "out": str(out),
+             "root": str(base), "femur_label": femur_label, "pelvis_label": pelvis_label}
+    ds.build_samples(out, manifest, entries, tasks, len(mine), state, workers, progress=progress, cancel=cancel,
+                     cancelled="CT import was cancelled; run the same command again to resume")
+    logger.info("data set %s: %d samples of %d CTs", out, len(entries), len({e["subject"] for e in entries.values()}))
+    return out / ds.MANIFEST
+
+
+def _import_case(state: dict, task: tuple[int, CtCase, list[int]]) -> list[dict]:
+    """The samples ``pairs`` of CT ``k`` (a task of :func:`prepare_ct_list`): written, or none."""
+    k, case, todo = task
+    root, out, pairs = pathlib.Path(state["root"]), pathlib.Path(state["out"]), state["pairs"]
+    entries: list[dict] = []
+    try:
+        loaded = load_ct(root / case.ct, root / case.labels, case.side, state["femur_label"], state["grid"])
+        for p in todo:
+            index = k * pairs + p
+            stale = out / f"{case.split}/s{case.subject}_{index:06d}.npz"
+            stale.unlink(missing_ok=True)  # left by an earlier, interrupted run (not in the manifest)
+            entries.append(_write_sample(loaded, out, index, index, state["seed"], p, state["grid"], state["config"],
+                                         case.split, case.subject, {"ct": case.ct, "labels": case.labels,
+                                                                    "line": case.line}, state["pelvis_label"]))
+    except BaseException as exc:
+        for entry in entries:
+            (out / entry["file"]).unlink(missing_ok=True)
+        if isinstance(exc, (DataError, InputFileError, ConfigError)):
+            raise type(exc)(f"line {case.line} of the case list ({case.ct}): {exc}") from exc
+        raise
+    return entries

@@ -78,11 +78,17 @@ def signature(shape_zyx: Sequence[int], detector_hw: Sequence[int]):
     )
 
 
+# What the decoding function returns (numpy dtypes as stored); the casts and the femur intensity
+# are TensorFlow ops, which run outside Python's lock.
+_RAW = (("images", "float32"), ("masks", "uint8"), ("projection", "float64"), ("index_to_world", "float64"),
+        ("volume", "float32"), ("labels", "uint8"))
+
+
 def _decode(data: bytes, path: bytes) -> tuple[np.ndarray, ...]:
     from inference.data.dataset import decode_sample
 
-    inputs, targets = training_example(decode_sample(bytes(data), path.decode("utf-8", "replace")))
-    return tuple(inputs[k] for k in _INPUT_KEYS) + (targets["fixed"], targets["labels"])
+    arrays = decode_sample(data, path.decode("utf-8", "replace"), writable=False)
+    return tuple(np.asarray(arrays[key], dtype) for key, dtype in _RAW)
 
 
 def training_dataset(paths: Sequence[str], seed: int, batch: int, positions: Callable[[], Iterator[int]], *,
@@ -96,9 +102,11 @@ def training_dataset(paths: Sequence[str], seed: int, batch: int, positions: Cal
     """
     import tensorflow as tf
 
+    from inference.model import FEMUR_LABEL
+
     count = len(paths)
     spec = signature(shape_zyx, detector_hw)
-    flat_specs = [spec[0][k] for k in _INPUT_KEYS] + [spec[1]["fixed"], spec[1]["labels"]]
+    raw_shapes = [spec[0][k].shape for k in _INPUT_KEYS] + [spec[1]["labels"].shape[:-1]] * 2
     table = tf.constant([str(p) for p in paths])
     calls = tf.data.AUTOTUNE if parallel is None else int(parallel)
 
@@ -107,11 +115,14 @@ def training_dataset(paths: Sequence[str], seed: int, batch: int, positions: Cal
         return tf.io.read_file(path), path
 
     def decode(data, path):
-        values = tf.numpy_function(_decode, [data, path], [s.dtype for s in flat_specs], stateful=False)
-        for value, s in zip(values, flat_specs):
-            value.set_shape(s.shape)
-        inputs = dict(zip(_INPUT_KEYS, values[:4]))
-        return inputs, {"fixed": values[4], "labels": values[5]}
+        values = tf.numpy_function(_decode, [data, path], [tf.as_dtype(dtype) for _, dtype in _RAW], stateful=False)
+        for value, shape in zip(values, raw_shapes):
+            value.set_shape(shape)
+        inputs = {key: tf.cast(value, tf.float32) for key, value in zip(_INPUT_KEYS, values[:4])}
+        volume, labels = values[4], values[5]
+        # inference.model.femur_intensity, the same float32 operations
+        fixed = tf.where(labels == FEMUR_LABEL, tf.maximum(volume + 1000.0, 0.0) / 1000.0, 0.0)
+        return inputs, {"fixed": fixed[..., None], "labels": labels[..., None]}
 
     ds = tf.data.Dataset.from_generator(lambda: sample_indices(count, seed, positions()),
                                         output_signature=tf.TensorSpec((), tf.int64))
