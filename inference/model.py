@@ -570,6 +570,24 @@ def _local_encoder(config, x, view):
     return maps
 
 
+def _fused_local_encoder(config, view_maps):
+    """The single-decoder variant's fusion: at every local encoder level, both views' maps and the
+    previous fused map (pooled) are concatenated and convolved, as in the affine module (the
+    inputs, level 0, are only concatenated)."""
+    # level 0 (the encoder inputs, read by a skip when the decoder upsamples to full size)
+    fused_maps = [keras.layers.Concatenate(name="local_fusion_l0_concat")([view_maps[0][0], view_maps[1][0]])]
+    fused = None
+    for level, width in enumerate(config.local_encoder_widths, start=1):
+        parts = [view_maps[0][level], view_maps[1][level]]
+        if fused is not None:
+            parts.append(keras.layers.AveragePooling2D(2, padding="same",
+                                                       name=f"local_fusion_l{level}_pool")(fused))
+        merged = keras.layers.Concatenate(name=f"local_fusion_l{level}_concat")(parts)
+        fused = _conv_bn_act(merged, width, 1, f"local_fusion_l{level}", config)
+        fused_maps.append(fused)
+    return fused_maps
+
+
 class _BeamDecoder:
     """The 3D beam-space decoder's layers; one instance per view, or one for both views."""
 
@@ -734,10 +752,13 @@ def build_model(config: ModelConfig, atlas: Any = None, *, name: str = "hipatlas
                                                    name="warp_affine")([atlas_intensity, affine_field])
 
     # Local module ----------------------------------------------------------------------
-    # The local module takes the affine result as given: no gradient flows back through its
-    # ProST (which would need a scatter-add over the whole beam volume). The affine module
+    # By default the local module takes the affine result as given: no gradient flows back
+    # through its ProST (which needs a scatter-add over the whole beam volume). The affine module
     # still learns from both similarity terms through T and through Psi = T o phi.
-    local_atlas = StopGradient(name="local_atlas_stop_gradient")(warped_affine)
+    # ``local_gradient_to_affine`` lets that gradient through (an ablation row of Table 2).
+    local_atlas = warped_affine
+    if not config.local_gradient_to_affine:
+        local_atlas = StopGradient(name="local_atlas_stop_gradient")(warped_affine)
     levels = len(config.local_encoder_widths)
     beam_depth, beam_h, beam_w = config.beam_shape
     coarse = 2 ** (levels - config.decoder_upsamplings)
@@ -747,6 +768,7 @@ def build_model(config: ModelConfig, atlas: Any = None, *, name: str = "hipatlas
                                           name="velocity_index_to_world")(index_to_world)
     decoders = {}
     grid_features = []
+    view_maps, beam_atlases = [], []
     for view in range(NUM_VIEWS):
         drr, beam = ProST(config.detector_hw, config.num_samples, output="both", geometry_gradients=False,
                           dtype="float32",
@@ -757,12 +779,25 @@ def build_model(config: ModelConfig, atlas: Any = None, *, name: str = "hipatlas
         beam_atlas = keras.layers.AveragePooling3D(
             (config.num_samples // beam_depth, coarse, coarse), dtype="float32",
             name=f"local_beam_atlas_v{view}")(beam)
+        view_maps.append(maps)
+        beam_atlases.append(beam_atlas)
+    for view in range(NUM_VIEWS):
+        if config.single_decoder:
+            break
+        maps, beam_atlas = view_maps[view], beam_atlases[view]
         key = "shared" if config.shared_decoder else view
         if key not in decoders:
             decoders[key] = _BeamBranch(config, "decoder" if config.shared_decoder else f"decoder_v{view}",
                                         view, maps, beam_atlas, matrices[view], velocity_i2w)
         grid_features.append(decoders[key](maps, beam_atlas, matrices[view], velocity_i2w, view))
-    merged = keras.layers.Concatenate(name="views_concat")(grid_features)
+    if config.single_decoder:
+        fused_maps = _fused_local_encoder(config, view_maps)
+        both_beams = keras.layers.Concatenate(name="local_beam_atlas_both")(beam_atlases)
+        features = _BeamDecoder(config, "decoder")(fused_maps, both_beams, "f")
+        grid_features.append(ResizeToGrid(config.velocity_shape_zyx, dtype="float32",
+                                          name="resize_to_grid")(features))
+    merged = (grid_features[0] if len(grid_features) == 1
+              else keras.layers.Concatenate(name="views_concat")(grid_features))
     # As in VoxelMorph, a tiny initial velocity keeps phi ~ identity at the start.
     velocity = keras.layers.Conv3D(
         3, 3, padding="same", dtype="float32", name="velocity",
@@ -940,7 +975,17 @@ def estimate_flops(config: ModelConfig) -> dict[str, int]:
         channels = filters
         map_channels.append(filters)
 
-    # Beam-space decoder (per view, shared weights or not: the work is the same).
+    # The single-decoder variant's fusion convs, one per encoder level.
+    if config.single_decoder:
+        previous = 0
+        for level, filters in enumerate(config.local_encoder_widths):
+            pixels = (height // 2 ** (level + 1)) * (width // 2 ** (level + 1))
+            out["local_encoder"] += _conv_flops(pixels, 9, 2 * filters + previous, filters)
+            previous = filters
+
+    # Beam-space decoder (per view, shared weights or not: the work is the same; one decoder in
+    # the single-decoder variant).
+    decoders = 1 if config.single_decoder else views
     upsamplings = config.decoder_upsamplings
     previous = config.local_encoder_widths[-1]
     for level, filters in enumerate(config.decoder_widths):
@@ -949,15 +994,17 @@ def estimate_flops(config: ModelConfig) -> dict[str, int]:
         in_channels = previous
         if level > 0 and config.skip_connections:
             skip_in = map_channels[levels - level]
-            out["decoder"] += views * _conv_flops(voxels, 27, skip_in, filters)
+            if config.single_decoder and level == levels:
+                skip_in *= 2  # both views' encoder inputs
+            out["decoder"] += decoders * _conv_flops(voxels, 27, skip_in, filters)
             in_channels += filters
         if level == upsamplings:
-            in_channels += 1  # the atlas's beam samples
-        out["decoder"] += views * _conv_flops(voxels, 27, in_channels, filters)
+            in_channels += 2 if config.single_decoder else 1  # the atlas's beam samples
+        out["decoder"] += decoders * _conv_flops(voxels, 27, in_channels, filters)
         previous = filters
 
     velocity_voxels = int(np.prod(config.velocity_shape_zyx))
-    out["velocity"] = _conv_flops(velocity_voxels, 27, views * config.decoder_widths[-1], 3)
+    out["velocity"] = _conv_flops(velocity_voxels, 27, decoders * config.decoder_widths[-1], 3)
     out["total"] = sum(out.values())
     return out
 

@@ -102,6 +102,17 @@ class ModelConfig:
     cross_view_fusion, skip_connections, shared_decoder, use_inv_prost : bool
         Ablation switches. Without inv-ProST the beam-space features are simply resized to the
         grid (k -> z, v -> y, u -> x), ignoring the geometry.
+    single_decoder : bool
+        The paper's single-decoder variant (its Table 2): the two views' local 2D encoders are
+        fused at every level (concatenation + conv, as in the affine module), one 3D decoder
+        reads the fused maps (skips from the fused maps too) with both views' beam samples of the
+        atlas as two channels, and its output is resized to the grid. It needs
+        ``use_inv_prost=False`` (no single view's geometry fits fused features) and
+        ``shared_decoder=False``.
+    local_gradient_to_affine : bool
+        Let the local module's loss reach the affine module through the local ProST of the affinely
+        warped atlas (our default stops that gradient, see :func:`inference.model.build_model`);
+        the affine module then also learns from what the local module needs.
     recompute : bool
         Gradient checkpointing for training memory (the paper preset uses it): each view's
         beam-space decoder and its inv-ProST run as one :class:`Recomputed` block, and each
@@ -132,6 +143,8 @@ class ModelConfig:
     skip_connections: bool = True
     shared_decoder: bool = False
     use_inv_prost: bool = True
+    single_decoder: bool = False
+    local_gradient_to_affine: bool = False
     recompute: bool = False
 
     def __post_init__(self) -> None:
@@ -158,9 +171,14 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, not {value!r}")
             set_(name, float(value))
         for name in ("cross_view_fusion", "skip_connections", "shared_decoder", "use_inv_prost",
-                     "recompute"):
+                     "single_decoder", "local_gradient_to_affine", "recompute"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        if self.single_decoder:
+            clashes = [name for name in ("use_inv_prost", "shared_decoder", "recompute") if getattr(self, name)]
+            if clashes:
+                raise ConfigError("single_decoder (one decoder for the fused views, resized to the grid) cannot be "
+                                  f"combined with {', '.join(clashes)}: set {' and '.join(clashes)} to false")
 
         if self.num_samples < 1:
             raise ConfigError(f"num_samples (K) must be >= 1, not {self.num_samples}")

@@ -27,6 +27,8 @@ ABLATIONS = {
     "no_skips_no_inv_prost": {"skip_connections": False, "use_inv_prost": False},
     "dice_full_res_velocity": {"dice_weight": 0.5, "velocity_downsample": 1},
     "recomputed_shared_decoder": {"recompute": True, "shared_decoder": True},
+    "single_decoder": {"single_decoder": True, "use_inv_prost": False},
+    "local_gradient_to_affine": {"local_gradient_to_affine": True},
 }
 
 
@@ -119,6 +121,9 @@ def sample():
     ({"int_steps": 2.5}, "int_steps"),
     ({"leaky_slope": 1.5}, "leaky_slope"),
     ({"grid": ""}, "grid"),
+    ({"single_decoder": True}, "use_inv_prost"),
+    ({"single_decoder": True, "use_inv_prost": False, "shared_decoder": True}, "shared_decoder"),
+    ({"local_gradient_to_affine": 1}, "local_gradient_to_affine"),
 ])
 def test_bad_config_raises_config_error_naming_the_field(changes, field):
     with pytest.raises(ConfigError, match=field):
@@ -258,6 +263,34 @@ def test_each_ablation_builds_and_trains(ablation, atlas, sample):
         losses.append(float(step()[0]["total"]))
     assert all(np.isfinite(losses))
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("through", [False, True], ids=["stopped", "through"])
+def test_local_gradient_reaches_the_affine_module_only_when_switched_on(through, atlas, sample):
+    """The smoothness of phi depends on the affine parameters only through the local module."""
+    config = dataclasses.replace(TINY, local_gradient_to_affine=through)
+    inputs, _, _ = sample
+    keras.utils.set_random_seed(3)
+    model = M.build_model(config, atlas)
+    kernel = model.get_layer("affine_params").kernel
+    with tf.GradientTape() as tape:
+        phi = model(inputs, training=True)["phi"]
+        smooth = tf.reduce_sum(tf.square(phi[:, 1:] - phi[:, :-1]))
+    grad = tape.gradient(smooth, kernel)
+    reached = grad is not None and bool(np.any(grad.numpy() != 0))
+    assert reached == through
+
+
+def test_single_decoder_fuses_the_views_into_one_decoder(atlas):
+    config = dataclasses.replace(TINY, single_decoder=True, use_inv_prost=False)
+    model = M.build_model(config, atlas)
+    names = {layer.name for layer in model.layers}
+    assert {"local_fusion_l1_conv", "local_fusion_l2_conv", "decoder_l0_conv", "resize_to_grid"} <= names
+    assert not any(name.startswith(("decoder_v", "inv_prost")) for name in names)
+    # one decoder: its FLOPs are those of the per-view decoders of the same config halved, except
+    # for the extra beam channel of the last level
+    per_view = M.estimate_flops(dataclasses.replace(TINY, use_inv_prost=False))["decoder"]
+    assert M.estimate_flops(config)["decoder"] < per_view
 
 
 def test_flops_known_terms_and_presets():

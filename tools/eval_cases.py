@@ -93,12 +93,17 @@ TARGETS = {"dice": ">= 0.90 (mean)", "hip_centre_error_mm": "<= 2 mm", "head_rad
            "femoral_offset_error_mm": "<= 3 mm (|error|) or covered by the stated uncertainty"}
 
 
-def _case_plan(index: int, seed: int, vary: bool, sides: list[str]) -> dict[str, Any]:
+def _case_plan(index: int, seed: int, vary: bool, sides: list[str],
+               view_separation_deg: float | None = None) -> dict[str, Any]:
     """Everything that defines case ``index`` (reproducible from ``seed``)."""
     rng = np.random.default_rng([seed, index])
     plan: dict[str, Any] = {"index": index, "seed": int(seed * 1000 + index), "side": sides[index % len(sides)],
                             "detector": (768, 768, 0.4), "angles_offset_deg": (0.0, 0.0), "image_format": "png",
                             "intensity_scale": 1.0, "p_scale": (1.0, 1.0)}
+    if view_separation_deg is not None:
+        # AP at 0 deg, the second view at the separation towards the lateral side (90 = orthogonal)
+        offset = view_separation_deg - 90.0
+        plan["angles_offset_deg"] = (0.0, offset if plan["side"] == "right" else -offset)
     if vary:
         size = int(rng.choice([512, 640, 768, 1024]))
         pitch = float(rng.uniform(0.25, 0.5))
@@ -171,6 +176,45 @@ def _perturb_lateral(case_dir: pathlib.Path, angle_deg: float) -> None:
     back = np.eye(4)
     back[:3, 3] = -np.asarray(centre)
     raw["views"][1]["projection_matrix"] = (matrices[1] @ move @ rotation @ back).tolist()
+    (case_dir / "case.json").write_text(json.dumps(raw, indent=2))
+
+
+def _crop_shaft(case_dir: pathlib.Path, truth_dir: pathlib.Path, shaft_mm: float) -> None:
+    """Cut every radiograph (and mask) so that only ``shaft_mm`` of femoral shaft below the true lesser
+    trochanter is on it, as on a film that ends there; P is shifted when rows are cut from the top."""
+    from PIL import Image
+
+    from inference import anatomy
+    from inference.io import write_png_atomic
+
+    truth = json.loads((truth_dir / "truth.json").read_text())
+    lesser = np.asarray(truth["landmarks_mm"][anatomy.LANDMARK_NAMES.index("lesser_trochanter")], float)
+    cut = lesser - [0.0, 0.0, shaft_mm]  # LPS: +z is superior
+    raw = json.loads((case_dir / "case.json").read_text())
+    for view in raw["views"]:
+        matrix = np.asarray(view["projection_matrix"], float)
+        v_lesser, v_cut = ((matrix @ np.append(point, 1.0)) for point in (lesser, cut))
+        v_lesser, v_cut = v_lesser[1] / v_lesser[2], v_cut[1] / v_cut[2]
+        for key in ("image", "mask"):
+            if not view.get(key):
+                continue
+            path = case_dir / view[key]
+            if path.suffix.lower() in (".tif", ".tiff"):
+                import tifffile
+
+                pixels = tifffile.imread(path)
+            else:
+                pixels = np.array(Image.open(path))
+            rows = pixels.shape[0]
+            keep = slice(0, min(rows, max(1, int(math.ceil(v_cut))))) if v_cut > v_lesser \
+                else slice(max(0, min(rows - 1, int(math.floor(v_cut)) + 1)), rows)
+            if path.suffix.lower() in (".tif", ".tiff"):
+                tifffile.imwrite(path, pixels[keep], photometric="minisblack")
+            else:
+                write_png_atomic(path, pixels[keep])
+        top = keep.start or 0
+        shift = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, -top], [0.0, 0.0, 1.0]])
+        view["projection_matrix"] = (shift @ matrix).tolist()
     (case_dir / "case.json").write_text(json.dumps(raw, indent=2))
 
 
@@ -327,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lat-angle-errors", default="0",
                         help="comma-separated errors (deg) of the lateral view's recorded angle, e.g. 0,2,5,10")
     parser.add_argument("--assd", action="store_true", help="also ASSD and HD95 of the femur (mm)")
+    parser.add_argument("--view-separation-deg", type=float, default=None, metavar="DEG",
+                        help="angle between the two views (90 = orthogonal; e.g. 40 or 140 for pairs far from "
+                             "orthogonal); the AP stays at 0 deg")
+    parser.add_argument("--shaft-mm", type=float, default=None, metavar="MM",
+                        help="cut the radiographs so only MM of shaft below the true lesser trochanter shows "
+                             "(short-shaft views)")
     parser.add_argument("--keep", action="store_true", help="keep the cases and outputs under OUT/work")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -335,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     if args.cases < 1:
         parser.error(f"--cases must be >= 1, not {args.cases}")
+    if args.view_separation_deg is not None and not 10.0 <= args.view_separation_deg <= 170.0:
+        parser.error(f"--view-separation-deg must be between 10 and 170, not {args.view_separation_deg:g}")
+    if args.view_separation_deg is not None and args.vary:
+        parser.error("--view-separation-deg fixes the view angles; it cannot be combined with --vary")
+    if args.shaft_mm is not None and not args.shaft_mm > 0:
+        parser.error(f"--shaft-mm must be > 0, not {args.shaft_mm:g}")
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     if not sides or any(s not in ("right", "left") for s in sides):
         parser.error(f"--sides must list right and/or left, not {args.sides!r}")
@@ -357,12 +413,14 @@ def main(argv: list[str] | None = None) -> int:
         net, model_name = _load_model(args)
         provenance = _provenance(net)  # the code that runs, not what HEAD is when it ends
         for index in range(args.start, args.start + args.cases):
-            plan = _case_plan(index, args.seed, args.vary, sides)
+            plan = _case_plan(index, args.seed, args.vary, sides, args.view_separation_deg)
             subject = f"{args.subject}:{plan['side']}"
             base: dict[str, Any] = {"subject": subject, "sample_index": index, **{k: plan[k] for k in (
                 "seed", "side", "detector", "angles_offset_deg", "image_format", "intensity_scale")}}
             try:
                 case_dir, truth_dir = _simulate(plan, subject, work, args.ct_spacing)
+                if args.shaft_mm is not None:
+                    _crop_shaft(case_dir, truth_dir, args.shaft_mm)
             except HipAtlasError as error:
                 log.error("case %d: %s", index, error)
                 rows.append({**base, "error": str(error)})
@@ -420,7 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "tools/eval_cases.py " + " ".join(argv if argv is not None else sys.argv[1:])
     markdown = (f"# {title}\n\n- command: `{command}`\n- commit: {provenance['commit']}\n"
                 f"- model: {provenance['model']} (sha256 {provenance['model_sha256']})\n"
-                f"- seed {args.seed}, vary {args.vary}, sides {','.join(sides)}, CT spacing {args.ct_spacing} mm\n\n"
+                f"- seed {args.seed}, vary {args.vary}, sides {','.join(sides)}, CT spacing {args.ct_spacing} mm"
+                + (f", views {args.view_separation_deg:g} deg apart" if args.view_separation_deg is not None else "")
+                + (f", {args.shaft_mm:g} mm of shaft below the lesser trochanter" if args.shaft_mm is not None else "")
+                + "\n\n"
                 "## Summary: mean +- sd per LAT angle error and step\n\n" + table)
     per_case = [f"| {r['sample_index']} | {r['side']} | {r.get('lat_angle_error_deg')} | {r.get('variant')} | "
                 + " | ".join(evaluate._fmt(r.get(m, math.nan)) for m in summary_metrics)
@@ -435,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     io.write_json_atomic(out / f"{args.name}.json", evaluate._json_safe({
         "command": command, **provenance, "model_path": model_name, "subject": args.subject, "cases": args.cases,
         "seed": args.seed, "vary": args.vary, "no_masks": args.no_masks, "ct_spacing_mm": args.ct_spacing,
+        "view_separation_deg": args.view_separation_deg, "shaft_mm": args.shaft_mm,
         "variants": variants, "lat_angle_errors_deg": angle_errors, "rows": rows, "summary": summary}))
     write_text_atomic(out / f"{args.name}.md", markdown)
     print(markdown)

@@ -7,15 +7,14 @@ on one data set, with the same steps, learning rate and seed):
 ``no cross-view concat``    affine module without the intermediate cross-view concatenation
 ``no skip connections``     local module without skip connections
 ``no inv-ProST``            the two views' beam-space volumes concatenated directly (no inv-ProST)
+``single decoder``          the paper's variant: fused 2D encoder at every level, one 3D decoder (no inv-ProST)
 ``paper loss (NCC only)``   our departure undone: no Dice term
+``gradient into affine``    the local module's gradient reaches the affine module (ours stops it)
 
 Every row is scored on the same held-out test pairs (orthogonal views of JIA_MRI phantoms, never in
 training): the affine module alone (atlas labels warped by T) and the final result (by Psi), with a
 two-sided paired t-test against ``ours`` and the number of steps to converge (the first validation
 within 0.005 Dice of the run's best).
-
-The paper's own single-decoder variant (fused 2D encoder, one 3D decoder) and a run with the local
-module's gradient reaching the affine module are not rows yet: the network has no switch for them.
 """
 
 from __future__ import annotations
@@ -35,7 +34,9 @@ ROWS: dict[str, dict[str, Any]] = {
     "no cross-view concat": {"cross_view_fusion": False},
     "no skip connections": {"skip_connections": False},
     "no inv-ProST": {"use_inv_prost": False},
+    "single decoder": {"single_decoder": True, "use_inv_prost": False},
     "paper loss (NCC only)": {"dice_weight": 0.0},
+    "gradient into affine": {"local_gradient_to_affine": True},
 }
 #: Training budget per row and test pairs: quick fits ~40 min a row on a 2-core CPU.
 BUDGET = {"quick": {"subjects": 240, "steps": 3000, "validate_every": 250, "val_limit": 8, "test": 20},

@@ -1,0 +1,83 @@
+"""tools/eval_cases.py's case variations: short-shaft films and view pairs far from orthogonal."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "eval_cases.py"
+
+
+@pytest.fixture(scope="module")
+def eval_cases():
+    spec = importlib.util.spec_from_file_location("eval_cases_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _project(matrix, point):
+    h = np.asarray(matrix) @ np.append(point, 1.0)
+    return h[:2] / h[2]
+
+
+@pytest.mark.parametrize("flipped", [False, True], ids=["inferior-down", "inferior-up"])
+def test_short_shaft_crop_ends_the_film_below_the_lesser_trochanter_and_keeps_P_true(tmp_path, eval_cases, flipped):
+    from PIL import Image
+
+    from inference import anatomy, simulate
+    from inference.io import write_png_atomic
+
+    geometry = simulate.standard_geometry((0.0, 0.0, 0.0), "right", rows=200, cols=160, pixel_mm=1.0)
+    case, truth = tmp_path / "case", tmp_path / "truth"
+    case.mkdir()
+    truth.mkdir()
+    lesser = np.array([5.0, 3.0, -20.0])
+    landmarks = [[0.0, 0.0, 0.0]] * len(anatomy.LANDMARK_NAMES)
+    landmarks[anatomy.LANDMARK_NAMES.index("lesser_trochanter")] = lesser.tolist()
+    (truth / "truth.json").write_text(json.dumps({"landmarks_mm": landmarks}))
+    rng = np.random.default_rng(0)
+    views, originals = [], []
+    for number, view in enumerate(geometry["views"]):
+        matrix = np.asarray(view["projection_matrix"], float)
+        if flipped:  # an image stored upside down: v = rows - 1 - v
+            matrix = np.array([[1.0, 0, 0], [0, -1.0, 199.0], [0, 0, 1.0]]) @ matrix
+        pixels = rng.integers(0, 65535, (200, 160)).astype(np.uint16)
+        write_png_atomic(case / f"v{number}.png", pixels)
+        write_png_atomic(case / f"v{number}_mask.png", (pixels > 30000).astype(np.uint8) * 255)
+        views.append({"name": view["name"], "image": f"v{number}.png", "mask": f"v{number}_mask.png",
+                      "projection_matrix": matrix.tolist()})
+        originals.append((matrix, pixels))
+    (case / "case.json").write_text(json.dumps({"side": "right", "views": views}))
+
+    eval_cases._crop_shaft(case, truth, 40.0)
+
+    raw = json.loads((case / "case.json").read_text())
+    for view, (matrix, pixels) in zip(raw["views"], originals):
+        cropped = np.array(Image.open(case / view["image"]))
+        mask = np.array(Image.open(case / view["mask"]))
+        assert cropped.shape == mask.shape and cropped.shape[1] == 160 and 60 < cropped.shape[0] < 200
+        new = np.asarray(view["projection_matrix"])
+        # a point between the trochanter and the cut stays on its pixel, and keeps its value
+        point = lesser - [0.0, 0.0, 30.0]
+        u, v = _project(new, point)
+        u0, v0 = _project(matrix, point)
+        assert 0 <= v < cropped.shape[0]
+        assert cropped[int(v), int(u)] == pixels[int(v0), int(u0)]
+        # the cut point itself lies on the film's last (or first) row
+        _, v_cut = _project(new, lesser - [0.0, 0.0, 40.0])
+        assert min(abs(v_cut - (cropped.shape[0] - 1)), abs(v_cut)) < 1.0
+        # 50 mm below the trochanter is off the film
+        _, v_below = _project(new, lesser - [0.0, 0.0, 50.0])
+        assert not 0 <= v_below < cropped.shape[0]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_view_separation_sets_the_angle_between_the_views(eval_cases, side):
+    plan = eval_cases._case_plan(0, 2024, False, [side], view_separation_deg=40.0)
+    lateral = 90.0 if side == "right" else -90.0
+    assert abs(lateral + plan["angles_offset_deg"][1] - plan["angles_offset_deg"][0]) == pytest.approx(40.0)
