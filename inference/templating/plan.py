@@ -33,8 +33,8 @@ from inference.templating.library import CupFamily, ImplantLibrary, StemFamily
 logger = logging.getLogger(__name__)
 
 __all__ = ["PLAN_FORMAT", "TARGETS", "CANAL_HU_THRESHOLD", "CUP_MARGIN_MM", "NativeHip", "CanalProfile",
-           "Plan", "PlacedPlan", "canal_profile", "native_hip_from_case_out", "place", "plan_changes",
-           "auto_plan", "cup_axis"]
+           "Plan", "PlacedPlan", "canal_profile", "native_hip_from_case_out", "native_hip_with_canal", "place",
+           "plan_changes", "auto_plan", "cup_axis"]
 
 PLAN_FORMAT = "hipatlas-plan/1"
 #: Common targets of a hip plan: changes beyond these get a warning.
@@ -194,15 +194,24 @@ def native_hip_from_case_out(case_out: str | os.PathLike) -> NativeHip:
     if not folder.is_dir():
         raise DataError(f"{folder}: registration output folder not found")
     m = io.read_json_object(folder / "measurements.json", "measurements file")
-    native = native_hip_from_measurements(m)
     hu, geometry = io.read_volume(folder / "warped_atlas.nii.gz")
     labels, label_geometry = io.read_volume(folder / "femur_labels.nii.gz")
     if labels.shape != hu.shape:
         raise DataError(f"{folder}: femur_labels.nii.gz and warped_atlas.nii.gz have different grids")
+    return native_hip_with_canal(m, hu, labels, geometry, where=str(folder))
+
+
+def native_hip_with_canal(measurements: dict, hu: np.ndarray | None, labels: np.ndarray, geometry, *,
+                          where: str = "the reconstruction") -> NativeHip:
+    """The native hip of measurements and a registration's warped atlas (HU) and femur labels
+    (``hu`` None: no canal, the plan's changes then say the canal fill is unknown)."""
+    native = native_hip_from_measurements(measurements)
+    if hu is None:
+        return native
     canal = canal_profile(hu, labels, geometry, native)
     if not canal.heights_mm:
         # The plan still places the implants; its changes say that the canal fill is unknown.
-        logger.warning("%s: no canal found below the lesser trochanter in warped_atlas.nii.gz", folder)
+        logger.warning("%s: no canal found below the lesser trochanter in the warped atlas", where)
     return dataclasses.replace(native, canal=canal)
 
 
