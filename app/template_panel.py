@@ -143,6 +143,9 @@ class TemplatePanel(QWidget):
         self.undo_button, self.redo_button = QPushButton("Undo"), QPushButton("Redo")
         self.undo_button.clicked.connect(self.undo)
         self.redo_button.clicked.connect(self.redo)
+        # the stack's own signals: while a command's undo() runs, the stack has not moved yet
+        self.stack.canUndoChanged.connect(self.undo_button.setEnabled)
+        self.stack.canRedoChanged.connect(self.redo_button.setEnabled)
 
         for combo, field, convert in ((self.stem_size, "stem_size", str), (self.variant, "stem_variant", str),
                                       (self.head_offset, "head_offset_mm", float),
@@ -423,8 +426,6 @@ class TemplatePanel(QWidget):
             item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             self.table.setItem(i, 1, item)
         self.warnings.setText("\n".join(f"\u26a0 {w}" for w in changes["warnings"]))
-        self.undo_button.setEnabled(self.stack.canUndo())
-        self.redo_button.setEnabled(self.stack.canRedo())
         self._update_scene()
         self._update_outlines()
         self.session.template_plan = plan.to_dict()
