@@ -579,10 +579,11 @@ def _plan_story(plan, section, table, picture, picture_grid, page_width, small, 
     """The "Implant plan" section: implants, the table of changes, warnings, both radiographs with
     the outlines and the 3D picture (the helpers are :func:`_story`'s)."""
     from reportlab.lib.units import mm
-    from reportlab.platypus import KeepTogether, Paragraph
+    from reportlab.platypus import CondPageBreak, KeepTogether, Paragraph
 
-    story = section("Implant plan", table([("Implant", "Choice"), *plan.implant_rows],
-                                          [32 * mm, page_width - 32 * mm]))
+    # the implants and the table of changes start the plan together, on a new page if need be
+    story = [CondPageBreak(140 * mm), *section("Implant plan", table([("Implant", "Choice"), *plan.implant_rows],
+                                                                     [32 * mm, page_width - 32 * mm]))]
     story.append(KeepTogether([  # the table of changes is read as a whole: never split across pages
         table([("Change", "Value"), *plan.change_rows], [75 * mm, 30 * mm]),
         Paragraph("Shifts: + = medial, superior, anterior. Leg length at the femur: the head centre's height "

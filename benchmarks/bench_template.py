@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
     from inference.templating.library import load_library
     from inference.templating.plan import auto_plan, implant_outlines, native_hip_from_case_out
 
-    report = BenchReport("template", json_output=args.json)
+    report = BenchReport("template", json_output=args.json, report=args.report)
     library = load_library()
     with tempfile.TemporaryDirectory() as tmp:
         case_out = args.case_out
@@ -88,16 +88,21 @@ def _gui_update(report, case_dir: pathlib.Path, case_out: pathlib.Path, repeats:
         panel.resize(1500, 900)
         panel.show()
         app.processEvents()
-        offsets = list(panel.library.stem(panel.editor.plan.stem_family).head_offsets_mm)
+        stem = panel.library.stem(panel.editor.plan.stem_family)
+        # what a surgeon clicks: stem size up / down, head offset, head diameter
+        edits = [lambda: panel._step_size(+1), lambda: panel._step_size(-1)]
+        edits += [lambda h=h: panel._edit(head_offset_mm=h) for h in stem.head_offsets_mm]
+        edits += [lambda d=d: panel._edit(head_diameter_mm=d) for d in stem.head_diameters_mm]
         walls, cpus = [], []
-        for i in range(repeats + 1):
-            panel._edit(head_offset_mm=offsets[i % len(offsets)])
+        for i in range(max(repeats, len(edits)) + 1):
+            edits[i % len(edits)]()
             app.processEvents()
             if i:  # the first edit builds the actors
                 walls.append(panel.last_update_s)
                 cpus.append(panel.last_update_cpu_s)
-        report.add("gui_update_s", statistics.median(walls), "s", "Template panel update after an edit (wall)")
-        report.add("gui_update_cpu_s", statistics.median(cpus), "s", "Template panel update after an edit (CPU)")
+        report.add("gui_update_s", statistics.median(walls), "s", "Template panel update after an edit (wall, median)")
+        report.add("gui_update_cpu_s", statistics.median(cpus), "s", "Template panel update after an edit (CPU, median)")
+        report.add("gui_update_max_s", max(walls), "s", "Template panel update after an edit (wall, slowest)")
         panel.close_plotter()
     finally:
         session.close()
