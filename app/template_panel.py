@@ -35,6 +35,10 @@ from inference.templating.plan import Plan, implant_meshes, implant_outlines
 
 log = logging.getLogger(__name__)
 
+#: Triangles of the bone shown around the implants (a registration's surface has ~80 000): with
+#: fewer, the 3D view's redraw after an edit stays inside the 200 ms heartbeat in software OpenGL.
+BONE_TRIANGLES = 20_000
+
 
 class PlanCommand(QUndoCommand):
     """One plan edit on the panel's undo stack; undo and redo step the editor's own history."""
@@ -345,6 +349,9 @@ class TemplatePanel(QWidget):
     def _show_bone(self) -> None:
         r = self.session.result
         self._bone = _polydata(r.surface_vertices, r.surface_faces)
+        if self._bone.n_cells > BONE_TRIANGLES:
+            # context around the implants, drawn see-through: a lighter surface renders several times faster
+            self._bone = self._bone.decimate(1.0 - BONE_TRIANGLES / self._bone.n_cells)
         for actor in self._actors.values():
             self.plotter.remove_actor(actor, render=False)
         self._actors, self._implant_data, self._bone_key = {}, {}, None
@@ -468,7 +475,7 @@ class TemplatePanel(QWidget):
                 data, color=IMPLANT_COLOURS[name], smooth_shading=True, specular=0.6,
                 opacity=0.55 if name == "cup" else 1.0, reset_camera=False, render=False)
         self._update_handles(placed)
-        self.plotter.render()
+        self.plotter.update()   # one redraw, at the next paint (an explicit render() drew twice)
 
     # ------------------------------------------------------------------ drag handles
     def _update_handles(self, placed) -> None:

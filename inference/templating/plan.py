@@ -436,33 +436,54 @@ def auto_plan(native: NativeHip, library: ImplantLibrary, *, stem_family: str | 
 # ----------------------------------------------------------------------------------------------
 # Implant surfaces and outlines of a placed plan; the plan document; headless planning
 # ----------------------------------------------------------------------------------------------
-def implant_meshes(placed: PlacedPlan) -> dict:
-    """World-space meshes ``{"stem", "head", "cup"}`` (the stem = body and neck shells)."""
+#: Implant shapes in their own frames, by family and choice (an edit that keeps a shape reuses it).
+_PARTS_CACHE: dict = {}
+_PARTS_CACHE_SIZE = 64
+
+
+def _implant_parts(placed: PlacedPlan) -> dict:
+    """The placed plan's implant meshes in the stem and cup frames (cached): ``body``, ``neck``,
+    ``head``, ``stem`` (body and neck), ``body_pieces`` (convex pieces of the body) and ``cup``."""
     from inference.templating import meshes
 
-    plan = placed.plan
-    parts = meshes.stem_meshes(placed.stem, plan.stem_size, plan.stem_variant, plan.head_offset_mm,
-                               plan.head_diameter_mm)
-    return {
-        "stem": meshes.merge_meshes([parts["body"], parts["neck"]]).transformed(placed.stem_to_world),
-        "head": parts["head"].transformed(placed.stem_to_world),
-        "cup": meshes.cup_mesh(placed.cup, plan.cup_size).transformed(placed.cup_to_world),
-    }
+    plan, stem, cup = placed.plan, placed.stem, placed.cup
+    key = (id(stem), stem.id, stem.version, plan.stem_size, plan.stem_variant, plan.head_offset_mm,
+           plan.head_diameter_mm, id(cup), cup.id, cup.version, plan.cup_size)
+    parts = _PARTS_CACHE.get(key)
+    if parts is None:
+        parts = meshes.stem_meshes(stem, plan.stem_size, plan.stem_variant, plan.head_offset_mm,
+                                   plan.head_diameter_mm)
+        parts["stem"] = meshes.merge_meshes([parts["body"], parts["neck"]])
+        parts["body_pieces"] = meshes.body_pieces(parts["body"])
+        parts["cup"] = meshes.cup_mesh(cup, plan.cup_size)
+        for value in parts.values():   # shared by every later call: read-only
+            for array in ([value.vertices, value.faces] if hasattr(value, "faces") else value):
+                array.flags.writeable = False
+        if len(_PARTS_CACHE) >= _PARTS_CACHE_SIZE:
+            _PARTS_CACHE.pop(next(iter(_PARTS_CACHE)))
+        _PARTS_CACHE[key] = parts
+    return parts
+
+
+def implant_meshes(placed: PlacedPlan) -> dict:
+    """World-space meshes ``{"stem", "head", "cup"}`` (the stem = body and neck shells)."""
+    parts = _implant_parts(placed)
+    return {"stem": parts["stem"].transformed(placed.stem_to_world),
+            "head": parts["head"].transformed(placed.stem_to_world),
+            "cup": parts["cup"].transformed(placed.cup_to_world)}
 
 
 def implant_outlines(placed: PlacedPlan, P) -> dict:
     """Outlines ``{"stem", "head", "cup"}`` (lists of (M, 2) pixel polygons) on a view with ``P``."""
     from inference.templating import meshes
 
-    plan = placed.plan
-    parts = meshes.stem_meshes(placed.stem, plan.stem_size, plan.stem_variant, plan.head_offset_mm,
-                               plan.head_diameter_mm)
+    parts = _implant_parts(placed)
 
     def world(points):
         return points @ placed.stem_to_world[:3, :3].T + placed.stem_to_world[:3, 3]
 
-    stem_pieces = [world(p) for p in meshes.body_pieces(parts["body"])] + [world(parts["neck"].vertices)]
-    cup = meshes.cup_mesh(placed.cup, plan.cup_size).transformed(placed.cup_to_world)
+    stem_pieces = [world(p) for p in parts["body_pieces"]] + [world(parts["neck"].vertices)]
+    cup = parts["cup"].transformed(placed.cup_to_world)
     return meshes.projected_outlines(P, {"head": world(parts["head"].vertices), "cup": cup.vertices},
                                      pieces={"stem": stem_pieces})
 
