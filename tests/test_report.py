@@ -56,14 +56,14 @@ def _hipatlas(*args, cwd) -> subprocess.CompletedProcess:
                           capture_output=True, encoding="utf-8", timeout=300)
 
 
-@needs_poppler
-
 def _normal_range(key: str) -> tuple[float, float]:
     """The typical range of measurement ``key`` in the descriptor table the report reads."""
     from inference.measure import MEASUREMENTS
 
     return next(m.normal_range for m in MEASUREMENTS if m.key == key)
 
+
+@needs_poppler
 def test_report_pages_hold_the_record_and_the_pictures(registered, tmp_path):
     pdf = tmp_path / "plan.pdf"
     done = _hipatlas("report", registered["out"], "--case", registered["case"], "--out", pdf,
