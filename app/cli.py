@@ -25,7 +25,8 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
     report = subparsers.add_parser(
         "report", help="write the PDF planning report of a registration output folder",
         description="Render the planning report of OUT_DIR (measurements, annotated radiographs, 3D picture, "
-        "calibration, patient, approval field) off-screen into a PDF.")
+        "calibration, patient, approval field, and the implant plan of OUT_DIR/plan when there is one) "
+        "off-screen into a PDF.")
     report.add_argument("out_dir", metavar="OUT_DIR", help="output folder of hipatlas register")
     report.add_argument("--out", required=True, metavar="REPORT.pdf", help="PDF file to write")
     report.add_argument("--patient-json", metavar="FILE",
@@ -36,6 +37,10 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--case", metavar="CASE_DIR", help="case folder (default: the one named in OUT_DIR/report.json)")
     report.add_argument("--surgeon", help="surgeon's name (also settable in --patient-json)")
     report.add_argument("--units", choices=("mm", "cm"), default="mm", help="length units (default mm)")
+    report.add_argument("--plan", metavar="PLAN", help="implant plan folder of `hipatlas plan` "
+                        "(default: OUT_DIR/plan if present)")
+    report.add_argument("--implants", metavar="DIR", action="append", default=[],
+                        help="implant template folder of the plan (repeatable; default: the shipped library)")
     report.set_defaults(handler=_run_report)
 
 
@@ -43,7 +48,8 @@ def _run_report(args: argparse.Namespace) -> int:
     from app.report import report_for_output_dir  # Qt-free; VTK renders off-screen
 
     written = report_for_output_dir(args.out_dir, args.out, case_dir=args.case, patient_json=args.patient_json,
-                                    landmarks=args.landmarks, surgeon=args.surgeon, units=args.units)
+                                    landmarks=args.landmarks, surgeon=args.surgeon, units=args.units,
+                                    plan_dir=args.plan, implant_folders=args.implants)
     print(written)
     return 0
 

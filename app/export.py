@@ -56,6 +56,19 @@ def write_pdf_report(session: "Session", folder: pathlib.Path, context: ExportCo
     return {"pdf_report": report.write_planning_report(folder / "planning_report.pdf", content).name}
 
 
+def write_plan(session: "Session", folder: pathlib.Path, context: ExportContext) -> dict[str, str]:
+    """The implant plan of the Template step as ``plan/`` (plan.json and the implants as STL, the
+    folder ``hipatlas plan`` writes; ``hipatlas report`` on the export finds it); nothing without a plan."""
+    from app.plan_report import PLAN_FOLDER, session_plan
+    from inference.templating.plan import write_plan as write_plan_folder
+
+    planned = session_plan(session)
+    if planned is None:
+        return {}
+    write_plan_folder(folder / PLAN_FOLDER, *planned)
+    return {"plan": PLAN_FOLDER}
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportWriter:
     key: str     # the ExportOptions field that turns it on
@@ -69,4 +82,5 @@ EXPORT_WRITERS = (
     ExportWriter("measurements_json", "Measurements (JSON)", write_measurements_json),
     ExportWriter("measurements_csv", "Measurements (CSV)", write_measurements_csv),
     ExportWriter("pdf_report", "Planning report (PDF)", write_pdf_report),
+    ExportWriter("plan", "Implant plan (JSON and STL, when planned)", write_plan),
 )

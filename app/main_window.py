@@ -1,9 +1,9 @@
 """The planning workstation's main window: wires the workflow steps to the viewers and menus.
 
 Layout: a "research use only" banner on top; on the left the workflow steps (Load, Masks,
-Register, Review, Measure, Export; one module each in :mod:`app.steps`) and the panel of the
-current step; on the right the viewers (Radiographs with masks, overlays and measurement
-graphics, 3D, linked Slices, Template).
+Register, Review, Measure, Template, Export; one module each in :mod:`app.steps`) and the panel of
+the current step; on the right the viewers (Radiographs with masks, overlays and measurement
+graphics, 3D, linked Slices, Template: the Template step's 3D view and radiographs).
 The window owns the Qt-free :class:`Session`, the viewers, the menus, the project file, errors,
 autosave and shutdown; each step owns its panel and the slots that act on it.
 """
@@ -82,10 +82,10 @@ class MainWindow(QMainWindow):
         self._build_viewers()
         self.step_panels = {cls.name: cls(self) for cls in STEP_CLASSES}
         (self.load_step, self.masks_step, self.register_step, self.review_step, self.measure_step,
-         self.export_step) = self.step_panels.values()
+         self.template_step, self.export_step) = self.step_panels.values()
         for panel in self.radiograph_panels:
             self.masks_step.connect_view(panel)
-        for stack in (*self.masks_step.stacks, self.measure_step.stack):
+        for stack in (*self.masks_step.stacks, self.measure_step.stack, self.template_step.stack):
             self.undo_group.addStack(stack)
         self._build_layout()
         self.actions = build_menus(self)
@@ -109,7 +109,7 @@ class MainWindow(QMainWindow):
         self.viewers.addTab(self.radiographs, "Radiographs")
         self.viewers.addTab(self.surface_view, "3D")
         self.viewers.addTab(self.slice_panel, "Slices")
-        self.template_panel = TemplatePanel(self.session)  # implant templating (app/template_panel.py)
+        self.template_panel = TemplatePanel(self.session)  # its controls go to the Template step
         self.viewers.addTab(self.template_panel, "Template")
 
     def _build_layout(self) -> None:
@@ -194,23 +194,25 @@ class MainWindow(QMainWindow):
         self.review_step.refresh()
         self.register_step.show_result(self.session.result)
         self.measure_step.refresh()
+        self.template_step.refresh()
         self.review_step.apply_overlay_toggles()
 
     def refresh_steps(self) -> None:
         s = self.session
-        stale = self.register_step.stale_reason()
+        stale, plan_stale = self.register_step.stale_reason(), self.template_step.stale_reason()
         enabled = {"Load": True, "Masks": s.has_case, "Register": s.has_case,
-                   "Review": s.result is not None, "Measure": s.result is not None, "Export": s.result is not None}
-        done = {"Load": s.has_case, "Masks": s.all_confirmed, "Register": s.result is not None,
-                "Review": s.result is not None, "Measure": bool(s.measurements), "Export": False}
+                   **dict.fromkeys(("Review", "Measure", "Template", "Export"), s.result is not None)}
+        done = {"Load": s.has_case, "Masks": s.all_confirmed, **dict.fromkeys(("Register", "Review"), s.result is not None),
+                "Measure": bool(s.measurements), "Template": bool(s.template_plan), "Export": False}
         for row, name in enumerate(STEPS):
             item = self.steps.item(row)
             flags = Qt.ItemFlag.ItemIsSelectable | Qt.ItemFlag.ItemIsEnabled if enabled[name] else Qt.ItemFlag.NoItemFlags
             item.setFlags(flags)
             # a mark, not only a colour: done, out of date, or the step's number
-            mark = "!" if stale and name in ("Register", "Review", "Measure") else "\u2713" if done[name] else str(row + 1)
+            why = {"Register": stale, "Review": stale, "Measure": stale, "Template": stale or plan_stale}.get(name)
+            mark = "!" if why else "\u2713" if done[name] else str(row + 1)
             item.setText(f"{mark}  {name}")
-            item.setToolTip(f"Out of date: {stale}" if mark == "!" else "")
+            item.setToolTip(f"Out of date: {why}" if why else "")
         self.stale_banner.setVisible(stale is not None)
         if stale:
             self.stale_text.setText(f"\u26a0  Results out of date: {stale}. Register again, or keep the old result.")
@@ -280,7 +282,7 @@ class MainWindow(QMainWindow):
         if old is not session:
             old.close()
         session.runner = self.worker_process.run
-        for stack in (*self.masks_step.stacks, self.measure_step.stack):
+        for stack in (*self.masks_step.stacks, self.measure_step.stack, self.template_step.stack):
             stack.clear()
         self.register_step.session_replaced()
         self.refresh_all()
@@ -307,7 +309,7 @@ class MainWindow(QMainWindow):
         self.open_path(path)
 
     def screenshot(self) -> QImage:
-        """The whole window as shown (the 3D view's OpenGL pixels included)."""
+        """The whole window as shown (the 3D views' OpenGL pixels included)."""
         return window_screenshot(self)
 
     # ================================================================== errors, dialogs
@@ -417,7 +419,6 @@ class MainWindow(QMainWindow):
             step.shutdown()
         self.worker_process.close()
         self.surface_view.close_plotter()
-        self.template_panel.close_plotter()
         self.session.close()
         self.recovery.clear()
         self.settings.sync()

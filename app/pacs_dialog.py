@@ -361,7 +361,7 @@ def results_for_sending(session: Any, folder: pathlib.Path) -> pathlib.Path:
             shutil.copyfile(path, folder / path.name)
     io.write_json_atomic(folder / "measurements.json", session.measurements)
     pdf_only = ExportOptions(surface_stl=False, nifti=False, measurements_json=False, measurements_csv=False,
-                             pdf_report=True)
+                             pdf_report=True, plan=False)
     exported = session.export(folder / "export", pdf_only)
     shutil.move(str(exported["pdf_report"]), folder / "planning_report.pdf")
     return folder

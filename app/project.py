@@ -102,6 +102,7 @@ def project_document(session: Session) -> dict[str, Any]:
         "measurements": session.measurements,
         "landmarks_edited": session.landmarks_edited,
         "template_plan": session.template_plan,   # Template step (hipatlas-plan/1 "plan" fields), or null
+        "template_basis": session.template_basis,  # app.plan_report.plan_basis of the plan's measurements
     }
 
 
@@ -219,6 +220,7 @@ def _restore(session: Session, source: pathlib.Path) -> None:
         session.measurements = dict(document.get("measurements") or session.measurements)
         session.landmarks_edited = bool(document.get("landmarks_edited", False))
         session.template_plan = document.get("template_plan") or None
+        session.template_basis = document.get("template_basis") or None
     session.project_path = source
     session.dirty = False
 

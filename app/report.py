@@ -207,6 +207,7 @@ class ReportContent:
     model_lines: Sequence[tuple[str, str]]
     warnings: Sequence[str]
     measurement_notes: Sequence[str] = ()      # caveats of values marked (!) (inference.measure.caveat_lines)
+    plan: Any = None                           # app.plan_report.ReportPlan: the implant plan, if one was made
 
 
 def local_time_text(now: datetime.datetime | None = None) -> str:
@@ -273,7 +274,7 @@ def build_report_content(*, case, measurements: Mapping[str, Any], landmarks_mm:
                          patient: PatientInfo, case_label: str, landmarks_edited: bool = False,
                          units: str = "mm", anonymised: bool = False,
                          radiographs: Sequence[ReportFigure] = (), reconstruction: ReportFigure | None = None,
-                         now: datetime.datetime | None = None) -> ReportContent:
+                         plan: Any = None, now: datetime.datetime | None = None) -> ReportContent:
     """The report's content from a case, its measurements and the registration's facts."""
     from app.session import RESEARCH_NOTICE, format_length, landmark_label
     from inference import __version__
@@ -301,6 +302,7 @@ def build_report_content(*, case, measurements: Mapping[str, Any], landmarks_mm:
                      ("Model sha256", str(model.get("sha256") or "not recorded"))],
         warnings=list(warnings),
         measurement_notes=caveat_lines(measurements),
+        plan=plan,
     )
 
 
@@ -330,12 +332,17 @@ def report_for_output_dir(out_dir: str | os.PathLike, pdf_path: str | os.PathLik
                           case_dir: str | os.PathLike | None = None,
                           patient_json: str | os.PathLike | None = None,
                           landmarks: str | os.PathLike | None = None,
-                          surgeon: str | None = None, units: str = "mm") -> pathlib.Path:
+                          surgeon: str | None = None, units: str = "mm",
+                          plan_dir: str | os.PathLike | None = None,
+                          implant_folders: Sequence[str | os.PathLike] = ()) -> pathlib.Path:
     """Write the planning report of a registration output folder (``hipatlas report``).
 
     The case (radiographs and projection matrices) is the one named in the folder's report.json
-    (``case_dir``) unless ``case_dir`` is given.
+    (``case_dir``) unless ``case_dir`` is given. The report shows the implant plan of ``plan_dir``
+    (a ``hipatlas plan`` folder), by default the one in ``out_dir/plan`` if there is one
+    (:func:`app.plan_report.output_dir_plan`).
     """
+    from app import plan_report
     from inference import io as hio, silhouettes
     from inference.measure import validate_measurements
 
@@ -373,6 +380,8 @@ def report_for_output_dir(out_dir: str | os.PathLike, pdf_path: str | os.PathLik
             outlines[view.name] = silhouettes.read_silhouette(path).polylines
     radiographs, reconstruction = report_figures(case, measurements, landmarks_mm, outlines=outlines,
                                                  surface=surface)
+    planned = plan_report.output_dir_plan(out_dir, plan_dir, implant_folders)
+    plan = None if planned is None else plan_report.plan_section(case, *planned, surface=surface)
     views = []
     for index, view in enumerate(case.views):
         run_view = (run_report.get("views") or [{}] * len(case.views))[index] if run_report.get("views") else {}
@@ -386,7 +395,7 @@ def report_for_output_dir(out_dir: str | os.PathLike, pdf_path: str | os.PathLik
         warnings=list(run_report.get("warnings") or []), model=run_report.get("model") or {}, views=views,
         patient=patient, case_label=pathlib.Path(case.case_dir).resolve().name,
         landmarks_edited=bool((measurements.get("provenance") or {}).get("landmarks_edited")), units=units,
-        radiographs=radiographs, reconstruction=reconstruction)
+        radiographs=radiographs, reconstruction=reconstruction, plan=plan)
     return write_planning_report(pdf_path, content)
 
 
@@ -466,6 +475,15 @@ def _story(content: ReportContent) -> list[Any]:
             width, height = width * max_height / height, max_height
         return Image(io.BytesIO(figure.png), width=width, height=height)
 
+    def picture_grid(figures: Sequence[ReportFigure], max_height):
+        """Pictures side by side, each with its caption below."""
+        images = [picture(f, max_height) for f in figures]
+        captions = [Paragraph(_escape(f.caption), small) for f in figures]
+        grid = Table([images, captions], colWidths=[page_width / len(images)] * len(images))
+        grid.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("ALIGN", (0, 0), (-1, 0), "CENTER"),
+                                  ("LEFTPADDING", (0, 0), (-1, -1), 2), ("RIGHTPADDING", (0, 0), (-1, -1), 2)]))
+        return grid
+
     p = content.patient
 
     def shown(value):
@@ -507,12 +525,8 @@ def _story(content: ReportContent) -> list[Any]:
                                "recomputed from the moved landmarks.", small))
 
     if content.radiographs:
-        images = [picture(f, 100 * mm) for f in content.radiographs]
-        captions = [Paragraph(_escape(f.caption), small) for f in content.radiographs]
-        grid = Table([images, captions], colWidths=[page_width / len(images)] * len(images))
-        grid.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("ALIGN", (0, 0), (-1, 0), "CENTER"),
-                                  ("LEFTPADDING", (0, 0), (-1, -1), 2), ("RIGHTPADDING", (0, 0), (-1, -1), 2)]))
-        story += section("Radiographs with measurement graphics", grid, Paragraph(_escape(RADIOGRAPH_LEGEND), small))
+        story += section("Radiographs with measurement graphics", picture_grid(content.radiographs, 100 * mm),
+                         Paragraph(_escape(RADIOGRAPH_LEGEND), small))
 
     calibration = table([("View", "Source", "Detector pixel", "Pixel at hip", "Magnification at hip",
                           "Source\u2013hip"), *content.calibration_rows],
@@ -525,6 +539,8 @@ def _story(content: ReportContent) -> list[Any]:
     if content.reconstruction is not None:
         story += section("3D reconstruction", picture(content.reconstruction, 110 * mm),
                          Paragraph(_escape(content.reconstruction.caption), small))
+    if content.plan is not None:
+        story += _plan_story(content.plan, section, table, picture, picture_grid, page_width, small, cell)
     if content.landmark_rows:
         story += section("Landmarks (world LPS)", table([("Landmark", "Position (x, y, z)", "Unit"),
                                                           *content.landmark_rows],
@@ -551,6 +567,30 @@ def _story(content: ReportContent) -> list[Any]:
     story.append(KeepTogether([Paragraph("Approval", heading), sign,
                                Paragraph("The plan is valid only when approved and signed by the responsible "
                                          "surgeon.", small)]))
+    return story
+
+
+def _plan_story(plan, section, table, picture, picture_grid, page_width, small, cell) -> list[Any]:
+    """The "Implant plan" section: implants, the table of changes, warnings, both radiographs with
+    the outlines and the 3D picture (the helpers are :func:`_story`'s)."""
+    from reportlab.lib.units import mm
+    from reportlab.platypus import CondPageBreak, KeepTogether, Paragraph
+
+    # the implants and the table of changes start the plan together, on a new page if need be
+    story = [CondPageBreak(140 * mm), *section("Implant plan", table([("Implant", "Choice"), *plan.implant_rows],
+                                                                     [32 * mm, page_width - 32 * mm]))]
+    story.append(KeepTogether([  # the table of changes is read as a whole: never split across pages
+        table([("Change", "Value"), *plan.change_rows], [75 * mm, 30 * mm]),
+        Paragraph("Shifts: + = medial, superior, anterior. Leg length at the femur: the head centre's height "
+                  "change relative to the lesser trochanter; at the hip: with the cup's shift of the centre of "
+                  "rotation. Definitions: docs/templating.md.", small)]))
+    for warning in plan.warnings:
+        story.append(Paragraph("Plan warning: " + _escape(warning), cell))
+    if plan.radiographs:
+        story += section("Implant plan on the radiographs", picture_grid(plan.radiographs, 95 * mm))
+    if plan.picture_3d is not None:
+        story += section("Implant plan in 3D", picture(plan.picture_3d, 110 * mm),
+                         Paragraph(_escape(plan.picture_3d.caption), small))
     return story
 
 

@@ -73,6 +73,32 @@ def _crop_box(drawn: graphics.ViewGraphics) -> tuple[int, int, int, int]:
     return c0, r0, c1, r1
 
 
+def picture_line_width(width_px: int) -> int:
+    """Line width of the drawn graphics, sized for a picture half a page wide."""
+    return max(2, round(width_px / 300))
+
+
+def cropped_picture(image_rgb: np.ndarray, box: tuple[int, int, int, int], width_px: int):
+    """The part ``box`` = (col0, row0, col1, row1) of a radiograph, scaled to ``width_px``: the
+    Pillow picture, the scale (picture pixels per image pixel) and ``xy(uv)``, which maps an
+    image pixel position (u, v) to picture coordinates."""
+    from PIL import Image
+
+    pixels = np.asarray(image_rgb, dtype=np.uint8)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=2)
+    c0, r0, c1, r1 = box
+    scale = width_px / max(c1 - c0, 1)
+    picture = Image.fromarray(pixels[r0:r1, c0:c1]).resize(
+        (width_px, max(1, round((r1 - r0) * scale))), Image.Resampling.LANCZOS)
+
+    def xy(uv) -> tuple[float, float]:
+        # pixel centre u lies at u + 0.5 from the image edge; Pillow's coordinates index pixels
+        return (float(uv[0]) + 0.5 - c0) * scale - 0.5, (float(uv[1]) + 0.5 - r0) * scale - 0.5
+
+    return picture, scale, xy
+
+
 def annotated_radiograph_png(image_rgb: np.ndarray, drawn: graphics.ViewGraphics, *,
                              width_px: int = RADIOGRAPH_WIDTH_PX, outline_uv: Sequence[np.ndarray] = ()) -> bytes:
     """The radiograph cropped to the hip with the measurement graphics, as PNG bytes.
@@ -87,24 +113,11 @@ def annotated_radiograph_png(image_rgb: np.ndarray, drawn: graphics.ViewGraphics
         The registered femur's outline ((u, v) pixel polylines, :mod:`inference.silhouettes`),
         drawn under the graphics; it does not move the crop, which follows the graphics.
     """
-    from PIL import Image, ImageDraw
+    picture, scale, xy = cropped_picture(image_rgb, _crop_box(drawn), width_px)
+    from PIL import ImageDraw
 
-    pixels = np.asarray(image_rgb, dtype=np.uint8)
-    if pixels.ndim == 2:
-        pixels = np.repeat(pixels[..., None], 3, axis=2)
-    c0, r0, c1, r1 = _crop_box(drawn)
-    scale = width_px / max(c1 - c0, 1)
-    picture = Image.fromarray(pixels[r0:r1, c0:c1]).resize(
-        (width_px, max(1, round((r1 - r0) * scale))), Image.Resampling.LANCZOS)
     draw = ImageDraw.Draw(picture)
-    # sized for a picture half a page wide: text about 2 mm high in print
-    line_width = max(2, round(width_px / 300))
-    small = _font(max(12, width_px // 30))
-
-    def xy(uv) -> tuple[float, float]:
-        # pixel centre u lies at u + 0.5 from the image edge; Pillow's coordinates index pixels
-        return (float(uv[0]) + 0.5 - c0) * scale - 0.5, (float(uv[1]) + 0.5 - r0) * scale - 0.5
-
+    line_width, small = picture_line_width(width_px), _font(max(12, width_px // 30))
     placed: list[tuple[float, float, float, float]] = []
 
     def text(position, words, colour, fnt=small, anchor="la"):
@@ -180,19 +193,22 @@ def _prefer_egl_without_display() -> None:
 
 
 def render_3d_png(vertices: np.ndarray, faces: np.ndarray, measurements: Mapping[str, Any],
-                  landmarks_mm: Mapping[str, Any], side: str, *, size: tuple[int, int] = (1400, 700)) -> bytes:
+                  landmarks_mm: Mapping[str, Any], side: str, *, size: tuple[int, int] = (1400, 700),
+                  meshes: Sequence[tuple[np.ndarray, np.ndarray, str, float]] = (),
+                  bone_opacity: float = REPORT_BONE_OPACITY) -> bytes:
     """The femur from the front (left half) and from the lateral side (right half), PNG bytes.
 
     Off-screen VTK with fixed cameras (anterior: looking along +y in LPS with superior up;
     lateral: from the patient's right for a right femur, from the left for a left one).
+    ``meshes``: more surfaces drawn with the bone, ``(vertices, faces, colour, opacity)`` (the
+    planned implants).
     """
     _prefer_egl_without_display()
     import pyvista as pv
 
     vertices = np.asarray(vertices, dtype=np.float64)
-    faces = np.asarray(faces, dtype=np.int64)
-    cells = np.hstack([np.full((len(faces), 1), 3, dtype=np.int64), faces]).ravel()
-    bone = pv.PolyData(vertices, cells).compute_normals(auto_orient_normals=False, split_vertices=False)
+    bone = _polydata(pv, vertices, faces)
+    others = [(_polydata(pv, v, f), colour, opacity) for v, f, colour, opacity in meshes]
     plotter = pv.Plotter(off_screen=True, shape=(1, 2), window_size=size, border=False)
     try:
         low, high = vertices.min(axis=0), vertices.max(axis=0)
@@ -203,8 +219,9 @@ def render_3d_png(vertices: np.ndarray, faces: np.ndarray, measurements: Mapping
                                                           ("Lateral view", (lateral, 0.0, 0.0)))):
             plotter.subplot(0, column)
             plotter.set_background("#FFFFFF")
-            plotter.add_mesh(bone, color=BONE_COLOUR, opacity=REPORT_BONE_OPACITY, smooth_shading=True,
-                             specular=0.2)
+            plotter.add_mesh(bone, color=BONE_COLOUR, opacity=bone_opacity, smooth_shading=True, specular=0.2)
+            for mesh, colour, opacity in others:
+                plotter.add_mesh(mesh, color=colour, opacity=opacity, smooth_shading=True, specular=0.5)
             _add_measurements(plotter, measurements, landmarks_mm)
             plotter.add_text(title, position="upper_left", font_size=12, color="#222222")
             eye = centre + 3.0 * extent * np.asarray(eye_direction)
@@ -218,6 +235,13 @@ def render_3d_png(vertices: np.ndarray, faces: np.ndarray, measurements: Mapping
     buffer = _stdio.BytesIO()
     Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
+
+
+def _polydata(pv, vertices, faces):
+    faces = np.asarray(faces, dtype=np.int64)
+    cells = np.hstack([np.full((len(faces), 1), 3, dtype=np.int64), faces]).ravel()
+    return pv.PolyData(np.asarray(vertices, dtype=np.float64), cells).compute_normals(
+        auto_orient_normals=False, split_vertices=False)
 
 
 def _add_measurements(plotter, measurements: Mapping[str, Any], landmarks_mm: Mapping[str, Any]) -> None:

@@ -9,19 +9,22 @@ from PySide6.QtWidgets import QApplication
 
 
 def window_screenshot(window) -> QImage:
-    """The whole window, with the 3D view's OpenGL pixels painted in where it is visible.
+    """The whole window, with the OpenGL pixels of each visible 3D view (the 3D tab's, the
+    Template step's) painted in.
 
     ``QWidget.grab`` cannot read a native OpenGL window's pixels (they come out black), so
-    the render window is read back through VTK and composed onto the grab.
+    each render window is read back through VTK and composed onto the grab.
     """
+    from app.views.qimage import rgba_qimage
+
     QApplication.processEvents()
     image = window.grab().toImage()
-    if window.viewers.currentWidget() is window.surface_view and window.surface_view.isVisible():
-        pixels = window.surface_view.render_image()
-        plotter = window.surface_view.plotter
+    for view in (window.surface_view, window.template_panel):
+        plotter = getattr(view, "plotter", None)
+        if plotter is None or not plotter.isVisible():
+            continue
+        pixels = view.render_image()
         ratio = plotter.devicePixelRatioF() if hasattr(plotter, "devicePixelRatioF") else 1.0
-        from app.views.qimage import rgba_qimage
-
         rgba = np.concatenate([pixels, np.full(pixels.shape[:2] + (1,), 255, np.uint8)], axis=2)
         render = rgba_qimage(rgba)
         if ratio != 1.0:

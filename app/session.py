@@ -122,6 +122,7 @@ class ExportOptions:
     measurements_json: bool = True
     measurements_csv: bool = True
     pdf_report: bool = True
+    plan: bool = True
     anonymise: bool = False
     units: str = "mm"
 
@@ -394,6 +395,7 @@ class Session:
         self.measurements: dict[str, Any] = {}
         self.landmarks_edited = False
         self.template_plan: dict[str, Any] | None = None   # Template step (inference.templating.plan.Plan dict)
+        self.template_basis: str | None = None   # app.plan_report.plan_basis of the measurements it was made on
         self.project_path: pathlib.Path | None = None
         self.pseudonym = "ANON-" + secrets.token_hex(4).upper()
         self.dirty = False
@@ -624,12 +626,12 @@ class Session:
         self.landmarks_mm = editable_landmarks(result.measurements, result.landmarks_mm) if result else {}
         self.measurements = dict(result.measurements) if result else {}
         self.landmarks_edited = False
-        self.template_plan = None
+        self.template_plan = self.template_basis = None
         self.dirty = True
 
     def clear_result(self) -> None:
         self.result = None
-        self.template_plan = None
+        self.template_plan = self.template_basis = None
         self.landmarks_mm = {}
         self.measurements = {}
         self.landmarks_edited = False
@@ -796,14 +798,17 @@ class Session:
 
     def report_content(self, options: ExportOptions, provenance: dict[str, Any] | None = None):
         """The data of the PDF planning report, its pictures rendered off-screen (never the screen)."""
-        from app import report
+        from app import plan_report, report
 
         provenance = provenance or self.provenance(options.anonymise)
         result = self.result
+        surface = (result.surface_vertices, result.surface_faces)
         radiographs, reconstruction = report.report_figures(
             self.case, self.measurements, self.landmarks_mm,
             outlines=result.contours,
-            surface=(result.surface_vertices, result.surface_faces))
+            surface=surface)
+        planned = plan_report.session_plan(self)
+        plan = None if planned is None else plan_report.plan_section(self.case, *planned, surface=surface)
         patient = report.patient_from_case(self.case).merged(report.patient_from_keywords(self.patient))
         patient = patient.merged(self.report_patient)
         return report.build_report_content(
@@ -811,7 +816,7 @@ class Session:
             warnings=list(result.warnings), model=provenance["model"], views=provenance["views"],
             patient=patient, case_label=self.pseudonym if options.anonymise else self.case_label,
             landmarks_edited=self.landmarks_edited, units=options.units, anonymised=options.anonymise,
-            radiographs=radiographs, reconstruction=reconstruction)
+            radiographs=radiographs, reconstruction=reconstruction, plan=plan)
 
 
 def describe_model(model_path: str | os.PathLike | None) -> dict[str, Any]:

@@ -1,52 +1,64 @@
-"""The Template step: choose and place the stem and the cup, see what the plan changes.
+"""The Template step's panel: choose and place the stem and the cup, see what the plan changes.
 
-A self-contained widget (the main window only has to add it as a step): a 3D view with the
-transparent femur and the implants (optionally clipped through the stem's neck plane), both
-radiographs with the implants' projected outlines (through each view's ``P``), the implant
-controls, and the table of changes, which follows every edit at once. The plan logic is Qt-free:
-:class:`inference.templating.editor.PlanEditor` (undo/redo) over
-:mod:`inference.templating.plan`; the panel only shows it. The plan lives in
+A self-contained widget: a 3D view with the transparent femur and the implants (optionally
+clipped through the stem's neck plane), both radiographs with the implants' projected outlines
+(through each view's ``P``), the implant controls (:attr:`TemplatePanel.controls`), and the table
+of changes, which follows every edit at once. In the workstation the controls sit in the Template
+step (:mod:`app.steps.template`) and the rest in the viewers' Template tab; standalone (tests,
+tools) the panel shows all three side by side. The plan logic is Qt-free:
+:class:`inference.templating.editor.PlanEditor` over :mod:`inference.templating.plan`; every edit is
+also a command on :attr:`TemplatePanel.stack` (the window's Edit > Undo). The plan lives in
 ``session.template_plan`` (a :class:`~inference.templating.plan.Plan` dict), which
-:mod:`app.project` saves in the project file.
+:mod:`app.project` saves in the project file, and the PDF report renders it off-screen
+(:mod:`app.plan_report`).
 """
 
 from __future__ import annotations
 
-import io as _io
 import logging
 import time
 
 import numpy as np
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QColor, QKeySequence, QPainterPath, QPen, QShortcut
+from PySide6.QtGui import QColor, QPainterPath, QPen, QUndoCommand, QUndoStack
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGraphicsPathItem, QGroupBox,
                                QHBoxLayout, QHeaderView, QLabel, QPushButton, QSplitter, QTableWidget,
                                QTableWidgetItem, QVBoxLayout, QWidget)
 
+from app.plan_report import IMPLANT_COLOURS, OUTLINE_COLOURS, plan_basis, session_native_hip
+from app.report_figures import BONE_COLOUR
 from app.views.radiograph_view import RadiographView
 from app.views.surface_view import _faces_for_vtk, render_window_image
 from inference.templating.editor import PlanEditor, change_rows
 from inference.templating.library import ImplantLibrary, load_library
-from inference.templating.plan import (NativeHip, Plan, canal_profile, implant_meshes, implant_outlines,
-                                       native_hip_from_measurements)
+from inference.templating.plan import Plan, implant_meshes, implant_outlines
 
 log = logging.getLogger(__name__)
 
-BONE_COLOUR = "#E8DCC4"
-IMPLANT_COLOURS = {"stem": "#B0BEC5", "head": "#FFD54F", "cup": "#4FC3F7"}
-#: Outline colours on the radiographs: saturated, so that they stand out on grey bone.
-OUTLINE_COLOURS = {"stem": "#FF7043", "head": "#FFD54F", "cup": "#4FC3F7"}
+#: Triangles of the bone shown around the implants (a registration's surface has ~80 000): with
+#: fewer, the 3D view's redraw after an edit stays inside the 200 ms heartbeat in software OpenGL.
+BONE_TRIANGLES = 20_000
 
 
-def native_hip_from_session(session) -> NativeHip:
-    """The native hip of a registered session: its current measurements and the canal of its result."""
-    import dataclasses
+class PlanCommand(QUndoCommand):
+    """One plan edit on the panel's undo stack; undo and redo step the editor's own history."""
 
-    native = native_hip_from_measurements(session.measurements)
-    result = session.result
-    if result is not None and result.volume is not None:
-        native = dataclasses.replace(native, canal=canal_profile(result.volume, result.labels, result.grid, native))
-    return native
+    def __init__(self, panel: "TemplatePanel", text: str):
+        super().__init__(text)
+        self._panel = panel
+        self._skip_first_redo = True  # pushed after the edit was made
+
+    def redo(self) -> None:
+        if self._skip_first_redo:
+            self._skip_first_redo = False
+        elif self._panel.editor is not None:
+            self._panel.editor.redo()
+            self._panel._update()
+
+    def undo(self) -> None:
+        if self._panel.editor is not None:
+            self._panel.editor.undo()
+            self._panel._update()
 
 
 def _polydata(vertices, faces):
@@ -130,13 +142,14 @@ class TemplatePanel(QWidget):
         self.auto_button = QPushButton("Automatic plan")
         self.auto_button.setToolTip("Replace the plan with the automatic first plan (undoable)")
         self.auto_button.clicked.connect(self._auto)
+        #: Plan edits of the current plan (Edit > Undo in the workstation; cleared by a reload).
+        self.stack = QUndoStack(self)
         self.undo_button, self.redo_button = QPushButton("Undo"), QPushButton("Redo")
         self.undo_button.clicked.connect(self.undo)
         self.redo_button.clicked.connect(self.redo)
-        QShortcut(QKeySequence.StandardKey.Undo, self, activated=self.undo,
-                  context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
-        QShortcut(QKeySequence.StandardKey.Redo, self, activated=self.redo,
-                  context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
+        # the stack's own signals: while a command's undo() runs, the stack has not moved yet
+        self.stack.canUndoChanged.connect(self.undo_button.setEnabled)
+        self.stack.canRedoChanged.connect(self.redo_button.setEnabled)
 
         for combo, field, convert in ((self.stem_size, "stem_size", str), (self.variant, "stem_variant", str),
                                       (self.head_offset, "head_offset_mm", float),
@@ -185,8 +198,10 @@ class TemplatePanel(QWidget):
         self.status = QLabel("Register a case to plan implants")
         self.status.setWordWrap(True)
 
-        controls = QWidget()
+        #: The controls, status, table and warnings (the workstation shows them in its Template step).
+        self.controls = controls = QWidget()
         left = QVBoxLayout(controls)
+        left.setContentsMargins(0, 0, 0, 0)
         left.addWidget(self.status)
         left.addLayout(buttons)
         left.addWidget(stem_box)
@@ -257,16 +272,20 @@ class TemplatePanel(QWidget):
         from inference.errors import HipAtlasError
 
         saved = getattr(s, "template_plan", None)
+        self.stack.clear()
         try:
-            native = native_hip_from_session(s)
+            native = session_native_hip(s)
             self.editor = PlanEditor(native, self.library, Plan.from_dict(saved) if saved else None)
         except HipAtlasError as exc:
             self.editor = None
             self.status.setText(f"Cannot plan this case: {exc}")
             self._set_enabled(False)
             return False
-        self.status.setText(f"{native.side.capitalize()} hip. "
-                            + ("Saved plan." if saved else "Automatic first plan: adjust as needed."))
+        moved = bool(saved) and s.template_basis not in (None, plan_basis(s.measurements))
+        self.status.setText(f"{native.side.capitalize()} hip. " + (
+            "The landmarks moved since this plan was made: its changes are recomputed from the new "
+            "landmarks; check them." if moved else "Saved plan." if saved
+            else "Automatic first plan: adjust as needed."))
         self._make_plotter()
         self._fill_choices()
         self._show_bone()
@@ -283,7 +302,9 @@ class TemplatePanel(QWidget):
             return
         from pyvistaqt import QtInteractor
 
-        self.plotter = QtInteractor(self, auto_update=False)
+        # No multisampling: pyvista's default 8x MSAA doubles a redraw in software OpenGL (120 -> 64 ms
+        # CPU on the demo) for edges that look the same at this size; the redraw follows every edit.
+        self.plotter = QtInteractor(self, auto_update=False, multi_samples=0)
         self.plotter.set_background("#1B1F27", top="#2E3440")
         self.plotter.add_axes(interactive=False, line_width=2)
         self._scene_layout.replaceWidget(self._scene_placeholder, self.plotter)
@@ -310,8 +331,8 @@ class TemplatePanel(QWidget):
                   self.tip_depth, self.version, self.cup_size, self.inclination, self.anteversion,
                   self.auto_button, *self.cup_shift.values()):
             w.setEnabled(enabled)
-        self.undo_button.setEnabled(enabled and self.editor is not None and self.editor.can_undo)
-        self.redo_button.setEnabled(enabled and self.editor is not None and self.editor.can_redo)
+        self.undo_button.setEnabled(enabled and self.stack.canUndo())
+        self.redo_button.setEnabled(enabled and self.stack.canRedo())
 
     def _fill_choices(self) -> None:
         stem = self.library.stem(self.editor.plan.stem_family)
@@ -330,6 +351,9 @@ class TemplatePanel(QWidget):
     def _show_bone(self) -> None:
         r = self.session.result
         self._bone = _polydata(r.surface_vertices, r.surface_faces)
+        if self._bone.n_cells > BONE_TRIANGLES:
+            # context around the implants, drawn see-through: a lighter surface renders several times faster
+            self._bone = self._bone.decimate(1.0 - BONE_TRIANGLES / self._bone.n_cells)
         for actor in self._actors.values():
             self.plotter.remove_actor(actor, render=False)
         self._actors, self._implant_data, self._bone_key = {}, {}, None
@@ -343,17 +367,24 @@ class TemplatePanel(QWidget):
             self._outline_items[i] = []
 
     # ------------------------------------------------------------------ edits
+    def _change(self, text: str, change) -> None:
+        """Make one change through the editor; if the plan changed, record it on the undo stack."""
+        before = self.editor.plan
+        change()
+        if self.editor.plan is not before:
+            self.stack.push(PlanCommand(self, text))
+        self._update()
+
     def _edit(self, **fields) -> None:
         if self._updating or self.editor is None:
             return
         from inference.errors import HipAtlasError
 
         try:
-            self.editor.edit(**fields)
+            self._change("Edit the plan (" + ", ".join(f.replace("_", " ") for f in fields) + ")",
+                         lambda: self.editor.edit(**fields))
         except HipAtlasError as exc:
             self.warnings.setText(str(exc))
-            return
-        self._update()
 
     def _edit_cup_centre(self) -> None:
         if self._updating or self.editor is None:
@@ -365,23 +396,17 @@ class TemplatePanel(QWidget):
 
     def _step_size(self, step: int) -> None:
         if self.editor is not None:
-            self.editor.step_stem_size(step)
-            self._update()
+            self._change("Larger stem" if step > 0 else "Smaller stem", lambda: self.editor.step_stem_size(step))
 
     def _auto(self) -> None:
         if self.editor is not None:
-            self.editor.reset_to_auto()
-            self._update()
+            self._change("Automatic plan", self.editor.reset_to_auto)
 
     def undo(self) -> None:
-        if self.editor is not None and self.editor.can_undo:
-            self.editor.undo()
-            self._update()
+        self.stack.undo()
 
     def redo(self) -> None:
-        if self.editor is not None and self.editor.can_redo:
-            self.editor.redo()
-            self._update()
+        self.stack.redo()
 
     # ------------------------------------------------------------------ display
     def _update(self) -> None:
@@ -403,18 +428,22 @@ class TemplatePanel(QWidget):
         finally:
             self._updating = False
         rows = change_rows(changes)
-        self.table.setRowCount(len(rows))
-        for i, (label, text) in enumerate(rows):
-            self.table.setItem(i, 0, QTableWidgetItem(label))
-            item = QTableWidgetItem(text)
-            item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-            self.table.setItem(i, 1, item)
+        if self.table.rowCount() != len(rows):
+            self.table.setRowCount(len(rows))
+            for i in range(len(rows)):
+                self.table.setItem(i, 0, QTableWidgetItem())
+                item = QTableWidgetItem()
+                item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                self.table.setItem(i, 1, item)
+        for i, row in enumerate(rows):   # in place: only the cells whose text changes repaint
+            for column, text in enumerate(row):
+                if self.table.item(i, column).text() != text:
+                    self.table.item(i, column).setText(text)
         self.warnings.setText("\n".join(f"\u26a0 {w}" for w in changes["warnings"]))
-        self.undo_button.setEnabled(self.editor.can_undo)
-        self.redo_button.setEnabled(self.editor.can_redo)
         self._update_scene()
         self._update_outlines()
         self.session.template_plan = plan.to_dict()
+        self.session.template_basis = plan_basis(self.session.measurements)
         self.session.dirty = True
         self.last_update_s = time.perf_counter() - started
         self.last_update_cpu_s = time.process_time() - started_cpu
@@ -453,7 +482,7 @@ class TemplatePanel(QWidget):
                 data, color=IMPLANT_COLOURS[name], smooth_shading=True, specular=0.6,
                 opacity=0.55 if name == "cup" else 1.0, reset_camera=False, render=False)
         self._update_handles(placed)
-        self.plotter.render()
+        self.plotter.update()   # one redraw, at the next paint (an explicit render() drew twice)
 
     # ------------------------------------------------------------------ drag handles
     def _update_handles(self, placed) -> None:
@@ -526,40 +555,6 @@ class TemplatePanel(QWidget):
     def outline_paths(self, index: int) -> list[QPainterPath]:
         """The outlines drawn on radiograph ``index`` (for tests and the report)."""
         return [item.path() for item in self._outline_items[index]]
-
-    # ------------------------------------------------------------------ report
-    def report_content(self) -> dict:
-        """What the PDF report shows of the plan: implants, the table of changes, warnings and
-        pictures (PNG bytes) of the 3D view and both radiographs with the outlines."""
-        if self.editor is None:
-            return {}
-        from PIL import Image
-
-        plan = self.editor.plan
-        pictures = []
-        rgb = self.render_image()
-        buffer = _io.BytesIO()
-        Image.fromarray(rgb).save(buffer, format="PNG")
-        pictures.append(("Plan in 3D", buffer.getvalue()))
-        for title, view in zip(self.view_titles, self.views):
-            pixmap = view.grab()
-            from PySide6.QtCore import QBuffer, QByteArray, QIODevice
-
-            data = QByteArray()
-            qbuffer = QBuffer(data)
-            qbuffer.open(QIODevice.OpenModeFlag.WriteOnly)
-            pixmap.save(qbuffer, "PNG")
-            pictures.append((f"Plan on {title.text()}", bytes(data.data())))
-        return {
-            "implants": [("Stem", f"{plan.stem_family} size {plan.stem_size}, {plan.stem_variant}"),
-                         ("Head", f"{plan.head_diameter_mm:g} mm, offset {plan.head_offset_mm:+g} mm"),
-                         ("Cup", f"{plan.cup_family} {plan.cup_size} mm, inclination {plan.cup_inclination_deg:g} deg, "
-                                 f"anteversion {plan.cup_anteversion_deg:g} deg")],
-            "changes": change_rows(self.editor.changes),
-            "warnings": list(self.editor.changes["warnings"]),
-            "pictures": pictures,
-            "plan": plan.to_dict(),
-        }
 
     def render_image(self) -> np.ndarray:
         return render_window_image(self.plotter)

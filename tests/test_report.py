@@ -56,14 +56,14 @@ def _hipatlas(*args, cwd) -> subprocess.CompletedProcess:
                           capture_output=True, encoding="utf-8", timeout=300)
 
 
-@needs_poppler
-
 def _normal_range(key: str) -> tuple[float, float]:
     """The typical range of measurement ``key`` in the descriptor table the report reads."""
     from inference.measure import MEASUREMENTS
 
     return next(m.normal_range for m in MEASUREMENTS if m.key == key)
 
+
+@needs_poppler
 def test_report_pages_hold_the_record_and_the_pictures(registered, tmp_path):
     pdf = tmp_path / "plan.pdf"
     done = _hipatlas("report", registered["out"], "--case", registered["case"], "--out", pdf,
@@ -171,3 +171,58 @@ def test_uncertainty_forms_and_normal_ranges():
     assert 12.0 < low  # the synthetic femur's 12 mm head is outside the typical range
     assert rows["Femoral head radius"] == ("Femoral head radius", "1.20", "\u00b1 0.05", "cm",
                                            f"{low / 10:.2f}\u2013{high / 10:.2f} (outside)")
+
+
+@needs_poppler
+def test_report_shows_the_saved_plan_with_the_headless_numbers(registered, tmp_path):
+    """`hipatlas plan OUT --out OUT/plan`, then `hipatlas report OUT`: the report's plan section
+    holds the implants and the very numbers and warnings the headless command printed, and both
+    radiographs with the implants' outlines plus the plan in 3D."""
+    from inference.templating.editor import CHANGE_ROWS, change_rows
+    from inference.templating.library import load_library
+
+    out = tmp_path / "out"
+    shutil.copytree(registered["out"], out)
+    done = _hipatlas("plan", out, "--out", out / "plan", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    pdf = tmp_path / "report.pdf"
+    done = _hipatlas("report", out, "--case", registered["case"], "--out", pdf, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+    flat = " ".join(subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, encoding="utf-8",
+                                   check=True).stdout.split())
+    for heading in ("Implant plan", "Implant plan on the radiographs", "Implant plan in 3D"):
+        assert heading in flat
+    rows = change_rows(printed["changes"])
+    assert len(rows) == len(CHANGE_ROWS)
+    for label, value in rows:
+        assert f"{label} {value}" in flat, f"{label} {value} missing from the report"
+    assert printed["changes"]["warnings"]  # the synthetic volume has no canal: the plan says so
+    for warning in printed["changes"]["warnings"]:
+        assert f"Plan warning: {warning}" in flat
+    stem, cup = printed["implants"]["stem"], printed["implants"]["cup"]
+    outer = load_library().cup(cup["family"]).size(cup["size"]).outer_diameter_mm
+    for text in (f"size {stem['size']}", f"{stem['variant']}, neck-shaft angle",
+                 f"diameter {stem['head_diameter_mm']:g} mm, offset {stem['head_offset_mm']:+g} mm",
+                 f"size {cup['size']}, outer diameter {outer:g} mm", "inclination 40°, anteversion 20°"):
+        assert text in flat, f"{text!r} missing from the report"
+
+    # Pictures: the report's three, then both radiographs with the outlines and the plan in 3D.
+    subprocess.run(["pdfimages", "-png", str(pdf), str(tmp_path / "img")], check=True)
+    from PIL import Image
+
+    from app.plan_report import OUTLINE_COLOURS
+
+    images = [np.asarray(Image.open(p).convert("RGB"), dtype=np.int64) for p in sorted(tmp_path.glob("img-*.png"))]
+    assert len(images) == 6
+    for picture in images[3:5]:
+        for name in ("stem", "cup"):
+            colour = np.array([int(OUTLINE_COLOURS[name][i:i + 2], 16) for i in (1, 3, 5)])
+            assert (np.abs(picture - colour).sum(axis=-1) < 40).sum() > 50, f"{name} outline missing"
+
+    # A plan folder named on the command line that is not there: one line, exit 2, no PDF.
+    done = _hipatlas("report", out, "--case", registered["case"], "--out", tmp_path / "x.pdf",
+                     "--plan", tmp_path / "nowhere", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "plan file not found" in done.stderr
+    assert not (tmp_path / "x.pdf").exists()

@@ -1,6 +1,7 @@
 """Make the README's pictures from the demo case: the workstation's AP radiograph with the measurement
-graphics (docs/radiograph-graphics.png) and the first page of the planning report the workstation
-exports (docs/report-page1.png).
+graphics (docs/radiograph-graphics.png), the Template step with the automatic implant plan
+(docs/template.png), and the first page and the implant plan's page of the planning report the
+workstation exports (docs/report-page1.png, docs/report-plan.png).
 
 Runs the real workflow in the window (open the demo, confirm the masks, register in the child
 process, Export) under the current display; headless: ``xvfb-run -a -s "-screen 0 1600x1000x24"
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
     picture = picture.scaledToWidth(min(picture.width(), 900), Qt.TransformationMode.SmoothTransformation)
     radiograph_png = out / "radiograph-graphics.png"
     picture.save(str(radiograph_png))
+    template_png = template_step_picture(app, window, out / "template.png")
 
     written = window.export_step.export_to(work / "export")
     if not written:
@@ -83,11 +85,47 @@ def main(argv=None) -> int:
     page = next(work.glob("page*.png"))
     report_png = out / "report-page1.png"
     report_png.write_bytes(page.read_bytes())
+    plan_png = report_page_picture(written["pdf_report"], "Implant plan", out / "report-plan.png", args.width)
     window.close()
     window.shutdown()
     print(radiograph_png)
+    print(template_png)
     print(report_png)
+    print(plan_png)
     return 0
+
+
+def report_page_picture(pdf: pathlib.Path, heading: str, path: pathlib.Path, width: int) -> pathlib.Path:
+    """The first page of the report whose text has a line ``heading``, as a PNG ``width`` wide."""
+    pages = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, encoding="utf-8",
+                           check=True).stdout.split("\f")
+    number = next(i for i, text in enumerate(pages, 1) if heading in (line.strip() for line in text.splitlines()))
+    stem = path.with_suffix("")
+    subprocess.run(["pdftoppm", "-png", "-singlefile", "-f", str(number), "-l", str(number), "-scale-to-x", str(width),
+                    "-scale-to-y", "-1", str(pdf), str(stem)], check=True)
+    return path
+
+
+def template_step_picture(app, window, path: pathlib.Path) -> pathlib.Path:
+    """The window on the Template step: the automatic plan, the bone clipped at the neck plane and
+    seen from the front, both radiographs zoomed to the implants' outlines."""
+    import time
+
+    window.go_to_step("Template")
+    panel = window.template_panel
+    deadline = time.monotonic() + 60
+    while panel.editor is None and time.monotonic() < deadline:
+        app.processEvents()
+    if panel.editor is None:
+        raise RuntimeError(f"the Template step made no plan: {panel.status.text()}")
+    panel.clip_bone.setChecked(True)
+    panel.plotter.view_vector((0, -1, 0), viewup=(0, 0, 1))  # from the front (LPS: anterior is -y)
+    panel.plotter.reset_camera()
+    for _ in range(5):
+        app.processEvents()
+    panel.zoom_to_implants()
+    window.screenshot().save(str(path))
+    return path
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from app.steps.masks import MasksStep
 from app.steps.measure import MeasureStep
 from app.steps.register import RegisterStep
 from app.steps.review import ReviewStep
+from app.steps.template import TemplateStep
 
-STEP_CLASSES = (LoadStep, MasksStep, RegisterStep, ReviewStep, MeasureStep, ExportStep)
+STEP_CLASSES = (LoadStep, MasksStep, RegisterStep, ReviewStep, MeasureStep, TemplateStep, ExportStep)
 STEPS = tuple(cls.name for cls in STEP_CLASSES)

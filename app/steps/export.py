@@ -1,4 +1,4 @@
-"""Step 6, Export: write the plan (surface, label map, measurements, report) into a new folder,
+"""Step 7, Export: write the plan (surface, label map, measurements, report) into a new folder,
 and save the project."""
 
 from __future__ import annotations

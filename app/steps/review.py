@@ -49,7 +49,6 @@ class ReviewStep(Step):
                 panel.view.set_contour(None)
                 panel.view.set_graphics(None)
             self.review_summary.setText("")
-            w.template_panel.set_session(s)
             return
         w.surface_view.set_result(result.surface_vertices, result.surface_faces, result.volume, result.grid)
         w.slice_panel.set_volume(result.volume, result.labels, result.grid)
@@ -65,7 +64,6 @@ class ReviewStep(Step):
         if result.warnings:
             lines.append(f"<span style='color:#FFB74D'>{len(result.warnings)} warning(s): see Register.</span>")
         self.review_summary.setText("<br>".join(lines))
-        w.template_panel.set_session(s)  # loads when the Template tab is shown
 
     def apply_overlay_toggles(self, *_args) -> None:
         editing_masks = self.window.current_step() == "Masks"

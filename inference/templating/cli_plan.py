@@ -14,7 +14,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Choose and place a stem and a cup from a `hipatlas register` output folder; write "
                     "PLAN/plan.json (plan, changes, warnings) and the implants as STL (world mm).")
     p.add_argument("case_out", type=pathlib.Path, help="output folder of `hipatlas register`")
-    p.add_argument("--out", type=pathlib.Path, required=True, help="plan folder to create")
+    p.add_argument("--out", type=pathlib.Path, required=True,
+                   help="plan folder to create (CASE_OUT/plan: `hipatlas report CASE_OUT` then prints the plan)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan folder")
     p.add_argument("--implants", type=pathlib.Path, action="append", default=None,
                    help="template folder (repeatable; default: the shipped generic library)")

@@ -33,8 +33,8 @@ from inference.templating.library import CupFamily, ImplantLibrary, StemFamily
 logger = logging.getLogger(__name__)
 
 __all__ = ["PLAN_FORMAT", "TARGETS", "CANAL_HU_THRESHOLD", "CUP_MARGIN_MM", "NativeHip", "CanalProfile",
-           "Plan", "PlacedPlan", "canal_profile", "native_hip_from_case_out", "place", "plan_changes",
-           "auto_plan", "cup_axis"]
+           "Plan", "PlacedPlan", "canal_profile", "native_hip_from_case_out", "native_hip_with_canal", "place",
+           "plan_changes", "auto_plan", "cup_axis"]
 
 PLAN_FORMAT = "hipatlas-plan/1"
 #: Common targets of a hip plan: changes beyond these get a warning.
@@ -194,15 +194,24 @@ def native_hip_from_case_out(case_out: str | os.PathLike) -> NativeHip:
     if not folder.is_dir():
         raise DataError(f"{folder}: registration output folder not found")
     m = io.read_json_object(folder / "measurements.json", "measurements file")
-    native = native_hip_from_measurements(m)
     hu, geometry = io.read_volume(folder / "warped_atlas.nii.gz")
     labels, label_geometry = io.read_volume(folder / "femur_labels.nii.gz")
     if labels.shape != hu.shape:
         raise DataError(f"{folder}: femur_labels.nii.gz and warped_atlas.nii.gz have different grids")
+    return native_hip_with_canal(m, hu, labels, geometry, where=str(folder))
+
+
+def native_hip_with_canal(measurements: dict, hu: np.ndarray | None, labels: np.ndarray, geometry, *,
+                          where: str = "the reconstruction") -> NativeHip:
+    """The native hip of measurements and a registration's warped atlas (HU) and femur labels
+    (``hu`` None: no canal, the plan's changes then say the canal fill is unknown)."""
+    native = native_hip_from_measurements(measurements)
+    if hu is None:
+        return native
     canal = canal_profile(hu, labels, geometry, native)
     if not canal.heights_mm:
         # The plan still places the implants; its changes say that the canal fill is unknown.
-        logger.warning("%s: no canal found below the lesser trochanter in warped_atlas.nii.gz", folder)
+        logger.warning("%s: no canal found below the lesser trochanter in the warped atlas", where)
     return dataclasses.replace(native, canal=canal)
 
 
@@ -427,33 +436,54 @@ def auto_plan(native: NativeHip, library: ImplantLibrary, *, stem_family: str | 
 # ----------------------------------------------------------------------------------------------
 # Implant surfaces and outlines of a placed plan; the plan document; headless planning
 # ----------------------------------------------------------------------------------------------
-def implant_meshes(placed: PlacedPlan) -> dict:
-    """World-space meshes ``{"stem", "head", "cup"}`` (the stem = body and neck shells)."""
+#: Implant shapes in their own frames, by family and choice (an edit that keeps a shape reuses it).
+_PARTS_CACHE: dict = {}
+_PARTS_CACHE_SIZE = 64
+
+
+def _implant_parts(placed: PlacedPlan) -> dict:
+    """The placed plan's implant meshes in the stem and cup frames (cached): ``body``, ``neck``,
+    ``head``, ``stem`` (body and neck), ``body_pieces`` (convex pieces of the body) and ``cup``."""
     from inference.templating import meshes
 
-    plan = placed.plan
-    parts = meshes.stem_meshes(placed.stem, plan.stem_size, plan.stem_variant, plan.head_offset_mm,
-                               plan.head_diameter_mm)
-    return {
-        "stem": meshes.merge_meshes([parts["body"], parts["neck"]]).transformed(placed.stem_to_world),
-        "head": parts["head"].transformed(placed.stem_to_world),
-        "cup": meshes.cup_mesh(placed.cup, plan.cup_size).transformed(placed.cup_to_world),
-    }
+    plan, stem, cup = placed.plan, placed.stem, placed.cup
+    key = (id(stem), stem.id, stem.version, plan.stem_size, plan.stem_variant, plan.head_offset_mm,
+           plan.head_diameter_mm, id(cup), cup.id, cup.version, plan.cup_size)
+    parts = _PARTS_CACHE.get(key)
+    if parts is None:
+        parts = meshes.stem_meshes(stem, plan.stem_size, plan.stem_variant, plan.head_offset_mm,
+                                   plan.head_diameter_mm)
+        parts["stem"] = meshes.merge_meshes([parts["body"], parts["neck"]])
+        parts["body_pieces"] = meshes.body_pieces(parts["body"])
+        parts["cup"] = meshes.cup_mesh(cup, plan.cup_size)
+        for value in parts.values():   # shared by every later call: read-only
+            for array in ([value.vertices, value.faces] if hasattr(value, "faces") else value):
+                array.flags.writeable = False
+        if len(_PARTS_CACHE) >= _PARTS_CACHE_SIZE:
+            _PARTS_CACHE.pop(next(iter(_PARTS_CACHE)))
+        _PARTS_CACHE[key] = parts
+    return parts
+
+
+def implant_meshes(placed: PlacedPlan) -> dict:
+    """World-space meshes ``{"stem", "head", "cup"}`` (the stem = body and neck shells)."""
+    parts = _implant_parts(placed)
+    return {"stem": parts["stem"].transformed(placed.stem_to_world),
+            "head": parts["head"].transformed(placed.stem_to_world),
+            "cup": parts["cup"].transformed(placed.cup_to_world)}
 
 
 def implant_outlines(placed: PlacedPlan, P) -> dict:
     """Outlines ``{"stem", "head", "cup"}`` (lists of (M, 2) pixel polygons) on a view with ``P``."""
     from inference.templating import meshes
 
-    plan = placed.plan
-    parts = meshes.stem_meshes(placed.stem, plan.stem_size, plan.stem_variant, plan.head_offset_mm,
-                               plan.head_diameter_mm)
+    parts = _implant_parts(placed)
 
     def world(points):
         return points @ placed.stem_to_world[:3, :3].T + placed.stem_to_world[:3, 3]
 
-    stem_pieces = [world(p) for p in meshes.body_pieces(parts["body"])] + [world(parts["neck"].vertices)]
-    cup = meshes.cup_mesh(placed.cup, plan.cup_size).transformed(placed.cup_to_world)
+    stem_pieces = [world(p) for p in parts["body_pieces"]] + [world(parts["neck"].vertices)]
+    cup = parts["cup"].transformed(placed.cup_to_world)
     return meshes.projected_outlines(P, {"head": world(parts["head"].vertices), "cup": cup.vertices},
                                      pieces={"stem": stem_pieces})
 

@@ -344,18 +344,26 @@ def test_anonymised_export_holds_no_identifier(registered, tmp_path):
 def test_each_export_writer_writes_its_files_alone(registered, tmp_path):
     from app.export import EXPORT_WRITERS
 
+    from app.plan_report import session_native_hip
+    from inference.templating.library import load_library
+    from inference.templating.plan import auto_plan
+
     _register(registered)
     fields = {f.name for f in dataclasses.fields(ExportOptions)}
     kinds = {"surface_stl": {"surface_stl"}, "nifti": {"labels_nifti", "atlas_nifti"},
              "measurements_json": {"measurements_json"}, "measurements_csv": {"measurements_csv"},
-             "pdf_report": {"pdf_report"}}
+             "pdf_report": {"pdf_report"}, "plan": {"plan"}}
     assert [w.key for w in EXPORT_WRITERS] == list(kinds)
+    # the plan writer writes nothing without a plan, and the folder hipatlas plan writes with one
+    assert registered.export(tmp_path / "no-plan", ExportOptions(**{key: key == "plan" for key in kinds})) == {}
+    registered.template_plan = auto_plan(session_native_hip(registered), load_library()).to_dict()
     for writer in EXPORT_WRITERS:
         assert writer.key in fields and writer.label
         only = ExportOptions(**{key: key == writer.key for key in kinds})
         written = registered.export(tmp_path / writer.key, only)
         assert set(written) == kinds[writer.key]
         assert sorted(p.name for p in (tmp_path / writer.key).iterdir()) == sorted(p.name for p in written.values())
+    assert sorted(p.name for p in written["plan"].iterdir()) == ["cup.stl", "head.stl", "plan.json", "stem.stl"]
 
 
 def test_export_refuses_a_filled_folder_and_changes_nothing(registered, tmp_path):

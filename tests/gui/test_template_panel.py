@@ -115,13 +115,18 @@ def test_template_panel_plans_edits_undoes_and_saves(qtbot, panel, registered_se
     qtbot.mouseClick(panel.undo_button, Qt.MouseButton.LeftButton)
     assert np.allclose(editor.plan.cup_centre_mm, cup)
 
-    # The 3D view shows something, and the report gets the table and three pictures.
+    # The 3D view shows something; the report's plan (placed again from the saved plan, off-screen)
+    # has the table's rows, and the window's undo stack holds the edits.
     rgb = panel.render_image()
     assert rgb.std() > 5
-    content = panel.report_content()
-    assert [name for name, _ in content["pictures"]] == ["Plan in 3D", "Plan on AP", "Plan on LAT"]
-    assert all(png.startswith(b"\x89PNG") for _, png in content["pictures"])
-    assert dict(content["changes"]) == _table(panel)
+    from app.plan_report import session_plan
+    from inference.templating.editor import change_rows
+    from inference.templating.plan import plan_changes
+
+    native, placed = session_plan(session, panel.library)
+    assert placed.plan == editor.plan
+    assert dict(change_rows(plan_changes(native, placed))) == _table(panel)
+    assert panel.stack.canUndo() and panel.stack.undoText().startswith("Edit the plan")
 
     # Saved in the project file, and a new panel on the reloaded project shows the same plan.
     saved = project.save_project(session, tmp_path / "plan.hipatlas")
@@ -153,7 +158,13 @@ def test_template_panel_waits_for_a_registration(qtbot, tmp_path):
         session.close()
 
 
-def test_main_window_plans_in_its_template_tab(make_window, synthetic_case, qtbot):
+def _mark(window, name: str) -> str:
+    from app.steps import STEPS
+
+    return window.steps.item(STEPS.index(name)).text().split()[0]
+
+
+def test_main_window_template_step_plans_undoes_and_goes_out_of_date(make_window, synthetic_case, qtbot):
     from gui_helpers import confirm_all, register
 
     window = make_window()
@@ -161,10 +172,14 @@ def test_main_window_plans_in_its_template_tab(make_window, synthetic_case, qtbo
     confirm_all(window)
     register(qtbot, window)
     panel = window.template_panel
-    assert panel.editor is None  # not planned until the tab is shown
-    window.viewers.setCurrentWidget(panel)
+    assert panel.editor is None  # not planned until the step is shown
+    assert list(window.step_panels).index("Template") == list(window.step_panels).index("Measure") + 1
+    window.actions["step_template"].trigger()            # Workflow > 6. Template (Ctrl+6)
+    assert window.current_step() == "Template" and window.viewers.currentWidget() is panel
+    assert panel.controls.isVisible() and window.template_step.isAncestorOf(panel.controls)
     qtbot.waitUntil(lambda: panel.editor is not None, timeout=10_000)
     assert window.session.template_plan == panel.editor.plan.to_dict()
+    assert _mark(window, "Template") == "\u2713"
     # the synthetic registration's volume is uniform bone: no canal, and the plan says so
     assert any("canal" in w for w in panel.editor.changes["warnings"])
     # the headless command's plan of the same registration output gives the same numbers
@@ -173,3 +188,26 @@ def test_main_window_plans_in_its_template_tab(make_window, synthetic_case, qtbo
     native, placed = plan_case_out(window.session.result.out_dir)
     assert placed.plan == panel.editor.plan
     assert plan_changes(native, placed) == panel.editor.changes
+
+    # Edit > Undo undoes a plan edit while the Template step is shown.
+    first = panel.editor.plan
+    panel.size_up.click()
+    assert panel.editor.plan != first and window.actions["undo"].isEnabled()
+    window.actions["undo"].trigger()
+    assert panel.editor.plan == first and window.session.template_plan == first.to_dict()
+
+    # A landmark moved in Measure: Template is out of date until shown again, then recomputed.
+    window.go_to_step("Measure")
+    landmarks = window.session.landmarks_mm
+    name = "lesser_trochanter" if "lesser_trochanter" in landmarks else next(iter(landmarks))
+    moved = [v + d for v, d in zip(window.session.landmarks_mm[name], (0.0, 0.0, 3.0))]
+    window.measure_step.move_landmark(name, moved)
+    assert _mark(window, "Template") == "!"
+    assert "landmarks moved" in window.steps.item(list(window.step_panels).index("Template")).toolTip()
+    window.go_to_step("Template")
+    qtbot.waitUntil(lambda: _mark(window, "Template") == "\u2713", timeout=10_000)
+    assert "landmarks moved" in panel.status.text()
+    assert panel.editor.plan == first                      # the plan stays; its changes follow the landmarks
+    from app.plan_report import session_native_hip
+
+    assert panel.editor.changes == plan_changes(session_native_hip(window.session), panel.editor.placed)
