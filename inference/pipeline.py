@@ -64,6 +64,18 @@ class Progress:
     message: str
 
 
+@dataclass(frozen=True)
+class OutputArrays:
+    """The volumes, surface and overlays a registration wrote, as they were written: a caller
+    that shows them (the workstation) need not read and decompress the files again."""
+
+    labels: np.ndarray          # (z, y, x) uint8, femur_labels.nii.gz
+    grid: "geometry.VolumeGeometry"
+    volume_hu: np.ndarray       # (z, y, x) float32, warped_atlas.nii.gz
+    surface: Any                # inference.data.mesh.Mesh, femur_surface.stl
+    overlays: dict[str, np.ndarray]  # view name -> (rows, cols, 3) uint8, overlay_<view>.png
+
+
 @dataclass
 class RegistrationResult:
     out_dir: pathlib.Path
@@ -72,6 +84,7 @@ class RegistrationResult:
     files: dict[str, pathlib.Path]
     report: dict[str, Any]
     landmarks_mm: dict[str, list[float]] = field(default_factory=dict)
+    arrays: OutputArrays | None = None
 
 
 def run_to_completion(generator: Generator[Progress, None, Any],
@@ -534,8 +547,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     with io.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         files = {
             "femur_labels": io.write_volume(tmp / "femur_labels.nii.gz", out_labels, out_grid, dtype=np.uint8),
-            "warped_atlas": io.write_volume(tmp / "warped_atlas.nii.gz", out_hu.astype(np.float32), out_grid,
-                                            dtype=np.float32),
+            "warped_atlas": io.write_volume(tmp / "warped_atlas.nii.gz", out_hu, out_grid, dtype=np.float32),
             "femur_surface": surface.write_surface_stl(tmp / "femur_surface.stl", mesh),
             "measurements": io.write_json_atomic(tmp / "measurements.json", measurements),
         }
@@ -551,7 +563,10 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     files = {k: final / pathlib.Path(v).name for k, v in files.items()}
     yield Progress(1.0, "Done")
     return RegistrationResult(out_dir=final, measurements=measurements, warnings=warnings, files=files,
-                              report=report, landmarks_mm={k: list(map(float, v)) for k, v in landmarks.items()})
+                              report=report, landmarks_mm={k: list(map(float, v)) for k, v in landmarks.items()},
+                              arrays=OutputArrays(np.asarray(out_labels, np.uint8), out_grid,
+                                                  np.asarray(out_hu, np.float32), mesh,
+                                                  overlays))
 
 
 @dataclass
