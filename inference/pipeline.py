@@ -552,7 +552,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
             "measurements": io.write_json_atomic(tmp / "measurements.json", measurements),
         }
         for name, rgb in overlays.items():
-            files[f"overlay_{name}"] = io.write_png_atomic(tmp / f"overlay_{_safe_name(name)}.png", rgb)
+            files[f"overlay_{name}"] = io.write_png_atomic(tmp / f"overlay_{_safe_name(name)}.png", rgb,
+                                                           compress_level=3)
         for view, mask, src in zip(case.views, full_masks, mask_sources):
             if src == "proposed":
                 files[f"proposed_mask_{view.name}"] = io.write_png_atomic(
