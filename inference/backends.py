@@ -184,8 +184,9 @@ class OnnxBackend(InferenceBackend):
 
 #: ONNX Runtime's intra-op threads (at most the machine's cores). Its default, one thread per
 #: core spinning while it waits for work, cost 2.26 s of CPU per forward pass of the compact
-#: model on the shared 2-core machine against 1.54 s with two threads that sleep instead
-#: (benchmarks/bench_warm_register.py; wall time under load followed the CPU time).
+#: model on the demo's inputs (shared 2-core machine) against 1.50-1.54 s with two threads that
+#: sleep instead and 1.35-1.41 s with one; under that load the wall time followed the CPU time
+#: (docs/performance.md).
 ONNX_INTRA_OP_THREADS = 2
 
 
