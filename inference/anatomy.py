@@ -197,12 +197,15 @@ def cross_sections(mesh: Mesh, origin_mm: np.ndarray, normal: np.ndarray) -> lis
     V, F = mesh.vertices, mesh.faces
     d = (V - origin) @ normal
     pos = d >= 0
-    fp = pos[F]
-    npos = fp.sum(axis=1)
+    # Corners on the + side per triangle, summed as uint8 columns: numpy's sum over the short
+    # axis of a (M, 3) bool array took half of this function's time (it is called ~230 times
+    # per registration, on a ~77k-triangle surface).
+    pos8 = pos.view(np.uint8)
+    npos = pos8[F[:, 0]] + pos8[F[:, 1]] + pos8[F[:, 2]]
     tri = np.nonzero((npos == 1) | (npos == 2))[0]
     if len(tri) == 0:
         return []
-    fp = fp[tri]
+    fp = pos[F[tri]]
     # The odd corner is the one alone on its side of the plane.
     odd_is_pos = npos[tri] == 1
     odd = np.where(odd_is_pos, np.argmax(fp, axis=1), np.argmin(fp, axis=1))

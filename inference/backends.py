@@ -147,8 +147,7 @@ class OnnxBackend(InferenceBackend):
             raise ModelError(f"the model card of {onnx_path.name} has no valid config ({error})") from None
         super().__init__(config, card, onnx_path)
         self.entry = entry
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
+        options = session_options(onnxruntime)
         try:
             self.session = onnxruntime.InferenceSession(
                 str(onnx_path), options, providers=providers or ["CPUExecutionProvider"])
@@ -181,6 +180,27 @@ class OnnxBackend(InferenceBackend):
         return {"name": card.get("name", self.path.stem), "sha256": self.entry.get("sha256"),
                 "path": str(self.path), "backend": self.name,
                 "source_sha256": self.entry.get("source_sha256")}
+
+
+#: ONNX Runtime's intra-op threads (at most the machine's cores). Its default, one thread per
+#: core spinning while it waits for work, cost 2.26 s of CPU per forward pass of the compact
+#: model on the demo's inputs (shared 2-core machine) against 1.50-1.54 s with two threads that
+#: sleep instead and 1.35-1.41 s with one; under that load the wall time followed the CPU time
+#: (docs/performance.md).
+ONNX_INTRA_OP_THREADS = 2
+
+
+def session_options(onnxruntime):
+    """The ONNX Runtime session options of registration: :data:`ONNX_INTRA_OP_THREADS` threads
+    that do not spin, all graph optimisations, warnings and errors logged only."""
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = max(1, min(ONNX_INTRA_OP_THREADS, os.cpu_count() or 1))
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # A spinning worker thread busy-waits for the next operator: on a machine whose cores are
+    # shared (the workstation's GUI, another registration) that is CPU taken from them for nothing.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def warp_volume_numpy(volume_zyx: np.ndarray, psi: np.ndarray) -> np.ndarray:

@@ -67,6 +67,18 @@ class Progress:
     message: str
 
 
+@dataclass(frozen=True)
+class OutputArrays:
+    """The volumes, surface and overlays a registration wrote, as they were written: a caller
+    that shows them (the workstation) need not read and decompress the files again."""
+
+    labels: np.ndarray          # (z, y, x) uint8, femur_labels.nii.gz
+    grid: "geometry.VolumeGeometry"
+    volume_hu: np.ndarray       # (z, y, x) float32, warped_atlas.nii.gz
+    surface: Any                # inference.data.mesh.Mesh, femur_surface.stl
+    overlays: dict[str, np.ndarray]  # view name -> (rows, cols, 3) uint8, overlay_<view>.png
+
+
 @dataclass
 class RegistrationResult:
     out_dir: pathlib.Path
@@ -75,6 +87,7 @@ class RegistrationResult:
     files: dict[str, pathlib.Path]
     report: dict[str, Any]
     landmarks_mm: dict[str, list[float]] = field(default_factory=dict)
+    arrays: OutputArrays | None = None
 
 
 def run_to_completion(generator: Generator[Progress, None, Any],
@@ -152,6 +165,7 @@ class _Measured:
     hip_centre_source: str
     shaft_axis_source: str
     head_radius_from_masks_mm: float | None
+    mesh: Any  # the femur surface in the registration frame (inference.data.mesh.Mesh)
 
 
 @dataclass
@@ -247,7 +261,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
 
     yield Progress(0.65, "Measuring")
     measured = _measure(job, warped)
-    outputs = _in_case_world(job, warped)
+    outputs = _in_case_world(job, warped, measured)
     _check(cancel)
 
     yield Progress(0.75, "Writing overlays")
@@ -259,7 +273,10 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     yield Progress(1.0, "Done")
     return RegistrationResult(out_dir=pathlib.Path(out_dir), measurements=measured.measurements,
                               warnings=job.warnings, files=files, report=report,
-                              landmarks_mm=job.frame.points_out(warped.landmarks_mm))
+                              landmarks_mm=job.frame.points_out(warped.landmarks_mm),
+                              arrays=OutputArrays(np.asarray(outputs.labels, np.uint8), outputs.grid,
+                                                  np.asarray(outputs.volume_hu, np.float32), outputs.mesh,
+                                                  overlays.pictures))
 
 
 def _load_job(case_dir, out_dir, overwrite: bool, masks: list[np.ndarray | None] | None) -> _Job:
@@ -391,11 +408,16 @@ def _warp_atlas(job: _Job, net, atlas, psi, labels, grid, full_resolution: bool)
 def _measure(job: _Job, warped: _Warped) -> _Measured:
     """Landmarks of the warped femur, hip centre and shaft axis from the masks where they agree,
     and the measurements in the case's world (:mod:`inference.measure`)."""
-    from inference import anatomy, localize, measure
+    from inference import anatomy, localize, measure, surface
 
     t0 = time.perf_counter()
     projections, masks = job.frame.projections, job.registration_masks
-    femur = anatomy.femur_landmarks_from_labels(warped.labels, warped.grid, "right")
+    # One surface serves the landmarks and the output (femur_landmarks_from_labels would extract
+    # the same one again: 0.2 s); a left femur's is mirrored back with the label map.
+    t_surface = time.perf_counter()
+    mesh = surface.label_surface(warped.labels, warped.grid, label=1)
+    job.timings["surface_s"] = time.perf_counter() - t_surface
+    femur = anatomy.femur_landmarks(mesh, "right")
     # The hip centre from the head's outlines in the masks: a radiograph's edge of the head is
     # sharper than the reconstructed surface (the network works at 1.3-2 mm voxels). The radius
     # stays the reconstruction's: an outline is the head's widest extent, and masks drawn or
@@ -420,20 +442,16 @@ def _measure(job: _Job, warped: _Warped) -> _Measured:
         _landmark_uncertainty(femur, sphere, projections, warped.grid))
     measurements = measure.measurements_from_measurement_landmarks(job.frame.measurement_landmarks_out(marks))
     job.warnings.extend(measure.caveat_lines(measurements))
-    job.timings["measure_s"] = time.perf_counter() - t0
+    job.timings["measure_s"] = time.perf_counter() - t0 - job.timings["surface_s"]
     return _Measured(measurements, "reconstruction" if sphere is None else "masks", shaft_source,
-                     None if sphere is None else float(sphere.radius_mm))
+                     None if sphere is None else float(sphere.radius_mm), mesh)
 
 
-def _in_case_world(job: _Job, warped: _Warped) -> _Outputs:
-    """The warped atlas carried out of the registration frame, and the femur surface."""
-    from inference import surface
-
+def _in_case_world(job: _Job, warped: _Warped, measured: _Measured) -> _Outputs:
+    """The warped atlas and the femur surface carried out of the registration frame."""
     labels, grid = job.frame.volume_out(warped.labels, warped.grid)
     volume_hu = job.frame.volume_out(warped.volume_hu, warped.grid)[0]
-    t0 = time.perf_counter()
-    mesh = surface.label_surface(labels, grid, label=1)
-    job.timings["surface_s"] = time.perf_counter() - t0
+    mesh = measured.mesh.mirrored_x() if job.frame.mirror else measured.mesh
     return _Outputs(labels, volume_hu, grid, mesh)
 
 
@@ -517,7 +535,8 @@ def _write_outputs(job: _Job, out_dir, overwrite: bool, outputs: _Outputs, measu
             "measurements": io.write_json_atomic(tmp / "measurements.json", measured.measurements),
         }
         for name, rgb in overlays.pictures.items():
-            files[f"overlay_{name}"] = io.write_png_atomic(tmp / f"overlay_{_safe_name(name)}.png", rgb)
+            files[f"overlay_{name}"] = io.write_png_atomic(tmp / f"overlay_{_safe_name(name)}.png", rgb,
+                                                           compress_level=3)
         for name, outline in overlays.silhouettes.items():
             files[f"silhouette_{name}"] = silhouettes_lib.write_silhouette(
                 tmp / silhouettes_lib.file_name(_safe_name(name)), outline)

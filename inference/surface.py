@@ -37,6 +37,18 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return components == keep
 
 
+def _bounding_box(mask: np.ndarray, step: int = 1) -> tuple[slice, ...] | None:
+    """Slices (z, y, x) of the smallest box holding the mask, its start a multiple of ``step``
+    (so that coarser marching cubes sample the same voxels as on the whole grid); None if empty."""
+    box = []
+    for axis in range(3):
+        occupied = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if occupied.size == 0:
+            return None
+        box.append(slice(int(occupied[0]) // step * step, int(occupied[-1]) + 1))
+    return tuple(box)
+
+
 def label_surface(
     labels_zyx: np.ndarray,
     geometry,
@@ -90,8 +102,12 @@ def label_surface(
         raise ValueError(f"step_size must be a positive integer, not {step_size}")
 
     mask = labels == label
-    if not mask.any():
+    box = _bounding_box(mask, int(step_size))
+    if box is None:
         raise DataError(f"the label map holds no voxel with label {label}; no surface to extract")
+    # Everything below runs on the label's bounding box: outside it the mask is 0, and so are the
+    # blurred field and the surface (the femur fills 41 % of the paper grid's box, 9 % of its voxels).
+    mask = mask[box]
     if largest_component:
         mask = _largest_component(mask)
 
@@ -110,8 +126,9 @@ def label_surface(
     verts_zyx, faces, _normals, _values = marching_cubes(
         field, level=0.5, step_size=int(step_size), allow_degenerate=False
     )
-    # (z, y, x) of the padded array -> (i, j, k) = (x, y, z) indices of the original grid.
-    ijk = verts_zyx[:, ::-1].astype(np.float64) - pad
+    # (z, y, x) of the padded box -> (i, j, k) = (x, y, z) indices of the original grid.
+    box_start_zyx = np.array([b.start for b in box], dtype=np.float64)
+    ijk = (verts_zyx.astype(np.float64) - pad + box_start_zyx)[:, ::-1]
     index_mesh = Mesh(ijk, faces)
     # Orientation in index space is measured rather than assumed (it depends on scikit-image's
     # conventions and on reversing the axis order, an odd permutation). Positive signed volume =

@@ -123,3 +123,32 @@ def view_files(case_dir: pathlib.Path, index: int) -> tuple[pathlib.Path, pathli
     """Image and mask paths of view ``index`` of a case."""
     view = json.loads((case_dir / "case.json").read_text())["views"][index]
     return case_dir / view["image"], (case_dir / view["mask"]) if view.get("mask") else None
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+
+
+def assert_equivalent_outputs(reference_dir: pathlib.Path, reference_measurements: dict[str, Any],
+                              other_dir: pathlib.Path, other_measurements: dict[str, Any],
+                              min_dice: float = 0.999, atol_mm: float = 0.05) -> None:
+    """Two registrations' outputs agree: every label's Dice >= ``min_dice`` between the label maps
+    and every numeric measurement (scalars and coordinate lists) within ``atol_mm``."""
+    import SimpleITK as sitk
+
+    labels = [sitk.GetArrayFromImage(sitk.ReadImage(str(d / "femur_labels.nii.gz"))) for d in (reference_dir, other_dir)]
+    assert (labels[0] == 1).sum() > 1000
+    for value in np.unique(labels[0]):
+        if value == 0:
+            continue
+        agreement = dice(labels[0] == value, labels[1] == value)
+        assert agreement >= min_dice, f"label {value}: Dice {agreement:.5f}"
+    checked = 0
+    for key, value in reference_measurements.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert abs(other_measurements[key] - value) <= atol_mm, (key, value, other_measurements[key])
+            checked += 1
+        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            np.testing.assert_allclose(other_measurements[key], value, atol=atol_mm, err_msg=key)
+            checked += 1
+    assert checked >= 5

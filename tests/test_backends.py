@@ -191,10 +191,6 @@ def test_registration_with_the_onnx_backend_never_imports_tensorflow(tmp_path):
     assert "mask_proposal" in report
 
 
-def _dice(a, b):
-    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
-
-
 def _register_both(case_dir, out_root, masks=None):
     from inference import pipeline
 
@@ -207,26 +203,10 @@ def _register_both(case_dir, out_root, masks=None):
 
 
 def _assert_equivalent(results):
-    import SimpleITK as sitk
+    from tests.register_helpers import assert_equivalent_outputs
 
-    labels = {b: sitk.GetArrayFromImage(sitk.ReadImage(str(r.out_dir / "femur_labels.nii.gz")))
-              for b, r in results.items()}
-    assert (labels["tf"] == 1).sum() > 1000
-    for value in np.unique(labels["tf"]):
-        if value == 0:
-            continue
-        dice = _dice(labels["tf"] == value, labels["onnx"] == value)
-        assert dice >= 0.999, f"label {value}: Dice {dice:.5f} between the backends"
-    tf_m, onnx_m = results["tf"].measurements, results["onnx"].measurements
-    checked = 0
-    for key, value in tf_m.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            assert abs(onnx_m[key] - value) <= 0.05, (key, value, onnx_m[key])
-            checked += 1
-        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-            np.testing.assert_allclose(onnx_m[key], value, atol=0.05, err_msg=key)
-            checked += 1
-    assert checked >= 5
+    tf, onnx = results["tf"], results["onnx"]
+    assert_equivalent_outputs(tf.out_dir, tf.measurements, onnx.out_dir, onnx.measurements)
 
 
 @pytest.mark.slow

@@ -78,3 +78,53 @@ def test_numpy_upsampling_equals_the_network_layer():
     field = np.random.default_rng(4).normal(size=(5, 4, 6, 3)).astype(np.float32)
     expected = np.asarray(UpsampleField()(field[None]))[0]
     np.testing.assert_allclose(fullres.upsample_displacement(field), expected, rtol=1e-6, atol=1e-6)
+
+
+def _smooth_field(shape_zyx, amplitude_vox: float, seed: int) -> np.ndarray:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    field = np.stack([ndimage.gaussian_filter(rng.normal(size=shape_zyx), 3.0) for _ in range(3)], -1)
+    return (amplitude_vox * field / np.abs(field).max()).astype(np.float32)
+
+
+@pytest.mark.parametrize("amplitude_vox, seed", [(1.5, 0), (6.0, 1)])
+def test_the_sparse_warp_equals_the_dense_one_on_a_tiny_atlas(amplitude_vox, seed):
+    """Interpolating only next to label or intensity changes gives the dense result, including
+    samples pulled from beyond the grid (the larger field) and from its border voxels."""
+    coarse_grid, fine = _atlases()
+    fine = SimpleNamespace(**{**vars(fine), "volume": fine.volume + np.linspace(0, 50, fine.volume.shape[2],
+                                                                                  dtype=np.float32)[None, None] *
+                              (fine.labels == 1)})
+    psi = _smooth_field(coarse_grid.shape_zyx, amplitude_vox, seed)
+    dense = fullres.warp_fine(fine, psi, coarse_grid, coarse_grid, dense=True)
+    sparse = fullres.warp_fine(fine, psi, coarse_grid, coarse_grid)
+    assert (dense.labels == 1).any() and (dense.labels == 0).any()
+    np.testing.assert_array_equal(sparse.labels, dense.labels)
+    np.testing.assert_allclose(sparse.femur_soft, dense.femur_soft, atol=1e-6)
+    np.testing.assert_allclose(sparse.volume_hu, dense.volume_hu, atol=1e-3)
+
+
+def test_the_sparse_warp_equals_the_dense_one_on_the_bundled_atlases():
+    from inference.data import atlas as atlas_lib
+
+    compact = atlas_lib.load_atlas("compact")
+    fine = fullres.fine_atlas_for(compact)
+    # a displacement of up to 12 coarse voxels: 6 % of the samples come from beyond the grid
+    psi = _smooth_field(compact.geometry.shape_zyx, 12.0, 7)
+    dense = fullres.warp_fine(fine, psi, compact.geometry, compact.geometry, dense=True)
+    sparse = fullres.warp_fine(fine, psi, compact.geometry, compact.geometry)
+    assert set(np.unique(dense.labels)) == {0, 1, 2}
+    np.testing.assert_array_equal(sparse.labels, dense.labels)
+    np.testing.assert_allclose(sparse.femur_soft, dense.femur_soft, atol=1e-6)
+    np.testing.assert_allclose(sparse.volume_hu, dense.volume_hu, atol=1e-3)
+
+
+def test_constant_neighbourhoods_exclude_label_boundaries_and_the_grid_border():
+    labels = np.zeros((6, 7, 8), np.uint8)
+    labels[2:, :, :] = 1
+    constant = fullres.constant_neighbourhoods(labels)
+    assert not constant[0].any() and not constant[-1].any()
+    assert not constant[:, 0].any() and not constant[:, :, -1].any()
+    assert not constant[1:3, 1:-1, 1:-1].any()          # next to the boundary between z = 1 and z = 2
+    assert constant[3:-1, 1:-1, 1:-1].all()             # inside label 1, away from the border
