@@ -143,7 +143,7 @@ def test_the_surface_of_a_mirrored_label_map_is_the_mirrored_surface():
     mirrored label map: the same vertices (edge crossings); marching cubes may join them
     differently in ambiguous cells (scikit-image's cases are not mirror symmetric), which moves
     the enclosed volume by a few parts in 10 000."""
-    from inference.pipeline import mirrored_volume
+    from inference.registration import mirrored_volume
 
     geometry = g.VolumeGeometry((24, 20, 22), (0.7, 0.7, 1.0), (-30.0, 12.0, 40.0))
     labels = _sphere(geometry, geometry.center_mm() + np.array([2.3, 0.4, -1.7]), 5.5)
