@@ -367,7 +367,7 @@ def report_for_output_dir(out_dir: str | os.PathLike, pdf_path: str | os.PathLik
     surface = None
     stl = out_dir / "femur_surface.stl"
     if stl.is_file():
-        from inference.data.mesh import read_stl
+        from inference.mesh import read_stl
 
         mesh = read_stl(stl)
         surface = (np.asarray(mesh.vertices), np.asarray(mesh.faces))

@@ -237,7 +237,7 @@ def load_result(out_dir: str | os.PathLike, *, measurements: dict[str, Any], lan
     """
     from PIL import Image
 
-    from inference.data.mesh import read_stl
+    from inference.mesh import read_stl
 
     out_dir = pathlib.Path(out_dir)
     names = {k: pathlib.Path(v).name for k, v in (files or {}).items()}

@@ -124,7 +124,7 @@ def demo_dir(root: str | os.PathLike | None = None) -> pathlib.Path:
 
 def bones_resource_dir(root: str | os.PathLike | None = None) -> pathlib.Path:
     """The bundled real bone surfaces (training data; ``$HIPATLAS_BONES_DIR`` overrides in
-    :func:`inference.data.mesh.bones_dir`)."""
+    :func:`inference.data.bones.bones_dir`)."""
     return (resources_root() if root is None else pathlib.Path(root)) / "bones"
 
 

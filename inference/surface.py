@@ -1,7 +1,7 @@
 """Surfaces of label maps in world millimetres (marching cubes from scikit-image, no VTK).
 
 :func:`label_surface` turns one label of a ``(z, y, x)`` label map into a closed triangle
-:class:`~inference.data.mesh.Mesh` in world LPS mm with outward normals, using the volume's
+:class:`~inference.mesh.Mesh` in world LPS mm with outward normals, using the volume's
 :class:`~inference.geometry.VolumeGeometry` (origin, anisotropic spacing, any direction, including
 a left-handed one). :func:`write_surface_stl` writes it as binary STL atomically.
 """
@@ -16,7 +16,7 @@ import pathlib
 import numpy as np
 from scipy import ndimage
 
-from inference.data.mesh import Mesh, write_stl
+from inference.mesh import Mesh, write_stl
 from inference.errors import DataError, GeometryError, MeshError
 
 logger = logging.getLogger(__name__)

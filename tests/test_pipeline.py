@@ -1,6 +1,6 @@
 """End-to-end tests of inference.pipeline.register_case with an untrained compact model.
 
-Known answers come from simulated cases (inference.simulate, truth kept apart from the case): the
+Known answers come from simulated cases (inference.data.simulate, truth kept apart from the case): the
 untrained network leaves the atlas where the pipeline put it, on the femoral head located from the
 masks, so the hip centre must still come out near the true one and the outputs must line up with
 the truth's world frame (by physical coordinates) for a right and a left femur.
@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from inference import geometry, io, mask_proposal, pipeline
-from inference.data import mesh as mesh_lib
+from inference import mesh as mesh_lib
 from inference.errors import Cancelled, HipAtlasError
 
 import register_helpers as rh

@@ -246,7 +246,7 @@ def _prepare_ct(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from inference import simulate
+    from inference.data import simulate
     from inference.errors import ConfigError
 
     if args.write_geometry:

@@ -354,7 +354,7 @@ class SourceFemur:
 
 def available_femurs(folder: str | os.PathLike | None = None) -> list[SourceFemur]:
     """Every femur of the shared bone folder, with its specimen (sorted by name)."""
-    from inference.data.mesh import list_subjects
+    from inference.data.bones import list_subjects
 
     femurs = []
     for subject in list_subjects(folder):

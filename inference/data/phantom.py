@@ -270,7 +270,7 @@ def _parse_subject(subject: str) -> tuple[str, str]:
 
 def phantom_subjects(folder: str | os.PathLike | None = None) -> list[str]:
     """Every ``"<subject_id>:<side>"`` of the shared bones that has a femur surface, sorted."""
-    from inference.data.mesh import list_subjects
+    from inference.data.bones import list_subjects
 
     names = []
     for subject in list_subjects(folder):
@@ -291,7 +291,7 @@ def place_pelvis_on_head(pelvis, head_centre_mm, head_radius_mm: float):
 
     Parameters
     ----------
-    pelvis : inference.data.mesh.Mesh
+    pelvis : inference.mesh.Mesh
         Pelvis surface in the femur's frame (approximately placed, within about 10 mm).
     head_centre_mm : (3,) array_like
     head_radius_mm : float
@@ -382,7 +382,7 @@ def load_subject_model(subject: str, side: str | None = None, *, folder: str | o
     side : {"left", "right"}, optional
         Femur side; overrides a side given in ``subject``; default right.
     folder : path, optional
-        Bone folder (default :func:`inference.data.mesh.bones_dir`).
+        Bone folder (default :func:`inference.data.bones.bones_dir`).
     use_disk_cache : bool
         Read and write ``<repo>/.cache/hipatlas`` (or ``$HIPATLAS_CACHE_DIR``; set it empty to
         switch the disk cache off). The key is the sha256 of the meshes, of the landmark and
@@ -403,7 +403,7 @@ def load_subject_model(subject: str, side: str | None = None, *, folder: str | o
     DataError
         Unknown subject or side, or landmarks that cannot be found.
     """
-    from inference.data.mesh import bones_dir, list_subjects
+    from inference.data.bones import bones_dir, list_subjects
 
     subject_id, parsed_side = _parse_subject(subject)
     side = _side_name(side) if side is not None else parsed_side
@@ -450,9 +450,9 @@ def load_subject_model(subject: str, side: str | None = None, *, folder: str | o
 
 def _code_version() -> str:
     """Hash of the code a subject model depends on (landmarks, distance fields), so a disk cache
-    made before a change of :mod:`inference.anatomy` or :mod:`inference.data.mesh` is not reused."""
+    made before a change of :mod:`inference.anatomy` or :mod:`inference.mesh` is not reused."""
     from inference import anatomy
-    from inference.data import mesh
+    from inference import mesh
 
     digest = hashlib.sha256()
     for module in (anatomy, mesh):
@@ -498,7 +498,7 @@ def _field_box(mesh, spacing_mm: float, margin_mm: float, clip: bool = True):
 
 
 def _fine_sdf(mesh, what: str, spacing_mm: float = FINE_SPACING_MM) -> ScalarField:
-    from inference.data.mesh import signed_distance
+    from inference.mesh import signed_distance
 
     geometry = _field_box(mesh, spacing_mm, FINE_MARGIN_MM)
     if geometry is None:
@@ -533,7 +533,7 @@ _body_distance = body_distance_field  # old private name, used by some tests
 
 
 def _build_model(name, side, femur_path, pelvis_path, pelvis_frame_path, hashes, key, spacing_mm) -> SubjectModel:
-    from inference.data.mesh import read_stl
+    from inference.mesh import read_stl
 
     logger.info("building distance fields of subject %s (cached afterwards)", name)
     femur = read_stl(femur_path)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from inference.data.mesh import Mesh
+from inference.mesh import Mesh
 from inference.geometry import project_points
 from inference.templating.library import CupFamily, StemFamily
 
