@@ -22,6 +22,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from inference.errors import InputFileError, MeshError
+from inference.validate import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -467,8 +468,7 @@ def signed_distance(mesh: Mesh, geometry, band_voxels: int = 2, refine_iteration
     MeshError
         If the surface is not closed.
     """
-    if int(band_voxels) < 1:
-        raise ValueError(f"band_voxels must be >= 1, not {band_voxels}")
+    band_voxels = positive_int(band_voxels, "band_voxels")
     mesh.check_closed()
     shape, i2w, w2i, spacing = _geometry_matrices(geometry)
     inside = _parity_fill(mesh, w2i, shape)

@@ -21,6 +21,7 @@ import numpy as np
 from inference.errors import ConfigError, ModelError
 from inference.io import write_text_atomic
 from inference.resources import file_sha256
+from inference.validate import positive_int
 
 #: Label value of the femur in atlas and data set label maps (2 = pelvis).
 FEMUR_LABEL = 1
@@ -162,10 +163,8 @@ class ModelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, not {getattr(self, name)!r}")
 
-        if self.num_samples < 1:
-            raise ConfigError(f"num_samples (K) must be >= 1, not {self.num_samples}")
-        if self.depth_copies < 1:
-            raise ConfigError(f"depth_copies (M) must be >= 1, not {self.depth_copies}")
+        positive_int(self.num_samples, "num_samples (K)")
+        positive_int(self.depth_copies, "depth_copies (M)")
         if self.int_steps > 12:
             raise ConfigError(f"int_steps must be <= 12 (2**int_steps squarings), not {self.int_steps}")
         if self.velocity_downsample not in (1, 2):

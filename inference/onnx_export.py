@@ -36,6 +36,7 @@ from inference.io import plain_mode
 from inference.model_config import (NUM_VIEWS, card_path_for, read_model_card, update_model_card,
                                     write_card_file)
 from inference.resources import file_sha256
+from inference.validate import whole_number
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,7 @@ def export_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike | Non
     out_path = pathlib.Path(out_path) if out_path is not None else model_path.with_suffix(".onnx")
     if out_path.suffix != ".onnx":
         raise ConfigError(f"the ONNX model file must end in .onnx, not {out_path.name!r}")
-    if not (isinstance(opset, int) and 13 <= opset <= 21):
-        raise ConfigError(f"opset must be an integer from 13 to 21, not {opset!r}")
+    opset = whole_number(opset, "opset", 13, 21)
     card_file = card_path_for(model_path)
     card = read_model_card(card_file)
     net = model_lib.load_model(model_path, card)

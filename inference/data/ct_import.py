@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from inference.errors import ConfigError, DataError, InputFileError
+from inference.validate import choice, positive_int, whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -278,12 +279,9 @@ def prepare_ct(ct: str | os.PathLike, labels: str | os.PathLike, side: str, out_
 
     if split not in ds.SPLITS:
         raise ConfigError(f"split must be one of {ds.SPLITS}, not {split!r}")
-    if geometry not in ds.GEOMETRY_MODES:
-        raise ConfigError(f"geometry must be one of {ds.GEOMETRY_MODES}, not {geometry!r}")
-    if isinstance(pairs, bool) or int(pairs) != pairs or pairs < 1:
-        raise ConfigError(f"pairs must be an integer >= 1, not {pairs!r}")
-    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, not {seed!r}")
+    choice(geometry, "geometry", ds.GEOMETRY_MODES)
+    pairs = positive_int(pairs, "pairs")
+    seed = whole_number(seed, "seed", 0)
     config = config or ds.SynthConfig()
     config = dataclasses.replace(config, views=dataclasses.replace(config.views, mode=geometry))
     dgrid = ds.dataset_grid(grid) if isinstance(grid, str) else grid

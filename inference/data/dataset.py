@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from inference import __version__
+from inference import __version__, validate
 from inference.data.augment import (
     CalibrationErrorRanges,
     CalibrationPerturbation,
@@ -174,18 +174,6 @@ def dataset_grid(name: str) -> DatasetGrid:
     return DatasetGrid(name, grid_geometry(name), tuple(preset(name).detector_hw))
 
 
-def _finite(owner: str, name: str, value: Any, low: float = -math.inf, high: float = math.inf,
-            low_open: bool = False) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{owner} {name} must be a number, not {value!r}") from None
-    if not math.isfinite(number) or number > high or number < low or (low_open and number == low):
-        bound = f"> {low}" if low_open else f">= {low}"
-        raise ConfigError(f"{owner} {name} must be a finite number {bound} and <= {high}, not {value!r}")
-    return number
-
-
 @dataclass(frozen=True)
 class ViewSampling:
     """How the two C-arm views of a sample are drawn (angles in LAO degrees, see geometry.CArmView).
@@ -217,16 +205,16 @@ class ViewSampling:
     def __post_init__(self) -> None:
         if self.mode not in GEOMETRY_MODES:
             raise ConfigError(f"ViewSampling mode must be one of {GEOMETRY_MODES}, not {self.mode!r}")
-        sdd = _finite("ViewSampling", "sdd_mm", self.sdd_mm, 0, low_open=True)
-        sid = _finite("ViewSampling", "sid_mm", self.sid_mm, 0, low_open=True)
+        sdd = validate.number(self.sdd_mm, "ViewSampling sdd_mm", 0, low_open=True)
+        sid = validate.number(self.sid_mm, "ViewSampling sid_mm", 0, low_open=True)
         if sid >= sdd:
             raise ConfigError(f"ViewSampling sid_mm ({sid}) must be smaller than sdd_mm ({sdd})")
         if len(self.base_angles_deg) != 2:
             raise ConfigError(f"ViewSampling base_angles_deg must hold 2 angles, not {self.base_angles_deg!r}")
         object.__setattr__(self, "base_angles_deg",
-                           tuple(_finite("ViewSampling", "base_angles_deg", a) for a in self.base_angles_deg))
-        _finite("ViewSampling", "angle_range_deg", self.angle_range_deg, 0, 89)
-        _finite("ViewSampling", "isocentre_offset_mm", self.isocentre_offset_mm, 0, 500)
+                           tuple(validate.number(a, "ViewSampling base_angles_deg") for a in self.base_angles_deg))
+        validate.number(self.angle_range_deg, "ViewSampling angle_range_deg", 0, 89)
+        validate.number(self.isocentre_offset_mm, "ViewSampling isocentre_offset_mm", 0, 500)
         if len(self.view_names) != 2 or self.view_names[0] == self.view_names[1]:
             raise ConfigError(f"ViewSampling view_names must be two different names, not {self.view_names!r}")
 
@@ -255,12 +243,11 @@ class RenderSettings:
     mask_threshold_mm: float = 0.5
 
     def __post_init__(self) -> None:
-        if isinstance(self.oversample, bool) or int(self.oversample) != self.oversample or not 1 <= self.oversample <= 8:
-            raise ConfigError(f"RenderSettings oversample must be an integer in 1..8, not {self.oversample!r}")
-        object.__setattr__(self, "oversample", int(self.oversample))
+        object.__setattr__(self, "oversample", validate.whole_number(self.oversample, "RenderSettings oversample", 1, 8))
         if self.step_mm is not None:
-            object.__setattr__(self, "step_mm", _finite("RenderSettings", "step_mm", self.step_mm, 0, 20, True))
-        _finite("RenderSettings", "mask_threshold_mm", self.mask_threshold_mm, 0, 50)
+            object.__setattr__(self, "step_mm",
+                               validate.number(self.step_mm, "RenderSettings step_mm", 0, 20, low_open=True))
+        validate.number(self.mask_threshold_mm, "RenderSettings mask_threshold_mm", 0, 50)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -277,9 +264,9 @@ class PhantomSampling:
     tissue: bool = True
 
     def __post_init__(self) -> None:
-        _finite("PhantomSampling", "max_rotation_deg", self.max_rotation_deg, 0, 45)
-        _finite("PhantomSampling", "max_translation_mm", self.max_translation_mm, 0, 50)
-        _finite("PhantomSampling", "max_hip_rotation_deg", self.max_hip_rotation_deg, 0, 30)
+        validate.number(self.max_rotation_deg, "PhantomSampling max_rotation_deg", 0, 45)
+        validate.number(self.max_translation_mm, "PhantomSampling max_translation_mm", 0, 50)
+        validate.number(self.max_hip_rotation_deg, "PhantomSampling max_hip_rotation_deg", 0, 30)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -317,7 +304,8 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "split", _normalise_split(self.split))
-        fractions = {name: _finite("SynthConfig", f"split_fractions[{name}]", self.split_fractions.get(name, 0.0), 0, 1)
+        fractions = {name: validate.number(self.split_fractions.get(name, 0.0),
+                                           f"SynthConfig split_fractions[{name}]", 0, 1)
                      for name in SPLITS}
         object.__setattr__(self, "split_fractions", fractions)
 
@@ -889,10 +877,8 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, grid: str | Data
     pathlib.Path
         The manifest.
     """
-    if isinstance(subjects, bool) or int(subjects) != subjects or subjects < 1:
-        raise ConfigError(f"subjects (number of samples) must be an integer >= 1, not {subjects!r}")
-    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, not {seed!r}")
+    validate.positive_int(subjects, "subjects (number of samples)")
+    validate.whole_number(seed, "seed", 0)
     if geometry not in GEOMETRY_MODES:
         raise ConfigError(f"geometry must be one of {GEOMETRY_MODES}, not {geometry!r}")
     config = config or SynthConfig()

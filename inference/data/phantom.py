@@ -57,6 +57,7 @@ from scipy import fft as sp_fft
 from scipy import ndimage
 
 from inference.errors import DataError
+from inference.validate import number, whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -635,13 +636,6 @@ def _landmarks_from_dict(data: dict | None):
 # ----------------------------------------------------------------------------------------------
 # Parameters
 # ----------------------------------------------------------------------------------------------
-def _check_range(owner: str, name: str, value: float, low: float, high: float) -> float:
-    value = float(value)
-    if not (low <= value <= high) or not math.isfinite(value):
-        raise DataError(f"{owner} {name} must be within [{low}, {high}], not {value}")
-    return value
-
-
 @dataclass(frozen=True)
 class TissueParams:
     """Tissue appearance of one phantom (HU, mm). Defaults are the atlas's nominal values.
@@ -703,26 +697,27 @@ class TissueParams:
 
     def __post_init__(self) -> None:
         owner = "TissueParams"
-        _check_range(owner, "cortical_hu", self.cortical_hu, 300, 3000)
-        _check_range(owner, "cortical_thickness_head_mm", self.cortical_thickness_head_mm, 0.2, 5)
-        _check_range(owner, "cortical_thickness_shaft_mm", self.cortical_thickness_shaft_mm, 0.2, 12)
-        _check_range(owner, "pelvis_cortical_thickness_mm", self.pelvis_cortical_thickness_mm, 0.2, 5)
-        _check_range(owner, "cancellous_hu", self.cancellous_hu, -100, 1500)
-        _check_range(owner, "head_cancellous_boost_hu", self.head_cancellous_boost_hu, 0, 1000)
-        _check_range(owner, "pelvis_cancellous_hu", self.pelvis_cancellous_hu, -100, 1500)
-        _check_range(owner, "trabecular_contrast", self.trabecular_contrast, 0, 1)
-        _check_range(owner, "trabecular_scale_mm", self.trabecular_scale_mm, 1, 16)
-        _check_range(owner, "marrow_hu", self.marrow_hu, -200, 200)
-        _check_range(owner, "muscle_hu", self.muscle_hu, -50, 150)
-        _check_range(owner, "fat_hu", self.fat_hu, -200, 0)
-        _check_range(owner, "muscle_thickness_mm", self.muscle_thickness_mm, 1, 200)
-        _check_range(owner, "fat_thickness_mm", self.fat_thickness_mm, 0, 200)
-        _check_range(owner, "envelope_variation_mm", self.envelope_variation_mm, 0, 50)
-        _check_range(owner, "soft_tissue_variation_hu", self.soft_tissue_variation_hu, 0, 100)
-        _check_range(owner, "noise_sigma_hu", self.noise_sigma_hu, 0, 200)
-        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) or self.seed < 0:
-            raise DataError(f"TissueParams seed must be an integer >= 0, not {self.seed!r}")
-        object.__setattr__(self, "seed", int(self.seed))
+        for name, low, high in (
+                ("cortical_hu", 300, 3000),
+                ("cortical_thickness_head_mm", 0.2, 5),
+                ("cortical_thickness_shaft_mm", 0.2, 12),
+                ("pelvis_cortical_thickness_mm", 0.2, 5),
+                ("cancellous_hu", -100, 1500),
+                ("head_cancellous_boost_hu", 0, 1000),
+                ("pelvis_cancellous_hu", -100, 1500),
+                ("trabecular_contrast", 0, 1),
+                ("trabecular_scale_mm", 1, 16),
+                ("marrow_hu", -200, 200),
+                ("muscle_hu", -50, 150),
+                ("fat_hu", -200, 0),
+                ("muscle_thickness_mm", 1, 200),
+                ("fat_thickness_mm", 0, 200),
+                ("envelope_variation_mm", 0, 50),
+                ("soft_tissue_variation_hu", 0, 100),
+                ("noise_sigma_hu", 0, 200),
+        ):
+            number(getattr(self, name), f"{owner} {name}", low, high, error=DataError)
+        object.__setattr__(self, "seed", whole_number(self.seed, f"{owner} seed", 0, error=DataError))
         if self.cortical_hu <= max(self.cancellous_hu + self.head_cancellous_boost_hu, self.pelvis_cancellous_hu):
             raise DataError(
                 f"TissueParams cortical_hu ({self.cortical_hu}) must exceed the cancellous bone "

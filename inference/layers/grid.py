@@ -9,9 +9,9 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from inference.errors import ConfigError
 from inference.layers.sampling import trilinear_sample
 from inference.model_config import _as_int_tuple
+from inference.validate import positive_int
 
 __all__ = ["UpsampleField", "CoarseIndexToWorld", "ResizeToGrid"]
 
@@ -67,9 +67,7 @@ class CoarseIndexToWorld(keras.layers.Layer):
     def __init__(self, factor: int, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ConfigError(f"factor must be a positive integer, not {factor!r}")
-        self.factor = factor
+        self.factor = positive_int(factor, "CoarseIndexToWorld factor")
 
     def call(self, index_to_world):
         f = float(self.factor)

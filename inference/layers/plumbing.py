@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from inference.errors import ConfigError
+from inference.validate import positive_int
 
 __all__ = ["ViewSelect", "StopGradient", "CopyAlongDepth", "Recomputed"]
 
@@ -71,9 +72,7 @@ class CopyAlongDepth(keras.layers.Layer):
 
     def __init__(self, copies: int, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
-            raise ConfigError(f"copies must be a positive integer, not {copies!r}")
-        self.copies = copies
+        self.copies = positive_int(copies, "CopyAlongDepth copies")
 
     def call(self, inputs):
         return tf.repeat(inputs[:, None], self.copies, axis=1)
