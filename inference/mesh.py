@@ -14,7 +14,6 @@ import logging
 import os
 import pathlib
 import re
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -298,20 +297,13 @@ def write_stl(path: str | os.PathLike, mesh: Mesh, header: str = "HipAtlas surfa
     if head.lower().startswith(b"solid"):
         # A binary STL header must not start with "solid" or readers take it for ASCII.
         head = (b"HipAtlas " + head)[:80]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    from inference.io import atomic_file
+
+    with atomic_file(path, ".stl") as tmp:
+        with open(tmp, "wb") as fh:
             fh.write(head)
             fh.write(np.uint32(mesh.n_faces).tobytes())
             fh.write(records.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return path
 
 

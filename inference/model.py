@@ -62,15 +62,15 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-import tempfile
 from typing import Any, Mapping
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from inference.checksums import sha256_file
 from inference.errors import ConfigError, ModelError
-from inference.io import plain_mode
+from inference.io import atomic_file
 from inference.layers import warp as warp_layers
 from inference.layers.atlas import AtlasVolume, LabelMask
 from inference.layers.grid import CoarseIndexToWorld, ResizeToGrid, UpsampleField
@@ -89,7 +89,6 @@ from inference.model_config import (  # noqa: F401  (the TensorFlow-free part, r
     ModelConfig,
     card_path_for,
     case_inputs,
-    file_sha256,
     preset,
     read_model_card,
     write_model_card,
@@ -639,16 +638,8 @@ def save_model(model: keras.Model, path: str | os.PathLike,
     if path.suffix != ".keras":
         raise ConfigError(f"model files end in .keras, not {path.name!r}")
     config = model_config_of(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".keras", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, ".keras") as tmp:
         model.save(tmp)
-        os.chmod(tmp, plain_mode())  # mkstemp files are private; a shipped model is not
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
     return path, write_model_card(path, config, card_extra)
 
 
@@ -688,7 +679,7 @@ def load_model(path: str | os.PathLike, card: str | os.PathLike | Mapping[str, A
         if card.get("model_file", path.name) != path.name:
             raise ModelError(f"the model card names {card.get('model_file')!r}, not {path.name!r}: it "
                              "belongs to another model")
-        digest = file_sha256(path)
+        digest = sha256_file(path)
         if digest != card.get("sha256"):
             raise ModelError(f"model file {path.name} does not match its model card (sha256 "
                              f"{digest[:12]}... instead of {str(card.get('sha256'))[:12]}...): the "

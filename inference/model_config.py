@@ -20,7 +20,7 @@ import numpy as np
 
 from inference.errors import ConfigError, ModelError
 from inference.io import write_text_atomic
-from inference.resources import file_sha256
+from inference.checksums import sha256_file
 from inference.validate import positive_int
 
 #: Label value of the femur in atlas and data set label maps (2 = pelvis).
@@ -314,7 +314,7 @@ def write_model_card(model_path: str | os.PathLike, config: ModelConfig,
         "format": MODEL_CARD_FORMAT,
         "name": model_path.stem,
         "model_file": model_path.name,
-        "sha256": file_sha256(model_path),
+        "sha256": sha256_file(model_path),
         "config": config.to_dict(),
         "software_version": __version__,
         "intended_use": "research use only; not for diagnosis or treatment decisions",

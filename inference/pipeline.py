@@ -39,6 +39,7 @@ from typing import Any, Callable, Generator, Iterator
 import numpy as np
 
 from inference import __version__, geometry, io, views
+from inference.checksums import sha256_file
 from inference.errors import Cancelled, DataError, InputFileError, ModelError, OutputError
 
 log = logging.getLogger(__name__)
@@ -364,7 +365,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
                 mask_sources[index] = "proposed"
                 warnings.append(f"view '{view.name}': no femur mask was given; the mask was proposed "
                                 "automatically and is not confirmed: check proposed_mask_"
-                                f"{_safe_name(view.name)}.png")
+                                f"{io.safe_name(view.name)}.png")
         timings["mask_proposal_s"] = time.perf_counter() - t0
         registration_masks = [to_registration_image(m, mirror) for m in full_masks]
         head = _locate_checked(case, projections, registration_masks, start_mm)
@@ -493,7 +494,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         "software": {"name": "hipatlas", "version": __version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "case_dir": str(case.case_dir),
-        "case_json_sha256": io.sha256_file(case_json),
+        "case_json_sha256": sha256_file(case_json),
         "side": case.side,
         "model": net.identity(),
         "atlas": {"grid": config.grid, "files_sha256": dict(atlas.provenance.get("files", {}))},
@@ -503,9 +504,9 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
             "image": str(v.image_path.name),
             "image_sha256": v.image.sha256,
             "image_size_px": [int(s) for s in v.image.shape],
-            "mask": (f"proposed_mask_{_safe_name(v.name)}.png" if src == "proposed"
+            "mask": (f"proposed_mask_{io.safe_name(v.name)}.png" if src == "proposed"
                      else str(v.mask_path.name) if src == "case" and v.mask_path else None),
-            "mask_sha256": io.sha256_file(v.mask_path) if src == "case" and v.mask_path else None,
+            "mask_sha256": sha256_file(v.mask_path) if src == "case" and v.mask_path else None,
             "mask_source": src,
             "mask_confirmed": src != "proposed",
             "calibration": (dataclasses.asdict(v.calibration) if dataclasses.is_dataclass(v.calibration)
@@ -536,11 +537,11 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
             "measurements": io.write_json_atomic(tmp / "measurements.json", measurements),
         }
         for name, rgb in overlays.items():
-            files[f"overlay_{name}"] = io.write_png_atomic(tmp / f"overlay_{_safe_name(name)}.png", rgb)
+            files[f"overlay_{name}"] = io.write_png_atomic(tmp / f"overlay_{io.safe_name(name)}.png", rgb)
         for view, mask, src in zip(case.views, full_masks, mask_sources):
             if src == "proposed":
                 files[f"proposed_mask_{view.name}"] = io.write_png_atomic(
-                    tmp / f"proposed_mask_{_safe_name(view.name)}.png", mask.astype(np.uint8) * 255)
+                    tmp / f"proposed_mask_{io.safe_name(view.name)}.png", mask.astype(np.uint8) * 255)
         timings["total_s"] = time.perf_counter() - started
         files["report"] = io.write_json_atomic(tmp / "report.json", report)
     final = pathlib.Path(out_dir)
@@ -796,10 +797,6 @@ def invert_displacement_at(atlas_point_mm: np.ndarray, psi: np.ndarray,
         x = x_new
     world = grid.index_to_world() @ np.append(x[::-1], 1.0)
     return [float(v) for v in world[:3]]
-
-
-def _safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "view"
 
 
 def _with_masks(case, masks):

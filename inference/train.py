@@ -341,20 +341,11 @@ def export_model(model, out_dir: pathlib.Path, card_extra: Mapping[str, Any]) ->
     from inference.model import model_config_of, save_model
 
     config = model_config_of(model)
+    from inference.io import atomic_output_dir
+
     final = out_dir / "model"
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".model.", dir=out_dir))
-    try:
+    with atomic_output_dir(final, overwrite=True) as staging:
         path, _ = save_model(model, staging / f"hipatlas-{config.grid}.keras", card_extra=card_extra)
-        old = None
-        if final.exists():
-            old = out_dir / f".model.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(staging, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final / path.name
 
 
@@ -707,10 +698,10 @@ def _input_error(error):
 
 def _data_card(folders, manifests) -> dict:
     """What the model card says of the training data (one data set: plain values; several: lists)."""
-    from inference.resources import file_sha256
+    from inference.checksums import sha256_file
 
     return {"data_dir": _data_dir_record(folders),
-            "data_manifest_sha256": _one_or_list([file_sha256(f / "manifest.json") for f in folders]),
+            "data_manifest_sha256": _one_or_list([sha256_file(f / "manifest.json") for f in folders]),
             "dataset_samples": sum(len(m["samples"]) for m in manifests),
             "dataset_parameters": _one_or_list([m.get("parameters", {}) for m in manifests])}
 

@@ -13,6 +13,7 @@ import tensorflow as tf
 import keras
 
 from inference import model as M
+from inference.checksums import sha256_file
 from inference.layers import grid as grid_layers
 from inference.layers import normalise, plumbing
 from inference.errors import ConfigError, ModelError
@@ -282,7 +283,7 @@ def test_save_and_load_round_trip_with_safe_mode_and_card(tmp_path, atlas, sampl
     path, card_path = M.save_model(model, tmp_path / "tiny.keras", card_extra={"notes": "test"})
     assert path.is_file() and card_path == tmp_path / "model_card.json"
     card = json.loads(card_path.read_text())
-    assert card["sha256"] == M.file_sha256(path) and card["notes"] == "test"
+    assert card["sha256"] == sha256_file(path) and card["notes"] == "test"
 
     loaded = M.load_model(path)
     assert loaded._hipatlas_card["sha256"] == card["sha256"]

@@ -17,6 +17,7 @@ from PIL import Image
 
 from inference import geometry, io, mask_proposal, pipeline
 from inference import mesh as mesh_lib
+from inference.checksums import sha256_file
 from inference.errors import Cancelled, HipAtlasError
 
 import register_helpers as rh
@@ -127,10 +128,10 @@ def _check_outputs(sim, out, result):
     report = json.loads((out / "report.json").read_text())
     assert report["software"]["version"] and report["model"]["name"] == "compact_untrained"
     assert len(report["model"]["sha256"]) == 64
-    assert report["case_json_sha256"] == io.sha256_file(sim.case_dir / "case.json")
+    assert report["case_json_sha256"] == sha256_file(sim.case_dir / "case.json")
     for entry, view in zip(report["views"], case.views):
-        assert entry["image_sha256"] == io.sha256_file(view.image_path)
-        assert entry["mask_sha256"] == io.sha256_file(view.mask_path)
+        assert entry["image_sha256"] == sha256_file(view.image_path)
+        assert entry["mask_sha256"] == sha256_file(view.mask_path)
         assert entry["mask_source"] == "case" and entry["mask_confirmed"] is True
         assert entry["calibration"]["source"] == "case.json projection_matrix"
     assert set(report["timings_s"]) >= {"load_model_s", "network_s", "overlay_s", "total_s"}

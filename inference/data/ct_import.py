@@ -95,13 +95,14 @@ def read_ct(path: str | os.PathLike) -> tuple[np.ndarray, Any, str]:
         volume = sitk.GetArrayFromImage(image).astype(np.float32)
         geometry = VolumeGeometry.from_sitk(image)
         digest = hashlib.sha256()
-        from inference.io import sha256_file
+        from inference.checksums import sha256_file
 
         for file in sorted(files):
             digest.update(sha256_file(file).encode())
         sha = digest.hexdigest()
     else:
-        from inference.io import read_volume, sha256_file
+        from inference.checksums import sha256_file
+        from inference.io import read_volume
 
         volume, geometry = read_volume(source)
         volume = volume.astype(np.float32)
@@ -275,7 +276,7 @@ def prepare_ct(ct: str | os.PathLike, labels: str | os.PathLike, side: str, out_
     """
     from inference.data import dataset as ds
     from inference.errors import Cancelled
-    from inference.io import sha256_file
+    from inference.checksums import sha256_file
 
     if split not in ds.SPLITS:
         raise ConfigError(f"split must be one of {ds.SPLITS}, not {split!r}")

@@ -46,7 +46,6 @@ import multiprocessing
 import os
 import pathlib
 import time
-import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -639,28 +638,22 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> path
     Unlike ``np.savez_compressed`` the zip members carry a fixed timestamp, so the same arrays
     always give the same bytes (and the same sha256 in the manifest). Object arrays are refused.
     """
+    from inference.io import atomic_file
+
     final = pathlib.Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for name in sorted(arrays):
-                array = np.ascontiguousarray(arrays[name])
-                if array.dtype == object:
-                    raise DataError(f"array {name!r} has dtype object; samples hold numeric arrays only")
-                buffer = io.BytesIO()
-                np.lib.format.write_array(buffer, array, allow_pickle=False)
-                info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
-                info.external_attr = 0o644 << 16
-                # Level 1 for large members: on CT-like data it compresses nearly as well as the
-                # default level 6 at a quarter of the time (the volume dominates the writing time).
-                level = 1 if array.nbytes > (1 << 20) else 6
-                archive.writestr(info, buffer.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=level)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    with atomic_file(final, ".npz") as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name in sorted(arrays):
+            array = np.ascontiguousarray(arrays[name])
+            if array.dtype == object:
+                raise DataError(f"array {name!r} has dtype object; samples hold numeric arrays only")
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, array, allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            # Level 1 for large members: on CT-like data it compresses nearly as well as the
+            # default level 6 at a quarter of the time (the volume dominates the writing time).
+            level = 1 if array.nbytes > (1 << 20) else 6
+            archive.writestr(info, buffer.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=level)
     return final
 
 
@@ -684,7 +677,7 @@ def load_sample(path: str | os.PathLike, *, verify_sha256: str | None = None) ->
     if not file.is_file():
         raise InputFileError(f"{file}: sample file not found")
     if verify_sha256 is not None:
-        from inference.io import sha256_file
+        from inference.checksums import sha256_file
 
         actual = sha256_file(file)
         if actual != verify_sha256:
@@ -816,7 +809,7 @@ def _make_and_write(task: tuple[int, str, str, str, str]) -> dict:
     femur = models.get(femur_name, femur_name)
     arrays, meta = synthesize_sample(state["config"], state["grid"], state["seed"], index, femur)
     path = write_npz(pathlib.Path(state["out"]) / relative, arrays)
-    from inference.io import sha256_file
+    from inference.checksums import sha256_file
 
     entry = {"index": index, "file": relative, "split": split, "subject": femur_name, "specimen": specimen,
              "sha256": sha256_file(path), "bytes": path.stat().st_size}
@@ -914,7 +907,7 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, grid: str | Data
         if previous.get("software_version") != __version__:
             logger.warning("%s was started with HipAtlas %s; continuing with %s", out,
                            previous.get("software_version"), __version__)
-        from inference.io import sha256_file
+        from inference.checksums import sha256_file
 
         for entry in previous["samples"]:
             index = entry.get("index")
@@ -1020,10 +1013,10 @@ def _copy_verified(source: pathlib.Path, target: pathlib.Path, sha256: str) -> N
     sha256 is not ``sha256`` is refused and nothing is written."""
     import hashlib
 
-    from inference.io import _atomic_file
+    from inference.io import atomic_file
 
     digest = hashlib.sha256()
-    with _atomic_file(target) as tmp:
+    with atomic_file(target) as tmp:
         with open(source, "rb") as reader, open(tmp, "wb") as writer:
             for chunk in iter(lambda: reader.read(1 << 20), b""):
                 digest.update(chunk)
@@ -1043,7 +1036,7 @@ def merge_shards(out_dir: str | os.PathLike, shard_dirs: Sequence[str | os.PathL
     the same sample files byte for byte and the same manifest (apart from its ``updated`` time).
     Resumable: files already in ``out_dir`` with the right checksum are kept.
     """
-    from inference.io import sha256_file
+    from inference.checksums import sha256_file
 
     folders = [pathlib.Path(d) for d in shard_dirs]
     if not folders:

@@ -47,7 +47,6 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +55,7 @@ import numpy as np
 from scipy import fft as sp_fft
 from scipy import ndimage
 
-from inference.errors import DataError
+from inference.errors import DataError, OutputError
 from inference.validate import number, whole_number
 
 logger = logging.getLogger(__name__)
@@ -240,14 +239,14 @@ class SubjectModel:
 _HASHES: dict[tuple, str] = {}
 
 
-def _sha256(path: pathlib.Path) -> str:
+def _cached_sha256(path: pathlib.Path) -> str:
     """sha256 of a file, remembered per (path, size, mtime) so repeated phantoms skip re-reading."""
-    from inference.resources import file_sha256
+    from inference.checksums import sha256_file
 
     stat = path.stat()
     memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if memo not in _HASHES:
-        _HASHES[memo] = file_sha256(path)
+        _HASHES[memo] = sha256_file(path)
     return _HASHES[memo]
 
 
@@ -420,7 +419,7 @@ def load_subject_model(subject: str, side: str | None = None, *, folder: str | o
         raise DataError(f"spacing_mm must be > 0, not {spacing_mm}")
     pelvis_path, pelvis_frame_path = _pelvis_source(bone, side, subjects) if with_pelvis else (None, None)
     files = [femur_path] + ([pelvis_path, pelvis_frame_path] if pelvis_path is not None else [])
-    hashes = {str(p.name): _sha256(p) for p in files}
+    hashes = {str(p.name): _cached_sha256(p) for p in files}
     key_text = json.dumps({"v": CACHE_VERSION, "side": side, "files": hashes, "code": _code_version(),
                            "fine": float(spacing_mm), "body": BODY_SPACING_MM,
                            "roi": [ROI_MIN_MM, ROI_MAX_MM]}, sort_keys=True)
@@ -457,7 +456,7 @@ def _code_version() -> str:
 
     digest = hashlib.sha256()
     for module in (anatomy, mesh):
-        digest.update(_sha256(pathlib.Path(module.__file__)).encode())
+        digest.update(_cached_sha256(pathlib.Path(module.__file__)).encode())
     return digest.hexdigest()[:16]
 
 
@@ -592,17 +591,14 @@ def _write_model(path: pathlib.Path, model: SubjectModel) -> None:
             "femur_landmarks": shape_marks,
             "to_canonical": None if model.to_canonical is None else np.asarray(model.to_canonical).tolist()}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    from inference.io import atomic_file
+
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except OSError as exc:
+        with atomic_file(path, ".npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+    except (OSError, OutputError) as exc:  # the cache is optional: go on without it
         logger.info("could not write phantom cache %s (%s)", path, exc)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
 
 
 def _read_model(path: pathlib.Path, name: str) -> SubjectModel | None:
