@@ -64,6 +64,7 @@ def test_every_layer_the_shipped_model_names_is_registered_from_inference_layers
 
 def _demo_inputs(model):
     """Inputs of a plausible scene: the model's own atlas seen AP and lateral, its femur masks."""
+    from inference.geometry import CArmView, projection_matrix
     from inference.layers.prost import ProST
     from inference.model import model_config_of
     from inference.model_config import case_inputs
@@ -76,28 +77,14 @@ def _demo_inputs(model):
     i2w = np.diag([*spacing, 1.0])
     i2w[:3, 3] = -spacing * (shape_xyz - 1) / 2  # the grid centred on the world origin
     rows, cols = config.detector_hw
-    projections = [_view_matrix(angle, rows, cols) for angle in (0.0, 90.0)]
+    projections = [projection_matrix(CArmView(sdd_mm=1000.0, sid_mm=925.0, lao_deg=angle, cranial_deg=0.0, rows=rows,
+                                              cols=cols, pixel_mm=2.0)) for angle in (0.0, 90.0)]
     render = ProST(config.detector_hw, 128, output="integral")
     images = [np.asarray(render([intensity, p[None].astype(np.float32), i2w[None].astype(np.float32)]))[0, ..., 0]
               for p in projections]
     masks = [(image > 0.05 * image.max()).astype(np.float32) for image in images]
     assert all(mask.sum() > 100 for mask in masks)  # the femur is in both views
     return case_inputs(images, masks, projections, i2w)
-
-
-def _view_matrix(angle_deg, rows, cols, pixel_mm=2.0, sdd_mm=1000.0, sid_mm=925.0):
-    """P of a C-arm view rotated by ``angle_deg`` about z (0 = AP), built as in geometry.md."""
-    theta = np.deg2rad(angle_deg)
-    source = sid_mm * np.array([np.sin(theta), -np.cos(theta), 0.0])
-    n = -source / np.linalg.norm(source)
-    e_v = np.array([0.0, 0.0, -1.0])
-    e_u = np.cross(e_v, n)
-    centre = source + sdd_mm * n
-    d0 = centre - (cols - 1) / 2 * pixel_mm * e_u - (rows - 1) / 2 * pixel_mm * e_v
-    c_u = (source - d0) @ e_u / pixel_mm
-    c_v = (source - d0) @ e_v / pixel_mm
-    a = np.stack([e_u / pixel_mm + c_u * n / sdd_mm, e_v / pixel_mm + c_v * n / sdd_mm, n / sdd_mm])
-    return np.concatenate([a, (-a @ source)[:, None]], axis=1)
 
 
 def test_shipped_model_loads_with_safe_mode_and_agrees_with_its_onnx_export():
