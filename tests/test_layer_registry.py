@@ -88,7 +88,7 @@ def _demo_inputs(model):
 
 
 def test_shipped_model_loads_with_safe_mode_and_agrees_with_its_onnx_export():
-    onnxruntime = pytest.importorskip("onnxruntime")  # noqa: F841
+    pytest.importorskip("onnxruntime")
     if not ONNX_FILE.is_file():
         pytest.skip("no ONNX export beside the shipped model")
     from inference.backends import OnnxBackend
