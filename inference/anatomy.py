@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from inference.mesh import Mesh
 from inference.errors import DataError, MeshError
+from inference.mesh import Mesh
 
 logger = logging.getLogger(__name__)
 

@@ -175,12 +175,8 @@ class CArmView:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        sdd = number(self.sdd_mm, "CArmView sdd_mm", error=GeometryError)
-        sid = number(self.sid_mm, "CArmView sid_mm", error=GeometryError)
-        if sdd <= 0:
-            raise GeometryError(f"CArmView sdd_mm must be > 0 mm, not {self.sdd_mm}")
-        if sid <= 0:
-            raise GeometryError(f"CArmView sid_mm must be > 0 mm, not {self.sid_mm}")
+        sdd = number(self.sdd_mm, "CArmView sdd_mm", 0, low_open=True, error=GeometryError)
+        sid = number(self.sid_mm, "CArmView sid_mm", 0, low_open=True, error=GeometryError)
         if sid >= sdd:
             raise GeometryError(
                 f"CArmView sid_mm ({sid:g} mm) must be smaller than sdd_mm ({sdd:g} mm): "
@@ -197,10 +193,8 @@ class CArmView:
             value = getattr(self, name)
             if value is None:
                 continue
-            pitch = number(value, f"CArmView {name}", error=GeometryError)
-            if pitch <= 0:
-                raise GeometryError(f"CArmView {name} (detector pitch) must be > 0 mm, not {value}")
-            set_(self, name, pitch)
+            set_(self, name, number(value, f"CArmView {name} (detector pitch, mm)", 0, low_open=True,
+                                    error=GeometryError))
         if self.principal_point_px is not None:
             set_(self, "principal_point_px",
                  _float_tuple(self.principal_point_px, 2, "CArmView principal_point_px"))
@@ -381,10 +375,7 @@ def normalise_projection(P: Any, *, front_point_mm: Any = None, sdd_mm: float | 
     matrix = validate_projection_matrix(P)
     scale = 1.0 / np.linalg.norm(matrix[2, :3])
     if sdd_mm is not None:
-        sdd = number(sdd_mm, "sdd_mm", error=GeometryError)
-        if sdd <= 0:
-            raise GeometryError(f"sdd_mm must be > 0 mm, not {sdd_mm}")
-        scale /= sdd
+        scale /= number(sdd_mm, "sdd_mm", 0, low_open=True, error=GeometryError)
     if front_point_mm is not None:
         point = np.append(_float_tuple(front_point_mm, 3, "front_point_mm"), 1.0)
         w = float(matrix[2] @ point)
@@ -523,11 +514,8 @@ def crop_resize(P: Any, u0: float, v0: float, scale_u: float, scale_v: float | N
     matrix = validate_projection_matrix(P)
     u0 = number(u0, "crop_resize u0", error=GeometryError)
     v0 = number(v0, "crop_resize v0", error=GeometryError)
-    s_u = number(scale_u, "crop_resize scale_u", error=GeometryError)
-    s_v = s_u if scale_v is None else number(scale_v, "crop_resize scale_v", error=GeometryError)
-    for name, value in (("scale_u", s_u), ("scale_v", s_v)):
-        if value <= 0:
-            raise GeometryError(f"crop_resize {name} must be > 0, not {value}")
+    s_u = number(scale_u, "crop_resize scale_u", 0, low_open=True, error=GeometryError)
+    s_v = s_u if scale_v is None else number(scale_v, "crop_resize scale_v", 0, low_open=True, error=GeometryError)
     image_affine = np.array([
         [s_u, 0.0, 0.5 * (s_u - 1.0) - s_u * u0],
         [0.0, s_v, 0.5 * (s_v - 1.0) - s_v * v0],

@@ -21,7 +21,7 @@ import numpy as np
 from inference.errors import ConfigError, ModelError
 from inference.io import write_text_atomic
 from inference.checksums import sha256_file
-from inference.validate import positive_int
+from inference.validate import number, positive_int
 
 #: Label value of the femur in atlas and data set label maps (2 = pelvis).
 FEMUR_LABEL = 1
@@ -193,8 +193,7 @@ class ModelConfig:
         if min(self.shape_zyx) // self.velocity_downsample < 2:
             raise ConfigError(f"shape_zyx {self.shape_zyx} is too small for velocity_downsample "
                               f"{self.velocity_downsample}")
-        if not 0.0 <= self.leaky_slope < 1.0:
-            raise ConfigError(f"leaky_slope must be in [0, 1), not {self.leaky_slope}")
+        number(self.leaky_slope, "leaky_slope", 0.0, 1.0, high_open=True)
 
     # Derived sizes -------------------------------------------------------------------------
     @property

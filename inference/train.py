@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from inference import validate
 from inference.errors import Cancelled, ClusterError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -126,12 +127,10 @@ class TrainConfig:
         for name, minimum in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1),
                               ("keep_checkpoints", 1), ("validate_every", 0), ("log_every", 1),
                               ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-                raise ConfigError(f"{name} must be an integer >= {minimum}, not {value!r}")
-        if self.val_limit is not None and (isinstance(self.val_limit, bool) or not isinstance(
-                self.val_limit, (int, np.integer)) or self.val_limit < 1):
-            raise ConfigError(f"val_limit must be a positive integer or None, not {self.val_limit!r}")
+            object.__setattr__(self, name, validate.whole_number(getattr(self, name), f"TrainConfig {name}", minimum))
+        if self.val_limit is not None:
+            object.__setattr__(self, "val_limit",
+                               validate.positive_int(self.val_limit, "TrainConfig val_limit (or None)"))
         lr = self.learning_rate
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ConfigError(f"learning_rate must be a number > 0, not {lr!r}")

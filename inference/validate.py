@@ -3,9 +3,9 @@
 Every message reads ``"<what> must be <rule>, not <value>"``, for example::
 
     CArmView rows must be a whole number >= 1 (an empty detector has no pixels), not 0
-    TissueParams noise_sigma_hu must be a number in [0, 200], not 300
+    TissueParams noise_sigma_hu must be a number in [0, 200], not 300.0
     ViewSampling sdd_mm must be a number > 0, not -3
-    RealismParams gamma must be a (min, max) pair with 0.5 <= min <= max <= 2, not (1.5, 1.0)
+    RealismRanges gamma must be a (min, max) pair with 0 < min <= max, not (1.5, 1.0)
     argument --rows: value must be a whole number >= 1, not 0     (argparse adds the flag)
 
 The caller names the value (``what``, with its owner: ``"CArmView rows"``) and chooses the
@@ -32,13 +32,12 @@ __all__ = ["positive_int", "whole_number", "number", "range_pair", "choice", "cl
 
 
 def _show(value: Any) -> str:
-    """A value as a person wrote it: ``3`` and ``0.5`` (not ``np.float64(0.5)``), strings quoted."""
+    """A value as it was given: ``3``, ``0.0``, ``0.5`` (not ``np.float64(0.5)``), strings quoted."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return repr(value)
     if isinstance(value, numbers.Integral):
         return str(int(value))
-    number_ = float(value)
-    return str(int(number_)) if number_.is_integer() and abs(number_) < 1e15 else repr(number_)
+    return repr(float(value))
 
 
 def _bound(value: float) -> str:

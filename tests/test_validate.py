@@ -47,13 +47,13 @@ def test_positive_int_takes_the_callers_error_type_and_hint():
 
 
 @pytest.mark.parametrize("value, kwargs, message", [
-    (300.0, dict(low=0, high=200), "TissueParams noise_sigma_hu must be a number in [0, 200], not 300"),
-    (0.0, dict(low=0, low_open=True), "TissueParams noise_sigma_hu must be a number > 0, not 0"),
+    (300.0, dict(low=0, high=200), "TissueParams noise_sigma_hu must be a number in [0, 200], not 300.0"),
+    (0.0, dict(low=0, low_open=True), "TissueParams noise_sigma_hu must be a number > 0, not 0.0"),
     (-0.5, dict(low=0), "TissueParams noise_sigma_hu must be a number >= 0, not -0.5"),
-    (20.0, dict(low=0, high=20, high_open=True), "TissueParams noise_sigma_hu must be a number in [0, 20), not 20"),
+    (20.0, dict(low=0, high=20, high_open=True), "TissueParams noise_sigma_hu must be a number in [0, 20), not 20.0"),
     (float("inf"), {}, "TissueParams noise_sigma_hu must be a finite number, not inf"),
     ("a lot", dict(low=0, high=200), "TissueParams noise_sigma_hu must be a number in [0, 200], not 'a lot'"),
-    (np.float32(250), dict(low=0, high=200), "TissueParams noise_sigma_hu must be a number in [0, 200], not 250"),
+    (np.float32(250), dict(low=0, high=200), "TissueParams noise_sigma_hu must be a number in [0, 200], not 250.0"),
 ])
 def test_number_refusals_read_the_same(value, kwargs, message):
     with pytest.raises(DataError) as info:
@@ -71,10 +71,10 @@ def test_range_pair():
     assert V.range_pair((0.8, 1.25), "gamma", 0, low_open=True) == (0.8, 1.25)
     with pytest.raises(ConfigError) as info:
         V.range_pair((1.5, 1.0), "RealismRanges gamma", 0, low_open=True)
-    assert str(info.value) == "RealismRanges gamma must be a (min, max) pair with 0 < min <= max, not (1.5, 1)"
+    assert str(info.value) == "RealismRanges gamma must be a (min, max) pair with 0 < min <= max, not (1.5, 1.0)"
     with pytest.raises(ConfigError, match=r"pair with 0 <= min <= max <= 1, not \(0.1, 0.2, 0.3\)"):
         V.range_pair((0.1, 0.2, 0.3), "x", 0, 1)
-    with pytest.raises(ConfigError, match=r"pair with 0 < min <= max, not \(0, 1\)"):
+    with pytest.raises(ConfigError, match=r"pair with 0 < min <= max, not \(0.0, 1.0\)"):
         V.range_pair((0.0, 1.0), "x", 0, low_open=True)
 
 
@@ -97,7 +97,7 @@ def _parser():
     (["--rows", "0"], "argument --rows: value must be a whole number >= 1, not 0"),
     (["--rows", "many"], "argument --rows: value must be a whole number >= 1, not 'many'"),
     (["--seed", "-1"], "argument --seed: value must be a whole number >= 0, not -1"),
-    (["--step-mm", "0"], "argument --step-mm: value must be a number in (0, 20], not 0"),
+    (["--step-mm", "0"], "argument --step-mm: value must be a number in (0, 20], not 0.0"),
 ])
 def test_command_line_types_give_the_library_sentence(argv, message):
     with pytest.raises(argparse.ArgumentError) as info:
@@ -119,9 +119,9 @@ def test_library_call_sites_use_the_one_style():
 
     with pytest.raises(GeometryError, match=r"^CArmView rows must be a whole number >= 1 \(an empty detector"):
         CArmView(sdd_mm=1000.0, sid_mm=925.0, lao_deg=0.0, cranial_deg=0.0, rows=0, cols=10, pixel_mm=0.5)
-    with pytest.raises(ConfigError, match=r"^ShapeParams global_scale must be a number in \[0.5, 2\], not 3$"):
+    with pytest.raises(ConfigError, match=r"^ShapeParams global_scale must be a number in \[0.5, 2\], not 3.0$"):
         ShapeParams(global_scale=3.0)
-    with pytest.raises(DataError, match=r"^TissueParams noise_sigma_hu must be a number in \[0, 200\], not 300$"):
+    with pytest.raises(DataError, match=r"^TissueParams noise_sigma_hu must be a number in \[0, 200\], not 300.0$"):
         TissueParams(noise_sigma_hu=300.0)
-    with pytest.raises(ConfigError, match=r"^RealismParams gamma must be a number > 0, not 0$"):
+    with pytest.raises(ConfigError, match=r"^RealismParams gamma must be a number > 0, not 0.0$"):
         RealismParams(gamma=0.0)

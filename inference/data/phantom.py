@@ -415,8 +415,7 @@ def load_subject_model(subject: str, side: str | None = None, *, folder: str | o
     if side not in bone.femur_paths:
         raise DataError(f"subject {subject_id} has no {side} femur surface in {folder}")
     femur_path = pathlib.Path(bone.femur_paths[side])
-    if not float(spacing_mm) > 0:
-        raise DataError(f"spacing_mm must be > 0, not {spacing_mm}")
+    number(spacing_mm, "spacing_mm", 0, low_open=True, error=DataError)
     pelvis_path, pelvis_frame_path = _pelvis_source(bone, side, subjects) if with_pelvis else (None, None)
     files = [femur_path] + ([pelvis_path, pelvis_frame_path] if pelvis_path is not None else [])
     hashes = {str(p.name): _cached_sha256(p) for p in files}
