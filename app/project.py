@@ -28,13 +28,11 @@ import json
 import logging
 import os
 import pathlib
-import tempfile
 import zipfile
 from typing import Any
 
 import numpy as np
 
-from app.report import permissions_like_open
 from app.session import Session, load_result, mask_png_bytes
 from inference import __version__, io
 from inference.errors import CaseFormatError, InputFileError, OutputError
@@ -114,13 +112,7 @@ def save_project(session: Session, path: str | os.PathLike, *, remember_path: bo
     if final.suffix != PROJECT_SUFFIX:
         final = final.with_name(final.name + PROJECT_SUFFIX)
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    except OSError as exc:
-        raise OutputError(f"{final}: cannot write the project ({exc.strerror or exc})") from exc
-    tmp = pathlib.Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+        with io.atomic_file(final, PROJECT_SUFFIX) as tmp, open(tmp, "wb") as handle:
             with zipfile.ZipFile(handle, "w") as archive:
                 _write_member(archive, "project.json",
                               json.dumps(project_document(session), indent=2, default=_plain).encode())
@@ -134,14 +126,8 @@ def save_project(session: Session, path: str | os.PathLike, *, remember_path: bo
                             _write_member(archive, f"result/{file.name}", source=file)
             handle.flush()
             os.fsync(handle.fileno())
-        permissions_like_open(tmp)
-        os.replace(tmp, final)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"{final}: cannot write the project ({exc.strerror or exc})") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     if remember_path:
         session.project_path = final
         session.dirty = False

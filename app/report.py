@@ -23,12 +23,12 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from inference.errors import InputFileError
+from inference.io import atomic_file
 from inference.measure import MEASUREMENTS, caveat_lines
 
 log = logging.getLogger(__name__)
@@ -368,7 +368,7 @@ def report_for_output_dir(out_dir: str | os.PathLike, pdf_path: str | os.PathLik
     surface = None
     stl = out_dir / "femur_surface.stl"
     if stl.is_file():
-        from inference.data.mesh import read_stl
+        from inference.mesh import read_stl
 
         mesh = read_stl(stl)
         surface = (np.asarray(mesh.vertices), np.asarray(mesh.faces))
@@ -409,26 +409,6 @@ def _calibration_text(calibration: dict[str, Any]) -> str:
     details = [f"{k}: {v}" for k, v in calibration.items()
                if k not in ("source", "view", "tags_used", "warnings") and not isinstance(v, (dict, list))]
     return source + (f" ({'; '.join(details)})" if details else "")
-
-
-def _current_umask() -> int:
-    # /proc tells the umask without changing it; os.umask() can only read it by setting it,
-    # which would briefly affect files created by other threads.
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-def permissions_like_open(path: str | os.PathLike) -> None:
-    """Give a file made by ``mkstemp`` (mode 0600) the mode a plain ``open()`` would (umask)."""
-    os.chmod(path, 0o666 & ~_current_umask())
 
 
 def _story(content: ReportContent) -> list[Any]:
@@ -622,11 +602,8 @@ def write_planning_report(path: str | os.PathLike, content: ReportContent) -> pa
         canvas.restoreState()
 
     final = pathlib.Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".pdf", dir=final.parent)
-    os.close(fd)
-    try:
-        document = SimpleDocTemplate(tmp, pagesize=A4, topMargin=18 * mm, bottomMargin=15 * mm,
+    with atomic_file(final, ".pdf") as tmp:
+        document = SimpleDocTemplate(str(tmp), pagesize=A4, topMargin=18 * mm, bottomMargin=15 * mm,
                                      leftMargin=18 * mm, rightMargin=18 * mm, title=content.title,
                                      author="HipAtlas", subject=notice,
                                      # Uncompressed page streams: the text stays greppable (audits
@@ -634,9 +611,4 @@ def write_planning_report(path: str | os.PathLike, content: ReportContent) -> pa
                                      # on their own, so the file stays small.
                                      pageCompression=0)
         document.build(story, onFirstPage=banner, onLaterPages=banner)
-        permissions_like_open(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
     return final

@@ -34,13 +34,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io as _stdio
 import json
 import logging
 import os
 import pathlib
-import re
 import secrets
 import shutil
 import tempfile
@@ -51,6 +49,7 @@ import numpy as np
 from app import imaging, masks as mask_ops
 from app.export import EXPORT_WRITERS, ExportContext
 from inference import __version__, geometry, graphics, io
+from inference.checksums import sha256_bytes
 from inference.errors import CalibrationError, CaseFormatError, DataError, InputFileError, OutputError
 from inference.registration import RegistrationFrame
 
@@ -212,14 +211,6 @@ def measurement_rows(measurements: dict[str, Any], units: str = "mm") -> list[tu
 landmark_label = graphics.landmark_label
 
 
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "view"
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def mask_png_bytes(mask: np.ndarray) -> bytes:
     """A mask as an 8-bit PNG (0/255), the form masks take in case folders and projects."""
     from PIL import Image
@@ -254,8 +245,8 @@ def load_result(out_dir: str | os.PathLike, *, measurements: dict[str, Any], lan
     for key, name in standard.items():
         names.setdefault(key, name)
     for view in view_names:
-        names.setdefault(f"overlay_{view}", f"overlay_{_safe_name(view)}.png")
-        names.setdefault(f"silhouette_{view}", silhouettes.file_name(_safe_name(view)))
+        names.setdefault(f"overlay_{view}", f"overlay_{io.safe_name(view)}.png")
+        names.setdefault(f"silhouette_{view}", silhouettes.file_name(io.safe_name(view)))
     paths = {k: out_dir / v for k, v in names.items() if (out_dir / v).is_file()}
     for key in ("femur_surface", "femur_labels"):
         if key not in paths:
@@ -291,7 +282,7 @@ def load_result(out_dir: str | os.PathLike, *, measurements: dict[str, Any], lan
 
 def _read_outputs(paths: dict[str, pathlib.Path]):
     """(surface vertices, faces, labels, grid, warped atlas or None) read from the files."""
-    from inference.data.mesh import read_stl
+    from inference.mesh import read_stl
 
     mesh = read_stl(paths["femur_surface"])
     labels, grid = io.read_volume(paths["femur_labels"])
@@ -479,7 +470,7 @@ class Session:
         with io.atomic_output_dir(case_dir) as tmp:
             for index, spec in enumerate(imports):
                 image = io.load_radiograph(spec.image_path)
-                stem = f"{_safe_name(spec.name).lower()}_{index}"
+                stem = f"{io.safe_name(spec.name).lower()}_{index}"
                 suffix = "".join(pathlib.Path(spec.image_path).suffixes[-2:]) or ".img"
                 image_name = stem + suffix
                 shutil.copyfile(spec.image_path, tmp / image_name)
@@ -722,10 +713,10 @@ class Session:
         for state, view in zip(self.views, self.case.views if self.case else []):
             calibration = dict(state.calibration)
             if anonymise and "file" in calibration:
-                calibration["file"] = f"{_safe_name(state.name)}_calibration.json"
+                calibration["file"] = f"{io.safe_name(state.name)}_calibration.json"
             rows.append({
                 "name": state.name,
-                "image": f"{_safe_name(state.name)}{view.image_path.suffix}" if anonymise else view.image_path.name,
+                "image": f"{io.safe_name(state.name)}{view.image_path.suffix}" if anonymise else view.image_path.name,
                 "image_sha256": view.image.sha256,
                 "image_size_px": list(view.image.shape),
                 "calibration": calibration,

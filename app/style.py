@@ -7,6 +7,8 @@ import os
 import pathlib
 import tempfile
 
+from inference import io
+
 _TEMPLATE = """
 QMainWindow, QWidget { background: #1E232B; color: #D8DEE9; font-size: 10pt; }
 QLabel#banner { background: #B3261E; color: white; font-weight: bold; padding: 5px; font-size: 10.5pt; }
@@ -58,10 +60,7 @@ def _tick_file() -> pathlib.Path:
     folder = pathlib.Path(tempfile.gettempdir()) / f"hipatlas-style-{os.getuid() if hasattr(os, 'getuid') else 0}"
     path = folder / "tick.svg"
     if not path.is_file() or path.read_text() != _TICK_SVG:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".tick-{os.getpid()}.svg"
-        tmp.write_text(_TICK_SVG)
-        os.replace(tmp, path)  # whole or not at all, even with two workstations starting
+        io.write_text_atomic(path, _TICK_SVG)  # whole or not at all, even with two workstations starting
     return path
 
 

@@ -141,7 +141,8 @@ def report_value(report, name: str) -> float:
 
 
 def _simulated_case(root: pathlib.Path, detector: int) -> pathlib.Path:
-    from inference import geometry, simulate
+    from inference import geometry
+    from inference.data import simulate
     from inference.data import phantom
 
     # a coarse phantom CT (3 mm) is enough for timing; the radiographs have the clinical size

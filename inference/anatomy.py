@@ -1,6 +1,6 @@
 """Femur landmarks and the canonical femur frame, found from the bone's own geometry.
 
-Input is a closed femur surface (:class:`~inference.data.mesh.Mesh`) in any frame and any
+Input is a closed femur surface (:class:`~inference.mesh.Mesh`) in any frame and any
 orientation, a label map on a :class:`~inference.geometry.VolumeGeometry` (its surface is taken
 with marching cubes), or a dense cloud of surface points (rasterised into a label map). The femur may be whole or only its proximal part (head, neck, trochanters and
 some shaft below the lesser trochanter, as in the atlas grids).
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from inference.data.mesh import Mesh
 from inference.errors import DataError, MeshError
+from inference.mesh import Mesh
 
 logger = logging.getLogger(__name__)
 

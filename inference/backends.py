@@ -35,7 +35,7 @@ import numpy as np
 
 from inference.errors import ConfigError, ModelError
 from inference.model_config import ModelConfig, card_path_for, read_model_card
-from inference.resources import file_sha256
+from inference.checksums import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def verify_onnx_file(onnx_path: pathlib.Path, card: Mapping[str, Any] | None) ->
                          "to another model")
     if not onnx_path.is_file():
         raise ModelError(f"the ONNX model {onnx_path} is missing; reinstall the model or use --backend tf")
-    digest = file_sha256(onnx_path)
+    digest = sha256_file(onnx_path)
     if digest != entry.get("sha256"):
         raise ModelError(f"ONNX model {onnx_path.name} does not match its model card (sha256 "
                          f"{digest[:12]}... instead of {str(entry.get('sha256'))[:12]}...): the file "

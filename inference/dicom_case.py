@@ -350,7 +350,7 @@ def case_to_dicom(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, pa
             ds.WindowWidth = _ds(max(1.0, float(pixels.max()) - float(pixels.min())))
             ds.LossyImageCompression = "00"
             ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
-            path = tmp / f"{io._safe_stem(view.name, index)}.dcm"
+            path = tmp / f"{io.safe_name(view.name, 'view' + str(index)).lower()}.dcm"
             ds.save_as(path, enforce_file_format=True)
             written.append(path)
     final = pathlib.Path(out_dir)
@@ -436,7 +436,7 @@ def study_to_case(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike
         name = _view_name(ds, index, taken)
         taken.add(name)
         _, calibration = projection_from_dicom(ds, name=f"{path.name} ({name})")  # names a missing tag
-        file_name = f"{io._safe_stem(name, index)}.dcm"
+        file_name = f"{io.safe_name(name, 'view' + str(index)).lower()}.dcm"
         views.append({"name": name, "image": file_name})
         records.append({"view": name, "image": file_name, "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
                         "series_instance_uid": str(ds.get("SeriesInstanceUID", "")),

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from inference import __version__
+from inference.checksums import sha256_file
 from inference.dicom_case import hipatlas_uid, radiographs_in
 from inference.errors import InputFileError, OutputError
 
@@ -374,9 +375,9 @@ def export_results(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         if not source:
             raise InputFileError(f"{results}: report.json does not name the case folder; give the source case")
     images = source_radiographs(source)
-    images_by_sha = {io.sha256_file(ds.filename): ds for ds in images}  # to match report.json's views
+    images_by_sha = {sha256_file(ds.filename): ds for ds in images}  # to match report.json's views
     content_key = [str(images[0].StudyInstanceUID)] + sorted(str(ds.SOPInstanceUID) for ds in images)
-    content_key.append(io.sha256_file(results / "measurements.json"))
+    content_key.append(sha256_file(results / "measurements.json"))
     key = "|".join(content_key)
     frame_uid = _frame_of_reference(images, key)
     objects: dict[str, Any] = {"sr": _sr(images, measurements, report, key, frame_uid)}
@@ -401,7 +402,7 @@ def export_results(results_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     for index, overlay in enumerate(sorted(results.glob("overlay_*.png"))):
         view = overlay.stem[len("overlay_"):]
         names = [v.get("name", "") for v in report.get("views", [])]
-        view_name = next((n for n in names if re.sub(r"[^A-Za-z0-9_-]+", "_", n) == view), view)
+        view_name = next((n for n in names if io.safe_name(n) == view), view)
         image = _match_overlay(view_name, images_by_sha, report)
         if image is None:
             raise InputFileError(f"{overlay}: no source radiograph for view {view_name!r}")

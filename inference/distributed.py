@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from inference.errors import ConfigError
+from inference.validate import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +160,7 @@ def split_batch(batch_size: int | None, per_replica_batch: int | None, replicas:
     a replica empty or uneven."""
     replicas = int(replicas)
     if per_replica_batch is not None:
-        if isinstance(per_replica_batch, bool) or not isinstance(per_replica_batch, int) or per_replica_batch < 1:
-            raise ConfigError(f"the per-replica batch must be an integer >= 1, not {per_replica_batch!r}")
+        per_replica_batch = positive_int(per_replica_batch, "the per-replica batch")
         return per_replica_batch, per_replica_batch * replicas
     if batch_size is None or batch_size % replicas:
         raise ConfigError(f"a global batch of {batch_size} does not split evenly over {replicas} replicas "

@@ -35,6 +35,7 @@ import tensorflow as tf
 from inference.errors import Cancelled, ConfigError, DataError, GeometryError
 from inference.geometry import validate_projection_matrix
 from inference.layers import prost
+from inference.validate import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +116,6 @@ def _grid(volume_shape, geometry) -> np.ndarray:
     if abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
         raise GeometryError("index_to_world is singular (a voxel spacing is zero)")
     return matrix
-
-
-def _positive_int(value, name) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, not {value!r}")
-    return int(value)
 
 
 def samples_for_step(projection, index_to_world, shape_zyx, rows, cols, step_mm=None) -> int:
@@ -212,15 +207,15 @@ def _is_cancelled(cancel) -> bool:
 
 def _render(values_zyx, index_to_world, projection, rows, cols, step_mm, num_samples, chunk_rows,
             progress, cancel, what) -> np.ndarray:
-    rows = _positive_int(rows, "rows")
-    cols = _positive_int(cols, "cols")
-    chunk_rows = _positive_int(chunk_rows, "chunk_rows")
+    rows = positive_int(rows, "rows")
+    cols = positive_int(cols, "cols")
+    chunk_rows = positive_int(chunk_rows, "chunk_rows")
     projection = validate_projection_matrix(projection)
     shape_zyx = values_zyx.shape
     if num_samples is not None:
         if step_mm is not None:
             raise ConfigError("give either step_mm or num_samples, not both")
-        num_samples = _positive_int(num_samples, "num_samples")
+        num_samples = positive_int(num_samples, "num_samples")
     p = tf.constant(projection[None])
     m = tf.constant(index_to_world[None])
     near, far = prost.near_far(p, m, shape_zyx)

@@ -74,7 +74,7 @@ def fine_grid_placed(coarse_placed, coarse_atlas_grid, fine_atlas_grid):
 def upsample_displacement(psi_zyx3: np.ndarray) -> np.ndarray:
     """The coarse displacement (coarse voxels) on the grid twice as fine (fine voxels), (Z, Y, X, 3).
 
-    The same arithmetic as :class:`inference.model.UpsampleField`, the network's own x2
+    The same arithmetic as :class:`inference.layers.grid.UpsampleField`, the network's own x2
     upsampling (shared outer edges, linear weights 3/4 and 1/4, border values held; displacements
     double in fine voxels), so the fine field is exactly what the network would have produced with
     a full-resolution output layer; in numpy, so that a registration through ONNX Runtime never

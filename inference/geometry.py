@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from inference.errors import CalibrationError, GeometryError
+from inference.validate import number, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +98,6 @@ _RANK_TOLERANCE = 1e-10
 
 
 # ----------------------------------------------------------------------------- helpers
-def _finite_float(value: Any, what: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise GeometryError(f"{what} must be a number, not {value!r}") from None
-    if not math.isfinite(number):
-        raise GeometryError(f"{what} must be a finite number, not {value!r}")
-    return number
-
-
 def _float_tuple(value: Any, length: int, what: str) -> tuple[float, ...]:
     try:
         items = np.asarray(value, dtype=np.float64).reshape(-1)
@@ -117,17 +108,6 @@ def _float_tuple(value: Any, length: int, what: str) -> tuple[float, ...]:
     if not np.all(np.isfinite(items)):
         raise GeometryError(f"{what} must be finite, not {value!r}")
     return tuple(float(x) for x in items)
-
-
-def _positive_int(value: Any, what: str, hint: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        if isinstance(value, (float, np.floating)) and float(value).is_integer():
-            value = int(value)
-        else:
-            raise GeometryError(f"{what} must be a whole number, not {value!r}")
-    if int(value) < 1:
-        raise GeometryError(f"{what} must be >= 1{hint}, not {value}")
-    return int(value)
 
 
 def _rotation_z(angle_rad: float) -> np.ndarray:
@@ -195,12 +175,8 @@ class CArmView:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        sdd = _finite_float(self.sdd_mm, "CArmView sdd_mm")
-        sid = _finite_float(self.sid_mm, "CArmView sid_mm")
-        if sdd <= 0:
-            raise GeometryError(f"CArmView sdd_mm must be > 0 mm, not {self.sdd_mm}")
-        if sid <= 0:
-            raise GeometryError(f"CArmView sid_mm must be > 0 mm, not {self.sid_mm}")
+        sdd = number(self.sdd_mm, "CArmView sdd_mm", 0, low_open=True, error=GeometryError)
+        sid = number(self.sid_mm, "CArmView sid_mm", 0, low_open=True, error=GeometryError)
         if sid >= sdd:
             raise GeometryError(
                 f"CArmView sid_mm ({sid:g} mm) must be smaller than sdd_mm ({sdd:g} mm): "
@@ -208,19 +184,17 @@ class CArmView:
             )
         set_(self, "sdd_mm", sdd)
         set_(self, "sid_mm", sid)
-        set_(self, "lao_deg", _finite_float(self.lao_deg, "CArmView lao_deg"))
-        set_(self, "cranial_deg", _finite_float(self.cranial_deg, "CArmView cranial_deg"))
+        set_(self, "lao_deg", number(self.lao_deg, "CArmView lao_deg", error=GeometryError))
+        set_(self, "cranial_deg", number(self.cranial_deg, "CArmView cranial_deg", error=GeometryError))
         empty = " (an empty detector has no pixels)"
-        set_(self, "rows", _positive_int(self.rows, "CArmView rows", empty))
-        set_(self, "cols", _positive_int(self.cols, "CArmView cols", empty))
+        set_(self, "rows", positive_int(self.rows, "CArmView rows", error=GeometryError, hint=empty))
+        set_(self, "cols", positive_int(self.cols, "CArmView cols", error=GeometryError, hint=empty))
         for name in ("pixel_mm", "pixel_v_mm"):
             value = getattr(self, name)
             if value is None:
                 continue
-            pitch = _finite_float(value, f"CArmView {name}")
-            if pitch <= 0:
-                raise GeometryError(f"CArmView {name} (detector pitch) must be > 0 mm, not {value}")
-            set_(self, name, pitch)
+            set_(self, name, number(value, f"CArmView {name} (detector pitch, mm)", 0, low_open=True,
+                                    error=GeometryError))
         if self.principal_point_px is not None:
             set_(self, "principal_point_px",
                  _float_tuple(self.principal_point_px, 2, "CArmView principal_point_px"))
@@ -401,10 +375,7 @@ def normalise_projection(P: Any, *, front_point_mm: Any = None, sdd_mm: float | 
     matrix = validate_projection_matrix(P)
     scale = 1.0 / np.linalg.norm(matrix[2, :3])
     if sdd_mm is not None:
-        sdd = _finite_float(sdd_mm, "sdd_mm")
-        if sdd <= 0:
-            raise GeometryError(f"sdd_mm must be > 0 mm, not {sdd_mm}")
-        scale /= sdd
+        scale /= number(sdd_mm, "sdd_mm", 0, low_open=True, error=GeometryError)
     if front_point_mm is not None:
         point = np.append(_float_tuple(front_point_mm, 3, "front_point_mm"), 1.0)
         w = float(matrix[2] @ point)
@@ -541,13 +512,10 @@ def crop_resize(P: Any, u0: float, v0: float, scale_u: float, scale_v: float | N
     ndarray, shape (3, 4)
     """
     matrix = validate_projection_matrix(P)
-    u0 = _finite_float(u0, "crop_resize u0")
-    v0 = _finite_float(v0, "crop_resize v0")
-    s_u = _finite_float(scale_u, "crop_resize scale_u")
-    s_v = s_u if scale_v is None else _finite_float(scale_v, "crop_resize scale_v")
-    for name, value in (("scale_u", s_u), ("scale_v", s_v)):
-        if value <= 0:
-            raise GeometryError(f"crop_resize {name} must be > 0, not {value}")
+    u0 = number(u0, "crop_resize u0", error=GeometryError)
+    v0 = number(v0, "crop_resize v0", error=GeometryError)
+    s_u = number(scale_u, "crop_resize scale_u", 0, low_open=True, error=GeometryError)
+    s_v = s_u if scale_v is None else number(scale_v, "crop_resize scale_v", 0, low_open=True, error=GeometryError)
     image_affine = np.array([
         [s_u, 0.0, 0.5 * (s_u - 1.0) - s_u * u0],
         [0.0, s_v, 0.5 * (s_v - 1.0) - s_v * v0],
@@ -571,8 +539,10 @@ def resize_to(P: Any, in_shape: tuple[int, int], out_shape: tuple[int, int]) -> 
     -------
     ndarray, shape (3, 4)
     """
-    in_rows, in_cols = (_positive_int(x, "resize_to in_shape") for x in _shape2(in_shape, "in_shape"))
-    out_rows, out_cols = (_positive_int(x, "resize_to out_shape") for x in _shape2(out_shape, "out_shape"))
+    in_rows, in_cols = (positive_int(x, "resize_to in_shape", error=GeometryError)
+                        for x in _shape2(in_shape, "in_shape"))
+    out_rows, out_cols = (positive_int(x, "resize_to out_shape", error=GeometryError)
+                          for x in _shape2(out_shape, "out_shape"))
     return crop_resize(P, 0.0, 0.0, out_cols / in_cols, out_rows / in_rows)
 
 
@@ -587,14 +557,14 @@ def _shape2(shape: Any, what: str) -> tuple[Any, Any]:
 def flip_horizontal(P: Any, cols: int) -> np.ndarray:
     """Update ``P`` for a left-right flip of an image with ``cols`` columns (``u -> cols-1-u``)."""
     matrix = validate_projection_matrix(P)
-    n = _positive_int(cols, "flip_horizontal cols")
+    n = positive_int(cols, "flip_horizontal cols", error=GeometryError)
     return np.array([[-1.0, 0.0, n - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) @ matrix
 
 
 def flip_vertical(P: Any, rows: int) -> np.ndarray:
     """Update ``P`` for an up-down flip of an image with ``rows`` rows (``v -> rows-1-v``)."""
     matrix = validate_projection_matrix(P)
-    n = _positive_int(rows, "flip_vertical rows")
+    n = positive_int(rows, "flip_vertical rows", error=GeometryError)
     return np.array([[1.0, 0.0, 0.0], [0.0, -1.0, n - 1.0], [0.0, 0.0, 1.0]]) @ matrix
 
 
@@ -1068,7 +1038,7 @@ class VolumeGeometry:
             raise GeometryError(f"VolumeGeometry shape_zyx must be 3 sizes, not {self.shape_zyx!r}") from None
         if len(shape) != 3:
             raise GeometryError(f"VolumeGeometry shape_zyx must be 3D (z, y, x), not {self.shape_zyx!r}")
-        set_(self, "shape_zyx", tuple(_positive_int(n, "VolumeGeometry shape_zyx") for n in shape))
+        set_(self, "shape_zyx", tuple(positive_int(n, "VolumeGeometry shape_zyx", error=GeometryError) for n in shape))
         spacing = _float_tuple(self.spacing_xyz_mm, 3, "VolumeGeometry spacing_xyz_mm")
         if min(spacing) <= 0:
             raise GeometryError(f"VolumeGeometry spacing_xyz_mm must be > 0 mm, not {self.spacing_xyz_mm}")

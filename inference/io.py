@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from inference.checksums import sha256_file
 from inference.errors import CaseFormatError, GeometryError, InputFileError, OutputError
 from inference.geometry import Calibration, VolumeGeometry, projection_from_dicom, validate_projection_matrix
 
@@ -181,16 +182,6 @@ class Case:
 # --------------------------------------------------------------------------------------------
 # small file helpers
 # --------------------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    from inference.resources import file_sha256
-
-    try:
-        return file_sha256(path)
-    except OSError as exc:
-        raise InputFileError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
-
-
 def _temp_sibling(path: pathlib.Path, suffix: str) -> pathlib.Path:
     # A hidden name in the same folder, so os.replace is an atomic rename on one file system;
     # the suffix is kept because some writers (ITK, PIL) choose the format from it.
@@ -198,8 +189,16 @@ def _temp_sibling(path: pathlib.Path, suffix: str) -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def _atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[pathlib.Path]:
-    """Yield a temporary path beside ``path``; on success move it onto ``path``, else delete it."""
+def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[pathlib.Path]:
+    """Yield a temporary path beside ``path``; on success move it onto ``path``, else delete it.
+
+    The one way HipAtlas writes a file (JSON, text, PNG, STL, npz, .keras, .onnx, PDF, project):
+    whoever writes into the yielded path, a reader of ``path`` sees the old file or the whole new
+    one, never a half-written one, and an error or cancel leaves no temporary file behind. The
+    temporary name keeps ``suffix`` (some writers choose the format from it) and is created by a
+    plain ``open``, so the finished file has the usual permissions (0666 less the umask).
+    Folders: :func:`atomic_output_dir`.
+    """
     final = pathlib.Path(path)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -266,7 +265,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> 
         # Put each flat list of numbers (a matrix row, a point) on one line so a person can read
         # the file; the number texts themselves are untouched, so precision is unchanged.
         text = _FLAT_NUMBER_LIST.sub(lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
-    with _atomic_file(final, ".json") as tmp:
+    with atomic_file(final, ".json") as tmp:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text + "\n")
             handle.flush()
@@ -277,7 +276,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> 
 def write_text_atomic(path: str | os.PathLike, text: str) -> pathlib.Path:
     """Write UTF-8 text via a temporary file and an atomic rename (never a half-written file)."""
     final = pathlib.Path(path)
-    with _atomic_file(final, final.suffix) as tmp:
+    with atomic_file(final, final.suffix) as tmp:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -311,7 +310,7 @@ def write_png_atomic(path: str | os.PathLike, array: np.ndarray, compress_level:
             f"{path}: cannot write a PNG from an array of shape {arr.shape} and dtype {arr.dtype}; "
             "expected (H, W) uint8/uint16/bool or (H, W, 3|4) uint8"
         )
-    with _atomic_file(path, ".png") as tmp:
+    with atomic_file(path, ".png") as tmp:
         image.save(tmp, format="PNG", compress_level=int(compress_level))
     return pathlib.Path(path)
 
@@ -937,9 +936,13 @@ def load_case(case_dir: str | os.PathLike) -> Case:
 _IMAGE_SUFFIX = {"png": ".png", "tiff": ".tif", "nifti": ".nii.gz"}
 
 
-def _safe_stem(name: str, index: int) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_").lower()
-    return stem or f"view{index}"
+def safe_name(name: str, fallback: str = "view") -> str:
+    """``name`` as a file-name part: each run of characters other than ASCII letters, digits, ``_``
+    and ``-`` becomes one ``_``, leading/trailing ``_`` are dropped, and an empty result is
+    ``fallback``. The one rule for every file named after a view (case folders, overlays,
+    proposed masks, DICOM files, project exports), so a name maps to the same file everywhere
+    and a file can be matched back to its view."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", str(name)).strip("_") or fallback
 
 
 def _image_to_uint16(image: np.ndarray) -> np.ndarray:
@@ -1026,7 +1029,7 @@ def write_case(
         if P.shape != (3, 4):
             raise CaseFormatError(f"views[{index}].P has shape {P.shape}, expected (3, 4)")
         validate_projection_matrix(P, f"views[{index}].P")
-        stem = _safe_stem(name, index)
+        stem = safe_name(name, f"view{index}").lower()
         if stem in used_stems:
             stem = f"{stem}_{index}"
         used_stems.add(stem)
@@ -1100,7 +1103,7 @@ def write_volume(
             f"{final}: volume of shape {arr.shape} does not match its geometry shape_zyx {tuple(geometry.shape_zyx)}"
         )
     image = geometry.to_sitk(np.ascontiguousarray(arr))
-    with _atomic_file(final, suffix) as tmp:
+    with atomic_file(final, suffix) as tmp:
         try:
             sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nii.gz", ".mha", ".nrrd"))
         except RuntimeError as exc:

@@ -573,7 +573,7 @@ def measure_femur(femur, geometry=None, *, side: str | None = None, label: int =
         If a surface is not closed.
     """
     from inference.anatomy import FemurLandmarks, femur_landmarks, femur_landmarks_from_labels
-    from inference.data.mesh import Mesh
+    from inference.mesh import Mesh
 
     if isinstance(femur, FemurLandmarks):
         landmarks = femur

@@ -62,17 +62,20 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-import tempfile
 from typing import Any, Mapping
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from inference.checksums import sha256_file
 from inference.errors import ConfigError, ModelError
-from inference.io import plain_mode
+from inference.io import atomic_file
 from inference.layers import warp as warp_layers
-from inference.layers.sampling import trilinear_sample
+from inference.layers.atlas import AtlasVolume, LabelMask
+from inference.layers.grid import CoarseIndexToWorld, ResizeToGrid, UpsampleField
+from inference.layers.normalise import MaskedMeanScale, SupportMeanScale
+from inference.layers.plumbing import CopyAlongDepth, Recomputed, StopGradient, ViewSelect
 from inference.model_config import (  # noqa: F401  (the TensorFlow-free part, re-exported)
     CONFIG_FORMAT,
     COMPACT,
@@ -84,377 +87,14 @@ from inference.model_config import (  # noqa: F401  (the TensorFlow-free part, r
     PAPER,
     PRESETS,
     ModelConfig,
-    _as_int_tuple,
     card_path_for,
     case_inputs,
-    file_sha256,
     preset,
     read_model_card,
     write_model_card,
 )
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# Small layers of the network (serialisable; no Lambda layers)
-# --------------------------------------------------------------------------------------------
-_PACKAGE = "hipatlas"
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class ViewSelect(keras.layers.Layer):
-    """Pick one view of a stacked two-view tensor.
-
-    Input (B, V, ...); output (B, ...) for view ``view``, with a trailing channel axis added when
-    ``add_channel`` (images (B, 2, H, W) -> (B, H, W, 1)).
-    """
-
-    def __init__(self, view: int, add_channel: bool = False, **kwargs):
-        # float32 even under mixed precision: projection matrices must not be rounded to float16.
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        if isinstance(view, bool) or not isinstance(view, int) or view < 0:
-            raise ConfigError(f"view must be a non-negative integer, not {view!r}")
-        self.view = view
-        self.add_channel = bool(add_channel)
-
-    def call(self, inputs):
-        selected = inputs[:, self.view]
-        return selected[..., None] if self.add_channel else selected
-
-    def compute_output_shape(self, input_shape):
-        shape = (input_shape[0],) + tuple(input_shape[2:])
-        return shape + (1,) if self.add_channel else shape
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(view=self.view, add_channel=self.add_channel)
-        return config
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class AtlasVolume(keras.layers.Layer):
-    """The atlas, stored as two non-trainable weights and broadcast to the batch.
-
-    Call with any tensor whose first axis is the batch (e.g. ``index_to_world`` (B, 4, 4));
-    returns ``[intensity, labels]``, each (B, Z, Y, X, 1) float32: the femur's relative attenuation
-    (:func:`femur_intensity`) and the label map (0 background, 1 femur, 2 pelvis).
-
-    The model's :class:`ModelConfig` rides along in this layer's config (``model_config``), so a
-    ``.keras`` file carries the config that built it (:func:`model_config_of`).
-
-    Parameters
-    ----------
-    shape_zyx : 3 ints
-    model_config : dict or None
-        ``ModelConfig.to_dict()`` of the model (stored verbatim).
-    """
-
-    def __init__(self, shape_zyx, model_config: dict | None = None, **kwargs):
-        kwargs.setdefault("dtype", "float32")  # geometry stays float32 under mixed precision
-        super().__init__(**kwargs)
-        self.shape_zyx = _as_int_tuple("shape_zyx", shape_zyx, 3)
-        self.model_config = None if model_config is None else dict(model_config)
-
-    def build(self, input_shape):
-        shape = self.shape_zyx + (1,)
-        self.intensity = self.add_weight(name="intensity", shape=shape, initializer="zeros",
-                                         trainable=False, dtype="float32")
-        self.labels = self.add_weight(name="labels", shape=shape, initializer="zeros",
-                                      trainable=False, dtype="float32")
-        self.built = True
-
-    def set_atlas(self, intensity: np.ndarray, labels: np.ndarray) -> None:
-        """Store the atlas arrays, each (Z, Y, X) (or (Z, Y, X, 1))."""
-        shape = self.shape_zyx + (1,)
-        for name, array in (("intensity", intensity), ("labels", labels)):
-            if np.asarray(array).reshape(-1).size != int(np.prod(shape)):
-                raise ConfigError(f"atlas {name} has shape {np.shape(array)}, the model grid is "
-                                  f"{self.shape_zyx}")
-        self.intensity.assign(np.asarray(intensity, np.float32).reshape(shape))
-        self.labels.assign(np.asarray(labels, np.float32).reshape(shape))
-
-    def call(self, reference):
-        batch = tf.shape(reference)[0]
-        shape = tf.concat([[batch], tf.constant(self.shape_zyx + (1,), tf.int32)], axis=0)
-        return [tf.broadcast_to(self.intensity[None], shape), tf.broadcast_to(self.labels[None], shape)]
-
-    def compute_output_shape(self, input_shape):
-        shape = (input_shape[0],) + self.shape_zyx + (1,)
-        return [shape, shape]
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(shape_zyx=list(self.shape_zyx), model_config=self.model_config)
-        return config
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class LabelMask(keras.layers.Layer):
-    """1.0 where a label map equals ``label``, else 0.0; shape unchanged (B, ..., 1)."""
-
-    def __init__(self, label: int = FEMUR_LABEL, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.label = int(label)
-
-    def call(self, labels):
-        return tf.cast(tf.equal(tf.round(labels), float(self.label)), tf.float32)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(label=self.label)
-        return config
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class MaskedMeanScale(keras.layers.Layer):
-    """Mask an image and divide it by its mean inside the mask.
-
-    Call with ``[image, mask]``, both (B, H, W, 1); returns (B, H, W, 1)
-    ``image * mask / mean(image | mask)``. The mean over the femur makes the radiograph's scale
-    (exposure, mu units, pixel size) irrelevant; an empty mask gives zeros.
-    """
-
-    def __init__(self, epsilon: float = 1e-6, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.epsilon = float(epsilon)
-
-    def call(self, inputs):
-        image, mask = inputs
-        mask = tf.cast(mask > 0.5, image.dtype)
-        masked = image * mask
-        count = tf.reduce_sum(mask, axis=[1, 2, 3], keepdims=True)
-        mean = tf.reduce_sum(masked, axis=[1, 2, 3], keepdims=True) / tf.maximum(count, 1.0)
-        return masked / (tf.abs(mean) + self.epsilon)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape[0])
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(epsilon=self.epsilon)
-        return config
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class SupportMeanScale(keras.layers.Layer):
-    """Divide a projection by its mean over its own support.
-
-    Input and output (B, H, W, C). The support is where the image exceeds ``relative_threshold``
-    times its maximum (per item and channel): for a projection of the bone-only atlas that is
-    the bone's shadow, so the result is on the same footing as :class:`MaskedMeanScale`.
-    """
-
-    def __init__(self, relative_threshold: float = 1e-3, epsilon: float = 1e-6, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.relative_threshold = float(relative_threshold)
-        self.epsilon = float(epsilon)
-
-    def call(self, image):
-        peak = tf.reduce_max(image, axis=[1, 2], keepdims=True)
-        # The support is a hard threshold: no gradient flows through it (only through the sums).
-        support = tf.cast(image > self.relative_threshold * peak, image.dtype)
-        count = tf.reduce_sum(support, axis=[1, 2], keepdims=True)
-        mean = tf.reduce_sum(image * support, axis=[1, 2], keepdims=True) / tf.maximum(count, 1.0)
-        return image / (tf.abs(mean) + self.epsilon)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(relative_threshold=self.relative_threshold, epsilon=self.epsilon)
-        return config
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class StopGradient(keras.layers.Layer):
-    """Identity in the forward pass, no gradient backwards (shape unchanged)."""
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("dtype", "float32")  # carries the warped atlas into ProST
-        super().__init__(**kwargs)
-
-    def call(self, inputs):
-        return tf.stop_gradient(inputs)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class CopyAlongDepth(keras.layers.Layer):
-    """Copy a 2D feature map along a new beam-depth axis: (B, H, W, C) -> (B, D, H, W, C)."""
-
-    def __init__(self, copies: int, **kwargs):
-        super().__init__(**kwargs)
-        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
-            raise ConfigError(f"copies must be a positive integer, not {copies!r}")
-        self.copies = copies
-
-    def call(self, inputs):
-        return tf.repeat(inputs[:, None], self.copies, axis=1)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.copies) + tuple(input_shape[1:])
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(copies=self.copies)
-        return config
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class UpsampleField(keras.layers.Layer):
-    """Linear x2 upsampling of a voxel-unit displacement field to a grid twice as fine.
-
-    Input (B, Z, Y, X, 3) on the coarse grid; output (B, 2Z, 2Y, 2X, 3) in fine-grid voxels.
-    Coarse voxel ``a`` sits at fine index ``2a + 0.5`` (the grids share their outer edges), so
-    fine index ``2i`` reads coarse coordinate ``i - 1/4`` and ``2i + 1`` reads ``i + 1/4``:
-    weights 3/4 and 1/4 along each axis, with the border value repeated (as the fields are
-    extended by clamping in :mod:`inference.layers.warp`). Displacements double in length
-    because fine voxels are half as big.
-    """
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-
-    @staticmethod
-    def _upsample_axis(field, axis):
-        before = tf.concat([tf.gather(field, [0], axis=axis),
-                            tf.gather(field, tf.range(tf.shape(field)[axis] - 1), axis=axis)], axis)
-        after = tf.concat([tf.gather(field, tf.range(1, tf.shape(field)[axis]), axis=axis),
-                           tf.gather(field, [tf.shape(field)[axis] - 1], axis=axis)], axis)
-        even = 0.75 * field + 0.25 * before
-        odd = 0.75 * field + 0.25 * after
-        stacked = tf.stack([even, odd], axis=axis + 1)  # (..., n, 2, ...) interleaves on reshape
-        shape = tf.shape(field)
-        new_shape = tf.concat([shape[:axis], [2 * shape[axis]], shape[axis + 1:]], axis=0)
-        return tf.reshape(stacked, new_shape)
-
-    def call(self, field):
-        for axis in (1, 2, 3):
-            field = self._upsample_axis(field, axis)
-        return 2.0 * field
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0],) + tuple(None if s is None else 2 * s for s in input_shape[1:4]) \
-            + (input_shape[4],)
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class CoarseIndexToWorld(keras.layers.Layer):
-    """``index_to_world`` of a grid coarsened by an integer factor (same outer edges).
-
-    Input and output (B, 4, 4). Coarse index ``a`` lies at fine index ``f a + (f - 1) / 2``.
-    """
-
-    def __init__(self, factor: int, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ConfigError(f"factor must be a positive integer, not {factor!r}")
-        self.factor = factor
-
-    def call(self, index_to_world):
-        f = float(self.factor)
-        shift = (f - 1.0) / 2.0
-        coarse_to_fine = tf.constant([[f, 0, 0, shift], [0, f, 0, shift], [0, 0, f, shift],
-                                      [0, 0, 0, 1]], dtype=index_to_world.dtype)
-        return tf.matmul(index_to_world, coarse_to_fine)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(factor=self.factor)
-        return config
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class ResizeToGrid(keras.layers.Layer):
-    """Trilinear resize of a beam-space volume to the atlas grid, ignoring the geometry.
-
-    The ablation alternative to inv-ProST: input (B, K', H', W', C) is stretched to
-    (B, Z, Y, X, C) with axis k -> z, v -> y, u -> x (cell centres aligned, border clamped).
-    """
-
-    def __init__(self, shape_zyx, **kwargs):
-        super().__init__(**kwargs)
-        self.shape_zyx = _as_int_tuple("shape_zyx", shape_zyx, 3)
-
-    def call(self, volume):
-        source = tf.cast(tf.shape(volume)[1:4], tf.float32)
-        axes = []
-        for axis, size in enumerate(self.shape_zyx):
-            centres = (tf.range(size, dtype=tf.float32) + 0.5) * source[axis] / size - 0.5
-            axes.append(tf.clip_by_value(centres, 0.0, source[axis] - 1.0))
-        zz, yy, xx = tf.meshgrid(*axes, indexing="ij")
-        coords = tf.stack([zz, yy, xx], axis=-1)[None]
-        coords = tf.broadcast_to(coords, tf.concat([tf.shape(volume)[:1], tf.shape(coords)[1:]], 0))
-        return trilinear_sample(volume, coords)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0],) + self.shape_zyx + (input_shape[-1],)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(shape_zyx=list(self.shape_zyx))
-        return config
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class Recomputed(keras.layers.Layer):
-    """A sub-model whose activations are recomputed in the backward pass (gradient checkpointing).
-
-    Forward passes (``training`` false) simply call ``inner``. In training the forward pass keeps
-    only the block's inputs and outputs; the backward pass runs ``inner`` again to get the
-    activations it needs (:func:`keras.remat`, i.e. ``tf.recompute_grad``). Calling one instance
-    on several inputs shares ``inner`` (and its weights) between them.
-
-    Parameters
-    ----------
-    inner : keras.Model
-        The block, a functional model taking a list of tensors.
-    """
-
-    def __init__(self, inner, **kwargs):
-        super().__init__(**kwargs)
-        if isinstance(inner, Mapping):  # from get_config
-            inner = keras.saving.deserialize_keras_object(inner)
-        if not isinstance(inner, keras.Model):
-            raise ConfigError(f"{self.name}: the recomputed block must be a Keras model, not "
-                              f"{type(inner).__name__}")
-        self.inner = inner
-
-    def build(self, input_shape):
-        self.built = True  # ``inner`` is a built functional model
-
-    def call(self, inputs, training=None):
-        if not training:
-            return self.inner(list(inputs), training=training)
-
-        def block(*tensors):
-            return self.inner(list(tensors), training=True)
-
-        return keras.remat(block)(*inputs)
-
-    def compute_output_spec(self, inputs, training=None):
-        return self.inner.compute_output_spec(list(inputs))
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(inner=keras.saving.serialize_keras_object(self.inner))
-        return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -1045,16 +685,8 @@ def save_model(model: keras.Model, path: str | os.PathLike,
     if path.suffix != ".keras":
         raise ConfigError(f"model files end in .keras, not {path.name!r}")
     config = model_config_of(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".keras", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, ".keras") as tmp:
         model.save(tmp)
-        os.chmod(tmp, plain_mode())  # mkstemp files are private; a shipped model is not
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
     return path, write_model_card(path, config, card_extra)
 
 
@@ -1094,7 +726,7 @@ def load_model(path: str | os.PathLike, card: str | os.PathLike | Mapping[str, A
         if card.get("model_file", path.name) != path.name:
             raise ModelError(f"the model card names {card.get('model_file')!r}, not {path.name!r}: it "
                              "belongs to another model")
-        digest = file_sha256(path)
+        digest = sha256_file(path)
         if digest != card.get("sha256"):
             raise ModelError(f"model file {path.name} does not match its model card (sha256 "
                              f"{digest[:12]}... instead of {str(card.get('sha256'))[:12]}...): the "

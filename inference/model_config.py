@@ -20,7 +20,8 @@ import numpy as np
 
 from inference.errors import ConfigError, ModelError
 from inference.io import write_text_atomic
-from inference.resources import file_sha256
+from inference.checksums import sha256_file
+from inference.validate import number, positive_int
 
 #: Label value of the femur in atlas and data set label maps (2 = pelvis).
 FEMUR_LABEL = 1
@@ -180,10 +181,8 @@ class ModelConfig:
                 raise ConfigError("single_decoder (one decoder for the fused views, resized to the grid) cannot be "
                                   f"combined with {', '.join(clashes)}: set {' and '.join(clashes)} to false")
 
-        if self.num_samples < 1:
-            raise ConfigError(f"num_samples (K) must be >= 1, not {self.num_samples}")
-        if self.depth_copies < 1:
-            raise ConfigError(f"depth_copies (M) must be >= 1, not {self.depth_copies}")
+        positive_int(self.num_samples, "num_samples (K)")
+        positive_int(self.depth_copies, "depth_copies (M)")
         if self.int_steps > 12:
             raise ConfigError(f"int_steps must be <= 12 (2**int_steps squarings), not {self.int_steps}")
         if self.velocity_downsample not in (1, 2):
@@ -212,8 +211,7 @@ class ModelConfig:
         if min(self.shape_zyx) // self.velocity_downsample < 2:
             raise ConfigError(f"shape_zyx {self.shape_zyx} is too small for velocity_downsample "
                               f"{self.velocity_downsample}")
-        if not 0.0 <= self.leaky_slope < 1.0:
-            raise ConfigError(f"leaky_slope must be in [0, 1), not {self.leaky_slope}")
+        number(self.leaky_slope, "leaky_slope", 0.0, 1.0, high_open=True)
 
     # Derived sizes -------------------------------------------------------------------------
     @property
@@ -333,7 +331,7 @@ def write_model_card(model_path: str | os.PathLike, config: ModelConfig,
         "format": MODEL_CARD_FORMAT,
         "name": model_path.stem,
         "model_file": model_path.name,
-        "sha256": file_sha256(model_path),
+        "sha256": sha256_file(model_path),
         "config": config.to_dict(),
         "software_version": __version__,
         "intended_use": "research use only; not for diagnosis or treatment decisions",

@@ -26,16 +26,16 @@ import json
 import logging
 import os
 import pathlib
-import tempfile
 import time
 from typing import Any
 
 from inference.backends import ONNX_CARD_KEY, OUTPUT_NAMES
 from inference.errors import ConfigError, ModelError
-from inference.io import plain_mode
+from inference.io import atomic_file
 from inference.model_config import (NUM_VIEWS, card_path_for, read_model_card, update_model_card,
                                     write_card_file)
-from inference.resources import file_sha256
+from inference.checksums import sha256_file
+from inference.validate import whole_number
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,7 @@ def export_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike | Non
     out_path = pathlib.Path(out_path) if out_path is not None else model_path.with_suffix(".onnx")
     if out_path.suffix != ".onnx":
         raise ConfigError(f"the ONNX model file must end in .onnx, not {out_path.name!r}")
-    if not (isinstance(opset, int) and 13 <= opset <= 21):
-        raise ConfigError(f"opset must be an integer from 13 to 21, not {opset!r}")
+    opset = whole_number(opset, "opset", 13, 21)
     card_file = card_path_for(model_path)
     card = read_model_card(card_file)
     net = model_lib.load_model(model_path, card)
@@ -98,22 +97,14 @@ def export_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike | Non
 
     function = tf.function(forward, input_signature=spec, autograph=False)
     started = time.perf_counter()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}.", suffix=".onnx", dir=out_path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(out_path, ".onnx") as tmp:
         with portable_ops():
             proto, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=opset)
         proto.producer_name = "hipatlas export-onnx (tf2onnx)"
         proto.doc_string = (f"HipAtlas registration network {card.get('name')} exported from "
                             f"{model_path.name} (sha256 {card['sha256']})")
         onnx.checker.check_model(proto)
-        onnx.save(proto, tmp)
-        os.chmod(tmp, plain_mode())
-        os.replace(tmp, out_path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+        onnx.save(proto, str(tmp))
     inputs = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
     if sorted(inputs) != sorted(shapes) or sorted(outputs) != sorted(OUTPUT_NAMES):
@@ -121,7 +112,7 @@ def export_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike | Non
                          f"{sorted(shapes)} and {sorted(OUTPUT_NAMES)}")
     entry = {
         "file": out_path.name,
-        "sha256": file_sha256(out_path),
+        "sha256": sha256_file(out_path),
         "bytes": out_path.stat().st_size,
         "source_model_file": model_path.name,
         "source_sha256": card["sha256"],

@@ -43,6 +43,7 @@ import numpy as np
 
 from inference import __version__, geometry, io, views
 from inference import silhouettes as silhouettes_lib
+from inference.checksums import sha256_file
 from inference.errors import Cancelled, DataError, InputFileError, ModelError, OutputError
 from inference.registration import GRAPH_MODE_MIN_CASES, RegistrationFrame, atlas_for, placed_grid
 
@@ -75,7 +76,7 @@ class OutputArrays:
     labels: np.ndarray          # (z, y, x) uint8, femur_labels.nii.gz
     grid: "geometry.VolumeGeometry"
     volume_hu: np.ndarray       # (z, y, x) float32, warped_atlas.nii.gz
-    surface: Any                # inference.data.mesh.Mesh, femur_surface.stl
+    surface: Any                # inference.mesh.Mesh, femur_surface.stl
     overlays: dict[str, np.ndarray]  # view name -> (rows, cols, 3) uint8, overlay_<view>.png
 
 
@@ -165,7 +166,7 @@ class _Measured:
     hip_centre_source: str
     shaft_axis_source: str
     head_radius_from_masks_mm: float | None
-    mesh: Any  # the femur surface in the registration frame (inference.data.mesh.Mesh)
+    mesh: Any  # the femur surface in the registration frame (inference.mesh.Mesh)
 
 
 @dataclass
@@ -335,7 +336,7 @@ def _propose_missing_masks(job: _Job, net, atlas, cancel):
             job.mask_sources[index] = "proposed"
             job.warnings.append(f"view '{view.name}': no femur mask was given; the mask was proposed "
                                 "automatically and is not confirmed: check proposed_mask_"
-                                f"{_safe_name(view.name)}.png")
+                                f"{io.safe_name(view.name)}.png")
     job.timings["mask_proposal_s"] = time.perf_counter() - t0
     return proposal
 
@@ -484,7 +485,7 @@ def _report(job: _Job, net, atlas, warped: _Warped, measured: _Measured, overlay
         "software": {"name": "hipatlas", "version": __version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "case_dir": str(case.case_dir),
-        "case_json_sha256": io.sha256_file(job.case_json),
+        "case_json_sha256": sha256_file(job.case_json),
         "side": case.side,
         "model": net.identity(),
         "atlas": {"grid": net.config.grid, "files_sha256": dict(atlas.provenance.get("files", {}))},
@@ -494,9 +495,9 @@ def _report(job: _Job, net, atlas, warped: _Warped, measured: _Measured, overlay
             "image": str(v.image_path.name),
             "image_sha256": v.image.sha256,
             "image_size_px": [int(s) for s in v.image.shape],
-            "mask": (f"proposed_mask_{_safe_name(v.name)}.png" if src == "proposed"
+            "mask": (f"proposed_mask_{io.safe_name(v.name)}.png" if src == "proposed"
                      else str(v.mask_path.name) if src == "case" and v.mask_path else None),
-            "mask_sha256": io.sha256_file(v.mask_path) if src == "case" and v.mask_path else None,
+            "mask_sha256": sha256_file(v.mask_path) if src == "case" and v.mask_path else None,
             "mask_source": src,
             "mask_confirmed": src != "proposed",
             "calibration": (dataclasses.asdict(v.calibration) if dataclasses.is_dataclass(v.calibration)
@@ -535,15 +536,15 @@ def _write_outputs(job: _Job, out_dir, overwrite: bool, outputs: _Outputs, measu
             "measurements": io.write_json_atomic(tmp / "measurements.json", measured.measurements),
         }
         for name, rgb in overlays.pictures.items():
-            files[f"overlay_{name}"] = io.write_png_atomic(tmp / f"overlay_{_safe_name(name)}.png", rgb,
+            files[f"overlay_{name}"] = io.write_png_atomic(tmp / f"overlay_{io.safe_name(name)}.png", rgb,
                                                            compress_level=3)
         for name, outline in overlays.silhouettes.items():
             files[f"silhouette_{name}"] = silhouettes_lib.write_silhouette(
-                tmp / silhouettes_lib.file_name(_safe_name(name)), outline)
+                tmp / silhouettes_lib.file_name(io.safe_name(name)), outline)
         for view, mask, src in zip(job.case.views, job.masks, job.mask_sources):
             if src == "proposed":
                 files[f"proposed_mask_{view.name}"] = io.write_png_atomic(
-                    tmp / f"proposed_mask_{_safe_name(view.name)}.png", mask.astype(np.uint8) * 255)
+                    tmp / f"proposed_mask_{io.safe_name(view.name)}.png", mask.astype(np.uint8) * 255)
         job.timings["total_s"] = time.perf_counter() - started
         files["report"] = io.write_json_atomic(tmp / "report.json", report)
     final = pathlib.Path(out_dir)
@@ -795,10 +796,6 @@ def invert_displacement_at(atlas_point_mm: np.ndarray, psi: np.ndarray,
         x = x_new
     world = grid.index_to_world() @ np.append(x[::-1], 1.0)
     return [float(v) for v in world[:3]]
-
-
-def _safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "view"
 
 
 def _with_masks(case, masks):

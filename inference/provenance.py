@@ -40,7 +40,7 @@ def provenance(model_file: str | os.PathLike | None = None, command: list[str] |
     ``model_file``: the ``.keras`` model the figures were measured with (its sha256 is recorded);
     ``command``: the argument list that produced the report (default ``sys.argv``).
     """
-    from inference.resources import file_sha256
+    from inference.checksums import sha256_file
 
     record: dict[str, Any] = {
         "command": shlex.join(command if command is not None else [pathlib.Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -53,7 +53,7 @@ def provenance(model_file: str | os.PathLike | None = None, command: list[str] |
     if model_file is not None:
         path = pathlib.Path(model_file)
         record["model_file"] = path.name
-        record["model_sha256"] = file_sha256(path)
+        record["model_sha256"] = sha256_file(path)
     return record
 
 

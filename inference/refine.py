@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from inference import validate
 from inference.errors import Cancelled
 
 log = logging.getLogger(__name__)
@@ -116,18 +117,12 @@ class RefineSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "subdivide"):
-            value = getattr(self, name)
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, not {value}")
+            validate.positive_int(getattr(self, name), f"RefineConfig {name}")
         for name in ("time_limit_s", "learning_rate", "detector_scale", "silhouette_mm"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be > 0, not {value}")
+            validate.number(getattr(self, name), f"RefineConfig {name}", 0, low_open=True)
         for name in ("ncc_weight", "silhouette_weight", "smooth_weight", "affine_prior", "displacement_prior",
                      "pose_prior", "min_improvement", "mask_bias_mm"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be >= 0, not {value}")
+            validate.number(getattr(self, name), f"RefineConfig {name}", 0)
 
 
 @dataclasses.dataclass

@@ -23,7 +23,6 @@ import): it reads model cards itself rather than through :mod:`inference.model`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any
 
+from inference.checksums import sha256_file
 from inference.errors import DataError, ModelError
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ __all__ = [
     "models_dir",
     "atlas_dir",
     "demo_dir",
-    "file_sha256",
     "model_card_path",
     "default_model_file",
     "check_model_file",
@@ -124,16 +123,8 @@ def demo_dir(root: str | os.PathLike | None = None) -> pathlib.Path:
 
 def bones_resource_dir(root: str | os.PathLike | None = None) -> pathlib.Path:
     """The bundled real bone surfaces (training data; ``$HIPATLAS_BONES_DIR`` overrides in
-    :func:`inference.data.mesh.bones_dir`)."""
+    :func:`inference.data.bones.bones_dir`)."""
     return (resources_root() if root is None else pathlib.Path(root)) / "bones"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_json(path: pathlib.Path) -> Any:
@@ -214,7 +205,7 @@ def check_model_file(model_file: str | os.PathLike) -> list[ResourceProblem]:
             "model", card_path,
             f"{card_path} is not a valid HipAtlas model card (format {MODEL_CARD_FORMAT} with a sha256); "
             f"{_REINSTALL}")]
-    actual = file_sha256(model_file)
+    actual = sha256_file(model_file)
     if actual != expected.lower():
         return [ResourceProblem(
             "model", model_file,
@@ -237,7 +228,7 @@ def _check_onnx_export(model_file: pathlib.Path, card: dict, card_path: pathlib.
     onnx_file = model_file.with_name(name)
     if not onnx_file.is_file():
         return [ResourceProblem("model", onnx_file, f"the shipped ONNX model {onnx_file} is missing; {_REINSTALL}")]
-    actual = file_sha256(onnx_file)
+    actual = sha256_file(onnx_file)
     if actual != expected.lower():
         return [ResourceProblem(
             "model", onnx_file,
@@ -315,7 +306,7 @@ def check_atlas_grid(folder: str | os.PathLike) -> list[ResourceProblem]:
             problems.append(ResourceProblem("atlas", path, f"the atlas file {path} has no checksum in {meta_path.name}; "
                                             f"{_REINSTALL}"))
         else:
-            actual = file_sha256(path)
+            actual = sha256_file(path)
             if actual != expected.lower():
                 problems.append(ResourceProblem(
                     "atlas", path,

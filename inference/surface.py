@@ -1,7 +1,7 @@
 """Surfaces of label maps in world millimetres (marching cubes from scikit-image, no VTK).
 
 :func:`label_surface` turns one label of a ``(z, y, x)`` label map into a closed triangle
-:class:`~inference.data.mesh.Mesh` in world LPS mm with outward normals, using the volume's
+:class:`~inference.mesh.Mesh` in world LPS mm with outward normals, using the volume's
 :class:`~inference.geometry.VolumeGeometry` (origin, anisotropic spacing, any direction, including
 a left-handed one). :func:`write_surface_stl` writes it as binary STL atomically.
 """
@@ -16,8 +16,9 @@ import pathlib
 import numpy as np
 from scipy import ndimage
 
-from inference.data.mesh import Mesh, write_stl
+from inference import validate
 from inference.errors import DataError, GeometryError, MeshError
+from inference.mesh import Mesh, write_stl
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +97,8 @@ def label_surface(
         raise DataError(
             f"label map of shape {labels.shape} does not match its geometry shape_zyx {tuple(geometry.shape_zyx)}"
         )
-    if not (math.isfinite(smooth_sigma_vox) and smooth_sigma_vox >= 0):
-        raise ValueError(f"smooth_sigma_vox must be >= 0, not {smooth_sigma_vox}")
-    if int(step_size) != step_size or step_size < 1:
-        raise ValueError(f"step_size must be a positive integer, not {step_size}")
+    validate.number(smooth_sigma_vox, "smooth_sigma_vox", 0)
+    step_size = validate.positive_int(step_size, "step_size")
 
     mask = labels == label
     box = _bounding_box(mask, int(step_size))

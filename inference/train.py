@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from inference import validate
 from inference.data.stream import epoch_order  # the seeded sample order (tests read it here too)
 from inference.errors import Cancelled, ClusterError, ConfigError, DataError
 
@@ -127,12 +128,10 @@ class TrainConfig:
         for name, minimum in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1),
                               ("keep_checkpoints", 1), ("validate_every", 0), ("log_every", 1),
                               ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-                raise ConfigError(f"{name} must be an integer >= {minimum}, not {value!r}")
-        if self.val_limit is not None and (isinstance(self.val_limit, bool) or not isinstance(
-                self.val_limit, (int, np.integer)) or self.val_limit < 1):
-            raise ConfigError(f"val_limit must be a positive integer or None, not {self.val_limit!r}")
+            object.__setattr__(self, name, validate.whole_number(getattr(self, name), f"TrainConfig {name}", minimum))
+        if self.val_limit is not None:
+            object.__setattr__(self, "val_limit",
+                               validate.positive_int(self.val_limit, "TrainConfig val_limit (or None)"))
         lr = self.learning_rate
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ConfigError(f"learning_rate must be a number > 0, not {lr!r}")
@@ -337,20 +336,11 @@ def export_model(model, out_dir: pathlib.Path, card_extra: Mapping[str, Any]) ->
     from inference.model import model_config_of, save_model
 
     config = model_config_of(model)
+    from inference.io import atomic_output_dir
+
     final = out_dir / "model"
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".model.", dir=out_dir))
-    try:
+    with atomic_output_dir(final, overwrite=True) as staging:
         path, _ = save_model(model, staging / f"hipatlas-{config.grid}.keras", card_extra=card_extra)
-        old = None
-        if final.exists():
-            old = out_dir / f".model.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(staging, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final / path.name
 
 
@@ -703,10 +693,10 @@ def _input_error(error):
 
 def _data_card(folders, manifests) -> dict:
     """What the model card says of the training data (one data set: plain values; several: lists)."""
-    from inference.resources import file_sha256
+    from inference.checksums import sha256_file
 
     return {"data_dir": _data_dir_record(folders),
-            "data_manifest_sha256": _one_or_list([file_sha256(f / "manifest.json") for f in folders]),
+            "data_manifest_sha256": _one_or_list([sha256_file(f / "manifest.json") for f in folders]),
             "dataset_samples": sum(len(m["samples"]) for m in manifests),
             "dataset_parameters": _one_or_list([m.get("parameters", {}) for m in manifests])}
 

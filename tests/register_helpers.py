@@ -5,7 +5,7 @@ machine), so they are built once per test process and reused by every test file 
 them: pytest caches session fixtures per defining module, so the memoisation lives here, keyed by
 the session's base temporary folder.
 
-Cases come from :func:`inference.simulate.simulate_phantom_case` of the validation specimen
+Cases come from :func:`inference.data.simulate.simulate_phantom_case` of the validation specimen
 (JIA_MRI) on a coarse CT grid (3 mm voxels, femur fields at 2 mm) and small detectors, with the
 ground truth (``truth.json``, ``labels.nii.gz``) in a separate folder.
 """
@@ -65,8 +65,8 @@ def simulated_case(base: pathlib.Path, side: str = "right", seed: int = 3,
 
 @functools.cache
 def _simulated_case(base, side, seed, angles_deg, detector) -> SimulatedCase:
-    from inference import geometry, simulate
-    from inference.data import phantom
+    from inference import geometry
+    from inference.data import phantom, simulate
 
     tag = f"{side}_{seed}_{'std' if angles_deg is None else '_'.join(f'{a:g}' for a in angles_deg)}"
     tag += f"_{detector[0]}x{detector[1]}"

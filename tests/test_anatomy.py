@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from inference import anatomy as A
-from inference.data import mesh as M
+from inference import mesh as M
+from inference.data import bones as B
 from inference.errors import DataError, InputFileError
 from inference.geometry import VolumeGeometry
 
@@ -212,7 +213,7 @@ def test_landmarks_transform_and_serialise(synthetic):
 # ----------------------------------------------------------------------------------------------
 def _femur_files():
     try:
-        return [(s.subject_id, side, path) for s in M.list_subjects() for side, path in sorted(s.femur_paths.items())]
+        return [(s.subject_id, side, path) for s in B.list_subjects() for side, path in sorted(s.femur_paths.items())]
     except InputFileError:
         return []
 

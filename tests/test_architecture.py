@@ -1,4 +1,6 @@
-"""The compute core never depends on the GUI: `inference` must not import Qt, VTK, pyvista or `app`."""
+"""The compute core never depends on the GUI: `inference` must not import Qt, VTK, pyvista or `app`;
+the Qt-free modules of `app` (session, project, report, export writers, mask and image helpers)
+must not import Qt, and its pure image/mask helpers not VTK either."""
 
 from __future__ import annotations
 
@@ -24,6 +26,48 @@ def _inference_modules() -> list[str]:
     return modules
 
 
+QT = ("PySide6", "shiboken6", "pyvistaqt", "superqt")
+VTK = ("vtk", "vtkmodules", "pyvista")
+# The same lists as the import-linter contracts in pyproject.toml.
+APP_QT_FREE = ("app.session", "app.project", "app.report", "app.report_figures", "app.export", "app.masks",
+               "app.imaging", "app.windowing", "app.isolated", "app.style")
+APP_NUMPY_ONLY = ("app.masks", "app.imaging", "app.windowing", "app.isolated", "app.style")
+
+
+def _loaded_after_import(modules, families) -> list[str]:
+    """Top-level packages of ``families`` in sys.modules after importing ``modules`` in a fresh
+    interpreter (import-linter reads the source; this also sees what runs at import time)."""
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {list(modules)!r}:\n"
+        "    importlib.import_module(name)\n"
+        f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({list(families)!r}))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_app_contract_lists_match_pyproject():
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    sources = {contract["name"]: tuple(contract["source_modules"]) for contract in contracts}
+    assert sources["the workstation's Qt-free modules never import Qt"] == APP_QT_FREE
+    assert sources["the workstation's image and mask helpers import neither Qt nor VTK"] == APP_NUMPY_ONLY
+
+
+def test_qt_free_app_modules_load_no_qt():
+    assert _loaded_after_import(APP_QT_FREE, QT) == []
+    assert _loaded_after_import(APP_NUMPY_ONLY, QT + VTK) == []
+
+
+def test_the_runtime_check_sees_a_qt_import():
+    # The check above would pass vacuously if it could not see Qt at all: the window module does load it.
+    assert "PySide6" in _loaded_after_import(["app.main_window"], QT)
+
+
 def test_import_linter_contract_holds():
     lint = shutil.which("lint-imports", path=str(pathlib.Path(sys.executable).parent)) or shutil.which("lint-imports")
     if lint is None:
@@ -35,16 +79,7 @@ def test_import_linter_contract_holds():
 
 def test_importing_every_inference_module_loads_no_gui_library():
     # import-linter sees static imports; this also catches lazy imports that run at import time.
-    code = (
-        "import importlib, json, sys\n"
-        f"for name in {_inference_modules()!r}:\n"
-        "    importlib.import_module(name)\n"
-        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r})))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                            env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    loaded = _loaded_after_import(_inference_modules(), FORBIDDEN)
     assert loaded == [], f"inference imported GUI libraries: {loaded}"
 
 

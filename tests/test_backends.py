@@ -150,12 +150,12 @@ def test_damaged_onnx_file_is_refused_and_reported(model_copy):
 
 def test_shipped_onnx_records_its_source_and_opset():
     from inference.model_config import read_model_card
-    from inference.resources import file_sha256
+    from inference.checksums import sha256_file
 
     card = read_model_card(SHIPPED / "model_card.json")
     entry = card["onnx"]
-    assert entry["file"] == ONNX_FILE.name and entry["sha256"] == file_sha256(ONNX_FILE)
-    assert entry["source_sha256"] == card["sha256"] == file_sha256(KERAS_FILE)
+    assert entry["file"] == ONNX_FILE.name and entry["sha256"] == sha256_file(ONNX_FILE)
+    assert entry["source_sha256"] == card["sha256"] == sha256_file(KERAS_FILE)
     assert entry["opset"] >= 13
     assert entry["inputs"]["images"] == [1, 2, *card["config"]["detector_hw"]]
 

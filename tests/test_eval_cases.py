@@ -29,7 +29,8 @@ def _project(matrix, point):
 def test_short_shaft_crop_ends_the_film_below_the_lesser_trochanter_and_keeps_P_true(tmp_path, eval_cases, flipped):
     from PIL import Image
 
-    from inference import anatomy, simulate
+    from inference import anatomy
+    from inference.data import simulate
     from inference.io import write_png_atomic
 
     geometry = simulate.standard_geometry((0.0, 0.0, 0.0), "right", rows=200, cols=160, pixel_mm=1.0)

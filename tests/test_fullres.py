@@ -73,7 +73,7 @@ def test_the_bundled_paper_atlas_is_twice_as_fine_as_the_compact_one():
 
 def test_numpy_upsampling_equals_the_network_layer():
     """The registration upsamples in numpy (no TensorFlow under ONNX Runtime) exactly as the model's layer."""
-    from inference.model import UpsampleField
+    from inference.layers.grid import UpsampleField
 
     field = np.random.default_rng(4).normal(size=(5, 4, 6, 3)).astype(np.float32)
     expected = np.asarray(UpsampleField()(field[None]))[0]

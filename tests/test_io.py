@@ -14,6 +14,7 @@ from PIL import Image
 
 from inference import geometry as g
 from inference import io as hio
+from inference.checksums import sha256_file
 from inference.errors import CalibrationError, CaseFormatError, InputFileError, OutputError
 
 ROWS, COLS = 24, 32
@@ -80,7 +81,7 @@ def test_write_case_load_case_round_trip(tmp_path, image_format):
         else:
             assert np.array_equal(view.image.pixels, written["image"])
         assert view.image.source_format == {"png": "png", "tiff": "tiff", "nifti": "nifti"}[image_format]
-        assert view.image.sha256 == hio.sha256_file(view.image_path)
+        assert view.image.sha256 == sha256_file(view.image_path)
     # The atomic writer leaves no temporary siblings behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 

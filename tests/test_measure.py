@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from inference import anatomy as A
-from inference.data import mesh as M
+from inference import mesh as M
 from inference.errors import DataError
 from inference.geometry import VolumeGeometry
 from inference.measure import (

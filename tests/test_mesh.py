@@ -1,4 +1,5 @@
-"""Tests of inference.data.mesh: STL I/O, closedness, volumes, voxelisation and signed distances."""
+"""Tests of inference.mesh (STL I/O, closedness, volumes, voxelisation, signed distances) and of
+inference.data.bones (the training bone folder)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from inference.data import mesh as M
-from inference.data.mesh import Mesh, read_stl, write_stl
+from inference import mesh as M
+from inference.data import bones as B
 from inference.errors import InputFileError, MeshError
+from inference.mesh import Mesh, read_stl, write_stl
 from inference.geometry import VolumeGeometry
 
 logger = logging.getLogger(__name__)
@@ -195,8 +197,8 @@ def test_bones_dir_env_override_and_subject_listing(tmp_path, monkeypatch):
                  "TLEM2_MRI_femur_l.stl", "README.md"):
         (tmp_path / name).write_bytes(b"")
     monkeypatch.setenv("HIPATLAS_BONES_DIR", str(tmp_path))
-    assert M.bones_dir() == tmp_path
-    subjects = {s.subject_id: s for s in M.list_subjects()}
+    assert B.bones_dir() == tmp_path
+    subjects = {s.subject_id: s for s in B.list_subjects()}
     assert sorted(subjects) == ["MC22", "TLEM2_CT", "TLEM2_MRI"]
     assert set(subjects["MC22"].femur_paths) == {"left", "right"}
     assert subjects["MC22"].pelvis_path.name == "MC22_pelvis_no_sacrum.stl"
@@ -205,12 +207,12 @@ def test_bones_dir_env_override_and_subject_listing(tmp_path, monkeypatch):
     assert subjects["TLEM2_CT"].modality == "CT"
     monkeypatch.setenv("HIPATLAS_BONES_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(InputFileError, match="HIPATLAS_BONES_DIR"):
-        M.bones_dir()
+        B.bones_dir()
 
 
 def _shared_bones():
     try:
-        return M.list_subjects()
+        return B.list_subjects()
     except InputFileError:
         return []
 

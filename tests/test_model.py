@@ -13,6 +13,9 @@ import tensorflow as tf
 import keras
 
 from inference import model as M
+from inference.checksums import sha256_file
+from inference.layers import grid as grid_layers
+from inference.layers import normalise, plumbing
 from inference.errors import ConfigError, ModelError
 
 TINY = M.ModelConfig(
@@ -167,7 +170,7 @@ def test_masked_mean_scale_is_exposure_invariant_with_unit_mean_in_the_mask():
     image = rng.uniform(1, 5, (1, 8, 8, 1)).astype(np.float32)
     mask = np.zeros_like(image)
     mask[0, 2:6, 1:7] = 1
-    layer = M.MaskedMeanScale()
+    layer = normalise.MaskedMeanScale()
     out = layer([image, mask]).numpy()
     assert np.all(out[mask == 0] == 0)
     assert out[mask == 1].mean() == pytest.approx(1.0, rel=1e-5)
@@ -178,7 +181,7 @@ def test_upsample_field_reproduces_a_linear_field():
     # coarse displacement u(a) = 0.1 a_z + 0.3 (voxels of the coarse grid) along every component
     coarse = np.fromfunction(lambda z, y, x: 0.1 * z + 0.3, (6, 5, 4), dtype=np.float32)
     field = np.repeat(coarse[None, ..., None], 3, axis=-1)
-    fine = M.UpsampleField()(field).numpy()[0]
+    fine = grid_layers.UpsampleField()(field).numpy()[0]
     assert fine.shape == (12, 10, 8, 3)
     # fine index j sits at coarse coordinate (j - 0.5) / 2; displacements double in fine voxels
     j = np.arange(12, dtype=np.float32)
@@ -190,7 +193,7 @@ def test_upsample_field_reproduces_a_linear_field():
 
 def test_coarse_index_to_world_keeps_the_grid_box():
     i2w = _index_to_world(TINY)
-    coarse = M.CoarseIndexToWorld(2)(i2w[None]).numpy()[0]
+    coarse = grid_layers.CoarseIndexToWorld(2)(i2w[None]).numpy()[0]
     # the first coarse voxel's lower edge (-0.5) is the first fine voxel's lower edge
     np.testing.assert_allclose(coarse @ [-0.5, -0.5, -0.5, 1], i2w @ [-0.5, -0.5, -0.5, 1], atol=1e-5)
     np.testing.assert_allclose(coarse @ [7.5, 7.5, 7.5, 1], i2w @ [15.5, 15.5, 15.5, 1], atol=1e-5)
@@ -198,7 +201,7 @@ def test_coarse_index_to_world_keeps_the_grid_box():
 
 def test_resize_to_grid_keeps_constants():
     volume = np.full((1, 4, 6, 8, 2), 3.0, np.float32)
-    out = M.ResizeToGrid((5, 7, 9))(volume).numpy()
+    out = grid_layers.ResizeToGrid((5, 7, 9))(volume).numpy()
     assert out.shape == (1, 5, 7, 9, 2)
     np.testing.assert_allclose(out, 3.0, rtol=1e-6)
 
@@ -313,7 +316,7 @@ def test_save_and_load_round_trip_with_safe_mode_and_card(tmp_path, atlas, sampl
     path, card_path = M.save_model(model, tmp_path / "tiny.keras", card_extra={"notes": "test"})
     assert path.is_file() and card_path == tmp_path / "model_card.json"
     card = json.loads(card_path.read_text())
-    assert card["sha256"] == M.file_sha256(path) and card["notes"] == "test"
+    assert card["sha256"] == sha256_file(path) and card["notes"] == "test"
 
     loaded = M.load_model(path)
     assert loaded._hipatlas_card["sha256"] == card["sha256"]
@@ -335,7 +338,7 @@ def test_recomputed_decoder_gives_the_same_outputs_gradients_and_file_round_trip
     keras.utils.set_random_seed(3)
     plain = M.build_model(plain_config, atlas)
     recomputed = M.build_model(dataclasses.replace(plain_config, recompute=True), atlas)
-    blocks = [layer for layer in recomputed.layers if isinstance(layer, M.Recomputed)]
+    blocks = [layer for layer in recomputed.layers if isinstance(layer, plumbing.Recomputed)]
     assert len(blocks) == (1 if shared else 2)
     by_path = {w.path: w for w in plain.weights}
     assert sorted(by_path) == sorted(w.path for w in recomputed.weights)
@@ -409,7 +412,7 @@ def test_pooled_beam_and_coarse_inv_prost_return_the_downsampled_volume():
     def back_projected(coarse_i2w):
         return InvProST((8, 8, 8), (16, 16), 32)([pooled, projection, coarse_i2w]).numpy()[0, ..., 0]
 
-    error = np.abs(back_projected(M.CoarseIndexToWorld(2)(i2w)) - expected).max()
+    error = np.abs(back_projected(grid_layers.CoarseIndexToWorld(2)(i2w)) - expected).max()
     assert error < 0.05 * expected.max()
     # placing the coarse grid without the half-voxel shift of its centres would show
     naive = tf.matmul(i2w, np.diag([2.0, 2.0, 2.0, 1.0]).astype(np.float32)[None])

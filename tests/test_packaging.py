@@ -389,7 +389,7 @@ def test_unreadable_files_are_reported_not_raised(tmp_path, monkeypatch):
     def denied(path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(resources, "file_sha256", denied)
+    monkeypatch.setattr(resources, "sha256_file", denied)
     problems = resources.find_resource_problems(root)
     assert [(p.kind, p.path) for p in problems] == [("model", model), ("atlas", root / "atlas" / "compact" /
                                                                        "atlas.nii.gz")]

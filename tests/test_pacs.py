@@ -606,7 +606,7 @@ def test_cli_case_to_dicom_get_and_dicom_export(tmp_path, orthanc, capsys):
 @pytest.mark.slow
 def test_simulated_case_through_the_pacs_keeps_its_cameras(tmp_path, orthanc, settings):
     """A `hipatlas simulate` phantom case, stored as DX and retrieved: same cameras, same pixels."""
-    from inference.simulate import simulate_phantom_case
+    from inference.data.simulate import simulate_phantom_case
 
     case_dir = simulate_phantom_case("MC22:left", 5, tmp_path / "sim", detector=(256, 256, 1.2))
     files = dicom_case.case_to_dicom(case_dir, tmp_path / "dicom", patient=dicom_case.PatientInfo(patient_id="SIM-5"))

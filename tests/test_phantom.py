@@ -267,7 +267,7 @@ def test_sampled_tissue_params_within_documented_ranges():
 # ----------------------------------------------------------------------------------------------
 def _bones_available() -> bool:
     try:
-        from inference.data.mesh import bones_dir
+        from inference.data.bones import bones_dir
 
         bones_dir()
         return True
@@ -326,7 +326,8 @@ def test_real_subject_phantom_head_where_grid_placement_says(name):
 @needs_bones
 def test_phantom_labels_match_the_deformed_posed_mesh():
     """Dice between the phantom's femur label and the voxelised deformed + posed STL surface."""
-    from inference.data.mesh import bones_dir, read_stl, voxelize
+    from inference.data.bones import bones_dir
+    from inference.mesh import read_stl, voxelize
     from inference.data.shape import ShapeParams, ShapeTransform
 
     model = ph.load_subject_model(FAST_SUBJECTS[0], spacing_mm=2.0, with_pelvis=False)

@@ -1,6 +1,6 @@
 """End-to-end tests of inference.pipeline.register_case with an untrained compact model.
 
-Known answers come from simulated cases (inference.simulate, truth kept apart from the case): the
+Known answers come from simulated cases (inference.data.simulate, truth kept apart from the case): the
 untrained network leaves the atlas where the pipeline put it, on the femoral head located from the
 masks, so the hip centre must still come out near the true one and the outputs must line up with
 the truth's world frame (by physical coordinates) for a right and a left femur.
@@ -16,7 +16,8 @@ import SimpleITK as sitk
 from PIL import Image
 
 from inference import geometry, io, mask_proposal, pipeline, registration, silhouettes
-from inference.data import mesh as mesh_lib
+from inference import mesh as mesh_lib
+from inference.checksums import sha256_file
 from inference.errors import Cancelled, HipAtlasError
 
 import register_helpers as rh
@@ -147,10 +148,10 @@ def _check_outputs(sim, out, result):
     report = json.loads((out / "report.json").read_text())
     assert report["software"]["version"] and report["model"]["name"] == "compact_untrained"
     assert len(report["model"]["sha256"]) == 64
-    assert report["case_json_sha256"] == io.sha256_file(sim.case_dir / "case.json")
+    assert report["case_json_sha256"] == sha256_file(sim.case_dir / "case.json")
     for entry, view in zip(report["views"], case.views):
-        assert entry["image_sha256"] == io.sha256_file(view.image_path)
-        assert entry["mask_sha256"] == io.sha256_file(view.mask_path)
+        assert entry["image_sha256"] == sha256_file(view.image_path)
+        assert entry["mask_sha256"] == sha256_file(view.mask_path)
         assert entry["mask_source"] == "case" and entry["mask_confirmed"] is True
         assert entry["calibration"]["source"] == "case.json projection_matrix"
     assert set(report["timings_s"]) >= {"load_model_s", "network_s", "overlay_s", "total_s"}

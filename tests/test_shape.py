@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from inference import anatomy as A
-from inference.data import mesh as M
+from inference import mesh as M
+from inference.data import bones as B
 from inference.data.shape import (
     IDENTITY_SHAPE,
     ShapeParams,
@@ -210,7 +211,7 @@ def test_speed_of_many_points(bone):
 
 def test_shared_femur_deforms_into_a_valid_surface():
     try:
-        subject = next(s for s in M.list_subjects() if s.subject_id == "TLEM2_CT")
+        subject = next(s for s in B.list_subjects() if s.subject_id == "TLEM2_CT")
     except (InputFileError, StopIteration):
         pytest.skip("shared bone surfaces not available")
     femur = M.read_stl(subject.femur_paths["left"])

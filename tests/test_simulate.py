@@ -1,4 +1,4 @@
-"""Tests of inference.simulate (``hipatlas simulate``): cases from a CT and from a phantom."""
+"""Tests of inference.data.simulate (``hipatlas simulate``): cases from a CT and from a phantom."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 
 from inference import geometry as g
 from inference import io as hio
-from inference import simulate as sim
+from inference.data import simulate as sim
 from inference.data import phantom as ph
 from inference.errors import CaseFormatError, DataError
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from inference import geometry as g
-from inference.data.mesh import read_stl
+from inference.mesh import read_stl
 from inference.errors import DataError, MeshError
 from inference.surface import label_surface, write_surface_stl
 
@@ -112,7 +112,7 @@ def test_errors():
         label_surface(np.ones((8, 8, 9), np.uint8), geometry)
     with pytest.raises(ValueError, match="smooth_sigma_vox"):
         label_surface(np.ones((8, 8, 8), np.uint8), geometry, smooth_sigma_vox=-1.0)
-    from inference.data.mesh import Mesh
+    from inference.mesh import Mesh
 
     with pytest.raises(MeshError, match="empty surface"):
         write_surface_stl("/nonexistent/x.stl", Mesh(np.zeros((0, 3)), np.zeros((0, 3), int)))

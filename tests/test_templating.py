@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from inference.cli import run as cli_run
-from inference.data.mesh import read_stl
+from inference.mesh import read_stl
 from inference.geometry import CArmView, project_points, projection_matrix
 from inference.io import read_json_object
 from inference.templating import library as lib
@@ -317,7 +317,7 @@ def test_plan_command_writes_plan_and_meshes_atomically(tmp_path, capsys, librar
 
 def _bones_available() -> bool:
     try:
-        from inference.data.mesh import bones_dir
+        from inference.data.bones import bones_dir
 
         bones_dir()
         return True

@@ -14,6 +14,7 @@ import pytest
 
 from inference import evaluate as E
 from inference import model as M
+from inference.checksums import sha256_file
 from inference import train as T
 from inference.data.dataset import DATASET_FORMAT, write_npz
 from inference.errors import Cancelled, ConfigError
@@ -54,7 +55,7 @@ def make_tiny_dataset(folder: pathlib.Path) -> pathlib.Path:
             relative = f"{split}/s{subject}_{index:05d}.npz"
             write_npz(folder / relative, arrays)
             samples.append({"index": index, "file": relative, "split": split, "subject": subject,
-                            "sha256": M.file_sha256(folder / relative)})
+                            "sha256": sha256_file(folder / relative)})
             index += 1
     manifest = {"format": DATASET_FORMAT, "grid": {"name": "tiny", "shape_zyx": list(TINY.shape_zyx)},
                 "detector_hw": list(TINY.detector_hw), "samples": samples}
@@ -280,7 +281,7 @@ def test_pooled_data_sets_and_fine_tuning_from_a_saved_model(tmp_path, data_dir,
     for a, b in kernels:
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=a.path)
     card = json.loads((result.best_model_path.parent / "model_card.json").read_text())
-    assert card["training"]["data_manifest_sha256"] == [M.file_sha256(f / "manifest.json") for f in folders]
+    assert card["training"]["data_manifest_sha256"] == [sha256_file(f / "manifest.json") for f in folders]
     assert card["training"]["dataset_samples"] == 2 * len(manifests[0]["samples"])
     assert card["training"]["wall_time_s"] > 0
 

@@ -1,6 +1,6 @@
 """Accuracy of ``hipatlas register`` on held-out simulated cases (issue 5 targets).
 
-Generates N cases of a validation specimen with :func:`inference.simulate.simulate_phantom_case`
+Generates N cases of a validation specimen with :func:`inference.data.simulate.simulate_phantom_case`
 (default JIA_MRI, left and right alternating; the phantom's pose varies within +-10 deg and its
 shape, tissue and radiograph realism with the seed), registers each with the given model exactly
 as ``hipatlas register`` does (:func:`inference.pipeline.register_case`), and reports per case and
@@ -119,7 +119,8 @@ def _case_plan(index: int, seed: int, vary: bool, sides: list[str],
 
 def _simulate(plan: dict[str, Any], subject: str, root: pathlib.Path, ct_spacing_mm: float) -> tuple[pathlib.Path,
                                                                                                      pathlib.Path]:
-    from inference import geometry, simulate
+    from inference import geometry
+    from inference.data import simulate
     from inference.data import phantom
 
     case_dir, truth_dir = root / f"case_{plan['index']:03d}", root / f"truth_{plan['index']:03d}"

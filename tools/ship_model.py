@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from inference.io import write_text_atomic  # noqa: E402
 from inference.model_config import write_card_file  # noqa: E402
-from inference.resources import file_sha256  # noqa: E402
+from inference.checksums import sha256_file  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     source = args.run_dir / "model"
     keras_file = next(source.glob("*.keras"))
     card = json.loads((source / "model_card.json").read_text())
-    if card["sha256"] != file_sha256(keras_file):
+    if card["sha256"] != sha256_file(keras_file):
         raise SystemExit(f"{keras_file} does not match its card")
     evaluation = json.loads(args.evaluation.read_text())
     summary = evaluation["summary"]

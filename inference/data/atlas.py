@@ -23,14 +23,14 @@ import json
 import logging
 import os
 import pathlib
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
+from inference.checksums import sha256_file
 from inference.errors import DataError, InputFileError
+from inference.io import atomic_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -113,12 +113,6 @@ class Atlas:
     directions: dict = dataclasses.field(default_factory=dict)
 
 
-def _sha256_file(path: pathlib.Path) -> str:
-    from inference.resources import file_sha256
-
-    return file_sha256(path)
-
-
 def load_atlas(grid_name: str, root: str | os.PathLike | None = None, *, verify: bool = True) -> Atlas:
     """Load the atlas of a grid.
 
@@ -159,7 +153,7 @@ def load_atlas(grid_name: str, root: str | os.PathLike | None = None, *, verify:
         path = folder / name
         if not path.is_file():
             raise InputFileError(f"atlas file {path} is missing; rebuild the atlas or reinstall HipAtlas")
-        if verify and _sha256_file(path) != meta.get("files", {}).get(name):
+        if verify and sha256_file(path) != meta.get("files", {}).get(name):
             raise InputFileError(f"atlas file {path} does not match its checksum in atlas.json; it is damaged")
     try:
         image = sitk.ReadImage(str(folder / "atlas.nii.gz"))
@@ -226,11 +220,9 @@ def build_atlas(grid_name: str, out_root: str | os.PathLike | None = None, *,
         raise DataError(f"the atlas of {model.name} has no femur voxel on grid {grid_name}")
 
     out_root = atlas_root() if out_root is None else pathlib.Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
     target = out_root / grid_name
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{grid_name}.", dir=out_root))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the installed atlas must be readable
-    try:
+    # Built beside the installed atlas and swapped in whole (the old one is kept until then).
+    with atomic_output_dir(target, overwrite=True) as tmp:
         report(0.7, "writing files")
         sitk.WriteImage(grid.to_sitk(ph.ct_hu.astype(np.float32)), str(tmp / "atlas.nii.gz"), useCompression=True)
         sitk.WriteImage(grid.to_sitk(ph.labels.astype(np.uint8)), str(tmp / "labels.nii.gz"), useCompression=True)
@@ -259,21 +251,8 @@ def build_atlas(grid_name: str, out_root: str | os.PathLike | None = None, *,
             "creation": {"params": params.to_dict(), "tissue_noise": "off", "shape_augmentation": "none",
                          "pose": "identity", "created_utc": datetime.datetime.now(datetime.timezone.utc)
                          .replace(microsecond=0).isoformat()},
-            "files": {name: _sha256_file(tmp / name) for name in _FILES},
+            "files": {name: sha256_file(tmp / name) for name in _FILES},
         }
         (tmp / "atlas.json").write_text(json.dumps(meta, indent=2) + "\n")
-        # Swap in the complete folder: keep the old one aside until the rename has worked.
-        old = None
-        if target.exists():
-            old = out_root / f".{grid_name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report(1.0, f"atlas written to {target}")
     return target

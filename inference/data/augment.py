@@ -27,24 +27,17 @@ bytes. :func:`sample_realism_params` draws parameters from :class:`RealismRanges
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from inference.errors import DataError
+from inference.errors import ConfigError, DataError
+from inference.validate import number, range_pair, whole_number
 
 # Reference percentile for the gamma curve: the densest structures (cortex seen edge-on) sit
 # around the top percent of a hip radiograph; normalising there keeps gamma a contrast change.
 _GAMMA_REFERENCE_PERCENTILE = 99.0
-
-
-def _check_range(name: str, value: tuple[float, float], low: float = 0.0, high: float = math.inf) -> None:
-    if len(value) != 2 or not all(np.isfinite(v) for v in value):
-        raise ValueError(f"{name} must be a (min, max) pair of finite numbers, not {value!r}")
-    if not (low <= value[0] <= value[1] <= high):
-        raise ValueError(f"{name} must satisfy {low} <= min <= max <= {high}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -79,15 +72,10 @@ class RealismParams:
 
     def __post_init__(self) -> None:
         for name in ("dose_photons_per_mm2", "scatter_fraction", "blur_sigma_mm"):
-            value = getattr(self, name)
-            if not (np.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+            number(getattr(self, name), f"RealismParams {name}", 0)
         for name in ("scatter_sigma_mm", "intensity_scale", "gamma"):
-            value = getattr(self, name)
-            if not (np.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, not {value!r}")
-        if int(self.noise_seed) != self.noise_seed or self.noise_seed < 0:
-            raise ValueError(f"noise_seed must be an integer >= 0, not {self.noise_seed!r}")
+            number(getattr(self, name), f"RealismParams {name}", 0, low_open=True)
+        whole_number(self.noise_seed, "RealismParams noise_seed", 0)
 
     @property
     def is_identity(self) -> bool:
@@ -117,19 +105,11 @@ class RealismRanges:
     gamma: tuple[float, float] = (0.8, 1.25)
 
     def __post_init__(self) -> None:
-        _check_range("dose_photons_per_mm2", self.dose_photons_per_mm2)
-        if self.dose_photons_per_mm2[0] <= 0:
-            raise ValueError(f"dose_photons_per_mm2 must be > 0 (log-uniform), not {self.dose_photons_per_mm2!r}")
-        _check_range("scatter_fraction", self.scatter_fraction)
-        _check_range("scatter_sigma_mm", self.scatter_sigma_mm)
-        if self.scatter_sigma_mm[0] <= 0:
-            raise ValueError(f"scatter_sigma_mm must be > 0, not {self.scatter_sigma_mm!r}")
-        _check_range("blur_sigma_mm", self.blur_sigma_mm)
-        _check_range("intensity_scale", self.intensity_scale)
-        _check_range("gamma", self.gamma)
-        if self.intensity_scale[0] <= 0 or self.gamma[0] <= 0:
-            raise ValueError("intensity_scale and gamma ranges must be > 0, "
-                             f"not {self.intensity_scale!r} and {self.gamma!r}")
+        # The dose is drawn log-uniformly and the widths, scale and gamma divide: all strictly positive.
+        for name, low_open in (("dose_photons_per_mm2", True), ("scatter_fraction", False),
+                               ("scatter_sigma_mm", True), ("blur_sigma_mm", False),
+                               ("intensity_scale", True), ("gamma", True)):
+            range_pair(getattr(self, name), f"RealismRanges {name}", 0, low_open=low_open)
 
     def to_dict(self) -> dict:
         return {k: (v if isinstance(v, bool) else [float(x) for x in v])
@@ -175,8 +155,7 @@ def apply_realism(line_integrals: np.ndarray, params: RealismParams, pixel_mm: f
         raise DataError(f"a radiograph must be a 2D array, not shape {p.shape}")
     if not np.all(np.isfinite(p)):
         raise DataError("the radiograph holds NaN or infinite values")
-    if not (np.isfinite(pixel_mm) and pixel_mm > 0):
-        raise ValueError(f"pixel_mm must be > 0, not {pixel_mm!r}")
+    number(pixel_mm, "pixel_mm", 0, low_open=True)
     if params.is_identity:
         return p.astype(np.float32)
 
@@ -224,7 +203,7 @@ class CalibrationPerturbation:
         for name, n in (("rotation_deg", 3), ("translation_mm", 3), ("detector_shift_px", 2)):
             value = getattr(self, name)
             if len(value) != n or not all(np.isfinite(v) for v in value):
-                raise ValueError(f"{name} must hold {n} finite numbers, not {value!r}")
+                raise ConfigError(f"CalibrationPerturbation {name} must hold {n} finite numbers, not {value!r}")
 
     @property
     def is_identity(self) -> bool:
@@ -263,9 +242,7 @@ class CalibrationErrorRanges:
 
     def __post_init__(self) -> None:
         for name in ("rotation_deg", "translation_mm", "detector_shift_px"):
-            value = getattr(self, name)
-            if not (np.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+            number(getattr(self, name), f"CalibrationErrorRanges {name}", 0)
 
     @property
     def enabled(self) -> bool:

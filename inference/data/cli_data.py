@@ -11,29 +11,11 @@ import logging
 import sys
 from typing import Any
 
+from inference.validate import cli_int
+
 log = logging.getLogger(__name__)
 
 __all__ = ["add_parser", "add_subcommands", "parse_split"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, not {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, not {value}")
-    return value
 
 
 def parse_split(items: list[str] | None) -> dict[str, list[str]] | None:
@@ -101,12 +83,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "one calibrated view pair of realistic DRRs and femur masks, split by specimen into train/val/test "
         "(docs/architecture.md, 'Data set on disk'). Resumable: run the same command again to continue.")
     synth.add_argument("--out", required=True, help="data set folder (created; resumed if it holds the same set)")
-    synth.add_argument("--subjects", type=_positive_int, help="number of samples (phantoms) N (required unless --merge)")
+    synth.add_argument("--subjects", type=cli_int(1), help="number of samples (phantoms) N (required unless --merge)")
     synth.add_argument("--grid", choices=("compact", "paper"), default="compact", help="atlas grid (default compact)")
     synth.add_argument("--geometry", choices=("orthogonal", "generalised"), default="orthogonal",
                        help="orthogonal: AP + lateral; generalised: each angle within +-30 deg of those")
-    synth.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
-    synth.add_argument("--workers", type=_non_negative_int, default=2, help="parallel processes (default 2)")
+    synth.add_argument("--seed", type=cli_int(0), default=0, help="random seed (default 0)")
+    synth.add_argument("--workers", type=cli_int(0), default=2, help="parallel processes (default 2)")
     synth.add_argument("--split", action="append", metavar="NAME=SPECIMENS",
                        help="specimens of a split, e.g. --split train=TLEM2,MC22 --split val=JIA (default: "
                        "train TLEM2+MC22, val JIA)")
@@ -117,7 +99,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--max-translation-mm", type=float, default=None,
                        help="largest random shift of the femur from the grid's nominal place, mm "
                        "(default 5; the shipped models used 10)")
-    synth.add_argument("--oversample", type=_positive_int, default=2,
+    synth.add_argument("--oversample", type=cli_int(1), default=2,
                        help="render DRRs this many times finer than the network detector (default 2)")
     synth.add_argument("--step-mm", type=float, help="ray-marching step (default: the grid's smallest spacing)")
     _add_shard_options(synth, "make only shard I of N (I = 0..N-1; samples i with i %% N == I)", "synth --shard")
@@ -140,9 +122,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     prep.add_argument("--out", required=True, help="data set folder")
     prep.add_argument("--grid", choices=("compact", "paper", "both"), default="compact",
                       help="atlas grid; 'both' writes OUT/compact and OUT/paper")
-    prep.add_argument("--pairs", type=_positive_int, default=1, help="view pairs (samples) per CT (default 1)")
+    prep.add_argument("--pairs", type=cli_int(1), default=1, help="view pairs (samples) per CT (default 1)")
     prep.add_argument("--geometry", choices=("orthogonal", "generalised"), default="orthogonal")
-    prep.add_argument("--seed", type=_non_negative_int, default=0)
+    prep.add_argument("--seed", type=cli_int(0), default=0)
     prep.add_argument("--subject", help="subject name in the manifest (default: the CT's file name)")
     prep.add_argument("--split", choices=("train", "val", "test"),
                       help="split of the CT (default train; with --cases, the list's split column)")
@@ -170,7 +152,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--geometry", help="geometry file (case.json with matrices, rows, cols)")
     sim.add_argument("--out", help="case folder to write")
     sim.add_argument("--truth-out", help="with --phantom: folder for the ground truth (CT, labels, landmarks)")
-    sim.add_argument("--seed", type=_non_negative_int, default=0, help="phantom, placement, views and noise")
+    sim.add_argument("--seed", type=cli_int(0), default=0, help="phantom, placement, views and noise")
     sim.add_argument("--side", choices=("left", "right"), help="with --phantom: side of the simulated femur")
     sim.add_argument("--format", choices=("png", "nifti", "tiff"), default="png", help="image files (default png)")
     sim.add_argument("--realism", action=argparse.BooleanOptionalAction, default=None,
@@ -182,8 +164,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="isocentre of --write-geometry views, world LPS mm")
     sim.add_argument("--angles", nargs=2, type=float, metavar=("A1", "A2"),
                      help="LAO angles of --write-geometry views (default 0 and +-90 for the side)")
-    sim.add_argument("--rows", type=_positive_int, default=768)
-    sim.add_argument("--cols", type=_positive_int, default=768)
+    sim.add_argument("--rows", type=cli_int(1), default=768)
+    sim.add_argument("--cols", type=cli_int(1), default=768)
     sim.add_argument("--pixel-mm", type=float, default=0.4)
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     sim.set_defaults(handler=_simulate)
@@ -295,7 +277,7 @@ def _prepare_ct(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from inference import simulate
+    from inference.data import simulate
     from inference.errors import ConfigError
 
     if args.write_geometry:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from inference.errors import ConfigError, DataError, InputFileError
+from inference.validate import choice, positive_int, whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -95,13 +96,14 @@ def read_ct(path: str | os.PathLike) -> tuple[np.ndarray, Any, str]:
         volume = sitk.GetArrayFromImage(image).astype(np.float32)
         geometry = VolumeGeometry.from_sitk(image)
         digest = hashlib.sha256()
-        from inference.io import sha256_file
+        from inference.checksums import sha256_file
 
         for file in sorted(files):
             digest.update(sha256_file(file).encode())
         sha = digest.hexdigest()
     else:
-        from inference.io import read_volume, sha256_file
+        from inference.checksums import sha256_file
+        from inference.io import read_volume
 
         volume, geometry = read_volume(source)
         volume = volume.astype(np.float32)
@@ -337,12 +339,9 @@ def _check_options(split: str, geometry: str, pairs: int, seed: int, config: Any
 
     if split not in ds.SPLITS:
         raise ConfigError(f"split must be one of {ds.SPLITS}, not {split!r}")
-    if geometry not in ds.GEOMETRY_MODES:
-        raise ConfigError(f"geometry must be one of {ds.GEOMETRY_MODES}, not {geometry!r}")
-    if isinstance(pairs, bool) or int(pairs) != pairs or pairs < 1:
-        raise ConfigError(f"pairs must be an integer >= 1, not {pairs!r}")
-    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, not {seed!r}")
+    choice(geometry, "geometry", ds.GEOMETRY_MODES)
+    positive_int(pairs, "pairs")
+    whole_number(seed, "seed", 0)
     config = config or ds.SynthConfig()
     config = dataclasses.replace(config, views=dataclasses.replace(config.views, mode=geometry))
     return config, (ds.dataset_grid(grid) if isinstance(grid, str) else grid)

@@ -47,7 +47,6 @@ import os
 import pathlib
 import struct
 import time
-import uuid
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -56,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from inference import __version__
+from inference import __version__, validate
 from inference.data.augment import (
     CalibrationErrorRanges,
     CalibrationPerturbation,
@@ -181,18 +180,6 @@ def dataset_grid(name: str) -> DatasetGrid:
     return DatasetGrid(name, grid_geometry(name), tuple(preset(name).detector_hw))
 
 
-def _finite(owner: str, name: str, value: Any, low: float = -math.inf, high: float = math.inf,
-            low_open: bool = False) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{owner} {name} must be a number, not {value!r}") from None
-    if not math.isfinite(number) or number > high or number < low or (low_open and number == low):
-        bound = f"> {low}" if low_open else f">= {low}"
-        raise ConfigError(f"{owner} {name} must be a finite number {bound} and <= {high}, not {value!r}")
-    return number
-
-
 @dataclass(frozen=True)
 class ViewSampling:
     """How the two C-arm views of a sample are drawn (angles in LAO degrees, see geometry.CArmView).
@@ -224,16 +211,16 @@ class ViewSampling:
     def __post_init__(self) -> None:
         if self.mode not in GEOMETRY_MODES:
             raise ConfigError(f"ViewSampling mode must be one of {GEOMETRY_MODES}, not {self.mode!r}")
-        sdd = _finite("ViewSampling", "sdd_mm", self.sdd_mm, 0, low_open=True)
-        sid = _finite("ViewSampling", "sid_mm", self.sid_mm, 0, low_open=True)
+        sdd = validate.number(self.sdd_mm, "ViewSampling sdd_mm", 0, low_open=True)
+        sid = validate.number(self.sid_mm, "ViewSampling sid_mm", 0, low_open=True)
         if sid >= sdd:
             raise ConfigError(f"ViewSampling sid_mm ({sid}) must be smaller than sdd_mm ({sdd})")
         if len(self.base_angles_deg) != 2:
             raise ConfigError(f"ViewSampling base_angles_deg must hold 2 angles, not {self.base_angles_deg!r}")
         object.__setattr__(self, "base_angles_deg",
-                           tuple(_finite("ViewSampling", "base_angles_deg", a) for a in self.base_angles_deg))
-        _finite("ViewSampling", "angle_range_deg", self.angle_range_deg, 0, 89)
-        _finite("ViewSampling", "isocentre_offset_mm", self.isocentre_offset_mm, 0, 500)
+                           tuple(validate.number(a, "ViewSampling base_angles_deg") for a in self.base_angles_deg))
+        validate.number(self.angle_range_deg, "ViewSampling angle_range_deg", 0, 89)
+        validate.number(self.isocentre_offset_mm, "ViewSampling isocentre_offset_mm", 0, 500)
         if len(self.view_names) != 2 or self.view_names[0] == self.view_names[1]:
             raise ConfigError(f"ViewSampling view_names must be two different names, not {self.view_names!r}")
 
@@ -262,12 +249,11 @@ class RenderSettings:
     mask_threshold_mm: float = 0.5
 
     def __post_init__(self) -> None:
-        if isinstance(self.oversample, bool) or int(self.oversample) != self.oversample or not 1 <= self.oversample <= 8:
-            raise ConfigError(f"RenderSettings oversample must be an integer in 1..8, not {self.oversample!r}")
-        object.__setattr__(self, "oversample", int(self.oversample))
+        object.__setattr__(self, "oversample", validate.whole_number(self.oversample, "RenderSettings oversample", 1, 8))
         if self.step_mm is not None:
-            object.__setattr__(self, "step_mm", _finite("RenderSettings", "step_mm", self.step_mm, 0, 20, True))
-        _finite("RenderSettings", "mask_threshold_mm", self.mask_threshold_mm, 0, 50)
+            object.__setattr__(self, "step_mm",
+                               validate.number(self.step_mm, "RenderSettings step_mm", 0, 20, low_open=True))
+        validate.number(self.mask_threshold_mm, "RenderSettings mask_threshold_mm", 0, 50)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -284,9 +270,9 @@ class PhantomSampling:
     tissue: bool = True
 
     def __post_init__(self) -> None:
-        _finite("PhantomSampling", "max_rotation_deg", self.max_rotation_deg, 0, 45)
-        _finite("PhantomSampling", "max_translation_mm", self.max_translation_mm, 0, 50)
-        _finite("PhantomSampling", "max_hip_rotation_deg", self.max_hip_rotation_deg, 0, 30)
+        validate.number(self.max_rotation_deg, "PhantomSampling max_rotation_deg", 0, 45)
+        validate.number(self.max_translation_mm, "PhantomSampling max_translation_mm", 0, 50)
+        validate.number(self.max_hip_rotation_deg, "PhantomSampling max_hip_rotation_deg", 0, 30)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -324,7 +310,8 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "split", _normalise_split(self.split))
-        fractions = {name: _finite("SynthConfig", f"split_fractions[{name}]", self.split_fractions.get(name, 0.0), 0, 1)
+        fractions = {name: validate.number(self.split_fractions.get(name, 0.0),
+                                           f"SynthConfig split_fractions[{name}]", 0, 1)
                      for name in SPLITS}
         object.__setattr__(self, "split_fractions", fractions)
 
@@ -361,7 +348,7 @@ class SourceFemur:
 
 def available_femurs(folder: str | os.PathLike | None = None) -> list[SourceFemur]:
     """Every femur of the shared bone folder, with its specimen (sorted by name)."""
-    from inference.data.mesh import list_subjects
+    from inference.data.bones import list_subjects
 
     femurs = []
     for subject in list_subjects(folder):
@@ -658,28 +645,22 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> path
     Unlike ``np.savez_compressed`` the zip members carry a fixed timestamp, so the same arrays
     always give the same bytes (and the same sha256 in the manifest). Object arrays are refused.
     """
+    from inference.io import atomic_file
+
     final = pathlib.Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for name in sorted(arrays):
-                array = np.ascontiguousarray(arrays[name])
-                if array.dtype == object:
-                    raise DataError(f"array {name!r} has dtype object; samples hold numeric arrays only")
-                buffer = io.BytesIO()
-                np.lib.format.write_array(buffer, array, allow_pickle=False)
-                info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
-                info.external_attr = 0o644 << 16
-                # Level 1 for large members: on CT-like data it compresses nearly as well as the
-                # default level 6 at a quarter of the time (the volume dominates the writing time).
-                level = 1 if array.nbytes > (1 << 20) else 6
-                archive.writestr(info, buffer.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=level)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    with atomic_file(final, ".npz") as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name in sorted(arrays):
+            array = np.ascontiguousarray(arrays[name])
+            if array.dtype == object:
+                raise DataError(f"array {name!r} has dtype object; samples hold numeric arrays only")
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, array, allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            # Level 1 for large members: on CT-like data it compresses nearly as well as the
+            # default level 6 at a quarter of the time (the volume dominates the writing time).
+            level = 1 if array.nbytes > (1 << 20) else 6
+            archive.writestr(info, buffer.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=level)
     return final
 
 
@@ -703,7 +684,7 @@ def load_sample(path: str | os.PathLike, *, verify_sha256: str | None = None) ->
     if not file.is_file():
         raise InputFileError(f"{file}: sample file not found")
     if verify_sha256 is not None:
-        from inference.io import sha256_file
+        from inference.checksums import sha256_file
 
         actual = sha256_file(file)
         if actual != verify_sha256:
@@ -900,7 +881,7 @@ def _make_and_write(state: Mapping[str, Any], task: tuple[int, str, str, str, st
 
 def sample_entry(path: pathlib.Path, index: int, relative: str, split: str, subject: str, specimen: str) -> dict:
     """The manifest entry of a written sample file (its checksum and size), without the details."""
-    from inference.io import sha256_file
+    from inference.checksums import sha256_file
 
     return {"index": int(index), "file": relative, "split": split, "subject": subject, "specimen": specimen,
             "sha256": sha256_file(path), "bytes": path.stat().st_size}
@@ -963,10 +944,8 @@ def generate_dataset(out_dir: str | os.PathLike, subjects: int, grid: str | Data
     pathlib.Path
         The manifest.
     """
-    if isinstance(subjects, bool) or int(subjects) != subjects or subjects < 1:
-        raise ConfigError(f"subjects (number of samples) must be an integer >= 1, not {subjects!r}")
-    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, not {seed!r}")
+    validate.positive_int(subjects, "subjects (number of samples)")
+    validate.whole_number(seed, "seed", 0)
     if geometry not in GEOMETRY_MODES:
         raise ConfigError(f"geometry must be one of {GEOMETRY_MODES}, not {geometry!r}")
     config = config or SynthConfig()
@@ -1031,7 +1010,7 @@ def open_output(out: pathlib.Path, manifest: dict, shard: Any, what: str) -> dic
         if previous.get("software_version") != __version__:
             logger.warning("%s was started with HipAtlas %s; continuing with %s", out,
                            previous.get("software_version"), __version__)
-        from inference.io import sha256_file
+        from inference.checksums import sha256_file
 
         mine = shard_members(manifest)
         for entry in previous["samples"]:
@@ -1146,10 +1125,10 @@ def _copy_verified(source: pathlib.Path, target: pathlib.Path, sha256: str, comm
     sha256 is not ``sha256`` is refused and nothing is written."""
     import hashlib
 
-    from inference.io import _atomic_file
+    from inference.io import atomic_file
 
     digest = hashlib.sha256()
-    with _atomic_file(target) as tmp:
+    with atomic_file(target) as tmp:
         with open(source, "rb") as reader, open(tmp, "wb") as writer:
             for chunk in iter(lambda: reader.read(1 << 20), b""):
                 digest.update(chunk)
@@ -1170,7 +1149,7 @@ def merge_shards(out_dir: str | os.PathLike, shard_dirs: Sequence[str | os.PathL
     the same sample files byte for byte and the same manifest (apart from its ``updated`` time).
     Resumable: files already in ``out_dir`` with the right checksum are kept.
     """
-    from inference.io import sha256_file
+    from inference.checksums import sha256_file
 
     folders = [pathlib.Path(d) for d in shard_dirs]
     if not folders:

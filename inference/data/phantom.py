@@ -47,7 +47,6 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +55,8 @@ import numpy as np
 from scipy import fft as sp_fft
 from scipy import ndimage
 
-from inference.errors import DataError
+from inference.errors import DataError, OutputError
+from inference.validate import number, whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -239,14 +239,14 @@ class SubjectModel:
 _HASHES: dict[tuple, str] = {}
 
 
-def _sha256(path: pathlib.Path) -> str:
+def _cached_sha256(path: pathlib.Path) -> str:
     """sha256 of a file, remembered per (path, size, mtime) so repeated phantoms skip re-reading."""
-    from inference.resources import file_sha256
+    from inference.checksums import sha256_file
 
     stat = path.stat()
     memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if memo not in _HASHES:
-        _HASHES[memo] = file_sha256(path)
+        _HASHES[memo] = sha256_file(path)
     return _HASHES[memo]
 
 
@@ -270,7 +270,7 @@ def _parse_subject(subject: str) -> tuple[str, str]:
 
 def phantom_subjects(folder: str | os.PathLike | None = None) -> list[str]:
     """Every ``"<subject_id>:<side>"`` of the shared bones that has a femur surface, sorted."""
-    from inference.data.mesh import list_subjects
+    from inference.data.bones import list_subjects
 
     names = []
     for subject in list_subjects(folder):
@@ -291,7 +291,7 @@ def place_pelvis_on_head(pelvis, head_centre_mm, head_radius_mm: float):
 
     Parameters
     ----------
-    pelvis : inference.data.mesh.Mesh
+    pelvis : inference.mesh.Mesh
         Pelvis surface in the femur's frame (approximately placed, within about 10 mm).
     head_centre_mm : (3,) array_like
     head_radius_mm : float
@@ -382,7 +382,7 @@ def load_subject_model(subject: str, side: str | None = None, *, folder: str | o
     side : {"left", "right"}, optional
         Femur side; overrides a side given in ``subject``; default right.
     folder : path, optional
-        Bone folder (default :func:`inference.data.mesh.bones_dir`).
+        Bone folder (default :func:`inference.data.bones.bones_dir`).
     use_disk_cache : bool
         Read and write ``<repo>/.cache/hipatlas`` (or ``$HIPATLAS_CACHE_DIR``; set it empty to
         switch the disk cache off). The key is the sha256 of the meshes, of the landmark and
@@ -403,7 +403,7 @@ def load_subject_model(subject: str, side: str | None = None, *, folder: str | o
     DataError
         Unknown subject or side, or landmarks that cannot be found.
     """
-    from inference.data.mesh import bones_dir, list_subjects
+    from inference.data.bones import bones_dir, list_subjects
 
     subject_id, parsed_side = _parse_subject(subject)
     side = _side_name(side) if side is not None else parsed_side
@@ -415,11 +415,10 @@ def load_subject_model(subject: str, side: str | None = None, *, folder: str | o
     if side not in bone.femur_paths:
         raise DataError(f"subject {subject_id} has no {side} femur surface in {folder}")
     femur_path = pathlib.Path(bone.femur_paths[side])
-    if not float(spacing_mm) > 0:
-        raise DataError(f"spacing_mm must be > 0, not {spacing_mm}")
+    number(spacing_mm, "spacing_mm", 0, low_open=True, error=DataError)
     pelvis_path, pelvis_frame_path = _pelvis_source(bone, side, subjects) if with_pelvis else (None, None)
     files = [femur_path] + ([pelvis_path, pelvis_frame_path] if pelvis_path is not None else [])
-    hashes = {str(p.name): _sha256(p) for p in files}
+    hashes = {str(p.name): _cached_sha256(p) for p in files}
     key_text = json.dumps({"v": CACHE_VERSION, "side": side, "files": hashes, "code": _code_version(),
                            "fine": float(spacing_mm), "body": BODY_SPACING_MM,
                            "roi": [ROI_MIN_MM, ROI_MAX_MM]}, sort_keys=True)
@@ -450,13 +449,13 @@ def load_subject_model(subject: str, side: str | None = None, *, folder: str | o
 
 def _code_version() -> str:
     """Hash of the code a subject model depends on (landmarks, distance fields), so a disk cache
-    made before a change of :mod:`inference.anatomy` or :mod:`inference.data.mesh` is not reused."""
+    made before a change of :mod:`inference.anatomy` or :mod:`inference.mesh` is not reused."""
     from inference import anatomy
-    from inference.data import mesh
+    from inference import mesh
 
     digest = hashlib.sha256()
     for module in (anatomy, mesh):
-        digest.update(_sha256(pathlib.Path(module.__file__)).encode())
+        digest.update(_cached_sha256(pathlib.Path(module.__file__)).encode())
     return digest.hexdigest()[:16]
 
 
@@ -498,7 +497,7 @@ def _field_box(mesh, spacing_mm: float, margin_mm: float, clip: bool = True):
 
 
 def _fine_sdf(mesh, what: str, spacing_mm: float = FINE_SPACING_MM) -> ScalarField:
-    from inference.data.mesh import signed_distance
+    from inference.mesh import signed_distance
 
     geometry = _field_box(mesh, spacing_mm, FINE_MARGIN_MM)
     if geometry is None:
@@ -533,7 +532,7 @@ _body_distance = body_distance_field  # old private name, used by some tests
 
 
 def _build_model(name, side, femur_path, pelvis_path, pelvis_frame_path, hashes, key, spacing_mm) -> SubjectModel:
-    from inference.data.mesh import read_stl
+    from inference.mesh import read_stl
 
     logger.info("building distance fields of subject %s (cached afterwards)", name)
     femur = read_stl(femur_path)
@@ -591,17 +590,14 @@ def _write_model(path: pathlib.Path, model: SubjectModel) -> None:
             "femur_landmarks": shape_marks,
             "to_canonical": None if model.to_canonical is None else np.asarray(model.to_canonical).tolist()}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    from inference.io import atomic_file
+
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except OSError as exc:
+        with atomic_file(path, ".npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+    except (OSError, OutputError) as exc:  # the cache is optional: go on without it
         logger.info("could not write phantom cache %s (%s)", path, exc)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
 
 
 def _read_model(path: pathlib.Path, name: str) -> SubjectModel | None:
@@ -635,13 +631,6 @@ def _landmarks_from_dict(data: dict | None):
 # ----------------------------------------------------------------------------------------------
 # Parameters
 # ----------------------------------------------------------------------------------------------
-def _check_range(owner: str, name: str, value: float, low: float, high: float) -> float:
-    value = float(value)
-    if not (low <= value <= high) or not math.isfinite(value):
-        raise DataError(f"{owner} {name} must be within [{low}, {high}], not {value}")
-    return value
-
-
 @dataclass(frozen=True)
 class TissueParams:
     """Tissue appearance of one phantom (HU, mm). Defaults are the atlas's nominal values.
@@ -703,26 +692,27 @@ class TissueParams:
 
     def __post_init__(self) -> None:
         owner = "TissueParams"
-        _check_range(owner, "cortical_hu", self.cortical_hu, 300, 3000)
-        _check_range(owner, "cortical_thickness_head_mm", self.cortical_thickness_head_mm, 0.2, 5)
-        _check_range(owner, "cortical_thickness_shaft_mm", self.cortical_thickness_shaft_mm, 0.2, 12)
-        _check_range(owner, "pelvis_cortical_thickness_mm", self.pelvis_cortical_thickness_mm, 0.2, 5)
-        _check_range(owner, "cancellous_hu", self.cancellous_hu, -100, 1500)
-        _check_range(owner, "head_cancellous_boost_hu", self.head_cancellous_boost_hu, 0, 1000)
-        _check_range(owner, "pelvis_cancellous_hu", self.pelvis_cancellous_hu, -100, 1500)
-        _check_range(owner, "trabecular_contrast", self.trabecular_contrast, 0, 1)
-        _check_range(owner, "trabecular_scale_mm", self.trabecular_scale_mm, 1, 16)
-        _check_range(owner, "marrow_hu", self.marrow_hu, -200, 200)
-        _check_range(owner, "muscle_hu", self.muscle_hu, -50, 150)
-        _check_range(owner, "fat_hu", self.fat_hu, -200, 0)
-        _check_range(owner, "muscle_thickness_mm", self.muscle_thickness_mm, 1, 200)
-        _check_range(owner, "fat_thickness_mm", self.fat_thickness_mm, 0, 200)
-        _check_range(owner, "envelope_variation_mm", self.envelope_variation_mm, 0, 50)
-        _check_range(owner, "soft_tissue_variation_hu", self.soft_tissue_variation_hu, 0, 100)
-        _check_range(owner, "noise_sigma_hu", self.noise_sigma_hu, 0, 200)
-        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) or self.seed < 0:
-            raise DataError(f"TissueParams seed must be an integer >= 0, not {self.seed!r}")
-        object.__setattr__(self, "seed", int(self.seed))
+        for name, low, high in (
+                ("cortical_hu", 300, 3000),
+                ("cortical_thickness_head_mm", 0.2, 5),
+                ("cortical_thickness_shaft_mm", 0.2, 12),
+                ("pelvis_cortical_thickness_mm", 0.2, 5),
+                ("cancellous_hu", -100, 1500),
+                ("head_cancellous_boost_hu", 0, 1000),
+                ("pelvis_cancellous_hu", -100, 1500),
+                ("trabecular_contrast", 0, 1),
+                ("trabecular_scale_mm", 1, 16),
+                ("marrow_hu", -200, 200),
+                ("muscle_hu", -50, 150),
+                ("fat_hu", -200, 0),
+                ("muscle_thickness_mm", 1, 200),
+                ("fat_thickness_mm", 0, 200),
+                ("envelope_variation_mm", 0, 50),
+                ("soft_tissue_variation_hu", 0, 100),
+                ("noise_sigma_hu", 0, 200),
+        ):
+            number(getattr(self, name), f"{owner} {name}", low, high, error=DataError)
+        object.__setattr__(self, "seed", whole_number(self.seed, f"{owner} seed", 0, error=DataError))
         if self.cortical_hu <= max(self.cancellous_hu + self.head_cancellous_boost_hu, self.pelvis_cancellous_hu):
             raise DataError(
                 f"TissueParams cortical_hu ({self.cortical_hu}) must exceed the cancellous bone "

@@ -42,6 +42,7 @@ import numpy as np
 from scipy import ndimage
 
 from inference.errors import DataError
+from inference.validate import number, whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +58,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # Parameters and sampler
 # ----------------------------------------------------------------------------------------------
-def _check_range(cls: str, name: str, value: float, lo: float, hi: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{cls} {name} must be a number, not {value!r}") from None
-    if not (math.isfinite(v) and lo <= v <= hi):
-        raise ValueError(f"{cls} {name} must be in [{lo:g}, {hi:g}], not {value!r}")
-    return v
-
-
 @dataclass(frozen=True)
 class ShapeParams:
     """Parameters of one shape augmentation (all zeros / ones = identity).
@@ -102,22 +93,16 @@ class ShapeParams:
     deformation_seed: int = 0
 
     def __post_init__(self) -> None:
-        c = "ShapeParams"
-        set_ = object.__setattr__
-        set_(self, "global_scale", _check_range(c, "global_scale", self.global_scale, 0.5, 2.0))
-        set_(self, "neck_shaft_delta_deg", _check_range(c, "neck_shaft_delta_deg", self.neck_shaft_delta_deg, -15, 15))
-        set_(self, "neck_length_factor", _check_range(c, "neck_length_factor", self.neck_length_factor, 0.75, 1.25))
-        set_(self, "head_radius_factor", _check_range(c, "head_radius_factor", self.head_radius_factor, 0.85, 1.15))
-        set_(self, "anteversion_delta_deg",
-             _check_range(c, "anteversion_delta_deg", self.anteversion_delta_deg, -15, 15))
-        set_(self, "deformation_amplitude_mm",
-             _check_range(c, "deformation_amplitude_mm", self.deformation_amplitude_mm, 0.0, 5.0))
-        set_(self, "deformation_spacing_mm",
-             _check_range(c, "deformation_spacing_mm", self.deformation_spacing_mm, 20.0, 200.0))
-        seed = self.deformation_seed
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
-            raise ValueError(f"ShapeParams deformation_seed must be an integer >= 0, not {seed!r}")
-        set_(self, "deformation_seed", int(seed))
+        for name, low, high in (("global_scale", 0.5, 2.0),
+                                 ("neck_shaft_delta_deg", -15, 15),
+                                 ("neck_length_factor", 0.75, 1.25),
+                                 ("head_radius_factor", 0.85, 1.15),
+                                 ("anteversion_delta_deg", -15, 15),
+                                 ("deformation_amplitude_mm", 0.0, 5.0),
+                                 ("deformation_spacing_mm", 20.0, 200.0)):
+            object.__setattr__(self, name, number(getattr(self, name), f"ShapeParams {name}", low, high))
+        seed = whole_number(self.deformation_seed, "ShapeParams deformation_seed", 0, 2**63 - 1)
+        object.__setattr__(self, "deformation_seed", seed)
 
     @property
     def is_identity(self) -> bool:

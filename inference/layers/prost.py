@@ -57,6 +57,7 @@ import tensorflow as tf
 
 from inference.errors import ConfigError
 from inference.layers.sampling import portable, trilinear_sample
+from inference.validate import positive_int
 
 __all__ = [
     "ProST",
@@ -808,9 +809,7 @@ class ProST(keras.layers.Layer):
                  **kwargs):
         super().__init__(**kwargs)
         self.detector_hw = _check_positive_pair("detector_hw", detector_hw)
-        if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples <= 0:
-            raise ConfigError(f"num_samples must be a positive integer, not {num_samples!r}")
-        self.num_samples = int(num_samples)
+        self.num_samples = positive_int(num_samples, "ProST num_samples")
         if output not in self._OUTPUTS:
             raise ConfigError(f"output must be one of {self._OUTPUTS}, not {output!r}")
         self.output_mode = output  # ``output`` is a read-only Layer property
@@ -917,10 +916,7 @@ class InvProST(keras.layers.Layer):
                 f"volume_shape_zyx must be three positive integers, not {volume_shape_zyx!r}")
         self.volume_shape_zyx = shape
         self.detector_hw = _check_positive_pair("detector_hw", detector_hw)
-        if num_samples is not None and (isinstance(num_samples, bool)
-                                        or int(num_samples) != num_samples or num_samples <= 0):
-            raise ConfigError(f"num_samples must be a positive integer or None, not {num_samples!r}")
-        self.num_samples = None if num_samples is None else int(num_samples)
+        self.num_samples = None if num_samples is None else positive_int(num_samples, "InvProST num_samples")
         self.geometry_gradients = bool(geometry_gradients)
 
     def build(self, input_shape):

@@ -76,6 +76,7 @@ import tensorflow as tf
 
 from inference.errors import ConfigError
 from inference.layers.sampling import nearest_sample, portable, trilinear_sample
+from inference.validate import whole_number
 
 _PACKAGE = "hipatlas"
 _INTERPOLATIONS = ("linear", "nearest")
@@ -511,9 +512,7 @@ class VecInt(keras.layers.Layer):
 
     def __init__(self, num_steps=7, jit_compile=True, recompute=False, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 0:
-            raise ConfigError(f"num_steps must be an integer >= 0, not {num_steps!r}")
-        self.num_steps = int(num_steps)
+        self.num_steps = whole_number(num_steps, "num_steps", 0)
         self.jit_compile = bool(jit_compile)
         self.recompute = bool(recompute)
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from inference.data.mesh import Mesh
 from inference.geometry import project_points
+from inference.mesh import Mesh
 from inference.templating.library import CupFamily, StemFamily
 
 __all__ = ["ring_stack_mesh", "sphere_mesh", "cylinder_mesh", "stem_body_mesh", "stem_meshes",

@@ -537,7 +537,7 @@ def write_plan(out_dir: str | os.PathLike, native: NativeHip, placed: PlacedPlan
                overwrite: bool = False) -> dict:
     """Write ``plan.json`` and the implant STLs (world mm) into a new folder, all or nothing."""
     from inference import io
-    from inference.data.mesh import write_stl
+    from inference.mesh import write_stl
 
     changes = plan_changes(native, placed)
     document = plan_document(native, placed, changes, case_out=case_out)

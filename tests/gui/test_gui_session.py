@@ -300,7 +300,7 @@ def test_isolated_registration_cancels_promptly(tmp_path):
 
 # ------------------------------------------------------------------------------ export
 def test_export_writes_valid_files(registered, tmp_path):
-    from inference.data.mesh import read_stl
+    from inference.mesh import read_stl
 
     result = _register(registered)
     written = registered.export(tmp_path / "out", ExportOptions())
@@ -537,7 +537,7 @@ def test_the_workstation_process_does_not_import_tensorflow():
     # OpenGL the two crash each other. Everything the window imports, and what loading a result
     # imports, must be free of it.
     code = ("import sys, app.main_window, app.session, app.project, app.isolated, app.main\n"
-            "import inference.pipeline, inference.io, inference.data.mesh, inference.surface, inference.measure\n"
+            "import inference.pipeline, inference.io, inference.mesh, inference.surface, inference.measure\n"
             "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from inference.errors import CaseFormatError, ConfigError, DataError
+from inference.validate import whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +60,6 @@ class ViewSpec:
     rows: int
     cols: int
     pixel_mm: float = DEFAULT_PIXEL_MM
-
-
-def _positive_int(value: Any, where: str, path: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= MAX_DETECTOR_SIDE:
-        raise CaseFormatError(f"{path}: {where} must be a whole number of pixels in 2..{MAX_DETECTOR_SIDE}, "
-                              f"not {value!r}")
-    return int(value)
 
 
 def load_geometry_file(path: str | os.PathLike) -> tuple[str, list[ViewSpec]]:
@@ -112,8 +106,8 @@ def load_geometry_file(path: str | os.PathLike) -> tuple[str, list[ViewSpec]]:
         if "image" in view:
             logger.warning("%s: %s.image is ignored (simulate renders the images)", file, where)
         projection = validate_projection_matrix(view["projection_matrix"], f"{file}: {where}.projection_matrix")
-        rows = _positive_int(view.get("rows"), f"{where}.rows", file)
-        cols = _positive_int(view.get("cols"), f"{where}.cols", file)
+        rows, cols = (whole_number(view.get(key), f"{file}: {where}.{key} (pixels)", 2, MAX_DETECTOR_SIDE,
+                                   error=CaseFormatError) for key in ("rows", "cols"))
         pixel = view.get("pixel_mm", DEFAULT_PIXEL_MM)
         if isinstance(pixel, bool) or not isinstance(pixel, (int, float)) or not 0 < pixel < 10:
             raise CaseFormatError(f"{file}: {where}.pixel_mm must be a pitch in mm (0..10), not {pixel!r}")
@@ -370,8 +364,7 @@ def simulate_phantom_case(subject: str, seed: int, out_dir: str | os.PathLike, *
     from inference.geometry import VolumeGeometry
     from inference.io import atomic_output_dir, write_case, write_json_atomic, write_volume
 
-    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, not {seed!r}")
+    seed = whole_number(seed, "seed", 0)
     if image_format not in ("png", "nifti", "tiff"):
         raise ConfigError(f"image format must be png, nifti or tiff, not {image_format!r}")
     subject_side = phantom_mod._parse_subject(subject)[1]

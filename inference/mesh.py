@@ -4,8 +4,8 @@ A :class:`Mesh` holds welded vertices (N, 3) in millimetres and triangles (M, 3)
 indices, wound counter-clockwise when seen from outside (outward normals). Everything here is
 numpy/scipy only so that phantoms and label maps can be made without VTK.
 
-The bundled bone surfaces (``<repo>/resources/bones``, or ``$HIPATLAS_BONES_DIR``) are listed
-by :func:`list_subjects`; each subject keeps its own scan frame.
+Runtime code (anatomy, surface, measure, templating, the workstation) and data-set generation
+both use it; the training bone surfaces are listed by :mod:`inference.data.bones`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import logging
 import os
 import pathlib
 import re
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,16 +21,14 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from inference.errors import InputFileError, MeshError
+from inference.validate import positive_int
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "Mesh",
-    "BoneSubject",
     "read_stl",
     "write_stl",
-    "bones_dir",
-    "list_subjects",
     "voxelize",
     "signed_distance",
     "closest_points_on_triangles",
@@ -300,122 +297,14 @@ def write_stl(path: str | os.PathLike, mesh: Mesh, header: str = "HipAtlas surfa
     if head.lower().startswith(b"solid"):
         # A binary STL header must not start with "solid" or readers take it for ASCII.
         head = (b"HipAtlas " + head)[:80]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    from inference.io import atomic_file
+
+    with atomic_file(path, ".stl") as tmp:
+        with open(tmp, "wb") as fh:
             fh.write(head)
             fh.write(np.uint32(mesh.n_faces).tobytes())
             fh.write(records.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return path
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared bone surfaces
-# ----------------------------------------------------------------------------------------------
-# Source data sets of the bundled bones (see resources/bones/README.md). "specimen" groups the
-# files of one physical person: TLEM2 CT and MRI are one specimen and must share a split.
-_SOURCES = {
-    "JIA_MRI": ("JIA-MRI (Montefiori et al. 2019)", "JIA", "MRI"),
-    "MC22": ("Montefiori et al. 2020", "MC22", "MRI"),
-    "TLEM2_MRI": ("TLEM 2.0 (Carbone et al. 2015)", "TLEM2", "MRI"),
-    "TLEM2_CT": ("TLEM 2.0 (Carbone et al. 2015)", "TLEM2", "CT"),
-}
-
-
-@dataclass(frozen=True)
-class BoneSubject:
-    """The surfaces of one subject (one scan) in the shared bone folder.
-
-    Attributes
-    ----------
-    subject_id : str
-        File prefix, e.g. ``"MC22"`` or ``"TLEM2_CT"``.
-    source : str
-        Source data set in words.
-    specimen : str
-        The physical person; several scans of one person share it (``"TLEM2"``). Split data sets
-        by specimen.
-    modality : str
-        ``"CT"`` or ``"MRI"`` (or ``""`` if unknown).
-    femur_paths : dict
-        ``{"left": Path, "right": Path}`` for the sides that exist.
-    pelvis_path : pathlib.Path or None
-        Hemipelves without sacrum, if present.
-    """
-
-    subject_id: str
-    source: str
-    specimen: str
-    modality: str
-    femur_paths: dict
-    pelvis_path: pathlib.Path | None
-
-
-def bones_dir() -> pathlib.Path:
-    """Folder of the bone STL files.
-
-    ``$HIPATLAS_BONES_DIR`` if set, else the surfaces bundled with HipAtlas
-    (``<repo>/resources/bones``; provenance, licence and citations in its README).
-
-    Raises
-    ------
-    InputFileError
-        If the folder does not exist.
-    """
-    env = os.environ.get("HIPATLAS_BONES_DIR")
-    if env:
-        folder = pathlib.Path(env).expanduser()
-        if not folder.is_dir():
-            raise InputFileError(f"HIPATLAS_BONES_DIR={env} is not a folder")
-        return folder
-    from inference.resources import bones_resource_dir
-
-    folder = bones_resource_dir()
-    if not folder.is_dir():
-        raise InputFileError(
-            f"bone surface folder {folder} not found; this installation does not ship the training "
-            "surfaces: set HIPATLAS_BONES_DIR to a folder of <subject>_femur_l/_r.stl files"
-        )
-    return folder
-
-
-_FILE_RE = re.compile(r"^(?P<subject>.+?)_(?:femur_(?P<side>[lr])|(?P<pelvis>pelvis)(?:_no_sacrum)?)\.stl$", re.I)
-
-
-def list_subjects(folder: str | os.PathLike | None = None) -> list[BoneSubject]:
-    """List the subjects of the bone folder (sorted by id), grouping femurs and pelvis per subject.
-
-    Files are named ``<subject>_femur_l.stl``, ``<subject>_femur_r.stl`` and
-    ``<subject>_pelvis_no_sacrum.stl``; other files are ignored.
-    """
-    folder = bones_dir() if folder is None else pathlib.Path(folder)
-    femurs: dict[str, dict[str, pathlib.Path]] = {}
-    pelves: dict[str, pathlib.Path] = {}
-    for path in sorted(folder.iterdir()):
-        match = _FILE_RE.match(path.name)
-        if not match or not path.is_file():
-            continue
-        subject = match.group("subject")
-        if match.group("pelvis"):
-            pelves[subject] = path
-        else:
-            side = "left" if match.group("side").lower() == "l" else "right"
-            femurs.setdefault(subject, {})[side] = path
-    subjects = []
-    for subject in sorted(set(femurs) | set(pelves)):
-        source, specimen, modality = _SOURCES.get(subject, (subject, subject, ""))
-        subjects.append(
-            BoneSubject(subject, source, specimen, modality, dict(femurs.get(subject, {})), pelves.get(subject))
-        )
-    return subjects
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,8 +460,7 @@ def signed_distance(mesh: Mesh, geometry, band_voxels: int = 2, refine_iteration
     MeshError
         If the surface is not closed.
     """
-    if int(band_voxels) < 1:
-        raise ValueError(f"band_voxels must be >= 1, not {band_voxels}")
+    band_voxels = positive_int(band_voxels, "band_voxels")
     mesh.check_closed()
     shape, i2w, w2i, spacing = _geometry_matrices(geometry)
     inside = _parity_fill(mesh, w2i, shape)
