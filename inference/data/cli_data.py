@@ -131,7 +131,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     prep.add_argument("--femur-label", type=int, default=1, help="label value of the femur (default 1)")
     prep.add_argument("--pelvis-label", type=int, help="label value of the pelvis (optional)")
     prep.add_argument("--no-realism", action="store_true", help="clean DRRs")
-    prep.add_argument("--workers", type=_non_negative_int, default=1,
+    prep.add_argument("--workers", type=cli_int(0), default=1,
                       help="with --cases: CTs imported side by side, one process each (default 1)")
     _add_shard_options(prep, "with --cases: import only the CTs k (0-based list rows) with k %% N == I",
                        "prepare-ct --cases --shard")
