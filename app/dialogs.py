@@ -101,3 +101,14 @@ def shortcuts_html(actions) -> str:
             lines.append(f"<tr><td><b>{act.shortcut().toString(QKeySequence.SequenceFormat.NativeText)}</b></td>"
                          f"<td>{act.text().replace('&', '')}</td></tr>")
     return "<table cellspacing=4>" + "".join(lines) + "</table>"
+
+
+def show_user_guide(parent, guide) -> None:
+    """Open the user guide (docs/user-guide.md, with its pictures) in the system's viewer."""
+    from PySide6.QtCore import QUrl
+    from PySide6.QtGui import QDesktopServices
+    from PySide6.QtWidgets import QMessageBox
+
+    if not guide.is_file() or not QDesktopServices.openUrl(QUrl.fromLocalFile(str(guide))):
+        QMessageBox.information(parent, "User guide", f"The user guide is {guide}; no viewer could open it "
+                                "here. It is also in the HipAtlas source repository, docs/user-guide.md.")

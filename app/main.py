@@ -135,7 +135,7 @@ def run_gui(args: argparse.Namespace) -> int:
 
     def start() -> None:
         if not quit_after:
-            window.offer_recovery()
+            window.autosave.offer_recovery()
         if target is None:
             return
         if getattr(args, "demo", False) and not (DEMO_CASE / "case.json").is_file():

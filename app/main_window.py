@@ -15,15 +15,15 @@ import os
 import pathlib
 import traceback
 
-from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QImage, QUndoGroup
 from PySide6.QtWidgets import (QDialog, QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMainWindow,
                                QMessageBox, QPushButton, QSplitter, QStackedWidget, QTabWidget, QVBoxLayout, QWidget)
 
-from app import project as project_io
-from app.dialogs import SettingsDialog, about_html, shortcuts_html
+from app.dialogs import SettingsDialog, about_html, shortcuts_html, show_user_guide
 from app.isolated import WorkerProcess
 from app.menus import build_menus
+from app.recovery_ui import AutosaveKeeper
 from app.screenshots import window_screenshot
 from app.session import RESEARCH_NOTICE, Session, describe_model
 from app.settings import Settings
@@ -74,7 +74,6 @@ class MainWindow(QMainWindow):
         #: loads stays loaded for the next job (restarted if it dies).
         self.worker_process = WorkerProcess()
         self.session.runner = self.worker_process.run
-        self.recovery = project_io.RecoveryStore(self.settings.recovery_dir)
         self._closing = False
         self.setWindowTitle("HipAtlas planning workstation")
         self.setStyleSheet(style_sheet())
@@ -90,9 +89,8 @@ class MainWindow(QMainWindow):
         self._build_layout()
         self.actions = build_menus(self)
         self.rebuild_recent_menu()
-        self.autosave_timer = QTimer(self)
-        self.autosave_timer.timeout.connect(self.autosave)
-        self._restart_autosave()
+        self.autosave = AutosaveKeeper(self)
+        self.autosave.restart()
         self.refresh_all()
 
     # ================================================================== UI construction
@@ -338,14 +336,7 @@ class MainWindow(QMainWindow):
         return f"HipAtlas {__version__}; model {model.get('id', model.get('error'))}"
 
     def show_user_guide(self) -> None:
-        """Open docs/user-guide.md (with its pictures) in the system's viewer."""
-        from PySide6.QtCore import QUrl
-        from PySide6.QtGui import QDesktopServices
-
-        guide = USER_GUIDE
-        if not guide.is_file() or not QDesktopServices.openUrl(QUrl.fromLocalFile(str(guide))):
-            QMessageBox.information(self, "User guide", f"The user guide is {guide}; no viewer could open it "
-                                    "here. It is also in the HipAtlas source repository, docs/user-guide.md.")
+        show_user_guide(self, USER_GUIDE)
 
     def show_shortcuts(self) -> None:
         QMessageBox.information(self, "Keyboard shortcuts", shortcuts_html(self.actions.values()))
@@ -354,59 +345,12 @@ class MainWindow(QMainWindow):
         dialog = SettingsDialog(self.settings, self)
         if dialog.exec() == QDialog.DialogCode.Accepted:
             dialog.apply()
-            self._restart_autosave()
+            self.autosave.restart()
             self.register_step.refresh()
             self.measure_step.refresh()
 
     def status(self, message: str) -> None:
         self.status_message.setText(message)
-
-    # ================================================================== autosave / recovery
-    def _restart_autosave(self) -> None:
-        minutes = self.settings.autosave_minutes
-        if minutes > 0:
-            self.autosave_timer.start(int(minutes * 60_000))
-        else:
-            self.autosave_timer.stop()
-
-    def autosave(self) -> bool:
-        """Save a recovery copy if there are unsaved changes (not while registering)."""
-        if not self.session.has_case or not self.session.dirty or self.register_step.worker is not None:
-            return False
-        try:
-            self.recovery.autosave(self.session)
-        except Exception as error:  # noqa: BLE001 - autosave must never interrupt the user
-            log.warning("autosave failed: %s", error)
-            return False
-        log.info("autosaved to %s", self.recovery.project_file)
-        return True
-
-    def offer_recovery(self) -> bool:
-        """Offer to restore autosaves left by a crashed session; returns True if one was restored."""
-        orphans = self.recovery.orphans()
-        if not orphans or not self.interactive:
-            return False
-        for autosave in orphans:
-            answer = QMessageBox.question(
-                self, "Recover unsaved work?",
-                f"HipAtlas did not close properly. Recover the unsaved work on "
-                f"\u201c{autosave.case_label}\u201d from {autosave.saved}?",
-                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No)
-            if answer == QMessageBox.StandardButton.Yes:
-                return self.recover(autosave)
-            self.recovery.discard(autosave)
-        return False
-
-    def recover(self, autosave: project_io.Autosave) -> bool:
-        try:
-            session = self.recovery.recover(autosave, **self.session.options())
-        except Exception as error:  # noqa: BLE001
-            self.report_error(error)
-            return False
-        self.replace_session(session)
-        self.go_to_step("Review" if session.result is not None else "Masks")
-        self.status("Recovered unsaved work; save it to keep it")
-        return True
 
     # ================================================================== closing
     def shutdown(self) -> None:
@@ -414,13 +358,13 @@ class MainWindow(QMainWindow):
         if self._closing:
             return
         self._closing = True
-        self.autosave_timer.stop()
+        self.autosave.timer.stop()
         for step in self.step_panels.values():
             step.shutdown()
         self.worker_process.close()
         self.surface_view.close_plotter()
         self.session.close()
-        self.recovery.clear()
+        self.autosave.stop()
         self.settings.sync()
 
     def closeEvent(self, event) -> None:

@@ -111,7 +111,7 @@ class ExportStep(Step):
         except Exception as error:  # noqa: BLE001
             self.window.report_error(error)
             return False
-        self.window.recovery.clear()
+        self.window.autosave.store.clear()
         self.window.remember(saved)
         self.window.refresh_steps()
         self.window.status(f"Saved {saved}")

@@ -241,19 +241,19 @@ def test_autosave_and_recovery(make_window, synthetic_case, gui_settings, tmp_pa
     window = make_window()
     window.open_case_folder(synthetic_case)
     window.set_mask_confirmed(0, True)
-    assert window.autosave()
-    assert window.recovery.project_file.is_file()
+    assert window.autosave.autosave()
+    assert window.autosave.store.project_file.is_file()
     # pretend the process died: the record now names a pid that is not running
-    meta = json.loads(window.recovery.meta_file.read_text())
+    meta = json.loads(window.autosave.store.meta_file.read_text())
     meta["pid"] = 2 ** 22 + 12345
-    dead_meta = window.recovery.folder / f"autosave-{meta['pid']}.json"
+    dead_meta = window.autosave.store.folder / f"autosave-{meta['pid']}.json"
     dead_meta.write_text(json.dumps(meta))
-    window.recovery.project_file.rename(dead_meta.with_suffix(".hipatlas"))
-    window.recovery.meta_file.unlink()
+    window.autosave.store.project_file.rename(dead_meta.with_suffix(".hipatlas"))
+    window.autosave.store.meta_file.unlink()
     other = make_window()
-    orphans = other.recovery.orphans()
+    orphans = other.autosave.store.orphans()
     assert len(orphans) == 1
-    assert other.recover(orphans[0])
+    assert other.autosave.recover(orphans[0])
     assert other.session.views[0].confirmed and not other.session.views[1].confirmed
     assert other.session.dirty and other.windowTitle().startswith("*")
 
@@ -451,8 +451,8 @@ def test_settings_dialog_applies_units_and_autosave(make_window, gui_settings, m
     dialog.apply()
     assert (gui_settings.units, gui_settings.autosave_minutes, gui_settings.model_path) == ("cm", 5.0, "/opt/models/m.keras")
     assert gui_settings.backend == "onnx" and os.environ[BACKEND_ENV] == "onnx"
-    window._restart_autosave()
-    assert window.autosave_timer.isActive() and window.autosave_timer.interval() == 300_000
+    window.autosave.restart()
+    assert window.autosave.timer.isActive() and window.autosave.timer.interval() == 300_000
 
 
 def test_atlas_mask_proposal_fills_missing_masks(make_window, gui_settings, tmp_path, qtbot):
