@@ -186,3 +186,27 @@ def test_table1_report_and_resumable_units(tmp_path):
     assert (tmp_path / "table1.png").stat().st_size > 1000
     assert results["table"]["SDM"]["dice"]["mean"] == pytest.approx(values.mean() - 0.1 - noise.mean())
     assert json.loads((tmp_path / "results.json").read_text())["test_pairs"] == 4
+
+
+@pytest.mark.slow
+def test_table1_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
+    from inference.experiments import run_experiment
+
+    tiny = {"subjects": 8, "steps": 4, "validate_every": 2, "val_limit": 1, "test": 2, "baseline_steps": 4,
+            "batch": 2, "sdm_components": 3}
+    monkeypatch.setitem(table1.BUDGET, "quick", tiny)
+    results = run_experiment("table1", tmp_path)
+    assert results["test_pairs"] == 2 and set(results["rows"]) == set(table1.ROWS)
+    assert len(list((tmp_path / "units").glob("*.json"))) == 2 * len(table1.ROWS)
+    assert 0.5 < results["table"]["ours (reference model)"]["dice"]["mean"] <= 1.0
+    for row in ("SDM", "Kasten-style"):
+        assert 0.0 <= results["table"][row]["dice"]["mean"] <= 1.0
+    assert results["table"]["SDM"]["ssim"]["n"] == 2 and results["table"]["Kasten-style"]["ssim"]["n"] == 0
+    sdm = baselines.StatisticalDeformationModel.load(tmp_path / "sdm" / "sdm.npz")
+    assert sdm.n_components == 3 and sdm.mean.shape[-1] == 3
+    text = (tmp_path / "results.md").read_text()
+    assert "| Kasten-style |" in text and "sha256" in text
+    # run again: everything is read back (no unit recomputed, no training repeated)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "units").glob("*.json")}
+    assert run_experiment("table1", tmp_path)["table"] == json.loads((tmp_path / "results.json").read_text())["table"]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "units").glob("*.json")} == stamps

@@ -6,7 +6,7 @@ orthogonal views, the same seed) and scored on the same held-out test pairs as `
 
 ``ours``                  our network trained with ``hipatlas train`` (the shipped configuration),
                           the same run as table2's ``ours`` row
-``ours (shipped model)``  the shipped model as it is (trained longer, on more data) for reference
+``ours (reference model)`` the shipped model (or ``--model``) as it is: trained longer, on more data
 ``SDM``                   PCA of 3D/3D atlas-to-subject deformations (SimpleITK affine + demons,
                           :mod:`inference.experiments.baselines`), PCA weights regressed from the
                           two views by a small CNN; the atlas warped by the reconstructed field
@@ -34,7 +34,7 @@ from inference.experiments import baselines
 from inference.experiments.common import (METRICS, ExperimentContext, fmt, held_out_phantoms, pyplot,
                                           register_metrics, render_pair, save_figure, summary, write_results)
 
-ROWS = ("ours", "ours (shipped model)", "SDM", "Kasten-style")
+ROWS = ("ours", "ours (reference model)", "SDM", "Kasten-style")
 #: table2's data and test pairs; the baselines' own steps (batch 4) and SDM size.
 BUDGET = {"quick": {"subjects": 240, "steps": 3000, "validate_every": 250, "val_limit": 8, "test": 20,
                     "baseline_steps": 3000, "batch": 4, "sdm_components": 20},
@@ -169,7 +169,7 @@ def run(ctx: ExperimentContext) -> dict[str, Any]:
         row = evaluate_samples(ours_model, [sample], with_hip_centre=False)[0]
         return {m: row[m] for m in METRICS}
 
-    scorers = {"ours": ours, "ours (shipped model)": lambda s: register_metrics(ctx, s),
+    scorers = {"ours": ours, "ours (reference model)": lambda s: register_metrics(ctx, s),
                "SDM": lambda s: score_sdm(nets["sdm"], nets["regressor"], atlas, s),
                "Kasten-style": lambda s: score_kasten(nets["kasten"], s)}
     scores: dict[str, list[dict]] = {row: [] for row in ROWS}
@@ -181,7 +181,7 @@ def run(ctx: ExperimentContext) -> dict[str, Any]:
                 nonlocal sample
                 sample = sample if sample is not None else render_pair(ctx, phantom, (0.0, 90.0))
                 return scorers[row](sample)
-            slug = row.split(" (")[0].replace(" ", "-") + ("-shipped" if "shipped" in row else "")
+            slug = row.split(" (")[0].replace(" ", "-") + ("-reference" if "reference" in row else "")
             scores[row].append(ctx.unit(f"{slug}_{phantom.key}", compute))
     results = report(ctx, scores, budget, len(phantoms))
     return results
