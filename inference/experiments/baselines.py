@@ -258,7 +258,7 @@ def build_kasten_net(detector_hw: Sequence[int], label_shape_zyx: Sequence[int],
     x = keras.layers.Dense(int(np.prod(start)) * int(decoder[0]), activation="relu", name="bottleneck")(x)
     x = keras.layers.Reshape((*start, int(decoder[0])), name="to_3d")(x)
     for level, f in enumerate(decoder):
-        x = keras.layers.Conv3DTranspose(int(f), 4, strides=2, padding="same", activation="relu",
+        x = keras.layers.Conv3DTranspose(int(f), 2, strides=2, padding="same", activation="relu",
                                          name=f"up{level}")(x)
     out = keras.layers.Conv3D(1, 3, padding="same", activation="sigmoid", name="femur_probability")(x)
     model = keras.Model(inputs, out, name="kasten_net")
