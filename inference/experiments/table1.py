@@ -20,6 +20,14 @@ train in :func:`inference.experiments.baselines.train_baseline` (seeded, checkpo
 our network trains through ``hipatlas train``. The paper column holds the paper's stated numbers
 (Van Houtte et al., IJCARS 2022, abstract: Dice 0.94, ASSD 0.84 mm); its baseline numbers were not
 found in the text available here.
+
+Budget (``BUDGET``): quick = table2's data set (240 phantoms, compact grid) and 20 test pairs; ours
+3000 steps through ``hipatlas train`` (as a table2 row, ~40 min); one SDM registration ~1.2 CPU s
+per training phantom; the SDM regressor 3000 steps (~0.015 CPU s a step) and the Kasten-style
+network 3000 steps (batch 4, ~0.6 CPU s a step, ~30 CPU min), measured on a loaded 2-core machine.
+full = 1200 phantoms, 30000 steps, 60 test pairs. Everything resumes: the data set, ours (``hipatlas
+train`` checkpoints), each registration (``OUT/sdm/``), the baselines' checkpoints (``OUT/runs/``)
+and each scored test pair (``OUT/units/``).
 """
 
 from __future__ import annotations
