@@ -149,6 +149,11 @@ def test_metrics_jaccard_from_dice_and_ssim_of_identical_volumes():
     assert row["dice"] == 1.0 and row["assd_mm"] == 0.0 and math.isnan(row["ssim"])
 
 
+def test_kasten_decoder_depth_follows_the_grid():
+    assert table1._decoder((48, 32, 48)) == (32, 16, 8)
+    assert table1._decoder((96, 64, 96)) == (64, 32, 16, 8)
+
+
 def test_paired_p_values_against_ours():
     rng = np.random.default_rng(4)
     ours = rng.uniform(0.9, 0.95, 12)

@@ -103,10 +103,18 @@ def _baselines(ctx: ExperimentContext, data: pathlib.Path, budget: dict, atlas) 
         train["inputs"], weights, ctx.out / "runs" / "sdm-regressor", report=_reporter(ctx, "SDM regressor"),
         **common)
     kasten = baselines.train_baseline(
-        lambda: baselines.build_kasten_net(grid.detector_hw, train["targets"].shape[1:4], seed=ctx.seed),
+        lambda: baselines.build_kasten_net(grid.detector_hw, train["targets"].shape[1:4], seed=ctx.seed,
+                                           decoder=_decoder(train["targets"].shape[1:4])),
         train["inputs"], train["targets"], ctx.out / "runs" / "kasten", report=_reporter(ctx, "Kasten-style"),
         **common)
     return {"sdm": sdm, "regressor": regressor, "kasten": kasten}
+
+
+def _decoder(label_shape_zyx) -> tuple[int, ...]:
+    """Decoder widths so that the 3D decoder starts at about (6, 4, 6) voxels: (32, 16, 8) on the
+    compact grid's half resolution (48, 32, 48), (64, 32, 16, 8) on the paper grid's."""
+    levels = max(1, int(math.log2(min(label_shape_zyx) / 4)))
+    return tuple(8 * 2 ** k for k in reversed(range(levels)))
 
 
 def score_sdm(sdm, regressor, atlas, sample) -> dict[str, float]:
