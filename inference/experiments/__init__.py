@@ -7,6 +7,9 @@ name                   what                                                     
                        0-10 deg off (orthogonal pairs, held-out phantoms)
 ``view-map``           median Dice over a grid of view-angle pairs (+-30 deg around     Fig. 4
                        AP and LAT) in 4-deg bins, with the 90-deg diagonal
+``table1``             our network against an SDM baseline (PCA of 3D/3D deformations,    Table 1
+                       weights regressed from the views) and a Kasten-style network
+                       (label map regressed directly), paired t-tests
 ``table2``             ablations retrained on one data set (``hipatlas train``),        Table 2
                        affine-only and final metrics, paired t-tests, steps to converge
 =====================  ==============================================================  =========
@@ -33,6 +36,7 @@ EXPERIMENTS: dict[str, str] = {
     "angle-sensitivity": "inference.experiments.angle",
     "view-map": "inference.experiments.viewmap",
     "table2": "inference.experiments.table2",
+    "table1": "inference.experiments.table1",
 }
 
 
@@ -55,7 +59,7 @@ def run_experiment(name: str, out: str | pathlib.Path, *, scale: str = "quick", 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "experiment", help="reproduce one of the paper's experiments (Fig. 3, Fig. 4, Table 2)",
+        "experiment", help="reproduce one of the paper's experiments (Fig. 3, Fig. 4, Tables 1 and 2)",
         description="Run one of the paper's experiments on held-out phantoms and write results.json, "
         "results.md and plots; resumable (run again with the same --out).")
     parser.add_argument("name", choices=sorted(EXPERIMENTS), help="which experiment")
