@@ -8,7 +8,11 @@ trochanter (LT) taken from each candidate source, against each reference:
 
 Our LT candidates (everything else, head centre and shaft axis, as the pipeline stored them):
 
-* ``detected``: the LT found on the reconstructed label map (what the pipeline stores today);
+* ``stored``: the LT the pipeline stored in ``measurements.json`` (``masks`` since issue 13's fix,
+  falling back to ``detected``);
+* ``detected``: the LT found on the reconstructed label map (what the pipeline stored before);
+* ``masks``: ``detected`` moved along the shaft axis to the depth the masks' outlines show
+  (:func:`inference.localize.lesser_trochanter_depth_from_masks`);
 * ``atlas_warped``: the atlas's own LT landmark carried to the patient by the registration field
   (``RegistrationResult.landmarks_mm``, :func:`inference.registration.invert_displacement_at`);
 * ``oracle_label_lt``: the LT the same detector finds on the true label map (not available to a
@@ -51,27 +55,47 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import eval_cases  # noqa: E402
-from inference import measure  # noqa: E402
+from inference import anatomy, measure  # noqa: E402
 from inference.errors import HipAtlasError  # noqa: E402
 
 log = logging.getLogger("vertical_offset_study")
 
-METHODS = ("detected", "atlas_warped", "oracle_label_lt", "oracle_phantom_lt")
+METHODS = ("stored", "detected", "atlas_warped", "masks", "oracle_label_lt", "oracle_phantom_lt")
 REFERENCES = ("truth_label", "truth_phantom")
 KEY = "vertical_offset_mm"
+#: LT points compared (distance and height difference)
+PAIRS = tuple((a, b) for a in ("detected", "atlas_warped", "masks", "oracle_label_lt")
+              for b in ("oracle_label_lt", "oracle_phantom_lt") if a != b)
 
 
 def _truth_point(truth: dict, name: str) -> np.ndarray:
-    from inference import anatomy
-
     return np.asarray(truth["landmarks_mm"][anatomy.LANDMARK_NAMES.index(name)], float)
 
 
-def study_case(out_dir: pathlib.Path, truth_dir: pathlib.Path, side: str, warped_landmarks: dict) -> dict[str, Any]:
+def _masks_lt(case_dir: pathlib.Path, ours: dict, detected: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """Our detected LT moved along our shaft axis to the depth the masks' outlines show
+    (:func:`inference.localize.lesser_trochanter_depth_from_masks`), and that depth."""
+    from inference import io, localize
+
+    case = io.load_case(case_dir)
+    head = np.asarray(ours["landmarks_mm"]["head_centre"], float)
+    axis = np.asarray(ours["shaft_axis"]["direction"], float)
+    depth = localize.lesser_trochanter_depth_from_masks(
+        [v.P for v in case.views], [v.mask for v in case.views], head, ours["head_radius_mm"],
+        np.asarray(ours["shaft_axis"]["point_mm"], float), axis, detected)
+    if depth is None:
+        return detected, None
+    return detected + ((head - detected) @ axis - depth) * axis, depth
+
+
+def study_case(case_dir: pathlib.Path, out_dir: pathlib.Path, truth_dir: pathlib.Path, side: str,
+               warped_landmarks: dict) -> dict[str, Any]:
     """Vertical offsets of one registered case by every method against every reference."""
     truth = json.loads((truth_dir / "truth.json").read_text())
     ours = json.loads((out_dir / "measurements.json").read_text())
-    truth_fov, _, grid = eval_cases.truth_in_output_fov(out_dir, truth_dir)
+    truth_fov, labels, grid = eval_cases.truth_in_output_fov(out_dir, truth_dir)
+    # the LT the detector finds on our reconstruction (what the pipeline stored before issue 13's fix)
+    detected = anatomy.femur_landmarks_from_labels((labels == 1).astype(np.uint8), grid, side).lesser_trochanter_mm
     label_truth = measure.measure_femur(truth_fov.astype(np.uint8), grid, side=side)
     phantom_lt, phantom_head = _truth_point(truth, "lesser_trochanter"), np.asarray(truth["hip_centre_mm"], float)
     references = {
@@ -79,12 +103,19 @@ def study_case(out_dir: pathlib.Path, truth_dir: pathlib.Path, side: str, warped
         "truth_phantom": measure.recompute_measurements(
             label_truth, {"head_centre": phantom_head, "lesser_trochanter": phantom_lt}),
     }
-    lt = {"detected": np.asarray(ours["landmarks_mm"]["lesser_trochanter"], float),
+    lt = {"stored": np.asarray(ours["landmarks_mm"]["lesser_trochanter"], float),
+          "detected": np.asarray(detected, float),
           "atlas_warped": np.asarray(warped_landmarks["lesser_trochanter"], float),
+          "masks": _masks_lt(case_dir, ours, detected)[0],
           "oracle_label_lt": np.asarray(label_truth["landmarks_mm"]["lesser_trochanter"], float),
           "oracle_phantom_lt": phantom_lt}
     axis = np.asarray(label_truth["shaft_axis"]["direction"], float)  # proximal
     row: dict[str, Any] = {"side": side}
+    ours_head, ours_axis = np.asarray(ours["landmarks_mm"]["head_centre"], float), np.asarray(ours["shaft_axis"]["direction"], float)
+    label_depth = float((ours_head - lt["oracle_label_lt"]) @ ours_axis)
+    depth = _masks_lt(case_dir, ours, detected)[1]
+    row["masks_depth_minus_label_mm"] = math.nan if depth is None else depth - label_depth
+    row["detected_depth_minus_label_mm"] = float((ours_head - lt["detected"]) @ ours_axis) - label_depth
     for method, point in lt.items():
         values = measure.recompute_measurements(ours, {"lesser_trochanter": point})
         row[f"vo_{method}"] = values[KEY]
@@ -96,9 +127,7 @@ def study_case(out_dir: pathlib.Path, truth_dir: pathlib.Path, side: str, warped
     for ref, reference in references.items():
         row[f"vo_{ref}"] = reference[KEY]
     # where the points are: 3D distance and height difference along the true shaft axis (+ = higher)
-    for a, b in (("detected", "oracle_label_lt"), ("detected", "oracle_phantom_lt"),
-                 ("atlas_warped", "oracle_label_lt"), ("atlas_warped", "oracle_phantom_lt"),
-                 ("oracle_label_lt", "oracle_phantom_lt")):
+    for a, b in PAIRS:
         row[f"lt_dist_{a}_to_{b}_mm"] = float(np.linalg.norm(lt[a] - lt[b]))
         row[f"lt_height_{a}_minus_{b}_mm"] = float((lt[a] - lt[b]) @ axis)
     ours_head = np.asarray(ours["landmarks_mm"]["head_centre"], float)
@@ -122,9 +151,7 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
                              f" | {np.abs(errors).mean():.2f} | {covered:.0f} of {errors.size} |")
     lines += ["", "| LT point difference | mean 3D distance mm | mean height difference mm (+ = higher) |",
               "|---|---|---|"]
-    for a, b in (("detected", "oracle_label_lt"), ("detected", "oracle_phantom_lt"),
-                 ("atlas_warped", "oracle_label_lt"), ("atlas_warped", "oracle_phantom_lt"),
-                 ("oracle_label_lt", "oracle_phantom_lt")):
+    for a, b in PAIRS:
         d = np.array([r[f"lt_dist_{a}_to_{b}_mm"] for r in ok])
         h = np.array([r[f"lt_height_{a}_minus_{b}_mm"] for r in ok])
         if d.size:
@@ -175,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = pipeline.run_to_completion(pipeline.register_case(
                     case_dir, result_dir, model=net, overwrite=True, **eval_cases.VARIANTS[args.variant]))
                 row["register_cpu_s"] = time.process_time() - start
-                row.update(study_case(result_dir, truth_dir, plan["side"], result.landmarks_mm))
+                row.update(study_case(case_dir, result_dir, truth_dir, plan["side"], result.landmarks_mm))
             except HipAtlasError as error:
                 log.error("case %d: %s", index, error)
                 row["error"] = str(error)
@@ -190,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["vo_truth_label", "vo_truth_phantom"] + [f"err_{m}_vs_{r}" for m in METHODS for r in REFERENCES] + [
         "lt_height_detected_minus_oracle_label_lt_mm", "lt_height_atlas_warped_minus_oracle_label_lt_mm",
         "lt_height_oracle_label_lt_minus_oracle_phantom_lt_mm", "head_height_ours_minus_label_mm",
-        "axis_angle_ours_vs_label_deg"]
+        "axis_angle_ours_vs_label_deg", "detected_depth_minus_label_mm", "masks_depth_minus_label_mm"]
     per_case = ["| case | side | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 2)]
     per_case += [f"| {r['sample_index']} | {r['side']} | " + " | ".join(evaluate._fmt(r.get(c, math.nan))
                                                                         for c in columns) + " |"
