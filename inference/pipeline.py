@@ -58,11 +58,11 @@ LOW_MASK_AGREEMENT_DICE = 0.8
 #: agree within this angle (a larger difference means a mask or the registration went wrong).
 MAX_SHAFT_AXIS_DISAGREEMENT_DEG = 20.0
 #: Standard uncertainty (mm) of the lesser trochanter's height when the masks' outlines give it:
-#: their depth against the true label map's trochanter had an RMS error of 1.8 mm on held-out
-#: simulated cases (seeds 11 and 12, 8 cases; docs/measurements.md).
+#: their depth against the true label map's trochanter had an RMS error of 1.5 mm (-1.4 to
+#: +2.8 mm) on held-out simulated cases (seeds 11 and 12, 8 cases; docs/measurements.md).
 LT_FROM_MASKS_SD_MM = 2.0
 #: ... and when only the reconstruction gives it: it keeps about the atlas's trochanter height,
-#: RMS error 5.8 mm on the same cases (errors 0.2-9.6 mm, always too high).
+#: RMS error 5.8 mm on the same cases (up to 9.6 mm too high).
 LT_FROM_RECONSTRUCTION_SD_MM = 6.0
 
 
@@ -704,8 +704,8 @@ def _lesser_trochanter_from_masks(marks, projections, masks):
     "reconstruction" when no outline shows it).
 
     The reconstruction keeps about the atlas's trochanter height: on held-out simulated cases its
-    trochanter lay 0-10 mm too high (vertical offset errors -0.4 to -9.9 mm), the outlines'
-    within 3.2 mm (docs/measurements.md, docs/results/vertical_offset_study_*.md). Its position
+    trochanter lay up to 10 mm too high (vertical offset errors down to -9.9 mm), the outlines'
+    within 2.8 mm (docs/measurements.md, docs/results/vertical_offset_study_*.md). Its position
     across the axis (which does not enter the vertical offset) stays the reconstruction's.
     """
     from inference import localize, measure

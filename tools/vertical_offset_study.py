@@ -27,7 +27,9 @@ References:
 * ``truth_phantom``: the same, with the phantom's true head centre and true LT (``truth.json``,
   from the bone model) in place of those detected on the label map.
 
-It also reports how far apart the LT points are (3D and along the true shaft axis, + = more
+``covered``: the error is within two standard uncertainties, those the pipeline stored (so for
+the methods other than ``stored`` this is only indicative). It also reports how far apart the LT
+points are (3D and along the true shaft axis, + = more
 proximal) so that a bias can be traced to the point that causes it.
 
     nice -n 10 .venv/bin/python tools/vertical_offset_study.py --cases 4 --seed 11 --out /tmp/vo
