@@ -385,3 +385,74 @@ def fit_head_sphere_to_masks(projections: list[np.ndarray], masks: list[np.ndarr
                  [round(a) for a in arcs], rms, np.linalg.norm(centre - start_centre), start_radius, radius)
         return None
     return HeadSphere(centre, float(radius), rms, tuple(used), tuple(arcs))
+
+
+# --------------------------------------------------------------------------------------------
+# Height of the lesser trochanter from the masks' outlines
+# --------------------------------------------------------------------------------------------
+
+#: Least prominence (mm at the femur) of an outline bump taken for the lesser trochanter (the
+#: masks' edges are sharp: a detector pixel is ~0.3 mm at the hip).
+MIN_LT_OUTLINE_PROMINENCE_MM = 1.0
+#: Depths below the head centre (in head radii) searched for the lesser trochanter's bump: the
+#: trochanter lies 2.5-2.9 radii down on our specimens; bumps higher up belong to the neck and the
+#: head's own outline.
+LT_DEPTH_RANGE_RADII = (1.5, 4.0)
+
+
+def lesser_trochanter_depth_from_masks(projections: list[np.ndarray], masks: list[np.ndarray],
+                                       head_centre_mm: np.ndarray, head_radius_mm: float,
+                                       shaft_point_mm: np.ndarray, shaft_direction: np.ndarray,
+                                       lesser_trochanter_mm: np.ndarray, step_mm: float = 0.5) -> float | None:
+    """Depth (mm below the head centre, along the shaft axis) of the lesser trochanter seen on the
+    femur masks' outlines, or None where no outline shows a clear bump.
+
+    In each view the outline's extent is read on lines perpendicular to the shaft axis (a point and
+    a proximal direction), through points of the axis from :data:`LT_DEPTH_RANGE_RADII` head radii
+    below the head's level, in the direction that lies in the image plane (perpendicular to the
+    axis and to the view's ray) on the trochanter's side (``lesser_trochanter_mm``, e.g. the
+    reconstruction's, gives the side, nothing else). The trochanter is the most prominent local
+    maximum of these profiles over both views (prominence at least
+    :data:`MIN_LT_OUTLINE_PROMINENCE_MM`): it stands out in profile on the view that sees it from
+    the side (on our simulated pairs the lateral view, where the bump is 3-8 mm; an AP outline
+    often shows it as a shoulder only).
+    """
+    from inference.anatomy import _peak_prominences
+
+    centre = np.asarray(head_centre_mm, float)
+    axis = np.asarray(shaft_direction, float) / np.linalg.norm(shaft_direction)  # proximal
+    point = np.asarray(shaft_point_mm, float)
+    foot = point + ((centre - point) @ axis) * axis  # the head centre's level on the shaft axis
+    lo, hi = LT_DEPTH_RANGE_RADII
+    depths_mm = np.arange(lo * head_radius_mm, hi * head_radius_mm, step_mm)
+    origins = foot - depths_mm[:, None] * axis
+    lt = np.asarray(lesser_trochanter_mm, float)
+    side = (lt - foot) - ((lt - foot) @ axis) * axis
+    distances = np.arange(0.0, 4.0 * head_radius_mm, step_mm)
+    best: tuple[float, float] | None = None  # (prominence, depth)
+    for projection, mask in zip(projections, masks):
+        mask = np.asarray(mask) > 0
+        u = np.cross(axis, lt - geometry.source_position(projection))
+        if np.linalg.norm(u) < 1e-9:
+            continue
+        u = u / np.linalg.norm(u) * (1.0 if u @ side >= 0 else -1.0)
+        points = origins[:, None, :] + distances[None, :, None] * u
+        uv = geometry.project_points(projection, points.reshape(-1, 3)).reshape(len(depths_mm), len(distances), 2)
+        col, row = np.round(uv[..., 0]).astype(int), np.round(uv[..., 1]).astype(int)
+        valid = (row >= 0) & (row < mask.shape[0]) & (col >= 0) & (col < mask.shape[1])
+        if not valid.all():
+            continue  # the profile lines leave the image: this view cannot show the trochanter whole
+        inside = mask[row, col]
+        if not inside.any(axis=1).all():
+            continue  # the mask ends within the range
+        # the outline's distance from the axis: the farthest mask pixel along each line
+        extent = distances[inside.shape[1] - 1 - np.argmax(inside[:, ::-1], axis=1)]
+        for k, prominence in _peak_prominences(extent):
+            if prominence >= MIN_LT_OUTLINE_PROMINENCE_MM and (best is None or prominence > best[0]):
+                # the middle of the peak's plateau (the outline is read in whole pixels, so a
+                # rounded tip is flat over a few levels; its first level would lie too high)
+                end = k
+                while end + 1 < len(extent) and extent[end + 1] == extent[k]:
+                    end += 1
+                best = (prominence, float(0.5 * (depths_mm[k] + depths_mm[end])))
+    return None if best is None else best[1]

@@ -57,6 +57,13 @@ LOW_MASK_AGREEMENT_DICE = 0.8
 #: The shaft axis triangulated from the masks replaces the reconstruction's only when the two
 #: agree within this angle (a larger difference means a mask or the registration went wrong).
 MAX_SHAFT_AXIS_DISAGREEMENT_DEG = 20.0
+#: Standard uncertainty (mm) of the lesser trochanter's height when the masks' outlines give it:
+#: their depth against the true label map's trochanter had an RMS error of 1.5 mm (-1.4 to
+#: +2.8 mm) on held-out simulated cases (seeds 11 and 12, 8 cases; docs/measurements.md).
+LT_FROM_MASKS_SD_MM = 2.0
+#: ... and when only the reconstruction gives it: it keeps about the atlas's trochanter height,
+#: RMS error 5.8 mm on the same cases (up to 9.6 mm too high).
+LT_FROM_RECONSTRUCTION_SD_MM = 6.0
 
 
 
@@ -167,6 +174,7 @@ class _Measured:
     shaft_axis_source: str
     head_radius_from_masks_mm: float | None
     mesh: Any  # the femur surface in the registration frame (inference.mesh.Mesh)
+    lesser_trochanter_source: str = "reconstruction"
 
 
 @dataclass
@@ -441,11 +449,12 @@ def _measure(job: _Job, warped: _Warped) -> _Measured:
         femur, _shaft_stretch(shaft) if shaft_source == "masks" else None,
         None if sphere is None else (sphere.centre_mm, femur.head_radius_mm),
         _landmark_uncertainty(femur, sphere, projections, warped.grid))
+    marks, lt_source = _lesser_trochanter_from_masks(marks, projections, masks)
     measurements = measure.measurements_from_measurement_landmarks(job.frame.measurement_landmarks_out(marks))
     job.warnings.extend(measure.caveat_lines(measurements))
     job.timings["measure_s"] = time.perf_counter() - t0 - job.timings["surface_s"]
     return _Measured(measurements, "reconstruction" if sphere is None else "masks", shaft_source,
-                     None if sphere is None else float(sphere.radius_mm), mesh)
+                     None if sphere is None else float(sphere.radius_mm), mesh, lt_source)
 
 
 def _in_case_world(job: _Job, warped: _Warped, measured: _Measured) -> _Outputs:
@@ -508,6 +517,7 @@ def _report(job: _Job, net, atlas, warped: _Warped, measured: _Measured, overlay
         "view_angle_deg": frame.view_angle_deg,
         "shaft_axis_source": measured.shaft_axis_source,
         "hip_centre_source": measured.hip_centre_source,
+        "lesser_trochanter_source": measured.lesser_trochanter_source,
         "head_radius_from_masks_mm": measured.head_radius_from_masks_mm,
         "femoral_head_located_mm": [float(x) for x in frame.point_out(head.centre_mm)],
         "timings_s": job.timings,
@@ -671,7 +681,9 @@ def _landmark_uncertainty(femur, sphere, projections, grid) -> dict[str, float]:
     Head centre from the masks: half a detector pixel at the hip combined with half the distance
     between the masks' and the reconstruction's head centres (their disagreement); from the
     reconstruction: half a voxel. Radius and neck point: half a voxel (RMS spacing); lesser
-    trochanter: one voxel; shaft ends: :data:`inference.measure.SHAFT_POINT_SD_MM`.
+    trochanter: :data:`LT_FROM_RECONSTRUCTION_SD_MM` (:data:`LT_FROM_MASKS_SD_MM` once the masks
+    give its height, :func:`_lesser_trochanter_from_masks`); shaft ends:
+    :data:`inference.measure.SHAFT_POINT_SD_MM`.
     """
     from inference import localize
 
@@ -682,7 +694,34 @@ def _landmark_uncertainty(femur, sphere, projections, grid) -> dict[str, float]:
         disagreement_mm = float(np.linalg.norm(np.asarray(sphere.centre_mm) - np.asarray(femur.head_centre_mm)))
         head_sd = float(np.hypot(0.5 * pixel_mm, 0.5 * disagreement_mm))
     return {"head_centre": head_sd, "head_radius": 0.5 * voxel_mm, "neck_point": 0.5 * voxel_mm,
-            "lesser_trochanter": voxel_mm}
+            "lesser_trochanter": max(voxel_mm, LT_FROM_RECONSTRUCTION_SD_MM)}
+
+
+def _lesser_trochanter_from_masks(marks, projections, masks):
+    """The measurement landmarks with the lesser trochanter moved along the shaft axis to the depth
+    below the head centre that the masks' outlines show (:func:`inference.localize.
+    lesser_trochanter_depth_from_masks`), and where its height came from ("masks" or
+    "reconstruction" when no outline shows it).
+
+    The reconstruction keeps about the atlas's trochanter height: on held-out simulated cases its
+    trochanter lay up to 10 mm too high (vertical offset errors down to -9.9 mm), the outlines'
+    within 2.8 mm (docs/measurements.md, docs/results/vertical_offset_study_*.md). Its position
+    across the axis (which does not enter the vertical offset) stays the reconstruction's.
+    """
+    from inference import localize, measure
+
+    axes = measure.FemurAxes.of(marks)
+    if axes.lesser_trochanter_mm is None:
+        return marks, "reconstruction"
+    depth = localize.lesser_trochanter_depth_from_masks(
+        projections, masks, axes.head_centre_mm, axes.head_radius_mm, axes.shaft_point_mm, axes.shaft_direction,
+        axes.lesser_trochanter_mm)
+    if depth is None:
+        return marks, "reconstruction"
+    lt = axes.lesser_trochanter_mm
+    moved = lt + (float((axes.head_centre_mm - lt) @ axes.shaft_direction) - depth) * axes.shaft_direction
+    sd = {**marks.sd_mm, "lesser_trochanter": LT_FROM_MASKS_SD_MM}
+    return dataclasses.replace(marks.moved("lesser_trochanter", moved), sd_mm=sd), "masks"
 
 
 def _below_lesser_trochanter(femur, margin_mm: float = 12.0) -> np.ndarray:

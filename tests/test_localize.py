@@ -174,3 +174,91 @@ def test_head_sphere_fitted_to_the_mask_outlines(second_view_deg):
     v = int(round(geometry.project_points(views[1], centre[None])[0, 1]))
     cut[1][: v + 10] = False
     assert fit_head_sphere_to_masks(views, cut, centre, radius) is None
+
+
+def _solid_masks(views, rows, cols, signed_distance, lo, hi, step=0.6):
+    """Masks of a solid given by its signed distance: its inside points splatted into each view."""
+    from scipy import ndimage
+
+    axes = [np.arange(lo[i], hi[i], step) for i in range(3)]
+    points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    points = points[signed_distance(points) < 0]
+    masks = []
+    for P in views:
+        uv = np.round(geometry.project_points(P, points)).astype(int)
+        ok = (uv[:, 0] >= 0) & (uv[:, 0] < cols) & (uv[:, 1] >= 0) & (uv[:, 1] < rows)
+        mask = np.zeros((rows, cols), bool)
+        mask[uv[ok, 1], uv[ok, 0]] = True
+        masks.append(ndimage.binary_closing(np.pad(mask, 4, mode="edge"), iterations=2)[4:-4, 4:-4])
+    return masks
+
+
+def _femur_views(rows=420, cols=420):
+    return [geometry.projection_matrix(geometry.CArmView(sdd_mm=1000.0, sid_mm=925.0, lao_deg=angle,
+                                                         cranial_deg=0.0, rows=rows, cols=cols, pixel_mm=0.6))
+            for angle in (0.0, 90.0)]
+
+
+_FEMUR_BOX = ((-70.0, -25.0, -125.0), (25.0, 25.0, 25.0))  # mm; the shaft runs off the images
+
+
+@pytest.mark.parametrize("depth_mm", [58.0, 72.0])
+def test_lesser_trochanter_depth_read_from_the_mask_outlines(depth_mm):
+    """A synthetic femur whose lesser trochanter (a sphere 3 mm proud of the shaft,
+    posteromedially) lies ``depth_mm`` below the head centre: the depth comes back from the two
+    masks' outlines, although the guess of the trochanter (which gives only its side) is 12 mm
+    too high; a femur without a trochanter bump gives no answer."""
+    from inference.anatomy import SyntheticFemur
+    from inference.localize import lesser_trochanter_depth_from_masks
+
+    rows, cols = 420, 420
+    views = _femur_views(rows, cols)
+    femur = SyntheticFemur(lesser_trochanter_depth_mm=depth_mm)
+    lo, hi = _FEMUR_BOX
+    masks = _solid_masks(views, rows, cols, femur.signed_distance, lo, hi)
+    assert all(m[0].any() or m[-1].any() for m in masks)  # the shaft runs off both images
+    shaft_point, axis = np.array([-femur.offset_mm, 0.0, -100.0]), np.array([0.0, 0.0, 1.0])
+    guess = femur.lesser_trochanter_tip_mm + [0.0, 0.0, 12.0]
+    depth = lesser_trochanter_depth_from_masks(views, masks, np.zeros(3), femur.head_radius_mm, shaft_point, axis,
+                                               guess)
+    assert depth is not None
+    assert abs(depth - (-femur.lesser_trochanter_tip_mm[2])) < 1.5
+
+    flat = SyntheticFemur(lesser_trochanter_depth_mm=depth_mm, lesser_trochanter_radius_mm=1.0)
+    masks = _solid_masks(views, rows, cols, flat.signed_distance, lo, hi)
+    assert lesser_trochanter_depth_from_masks(views, masks, np.zeros(3), flat.head_radius_mm, shaft_point, axis,
+                                              guess) is None
+
+
+def test_registration_takes_the_lesser_trochanter_height_from_the_outlines():
+    """The pipeline's measurement landmarks: a lesser trochanter placed 9 mm too high (as the
+    reconstruction places it, issue 13) is moved down the shaft axis to the outlines' depth, only
+    along the axis, with the masks' uncertainty; the vertical offset follows; without a bump on
+    the outlines the landmarks stay as they were."""
+    from inference import measure, pipeline
+    from inference.anatomy import SyntheticFemur
+
+    rows, cols = 420, 420
+    views = _femur_views(rows, cols)
+    femur = SyntheticFemur(lesser_trochanter_depth_mm=66.0)
+    masks = _solid_masks(views, rows, cols, femur.signed_distance, *_FEMUR_BOX)
+    high = femur.lesser_trochanter_tip_mm + [0.0, 0.0, 9.0]
+    points = {"head_centre": np.zeros(3), "neck_point": -25.0 * femur.neck_direction,
+              "shaft_point_proximal": np.array([-femur.offset_mm, 0.0, -40.0]),
+              "shaft_point_distal": np.array([-femur.offset_mm, 0.0, -140.0]), "lesser_trochanter": high}
+    marks = measure.MeasurementLandmarks("right", points, femur.head_radius_mm, {"lesser_trochanter": 0.8})
+    moved, source = pipeline._lesser_trochanter_from_masks(marks, views, masks)
+    assert source == "masks"
+    lt = moved.points_mm["lesser_trochanter"]
+    np.testing.assert_allclose(lt[:2], high[:2], atol=1e-9)  # across the axis: unchanged
+    assert abs(lt[2] - femur.lesser_trochanter_tip_mm[2]) < 1.5
+    assert moved.sd_mm["lesser_trochanter"] == pipeline.LT_FROM_MASKS_SD_MM
+    assert all(np.array_equal(moved.points_mm[k], marks.points_mm[k]) for k in points if k != "lesser_trochanter")
+    values = measure.measurements_from_measurement_landmarks(moved)
+    assert abs(values["vertical_offset_mm"] - 66.0) < 1.5
+    assert measure.measurements_from_measurement_landmarks(marks)["vertical_offset_mm"] < 58.0
+
+    flat = SyntheticFemur(lesser_trochanter_depth_mm=66.0, lesser_trochanter_radius_mm=1.0)
+    masks = _solid_masks(views, rows, cols, flat.signed_distance, *_FEMUR_BOX)
+    kept, source = pipeline._lesser_trochanter_from_masks(marks, views, masks)
+    assert source == "reconstruction" and kept is marks

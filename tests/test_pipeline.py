@@ -158,6 +158,11 @@ def _check_outputs(sim, out, result):
     assert isinstance(report["warnings"], list) and report["warnings"] == result.warnings
     assert report["shaft_axis_source"] in ("masks", "reconstruction")
     assert report["hip_centre_source"] in ("masks", "reconstruction")
+    # the lesser trochanter's height from the masks' outlines (issue 13), with its uncertainty
+    assert report["lesser_trochanter_source"] in ("masks", "reconstruction")
+    assert measurements["landmark_uncertainty_mm"]["lesser_trochanter"] == (
+        pipeline.LT_FROM_MASKS_SD_MM if report["lesser_trochanter_source"] == "masks"
+        else pipeline.LT_FROM_RECONSTRUCTION_SD_MM)
     return measurements, report
 
 

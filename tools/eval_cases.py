@@ -235,19 +235,25 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / total) if total else math.nan
 
 
-def _metrics(out_dir: pathlib.Path, truth_dir: pathlib.Path, side: str, assd: bool = False) -> dict[str, float]:
+def truth_in_output_fov(out_dir: pathlib.Path, truth_dir: pathlib.Path):
+    """(true femur mask, our labels, grid): the truth label map resampled by physical coordinates
+    (nearest neighbour) onto the grid of the output's ``femur_labels.nii.gz``."""
     import SimpleITK as sitk
 
     from inference import io
 
-    truth = json.loads((truth_dir / "truth.json").read_text())
-    ours = json.loads((out_dir / "measurements.json").read_text())
     reference = sitk.ReadImage(str(out_dir / "femur_labels.nii.gz"))
     truth_image = sitk.ReadImage(str(truth_dir / "labels.nii.gz"))
     resampled = sitk.Resample(truth_image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                               truth_image.GetPixelID())
-    truth_fov = sitk.GetArrayFromImage(resampled) == 1
     labels, grid = io.read_volume(out_dir / "femur_labels.nii.gz")
+    return sitk.GetArrayFromImage(resampled) == 1, labels, grid
+
+
+def _metrics(out_dir: pathlib.Path, truth_dir: pathlib.Path, side: str, assd: bool = False) -> dict[str, float]:
+    truth = json.loads((truth_dir / "truth.json").read_text())
+    ours = json.loads((out_dir / "measurements.json").read_text())
+    truth_fov, labels, grid = truth_in_output_fov(out_dir, truth_dir)
     row = {
         "dice": _dice(labels == 1, truth_fov),
         "hip_centre_error_mm": float(np.linalg.norm(np.asarray(ours["hip_centre_mm"])
