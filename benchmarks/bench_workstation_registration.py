@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     from app.session import Session
     from inference.resources import demo_dir
 
-    report = BenchReport("workstation_registration", json_output=args.json)
+    report = BenchReport("workstation_registration", json_output=args.json, report=args.report)
     case = args.case or str(demo_dir())
     with tempfile.TemporaryDirectory() as work:
         session = Session(work_root=work)
