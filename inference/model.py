@@ -179,16 +179,7 @@ def _affine_module(config, view_inputs):
             levels.append(x)
         features.append(levels)
     if config.cross_view_fusion:
-        fused = None
-        for level, width in enumerate(config.affine_widths):
-            parts = [features[0][level], features[1][level]]
-            if fused is not None:
-                # "same" pooling rounds up exactly like the strided "same" convolutions.
-                parts.append(keras.layers.AveragePooling2D(2, padding="same",
-                                                           name=f"affine_fusion_l{level}_pool")(fused))
-            merged = keras.layers.Concatenate(name=f"affine_fusion_l{level}_concat")(parts)
-            fused = _conv_bn_act(merged, width, 1, f"affine_fusion_l{level}", config)
-        top = fused
+        top = _fuse_views(config, features, config.affine_widths, "affine_fusion")[-1]
     else:
         top = keras.layers.Concatenate(name="affine_top_concat")([features[0][-1], features[1][-1]])
     flat = keras.layers.Flatten(name="affine_flatten")(top)
@@ -215,15 +206,23 @@ def _fused_local_encoder(config, view_maps):
     previous fused map (pooled) are concatenated and convolved, as in the affine module (the
     inputs, level 0, are only concatenated)."""
     # level 0 (the encoder inputs, read by a skip when the decoder upsamples to full size)
-    fused_maps = [keras.layers.Concatenate(name="local_fusion_l0_concat")([view_maps[0][0], view_maps[1][0]])]
-    fused = None
-    for level, width in enumerate(config.local_encoder_widths, start=1):
-        parts = [view_maps[0][level], view_maps[1][level]]
+    inputs = keras.layers.Concatenate(name="local_fusion_l0_concat")([view_maps[0][0], view_maps[1][0]])
+    return [inputs, *_fuse_views(config, [maps[1:] for maps in view_maps], config.local_encoder_widths,
+                                 "local_fusion", first_level=1)]
+
+
+def _fuse_views(config, view_levels, widths, prefix, first_level=0):
+    """Cross-view fusion: at every level both views' maps and the previous fused map (pooled) are
+    concatenated and convolved; returns the fused map of every level."""
+    fused_maps, fused = [], None
+    for index, width in enumerate(widths):
+        level = first_level + index
+        parts = [view_levels[0][index], view_levels[1][index]]
         if fused is not None:
-            parts.append(keras.layers.AveragePooling2D(2, padding="same",
-                                                       name=f"local_fusion_l{level}_pool")(fused))
-        merged = keras.layers.Concatenate(name=f"local_fusion_l{level}_concat")(parts)
-        fused = _conv_bn_act(merged, width, 1, f"local_fusion_l{level}", config)
+            # "same" pooling rounds up exactly like the strided "same" convolutions.
+            parts.append(keras.layers.AveragePooling2D(2, padding="same", name=f"{prefix}_l{level}_pool")(fused))
+        merged = keras.layers.Concatenate(name=f"{prefix}_l{level}_concat")(parts)
+        fused = _conv_bn_act(merged, width, 1, f"{prefix}_l{level}", config)
         fused_maps.append(fused)
     return fused_maps
 
