@@ -48,6 +48,7 @@ Writes ``OUT/eval_cases.md`` and ``OUT/eval_cases.json`` (and keeps the cases wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -56,6 +57,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -178,6 +180,27 @@ def _perturb_lateral(case_dir: pathlib.Path, angle_deg: float) -> None:
     back[:3, 3] = -np.asarray(centre)
     raw["views"][1]["projection_matrix"] = (matrices[1] @ move @ rotation @ back).tolist()
     (case_dir / "case.json").write_text(json.dumps(raw, indent=2))
+
+
+def simulate_case(plan: dict[str, Any], subject: str, work: pathlib.Path, ct_spacing_mm: float,
+                  shaft_mm: float | None = None) -> tuple[pathlib.Path, pathlib.Path]:
+    """The case folder and truth folder of ``plan`` (with only ``shaft_mm`` of shaft showing, if given)."""
+    case_dir, truth_dir = _simulate(plan, subject, work, ct_spacing_mm)
+    if shaft_mm is not None:
+        _crop_shaft(case_dir, truth_dir, shaft_mm)
+    return case_dir, truth_dir
+
+
+@contextlib.contextmanager
+def work_folder(out: pathlib.Path, keep: bool, prefix: str) -> Iterator[pathlib.Path]:
+    """``OUT/work`` when the work is kept, else a temporary folder removed at the end."""
+    work = out / "work" if keep else pathlib.Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _crop_shaft(case_dir: pathlib.Path, truth_dir: pathlib.Path, shaft_mm: float) -> None:
@@ -413,10 +436,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "work" if args.keep else pathlib.Path(tempfile.mkdtemp(prefix="eval_cases_"))
-    work.mkdir(parents=True, exist_ok=True)
     rows = []
-    try:
+    with work_folder(out, args.keep, "eval_cases_") as work:
         net, model_name = _load_model(args)
         provenance = _provenance(net)  # the code that runs, not what HEAD is when it ends
         for index in range(args.start, args.start + args.cases):
@@ -425,9 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             base: dict[str, Any] = {"subject": subject, "sample_index": index, **{k: plan[k] for k in (
                 "seed", "side", "detector", "angles_offset_deg", "image_format", "intensity_scale")}}
             try:
-                case_dir, truth_dir = _simulate(plan, subject, work, args.ct_spacing)
-                if args.shaft_mm is not None:
-                    _crop_shaft(case_dir, truth_dir, args.shaft_mm)
+                case_dir, truth_dir = simulate_case(plan, subject, work, args.ct_spacing, args.shaft_mm)
             except HipAtlasError as error:
                 log.error("case %d: %s", index, error)
                 rows.append({**base, "error": str(error)})
@@ -468,9 +487,6 @@ def main(argv: list[str] | None = None) -> int:
                              args.cases, subject, angle_error, variant,
                              ", ".join(f"{m} {row[m]:.3g}" for m in METRICS + PROPOSAL_METRICS
                                        if isinstance(row.get(m), float)))
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
     metrics = tuple(m for m in METRICS if args.assd or m not in ("assd_mm", "hd95_mm")) \
         + (PROPOSAL_METRICS if args.no_masks else ())

@@ -44,9 +44,7 @@ import json
 import logging
 import math
 import pathlib
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -187,18 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     net = backends.load_backend(args.model, args.backend)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "work" if args.keep else pathlib.Path(tempfile.mkdtemp(prefix="vo_study_"))
-    work.mkdir(parents=True, exist_ok=True)
     rows = []
-    try:
+    with eval_cases.work_folder(out, args.keep, "vo_study_") as work:
         for index in range(args.start, args.start + args.cases):
             plan = eval_cases._case_plan(index, args.seed, False, sides, args.view_separation_deg)
             row: dict[str, Any] = {"sample_index": index, "seed": plan["seed"]}
             try:
-                case_dir, truth_dir = eval_cases._simulate(plan, f"{args.subject}:{plan['side']}", work,
-                                                           args.ct_spacing)
-                if args.shaft_mm is not None:
-                    eval_cases._crop_shaft(case_dir, truth_dir, args.shaft_mm)
+                case_dir, truth_dir = eval_cases.simulate_case(plan, f"{args.subject}:{plan['side']}", work,
+                                                               args.ct_spacing, args.shaft_mm)
                 result_dir = work / f"out_{index:03d}"
                 start = time.process_time()
                 result = pipeline.run_to_completion(pipeline.register_case(
@@ -211,9 +205,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             log.info("case %d %s: %s", index, plan["side"], ", ".join(
                 f"{m} {row.get(f'err_{m}_vs_truth_label', math.nan):+.2f}" for m in METHODS))
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
     command = "tools/vertical_offset_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     columns = ["vo_truth_label", "vo_truth_phantom"] + [f"err_{m}_vs_{r}" for m in METHODS for r in REFERENCES] + [
