@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pathlib
+import struct
 import subprocess
 import sys
 import time
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 from inference.errors import Cancelled, ConfigError, DataError
-from inference.io import read_json_object, write_json_atomic
+from inference.io import read_json_object, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +204,98 @@ def run_cli(recipe_path: str, work: str, dry_run: bool = False, python: str = sy
     for step in run_recipe(recipe, work_dir, python=python):
         print(f"[{step.index + 1}/{step.total}] {step.name}", file=sys.stderr, flush=True)
     result = {"model": str(final_model_dir(recipe, work_dir)), "wall_time_s": round(time.perf_counter() - started, 1),
-              **verification(recipe, work_dir)}
+              **verification(recipe, work_dir), "time_spent_s": time_spent(recipe, work_dir)}
     write_json_atomic(work_dir / "reproduction.json", result)
     stamp_card(final_model_dir(recipe, work_dir) / "model_card.json", recipe, result)
+    write_text_atomic(work_dir / "reproduction.md", reproduction_markdown(recipe, work_dir, result, recipe_path))
     print(json.dumps(result, indent=2))
     return 0 if result.get("within_tolerance", True) else 1
+
+
+def time_spent(recipe: Mapping[str, Any], work: str | os.PathLike) -> dict[str, float | None]:
+    """Wall time of each step, summed over every run that worked on it (a recipe is resumed across
+    sessions, so the last invocation's own time says little).
+
+    A data set's time is the span of its samples' file times (synth writes them in order); a training
+    stage's is the time its TensorBoard event files span (one file per resumed run, train and val logs
+    merged); the
+    verification's is the span from the final model to its evaluation. ``None`` where the step left no
+    trace.
+    """
+    work = pathlib.Path(work)
+    spent: dict[str, float | None] = {}
+    for item in recipe["datasets"]:
+        manifest = work / "datasets" / item["name"] / "manifest.json"
+        times = []
+        if manifest.is_file():
+            for sample in read_json_object(manifest, what="data set manifest").get("samples", []):
+                path = manifest.parent / sample["file"]
+                if path.is_file():
+                    times.append(path.stat().st_mtime)
+        spent[f"data set {item['name']}"] = round(max(times) - min(times), 1) if len(times) > 1 else None
+    for stage in recipe["stages"]:
+        spans = [_event_span(path) for path in sorted((work / "runs" / stage["name"] / "logs").glob("*/events.*"))]
+        spans = [span for span in spans if span is not None]
+        spent[f"training stage {stage['name']}"] = round(_union_length(spans), 1) if spans else None
+    evaluation = work / "verification" / "evaluation.json"
+    model = final_model_dir(recipe, work) / "model_card.json"
+    if recipe.get("verify") and evaluation.is_file() and model.is_file():
+        spent["verification"] = round(max(0.0, evaluation.stat().st_mtime - model.stat().st_mtime), 1)
+    known = [v for v in spent.values() if v is not None]
+    spent["total"] = round(sum(known), 1) if known else None
+    return spent
+
+
+def _event_span(path: pathlib.Path) -> tuple[float, float] | None:
+    """First and last wall time of a TensorBoard event file (TFRecord framing; each Event's field 1,
+    ``wall_time``, is read without TensorFlow). ``None`` when it holds no event."""
+    times = []
+    with open(path, "rb") as fh:
+        while True:
+            header = fh.read(12)  # uint64 length + uint32 masked crc
+            if len(header) < 12:
+                break
+            (length,) = struct.unpack("<Q", header[:8])
+            data = fh.read(length)
+            fh.read(4)
+            if len(data) < length:
+                break
+            if length >= 9 and data[0] == 0x09:  # field 1, 64-bit: double wall_time
+                times.append(struct.unpack("<d", data[1:9])[0])
+    return (min(times), max(times)) if times else None
+
+
+def _union_length(spans: list[tuple[float, float]]) -> float:
+    """Total length of the union of time intervals (a stage's train and val logs overlap)."""
+    total, end = 0.0, -math.inf
+    for start, stop in sorted(spans):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def reproduction_markdown(recipe: Mapping[str, Any], work: str | os.PathLike, result: Mapping[str, Any],
+                          recipe_path: Any = None) -> str:
+    """The reproduction report: the command, the code and model it produced, its score against the
+    recipe's expected one, and the time each step took."""
+    from inference.provenance import provenance, provenance_markdown
+
+    work = pathlib.Path(work)
+    models = sorted(final_model_dir(recipe, work).glob("*.keras"))
+    command = ["hipatlas", "train", "--recipe", str(recipe_path or "RECIPE"), "--out", str(work)]
+    lines = [f"# Reproduction of `{recipe.get('name', 'model')}` from its recipe", "",
+             provenance_markdown(provenance(models[0] if models else None, command)).rstrip(), ""]
+    if "dice" in result:
+        verdict = "within" if result["within_tolerance"] else "NOT within"
+        lines += [f"Validation Dice of the reproduced model: **{result['dice']:.4f}**; the shipped card's: "
+                  f"{result['expected_dice']:.4f}; {verdict} the tolerance of {result['tolerance']:g}.", ""]
+    lines += ["| step | wall time |", "|---|---|"]
+    for name, seconds in (result.get("time_spent_s") or {}).items():
+        shown = "no record" if seconds is None else f"{seconds / 3600:.2f} h ({seconds:.0f} s)"
+        lines.append(f"| {'**total**' if name == 'total' else name} | {shown} |")
+    lines += ["", "Times are summed over every run that worked on a step (the recipe resumes across sessions): "
+              "data sets from their samples' file times, training stages from the span of their TensorBoard "
+              "event files, the verification from the final model to its evaluation. This invocation itself took "
+              f"{result.get('wall_time_s', 0):.0f} s.", ""]
+    return "\n".join(lines)

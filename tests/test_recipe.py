@@ -145,3 +145,49 @@ def test_dry_run_prints_the_commands(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("hipatlas synth") == 2 and out.count("hipatlas train") == 2 and "hipatlas evaluate" in out
     assert not (tmp_path / "datasets").exists()
+
+
+def test_time_spent_adds_up_resumed_runs_from_their_logs(tmp_path):
+    """Each step's time is summed over every run that worked on it: data sets from their samples'
+    file times, training stages from TensorBoard event files (written here by TensorFlow itself)."""
+    import os
+    import time
+
+    import tensorflow as tf
+
+    work = tmp_path / "w"
+    recipe = _tiny_recipe()
+    folder = work / "datasets" / "a"
+    (folder / "train").mkdir(parents=True)
+    samples = []
+    for index, mtime in enumerate((1000.0, 1100.0, 1250.0)):
+        path = folder / "train" / f"s{index}.npz"
+        path.write_bytes(b"x")
+        os.utime(path, (mtime, mtime))
+        samples.append({"file": f"train/s{index}.npz"})
+    (folder / "manifest.json").write_text(json.dumps({"samples": samples}))
+    # Two resumed runs of stage s1: two event files, each spanning its own writes.
+    spans = []
+    for run in range(2):
+        start = time.time()
+        writer = tf.summary.create_file_writer(str(work / "runs" / "s1" / "logs" / f"train{run}"))
+        with writer.as_default():
+            for step in range(3):
+                tf.summary.write("loss", 1.0, step=step)  # what training writes without TensorBoard
+                writer.flush()
+                time.sleep(0.2)
+        writer.close()
+        spans.append((start, time.time()))
+    spent = R.time_spent(recipe, work)
+    assert spent["data set a"] == pytest.approx(250.0)
+    assert spent["data set b"] is None and spent["training stage s2"] is None
+    # Three scalars 0.2 s apart per run: each file spans about 0.4 s, within its run's own bounds.
+    assert 0.7 <= spent["training stage s1"] <= sum(stop - start for start, stop in spans) + 0.05
+    assert spent["total"] == pytest.approx(250.0 + spent["training stage s1"], abs=0.11)
+    text = R.reproduction_markdown(recipe, work, {"time_spent_s": spent, "wall_time_s": 1.0})
+    assert "| data set b | no record |" in text and "| **total** |" in text
+
+
+def test_overlapping_log_spans_count_once():
+    assert R._union_length([(0.0, 10.0), (5.0, 12.0), (20.0, 21.0)]) == pytest.approx(13.0)
+    assert R._union_length([(3.0, 4.0), (0.0, 10.0)]) == pytest.approx(10.0)
