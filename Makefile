@@ -16,7 +16,7 @@ SYSTEM_PACKAGES := xvfb xauth libgl1-mesa-dri libglx-mesa0 libegl1 libegl-mesa0 
 PACS_PACKAGES := orthanc
 PYTEST_ARGS ?=
 
-.PHONY: install system-packages demo pacs-demo test test-slow test-all bench lint clean package model
+.PHONY: install system-packages demo pacs-demo test test-slow test-all bench lint clean package package-runtime model
 
 install: system-packages $(STAMP)
 
@@ -58,6 +58,11 @@ pacs-demo: install
 
 package: install
 	packaging/build_linux.sh
+
+# The TensorFlow-free installer (hipatlas-runtime: registration with ONNX Runtime, no training);
+# builds in its own venv (build/venv-runtime), not .venv.
+package-runtime: system-packages
+	HIPATLAS_FLAVOUR=runtime packaging/build_linux.sh
 
 # Regenerate the shipped model from nothing (data sets, both training stages, selection, export,
 # card, held-out check): hours on a 2-core CPU; resumable: run it again to continue.
