@@ -206,7 +206,7 @@ def test_without_tensorflow_auto_picks_onnx_and_tensorflow_commands_stop_with_on
         "from inference import backends\n"
         "from inference.cli import run\n"
         "net = backends.load_backend(None, 'auto')\n"
-        f"answers = {{'auto': type(net).__name__}}\n"
+        "answers = {'auto': type(net).__name__, 'tf_available': backends.tensorflow_available()}\n"
         f"for name, argv in {commands!r}.items():\n"
         "    err = io.StringIO()\n"
         "    with contextlib.redirect_stderr(err):\n"
@@ -219,6 +219,7 @@ def test_without_tensorflow_auto_picks_onnx_and_tensorflow_commands_stop_with_on
     assert result.returncode == 0, result.stderr[-3000:]
     answers = json.loads(result.stdout.strip().splitlines()[-1])
     assert answers.pop("auto") == "OnnxBackend"
+    assert answers.pop("tf_available") is False
     assert answers.pop("loaded") == []
     for name, (status, err) in answers.items():
         lines = err.strip().splitlines()
