@@ -151,6 +151,28 @@ RUNTIME_FORBIDDEN_LIBRARIES: tuple[str, ...] = ("libtensorflow", "_pywrap_tensor
 FULL_ONLY_HIDDEN_IMPORTS: tuple[str, ...] = ("keras.src.saving", "keras.src.layers")
 
 
+#: The runtime flavour leaves out VTK's all-in-one modules: pyvista names ``vtk`` (which imports
+#: ``vtkmodules.all``, every VTK library, ~550 MB) only for type checkers, and imports the VTK
+#: modules it uses lazily from a table (:func:`pyvista_vtk_modules`), which become hidden imports.
+RUNTIME_VTK_EXCLUDES: tuple[str, ...] = ("vtk", "vtkmodules.all")
+
+
+def pyvista_vtk_modules() -> list[str]:
+    """Every VTK module pyvista's lazy import table (``pyvista._vtk``) can load, as module names.
+
+    Read from the installed pyvista at build time, so that a pyvista upgrade that maps a class to
+    a new module bundles it.
+    """
+    from pyvista import _vtk  # the build environment's pyvista; imports no VTK library
+
+    tables = [value for name, value in vars(_vtk).items()
+              if name.startswith("_") and name.endswith("_MODULES") and isinstance(value, dict)]
+    if not tables:
+        raise SystemExit("pyvista._vtk has no *_MODULES tables: this pyvista loads VTK differently; "
+                         "update RUNTIME_VTK_EXCLUDES in packaging/bundle_manifest.py")
+    return sorted({f"vtkmodules.{module}" for table in tables for module in table})
+
+
 def flavour(name: str | None = None) -> str:
     """``name``, else ``$HIPATLAS_FLAVOUR``, else ``full``; validated."""
     value = (name or os.environ.get(FLAVOUR_ENV, "") or "full").strip().lower()
@@ -163,15 +185,25 @@ def excludes(name: str | None = None) -> list[str]:
     """PyInstaller ``excludes`` of a flavour."""
     result = list(EXCLUDES)
     if flavour(name) == "runtime":
-        result += [m for m in RUNTIME_FORBIDDEN if m not in result]
+        result += [m for m in RUNTIME_FORBIDDEN + RUNTIME_VTK_EXCLUDES if m not in result]
     return result
 
 
 def hidden_imports(name: str | None = None) -> list[str]:
     """PyInstaller ``hiddenimports`` of a flavour (before the collected submodules)."""
     if flavour(name) == "runtime":
-        return [m for m in HIDDEN_IMPORTS if m not in FULL_ONLY_HIDDEN_IMPORTS]
+        hidden = [m for m in HIDDEN_IMPORTS if m not in FULL_ONLY_HIDDEN_IMPORTS]
+        return hidden + [m for m in pyvista_vtk_modules() if m not in hidden]
     return list(HIDDEN_IMPORTS)
+
+
+def strip_binaries(name: str | None = None) -> bool:
+    """Whether PyInstaller strips the symbol tables of the bundled libraries (``strip``).
+
+    The runtime flavour does: VTK's wheels ship unstripped (libvtkCommonCore 98 -> 62 MB). Linux
+    only; the full flavour keeps its libraries as built.
+    """
+    return flavour(name) == "runtime" and sys.platform.startswith("linux")
 
 
 def package_name(name: str | None = None) -> str:
