@@ -197,13 +197,42 @@ def hidden_imports(name: str | None = None) -> list[str]:
     return list(HIDDEN_IMPORTS)
 
 
-def strip_binaries(name: str | None = None) -> bool:
-    """Whether PyInstaller strips the symbol tables of the bundled libraries (``strip``).
+#: Bundled libraries whose symbol tables the runtime flavour strips: VTK's wheels ship them
+#: unstripped (libvtkCommonCore 98 -> 62 MB). Only these: libraries that auditwheel patched
+#: (numpy.libs, scipy.libs, ...) break when stripped ("ELF load command address/offset not
+#: page-aligned", measured), which is why PyInstaller's own ``strip=True`` is not used.
+RUNTIME_STRIP_PATTERNS: tuple[str, ...] = ("vtkmodules/*.so", "vtkmodules/*.so.*")
 
-    The runtime flavour does: VTK's wheels ship unstripped (libvtkCommonCore 98 -> 62 MB). Linux
-    only; the full flavour keeps its libraries as built.
+
+def strip_patterns(name: str | None = None) -> tuple[str, ...]:
+    """Bundle paths of the libraries to strip in a flavour (Linux only; none for the full flavour)."""
+    if flavour(name) == "runtime" and sys.platform.startswith("linux"):
+        return RUNTIME_STRIP_PATTERNS
+    return ()
+
+
+def stripped_binaries(binaries, work_dir: str | os.PathLike, patterns: tuple[str, ...]) -> list[tuple]:
+    """PyInstaller's binaries TOC with the entries matching ``patterns`` replaced by stripped copies.
+
+    ``strip --strip-unneeded`` writes each copy under ``work_dir/stripped/<bundle path>`` (kept
+    between builds, redone when the source is newer); the bundle path and type stay the same.
     """
-    return flavour(name) == "runtime" and sys.platform.startswith("linux")
+    import subprocess
+
+    result = []
+    for entry in binaries:
+        dest, src, typecode = entry[0], entry[1], entry[2]
+        if not any(fnmatch.fnmatch(dest, pattern) for pattern in patterns):
+            result.append(tuple(entry))
+            continue
+        out = pathlib.Path(work_dir) / "stripped" / dest
+        if not out.is_file() or out.stat().st_mtime < os.stat(src).st_mtime:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            partial = out.with_name(out.name + ".partial")
+            subprocess.run(["strip", "--strip-unneeded", "-o", str(partial), str(src)], check=True)
+            os.replace(partial, out)
+        result.append((dest, str(out), typecode))
+    return result
 
 
 def package_name(name: str | None = None) -> str:

@@ -46,11 +46,28 @@ def test_runtime_spec_excludes_the_tensorflow_stack_and_the_full_spec_does_not(m
     assert "onnxruntime" not in excludes and "vtkmodules.vtkRenderingOpenGL2" in runtime.kwargs["hiddenimports"]
     # the registration code is bundled whole in both flavours
     assert {"inference.backends", "inference.selftest", "app.cli"} <= set(runtime.kwargs["hiddenimports"])
+    # VTK: not the all-in-one module, but every module pyvista loads lazily, and the renderers
+    assert {"vtk", "vtkmodules.all"} <= excludes
+    assert {"vtkmodules.vtkRenderingOpenGL2", "vtkmodules.vtkFiltersCore", "vtkmodules.vtkCommonDataModel",
+            "vtkmodules.vtkInteractionStyle"} <= set(runtime.kwargs["hiddenimports"])
+    (collect,) = run_spec(monkeypatch, flavour="runtime")["COLLECT"]
+    assert collect.kwargs["strip"] is False  # PyInstaller's strip breaks auditwheel libraries
 
     (full,) = run_spec(monkeypatch, flavour=None)["Analysis"]
     assert not {"tensorflow", "keras"} & set(full.kwargs["excludes"])
     assert {"keras.src.saving", "keras.src.layers"} <= set(full.kwargs["hiddenimports"])
     assert set(full.kwargs["excludes"]) < excludes
+    (collect,) = run_spec(monkeypatch, flavour=None)["COLLECT"]
+    assert collect.kwargs["strip"] is False
+
+
+def test_pyvista_vtk_modules_cover_what_pyvista_loads_lazily():
+    from pyvista import _vtk
+
+    modules = bm.pyvista_vtk_modules()
+    # every class pyvista can hand out comes from a bundled module
+    assert {f"vtkmodules.{m}" for m in _vtk._VTK_CLASS_TO_MODULE.values()} <= set(modules)
+    assert "vtkmodules.vtkRenderingCore" in modules and "vtkmodules.all" not in modules
 
 
 @pytest.mark.parametrize("pure, binaries, found", [
