@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import pathlib
 import re
 import shutil
@@ -245,3 +246,24 @@ def test_without_tensorflow_auto_picks_onnx_and_tensorflow_commands_stop_with_on
     assert "--refine" in answers["refine"][1] and "without --refine" in answers["refine"][1]
     # nothing half-written by a command that could not run
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_compression_estimate_scales_the_real_deb_by_the_sample_ratios(tmp_path):
+    if not (shutil.which("zstd") and shutil.which("xz")):
+        pytest.skip("zstd or xz is not installed")
+    bundle = tmp_path / "hipatlas"
+    (bundle / "_internal").mkdir(parents=True)
+    rng = random.Random(7)
+    words = [f"symbol_{rng.getrandbits(40):x}" for _ in range(4000)]
+    # a big file (sliced) of words drawn from a vocabulary (stronger compressors find more of its
+    # repeats), and small text files (every 16th taken whole)
+    text = " ".join(rng.choice(words) for _ in range(200_000)).encode()
+    (bundle / "_internal" / "lib.so").write_bytes(text[:2 * build_report.MIB])
+    for index in range(32):
+        (bundle / "_internal" / f"m{index:02d}.py").write_text("import os\n" * 200)
+    sample = build_report.bundle_sample(bundle)
+    assert len(sample) == 2 * build_report.MIB // 16 + 2 * 2000
+    estimate = build_report.compression_estimate(bundle, deb_mib=100.0)
+    assert estimate["estimated_deb_mib"]["zstd"] == 100.0
+    assert set(estimate["estimated_deb_mib"]) == {"zstd", "zstd-19", "xz"}
+    assert 0 < estimate["estimated_deb_mib"]["xz"] < 100 and 0 < estimate["estimated_deb_mib"]["zstd-19"] < 100
