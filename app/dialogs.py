@@ -11,7 +11,6 @@ from app.session import RESEARCH_NOTICE, describe_model
 from app.settings import Settings
 from app.steps.base import ignore_wheel_unless_focused
 from inference import __version__
-from inference.backends import tensorflow_available
 
 
 class SettingsDialog(QDialog):
@@ -33,6 +32,8 @@ class SettingsDialog(QDialog):
         self.device.setCurrentText(settings.device)
         form.addRow("Compute device", self.device)
         self.backend = QComboBox()
+        from inference.backends import tensorflow_available  # not at import: the window starts without it
+
         with_tensorflow = tensorflow_available()
         # the TensorFlow-free runtime (hipatlas-runtime) offers ONNX Runtime only
         self.backend.addItems(["auto", "tf", "onnx"] if with_tensorflow else ["auto", "onnx"])

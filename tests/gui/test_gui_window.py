@@ -457,11 +457,12 @@ def test_settings_dialog_applies_units_and_autosave(make_window, gui_settings, m
 
 def test_settings_dialog_offers_no_tensorflow_backend_without_tensorflow(make_window, gui_settings, monkeypatch):
     from app import dialogs
+    from inference import backends
 
     window = make_window()
     offered = [dialogs.SettingsDialog(gui_settings, window).backend.itemText(i) for i in range(3)]
     assert offered == ["auto", "tf", "onnx"]
-    monkeypatch.setattr(dialogs, "tensorflow_available", lambda: False)
+    monkeypatch.setattr(backends, "tensorflow_available", lambda: False)
     dialog = dialogs.SettingsDialog(gui_settings, window)
     assert [dialog.backend.itemText(i) for i in range(dialog.backend.count())] == ["auto", "onnx"]
     assert "TensorFlow is not installed" in dialog.backend.toolTip()
