@@ -237,18 +237,22 @@ def cross_sections(mesh: Mesh, origin_mm: np.ndarray, normal: np.ndarray) -> lis
     if not np.all(start_code[nxt] == end_code):
         raise MeshError("cannot cut the surface into closed contours: it is not a closed, consistently oriented surface")
     # Loop labels: follow the successor permutation (cycles of a permutation).
-    label = np.full(len(tri), -1, dtype=np.int64)
+    # (Python lists: this walk touches every segment once, and numpy scalar indexing cost ~10x
+    # more per step; it was most of this function's time.)
+    successor = nxt.tolist()
+    labels = [-1] * len(tri)
     loops: list[list[int]] = []
     for s0 in range(len(tri)):
-        if label[s0] >= 0:
+        if labels[s0] >= 0:
             continue
         loop = []
         s = s0
-        while label[s] < 0:
-            label[s] = len(loops)
+        while labels[s] < 0:
+            labels[s] = len(loops)
             loop.append(s)
-            s = nxt[s]
+            s = successor[s]
         loops.append(loop)
+    label = np.array(labels, dtype=np.int64)
     u, v = _perpendicular_basis(normal)
     pu, pv = (p - origin) @ u, (p - origin) @ v
     qu, qv = (q - origin) @ u, (q - origin) @ v
