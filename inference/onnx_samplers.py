@@ -92,9 +92,9 @@ def _floor_upstream(graph: _Graph, name: str, limit: int = 40):
     while frontier and len(seen) < limit:
         tensor = frontier.pop()
         node = graph.producer.get(tensor)
-        if node is None or node.name in seen:
+        if node is None or node.output[0] in seen:
             continue
-        seen.add(node.name)
+        seen.add(node.output[0])
         if node.op_type == "Floor":
             floors.append(node)
             continue
