@@ -135,3 +135,26 @@ def test_other_gathers_are_left_alone():
     assert onnx_samplers.find_samplers(model) == []
     same, count = onnx_samplers.rewrite_samplers(model)
     assert count == 0 and same is model
+
+
+def test_widened_axis_broadcasts_give_the_same_bits():
+    rng = np.random.default_rng(5)
+    limits = np.array([0.5, -0.25, 2.0], np.float32)
+    nodes = [helper.make_node("Min", ["x", "limits"], ["low"]),
+             helper.make_node("Sub", ["limits", "low"], ["flipped"]),  # constant first: order kept
+             helper.make_node("Div", ["flipped", "limits"], ["values"])]
+    graph = helper.make_graph(nodes, "broadcasts", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 48, 3])],
+                              [helper.make_tensor_value_info("values", TensorProto.FLOAT, [2, 4, 48, 3])],
+                              [numpy_helper.from_array(limits, "limits")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    wide = onnx.ModelProto.FromString(model.SerializeToString())
+    assert onnx_samplers.widen_axis_broadcasts(wide) == 3
+    onnx_samplers._toposort(wide)
+    onnx.checker.check_model(wide)
+    x = rng.normal(size=(2, 4, 48, 3)).astype(np.float32)
+    expected = np.asarray((limits - np.minimum(x, limits)) / limits, np.float32)
+    np.testing.assert_array_equal(run(wide, {"x": x}), run(model, {"x": x}))
+    np.testing.assert_array_equal(run(wide, {"x": x}), expected)
+    # 4 * 48 = 192 points: 64 per row of the widened form (gcd with 1024)
+    rows = [numpy_helper.to_array(i) for i in wide.graph.initializer if i.name.endswith("/rows")]
+    assert rows and all(list(r) == [-1, 64 * 3] for r in rows)
