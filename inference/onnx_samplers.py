@@ -17,11 +17,14 @@ What is matched (after tf2onnx's optimisations), per sampler:
   clamped onto it (``(B, ..., 3)``, z, y, x).
 
 The sum is replaced by ``GridSample(volume, grid)`` of the same padded volume (reshaped to
-``(1, C, D, H, W)``) at the same positions (``align_corners=1``: voxel centres at -1 and 1,
-``padding_mode=zeros``), so the result differs only by the round-off of normalising the
-positions to [-1, 1] (about 1e-6 of a voxel). The padded volume's border is zero and the
-positions are clamped onto it, exactly as in the gather form. Nodes left unused are removed.
-The nearest-neighbour label warp (one gather, no arithmetic) is left as it is.
+``(1, C, X, Y, Z)``, so that the grid's (W, H, D) order is the positions' (z, y, x) order) at
+the same positions (``align_corners=1``: voxel centres at -1 and 1, ``padding_mode=zeros``).
+The clamp onto the padded grid is dropped: zero padding gives 0 wherever it would have moved a
+point onto the zero border. The result differs only by the float32 round-off of normalising the
+positions to [-1, 1] and back (on the compact model's demo case the displacement ``psi`` moved
+by at most 5e-5 voxel). Nodes left unused are removed. The nearest-neighbour label warp (one
+gather, no arithmetic) is left as it is. Then :func:`widen_axis_broadcasts` rewrites the
+element-wise ops against a (3,) constant (bit-identical, faster in ONNX Runtime).
 
 The rewrite is part of ``hipatlas export-onnx`` (:func:`inference.onnx_export.export_onnx`);
 :func:`rewrite_onnx_file` applies it to an existing export and updates its model card entry.
