@@ -158,3 +158,21 @@ def test_widened_axis_broadcasts_give_the_same_bits():
     # 4 * 48 = 192 points: 64 per row of the widened form (gcd with 1024)
     rows = [numpy_helper.to_array(i) for i in wide.graph.initializer if i.name.endswith("/rows")]
     assert rows and all(list(r) == [-1, 64 * 3] for r in rows)
+
+
+def test_rewrite_only_refuses_a_model_without_gather_samplers(tmp_path, capsys):
+    # the shipped export is already rewritten: the CLI says so in one line and exits 2, file untouched
+    import shutil
+
+    from inference.checksums import sha256_file
+    from inference.cli import EXIT_BAD_INPUT, run as cli_run
+    from inference.resources import models_dir
+
+    shipped = models_dir() / "compact-v2"
+    shutil.copytree(shipped, tmp_path / "model")
+    onnx_file = tmp_path / "model" / "hipatlas-compact.onnx"
+    before = sha256_file(onnx_file)
+    assert cli_run(["export-onnx", str(onnx_file), "--rewrite-only"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no gather-form trilinear samplers" in err[0]
+    assert sha256_file(onnx_file) == before
