@@ -349,6 +349,8 @@ def build_shape_model(out: str | os.PathLike, split: Mapping[str, Sequence[str]]
         A malformed split, or fewer than two femurs in its train split.
     Cancelled
         ``cancel`` fired between registrations (nothing is written).
+
+    A model already at ``out`` built from the same femurs and settings is kept (resume).
     """
     from inference.data.dataset import SynthConfig, available_femurs
     from inference.data.phantom import load_subject_model
@@ -376,6 +378,19 @@ def build_shape_model(out: str | os.PathLike, split: Mapping[str, Sequence[str]]
             raise DataError(f"femur {femur.name} has no voxel inside the shape model's box")
         return mask
 
+    settings = {"format": SHAPE_MODEL_FORMAT, "femurs": [f.name for f in chosen], "specimens": sorted(train),
+                "excluded_specimens": sorted(set(groups["val"]) | set(groups["test"])),
+                "spacing_mm": float(spacing_mm), "box_min_mm": [float(v) for v in box_min_mm],
+                "box_max_mm": [float(v) for v in box_max_mm],
+                "n_components": len(chosen) - 1 if n_components is None else int(n_components)}
+    if pathlib.Path(out).is_file():
+        try:
+            existing = FemurShapeModel.load(out)
+        except InputFileError:
+            existing = None
+        if existing is not None and all(existing.meta.get(k) == v for k, v in settings.items()):
+            logger.info("shape model %s exists with the same inputs; kept", out)
+            return existing
     reference = chosen[0]
     reference_mask = mask_of(reference)
     fields = []
@@ -396,13 +411,8 @@ def build_shape_model(out: str | os.PathLike, split: Mapping[str, Sequence[str]]
                     float(np.linalg.norm(fields[-1], axis=-1).max()))
     if progress is not None:
         progress(len(chosen), len(chosen))
-    k = len(chosen) - 1 if n_components is None else int(n_components)
-    sdm = baselines.StatisticalDeformationModel.fit(np.stack(fields), k)
-    meta = {"format": SHAPE_MODEL_FORMAT, "femurs": [f.name for f in chosen],
-            "specimens": sorted(train), "reference": reference.name,
-            "excluded_specimens": sorted(set(groups["val"]) | set(groups["test"])),
-            "spacing_mm": float(spacing_mm), "box_min_mm": [float(v) for v in box_min_mm],
-            "box_max_mm": [float(v) for v in box_max_mm], "sd_mm": [float(s) for s in sdm.sd],
+    sdm = baselines.StatisticalDeformationModel.fit(np.stack(fields), settings["n_components"])
+    meta = {**settings, "reference": reference.name, "sd_mm": [float(s) for s in sdm.sd],
             "registration": "SimpleITK affine (mean squares) + fast symmetric-forces demons on smoothed masks "
                             "(inference.experiments.baselines.register_atlas_to_subject)"}
     model = FemurShapeModel(sdm, origin, float(spacing_mm) * baselines.SDM_FACTOR, meta)
