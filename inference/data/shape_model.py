@@ -369,7 +369,7 @@ def build_shape_model(out: str | os.PathLike, split: Mapping[str, Sequence[str]]
     validate.number(spacing_mm, "shape model spacing_mm", 0.5, 10, error=ConfigError)
     origin, shape_zyx = _box(float(spacing_mm), box_min_mm, box_max_mm)
     spacing_zyx = (float(spacing_mm),) * 3
-    models = dict(models or {})
+    models = {} if models is None else models
 
     def mask_of(femur) -> np.ndarray:
         model = models[femur.name] if femur.name in models else load_subject_model(femur.name)
