@@ -158,21 +158,28 @@ def _fold_context(ctx: ExperimentContext, fold: str) -> ExperimentContext:
                              progress=ctx.progress, cancel=ctx.cancel, _model=ctx.model)
 
 
-def run(ctx: ExperimentContext) -> dict[str, Any]:
+def run_steps(ctx: ExperimentContext) -> list[Step]:
+    """Run every step of the plan that is not done yet (in order); returns the plan."""
     from inference.io import write_json_atomic
+
+    write_json_atomic(ctx.out / "model_config.json", model_config(ctx))
+    steps = plan(ctx)
+    for number, step in enumerate(steps):
+        label = f"{step.kind}: {step.fold} held out" + (f", {step.setting}" if step.setting else "")
+        ctx.report(number, len(steps) + 1, label)
+        if step.is_done():
+            continue
+        runner(list(step.args), f"loso {label}")
+        step.finish()
+    return steps
+
+
+def run(ctx: ExperimentContext) -> dict[str, Any]:
     from inference.model import load_model
     from inference.registration import model_file_in
 
     budget = BUDGET[ctx.scale]
-    write_json_atomic(ctx.out / "model_config.json", model_config(ctx))
-    steps = plan(ctx)
-    for number, step in enumerate(steps):
-        ctx.report(number, len(steps) + 1, f"{step.kind}: {step.fold} held out" + (f", {step.setting}"
-                                                                                     if step.setting else ""))
-        if step.is_done():
-            continue
-        runner(list(step.args), f"loso {step.kind} ({step.fold} held out, {step.setting or 'shape model'})")
-        step.finish()
+    steps = run_steps(ctx)
     scores: dict[str, dict[str, list[dict]]] = {}
     for fold in FOLDS:
         fold_ctx = _fold_context(ctx, fold)
@@ -334,5 +341,5 @@ def _plot(ctx: ExperimentContext, per_fold, pooled) -> None:
     plt.close(fig)
 
 
-__all__ = ["FOLDS", "SETTINGS", "BUDGET", "Step", "plan", "describe_plan", "run", "report", "final_recipe", "choose",
+__all__ = ["FOLDS", "SETTINGS", "BUDGET", "Step", "plan", "describe_plan", "run_steps", "run", "report", "final_recipe", "choose",
            "paired_test", "specimen_femurs", "training_specimens"]
