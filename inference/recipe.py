@@ -75,8 +75,8 @@ def check_recipe(recipe: Mapping[str, Any], source: Any = "recipe") -> None:
     if not isinstance(datasets, list) or not isinstance(stages, list) or not stages:
         raise ConfigError(f"{source}: a recipe needs a list of datasets and a non-empty list of stages")
     shape_models = recipe.get("shape_models", [])
-    if not isinstance(shape_models, list) or not all(
-            isinstance(m, Mapping) and isinstance(m.get("name"), str) and _is_args(m.get("build")) for m in shape_models):
+    if not isinstance(shape_models, list) or not all(isinstance(m, Mapping) and isinstance(m.get("name"), str)
+                                                     and _is_args(m.get("build")) for m in shape_models):
         raise ConfigError(f"{source}: shape_models must be a list of {{name, build: [shape-model arguments]}}")
     names = set()
     for item in datasets:

@@ -146,7 +146,8 @@ def _scores(gain: float, seed: int = 0) -> dict:
     for fold in loso.FOLDS:
         base = [{"dice": float(d), "jaccard": float(d / (2 - d)), "assd_mm": float(2 - d), "hd95_mm": 4.0,
                  "ssim": None} for d in rng.uniform(0.85, 0.92, 4)]
-        better = [{**r, "dice": r["dice"] + gain + float(rng.normal(0, 0.001)), "assd_mm": r["assd_mm"] - gain + float(rng.normal(0, 0.001))}
+        better = [{**r, "dice": r["dice"] + gain + float(rng.normal(0, 0.001)),
+                   "assd_mm": r["assd_mm"] - gain + float(rng.normal(0, 0.001))}
                   for r in base]
         scores[fold] = {"baseline": base, "shape-model": better}
     return scores

@@ -162,8 +162,8 @@ def test_a_steep_draw_is_scaled_down_to_the_lipschitz_limit():
     field = np.zeros((*shape, 3))
     field[..., 0] = 1.6 * z
     norm = np.linalg.norm(field)
-    sdm = StatisticalDeformationModel(np.zeros((*shape, 3), np.float32), (field / norm).reshape(1, -1).astype(np.float32),
-                                      np.array([norm], np.float32))
+    component = (field / norm).reshape(1, -1).astype(np.float32)
+    sdm = StatisticalDeformationModel(np.zeros((*shape, 3), np.float32), component, np.array([norm], np.float32))
     model = sm.FemurShapeModel(sdm, np.zeros(3), 10.0, {"format": sm.SHAPE_MODEL_FORMAT, "specimens": ["A"]})
     assert sm.lipschitz_bound(field, 10.0) == pytest.approx(1.6)
     d = model.deformation([1.0])

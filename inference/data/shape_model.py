@@ -37,7 +37,6 @@ recorded), so every sampled deformation is invertible by construction and stays 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os

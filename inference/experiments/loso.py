@@ -27,9 +27,9 @@ and their commands) and which steps are already done.
 Budget (``BUDGET``): quick = 240 phantoms per data set and 2,000 steps per training (batch 1, the
 compact grid), 10 test pairs per fold. A compact step costs 2.6 CPU s here
 (``docs/results/bench_input.md``, ``train_step_cpu_s``), about 1.3 s of wall time on the 2 idle
-cores: ~45 min per training, 6 trainings, plus ~6 min of synth per data set, so about 5.5 h in all
-on this machine when it is idle (resumable across days). full = 1,200 phantoms and 30,000 steps
-(a GPU).
+cores: ~45 min per training, 6 trainings, plus ~3 min of synth per data set (1.2 CPU s a
+phantom, measured), so about 5 h in all on this machine when it is idle (resumable across days).
+full = 1,200 phantoms and 30,000 steps (a GPU).
 """
 
 from __future__ import annotations
@@ -341,5 +341,6 @@ def _plot(ctx: ExperimentContext, per_fold, pooled) -> None:
     plt.close(fig)
 
 
-__all__ = ["FOLDS", "SETTINGS", "BUDGET", "Step", "plan", "describe_plan", "run_steps", "run", "report", "final_recipe", "choose",
+__all__ = ["FOLDS", "SETTINGS", "BUDGET", "Step", "plan", "describe_plan", "run_steps", "run", "report", "final_recipe",
+           "choose",
            "paired_test", "specimen_femurs", "training_specimens"]
