@@ -192,6 +192,7 @@ def test_report_chooses_the_better_setting_and_writes_its_recipe(tmp_path, gain)
 # End to end on tiny budgets
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 15 hipatlas processes (TensorFlow start, bone models): ~20 min on a loaded machine
 def test_tiny_loso_end_to_end_and_resume(tmp_path, monkeypatch):
     monkeypatch.setitem(loso.BUDGET, "quick", {"subjects": 2, "steps": 2, "checkpoint_every": 1, "test": 1,
                                                "workers": 0})
