@@ -212,3 +212,17 @@ def test_tiny_loso_end_to_end_and_resume(tmp_path, monkeypatch):
     calls.clear()
     again = loso.run(ctx)
     assert calls == [] and again["scores"] == results["scores"]
+
+
+def test_a_recipe_naming_an_unknown_shape_model_is_refused(tmp_path):
+    from inference.errors import ConfigError
+
+    ctx = _ctx(tmp_path)
+    recipe = loso.final_recipe(ctx, "shape-model")
+    check_recipe(recipe)
+    recipe["shape_models"] = [{"name": "other", "build": ["--split", "train=TLEM2"]}]
+    with pytest.raises(ConfigError, match="unknown shape model 'all-specimens'"):
+        check_recipe(recipe)
+    recipe["shape_models"] = [{"name": "other", "build": "--split train=TLEM2"}]
+    with pytest.raises(ConfigError, match="shape_models must be a list"):
+        check_recipe(recipe)
