@@ -45,8 +45,9 @@ import numpy as np
 from inference.experiments.common import (METRICS, ExperimentContext, fmt, held_out_phantoms, pyplot, render_pair,
                                           save_figure, summary, write_results)
 
-#: The held-out specimen of each fold.
-FOLDS = ("TLEM2", "MC22", "JIA")
+#: The bundled specimens; each fold holds out one of them (FOLDS) and trains on the others.
+SPECIMENS = ("TLEM2", "MC22", "JIA")
+FOLDS = SPECIMENS
 #: Settings: whether the femurs are deformed by the fold's shape model (and within how many sd).
 SETTINGS: dict[str, dict[str, Any]] = {
     "baseline": {"shape_model_sd": None},
@@ -96,7 +97,7 @@ def specimen_femurs(specimen: str) -> list[str]:
 
 
 def training_specimens(fold: str) -> list[str]:
-    return [s for s in FOLDS if s != fold]
+    return [s for s in SPECIMENS if s != fold]
 
 
 def model_config(ctx: ExperimentContext) -> dict:
@@ -280,7 +281,7 @@ def final_recipe(ctx: ExperimentContext, setting: str) -> dict[str, Any]:
         from inference.resources import default_model_file
 
         shipped = read_model_card(card_path_for(default_model_file()))["training"]["recipe"]
-    everyone = "train=" + ",".join(FOLDS)
+    everyone = "train=" + ",".join(SPECIMENS)
     sd = SETTINGS[setting]["shape_model_sd"]
     datasets = []
     for item in shipped["datasets"]:
@@ -296,7 +297,7 @@ def final_recipe(ctx: ExperimentContext, setting: str) -> dict[str, Any]:
         stages.append({**stage, "train": _without(_without(args, "--validate-every"), "--val-limit")})
     recipe = {"format": RECIPE_FORMAT, "name": f"{shipped.get('name', 'model')}-all-specimens",
               "description": f"{shipped.get('name', 'the shipped model')}'s stages with every bundled specimen "
-              f"({', '.join(FOLDS)}) in training and the setting '{setting}' chosen by leave-one-specimen-out "
+              f"({', '.join(SPECIMENS)}) in training and the setting '{setting}' chosen by leave-one-specimen-out "
               f"({ctx.scale} scale, {ctx.out / 'results.md'}). No specimen is left for validation: each stage's "
               "last model is its result.",
               "datasets": datasets, "stages": stages, "model_config": model_config(ctx)}
@@ -341,6 +342,6 @@ def _plot(ctx: ExperimentContext, per_fold, pooled) -> None:
     plt.close(fig)
 
 
-__all__ = ["FOLDS", "SETTINGS", "BUDGET", "Step", "plan", "describe_plan", "run_steps", "run", "report", "final_recipe",
-           "choose",
+__all__ = ["SPECIMENS", "FOLDS", "SETTINGS", "BUDGET", "Step", "plan", "describe_plan", "run_steps", "run", "report",
+           "final_recipe", "choose",
            "paired_test", "specimen_femurs", "training_specimens"]
