@@ -11,7 +11,7 @@ smoothed masks, then symmetric-forces demons), which gives for every point ``x``
 the corresponding point ``x + f_i(x)`` of femur ``i``. A PCA of these displacement fields
 (:class:`inference.experiments.baselines.StatisticalDeformationModel`, the baseline's PCA) is the
 model: ``f = mean + sum_k w_k sd_k c_k``. It is saved as a small ``.npz``
-(:meth:`FemurShapeModel.save`, a few hundred kB) with the femurs and specimens it was built from.
+(:meth:`FemurShapeModel.save`, about 0.5 MB for 6 femurs) with the femurs and specimens it was built from.
 
 How ``hipatlas synth --shape-model PATH --shape-model-sd K`` uses it
 --------------------------------------------------------------------
