@@ -11,12 +11,15 @@ STAMP := $(VENV)/.installed
 SYSTEM_PACKAGES := xvfb xauth libgl1-mesa-dri libglx-mesa0 libegl1 libegl-mesa0 libosmesa6 \
 	libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 \
 	libxcb-render-util0 libxcb-randr0 libxcb-shape0 libxkbcommon-x11-0 libdbus-1-3 libfontconfig1 \
-	poppler-utils $(PACS_PACKAGES)
+	poppler-utils $(PACS_PACKAGES) $(PACKAGING_PACKAGES)
+# The installer builds: strip and objdump (PyInstaller, the runtime flavour's VTK stripping), zstd
+# and xz (packaging/build_report.py estimate).
+PACKAGING_PACKAGES := binutils zstd xz-utils
 # A real PACS for the DICOM networking tests and `make pacs-demo` (started on localhost ports by them).
 PACS_PACKAGES := orthanc
 PYTEST_ARGS ?=
 
-.PHONY: install system-packages demo pacs-demo test test-slow test-all bench lint clean package model
+.PHONY: install system-packages demo pacs-demo test test-slow test-all bench lint clean package package-runtime model
 
 install: system-packages $(STAMP)
 
@@ -58,6 +61,11 @@ pacs-demo: install
 
 package: install
 	packaging/build_linux.sh
+
+# The TensorFlow-free installer (hipatlas-runtime: registration with ONNX Runtime, no training);
+# builds in its own venv (build/venv-runtime), not .venv.
+package-runtime: system-packages
+	HIPATLAS_FLAVOUR=runtime packaging/build_linux.sh
 
 # Regenerate the shipped model from nothing (data sets, both training stages, selection, export,
 # card, held-out check): hours on a 2-core CPU; resumable: run it again to continue.

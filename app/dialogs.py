@@ -32,10 +32,16 @@ class SettingsDialog(QDialog):
         self.device.setCurrentText(settings.device)
         form.addRow("Compute device", self.device)
         self.backend = QComboBox()
-        self.backend.addItems(["auto", "tf", "onnx"])
+        from inference.backends import tensorflow_available  # not at import: the window starts without it
+
+        with_tensorflow = tensorflow_available()
+        # the TensorFlow-free runtime (hipatlas-runtime) offers ONNX Runtime only
+        self.backend.addItems(["auto", "tf", "onnx"] if with_tensorflow else ["auto", "onnx"])
         self.backend.setCurrentText(settings.backend)
         self.backend.setToolTip("Who runs the registration network: ONNX Runtime (onnx), TensorFlow (tf), "
-                                "or auto (ONNX Runtime when the model has its .onnx export)")
+                                "or auto (ONNX Runtime when the model has its .onnx export)"
+                                + ("" if with_tensorflow else ". TensorFlow is not installed (the TensorFlow-free "
+                                   "runtime): training and the test-time refinement are not available."))
         form.addRow("Inference backend", self.backend)
         note = QLabel("The device and the backend take effect the next time the workstation starts.")
         note.setObjectName("hint")

@@ -61,6 +61,14 @@ def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
+def tensorflow_available() -> bool:
+    """Whether TensorFlow can be imported (False in the TensorFlow-free runtime), without importing it."""
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 class InferenceBackend:
     """One loaded registration network.
 
@@ -313,7 +321,7 @@ def load_backend(model: Any = None, backend: str | None = None, *, graph: bool =
             _CACHE[key] = OnnxBackend(onnx_path, card, providers)
             log.info("ONNX model %s (opset %s) loaded", onnx_path.name, entry.get("opset"))
         return _CACHE[key]
-    if importlib.util.find_spec("tensorflow") is None:
+    if not tensorflow_available():
         raise ModelError(f"TensorFlow is not installed (a TensorFlow-free installation) and the model "
                          f"{path.name} has no usable ONNX export; reinstall the model with its .onnx")
     return TensorFlowBackend(registration.load_registration_model(path), graph=graph)

@@ -95,7 +95,8 @@ def run(argv: Sequence[str] | None = None,
             raise
         # the TensorFlow-free installation (packaging/requirements-onnx.txt) has no training,
         # evaluation, export or refinement
-        print(f"hipatlas: error: {args.command} needs the package {error.name}, which this installation "
+        missing = "tensorflow (its Keras)" if error.name == "keras" else error.name
+        print(f"hipatlas: error: {args.command} needs the package {missing}, which this installation "
               "does not have (registration runs with --backend onnx)", file=sys.stderr)
         return EXIT_BAD_INPUT
     except HipAtlasError as error:

@@ -51,14 +51,16 @@ def input_shapes(config) -> dict[str, list[int]]:
 
 
 def export_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike | None = None, *,
-                opset: int = DEFAULT_OPSET) -> dict[str, Any]:
+                opset: int = DEFAULT_OPSET, gridsample: bool = True) -> dict[str, Any]:
     """Export a ``.keras`` registration model to ONNX and record it in the model card.
 
     Parameters
     ----------
     model_path : the ``.keras`` file (verified against its model card)
     out_path : the ``.onnx`` file; default: beside the model, same name
-    opset : ONNX opset
+    opset : ONNX opset of the conversion
+    gridsample : rewrite the trilinear samplers as ``GridSample`` nodes
+        (:mod:`inference.onnx_samplers`; the model's opset becomes 20)
 
     Returns
     -------
@@ -77,6 +79,7 @@ def export_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike | Non
 
     from inference import model as model_lib
     from inference.layers.sampling import portable_ops
+    from inference.onnx_samplers import GRIDSAMPLE_OPSET, SAMPLERS_GRIDSAMPLE, rewrite_samplers
 
     model_path = pathlib.Path(model_path)
     out_path = pathlib.Path(out_path) if out_path is not None else model_path.with_suffix(".onnx")
@@ -97,9 +100,12 @@ def export_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike | Non
 
     function = tf.function(forward, input_signature=spec, autograph=False)
     started = time.perf_counter()
+    samplers = 0
     with atomic_file(out_path, ".onnx") as tmp:
         with portable_ops():
             proto, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=opset)
+        if gridsample:
+            proto, samplers = rewrite_samplers(proto)
         proto.producer_name = "hipatlas export-onnx (tf2onnx)"
         proto.doc_string = (f"HipAtlas registration network {card.get('name')} exported from "
                             f"{model_path.name} (sha256 {card['sha256']})")
@@ -116,7 +122,9 @@ def export_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike | Non
         "bytes": out_path.stat().st_size,
         "source_model_file": model_path.name,
         "source_sha256": card["sha256"],
-        "opset": opset,
+        "opset": GRIDSAMPLE_OPSET if gridsample and samplers else opset,
+        "samplers": SAMPLERS_GRIDSAMPLE if gridsample and samplers else "gathers",
+        "gridsample_count": samplers,
         "inputs": shapes,
         "outputs": list(OUTPUT_NAMES),
         "exporter": f"tf2onnx {tf2onnx.__version__}, tensorflow {tf.__version__}, onnx {onnx.__version__}",
@@ -142,10 +150,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--out", help="the .onnx file (default: beside the model, same name)")
     command.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                          help=f"ONNX opset (default {DEFAULT_OPSET})")
+    command.add_argument("--gather-samplers", action="store_true",
+                         help="keep the trilinear samplers as gathers and arithmetic (no GridSample, "
+                         "the conversion's opset; for runtimes without 5-D GridSample)")
+    command.add_argument("--rewrite-only", action="store_true",
+                         help="MODEL is an exported .onnx with gather samplers: rewrite them as "
+                         "GridSample in place and update its model card (no TensorFlow)")
     command.set_defaults(handler=_handle)
 
 
 def _handle(args: argparse.Namespace) -> int:
-    entry = export_onnx(args.model, args.out, opset=args.opset)
+    if args.rewrite_only:
+        from inference.onnx_samplers import rewrite_onnx_file
+
+        print(json.dumps(rewrite_onnx_file(args.model), indent=2))
+        return 0
+    entry = export_onnx(args.model, args.out, opset=args.opset, gridsample=not args.gather_samplers)
     print(json.dumps(entry, indent=2))
     return 0

@@ -232,6 +232,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     from inference import refine as refine_lib
 
     started = time.perf_counter()
+    if refine_lib.DEFAULT_REFINE if refine is None else refine:
+        refine_lib.require_tensorflow()  # before anything is read or written
     yield Progress(0.02, "Loading case")
     job = _load_job(case_dir, out_dir, overwrite, masks)
     _check(cancel)

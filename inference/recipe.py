@@ -3,8 +3,11 @@
 A recipe (``hipatlas-recipe/1``, JSON; also embedded in a model card as ``training.recipe``) lists
 what made a model, in order:
 
+``shape_models`` (optional)
+    ``{"name": ..., "build": [ARGS]}``: ``hipatlas shape-model --out WORK/shape_models/<name>.npz ARGS``.
 ``datasets``
-    ``{"name": ..., "synth": [ARGS]}``: ``hipatlas synth --out WORK/datasets/<name> ARGS``.
+    ``{"name": ..., "synth": [ARGS], "shape_model": name or absent}``: ``hipatlas synth --out
+    WORK/datasets/<name> ARGS [--shape-model WORK/shape_models/<shape_model>.npz]``.
 ``stages``
     ``{"name": ..., "data": [dataset names], "init_from": previous stage name or null,
     "train": [ARGS]}``: ``hipatlas train --data ... --out WORK/runs/<name> --model-config
@@ -73,10 +76,16 @@ def check_recipe(recipe: Mapping[str, Any], source: Any = "recipe") -> None:
     stages = recipe.get("stages")
     if not isinstance(datasets, list) or not isinstance(stages, list) or not stages:
         raise ConfigError(f"{source}: a recipe needs a list of datasets and a non-empty list of stages")
+    shape_models = recipe.get("shape_models", [])
+    if not isinstance(shape_models, list) or not all(isinstance(m, Mapping) and isinstance(m.get("name"), str)
+                                                     and _is_args(m.get("build")) for m in shape_models):
+        raise ConfigError(f"{source}: shape_models must be a list of {{name, build: [shape-model arguments]}}")
     names = set()
     for item in datasets:
         if not isinstance(item, Mapping) or not isinstance(item.get("name"), str) or not _is_args(item.get("synth")):
             raise ConfigError(f"{source}: each dataset needs a name and a list of synth arguments")
+        if item.get("shape_model") is not None and item["shape_model"] not in {m["name"] for m in shape_models}:
+            raise ConfigError(f"{source}: data set {item['name']} uses the unknown shape model {item['shape_model']!r}")
         names.add(item["name"])
     done: set[str] = set()
     for stage in stages:
@@ -103,9 +112,14 @@ def _is_args(value: Any) -> bool:
 def recipe_commands(recipe: Mapping[str, Any], work: pathlib.Path) -> list[tuple[str, list[str]]]:
     """The ``hipatlas`` commands (argument lists, without the program) that the recipe runs."""
     commands: list[tuple[str, list[str]]] = []
+    for item in recipe.get("shape_models", []):
+        commands.append((f"shape model {item['name']}",
+                         ["shape-model", "--out", str(shape_model_path(work, item["name"])), *item["build"],
+                          "--quiet"]))
     for item in recipe["datasets"]:
+        extra = ["--shape-model", str(shape_model_path(work, item["shape_model"]))] if item.get("shape_model") else []
         commands.append((f"data set {item['name']}",
-                         ["synth", "--out", str(work / "datasets" / item["name"]), *item["synth"], "--quiet"]))
+                         ["synth", "--out", str(work / "datasets" / item["name"]), *item["synth"], *extra, "--quiet"]))
     grid = recipe["model_config"].get("grid", "compact")
     for stage in recipe["stages"]:
         args = ["train"]
@@ -122,6 +136,11 @@ def recipe_commands(recipe: Mapping[str, Any], work: pathlib.Path) -> list[tuple
                                           "--split", verify.get("split", "val"),
                                           "--out", str(work / "verification")]))
     return commands
+
+
+def shape_model_path(work: pathlib.Path, name: str) -> pathlib.Path:
+    """Where a recipe's shape model ``name`` is built."""
+    return work / "shape_models" / f"{name}.npz"
 
 
 def final_model_dir(recipe: Mapping[str, Any], work: pathlib.Path) -> pathlib.Path:

@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from inference import validate
-from inference.errors import Cancelled
+from inference.errors import Cancelled, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +282,25 @@ def _masked_ncc(tf, a, b, weights):
 def _soft_dice(tf, a, b, weights):
     overlap = tf.reduce_sum(a * b * weights)
     return (2.0 * overlap + 1e-6) / (tf.reduce_sum(a * weights) + tf.reduce_sum(b * weights) + 1e-6)
+
+
+def require_tensorflow() -> None:
+    """Stop before any work when the refinement cannot run: it needs TensorFlow's gradients, which
+    the TensorFlow-free runtime (ONNX Runtime only) does not have.
+
+    Raises
+    ------
+    ConfigError
+        TensorFlow (or its Keras) is not installed.
+    """
+    try:
+        import tensorflow  # noqa: F401  (the refinement imports it anyway)
+    except ModuleNotFoundError as error:
+        if error.name not in ("tensorflow", "keras"):
+            raise
+        raise ConfigError("the test-time refinement (--refine) needs TensorFlow, which this installation does not "
+                          "have (the TensorFlow-free runtime); register without --refine, or use the full "
+                          "HipAtlas installation") from error
 
 
 def refine_registration(atlas, psi: np.ndarray, grid, images: list[np.ndarray], masks: list[np.ndarray],

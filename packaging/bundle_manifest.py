@@ -126,6 +126,160 @@ EXCLUDES: tuple[str, ...] = (
     "sphinx", "docutils",
 )
 
+# --------------------------------------------------------------------------------------------
+# Flavours: the full installer and the TensorFlow-free workstation runtime
+# --------------------------------------------------------------------------------------------
+
+#: Environment variable the build scripts and the spec read: ``full`` (default) or ``runtime``.
+FLAVOUR_ENV = "HIPATLAS_FLAVOUR"
+#: ``full``: TensorFlow inside (training, evaluation, ONNX export, test-time refinement, both
+#: backends). ``runtime``: registration, mask proposal, self-test and the workstation through ONNX
+#: Runtime only (packaging/requirements-onnx.txt), no TensorFlow.
+FLAVOURS: tuple[str, ...] = ("full", "runtime")
+
+#: Top-level packages the runtime flavour must not contain: the TensorFlow stack, the exporters and
+#: what only they pull in. The spec excludes them and fails the build if one is still collected
+#: (:func:`forbidden_in_bundle`).
+RUNTIME_FORBIDDEN: tuple[str, ...] = (
+    "tensorflow", "tensorflow_io_gcs_filesystem", "tensorflow_estimator", "tensorboard",
+    "tensorboard_data_server", "tf_keras", "keras", "tf2onnx", "onnx", "jax", "jaxlib", "torch",
+)
+#: Shared-library name stems that mean TensorFlow (or another forbidden runtime) slipped in.
+RUNTIME_FORBIDDEN_LIBRARIES: tuple[str, ...] = ("libtensorflow", "_pywrap_tensorflow", "libjax", "libtorch",
+                                                "libxla", "_pywrap_tf")
+#: Hidden imports that only the full flavour has (they name TensorFlow's Keras).
+FULL_ONLY_HIDDEN_IMPORTS: tuple[str, ...] = ("keras.src.saving", "keras.src.layers")
+
+
+#: The runtime flavour leaves out VTK's all-in-one modules: pyvista names ``vtk`` (which imports
+#: ``vtkmodules.all``, every VTK library, ~550 MB) only for type checkers, and imports the VTK
+#: modules it uses lazily from a table (:func:`pyvista_vtk_modules`), which become hidden imports.
+RUNTIME_VTK_EXCLUDES: tuple[str, ...] = ("vtk", "vtkmodules.all")
+
+
+def pyvista_vtk_modules() -> list[str]:
+    """Every VTK module pyvista's lazy import table (``pyvista._vtk``) can load, as module names.
+
+    Read from the installed pyvista at build time, so that a pyvista upgrade that maps a class to
+    a new module bundles it.
+    """
+    from pyvista import _vtk  # the build environment's pyvista; imports no VTK library
+
+    tables = [value for name, value in vars(_vtk).items()
+              if name.startswith("_") and name.endswith("_MODULES") and isinstance(value, dict)]
+    if not tables:
+        raise SystemExit("pyvista._vtk has no *_MODULES tables: this pyvista loads VTK differently; "
+                         "update RUNTIME_VTK_EXCLUDES in packaging/bundle_manifest.py")
+    return sorted({f"vtkmodules.{module}" for table in tables for module in table})
+
+
+def flavour(name: str | None = None) -> str:
+    """``name``, else ``$HIPATLAS_FLAVOUR``, else ``full``; validated."""
+    value = (name or os.environ.get(FLAVOUR_ENV, "") or "full").strip().lower()
+    if value not in FLAVOURS:
+        raise SystemExit(f"{FLAVOUR_ENV} must be one of {', '.join(FLAVOURS)}, not {value!r}")
+    return value
+
+
+def excludes(name: str | None = None) -> list[str]:
+    """PyInstaller ``excludes`` of a flavour."""
+    result = list(EXCLUDES)
+    if flavour(name) == "runtime":
+        result += [m for m in RUNTIME_FORBIDDEN + RUNTIME_VTK_EXCLUDES if m not in result]
+    return result
+
+
+def hidden_imports(name: str | None = None) -> list[str]:
+    """PyInstaller ``hiddenimports`` of a flavour (before the collected submodules)."""
+    if flavour(name) == "runtime":
+        hidden = [m for m in HIDDEN_IMPORTS if m not in FULL_ONLY_HIDDEN_IMPORTS]
+        return hidden + [m for m in pyvista_vtk_modules() if m not in hidden]
+    return list(HIDDEN_IMPORTS)
+
+
+#: Bundled libraries whose symbol tables the runtime flavour strips: VTK's wheels ship them
+#: unstripped (libvtkCommonCore 98 -> 62 MB). Only these: libraries that auditwheel patched
+#: (numpy.libs, scipy.libs, ...) break when stripped ("ELF load command address/offset not
+#: page-aligned", measured), which is why PyInstaller's own ``strip=True`` is not used.
+RUNTIME_STRIP_PATTERNS: tuple[str, ...] = ("vtkmodules/*.so", "vtkmodules/*.so.*")
+
+
+def strip_patterns(name: str | None = None) -> tuple[str, ...]:
+    """Bundle paths of the libraries to strip in a flavour (Linux only; none for the full flavour)."""
+    if flavour(name) == "runtime" and sys.platform.startswith("linux"):
+        return RUNTIME_STRIP_PATTERNS
+    return ()
+
+
+def stripped_binaries(binaries, work_dir: str | os.PathLike, patterns: tuple[str, ...]) -> list[tuple]:
+    """PyInstaller's binaries TOC with the entries matching ``patterns`` replaced by stripped copies.
+
+    ``strip --strip-unneeded`` writes each copy under ``work_dir/stripped/<bundle path>`` (kept
+    between builds, redone when the source is newer); the bundle path and type stay the same.
+    """
+    import subprocess
+
+    result = []
+    for entry in binaries:
+        dest, src, typecode = entry[0], entry[1], entry[2]
+        if not any(fnmatch.fnmatch(dest, pattern) for pattern in patterns):
+            result.append(tuple(entry))
+            continue
+        out = pathlib.Path(work_dir) / "stripped" / dest
+        if not out.is_file() or out.stat().st_mtime < os.stat(src).st_mtime:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            partial = out.with_name(out.name + ".partial")
+            subprocess.run(["strip", "--strip-unneeded", "-o", str(partial), str(src)], check=True)
+            os.replace(partial, out)
+        result.append((dest, str(out), typecode))
+    return result
+
+
+def package_name(name: str | None = None) -> str:
+    """Debian package (and bundle folder) name: ``hipatlas`` or ``hipatlas-runtime``."""
+    return PACKAGE_NAME if flavour(name) == "full" else f"{PACKAGE_NAME}-{flavour(name)}"
+
+
+def _forbidden_module(module: str) -> str | None:
+    for banned in RUNTIME_FORBIDDEN:
+        if module == banned or module.startswith(banned + "."):
+            return banned
+    return None
+
+
+def forbidden_in_bundle(modules=(), files=(), name: str | None = None) -> list[str]:
+    """What a flavour's bundle must not hold, among module names (PyInstaller's ``a.pure``) and
+    file paths (``a.binaries``/``a.datas`` destinations, or files of a built bundle).
+
+    Empty for the full flavour. A file counts when a folder of its path is a forbidden top-level
+    package (``tensorflow/...``, ``_internal/keras/...``) or its name starts with a forbidden
+    library stem.
+    """
+    if flavour(name) == "full":
+        return []
+    found = set()
+    for module in modules:
+        banned = _forbidden_module(module)
+        if banned:
+            found.add(f"module {banned}")
+    tops = {m for m in RUNTIME_FORBIDDEN if "." not in m}
+    for path in files:
+        parts = pathlib.PurePath(str(path).replace("\\", "/")).parts
+        for part in parts[:-1]:
+            if part in tops or part.split("-")[0] in tops and part.endswith((".dist-info", ".libs")):
+                found.add(f"folder {part}")
+        base = parts[-1] if parts else ""
+        if base.startswith(RUNTIME_FORBIDDEN_LIBRARIES):
+            found.add(f"library {base}")
+    return sorted(found)
+
+
+def bundle_files(folder: str | os.PathLike) -> list[str]:
+    """Paths (relative, POSIX) of every file and symlink under a built bundle."""
+    folder = pathlib.Path(folder)
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir() or p.is_symlink())
+
+
 #: Bundled as plain ``.py`` next to the bytecode: TensorFlow's AutoGraph reads the source of
 #: functions it converts (our layers), and tracebacks in support logs then show code lines.
 SOURCE_PACKAGES: tuple[str, ...] = ("inference", "app")
@@ -284,9 +438,23 @@ def macos_info_plist(version: str) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="HipAtlas bundle manifest (used by the build scripts)")
-    parser.add_argument("what", choices=["version", "debian-version", "numeric-version", "check", "list"])
+    parser.add_argument("what", choices=["version", "debian-version", "numeric-version", "check", "list",
+                                         "package-name", "check-bundle"])
     parser.add_argument("--root", default=str(ROOT), help="repository root")
+    parser.add_argument("--flavour", default=None, choices=FLAVOURS,
+                        help=f"installer flavour (default: ${FLAVOUR_ENV}, else full)")
+    parser.add_argument("--bundle", default=None, help="check-bundle: the built bundle folder")
     args = parser.parse_args(argv)
+    if args.what == "package-name":
+        print(package_name(args.flavour))
+        return 0
+    if args.what == "check-bundle":
+        if not args.bundle:
+            parser.error("check-bundle needs --bundle")
+        found = forbidden_in_bundle(files=bundle_files(args.bundle), name=args.flavour)
+        for item in found:
+            print(f"forbidden in the {flavour(args.flavour)} flavour: {item}", file=sys.stderr)
+        return 1 if found else 0
     version = read_version(args.root)
     if args.what == "version":
         print(version)

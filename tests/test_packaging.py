@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tomllib
-import types
 
 import numpy as np
 import pytest
@@ -29,6 +28,7 @@ sys.path.insert(0, str(PACKAGING / "linux"))
 import bundle_manifest as bm  # noqa: E402
 import make_deb  # noqa: E402
 import make_icons  # noqa: E402
+from tests.packaging_helpers import run_spec  # noqa: E402
 
 from inference import resources  # noqa: E402
 from inference.errors import DataError, ModelError  # noqa: E402
@@ -81,71 +81,8 @@ def test_build_refuses_missing_resources_with_a_clear_message(tmp_path):
 # The spec, executed against a recording stand-in of PyInstaller's build API
 # --------------------------------------------------------------------------------------------
 
-class _Recorder:
-    calls: list
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-        type(self).calls.append(self)
-
-
-def _fake_pyinstaller(monkeypatch):
-    """Minimal PyInstaller modules the spec imports; collect_submodules lists files, imports none."""
-    def collect_submodules(package):
-        base = ROOT / package.replace(".", "/")
-        names = []
-        for path in sorted(base.rglob("*.py")):
-            parts = path.relative_to(ROOT).with_suffix("").parts
-            names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
-        return names
-
-    hooks = types.ModuleType("PyInstaller.utils.hooks")
-    hooks.collect_submodules = collect_submodules
-    hooks.copy_metadata = lambda name: [(f"/site-packages/{name}-{VERSION}.dist-info", f"{name}-{VERSION}.dist-info")]
-    versioninfo = types.ModuleType("PyInstaller.utils.win32.versioninfo")
-    for name in ("VSVersionInfo", "FixedFileInfo", "StringFileInfo", "StringTable", "StringStruct",
-                 "VarFileInfo", "VarStruct"):
-        setattr(versioninfo, name, type(name, (), {"__init__": lambda self, *a, **k: setattr(self, "a", (a, k))}))
-    for name, module in {"PyInstaller": types.ModuleType("PyInstaller"),
-                         "PyInstaller.utils": types.ModuleType("PyInstaller.utils"),
-                         "PyInstaller.utils.hooks": hooks,
-                         "PyInstaller.utils.win32": types.ModuleType("PyInstaller.utils.win32"),
-                         "PyInstaller.utils.win32.versioninfo": versioninfo}.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    sys.modules["PyInstaller.utils.win32"].versioninfo = versioninfo
-
-
-def _run_spec(monkeypatch, platform="linux"):
-    _fake_pyinstaller(monkeypatch)
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the spec prepends packaging/
-    monkeypatch.setattr(sys, "platform", platform)
-    if bm.missing_resources():
-        monkeypatch.setenv(bm.ALLOW_MISSING_ENV, "1")
-    recorded = {}
-    classes = {}
-    for name in ("Analysis", "PYZ", "EXE", "COLLECT", "BUNDLE"):
-        classes[name] = type(name, (_Recorder,), {"calls": []})
-    cli = str(PACKAGING / "launchers" / "hipatlas_cli.py")
-    gui = str(PACKAGING / "launchers" / "hipatlas_gui.py")
-
-    def analysis(*args, **kwargs):
-        obj = classes["Analysis"](*args, **kwargs)
-        obj.pure, obj.binaries, obj.datas = ["pure"], ["binaries"], ["datas"]
-        obj.scripts = [("pyi_rth_a", "/hooks/pyi_rth_a.py", "PYSOURCE"),
-                       ("hipatlas_cli", cli, "PYSOURCE"), ("hipatlas_gui", gui, "PYSOURCE")]
-        return obj
-
-    namespace = {"SPECPATH": str(PACKAGING), "__file__": str(PACKAGING / "hipatlas.spec"), **classes,
-                 "Analysis": analysis}
-    exec(compile((PACKAGING / "hipatlas.spec").read_text(), "hipatlas.spec", "exec"), namespace)
-    for name, cls in classes.items():
-        recorded[name] = cls.calls
-    recorded["namespace"] = namespace
-    return recorded
-
-
 def test_spec_bundles_the_manifest_and_two_executables(monkeypatch):
-    spec = _run_spec(monkeypatch)
+    spec = run_spec(monkeypatch)
     (analysis,) = spec["Analysis"]
     scripts = [pathlib.Path(s).name for s in analysis.args[0]]
     assert scripts == ["hipatlas_cli.py", "hipatlas_gui.py"]
@@ -174,7 +111,7 @@ def test_spec_bundles_the_manifest_and_two_executables(monkeypatch):
 
 
 def test_spec_macos_bundle_and_windows_version_come_from_pyproject(monkeypatch):
-    spec = _run_spec(monkeypatch, platform="darwin")
+    spec = run_spec(monkeypatch, platform="darwin")
     (bundle,) = spec["BUNDLE"]
     assert bundle.kwargs["name"] == "HipAtlas.app"
     assert bundle.kwargs["version"] == VERSION
@@ -182,7 +119,7 @@ def test_spec_macos_bundle_and_windows_version_come_from_pyproject(monkeypatch):
     # The app's main executable is the first in COLLECT: the GUI.
     assert bundle.args[0].args[0].kwargs["name"] == "hipatlas-gui"
 
-    spec = _run_spec(monkeypatch, platform="win32")
+    spec = run_spec(monkeypatch, platform="win32")
     for exe in spec["EXE"]:
         info = exe.kwargs["version"]
         fixed = info.a[1]["ffi"].a[1]

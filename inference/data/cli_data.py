@@ -1,6 +1,6 @@
-"""``hipatlas synth``, ``hipatlas prepare-ct`` and ``hipatlas simulate`` (see :mod:`inference.cli`).
+"""``hipatlas synth``, ``shape-model``, ``prepare-ct`` and ``simulate`` (see :mod:`inference.cli`).
 
-:func:`add_parser` declares the three subcommands; handlers import their implementation (and
+:func:`add_parser` declares the four subcommands; handlers import their implementation (and
 TensorFlow) lazily so that ``hipatlas --help`` stays fast.
 """
 
@@ -76,7 +76,7 @@ def _fraction_progress(quiet: bool):
 
 # ----------------------------------------------------------------------------------------------
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``synth``, ``prepare-ct`` and ``simulate`` to the ``hipatlas`` parser."""
+    """Add ``synth``, ``shape-model``, ``prepare-ct`` and ``simulate`` to the ``hipatlas`` parser."""
     synth = subparsers.add_parser(
         "synth", help="generate a synthetic DRR training data set",
         description="Generate N CT phantoms of the shared bones (shape, pose and tissue augmented), each with "
@@ -102,9 +102,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--oversample", type=cli_int(1), default=2,
                        help="render DRRs this many times finer than the network detector (default 2)")
     synth.add_argument("--step-mm", type=float, help="ray-marching step (default: the grid's smallest spacing)")
+    synth.add_argument("--shape-model", metavar="PATH",
+                       help="deform each femur by a draw of this statistical deformation model (hipatlas "
+                       "shape-model) before the shape modes; it must be built from the train split only")
+    synth.add_argument("--shape-model-sd", type=float, default=None, metavar="K",
+                       help="with --shape-model: weights from a normal truncated to +-K sd (default 1)")
     _add_shard_options(synth, "make only shard I of N (I = 0..N-1; samples i with i %% N == I)", "synth --shard")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(handler=_synth)
+
+    shape = subparsers.add_parser(
+        "shape-model", help="build a statistical deformation model of the train split's femurs",
+        description="Register one femur of the train split to each other one (SimpleITK affine + demons on "
+        "their masks in the canonical femur frame) and save a PCA of the displacement fields, for 'synth "
+        "--shape-model'. Only the train split's specimens are read.")
+    shape.add_argument("--out", required=True, help="model file (.npz) to write")
+    shape.add_argument("--split", action="append", metavar="NAME=SPECIMENS",
+                       help="as for synth (default: train TLEM2+MC22, val JIA); only train is used")
+    shape.add_argument("--spacing-mm", type=float, default=2.0,
+                       help="mask voxel size (default 2; the fields keep every 4th voxel)")
+    shape.add_argument("--components", type=cli_int(1), help="PCA components (default: femurs - 1)")
+    shape.add_argument("--quiet", action="store_true", help="no progress bar")
+    shape.set_defaults(handler=_shape_model)
 
     prep = subparsers.add_parser(
         "prepare-ct", help="make training samples from your own CT and femur labels",
@@ -206,11 +225,29 @@ def _synth(args: argparse.Namespace) -> int:
     if args.max_translation_mm is not None:
         config = dataclasses.replace(config, phantom=dataclasses.replace(
             config.phantom, max_translation_mm=args.max_translation_mm))
+    split = parse_split(args.split)
+    if args.shape_model_sd is not None and not args.shape_model:
+        raise ConfigError("--shape-model-sd needs --shape-model PATH")
+    if args.shape_model:
+        from inference.data.shape_model import ShapeModelSampling
+
+        config = dataclasses.replace(config, split=split or config.split,
+                                     shape_model=ShapeModelSampling(args.shape_model, args.shape_model_sd or 1.0))
     manifest = ds.generate_dataset(args.out, args.subjects, args.grid, args.geometry, args.seed, args.workers,
-                                   config=config, split=parse_split(args.split),
+                                   config=config, split=split,
                                    progress=_counter_progress(args.quiet, "samples"),
                                    shard=ds.parse_shard(args.shard) if args.shard else None)
     print(f"data set written: {manifest}")
+    return 0
+
+
+def _shape_model(args: argparse.Namespace) -> int:
+    from inference.data import dataset as ds
+    from inference.data.shape_model import build_shape_model
+
+    model = build_shape_model(args.out, parse_split(args.split) or ds.DEFAULT_SPLIT, spacing_mm=args.spacing_mm,
+                              n_components=args.components, progress=_counter_progress(args.quiet, "femurs"))
+    print(f"shape model of {', '.join(model.meta['femurs'])} written: {args.out}")
     return 0
 
 

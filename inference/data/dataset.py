@@ -307,9 +307,14 @@ class SynthConfig:
     calibration_error: CalibrationErrorRanges = field(default_factory=CalibrationErrorRanges)
     split: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_SPLIT))
     split_fractions: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLIT_FRACTIONS))
+    #: Optional :class:`inference.data.shape_model.ShapeModelSampling`: a statistical deformation
+    #: of the source femur before the shape modes; it must come from the train split only.
+    shape_model: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "split", _normalise_split(self.split))
+        if self.shape_model is not None:
+            self.shape_model.check_split(self.split)
         fractions = {name: validate.number(self.split_fractions.get(name, 0.0),
                                            f"SynthConfig split_fractions[{name}]", 0, 1)
                      for name in SPLITS}
@@ -324,10 +329,13 @@ class SynthConfig:
         return {name: used.get(name, 0.0) / total for name in SPLITS}
 
     def to_dict(self) -> dict:
-        return {"views": self.views.to_dict(), "render": self.render.to_dict(), "phantom": self.phantom.to_dict(),
-                "realism": self.realism.to_dict(), "calibration_error": self.calibration_error.to_dict(),
-                "split": {k: list(v) for k, v in self.split.items()},
-                "split_fractions": self.effective_fractions()}
+        out = {"views": self.views.to_dict(), "render": self.render.to_dict(), "phantom": self.phantom.to_dict(),
+               "realism": self.realism.to_dict(), "calibration_error": self.calibration_error.to_dict(),
+               "split": {k: list(v) for k, v in self.split.items()},
+               "split_fractions": self.effective_fractions()}
+        if self.shape_model is not None:  # only then: manifests of earlier data sets stay the same
+            out["shape_model"] = self.shape_model.to_dict()
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,7 +601,8 @@ def synthesize_view_sets(config: SynthConfig, grid: DatasetGrid, seed: int, inde
                                                max_translation_mm=ps.max_translation_mm,
                                                max_hip_rotation_deg=ps.max_hip_rotation_deg,
                                                shape=ps.shape, tissue=ps.tissue)
-    phantom = phantom_mod.make_phantom(femur, params, grid.geometry)
+    deformation = None if config.shape_model is None else config.shape_model.deformation(seed, index)
+    phantom = phantom_mod.make_phantom(femur, params, grid.geometry, deformation=deformation)
     landmarks = _landmark_array(phantom.landmarks_mm)
     results = []
     for mode in modes:
@@ -632,6 +641,8 @@ def synthesize_view_sets(config: SynthConfig, grid: DatasetGrid, seed: int, inde
             "calibration_error": None if calibration is None else [c.to_dict() for c in calibration],
             "mask_pixels": [int(m.sum()) for m in rendered["masks"]],
         }
+        if deformation is not None:
+            meta["shape_model"] = deformation.to_dict()
         results.append((arrays, meta))
     return results
 

@@ -1055,14 +1055,15 @@ def _resolve_model(subject) -> SubjectModel:
     raise DataError(f"subject must be a SubjectModel or a name like 'MC22:right', not {subject!r}")
 
 
-def _shape_transform(model: SubjectModel, params: PhantomParams):
+def _shape_transform(model: SubjectModel, params: PhantomParams, deformation: Any = None):
+    """The shape map of a phantom: ``deformation`` (if any), then ``params.shape`` (if any)."""
     if params.shape is None:
-        return None
+        return deformation
     if model.shape_landmarks is None:
         raise DataError(f"subject model {model.name} has no landmarks for shape augmentation; use shape=None")
-    from inference.data.shape import ShapeTransform
+    from inference.data.shape import ShapeTransform, compose
 
-    return ShapeTransform(params.shape, model.shape_landmarks)
+    return compose(deformation, ShapeTransform(params.shape, model.shape_landmarks))
 
 
 def _head_scale(transform, centre: np.ndarray, radius: float) -> tuple[np.ndarray, float]:
@@ -1077,7 +1078,8 @@ def _head_scale(transform, centre: np.ndarray, radius: float) -> tuple[np.ndarra
     return moved[0], scale
 
 
-def make_phantom(subject, params: PhantomParams, grid, *, chunk_voxels: int = 1 << 20) -> Phantom:
+def make_phantom(subject, params: PhantomParams, grid, *, chunk_voxels: int = 1 << 20,
+                 deformation: Any = None) -> Phantom:
     """A CT phantom of ``subject`` made by ``params`` on ``grid`` (deterministic).
 
     The grid's world frame is the canonical femur frame after the pose: a femur point ``p`` of the
@@ -1094,6 +1096,9 @@ def make_phantom(subject, params: PhantomParams, grid, *, chunk_voxels: int = 1 
         Output grid, normally an atlas grid (``inference.data.atlas.grid_geometry``).
     chunk_voxels : int
         Voxels processed at once (bounds the memory of large grids).
+    deformation : optional
+        An invertible point map of the canonical frame (``apply_points``/``inverse_points``, e.g.
+        :class:`inference.data.shape_model.ShapeModelDeformation`) applied before ``params.shape``.
 
     Returns
     -------
@@ -1122,7 +1127,7 @@ def make_phantom(subject, params: PhantomParams, grid, *, chunk_voxels: int = 1 
     i2w = grid.index_to_world()
     index_to_canonical = world_to_canonical @ i2w
 
-    transform = _shape_transform(model, params)
+    transform = _shape_transform(model, params, deformation)
     head = model.landmarks_mm["head_centre"]
     if transform is None:
         head_deformed, head_scale = head.copy(), 1.0

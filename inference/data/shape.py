@@ -52,6 +52,7 @@ __all__ = [
     "ShapeTransform",
     "sample_shape_params",
     "IDENTITY_SHAPE",
+    "compose",
 ]
 
 
@@ -648,3 +649,23 @@ class ShapeTransform:
     def apply_mesh(self, mesh):
         """A mesh (canonical frame) with deformed vertices and the same triangles."""
         return mesh.with_vertices(self.apply_points(mesh.vertices))
+
+
+class _Composed:
+    """``then(first(x))`` and its inverse; ``first`` and ``then`` have ``apply_points``/``inverse_points``."""
+
+    def __init__(self, first, then):
+        self.first, self.then = first, then
+
+    def apply_points(self, X):
+        return self.then.apply_points(self.first.apply_points(X))
+
+    def inverse_points(self, Y):
+        return self.first.inverse_points(self.then.inverse_points(Y))
+
+
+def compose(first, then):
+    """The point map ``first`` then ``then`` (either may be None; None if both are)."""
+    if first is None or then is None:
+        return then if first is None else first
+    return _Composed(first, then)

@@ -12,6 +12,8 @@ name                   what                                                     
                        (label map regressed directly), paired t-tests
 ``table2``             ablations retrained on one data set (``hipatlas train``),        Table 2
                        affine-only and final metrics, paired t-tests, steps to converge
+``loso``               leave one specimen out: each bundled specimen held out in turn,  (ours)
+                       training settings compared on it, a recipe for the final model
 =====================  ==============================================================  =========
 
 ``--scale quick`` uses the compact grid (the shipped model) and held-out phantom counts that fit a
@@ -37,12 +39,16 @@ EXPERIMENTS: dict[str, str] = {
     "view-map": "inference.experiments.viewmap",
     "table2": "inference.experiments.table2",
     "table1": "inference.experiments.table1",
+    "loso": "inference.experiments.loso",
 }
 
 
 def run_experiment(name: str, out: str | pathlib.Path, *, scale: str = "quick", model: str | None = None,
-                   seed: int = 7, progress: Callable | None = None, cancel: Any = None) -> dict:
-    """Run (or resume) experiment ``name``; returns its results (also written to ``out``)."""
+                   seed: int = 7, progress: Callable | None = None, cancel: Any = None,
+                   dry_run: bool = False) -> dict | str:
+    """Run (or resume) experiment ``name``; returns its results (also written to ``out``).
+
+    ``dry_run``: return the plan as text instead (experiments with a ``describe_plan``)."""
     from inference.errors import ConfigError
     from inference.experiments.common import ExperimentContext
     from inference.registration import model_file_in
@@ -53,8 +59,11 @@ def run_experiment(name: str, out: str | pathlib.Path, *, scale: str = "quick", 
     if scale == "full" and model is None:
         raise ConfigError("--scale full needs --model (a paper-preset model, e.g. from `hipatlas train --preset paper`)")
     model_path = model_file_in(model) if model else default_model_file()
+    module = importlib.import_module(EXPERIMENTS[name])
+    if dry_run and not hasattr(module, "describe_plan"):
+        raise ConfigError(f"--dry-run is not available for {name}")
     ctx = ExperimentContext(name, pathlib.Path(out), scale, model_path, seed=seed, progress=progress, cancel=cancel)
-    return importlib.import_module(EXPERIMENTS[name]).run(ctx)
+    return module.describe_plan(ctx) if dry_run else module.run(ctx)
 
 
 def add_parser(subparsers) -> None:
@@ -68,6 +77,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder (an existing run there is resumed)")
     parser.add_argument("--model", help="model .keras or folder (default: the shipped model)")
     parser.add_argument("--seed", type=int, default=7, help="seed of the held-out phantoms and views (default 7)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (its commands, done or to do) and exit (loso)")
     parser.set_defaults(handler=_cli)
 
 
@@ -75,6 +86,9 @@ def _cli(args) -> int:
     def show(p) -> None:
         print(f"{100 * p.fraction:5.1f}% {p.message}", file=sys.stderr, flush=True)
 
+    if args.dry_run:
+        print(run_experiment(args.name, args.out, scale=args.scale, model=args.model, seed=args.seed, dry_run=True))
+        return 0
     run_experiment(args.name, args.out, scale=args.scale, model=args.model, seed=args.seed, progress=show)
     print(pathlib.Path(args.out) / "results.md")
     return 0

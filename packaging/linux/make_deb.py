@@ -67,8 +67,8 @@ def debian_arch() -> str:
         return {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
-def deb_filename(version: str, arch: str) -> str:
-    return f"{bm.PACKAGE_NAME}_{bm.debian_version(version)}_{arch}.deb"
+def deb_filename(version: str, arch: str, flavour: str = "full") -> str:
+    return f"{bm.package_name(flavour)}_{bm.debian_version(version)}_{arch}.deb"
 
 
 def _version_key(text: str) -> tuple[int, ...]:
@@ -132,11 +132,31 @@ def missing_system_libraries(folder: str | os.PathLike) -> dict[str, list[str]]:
     return missing
 
 
-def control_text(version: str, arch: str, installed_size_kib: int, glibc: str = DEFAULT_MIN_GLIBC) -> str:
-    """The DEBIAN/control file (the version is the Debian spelling of pyproject's)."""
+RUNTIME_SUMMARY = "HipAtlas registration runtime without TensorFlow (research use only)"
+#: What each flavour says it holds, as the last paragraph of the package description.
+FLAVOUR_DESCRIPTIONS = {
+    "full": (" This is the full installation: TensorFlow is included for training,\n"
+             " evaluation, ONNX export and the test-time refinement; registration runs\n"
+             " with ONNX Runtime or TensorFlow."),
+    "runtime": (" This is the workstation runtime without TensorFlow: registration, mask\n"
+                " proposal, the self-test and the planning workstation run the shipped\n"
+                " model's ONNX export with ONNX Runtime. Training, evaluation, ONNX export\n"
+                " and the test-time refinement are not included (install hipatlas for them)."),
+}
+
+
+def control_text(version: str, arch: str, installed_size_kib: int, glibc: str = DEFAULT_MIN_GLIBC,
+                 flavour: str = "full") -> str:
+    """The DEBIAN/control file (the version is the Debian spelling of pyproject's).
+
+    Both flavours install the same files (/opt/hipatlas, /usr/bin/hipatlas): each conflicts with
+    and replaces the other, so installing one swaps out the other.
+    """
     depends = ", ".join((f"libc6 (>= {glibc})", *DEPENDS))
+    package = bm.package_name(flavour)
+    others = ", ".join(bm.package_name(f) for f in bm.FLAVOURS if f != bm.flavour(flavour))
     description = (
-        f"{bm.SUMMARY}\n"
+        f"{bm.SUMMARY if package == bm.PACKAGE_NAME else RUNTIME_SUMMARY}\n"
         " HipAtlas reconstructs a patient's proximal femur in 3D from two calibrated\n"
         " radiographs (AP and lateral) by registering a CT atlas with a deep network,\n"
         " then measures the hip centre, femoral head radius, femoral offset and\n"
@@ -145,16 +165,20 @@ def control_text(version: str, arch: str, installed_size_kib: int, glibc: str = 
         " Everything runs offline on the CPU; the trained model, the atlas and a demo\n"
         " case are included. Run `hipatlas --self-test` after installing.\n"
         " .\n"
+        f"{FLAVOUR_DESCRIPTIONS[bm.flavour(flavour)]}\n"
+        " .\n"
         " Research use only: not for diagnosis or treatment decisions."
     )
     fields = [
-        ("Package", bm.PACKAGE_NAME),
+        ("Package", package),
         ("Version", bm.debian_version(version)),
         ("Architecture", arch),
         ("Maintainer", bm.MAINTAINER),
         ("Installed-Size", str(installed_size_kib)),
         ("Depends", depends),
         ("Recommends", ", ".join(RECOMMENDS)),
+        ("Conflicts", others),
+        ("Replaces", others),
         ("Section", "science"),
         ("Priority", "optional"),
         ("Homepage", bm.HOMEPAGE),
@@ -172,7 +196,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def stage(bundle: pathlib.Path, icons: pathlib.Path, staging: pathlib.Path, version: str, arch: str,
-          glibc: str | None = None) -> pathlib.Path:
+          glibc: str | None = None, flavour: str = "full") -> pathlib.Path:
     """Lay out the package tree under ``staging``; returns the path of DEBIAN/control."""
     for executable in (bm.CLI_NAME, bm.GUI_NAME):
         if not (bundle / executable).is_file():
@@ -197,7 +221,7 @@ def stage(bundle: pathlib.Path, icons: pathlib.Path, staging: pathlib.Path, vers
         folder = hicolor / f"{size}x{size}" / "apps"
         folder.mkdir(parents=True)
         shutil.copy2(png, folder / "hipatlas.png")
-    doc = staging / "usr" / "share" / "doc" / bm.PACKAGE_NAME
+    doc = staging / "usr" / "share" / "doc" / bm.package_name(flavour)
     doc.mkdir(parents=True)
     shutil.copy2(HERE / "copyright", doc / "copyright")
 
@@ -214,7 +238,7 @@ def stage(bundle: pathlib.Path, icons: pathlib.Path, staging: pathlib.Path, vers
     control_dir = staging / "DEBIAN"
     control_dir.mkdir(mode=0o755)
     control = control_dir / "control"
-    control.write_text(control_text(version, arch, installed_kib, glibc or min_glibc(target)))
+    control.write_text(control_text(version, arch, installed_kib, glibc or min_glibc(target), flavour))
     os.chmod(control, 0o644)
     return control
 
@@ -239,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the glibc the bundle needs (Debian 12, Ubuntu 24.04 and newer); xz is smaller, much "
                         "slower to build, and needed only for dpkg older than 1.21.18 (Debian 11)")
     parser.add_argument("--level", type=int, default=None, help="compression level (dpkg-deb -z)")
+    parser.add_argument("--flavour", default=None, choices=bm.FLAVOURS,
+                        help=f"full (with TensorFlow, package hipatlas) or runtime (ONNX Runtime only, package "
+                        f"hipatlas-runtime); default ${bm.FLAVOUR_ENV}, else full")
     parser.add_argument("--control-only", action="store_true", help="print the control file and exit")
     parser.add_argument("--check-libs", metavar="DIR", help="list the system libraries that the binaries "
                         "under DIR need and this machine lacks, then exit (status 1 if any)")
@@ -251,17 +278,18 @@ def main(argv: list[str] | None = None) -> int:
 
     version = bm.read_version()
     arch = args.arch or debian_arch()
+    flavour = bm.flavour(args.flavour)
     if args.control_only:
-        sys.stdout.write(control_text(version, arch, 0))
+        sys.stdout.write(control_text(version, arch, 0, flavour=flavour))
         return 0
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    out_file = out_dir / deb_filename(version, arch)
+    out_file = out_dir / deb_filename(version, arch, flavour)
     staging_parent = pathlib.Path(tempfile.mkdtemp(prefix="hipatlas-deb-", dir=str(bm.ROOT / "build")
                                                    if (bm.ROOT / "build").is_dir() else None))
     try:
         staging = staging_parent / "root"
-        stage(pathlib.Path(args.bundle), pathlib.Path(args.icons), staging, version, arch)
+        stage(pathlib.Path(args.bundle), pathlib.Path(args.icons), staging, version, arch, flavour=flavour)
         # Build next to the target and rename, so a failed build never leaves a truncated .deb.
         partial = out_file.with_name(out_file.name + ".partial")
         build_deb(staging, partial, args.compression, args.level)

@@ -455,6 +455,19 @@ def test_settings_dialog_applies_units_and_autosave(make_window, gui_settings, m
     assert window.autosave.timer.isActive() and window.autosave.timer.interval() == 300_000
 
 
+def test_settings_dialog_offers_no_tensorflow_backend_without_tensorflow(make_window, gui_settings, monkeypatch):
+    from app import dialogs
+    from inference import backends
+
+    window = make_window()
+    offered = [dialogs.SettingsDialog(gui_settings, window).backend.itemText(i) for i in range(3)]
+    assert offered == ["auto", "tf", "onnx"]
+    monkeypatch.setattr(backends, "tensorflow_available", lambda: False)
+    dialog = dialogs.SettingsDialog(gui_settings, window)
+    assert [dialog.backend.itemText(i) for i in range(dialog.backend.count())] == ["auto", "onnx"]
+    assert "TensorFlow is not installed" in dialog.backend.toolTip()
+
+
 def test_atlas_mask_proposal_fills_missing_masks(make_window, gui_settings, tmp_path, qtbot):
     from gui_helpers import synthetic_masks, synthetic_propose
     from inference import io
