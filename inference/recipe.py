@@ -279,7 +279,9 @@ def _event_span(path: pathlib.Path) -> tuple[float, float] | None:
             fh.read(4)
             if len(data) < length:
                 break
-            if length >= 9 and data[0] == 0x09:  # field 1, 64-bit: double wall_time
+            # Field 1, 64-bit: double wall_time. The file's header event (file_version "brain.Event:2")
+            # carries whole seconds only, so it is skipped.
+            if length >= 9 and data[0] == 0x09 and b"brain.Event" not in data:
                 times.append(struct.unpack("<d", data[1:9])[0])
     return (min(times), max(times)) if times else None
 
