@@ -259,7 +259,12 @@ def time_spent(recipe: Mapping[str, Any], work: str | os.PathLike) -> dict[str, 
     evaluation = work / "verification" / "evaluation.json"
     model = final_model_dir(recipe, work) / "model_card.json"
     if recipe.get("verify") and evaluation.is_file() and model.is_file():
-        spent["verification"] = round(max(0.0, evaluation.stat().st_mtime - model.stat().st_mtime), 1)
+        # From the later of the final model and the last stage's last logged step (the best model may
+        # be exported long before its stage ends) to the evaluation.
+        last = recipe["stages"][-1]["name"]
+        ends = [span[1] for span in map(_event_span, (work / "runs" / last / "logs").glob("*/events.*")) if span]
+        start = max([model.stat().st_mtime, *ends])
+        spent["verification"] = round(max(0.0, evaluation.stat().st_mtime - start), 1)
     known = [v for v in spent.values() if v is not None]
     spent["total"] = round(sum(known), 1) if known else None
     return spent
@@ -317,6 +322,6 @@ def reproduction_markdown(recipe: Mapping[str, Any], work: str | os.PathLike, re
         lines.append(f"| {'**total**' if name == 'total' else name} | {shown} |")
     lines += ["", "Times are summed over every run that worked on a step (the recipe resumes across sessions): "
               "data sets from their samples' file times, training stages from the span of their TensorBoard "
-              "event files, the verification from the final model to its evaluation. This invocation itself took "
+              "event files, the verification from the end of training to its evaluation. This invocation itself took "
               f"{result.get('wall_time_s', 0):.0f} s.", ""]
     return "\n".join(lines)
