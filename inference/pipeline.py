@@ -232,7 +232,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     from inference import refine as refine_lib
 
     started = time.perf_counter()
-    if refine_lib.DEFAULT_REFINE if refine is None else refine:
+    refine = refine_lib.DEFAULT_REFINE if refine is None else refine
+    if refine:
         refine_lib.require_tensorflow()  # before anything is read or written
     yield Progress(0.02, "Loading case")
     job = _load_job(case_dir, out_dir, overwrite, masks)
@@ -258,7 +259,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     _check(cancel)
 
     refinement = None
-    if refine_lib.DEFAULT_REFINE if refine is None else refine:
+    if refine:
         yield Progress(0.45, "Refining on the radiographs")
         refinement = yield from _refine(job, atlas, psi, grid, net.config.detector_hw, head, refine,
                                         self_calibrate, cancel)

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 RUN_FORMAT = "hipatlas-training-run/1"
 _MIXED_PRECISION = ("auto", "on", "off")
 _LR_SCHEDULES = ("constant", "cosine")
+_EXPORTS = ("best", "last")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,10 @@ class TrainConfig:
         "auto" = float16 compute on GPU only.
     best_metric : {"dice", "assd_mm"}
         Validation metric that selects the exported model.
+    export : {"best", "last"}
+        "best": the model with the best validation score is the result; "last": the model at the
+        final step is (validation is still run and reported, but chooses nothing: how a run is
+        kept honest when its validation specimen is also the one it will be tested on).
     run_eagerly : bool
         Run the train step eagerly instead of as a tf.function (debugging, and tiny test runs
         where tracing the step costs more than the few steps themselves).
@@ -118,6 +123,7 @@ class TrainConfig:
     log_every: int = 10
     mixed_precision: str = "auto"
     best_metric: str = "dice"
+    export: str = "best"
     run_eagerly: bool = False
     lr_schedule: str = "constant"
     lr_final_fraction: float = 0.05
@@ -149,6 +155,8 @@ class TrainConfig:
             raise ConfigError(f"stop_at must be a step between 1 and steps ({self.steps}), not {self.stop_at!r}")
         if self.best_metric not in ("dice", "assd_mm"):
             raise ConfigError(f"best_metric must be 'dice' or 'assd_mm', not {self.best_metric!r}")
+        if self.export not in _EXPORTS:
+            raise ConfigError(f"export must be one of {_EXPORTS}, not {self.export!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -602,8 +610,9 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
             score > best if higher_better else score < best))
         if improved:
             best_score.assign(score)
-            export_model(model, out, card_extra(step, metrics))
-            log.info("step %d: new best %s %.4f, model exported", step, train_config.best_metric, score)
+            if train_config.export == "best":
+                export_model(model, out, card_extra(step, metrics))
+                log.info("step %d: new best %s %.4f, model exported", step, train_config.best_metric, score)
         report(step, f"validation at step {step}: Dice {metrics['dice']:.3f}, "
                f"ASSD {metrics['assd_mm']:.2f} mm", validation=metrics)
 
@@ -667,9 +676,9 @@ def train(config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, steps
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    if not val_entries and chief:
-        # Without validation data the last model is the result.
-        export_model(model, out, card_extra(step, None))
+    if chief and (not val_entries or train_config.export == "last"):
+        # Without validation data, or when asked, the last model is the result.
+        export_model(model, out, card_extra(step, last_validation if val_entries else None))
     best = float(best_score.numpy())
     report(step, "training finished", losses, last_validation)
     return TrainResult(out, step, start_step, best_path if best_path.is_file() else None,
@@ -756,6 +765,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--lr-final-fraction", type=float, default=defaults.lr_final_fraction)
     parser.add_argument("--init-from", metavar="MODEL.keras",
                         help="start from the weights of this model (fine-tuning; same model config)")
+    parser.add_argument("--export", choices=_EXPORTS, default=defaults.export,
+                        help="best: the best validated model is the result (default); last: the final step's "
+                        "model is, validation only reported")
     parser.add_argument("--stop-at", type=int, metavar="STEP",
                         help="end after this step although the learning-rate schedule spans --steps")
     parser.set_defaults(handler=_cli_train)
@@ -796,6 +808,7 @@ def _cli_train(args) -> int:
                                validate_every=args.validate_every, val_limit=args.val_limit,
                                mixed_precision=args.mixed_precision, lr_schedule=args.lr_schedule,
                                lr_final_fraction=args.lr_final_fraction, stop_at=args.stop_at,
+                               export=args.export,
                                init_from=str(pathlib.Path(args.init_from).resolve()) if args.init_from else None)
 
     def show(p: TrainProgress) -> None:

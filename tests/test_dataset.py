@@ -436,3 +436,33 @@ def _extra_commands():
     from inference.data import cli_data
 
     return [] if "inference.data.cli_data" in cli.SUBCOMMAND_MODULES else [cli_data.add_parser]
+
+
+def test_wide_generalised_views_keep_pairs_near_orthogonal_when_asked():
+    """--angle-range-deg 50 --max-skew-deg 50: each view within 50 deg of AP/LAT, each pair 40-140 apart."""
+    centre = np.zeros(3)
+    wide = ds.ViewSampling(mode="generalised", angle_range_deg=50.0, max_skew_deg=50.0)
+    free = ds.ViewSampling(mode="generalised", angle_range_deg=50.0)
+    kept, mirrored = [], 0
+    for seed in range(300):
+        _, angles = ds.sample_views(np.random.default_rng(seed), wide, centre)
+        _, unlimited = ds.sample_views(np.random.default_rng(seed), free, centre)
+        assert abs(angles[0]) <= 50 and abs(angles[1] - 90) <= 50 and angles[0] == unlimited[0]
+        assert 40 - 1e-9 <= angles[1] - angles[0] <= 140 + 1e-9
+        mirrored += angles[1] != unlimited[1]
+        kept.append(angles[1] - angles[0])
+    # Without the limit about a quarter of the pairs would be more than 50 deg from orthogonal.
+    assert 40 < mirrored < 120 and min(kept) < 50 and max(kept) > 130
+    # The default keeps every draw (and the manifests of data sets made before the option).
+    assert "max_skew_deg" not in ds.ViewSampling(mode="generalised").to_dict()
+    assert wide.to_dict()["max_skew_deg"] == 50.0
+    with pytest.raises(ConfigError, match="max_skew_deg"):
+        ds.ViewSampling(max_skew_deg=95.0)
+
+
+def test_synth_refuses_a_wide_range_without_generalised_views(tmp_path, capsys):
+    from app import cli as app_cli
+
+    assert app_cli.main(["synth", "--out", str(tmp_path / "d"), "--subjects", "1", "--angle-range-deg", "50"]) == 2
+    assert "--geometry generalised" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -323,3 +323,16 @@ def test_stop_at_ends_early_on_the_full_schedule(tmp_path, data_dir, atlas):
     assert card["training"]["steps"] == 2 and card["training"]["train_config"]["stop_at"] == 2
     # Half-way along a 4-step cosine, not at its end: the schedule is the long run's.
     assert T.learning_rate_at(config, 2) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))
+
+
+def test_export_last_keeps_the_final_step_and_still_reports_validation(tmp_path, data_dir, atlas):
+    """``export="last"``: validation runs and is recorded, but the result is the last step's model."""
+    with pytest.raises(ConfigError, match="export"):
+        T.TrainConfig(export="newest")
+    config = dataclasses.replace(SETTINGS, steps=3, validate_every=1, val_limit=1, export="last")
+    result = T.train(TINY, data_dir, tmp_path, train_config=config, atlas=atlas)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3]
+    card = json.loads((result.best_model_path.parent / "model_card.json").read_text())
+    assert card["training"]["steps"] == 3 and card["training"]["train_config"]["export"] == "last"
+    assert card["validation"] == history[-1]["metrics"]

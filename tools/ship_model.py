@@ -1,12 +1,15 @@
 """Copy the best model of a training run into ``resources/models/<name>/`` with a complete card.
 
     python tools/ship_model.py RUN_DIR NAME --evaluation EVAL_DIR/evaluation.json \
-        --regenerate "hipatlas synth ..." [--regenerate "..."] [--machine "..."] [--default]
+        --regenerate "hipatlas synth ..." [--regenerate "..."] [--recipe RECIPE.json] [--machine "..."]
+        [--default]
 
 The run's card (written by ``hipatlas train``: config, steps, wall time, data manifest sha256,
 validation during training) is kept; this adds ``val_metrics`` from a ``hipatlas evaluate`` run on
 held-out subjects, the commands that regenerate the training data (data sets are never
-committed), and where it was trained. ``--default`` makes it the model ``register`` uses.
+committed), the recipe that regenerates the model from nothing (``hipatlas train --recipe CARD``;
+its ``verify.dice`` is set to the evaluation's mean Dice when the recipe verifies on the same
+split), and where it was trained. ``--default`` makes it the model ``register`` uses.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def main(argv=None) -> int:
                         help="evaluation.json of `hipatlas evaluate` on held-out subjects")
     parser.add_argument("--split-note", default="val (JIA_MRI specimen, held out of training)")
     parser.add_argument("--regenerate", action="append", default=[], help="command that regenerates a data set")
+    parser.add_argument("--recipe", type=pathlib.Path,
+                        help="hipatlas-recipe/1 file of the model (stored as training.recipe)")
     parser.add_argument("--machine", default="2-core x86-64 CPU, no GPU")
     parser.add_argument("--default", action="store_true", help="write resources/models/DEFAULT")
     args = parser.parse_args(argv)
@@ -55,6 +60,16 @@ def main(argv=None) -> int:
     training["data_dir"] = [f"{pathlib.Path(f).name} (regenerate: see training.regenerate)" for f in folders]
     training["regenerate"] = args.regenerate
     training["machine"] = args.machine
+    if args.recipe:
+        from inference.recipe import check_recipe, load_recipe
+
+        recipe = load_recipe(args.recipe)
+        if recipe["stages"][-1]["name"] != args.name:
+            raise SystemExit(f"the recipe's last stage is {recipe['stages'][-1]['name']!r}, not {args.name!r}")
+        if recipe.get("verify"):
+            recipe["verify"]["dice"] = metrics["dice"]
+        check_recipe(recipe, args.recipe)
+        training["recipe"] = recipe
 
     destination = REPO / "resources" / "models" / args.name
     destination.mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--subjects", type=cli_int(1), help="number of samples (phantoms) N (required unless --merge)")
     synth.add_argument("--grid", choices=("compact", "paper"), default="compact", help="atlas grid (default compact)")
     synth.add_argument("--geometry", choices=("orthogonal", "generalised"), default="orthogonal",
-                       help="orthogonal: AP + lateral; generalised: each angle within +-30 deg of those")
+                       help="orthogonal: AP + lateral; generalised: each angle within +-30 deg of those "
+                       "(--angle-range-deg)")
+    synth.add_argument("--angle-range-deg", type=float, default=None,
+                       help="with --geometry generalised: half-width of each view's angle range around AP and "
+                       "lateral, deg (default 30, the paper's; 50 also covers pairs 40 to 140 deg apart)")
+    synth.add_argument("--max-skew-deg", type=float, default=None,
+                       help="with --geometry generalised: keep each pair's separation within this of 90 deg "
+                       "(the lateral angle's draw is mirrored otherwise); default no limit")
     synth.add_argument("--seed", type=cli_int(0), default=0, help="random seed (default 0)")
     synth.add_argument("--workers", type=cli_int(0), default=2, help="parallel processes (default 2)")
     synth.add_argument("--split", action="append", metavar="NAME=SPECIMENS",
@@ -222,6 +229,13 @@ def _synth(args: argparse.Namespace) -> int:
         deg, mm, px = args.calibration_error
         config = dataclasses.replace(config, calibration_error=CalibrationErrorRanges(deg, mm, px))
     config = dataclasses.replace(config, render=ds.RenderSettings(oversample=args.oversample, step_mm=args.step_mm))
+    if (args.angle_range_deg is not None or args.max_skew_deg is not None) and args.geometry != "generalised":
+        raise ConfigError("--angle-range-deg and --max-skew-deg need --geometry generalised")
+    if args.angle_range_deg is not None:
+        config = dataclasses.replace(config, views=dataclasses.replace(config.views,
+                                                                       angle_range_deg=args.angle_range_deg))
+    if args.max_skew_deg is not None:
+        config = dataclasses.replace(config, views=dataclasses.replace(config.views, max_skew_deg=args.max_skew_deg))
     if args.max_translation_mm is not None:
         config = dataclasses.replace(config, phantom=dataclasses.replace(
             config.phantom, max_translation_mm=args.max_translation_mm))

@@ -198,6 +198,10 @@ class ViewSampling:
     isocentre_offset_mm : float
         The isocentre lies uniformly within +-this per axis around the femoral head centre.
     view_names : (str, str)
+    max_skew_deg : float or None
+        Generalised only: a pair whose separation differs from 90 deg by more than this has its
+        lateral jitter mirrored (deterministic, no extra draws), so wide ranges keep pairs that two
+        radiographs can actually reconstruct. None (default): every drawn pair is kept.
     """
 
     mode: str = "orthogonal"
@@ -207,6 +211,7 @@ class ViewSampling:
     angle_range_deg: float = 30.0
     isocentre_offset_mm: float = 25.0
     view_names: tuple[str, str] = ("AP", "LAT")
+    max_skew_deg: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in GEOMETRY_MODES:
@@ -221,11 +226,16 @@ class ViewSampling:
                            tuple(validate.number(a, "ViewSampling base_angles_deg") for a in self.base_angles_deg))
         validate.number(self.angle_range_deg, "ViewSampling angle_range_deg", 0, 89)
         validate.number(self.isocentre_offset_mm, "ViewSampling isocentre_offset_mm", 0, 500)
+        if self.max_skew_deg is not None:
+            validate.number(self.max_skew_deg, "ViewSampling max_skew_deg", 0, 89)
         if len(self.view_names) != 2 or self.view_names[0] == self.view_names[1]:
             raise ConfigError(f"ViewSampling view_names must be two different names, not {self.view_names!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["max_skew_deg"] is None:  # data sets made before the option keep their manifests
+            del out["max_skew_deg"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -441,6 +451,9 @@ def sample_views(rng: np.random.Generator, sampling: ViewSampling, head_centre_m
     offset = rng.uniform(-1.0, 1.0, size=3) * sampling.isocentre_offset_mm
     angles = np.asarray(sampling.base_angles_deg, dtype=np.float64)
     if sampling.mode == "generalised":
+        if (sampling.max_skew_deg is not None
+                and abs(jitter[1] - jitter[0]) * sampling.angle_range_deg > sampling.max_skew_deg):
+            jitter[1] = -jitter[1]  # |j1 + j0| <= max(|j0|, |j1|) <= 1 once the signs differ
         angles = angles + jitter * sampling.angle_range_deg
     if angles_deg is not None:
         angles = np.asarray(angles_deg, dtype=np.float64).reshape(2)
