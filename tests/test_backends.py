@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "resources" / "models" / "compact-v2"
+SHIPPED = ROOT / "resources" / "models" / (ROOT / "resources" / "models" / "DEFAULT").read_text().strip()
 KERAS_FILE = SHIPPED / "hipatlas-compact.keras"
 ONNX_FILE = SHIPPED / "hipatlas-compact.onnx"
 

@@ -168,7 +168,7 @@ def test_rewrite_only_refuses_a_model_without_gather_samplers(tmp_path, capsys):
     from inference.cli import EXIT_BAD_INPUT, run as cli_run
     from inference.resources import models_dir
 
-    shipped = models_dir() / "compact-v2"
+    shipped = models_dir() / (models_dir() / "DEFAULT").read_text().strip()
     shutil.copytree(shipped, tmp_path / "model")
     onnx_file = tmp_path / "model" / "hipatlas-compact.onnx"
     before = sha256_file(onnx_file)
