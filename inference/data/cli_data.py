@@ -231,11 +231,9 @@ def _synth(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, render=ds.RenderSettings(oversample=args.oversample, step_mm=args.step_mm))
     if (args.angle_range_deg is not None or args.max_skew_deg is not None) and args.geometry != "generalised":
         raise ConfigError("--angle-range-deg and --max-skew-deg need --geometry generalised")
-    if args.angle_range_deg is not None:
-        config = dataclasses.replace(config, views=dataclasses.replace(config.views,
-                                                                       angle_range_deg=args.angle_range_deg))
-    if args.max_skew_deg is not None:
-        config = dataclasses.replace(config, views=dataclasses.replace(config.views, max_skew_deg=args.max_skew_deg))
+    views = {name: value for name, value in (("angle_range_deg", args.angle_range_deg),
+                                             ("max_skew_deg", args.max_skew_deg)) if value is not None}
+    config = dataclasses.replace(config, views=dataclasses.replace(config.views, **views))
     if args.max_translation_mm is not None:
         config = dataclasses.replace(config, phantom=dataclasses.replace(
             config.phantom, max_translation_mm=args.max_translation_mm))
