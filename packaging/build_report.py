@@ -166,8 +166,8 @@ def markdown(record: dict) -> str:
     lines = [
         f"# Installer build: {record['package']} ({record['flavour']} flavour)",
         "",
-        f"- command: `HIPATLAS_FLAVOUR={record['flavour']} GUI_SMOKE={1 if record['gui_smoke'] == 'passed' else 0} "
-        f"packaging/build_linux.sh`, then `python packaging/build_report.py publish "
+        f"- command: `HIPATLAS_FLAVOUR={record['flavour']} DEB_COMPRESSION={record['deb_compression']} "
+        f"GUI_SMOKE={1 if record['gui_smoke'] == 'passed' else 0} packaging/build_linux.sh`, then `python packaging/build_report.py publish "
         f"dist/build-report-{record['flavour']}.json`",
         f"- commit: `{record['commit']}`{' (with uncommitted changes)' if record.get('dirty') else ''}",
         f"- version {record['version']}, built {record['built_at']}",

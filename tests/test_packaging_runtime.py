@@ -183,6 +183,7 @@ def test_build_report_records_sizes_against_the_full_flavour(tmp_path):
     assert build_report.main(["publish", str(out), "--out-dir", str(tmp_path / "results")]) == 0
     text = (tmp_path / "results" / "package_runtime.md").read_text()
     assert "| `.deb` (zstd) | 2.0 MiB | 553 MiB | 0.4% |" in text
+    assert "`HIPATLAS_FLAVOUR=runtime DEB_COMPRESSION=zstd GUI_SMOKE=0 packaging/build_linux.sh`" in text
     assert "passed in 30 s with the onnx backend" in text
     assert json.loads((tmp_path / "results" / "package_runtime.json").read_text()) == record
 
