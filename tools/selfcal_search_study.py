@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
              f"- command: `tools/selfcal_search_study.py --cases {args.cases} --seed {args.seed} "
              f"--lat-angle-error {args.lat_angle_error:g} --corrections {args.corrections} --out {args.out}`",
              f"- commit: {provenance['commit']}; model {provenance['model']} (sha256 {provenance['model_sha256']})",
-             f"- the right correction is {-args.lat_angle_error:+g} deg; network grid (no full resolution), "
+             f"- the right correction is {0.0 - args.lat_angle_error:+g} deg; network grid (no full resolution), "
              "TensorFlow backend", "",
              "| signal | Dice at the recorded angle | Dice at the signal's choice | Dice at the best candidate "
              "(oracle) | corrections chosen (deg) |", "|---|---|---|---|---|"]
