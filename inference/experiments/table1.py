@@ -22,7 +22,7 @@ our network trains through ``hipatlas train``. The paper column holds the paper'
 found in the text available here.
 
 Budget (``BUDGET``): quick = table2's data set (240 phantoms, compact grid) and 20 test pairs; ours
-3000 steps through ``hipatlas train`` (as a table2 row, ~40 min); one SDM registration ~1.2 CPU s
+2000 steps through ``hipatlas train`` (the table2 row itself, ~37 min); one SDM registration ~1.2 CPU s
 per training phantom; the SDM regressor 3000 steps (~0.015 CPU s a step) and the Kasten-style
 network 3000 steps (batch 4, ~0.6 CPU s a step, ~30 CPU min), measured on a loaded 2-core machine.
 full = 1200 phantoms, 30000 steps, 60 test pairs. Everything resumes: the data set, ours (``hipatlas
@@ -44,7 +44,7 @@ from inference.experiments.common import (METRICS, ExperimentContext, fmt, held_
 
 ROWS = ("ours", "ours (reference model)", "SDM", "Kasten-style")
 #: table2's data and test pairs; the baselines' own steps (batch 4) and SDM size.
-BUDGET = {"quick": {"subjects": 240, "steps": 3000, "validate_every": 250, "val_limit": 8, "test": 20,
+BUDGET = {"quick": {"subjects": 240, "steps": 2000, "validate_every": 250, "val_limit": 8, "test": 20,
                     "baseline_steps": 3000, "batch": 4, "sdm_components": 20},
           "full": {"subjects": 1200, "steps": 30000, "validate_every": 1000, "val_limit": 40, "test": 60,
                    "baseline_steps": 30000, "batch": 8, "sdm_components": 40}}
