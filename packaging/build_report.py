@@ -167,8 +167,8 @@ def markdown(record: dict) -> str:
         f"# Installer build: {record['package']} ({record['flavour']} flavour)",
         "",
         f"- command: `HIPATLAS_FLAVOUR={record['flavour']} DEB_COMPRESSION={record['deb_compression']} "
-        f"GUI_SMOKE={1 if record['gui_smoke'] == 'passed' else 0} packaging/build_linux.sh`, then `python packaging/build_report.py publish "
-        f"dist/build-report-{record['flavour']}.json`",
+        f"GUI_SMOKE={1 if record['gui_smoke'] == 'passed' else 0} packaging/build_linux.sh`, then "
+        f"`python packaging/build_report.py publish dist/build-report-{record['flavour']}.json`",
         f"- commit: `{record['commit']}`{' (with uncommitted changes)' if record.get('dirty') else ''}",
         f"- version {record['version']}, built {record['built_at']}",
         f"- machine: {record['machine']['machine']}, {record['machine']['cpu_count']} CPUs, Python "

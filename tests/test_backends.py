@@ -14,8 +14,10 @@ import sys
 import numpy as np
 import pytest
 
+from inference.resources import default_model_file
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "resources" / "models" / (ROOT / "resources" / "models" / "DEFAULT").read_text().strip()
+SHIPPED = default_model_file().parent
 KERAS_FILE = SHIPPED / "hipatlas-compact.keras"
 ONNX_FILE = SHIPPED / "hipatlas-compact.onnx"
 

@@ -9,14 +9,14 @@ what its independent ONNX export computes.
 from __future__ import annotations
 
 import json
-import pathlib
 import zipfile
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "resources" / "models" / (ROOT / "resources" / "models" / "DEFAULT").read_text().strip()
+from inference.resources import default_model_file
+
+SHIPPED = default_model_file().parent
 KERAS_FILE = SHIPPED / "hipatlas-compact.keras"
 ONNX_FILE = SHIPPED / "hipatlas-compact.onnx"
 

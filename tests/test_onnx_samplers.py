@@ -166,9 +166,9 @@ def test_rewrite_only_refuses_a_model_without_gather_samplers(tmp_path, capsys):
 
     from inference.checksums import sha256_file
     from inference.cli import EXIT_BAD_INPUT, run as cli_run
-    from inference.resources import models_dir
+    from inference.resources import default_model_file
 
-    shipped = models_dir() / (models_dir() / "DEFAULT").read_text().strip()
+    shipped = default_model_file().parent
     shutil.copytree(shipped, tmp_path / "model")
     onnx_file = tmp_path / "model" / "hipatlas-compact.onnx"
     before = sha256_file(onnx_file)

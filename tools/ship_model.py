@@ -8,7 +8,8 @@ The run's card (written by ``hipatlas train``: config, steps, wall time, data ma
 validation during training) is kept; this adds ``val_metrics`` from a ``hipatlas evaluate`` run on
 held-out subjects, the commands that regenerate the training data (data sets are never
 committed), the recipe that regenerates the model from nothing (``hipatlas train --recipe CARD``;
-its ``verify.dice`` is set to the evaluation's mean Dice), and where it was trained. ``--default`` makes it the model ``register`` uses.
+its ``verify.dice`` is set to the evaluation's mean Dice), and where it was trained. ``--default``
+makes it the model ``register`` uses.
 """
 
 from __future__ import annotations
