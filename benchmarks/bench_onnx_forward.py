@@ -13,10 +13,11 @@ Two modes:
 The second mode is what runs on a lent GPU machine, whose image has ONNX Runtime but neither
 TensorFlow nor SimpleITK. It times the first call (session creation excluded) and the median of
 ``--repeats`` warm calls for every provider ONNX Runtime offers there (CUDA when its build has
-it; the CPU provider with 1, 2 and all cores, or the counts given with ``--threads``), and checks each provider's outputs against the
-CPU provider's: the largest absolute difference of the field ``psi`` in voxels and the Dice of
-the warped labels thresholded at 0.5. ``--gridsample`` adds how ONNX Runtime's GridSample alone
-uses threads (it parallelises over channels; our samplers have one).
+it; the CPU provider with 1, 2 and all cores, or the counts given with ``--threads``), and
+checks each provider's outputs against the CPU provider's: the largest absolute difference of the
+field ``psi`` in voxels and the Dice of the warped labels thresholded at 0.5. ``--gridsample``
+adds how ONNX Runtime's GridSample alone uses threads (it parallelises over channels; our
+samplers have one).
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def gridsample_threading(repeats: int, threads: int = 2) -> list[dict]:
                 start = time.perf_counter()
                 session.run(None, feed)
                 times.append(time.perf_counter() - start)
-            rows.append({"gridsample": name, "threads": count, "median_s": round(statistics.median(times), 4)})
+            median_s = round(statistics.median(times), 4)
+            rows.append({"gridsample": name, "threads": count, "median_s": median_s})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -186,7 +188,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dump-inputs", metavar="NPZ", type=pathlib.Path,
                         help="register the demo here and save the network's inputs to NPZ, then stop")
-    parser.add_argument("--model", help="with --dump-inputs: the model (.keras with its export beside it, or .onnx)")
+    parser.add_argument("--model",
+                        help="with --dump-inputs: the model (.keras with its export beside it, or .onnx)")
     parser.add_argument("--onnx", type=pathlib.Path, help="the exported model (.onnx)")
     parser.add_argument("--inputs", type=pathlib.Path, help="inputs saved with --dump-inputs")
     parser.add_argument("--repeats", type=int, default=10, help="warm calls per provider (median)")
