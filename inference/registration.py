@@ -40,20 +40,15 @@ WARN_VIEW_ANGLE_DEG = 60.0
 # --------------------------------------------------------------------------------------------
 
 def default_model_path() -> pathlib.Path:
-    """The shipped model: ``resources/models/DEFAULT`` names its folder, else the only folder."""
-    from inference.resources import models_dir
+    """The shipped model (:func:`inference.resources.default_model_file`: ``resources/models/DEFAULT``
+    names its folder, else the first model folder); its error also says how to choose another."""
+    from inference.resources import default_model_file
 
-    models = models_dir()
-    pointer = models / "DEFAULT"
-    if pointer.is_file():
-        folder = models / pointer.read_text().strip()
-    else:
-        folders = sorted(p for p in models.glob("*") if (p / "model_card.json").is_file())
-        if not folders:
-            raise ModelError(f"no trained model is installed in {models}; choose a model file "
-                             "(--model on the command line, Settings in the window)")
-        folder = folders[0]
-    return model_file_in(folder)
+    try:
+        return default_model_file()
+    except ModelError as error:
+        raise ModelError(f"{error}, or choose a model file (--model on the command line, Settings in "
+                         "the window)") from None
 
 
 def model_file_in(path: str | os.PathLike) -> pathlib.Path:
