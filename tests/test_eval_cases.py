@@ -1,4 +1,5 @@
-"""tools/eval_cases.py's case variations: short-shaft films and view pairs far from orthogonal."""
+"""The simulated cases of tools/eval_cases.py (inference.experiments.simcases): short-shaft films,
+view pairs far from orthogonal, and the tool's old names for them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pathlib
 
 import numpy as np
 import pytest
+
+from inference.experiments import simcases
 
 TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "eval_cases.py"
 
@@ -20,13 +23,21 @@ def eval_cases():
     return module
 
 
+def test_the_tool_keeps_the_names_the_other_tools_use(eval_cases):
+    # tools/vertical_offset_study.py and tools/selfcal_search_study.py use these
+    assert eval_cases._case_plan is simcases.case_plan and eval_cases._perturb_lateral is simcases.perturb_lateral
+    assert eval_cases._metrics is simcases.case_metrics and eval_cases.simulate_case is simcases.simulate_case
+    assert eval_cases.VARIANTS is simcases.VARIANTS and eval_cases.truth_in_output_fov is simcases.truth_in_output_fov
+    assert "femoral_offset_error_mm" in eval_cases.ERROR_METRICS and "femoral_offset_covered" in eval_cases.METRICS
+
+
 def _project(matrix, point):
     h = np.asarray(matrix) @ np.append(point, 1.0)
     return h[:2] / h[2]
 
 
 @pytest.mark.parametrize("flipped", [False, True], ids=["inferior-down", "inferior-up"])
-def test_short_shaft_crop_ends_the_film_below_the_lesser_trochanter_and_keeps_P_true(tmp_path, eval_cases, flipped):
+def test_short_shaft_crop_ends_the_film_below_the_lesser_trochanter_and_keeps_P_true(tmp_path, flipped):
     from PIL import Image
 
     from inference import anatomy
@@ -55,7 +66,7 @@ def test_short_shaft_crop_ends_the_film_below_the_lesser_trochanter_and_keeps_P_
         originals.append((matrix, pixels))
     (case / "case.json").write_text(json.dumps({"side": "right", "views": views}))
 
-    eval_cases._crop_shaft(case, truth, 40.0)
+    simcases._crop_shaft(case, truth, 40.0)
 
     raw = json.loads((case / "case.json").read_text())
     for view, (matrix, pixels) in zip(raw["views"], originals):
@@ -78,7 +89,7 @@ def test_short_shaft_crop_ends_the_film_below_the_lesser_trochanter_and_keeps_P_
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_view_separation_sets_the_angle_between_the_views(eval_cases, side):
-    plan = eval_cases._case_plan(0, 2024, False, [side], view_separation_deg=40.0)
+def test_view_separation_sets_the_angle_between_the_views(side):
+    plan = simcases.case_plan(0, 2024, False, [side], view_separation_deg=40.0)
     lateral = 90.0 if side == "right" else -90.0
     assert abs(lateral + plan["angles_offset_deg"][1] - plan["angles_offset_deg"][0]) == pytest.approx(40.0)

@@ -33,6 +33,9 @@ pipeline, so that each step's effect is measured on the same cases:
 * ``refine``: + test-time refinement on the radiographs;
 * ``selfcal``: + self-calibration of the second view's pose.
 
+The case machinery (plans, simulation, scoring, one registration per step) lives in
+:mod:`inference.experiments.simcases`, shared with ``hipatlas experiment angle-sensitivity``.
+
 ``--lat-angle-errors 0,2,5,10`` records the lateral view's matrix rotated by that many degrees
 about the patient's long axis through the hip (the radiograph is unchanged): the paper's Fig. 3
 experiment. ``--assd`` adds ASSD and HD95 (mm) of the femur against the truth.
@@ -56,7 +59,6 @@ import pathlib
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -65,130 +67,26 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from inference import measure  # noqa: E402
 from inference.errors import HipAtlasError  # noqa: E402
+from inference.experiments.simcases import (COMPARED, VARIANTS, case_metrics, case_plan, covered_name,  # noqa: E402
+                                            dice, error_name, perturb_lateral, register_variant, simulate_case)
+# re-exported: tools/vertical_offset_study.py and the tests use them from here
+from inference.experiments.simcases import _crop_shaft, truth_in_output_fov  # noqa: E402,F401
 from inference.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("eval_cases")
 
+# The names this tool had before its case machinery moved to inference.experiments.simcases
+# (tools/vertical_offset_study.py and tools/selfcal_search_study.py use them).
+_error_name, _case_plan, _perturb_lateral, _dice, _metrics = error_name, case_plan, perturb_lateral, dice, case_metrics
 
-
-def _error_name(m) -> str:
-    return f"{m.key[:-len(m.unit) - 1]}_error_{m.unit}"
-
-
-#: The steps of issue 13, each a set of register_case options.
-VARIANTS = {
-    "network": {"full_resolution": False, "refine": False},
-    "fullres": {"full_resolution": True, "refine": False},
-    "refine": {"full_resolution": True, "refine": True, "self_calibrate": False},
-    "selfcal": {"full_resolution": True, "refine": True, "self_calibrate": True},
-}
-#: Measurements compared with the truth measured on the true label (the head radius has its phantom truth).
-COMPARED = tuple(m for m in measure.MEASUREMENTS if m.kind == "scalar" and m.key != "head_radius_mm")
-ERROR_METRICS = ("head_radius_error_mm", *(_error_name(m) for m in COMPARED))
+ERROR_METRICS = ("head_radius_error_mm", *(error_name(m) for m in COMPARED))
 METRICS = ("dice", "assd_mm", "hd95_mm", "hip_centre_error_mm", *ERROR_METRICS,
-           *(f"{m.key[:-len(m.unit) - 1]}_covered" for m in COMPARED),
+           *(covered_name(m) for m in COMPARED),
            "time_s")
 PROPOSAL_METRICS = ("proposed_mask_dice", "proposed_mask_dice_full")
 TARGETS = {"dice": ">= 0.90 (mean)", "hip_centre_error_mm": "<= 2 mm", "head_radius_error_mm": "<= 1 mm (|error|)",
            "femoral_offset_error_mm": "<= 3 mm (|error|) or covered by the stated uncertainty"}
-
-
-def _case_plan(index: int, seed: int, vary: bool, sides: list[str],
-               view_separation_deg: float | None = None) -> dict[str, Any]:
-    """Everything that defines case ``index`` (reproducible from ``seed``)."""
-    rng = np.random.default_rng([seed, index])
-    plan: dict[str, Any] = {"index": index, "seed": int(seed * 1000 + index), "side": sides[index % len(sides)],
-                            "detector": (768, 768, 0.4), "angles_offset_deg": (0.0, 0.0), "image_format": "png",
-                            "intensity_scale": 1.0, "p_scale": (1.0, 1.0)}
-    if view_separation_deg is not None:
-        # AP at 0 deg, the second view at the separation towards the lateral side (90 = orthogonal)
-        offset = view_separation_deg - 90.0
-        plan["angles_offset_deg"] = (0.0, offset if plan["side"] == "right" else -offset)
-    if vary:
-        size = int(rng.choice([512, 640, 768, 1024]))
-        pitch = float(rng.uniform(0.25, 0.5))
-        # keep a field of view of at least 250 mm at the detector so the hip fits
-        pitch = max(pitch, 250.0 / size)
-        plan["detector"] = (size, size, round(pitch, 4))
-        plan["angles_offset_deg"] = tuple(float(a) for a in rng.uniform(-30.0, 30.0, 2))
-        plan["image_format"] = str(rng.choice(["png", "tiff"]))
-        plan["intensity_scale"] = float(10.0 ** rng.uniform(-2.0, 2.0))
-        plan["p_scale"] = tuple(float(s) for s in rng.choice([-1.0, 1.0], 2) * 10.0 ** rng.uniform(-3, 3, 2))
-    return plan
-
-
-def _simulate(plan: dict[str, Any], subject: str, root: pathlib.Path, ct_spacing_mm: float) -> tuple[pathlib.Path,
-                                                                                                     pathlib.Path]:
-    from inference import geometry
-    from inference.data import simulate
-    from inference.data import phantom
-
-    case_dir, truth_dir = root / f"case_{plan['index']:03d}", root / f"truth_{plan['index']:03d}"
-    side = plan["side"]
-    extent = np.asarray(simulate.PHANTOM_CT_SHAPE_ZYX) * np.asarray(simulate.PHANTOM_CT_SPACING_MM)
-    shape = tuple(int(round(e / ct_spacing_mm)) for e in extent)
-    grid = geometry.VolumeGeometry.centered(shape, (ct_spacing_mm,) * 3, phantom.POSE_PIVOT_MM)
-    rows, cols, pitch = plan["detector"]
-    geometry_file = None
-    if any(plan["angles_offset_deg"]) or plan["detector"] != (768, 768, 0.4):
-        # Views around the nominal hip position (the phantom's placement adds +-20 mm).
-        hip = np.asarray(simulate.HIP_POSITION_MM) * ([-1.0, 1.0, 1.0] if side == "left" else 1.0)
-        rng = np.random.default_rng(plan["seed"])
-        lateral = 90.0 if side == "right" else -90.0
-        angles = (plan["angles_offset_deg"][0], lateral + plan["angles_offset_deg"][1])
-        geo = simulate.standard_geometry(hip + rng.uniform(-20.0, 20.0, 3), side, angles_deg=angles, rows=rows,
-                                         cols=cols, pixel_mm=pitch)
-        geometry_file = simulate.write_geometry_file(root / f"geometry_{plan['index']:03d}.json", geo)
-    image_format = "tiff" if plan["image_format"] == "tiff" else "png"
-    simulate.simulate_phantom_case(subject, plan["seed"], case_dir, side=side, truth_out=truth_dir,
-                                   geometry_file=geometry_file, ct_grid=grid, detector=(rows, cols, pitch),
-                                   image_format=image_format)
-    _apply_variety(case_dir, plan)
-    return case_dir, truth_dir
-
-
-def _apply_variety(case_dir: pathlib.Path, plan: dict[str, Any]) -> None:
-    """Scale float TIFF intensities and each P by the plan's factors (same images, same cameras)."""
-    raw = json.loads((case_dir / "case.json").read_text())
-    for view, p_scale in zip(raw["views"], plan["p_scale"]):
-        view["projection_matrix"] = (np.asarray(view["projection_matrix"]) * p_scale).tolist()
-        if plan["image_format"] == "tiff" and plan["intensity_scale"] != 1.0:
-            import tifffile
-
-            path = case_dir / view["image"]
-            data = tifffile.imread(path).astype(np.float32) * np.float32(plan["intensity_scale"])
-            tifffile.imwrite(path, data, photometric="minisblack")
-    (case_dir / "case.json").write_text(json.dumps(raw, indent=2))
-
-
-def _perturb_lateral(case_dir: pathlib.Path, angle_deg: float) -> None:
-    """Record the second (lateral) view's P rotated by ``angle_deg`` about the patient's long axis
-    through the point where the two central rays meet (the images stay as they were taken)."""
-    from inference import geometry
-
-    raw = json.loads((case_dir / "case.json").read_text())
-    matrices = [np.asarray(v["projection_matrix"], float) for v in raw["views"]]
-    centre = geometry.view_pair_check(matrices[0], matrices[1]).midpoint_mm
-    angle = math.radians(angle_deg)
-    rotation = np.eye(4)
-    rotation[:2, :2] = [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
-    move = np.eye(4)
-    move[:3, 3] = centre
-    back = np.eye(4)
-    back[:3, 3] = -np.asarray(centre)
-    raw["views"][1]["projection_matrix"] = (matrices[1] @ move @ rotation @ back).tolist()
-    (case_dir / "case.json").write_text(json.dumps(raw, indent=2))
-
-
-def simulate_case(plan: dict[str, Any], subject: str, work: pathlib.Path, ct_spacing_mm: float,
-                  shaft_mm: float | None = None) -> tuple[pathlib.Path, pathlib.Path]:
-    """The case folder and truth folder of ``plan`` (with only ``shaft_mm`` of shaft showing, if given)."""
-    case_dir, truth_dir = _simulate(plan, subject, work, ct_spacing_mm)
-    if shaft_mm is not None:
-        _crop_shaft(case_dir, truth_dir, shaft_mm)
-    return case_dir, truth_dir
 
 
 @contextlib.contextmanager
@@ -203,45 +101,6 @@ def work_folder(out: pathlib.Path, keep: bool, prefix: str) -> Iterator[pathlib.
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _crop_shaft(case_dir: pathlib.Path, truth_dir: pathlib.Path, shaft_mm: float) -> None:
-    """Cut every radiograph (and mask) so that only ``shaft_mm`` of femoral shaft below the true lesser
-    trochanter is on it, as on a film that ends there; P is shifted when rows are cut from the top."""
-    from PIL import Image
-
-    from inference import anatomy
-    from inference.io import write_png_atomic
-
-    truth = json.loads((truth_dir / "truth.json").read_text())
-    lesser = np.asarray(truth["landmarks_mm"][anatomy.LANDMARK_NAMES.index("lesser_trochanter")], float)
-    cut = lesser - [0.0, 0.0, shaft_mm]  # LPS: +z is superior
-    raw = json.loads((case_dir / "case.json").read_text())
-    for view in raw["views"]:
-        matrix = np.asarray(view["projection_matrix"], float)
-        v_lesser, v_cut = ((matrix @ np.append(point, 1.0)) for point in (lesser, cut))
-        v_lesser, v_cut = v_lesser[1] / v_lesser[2], v_cut[1] / v_cut[2]
-        for key in ("image", "mask"):
-            if not view.get(key):
-                continue
-            path = case_dir / view[key]
-            if path.suffix.lower() in (".tif", ".tiff"):
-                import tifffile
-
-                pixels = tifffile.imread(path)
-            else:
-                pixels = np.array(Image.open(path))
-            rows = pixels.shape[0]
-            keep = slice(0, min(rows, max(1, int(math.ceil(v_cut))))) if v_cut > v_lesser \
-                else slice(max(0, min(rows - 1, int(math.floor(v_cut)) + 1)), rows)
-            if path.suffix.lower() in (".tif", ".tiff"):
-                tifffile.imwrite(path, pixels[keep], photometric="minisblack")
-            else:
-                write_png_atomic(path, pixels[keep])
-        top = keep.start or 0
-        shift = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, -top], [0.0, 0.0, 1.0]])
-        view["projection_matrix"] = (shift @ matrix).tolist()
-    (case_dir / "case.json").write_text(json.dumps(raw, indent=2))
-
-
 def _without_masks(case_dir: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
     shutil.copytree(case_dir, dest)
     raw = json.loads((dest / "case.json").read_text())
@@ -253,60 +112,6 @@ def _without_masks(case_dir: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
     return dest
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return float(2 * (a & b).sum() / total) if total else math.nan
-
-
-def truth_in_output_fov(out_dir: pathlib.Path, truth_dir: pathlib.Path):
-    """(true femur mask, our labels, grid): the truth label map resampled by physical coordinates
-    (nearest neighbour) onto the grid of the output's ``femur_labels.nii.gz``."""
-    import SimpleITK as sitk
-
-    from inference import io
-
-    reference = sitk.ReadImage(str(out_dir / "femur_labels.nii.gz"))
-    truth_image = sitk.ReadImage(str(truth_dir / "labels.nii.gz"))
-    resampled = sitk.Resample(truth_image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                              truth_image.GetPixelID())
-    labels, grid = io.read_volume(out_dir / "femur_labels.nii.gz")
-    return sitk.GetArrayFromImage(resampled) == 1, labels, grid
-
-
-def _metrics(out_dir: pathlib.Path, truth_dir: pathlib.Path, side: str, assd: bool = False) -> dict[str, float]:
-    truth = json.loads((truth_dir / "truth.json").read_text())
-    ours = json.loads((out_dir / "measurements.json").read_text())
-    truth_fov, labels, grid = truth_in_output_fov(out_dir, truth_dir)
-    row = {
-        "dice": _dice(labels == 1, truth_fov),
-        "hip_centre_error_mm": float(np.linalg.norm(np.asarray(ours["hip_centre_mm"])
-                                                    - np.asarray(truth["hip_centre_mm"]))),
-        "head_radius_error_mm": float(ours["head_radius_mm"] - truth["head_radius_mm"]),
-        **{_error_name(m): math.nan for m in COMPARED},
-    }
-    if assd:
-        from inference import evaluate
-
-        spacing = tuple(float(v) for v in grid.spacing_xyz_mm[::-1])
-        distances = np.concatenate(evaluate.surface_distances(labels == 1, truth_fov, spacing))
-        row["assd_mm"] = float(distances.mean()) if distances.size else math.nan
-        row["hd95_mm"] = float(np.percentile(distances, 95)) if distances.size else math.nan
-    try:
-        truth_measured = measure.measure_femur(truth_fov.astype(np.uint8), grid, side=side)
-        for m in COMPARED:
-            if ours.get(m.key) is None or truth_measured[m.key] is None:
-                continue
-            error = float(ours[m.key] - truth_measured[m.key])
-            row[_error_name(m)] = error
-            row[f"truth_{m.key}"] = float(truth_measured[m.key])
-            uncertainty = (ours.get("uncertainty") or {}).get(m.key)
-            if uncertainty is not None:
-                row[f"{m.key[:-len(m.unit) - 1]}_covered"] = float(abs(error) <= 2.0 * uncertainty)
-    except HipAtlasError as error:  # the truth femur cut by a misplaced field of view
-        log.warning("cannot measure the true femur in the output's field of view: %s", error)
-    return row
-
-
 def _proposal_dice(out_dir: pathlib.Path, case_dir: pathlib.Path) -> tuple[float, float]:
     from inference import io
 
@@ -316,12 +121,12 @@ def _proposal_dice(out_dir: pathlib.Path, case_dir: pathlib.Path) -> tuple[float
     for entry, view in zip(report["views"], case.views):
         proposed = io.load_mask(out_dir / entry["mask"], expected_shape=view.image.shape)
         truth = np.asarray(view.mask, bool)
-        full.append(_dice(proposed, truth))
+        full.append(dice(proposed, truth))
         # the same rows as the proposal (along the image's vertical; the shaft runs off the bottom)
         rows = np.nonzero(proposed.any(axis=1))[0]
         window = np.zeros_like(truth)
         window[rows.min(): rows.max() + 1] = True
-        inside.append(_dice(proposed, truth & window))
+        inside.append(dice(proposed, truth & window))
     return float(np.mean(inside)), float(np.mean(full))
 
 
@@ -432,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--lat-angle-errors must be numbers, not {args.lat_angle_errors!r}")
 
-    from inference import evaluate, io, pipeline
+    from inference import evaluate, io
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -441,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         net, model_name = _load_model(args)
         provenance = _provenance(net)  # the code that runs, not what HEAD is when it ends
         for index in range(args.start, args.start + args.cases):
-            plan = _case_plan(index, args.seed, args.vary, sides, args.view_separation_deg)
+            plan = case_plan(index, args.seed, args.vary, sides, args.view_separation_deg)
             subject = f"{args.subject}:{plan['side']}"
             base: dict[str, Any] = {"subject": subject, "sample_index": index, **{k: plan[k] for k in (
                 "seed", "side", "detector", "angles_offset_deg", "image_format", "intensity_scale")}}
@@ -457,25 +262,15 @@ def main(argv: list[str] | None = None) -> int:
                     run_dir = work / f"case_{index:03d}_lat{angle_error:g}"
                     shutil.rmtree(run_dir, ignore_errors=True)
                     shutil.copytree(case_dir, run_dir)
-                    _perturb_lateral(run_dir, angle_error)
+                    perturb_lateral(run_dir, angle_error)
                 if args.no_masks:
                     run_dir = _without_masks(run_dir, work / f"nomask_{index:03d}_lat{angle_error:g}")
                 for variant in variants:
                     row = {**base, "variant": variant, "lat_angle_error_deg": angle_error}
                     result_dir = work / f"out_{index:03d}_lat{angle_error:g}_{variant}"
                     try:
-                        start = time.perf_counter()
-                        result = pipeline.run_to_completion(pipeline.register_case(
-                            run_dir, result_dir, model=net, overwrite=True, **VARIANTS[variant]))
-                        row["time_s"] = time.perf_counter() - start
-                        row.update(_metrics(result_dir, truth_dir, plan["side"], assd=args.assd))
-                        row["warnings"] = result.warnings
-                        refinement = result.report.get("refinement", {})
-                        if refinement.get("run"):
-                            row["refinement_used"] = refinement["used"]
-                            row["refinement_loss"] = [refinement["loss_before"], refinement["loss_after"]]
-                            row["refinement_time_s"] = refinement["time_s"]
-                            row["self_calibration"] = refinement.get("self_calibration")
+                        row.update(register_variant(net, run_dir, result_dir, variant, truth_dir=truth_dir,
+                                                    side=plan["side"], assd=args.assd))
                         if args.no_masks:
                             row["proposed_mask_dice"], row["proposed_mask_dice_full"] = _proposal_dice(
                                 result_dir, case_dir)

@@ -78,7 +78,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", help="model .keras or folder (default: the shipped model)")
     parser.add_argument("--seed", type=int, default=7, help="seed of the held-out phantoms and views (default 7)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the plan (its commands, done or to do) and exit (loso)")
+                        help="print the plan (its steps, done or to do) and exit (loso, angle-sensitivity)")
     parser.set_defaults(handler=_cli)
 
 
