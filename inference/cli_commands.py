@@ -34,7 +34,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="also write the results as DICOM in the source study (the case's radiographs must "
                           "be DICOM); see hipatlas dicom-export")
     register.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
-                          help="test-time refinement on the radiographs (default: off; see docs/refinement.md)")
+                          help="test-time refinement on the radiographs: --refine on every case, --no-refine "
+                          "never (default: only where the network's femur outline disagrees with a mask, "
+                          "or $HIPATLAS_REFINE; see docs/refinement.md)")
+    register.add_argument("--auto-refine", action="store_true",
+                          help="refine only where the network's femur outline disagrees with a mask (the "
+                          "default unless $HIPATLAS_REFINE says otherwise); with TensorFlow only")
     register.add_argument("--self-calibrate", action=argparse.BooleanOptionalAction, default=None,
                           help="with --refine, also estimate the lateral view's pose")
     register.add_argument("--network-grid", action="store_true",
@@ -80,9 +85,17 @@ def _register(args: argparse.Namespace) -> int:
 
             raise InputFileError("--dicom-out takes one case; run hipatlas dicom-export on each case's output")
         return _register_cohort(args)
+    refine = args.refine
+    if args.auto_refine:
+        if args.refine is not None:
+            from inference.errors import ConfigError
+
+            raise ConfigError("--auto-refine decides by itself whether to refine; give it without --refine "
+                              "or --no-refine")
+        refine = "auto"
     result = pipeline.run_to_completion(
         pipeline.register_case(args.case_dir[0], args.out, model=args.model, overwrite=args.overwrite,
-                               backend=args.backend, refine=args.refine, self_calibrate=args.self_calibrate,
+                               backend=args.backend, refine=refine, self_calibrate=args.self_calibrate,
                                full_resolution=not args.network_grid),
         on_progress=_progress_printer(args.quiet))
     print(json.dumps(result.measurements, indent=2))

@@ -44,7 +44,7 @@ import numpy as np
 from inference import __version__, geometry, io, views
 from inference import silhouettes as silhouettes_lib
 from inference.checksums import sha256_file
-from inference.errors import Cancelled, DataError, InputFileError, ModelError, OutputError
+from inference.errors import Cancelled, ConfigError, DataError, InputFileError, ModelError, OutputError
 from inference.registration import GRAPH_MODE_MIN_CASES, RegistrationFrame, atlas_for, placed_grid
 
 log = logging.getLogger(__name__)
@@ -215,9 +215,13 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     full_resolution : bool
         Write the labels, warped atlas, surface and measurements from the paper-grid atlas
         warped by the upsampled field (:mod:`inference.fullres`); False keeps the network's grid.
-    refine : bool, RefineSettings or None
+    refine : bool, "auto", RefineSettings or None
         Test-time refinement of the network's result on the radiographs (:mod:`inference.refine`);
-        None = its default; settings = on with them.
+        None = its default (:func:`inference.refine.default_refine`: auto unless
+        ``$HIPATLAS_REFINE`` says otherwise); settings = on with them; ``"auto"`` (or settings with ``auto=True``) =
+        only where the network's femur outline disagrees with a mask
+        (:data:`inference.refine.AUTO_REFINE_BELOW`), and only where TensorFlow is installed
+        (report.json's ``refinement.auto`` says what was decided and why).
     self_calibrate : bool or None
         With the refinement, also estimate each view's pose (None: the settings' choice).
 
@@ -232,8 +236,13 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     from inference import refine as refine_lib
 
     started = time.perf_counter()
-    refine = refine_lib.DEFAULT_REFINE if refine is None else refine
-    if refine:
+    refine = refine_lib.default_refine() if refine is None else refine
+    if isinstance(refine, str):
+        if refine != "auto":
+            raise ConfigError(f"refine must be True, False, 'auto' or settings, not {refine!r}")
+        refine = refine_lib.RefineSettings(auto=True)
+    auto = isinstance(refine, refine_lib.RefineSettings) and refine.auto
+    if refine and not auto:
         refine_lib.require_tensorflow()  # before anything is read or written
     yield Progress(0.02, "Loading case")
     job = _load_job(case_dir, out_dir, overwrite, masks)
@@ -259,7 +268,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     _check(cancel)
 
     refinement = None
-    if refine:
+    if refine and not auto:
         yield Progress(0.45, "Refining on the radiographs")
         refinement = yield from _refine(job, atlas, psi, grid, net.config.detector_hw, head, refine,
                                         self_calibrate, cancel)
@@ -267,20 +276,25 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
             psi, labels = refinement.psi, refine_lib.warped_labels(atlas.labels, refinement.psi)
             job.frame = job.frame.with_pose_corrections(refinement.pose_corrections)
 
-    yield Progress(0.55, "Warping atlas")
-    warped = _warp_atlas(job, net, atlas, psi, labels, grid, full_resolution)
-    _check(cancel)
-
-    yield Progress(0.65, "Measuring")
-    measured = _measure(job, warped)
-    outputs = _in_case_world(job, warped, measured)
-    _check(cancel)
-
-    yield Progress(0.75, "Writing overlays")
-    overlays = _project_outlines(job, outputs)
+    warped, measured, outputs, overlays = yield from _outputs(job, net, atlas, psi, labels, grid,
+                                                              full_resolution, cancel, 0.55)
+    decision = None
+    if auto:
+        decision = refine_lib.auto_refine_decision(overlays.mask_agreement_dice)
+        if decision["run"]:
+            yield Progress(0.78, "Refining on the radiographs (the outlines disagree with the masks)")
+            refinement = yield from _refine(job, atlas, psi, grid, net.config.detector_hw, head, refine,
+                                            self_calibrate, cancel, progress=(0.78, 0.06))
+            if refinement.used:
+                psi, labels = refinement.psi, refine_lib.warped_labels(atlas.labels, refinement.psi)
+                job.frame = job.frame.with_pose_corrections(refinement.pose_corrections)
+                warped, measured, outputs, overlays = yield from _outputs(
+                    job, net, atlas, psi, labels, grid, full_resolution, cancel, 0.85)
 
     yield Progress(0.9, "Writing outputs")
     report = _report(job, net, atlas, warped, measured, overlays, head, refinement, proposal)
+    if decision is not None:
+        report["refinement"]["auto"] = decision
     files = _write_outputs(job, out_dir, overwrite, outputs, measured, overlays, report, started)
     yield Progress(1.0, "Done")
     return RegistrationResult(out_dir=pathlib.Path(out_dir), measurements=measured.measurements,
@@ -381,7 +395,25 @@ def _run_network(job: _Job, net, network, grid):
     return outputs["psi"][0], labels
 
 
-def _refine(job: _Job, atlas, psi, grid, detector_hw, head, refine, self_calibrate, cancel):
+def _outputs(job: _Job, net, atlas, psi, labels, grid, full_resolution: bool, cancel, start: float):
+    """Warp, measure and project the outlines (progress from ``start``, in steps of at most 0.1)."""
+    step = min(0.1, (0.9 - start) / 3)
+    yield Progress(start, "Warping atlas")
+    warped = _warp_atlas(job, net, atlas, psi, labels, grid, full_resolution)
+    _check(cancel)
+
+    yield Progress(start + step, "Measuring")
+    measured = _measure(job, warped)
+    outputs = _in_case_world(job, warped, measured)
+    _check(cancel)
+
+    yield Progress(start + 2 * step, "Writing overlays")
+    overlays = _project_outlines(job, outputs)
+    return warped, measured, outputs, overlays
+
+
+def _refine(job: _Job, atlas, psi, grid, detector_hw, head, refine, self_calibrate, cancel,
+            progress: tuple[float, float] = (0.45, 0.1)):
     """Test-time refinement on the radiographs (:mod:`inference.refine`), a progress sub-step."""
     from inference import refine as refine_lib
 
@@ -390,7 +422,7 @@ def _refine(job: _Job, atlas, psi, grid, detector_hw, head, refine, self_calibra
         settings = dataclasses.replace(settings, self_calibrate=self_calibrate)
     refinement = yield from _scaled_progress(refine_lib.refine_registration(
         atlas, psi, grid, job.frame.images_in(job.case), job.registration_masks, list(job.frame.projections),
-        detector_hw, head.centre_mm, settings, cancel), 0.45, 0.1)
+        detector_hw, head.centre_mm, settings, cancel), *progress)
     job.timings["refine_s"] = refinement.time_s
     return refinement
 

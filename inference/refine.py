@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -48,11 +49,21 @@ from inference.errors import Cancelled, ConfigError
 
 log = logging.getLogger(__name__)
 
-#: Whether ``hipatlas register`` refines, and self-calibrates, when not told. Off: on held-out
-#: simulated cases the refinement raised its own silhouette Dice (0.93 -> 0.96) but lowered the
-#: femur's 3D Dice against the truth (docs/results/issue13.md), so it is opt-in.
-DEFAULT_REFINE = False
+#: Whether ``hipatlas register`` (and the workstation) refines when not told: ``"auto"``, only
+#: where the network's femur outline disagrees with a mask. Refining every case raised its own
+#: silhouette Dice but lowered the femur's 3D Dice on held-out orthogonal cases; gated, it left
+#: them as they were and lifted the weak and oblique ones (docs/refinement.md). It self-calibrates
+#: only when told. ``$HIPATLAS_REFINE`` (auto, on, off) overrides it.
+DEFAULT_REFINE = "auto"
 DEFAULT_SELF_CALIBRATE = False
+#: Environment variable holding the default refinement (auto, on, off).
+REFINE_ENV = "HIPATLAS_REFINE"
+_REFINE_WORDS = {"auto": "auto", "on": True, "off": False}
+#: ``refine="auto"`` (``hipatlas register --auto-refine``) refines a case only when the lowest
+#: Dice of a view's projected output outline against its mask is below this. Chosen on 20
+#: held-out simulated cases (orthogonal and 40 deg apart; docs/refinement.md): every case below
+#: 0.955 but one gained from the refinement, all orthogonal cases above it but one lost.
+AUTO_REFINE_BELOW = 0.955
 #: The loss ignores the image below this height above the atlas grid's distal face (see the support).
 SUPPORT_DISTAL_MARGIN_MM = 10.0
 #: Past these corrections a view's calibration is flagged (report warning), not silently accepted.
@@ -95,6 +106,9 @@ class RefineSettings:
         Optimise the similarity's rotation and scale (else only its translation).
     min_improvement : float
         Relative loss decrease the refinement must reach to be used.
+    auto : bool
+        Refine only where the network's femur outline disagrees with a mask
+        (:func:`auto_refine_decision`); ``register_case(refine="auto")`` is these defaults with it.
     """
 
     max_steps: int = 30
@@ -114,6 +128,7 @@ class RefineSettings:
     displacement: bool = True
     rotation_and_scale: bool = True
     min_improvement: float = 0.002
+    auto: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "subdivide"):
@@ -282,6 +297,42 @@ def _masked_ncc(tf, a, b, weights):
 def _soft_dice(tf, a, b, weights):
     overlap = tf.reduce_sum(a * b * weights)
     return (2.0 * overlap + 1e-6) / (tf.reduce_sum(a * weights) + tf.reduce_sum(b * weights) + 1e-6)
+
+
+def default_refine() -> bool | str:
+    """The refinement ``register_case`` uses when not told: ``$HIPATLAS_REFINE`` (auto, on, off),
+    else :data:`DEFAULT_REFINE`."""
+    word = os.environ.get(REFINE_ENV, "").strip().lower()
+    if not word:
+        return DEFAULT_REFINE
+    if word not in _REFINE_WORDS:
+        raise ConfigError(f"{REFINE_ENV} must be one of {', '.join(_REFINE_WORDS)}, not {word!r}")
+    return _REFINE_WORDS[word]
+
+
+def auto_refine_decision(mask_agreement_dice: dict[str, float | None],
+                         threshold: float | None = None) -> dict[str, Any]:
+    """Whether ``refine="auto"`` refines a case: when the network's femur outline disagrees with a
+    view's mask (Dice of the projected output against the mask below ``threshold``, default
+    :data:`AUTO_REFINE_BELOW`) and TensorFlow is installed. The report.json entry (``run``,
+    ``reason``, the agreement per view and the threshold)."""
+    from inference.backends import tensorflow_available
+
+    threshold = AUTO_REFINE_BELOW if threshold is None else float(threshold)
+    known = {name: float(value) for name, value in mask_agreement_dice.items() if value is not None}
+    lowest = min(known.values()) if known else None
+    entry = {"threshold": threshold, "mask_agreement_dice": known, "lowest": lowest}
+    if lowest is None:
+        return {**entry, "run": False, "reason": "no view has a mask agreement to judge by"}
+    if lowest >= threshold:
+        return {**entry, "run": False,
+                "reason": f"the outlines agree with the masks (lowest Dice {lowest:.3f} >= {threshold:.3f})"}
+    if not tensorflow_available():
+        return {**entry, "run": False,
+                "reason": f"an outline disagrees with its mask (Dice {lowest:.3f} < {threshold:.3f}) but the "
+                          "refinement needs TensorFlow, which this installation does not have"}
+    return {**entry, "run": True,
+            "reason": f"an outline disagrees with its mask (Dice {lowest:.3f} < {threshold:.3f})"}
 
 
 def require_tensorflow() -> None:

@@ -64,3 +64,49 @@ def test_without_refinement_the_report_says_so(setup, tmp_path):
     assert result.report["refinement"] == {"run": False}
     labels, _ = io.read_volume(tmp_path / "out" / "femur_labels.nii.gz")
     assert labels.shape == (96, 64, 96) and result.report["output_resolution"]["grid"] == "compact"
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.01])
+def test_auto_refinement_follows_the_outlines_agreement(setup, tmp_path, monkeypatch, threshold):
+    sim, model_path = setup
+    monkeypatch.setattr(refine, "AUTO_REFINE_BELOW", threshold)
+    progress = []
+    result = pipeline.run_to_completion(pipeline.register_case(
+        sim.case_dir, tmp_path / "out", model=model_path, full_resolution=False,
+        refine=refine.RefineSettings(max_steps=2, time_limit_s=120.0, auto=True)), on_progress=progress.append)
+    entry = result.report["refinement"]
+    auto = entry["auto"]
+    assert auto["threshold"] == threshold and set(auto["mask_agreement_dice"]) == {"AP", "LAT"}
+    assert auto["run"] == (threshold > 1.0) == entry["run"]
+    if entry["run"]:
+        assert entry["steps"] == 2 and any(p.message.startswith("Refining") for p in progress)
+        # the views' agreement in report.json is that of the written (refined or not) output
+        assert all(0.0 <= v["mask_agreement_dice"] <= 1.0 for v in result.report["views"])
+    else:
+        assert not any(p.message.startswith("Refining") for p in progress)
+    fractions = [p.fraction for p in progress]
+    assert fractions == sorted(fractions)
+
+
+def test_refine_refuses_an_unknown_word(setup, tmp_path):
+    from inference.errors import ConfigError
+
+    sim, model_path = setup
+    with pytest.raises(ConfigError, match="auto"):
+        pipeline.run_to_completion(pipeline.register_case(sim.case_dir, tmp_path / "out", model=model_path,
+                                                          refine="sometimes"))
+
+
+def test_the_demo_with_the_shipped_model_is_not_refined_by_default(tmp_path, monkeypatch):
+    from inference.errors import ModelError
+    from inference.resources import demo_dir
+
+    monkeypatch.delenv(refine.REFINE_ENV, raising=False)
+    try:
+        result = pipeline.run_to_completion(pipeline.register_case(demo_dir(), tmp_path / "out"))
+    except ModelError as error:
+        pytest.skip(f"no shipped model: {error}")
+    entry = result.report["refinement"]
+    # the outlines agree with the masks (0.97-0.98 on the demo): the automatic refinement does not run
+    assert entry["run"] is False and entry["auto"]["run"] is False
+    assert entry["auto"]["lowest"] >= refine.AUTO_REFINE_BELOW and "agree" in entry["auto"]["reason"]

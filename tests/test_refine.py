@@ -133,3 +133,35 @@ def test_shrunk_mask_moves_the_outline_inwards():
     shrunk = refine._shrunk_mask(mask, 2.0)
     assert shrunk.sum() == pytest.approx(7 * 7, abs=8)
     assert shrunk[10, 10] == 1.0 and shrunk[5, 10] == 0.0
+
+
+def test_auto_refinement_runs_only_where_an_outline_disagrees_with_its_mask():
+    agree = refine.auto_refine_decision({"AP": 0.97, "LAT": 0.96})
+    assert not agree["run"] and agree["lowest"] == pytest.approx(0.96) and "agree" in agree["reason"]
+    below = refine.auto_refine_decision({"AP": 0.97, "LAT": refine.AUTO_REFINE_BELOW - 0.001})
+    assert below["run"] and "LAT" in below["mask_agreement_dice"] and "disagrees" in below["reason"]
+    # the threshold itself does not refine; a view without a mask is left out
+    assert not refine.auto_refine_decision({"AP": refine.AUTO_REFINE_BELOW, "LAT": None})["run"]
+    assert not refine.auto_refine_decision({"AP": None})["run"]
+    assert refine.auto_refine_decision({"AP": 0.99}, threshold=0.995)["run"]
+
+
+def test_auto_refinement_says_why_it_cannot_run_without_tensorflow(monkeypatch):
+    from inference import backends
+
+    monkeypatch.setattr(backends, "tensorflow_available", lambda: False)
+    decision = refine.auto_refine_decision({"AP": 0.5, "LAT": 0.9})
+    assert not decision["run"] and "TensorFlow" in decision["reason"]
+
+
+def test_the_default_refinement_is_automatic_unless_the_setting_says_otherwise(monkeypatch):
+    from inference.errors import ConfigError
+
+    monkeypatch.delenv(refine.REFINE_ENV, raising=False)
+    assert refine.default_refine() == "auto" == refine.DEFAULT_REFINE
+    for word, value in (("on", True), ("OFF", False), (" auto ", "auto")):
+        monkeypatch.setenv(refine.REFINE_ENV, word)
+        assert refine.default_refine() == value
+    monkeypatch.setenv(refine.REFINE_ENV, "sometimes")
+    with pytest.raises(ConfigError, match="HIPATLAS_REFINE"):
+        refine.default_refine()

@@ -31,7 +31,8 @@ pipeline, so that each step's effect is measured on the same cases:
 * ``network``: the network's output on its own grid (as before issue 13);
 * ``fullres``: + outputs from the paper-grid atlas warped by the upsampled field;
 * ``refine``: + test-time refinement on the radiographs;
-* ``selfcal``: + self-calibration of the second view's pose.
+* ``selfcal``: + self-calibration of the second view's pose;
+* ``auto``: ``fullres``, refined only where an outline disagrees with its mask (``register --auto-refine``).
 
 The case machinery (plans, simulation, scoring, one registration per step) lives in
 :mod:`inference.experiments.simcases`, shared with ``hipatlas experiment angle-sensitivity``.

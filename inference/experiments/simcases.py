@@ -35,6 +35,7 @@ VARIANTS = {
     "fullres": {"full_resolution": True, "refine": False},
     "refine": {"full_resolution": True, "refine": True, "self_calibrate": False},
     "selfcal": {"full_resolution": True, "refine": True, "self_calibrate": True},
+    "auto": {"full_resolution": True, "refine": "auto", "self_calibrate": False},
 }
 #: Measurements compared with the truth measured on the true label (the head radius has its phantom truth).
 COMPARED = tuple(m for m in measure.MEASUREMENTS if m.kind == "scalar" and m.key != "head_radius_mm")
@@ -304,7 +305,8 @@ def register_variant(net: Any, run_dir: pathlib.Path, result_dir: pathlib.Path, 
     -------
     dict
         ``time_s`` (wall time of the registration), the fields of :func:`case_metrics`,
-        ``warnings``, and when refinement ran ``refinement_used``, ``refinement_loss`` (before,
+        ``warnings``, ``mask_agreement_dice`` (per view: the output's silhouette against the mask,
+        as report.json has it), and when refinement ran ``refinement_used``, ``refinement_loss`` (before,
         after), ``refinement_time_s`` and ``self_calibration`` (report.json's per-view corrections).
 
     Raises
@@ -322,6 +324,9 @@ def register_variant(net: Any, run_dir: pathlib.Path, result_dir: pathlib.Path, 
     row.update(case_metrics(result_dir, truth_dir, side, assd=assd))
     row["warnings"] = result.warnings
     refinement = result.report.get("refinement", {})
+    row["mask_agreement_dice"] = [view.get("mask_agreement_dice") for view in result.report.get("views", [])]
+    if "auto" in refinement:
+        row["auto_refine"] = refinement["auto"]["run"]
     if refinement.get("run"):
         row["refinement_used"] = refinement["used"]
         row["refinement_loss"] = [refinement["loss_before"], refinement["loss_after"]]

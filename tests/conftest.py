@@ -1,0 +1,12 @@
+"""Settings for the whole test run."""
+
+from __future__ import annotations
+
+import os
+
+# Registrations in tests do not refine unless the test asks for it (refine=..., --refine, or by
+# unsetting this). The product default refines automatically where the network's outline disagrees
+# with a mask, which every untrained-model registration here does: each would add TensorFlow
+# tracing and up to 10 s. Subprocesses inherit the setting. tests/test_refine.py and
+# tests/test_pipeline_refine.py check the default itself.
+os.environ["HIPATLAS_REFINE"] = "off"
