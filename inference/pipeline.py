@@ -281,6 +281,9 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     decision = None
     if auto:
         decision = refine_lib.auto_refine_decision(overlays.mask_agreement_dice)
+        note = refine_lib.auto_refine_warning(decision)
+        if note:
+            job.warnings.append(note)
         if decision["run"]:
             yield Progress(0.78, "Refining on the radiographs (the outlines disagree with the masks)")
             refinement = yield from _refine(job, atlas, psi, grid, net.config.detector_hw, head, refine,

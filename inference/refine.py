@@ -335,6 +335,21 @@ def auto_refine_decision(mask_agreement_dice: dict[str, float | None],
             "reason": f"an outline disagrees with its mask (Dice {lowest:.3f} < {threshold:.3f})"}
 
 
+def auto_refine_warning(decision: dict[str, Any]) -> str | None:
+    """The line the surgeon sees (report warnings, workstation, PDF) when the automatic refinement
+    found an outline that disagrees with its mask; None when the outlines agree."""
+    lowest = decision.get("lowest")
+    if lowest is None or lowest >= decision["threshold"]:
+        return None
+    view = min(decision["mask_agreement_dice"], key=decision["mask_agreement_dice"].get)
+    found = (f"the network's femur outline disagreed with the {view} mask (Dice {lowest:.2f}, "
+             f"below {decision['threshold']:.3f})")
+    if decision["run"]:
+        return f"{found}: the result was refined on the radiographs; check the overlays"
+    return (f"{found} and could not be refined here (the refinement needs TensorFlow); check the "
+            "overlays before relying on the result")
+
+
 def require_tensorflow() -> None:
     """Stop before any work when the refinement cannot run: it needs TensorFlow's gradients, which
     the TensorFlow-free runtime (ONNX Runtime only) does not have.

@@ -80,6 +80,7 @@ def test_auto_refinement_follows_the_outlines_agreement(setup, tmp_path, monkeyp
     assert auto["run"] == (threshold > 1.0) == entry["run"]
     if entry["run"]:
         assert entry["steps"] == 2 and any(p.message.startswith("Refining") for p in progress)
+        assert any("refined on the radiographs" in w for w in result.warnings)
         # the views' agreement in report.json is that of the written (refined or not) output
         assert all(0.0 <= v["mask_agreement_dice"] <= 1.0 for v in result.report["views"])
     else:

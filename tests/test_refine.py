@@ -165,3 +165,14 @@ def test_the_default_refinement_is_automatic_unless_the_setting_says_otherwise(m
     monkeypatch.setenv(refine.REFINE_ENV, "sometimes")
     with pytest.raises(ConfigError, match="HIPATLAS_REFINE"):
         refine.default_refine()
+
+
+def test_a_disagreeing_outline_is_told_to_the_surgeon(monkeypatch):
+    from inference import backends
+
+    assert refine.auto_refine_warning(refine.auto_refine_decision({"AP": 0.97, "LAT": 0.96})) is None
+    refined = refine.auto_refine_warning(refine.auto_refine_decision({"AP": 0.90, "LAT": 0.96}))
+    assert "AP mask" in refined and "0.90" in refined and "refined" in refined
+    monkeypatch.setattr(backends, "tensorflow_available", lambda: False)
+    unrefined = refine.auto_refine_warning(refine.auto_refine_decision({"AP": 0.97, "LAT": 0.93}))
+    assert "LAT mask" in unrefined and "TensorFlow" in unrefined and "check the overlays" in unrefined
