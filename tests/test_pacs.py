@@ -10,6 +10,7 @@ import io as stdio
 import json
 import os
 import pathlib
+import re
 import struct
 import subprocess
 import sys
@@ -208,9 +209,15 @@ def test_unreachable_and_refusing_pacs_fail_fast_with_one_line(tmp_path, orthanc
     assert time.perf_counter() - started < 3.0
     # The rejection's wording is checked here, not its speed: a loaded machine's Orthanc can take
     # more than 3 s to answer (seen once while a training ran beside the test suite).
+    # Once in about five whole-suite runs (session 9, machine otherwise idle) the local Orthanc
+    # aborted this association instead of rejecting it; a second attempt must give the rejection.
     wrong_ae = pacs.PacsSettings(port=orthanc.dicom_port, called_ae="NOT-ORTHANC", timeout_s=20.0)
-    with pytest.raises(PacsError, match="rejected the association.*NOT-ORTHANC"):
-        pacs.echo(wrong_ae)
+    for attempt in range(2):
+        with pytest.raises(PacsError) as refusal:
+            pacs.echo(wrong_ae)
+        if "aborted or not answered" not in str(refusal.value):
+            break
+    assert re.search("rejected the association.*NOT-ORTHANC", str(refusal.value)), str(refusal.value)
     started = time.perf_counter()
     status = cli_run(["pacs", "--port", str(refused.port), "--timeout", "3", "find", "--patient-id", "X"])
     assert status == 2 and time.perf_counter() - started < 3.0
