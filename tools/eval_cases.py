@@ -69,17 +69,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from inference.errors import HipAtlasError  # noqa: E402
-from inference.experiments.simcases import (COMPARED, VARIANTS, case_metrics, case_plan, covered_name,  # noqa: E402
+from inference.experiments.simcases import (COMPARED, VARIANTS, case_plan, covered_name,  # noqa: E402
                                             dice, error_name, perturb_lateral, register_variant, simulate_case)
-# re-exported: tools/vertical_offset_study.py and the tests use them from here
-from inference.experiments.simcases import _crop_shaft, truth_in_output_fov  # noqa: E402,F401
 from inference.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("eval_cases")
-
-# The names this tool had before its case machinery moved to inference.experiments.simcases
-# (tools/vertical_offset_study.py and tools/selfcal_search_study.py use them).
-_error_name, _case_plan, _perturb_lateral, _dice, _metrics = error_name, case_plan, perturb_lateral, dice, case_metrics
 
 ERROR_METRICS = ("head_radius_error_mm", *(error_name(m) for m in COMPARED))
 METRICS = ("dice", "assd_mm", "hd95_mm", "hip_centre_error_mm", *ERROR_METRICS,

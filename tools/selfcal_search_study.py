@@ -43,6 +43,7 @@ if __package__ in (None, ""):
 
 import eval_cases  # noqa: E402
 
+from inference.experiments import simcases  # noqa: E402
 from inference.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("selfcal_search_study")
@@ -120,20 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with eval_cases.work_folder(out, False, "selfcal_search_") as work:
         for index in range(args.cases):
-            plan = eval_cases._case_plan(index, args.seed, False, ["right", "left"], None)
-            case_dir, truth_dir = eval_cases.simulate_case(plan, f"JIA_MRI:{plan['side']}", work, 1.5)
+            plan = simcases.case_plan(index, args.seed, False, ["right", "left"], None)
+            case_dir, truth_dir = simcases.simulate_case(plan, f"JIA_MRI:{plan['side']}", work, 1.5)
             for correction in corrections:
                 run_dir, result_dir = work / f"run_{index:03d}", work / f"out_{index:03d}"
                 shutil.rmtree(run_dir, ignore_errors=True)
                 shutil.copytree(case_dir, run_dir)
                 for angle in (args.lat_angle_error, correction):
                     if angle:
-                        eval_cases._perturb_lateral(run_dir, angle)
+                        simcases.perturb_lateral(run_dir, angle)
                 row = {"case": index, "side": plan["side"], "correction_deg": correction,
                        **_field_signals(net, atlas, run_dir, work / "scratch")}
                 result = pipeline.run_to_completion(pipeline.register_case(
                     run_dir, result_dir, model=net, overwrite=True, full_resolution=False))
-                row["dice"] = eval_cases._metrics(result_dir, truth_dir, plan["side"])["dice"]
+                row["dice"] = simcases.case_metrics(result_dir, truth_dir, plan["side"])["dice"]
                 row["mask_agreement"] = _mean_of_views(result.report, "mask_agreement_dice")
                 row["ncc"] = _mean_of_views(result.report, "similarity_ncc")
                 rows.append(row)

@@ -56,6 +56,7 @@ if __package__ in (None, ""):
 
 import eval_cases  # noqa: E402
 from inference import anatomy, measure  # noqa: E402
+from inference.experiments import simcases  # noqa: E402
 from inference.errors import HipAtlasError  # noqa: E402
 
 log = logging.getLogger("vertical_offset_study")
@@ -93,7 +94,7 @@ def study_case(case_dir: pathlib.Path, out_dir: pathlib.Path, truth_dir: pathlib
     """Vertical offsets of one registered case by every method against every reference."""
     truth = json.loads((truth_dir / "truth.json").read_text())
     ours = json.loads((out_dir / "measurements.json").read_text())
-    truth_fov, labels, grid = eval_cases.truth_in_output_fov(out_dir, truth_dir)
+    truth_fov, labels, grid = simcases.truth_in_output_fov(out_dir, truth_dir)
     # the LT the detector finds on our reconstruction (what the pipeline stored before issue 13's fix)
     detected = anatomy.femur_landmarks_from_labels((labels == 1).astype(np.uint8), grid, side).lesser_trochanter_mm
     label_truth = measure.measure_femur(truth_fov.astype(np.uint8), grid, side=side)
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sides", default="right,left")
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--ct-spacing", type=float, default=1.5)
-    parser.add_argument("--variant", default="fullres", choices=list(eval_cases.VARIANTS))
+    parser.add_argument("--variant", default="fullres", choices=list(simcases.VARIANTS))
     parser.add_argument("--view-separation-deg", type=float, default=None)
     parser.add_argument("--shaft-mm", type=float, default=None)
     parser.add_argument("--keep", action="store_true", help="keep cases and outputs under OUT/work")
@@ -188,15 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with eval_cases.work_folder(out, args.keep, "vo_study_") as work:
         for index in range(args.start, args.start + args.cases):
-            plan = eval_cases._case_plan(index, args.seed, False, sides, args.view_separation_deg)
+            plan = simcases.case_plan(index, args.seed, False, sides, args.view_separation_deg)
             row: dict[str, Any] = {"sample_index": index, "seed": plan["seed"]}
             try:
-                case_dir, truth_dir = eval_cases.simulate_case(plan, f"{args.subject}:{plan['side']}", work,
+                case_dir, truth_dir = simcases.simulate_case(plan, f"{args.subject}:{plan['side']}", work,
                                                                args.ct_spacing, args.shaft_mm)
                 result_dir = work / f"out_{index:03d}"
                 start = time.process_time()
                 result = pipeline.run_to_completion(pipeline.register_case(
-                    case_dir, result_dir, model=net, overwrite=True, **eval_cases.VARIANTS[args.variant]))
+                    case_dir, result_dir, model=net, overwrite=True, **simcases.VARIANTS[args.variant]))
                 row["register_cpu_s"] = time.process_time() - start
                 row.update(study_case(case_dir, result_dir, truth_dir, plan["side"], result.landmarks_mm))
             except HipAtlasError as error:
