@@ -272,9 +272,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         yield Progress(0.45, "Refining on the radiographs")
         refinement = yield from _refine(job, atlas, psi, grid, net.config.detector_hw, head, refine,
                                         self_calibrate, cancel)
-        if refinement.used:
-            psi, labels = refinement.psi, refine_lib.warped_labels(atlas.labels, refinement.psi)
-            job.frame = job.frame.with_pose_corrections(refinement.pose_corrections)
+        psi, labels = _refined(job, atlas, refinement, psi, labels)
 
     warped, measured, outputs, overlays = yield from _outputs(job, net, atlas, psi, labels, grid,
                                                               full_resolution, cancel, 0.55)
@@ -289,8 +287,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
             refinement = yield from _refine(job, atlas, psi, grid, net.config.detector_hw, head, refine,
                                             self_calibrate, cancel, progress=(0.78, 0.06))
             if refinement.used:
-                psi, labels = refinement.psi, refine_lib.warped_labels(atlas.labels, refinement.psi)
-                job.frame = job.frame.with_pose_corrections(refinement.pose_corrections)
+                psi, labels = _refined(job, atlas, refinement, psi, labels)
                 warped, measured, outputs, overlays = yield from _outputs(
                     job, net, atlas, psi, labels, grid, full_resolution, cancel, 0.85)
 
@@ -396,6 +393,17 @@ def _run_network(job: _Job, net, network, grid):
     if not (labels == 1).any():
         raise DataError(f"{job.case_json}: the registration produced an empty femur; check the masks and calibration")
     return outputs["psi"][0], labels
+
+
+def _refined(job: _Job, atlas, refinement, psi, labels):
+    """(psi, labels) after the refinement: its field and the atlas labels warped by it, with the
+    job's cameras corrected by its pose estimates, when it was used; else those given."""
+    from inference import refine as refine_lib
+
+    if not refinement.used:
+        return psi, labels
+    job.frame = job.frame.with_pose_corrections(refinement.pose_corrections)
+    return refinement.psi, refine_lib.warped_labels(atlas.labels, refinement.psi)
 
 
 def _outputs(job: _Job, net, atlas, psi, labels, grid, full_resolution: bool, cancel, start: float):
