@@ -17,7 +17,7 @@ it; the CPU provider with 1, 2 and all cores, or the counts given with ``--threa
 checks each provider's outputs against the CPU provider's: the largest absolute difference of the
 field ``psi`` in voxels and the Dice of the warped labels thresholded at 0.5. ``--gridsample``
 adds how ONNX Runtime's GridSample alone uses threads (it parallelises over channels; our
-samplers have one).
+samplers have one); ``--profile RUNS`` adds ONNX Runtime's own profile by operator type.
 """
 
 from __future__ import annotations
@@ -143,6 +143,38 @@ def gridsample_threading(repeats: int, threads: int = 2) -> list[dict]:
     return rows
 
 
+def op_profile(onnx_path: pathlib.Path, feed: dict, runs: int, threads: int = 2) -> dict:
+    """ONNX Runtime's own profile of ``runs`` warm calls (CPU, ``threads`` threads): milliseconds per
+    call and node count by operator type, largest first."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session.run(list(OUTPUTS), feed)
+    with tempfile.TemporaryDirectory(prefix="ort_profile_") as folder:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(pathlib.Path(folder) / "profile")
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            session.run(list(OUTPUTS), feed)
+        events = json.loads(pathlib.Path(session.end_profiling()).read_text())
+    time_us: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            time_us[op] = time_us.get(op, 0.0) + event["dur"]
+            count[op] = count.get(op, 0) + 1
+    ops = sorted(time_us, key=time_us.get, reverse=True)
+    return {"threads": threads, "runs": runs, "total_ms": round(sum(time_us.values()) / runs / 1e3, 1),
+            "ops": [{"op": op, "ms": round(time_us[op] / runs / 1e3, 1), "nodes": count[op] // runs} for op in ops]}
+
+
 def agreement(reference: dict, other: dict) -> dict:
     a = reference["warped_labels"] > 0.5
     b = other["warped_labels"] > 0.5
@@ -196,6 +228,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10, help="warm calls per provider (median)")
     parser.add_argument("--gridsample", action="store_true",
                         help="also time ONNX Runtime's GridSample alone: 1 or 2 channels, batch split")
+    parser.add_argument("--profile", type=int, metavar="RUNS", default=0,
+                        help="also ONNX Runtime's profile by operator type over RUNS calls (2 threads)")
     parser.add_argument("--threads", help="comma-separated CPU thread counts (default: 1, 2 and all cores)")
     parser.add_argument("--json", action="store_true", help="end with one line of JSON holding the figures")
     args = parser.parse_args(argv)
@@ -213,6 +247,13 @@ def main(argv=None) -> int:
     result = bench(args.onnx, args.inputs, max(1, args.repeats), threads)
     if args.gridsample:
         result["gridsample"] = gridsample_threading(max(1, args.repeats))
+    if args.profile > 0:
+        with np.load(args.inputs, allow_pickle=False) as data:
+            feed = {name: data[name].astype(np.float32) for name in data.files}
+        result["profile"] = op_profile(args.onnx, feed, args.profile)
+        for row in result["profile"]["ops"][:6]:
+            print(f"{row['op']}: {row['ms']} ms per call, {row['nodes']} nodes", flush=True)
+        print(f"all operators: {result['profile']['total_ms']} ms per call", flush=True)
     if args.json:
         print(json.dumps(result))
     return 0
