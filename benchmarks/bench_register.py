@@ -30,6 +30,13 @@ importing the pipeline and the backend's runtime: TensorFlow + the Keras layers,
 compilation included, then the median of the next ones) and ``first_network_s`` /
 ``warm_network_s`` (the network's share of those, from report.json). The figures above them
 (``register_wall_s`` ...) use ``--backend`` (default: auto).
+
+With ``--with-refine`` each backend also gets ``fresh_refine_wall_s``: the same fresh-process
+command with ``--refine`` (the test-time refinement on every case; issue 13 target <= 15 s on the
+demo), with ``fresh_refine_s`` the refinement's own share from report.json. The refinement runs
+in TensorFlow whichever backend ran the network.
+
+    python benchmarks/bench_register.py --backends-only --with-refine --case resources/demo --json
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ def _extra(parser) -> None:
     parser.add_argument("--backends", default="tf,onnx",
                         help="backends to compare side by side (comma separated; empty: skip)")
     parser.add_argument("--backends-only", action="store_true", help="only the backend comparison")
+    parser.add_argument("--with-refine", action="store_true",
+                        help="also time each backend's fresh-process register with --refine")
 
 
 #: Run in a fresh interpreter: register the case ``repeats + 1`` times with one backend and print
@@ -97,23 +106,41 @@ print(json.dumps({"status": status, "peak_rss_mb": resource.getrusage(resource.R
 _RUNTIME_IMPORT = {"tf": "import tensorflow, inference.model", "onnx": "import onnxruntime"}
 
 
+def _fresh_registers(case: pathlib.Path, model: pathlib.Path, root: pathlib.Path, backend: str, repeats: int,
+                     extra: tuple[str, ...] = ()) -> tuple[list[float], list[float], dict]:
+    """Wall times and peak memory of ``repeats`` fresh-process registers, and the last report.json."""
+    walls, rss, last = [], [], {}
+    for index in range(repeats):
+        out = root / f"fresh_{backend}_{index}"
+        wall, completed = _timed_process(["-c", _CLI_WITH_RSS, "register", str(case), "--out", str(out),
+                                          "--model", str(model), "--backend", backend, "--quiet", *extra])
+        if completed.returncode != 0:
+            raise SystemExit(f"register --backend {backend} {' '.join(extra)} failed: "
+                             f"{completed.stderr.strip()[-2000:]}")
+        walls.append(wall)
+        rss.append(json.loads(completed.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+        last = json.loads((out / "report.json").read_text())
+        shutil.rmtree(out)
+    return walls, rss, last
+
+
 def compare_backends(report, case: pathlib.Path, model: pathlib.Path, root: pathlib.Path,
-                     backends: list[str], repeats: int) -> None:
+                     backends: list[str], repeats: int, with_refine: bool = False) -> None:
     """The backend figures of the module docstring, one backend after the other."""
     for backend in backends:
-        walls, rss = [], []
-        for index in range(repeats):
-            out = root / f"fresh_{backend}_{index}"
-            wall, completed = _timed_process(["-c", _CLI_WITH_RSS, "register", str(case), "--out", str(out),
-                                              "--model", str(model), "--backend", backend, "--quiet"])
-            if completed.returncode != 0:
-                raise SystemExit(f"register --backend {backend} failed: {completed.stderr.strip()[-2000:]}")
-            walls.append(wall)
-            rss.append(json.loads(completed.stdout.strip().splitlines()[-1])["peak_rss_mb"])
-            shutil.rmtree(out)
+        walls, rss, _ = _fresh_registers(case, model, root, backend, repeats)
         report.add(f"{backend}_fresh_wall_s", statistics.median(walls), "s",
                    f"hipatlas register --backend {backend} (fresh process, median)")
         report.add(f"{backend}_fresh_peak_rss_mb", max(rss), "MB", "  its peak resident memory")
+        if with_refine:
+            walls, rss, last = _fresh_registers(case, model, root, backend, repeats, ("--refine",))
+            if not last.get("refinement", {}).get("run"):
+                raise SystemExit(f"register --backend {backend} --refine did not refine")
+            report.add(f"{backend}_fresh_refine_wall_s", statistics.median(walls), "s",
+                       f"hipatlas register --backend {backend} --refine (fresh process, median)")
+            report.add(f"{backend}_fresh_refine_s", float(last["timings_s"]["refine_s"]), "s",
+                       "  of which the refinement (last run's report.json)")
+            report.add(f"{backend}_fresh_refine_peak_rss_mb", max(rss), "MB", "  its peak resident memory")
         imports = []
         for _ in range(repeats):
             script = ("import time; t = time.perf_counter(); import inference.pipeline, inference.backends; "
@@ -188,7 +215,7 @@ def main(argv=None) -> None:
         report.add("model_kind", model_kind)
         backends = [b.strip() for b in args.backends.split(",") if b.strip()]
         if backends:
-            compare_backends(report, case, model, root, backends, repeats)
+            compare_backends(report, case, model, root, backends, repeats, args.with_refine)
         if args.backends_only:
             shutil.rmtree(root, ignore_errors=True)
             report.finish()
