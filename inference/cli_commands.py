@@ -42,6 +42,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           "default unless $HIPATLAS_REFINE says otherwise); with TensorFlow only")
     register.add_argument("--self-calibrate", action=argparse.BooleanOptionalAction, default=None,
                           help="with --refine, also estimate the lateral view's pose")
+    register.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=None,
+                          help="average the network's field over five placements of the atlas grid, a voxel "
+                          "apart (default on, or $HIPATLAS_ENSEMBLE; --no-ensemble: one pass, about 2.5 s "
+                          "faster; see docs/refinement.md)")
     register.add_argument("--network-grid", action="store_true",
                           help="outputs on the network's grid instead of the full-resolution atlas grid")
     register.set_defaults(handler=_register)
@@ -96,7 +100,7 @@ def _register(args: argparse.Namespace) -> int:
     result = pipeline.run_to_completion(
         pipeline.register_case(args.case_dir[0], args.out, model=args.model, overwrite=args.overwrite,
                                backend=args.backend, refine=refine, self_calibrate=args.self_calibrate,
-                               full_resolution=not args.network_grid),
+                               full_resolution=not args.network_grid, ensemble=args.ensemble),
         on_progress=_progress_printer(args.quiet))
     print(json.dumps(result.measurements, indent=2))
     for warning in result.warnings:
@@ -117,7 +121,7 @@ def _register_cohort(args: argparse.Namespace) -> int:
 
     result = pipeline.run_to_completion(
         pipeline.register_cohort(args.case_dir, args.out, model=args.model, overwrite=args.overwrite,
-                                 backend=args.backend),
+                                 backend=args.backend, ensemble=args.ensemble),
         on_progress=_progress_printer(args.quiet))
     for row in result.rows:
         if row["status"] == "ok":

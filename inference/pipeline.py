@@ -192,7 +192,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
                   cancel: Callable[[], bool] | None = None, graph_mode: bool = False,
                   backend: str | None = None, full_resolution: bool = True,
                   refine: Any = None,
-                  self_calibrate: bool | None = None) -> Iterator[Progress]:
+                  self_calibrate: bool | None = None,
+                  ensemble: bool | None = None) -> Iterator[Progress]:
     """Register the atlas to a case and write the outputs (a generator; see module docstring).
 
     Parameters
@@ -224,6 +225,10 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         (report.json's ``refinement.auto`` says what was decided and why).
     self_calibrate : bool or None
         With the refinement, also estimate each view's pose (None: the settings' choice).
+    ensemble : bool or None
+        Run the network on the atlas grid placed at a few whole-voxel offsets and average the
+        fields (:mod:`inference.ensemble`: four extra network passes); None =
+        :func:`inference.ensemble.default_ensemble` (on unless ``$HIPATLAS_ENSEMBLE=off``).
 
     Views without a mask get a proposed one (:mod:`inference.mask_proposal`), written to
     ``OUT_DIR/proposed_mask_<view>.png`` and marked unconfirmed in report.json.
@@ -235,7 +240,10 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     """
     from inference import refine as refine_lib
 
+    from inference import ensemble as ensemble_lib
+
     started = time.perf_counter()
+    ensemble = ensemble_lib.default_ensemble() if ensemble is None else bool(ensemble)
     refine = refine_lib.default_refine() if refine is None else refine
     if isinstance(refine, str):
         if refine != "auto":
@@ -244,6 +252,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     auto = isinstance(refine, refine_lib.RefineSettings) and refine.auto
     if refine and not auto:
         refine_lib.require_tensorflow()  # before anything is read or written
+        refine_lib.preload_tensorflow()  # beside loading the case and the network passes
     yield Progress(0.02, "Loading case")
     job = _load_job(case_dir, out_dir, overwrite, masks)
     _check(cancel)
@@ -264,7 +273,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     _check(cancel)
 
     yield Progress(0.3, "Registering atlas")
-    psi, labels = _run_network(job, net, network, grid)
+    psi, labels, ensemble_entry = yield from _run_network(job, net, atlas, network, grid, ensemble, cancel)
     _check(cancel)
 
     refinement = None
@@ -293,6 +302,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
 
     yield Progress(0.9, "Writing outputs")
     report = _report(job, net, atlas, warped, measured, overlays, head, refinement, proposal)
+    report["ensemble"] = ensemble_entry
     if decision is not None:
         report["refinement"]["auto"] = decision
     files = _write_outputs(job, out_dir, overwrite, outputs, measured, overlays, report, started)
@@ -382,17 +392,38 @@ def _network_views(job: _Job, atlas, head, detector_hw):
     return grid, network
 
 
-def _run_network(job: _Job, net, network, grid):
-    """The network's pull-back field ``psi`` and warped labels (refused when the femur is empty)."""
+def _run_network(job: _Job, net, atlas, network, grid, ensemble: bool, cancel):
+    """The network's pull-back field ``psi`` and warped labels (refused when the femur is empty);
+    with ``ensemble``, the mean field of the shift ensemble (:mod:`inference.ensemble`), one
+    progress step per pass. Returns (psi, labels, report.json's ``ensemble`` entry)."""
+    from inference import ensemble as ensemble_lib
     from inference.model_config import case_inputs
 
     t0 = time.perf_counter()
     outputs = net.run(case_inputs(network.images, network.masks, network.projections, grid.index_to_world()))
+    psi = outputs["psi"][0]
     labels = outputs["warped_labels"][0, ..., 0].round().astype(np.uint8)
+    entry = ensemble_lib.report_entry(None, ())
+    if ensemble:
+        shifts = ensemble_lib.DEFAULT_SHIFTS_ZYX
+        fields = [psi]
+        for index, shift in enumerate(shifts):
+            _check(cancel)
+            yield Progress(0.3 + 0.15 * (index + 1) / (len(shifts) + 1),
+                           f"Registering atlas (pass {index + 2} of {len(shifts) + 1})")
+            moved = ensemble_lib.shifted_grid(grid, shift)
+            inputs = views.network_inputs(job.frame.images_in(job.case), job.registration_masks,
+                                          job.frame.projections, moved, net.config.detector_hw)
+            shifted = net.run(case_inputs(inputs.images, inputs.masks, inputs.projections, moved.index_to_world()))
+            fields.append(ensemble_lib.field_on_reference(shifted["psi"][0], shift))
+        combined = ensemble_lib.combine(fields, grid.spacing_xyz_mm[::-1])
+        psi = combined.psi
+        labels = ensemble_lib.warped_labels(atlas.labels, psi)
+        entry = ensemble_lib.report_entry(combined, shifts, labels == 1)
     job.timings["network_s"] = time.perf_counter() - t0
     if not (labels == 1).any():
         raise DataError(f"{job.case_json}: the registration produced an empty femur; check the masks and calibration")
-    return outputs["psi"][0], labels
+    return psi, labels, entry
 
 
 def _refined(job: _Job, atlas, refinement, psi, labels):
@@ -646,8 +677,9 @@ def cohort_output_names(case_dirs: list[str | os.PathLike]) -> list[str]:
 
 def register_cohort(case_dirs: list[str | os.PathLike], out_root: str | os.PathLike, *, model: Any = None,
                     overwrite: bool = False, cancel: Callable[[], bool] | None = None,
-                    backend: str | None = None) -> Iterator[Progress]:
-    """Register several cases with one loaded model (a generator, like :func:`register_case`).
+                    backend: str | None = None, ensemble: bool | None = None) -> Iterator[Progress]:
+    """Register several cases with one loaded model (a generator, like :func:`register_case`;
+    ``ensemble`` as there).
 
     Each case goes to ``out_root/<case folder name>``; a case with bad input is recorded as
     failed (its message in ``cohort.csv``) and the others go on. ``out_root/cohort.csv`` holds one
@@ -678,7 +710,7 @@ def register_cohort(case_dirs: list[str | os.PathLike], out_root: str | os.PathL
         row = {"case": str(case), "out_dir": str(root / name)}
         try:
             steps = register_case(case, root / name, model=net, overwrite=overwrite, cancel=cancel,
-                                  graph_mode=len(case_dirs) >= GRAPH_MODE_MIN_CASES)
+                                  graph_mode=len(case_dirs) >= GRAPH_MODE_MIN_CASES, ensemble=ensemble)
             while True:
                 try:
                     step = next(steps)

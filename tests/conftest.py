@@ -10,3 +10,6 @@ import os
 # tracing and up to 10 s. Subprocesses inherit the setting. tests/test_refine.py and
 # tests/test_pipeline_refine.py check the default itself.
 os.environ["HIPATLAS_REFINE"] = "off"
+# Likewise one network pass, not the shift ensemble's five (each pass costs an untrained model's
+# forward pass, 1-2 s here); tests/test_ensemble.py asks for it.
+os.environ["HIPATLAS_ENSEMBLE"] = "off"

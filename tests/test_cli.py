@@ -282,3 +282,25 @@ def test_several_cases_share_one_model_and_a_bad_one_is_reported(tmp_path, tmp_p
     status = app_cli.main(["register", str(first), str(other), "--out", str(tmp_path / "r2"), "--quiet"])
     assert status == 2 and "same folder name" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--ensemble"], True), (["--no-ensemble"], False)])
+def test_the_ensemble_flags_reach_the_pipeline(tmp_path, monkeypatch, capsys, flags, expected):
+    """``--ensemble`` / ``--no-ensemble`` (default: the setting) for one case and for a cohort."""
+    from inference import pipeline
+
+    seen = {}
+
+    def fake(name):
+        def run(*args, **kwargs):
+            seen[name] = kwargs["ensemble"]
+            raise pipeline.DataError("stop here")
+        return run
+
+    monkeypatch.setattr(pipeline, "register_case", fake("case"))
+    monkeypatch.setattr(pipeline, "register_cohort", fake("cohort"))
+    assert app_cli.main(["register", str(tmp_path / "a"), "--out", str(tmp_path / "o"), *flags]) == 2
+    assert app_cli.main(["register", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "o"),
+                         *flags]) == 2
+    assert seen == {"case": expected, "cohort": expected}
+    capsys.readouterr()

@@ -176,3 +176,21 @@ def test_a_disagreeing_outline_is_told_to_the_surgeon(monkeypatch):
     monkeypatch.setattr(backends, "tensorflow_available", lambda: False)
     unrefined = refine.auto_refine_warning(refine.auto_refine_decision({"AP": 0.97, "LAT": 0.93}))
     assert "LAT mask" in unrefined and "TensorFlow" in unrefined and "check the overlays" in unrefined
+
+
+def test_forced_refinement_is_refused_up_front_without_tensorflow(monkeypatch):
+    from inference import backends
+    from inference.errors import ConfigError
+
+    monkeypatch.setattr(backends, "tensorflow_available", lambda: False)
+    with pytest.raises(ConfigError, match="needs TensorFlow"):
+        refine.require_tensorflow()
+
+
+def test_tensorflow_is_preloaded_in_a_background_thread():
+    import sys
+
+    thread = refine.preload_tensorflow()
+    assert thread.daemon and thread.name == "hipatlas-import-tensorflow"
+    thread.join(timeout=300)
+    assert not thread.is_alive() and "tensorflow" in sys.modules

@@ -1,0 +1,139 @@
+"""Shift ensemble: the network run with the atlas grid placed a whole voxel off in a few directions,
+its fields brought back onto one grid and averaged.
+
+Why: the network's field depends on where the atlas grid happens to sit relative to the femur
+(the grid is placed on the located head centre, and each view's detector crop follows it). Moving
+the grid by one voxel is a change the network has learnt to absorb (its training data places the
+femur up to 10 mm off), yet its answer changes by more than a voxel here and there; the mean of a
+few such answers is closer to the truth than any one of them. On held-out simulated cases
+(``tools/eval_cases.py --variants fullres,ensemble``, see docs/results/ensemble/) the default four
+extra passes raised the femur's Dice on every case measured.
+
+How: for a shift ``k`` (z, y, x voxels), the grid ``G_k`` has its origin moved by ``k`` voxels.
+The network's pull-back field ``psi_k`` on ``G_k`` says that the patient voxel ``j`` of ``G_k``
+takes the atlas value at ``j + psi_k(j)`` (atlas array coordinates, which do not depend on where
+the grid is placed). The same patient point is voxel ``i = j + k`` of the reference grid, so its
+displacement there is ``psi_k(i - k) - k``: a whole-voxel shift is exact index arithmetic, with no
+resampling. The few voxels that a shifted grid does not cover (its last slice on one side) are
+averaged over the passes that do. The spread of the passes' displacements over the femur is
+reported (``report.json`` -> ``ensemble``) as a sign of how sure the network is.
+
+The offsets are the four vertices of a tetrahedron inscribed in the cube of +-1 voxel: every axis
+is moved both ways, and the mean of the offsets is zero. Eight (the cube's corners) measured no
+better than four.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from inference.errors import ConfigError
+
+#: Offsets (z, y, x voxels) of the extra passes beside the unshifted one.
+DEFAULT_SHIFTS_ZYX: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1))
+
+#: ``$HIPATLAS_ENSEMBLE``: ``on`` (the default) or ``off``; ``--ensemble`` / ``--no-ensemble`` win.
+ENV_VAR = "HIPATLAS_ENSEMBLE"
+
+
+def default_ensemble() -> bool:
+    """Whether registration runs the shift ensemble when not told (``$HIPATLAS_ENSEMBLE``, default on)."""
+    value = os.environ.get(ENV_VAR, "on").strip().lower()
+    if value in ("on", "1", "true", "yes"):
+        return True
+    if value in ("off", "0", "false", "no"):
+        return False
+    raise ConfigError(f"${ENV_VAR} must be 'on' or 'off', not {value!r}")
+
+
+def shifted_grid(grid, shift_zyx: Sequence[int]):
+    """``grid`` (:class:`inference.geometry.VolumeGeometry`) with its origin moved by whole voxels."""
+    shift_xyz = np.asarray(shift_zyx, float)[::-1] * np.asarray(grid.spacing_xyz_mm, float)
+    moved = np.asarray(grid.origin_mm, float) + np.asarray(grid.direction, float) @ shift_xyz
+    return dataclasses.replace(grid, origin_mm=tuple(float(v) for v in moved))
+
+
+def field_on_reference(psi: np.ndarray, shift_zyx: Sequence[int]) -> np.ndarray:
+    """A pull-back field predicted on :func:`shifted_grid` ``(grid, shift)``, expressed on ``grid``:
+    ``psi(i - k) - k`` (voxels, z y x), NaN where ``i - k`` lies outside the shifted grid."""
+    psi = np.asarray(psi, np.float32)
+    out = np.full(psi.shape, np.nan, np.float32)
+    source, target = [], []
+    for size, k in zip(psi.shape[:3], shift_zyx):
+        k = int(k)
+        if abs(k) >= size:
+            return out
+        target.append(slice(k, size) if k >= 0 else slice(0, size + k))
+        source.append(slice(0, size - k) if k >= 0 else slice(-k, size))
+    out[tuple(target)] = psi[tuple(source)] - np.asarray(shift_zyx, np.float32)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleField:
+    """The mean field and how much the passes disagreed.
+
+    Attributes
+    ----------
+    psi : (Z, Y, X, 3) float32 array
+        Mean pull-back displacement (voxels) on the reference grid.
+    spread_mm : (Z, Y, X) float32 array
+        Per voxel, the root mean square distance (mm) of the passes' displacements from their mean.
+    passes : int
+    """
+
+    psi: np.ndarray
+    spread_mm: np.ndarray
+    passes: int
+
+
+def combine(fields: Sequence[np.ndarray], spacing_zyx_mm: Sequence[float]) -> EnsembleField:
+    """Average fields already on the reference grid (:func:`field_on_reference`; NaN = not covered).
+    The first field must cover the whole grid (the unshifted pass)."""
+    if not fields:
+        raise ValueError("no fields to combine")
+    stack = np.stack([np.asarray(f, np.float32) for f in fields])
+    if np.isnan(stack[0]).any():
+        raise ValueError("the first field must cover the whole grid")
+    valid = ~np.isnan(stack[..., :1])
+    count = valid.sum(0)
+    filled = np.where(valid, stack, 0.0)
+    mean = filled.sum(0) / count
+    spacing = np.asarray(spacing_zyx_mm, np.float32)
+    squared = np.where(valid, ((stack - mean) * spacing) ** 2, 0.0).sum(-1)
+    spread = np.sqrt(squared.sum(0) / count[..., 0])
+    return EnsembleField(mean.astype(np.float32), spread.astype(np.float32), len(fields))
+
+
+def warped_labels(labels: np.ndarray, psi: np.ndarray) -> np.ndarray:
+    """The atlas label map pulled back by ``psi`` (voxels, z y x) with nearest-neighbour lookup, 0
+    outside the atlas grid (uint8; numpy only, for either backend)."""
+    from inference import fullres
+
+    labels = np.asarray(labels, np.uint8)
+    coords = np.moveaxis(np.asarray(psi, np.float32), -1, 0) + np.indices(psi.shape[:3], dtype=np.float32)
+    nearest = fullres.nearest_voxels(coords, labels.shape)
+    out = labels.ravel()[nearest.flat]
+    out[nearest.outside] = 0
+    return out.reshape(psi.shape[:3])
+
+
+def report_entry(result: EnsembleField | None, shifts_zyx: Sequence[Sequence[int]],
+                 femur: np.ndarray | None = None) -> dict[str, Any]:
+    """``report.json`` -> ``ensemble``: passes, offsets, and the spread over ``femur`` (a boolean
+    mask on the reference grid) as its median and 95th percentile (mm)."""
+    if result is None:
+        return {"passes": 1}
+    entry: dict[str, Any] = {"passes": result.passes, "shifts_voxels_zyx": [list(map(int, s)) for s in shifts_zyx]}
+    if femur is not None and np.any(femur):
+        values = result.spread_mm[np.asarray(femur, bool)]
+        entry["spread_mm"] = {"median": float(np.median(values)), "p95": float(np.percentile(values, 95))}
+    return entry
+
+
+__all__ = ["DEFAULT_SHIFTS_ZYX", "ENV_VAR", "EnsembleField", "combine", "default_ensemble", "field_on_reference",
+           "report_entry", "shifted_grid", "warped_labels"]
