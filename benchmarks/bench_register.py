@@ -95,9 +95,13 @@ print(json.dumps({"first_call_s": walls[0], "warm_s": statistics.median(walls[1:
                   "ran": result.report["model"].get("backend")}))
 """
 
-#: Run in a fresh interpreter: the CLI, then this process's peak resident memory (argv: CLI args).
+#: Run in a fresh interpreter: the CLI as the installed ``hipatlas register`` runs it (without
+#: Keras's import of matplotlib.pyplot, app/cli.py), then this process's peak resident memory
+#: (argv: CLI args).
 _CLI_WITH_RSS = """
 import json, resource, sys
+from inference.cli_commands import skip_pyplot_import
+skip_pyplot_import()
 from inference.cli import main
 status = main(sys.argv[1:])
 print(json.dumps({"status": status, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
