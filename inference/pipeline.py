@@ -35,6 +35,7 @@ import datetime
 import logging
 import os
 import pathlib
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Iterator
@@ -133,6 +134,7 @@ class _Job:
     mask_sources: list[str | None]
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    tensorflow_import: Any = None  # the background import thread of a refinement to come
 
     @property
     def case_json(self) -> pathlib.Path:
@@ -252,7 +254,6 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     auto = isinstance(refine, refine_lib.RefineSettings) and refine.auto
     if refine and not auto:
         refine_lib.require_tensorflow()  # before anything is read or written
-        refine_lib.preload_tensorflow()  # beside loading the case and the network passes
     yield Progress(0.02, "Loading case")
     job = _load_job(case_dir, out_dir, overwrite, masks)
     _check(cancel)
@@ -273,7 +274,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     _check(cancel)
 
     yield Progress(0.3, "Registering atlas")
-    psi, labels, ensemble_entry = yield from _run_network(job, net, atlas, network, grid, ensemble, cancel)
+    psi, labels, ensemble_entry = yield from _run_network(job, net, atlas, network, grid, ensemble, cancel,
+                                                          preload_tensorflow=bool(refine and not auto))
     _check(cancel)
 
     refinement = None
@@ -392,15 +394,24 @@ def _network_views(job: _Job, atlas, head, detector_hw):
     return grid, network
 
 
-def _run_network(job: _Job, net, atlas, network, grid, ensemble: bool, cancel):
+def _run_network(job: _Job, net, atlas, network, grid, ensemble: bool, cancel, preload_tensorflow: bool = False):
     """The network's pull-back field ``psi`` and warped labels (refused when the femur is empty);
     with ``ensemble``, the mean field of the shift ensemble (:mod:`inference.ensemble`), one
-    progress step per pass. Returns (psi, labels, report.json's ``ensemble`` entry)."""
+    progress step per pass. Returns (psi, labels, report.json's ``ensemble`` entry).
+
+    ``preload_tensorflow`` (a refinement will follow): when the network runs without TensorFlow,
+    TensorFlow's import starts in a background thread after the first pass, by when this thread
+    has imported all it needs, so that the two never import at the same time
+    (:func:`inference.refine.preload_tensorflow`; :func:`_refine` waits for it)."""
     from inference import ensemble as ensemble_lib
     from inference.model_config import case_inputs
 
     t0 = time.perf_counter()
     outputs = net.run(case_inputs(network.images, network.masks, network.projections, grid.index_to_world()))
+    if preload_tensorflow and "tensorflow" not in sys.modules:
+        from inference import refine as refine_lib
+
+        job.tensorflow_import = refine_lib.preload_tensorflow()
     psi = outputs["psi"][0]
     labels = outputs["warped_labels"][0, ..., 0].round().astype(np.uint8)
     entry = ensemble_lib.report_entry(None, ())
@@ -459,6 +470,9 @@ def _refine(job: _Job, atlas, psi, grid, detector_hw, head, refine, self_calibra
     """Test-time refinement on the radiographs (:mod:`inference.refine`), a progress sub-step."""
     from inference import refine as refine_lib
 
+    if job.tensorflow_import is not None:
+        job.tensorflow_import.join()  # one importer at a time (see _run_network)
+        job.tensorflow_import = None
     settings = refine if isinstance(refine, refine_lib.RefineSettings) else refine_lib.RefineSettings()
     if self_calibrate is not None:
         settings = dataclasses.replace(settings, self_calibrate=self_calibrate)

@@ -371,11 +371,13 @@ def require_tensorflow() -> None:
 def preload_tensorflow() -> threading.Thread:
     """Start importing TensorFlow in a background thread and return it.
 
-    A registration that will refine calls this first: the import (3.5-4.5 s on the 2-core
-    machine) then runs beside the network passes, which release the GIL and leave a core idle
-    while ONNX Runtime's single-threaded samplers run, instead of before them. The refinement's
-    own ``import tensorflow`` waits for it to finish. A failed import is logged here and raised
-    again, with its real message, by that later import.
+    A registration that will refine (``--refine``) with the ONNX Runtime backend calls this after
+    its first network pass: the import (3.5-4.5 s on the 2-core machine) then runs beside the
+    shift ensemble's other passes, which release the GIL and leave a core idle while ONNX
+    Runtime's single-threaded samplers run, instead of after them. The caller must join the
+    thread before importing anything itself: two threads importing TensorFlow's modules at once
+    can see them half initialised. A failed import is logged here and raised again, with its
+    real message, by the refinement's own import.
     """
     def load() -> None:
         started = time.perf_counter()

@@ -148,3 +148,35 @@ def test_the_ensemble_can_be_cancelled_between_passes(setup, tmp_path):
         pipeline.run_to_completion(steps, on_progress=lambda p: seen.append(p.message))
     assert any("pass 3" in p for p in seen) and not any("pass 4" in p for p in seen)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("tensorflow_loaded", [False, True])
+def test_a_forced_refinement_preloads_tensorflow_only_after_the_first_pass(monkeypatch, tensorflow_loaded):
+    """With a network that runs without TensorFlow, its import starts after the first pass (when this
+    thread has imported what it needs), never while TensorFlow is already there."""
+    import sys
+    import types
+
+    from inference import refine
+
+    calls = []
+    monkeypatch.setattr(refine, "preload_tensorflow", lambda: calls.append("preload") or "thread")
+    if not tensorflow_loaded:
+        monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    else:
+        monkeypatch.setitem(sys.modules, "tensorflow", sys.modules.get("tensorflow", types.ModuleType("tensorflow")))
+
+    class Net:
+        def run(self, inputs):
+            calls.append("pass")
+            return {"psi": np.zeros((1, 3, 4, 5, 3), np.float32), "warped_labels": np.ones((1, 3, 4, 5, 1), np.float32)}
+
+    job = pipeline._Job(case=None, frame=None, masks=[], mask_sources=[])
+    network = types.SimpleNamespace(images=[np.zeros((2, 2))] * 2, masks=[np.zeros((2, 2))] * 2,
+                                    projections=[np.zeros((3, 4))] * 2)
+    grid = geometry.VolumeGeometry.centered((3, 4, 5), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    psi, labels, entry = pipeline.run_to_completion(pipeline._run_network(
+        job, Net(), None, network, grid, ensemble=False, cancel=None, preload_tensorflow=True))
+    assert labels.all() and entry == {"passes": 1}
+    assert calls == (["pass"] if tensorflow_loaded else ["pass", "preload"])
+    assert job.tensorflow_import == (None if tensorflow_loaded else "thread")
