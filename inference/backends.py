@@ -78,9 +78,13 @@ class InferenceBackend:
     config : ModelConfig
     card : dict or None, the model card
     path : pathlib.Path or None, the model file that was loaded
+    concurrent_runs : int
+        How many :meth:`run` calls may usefully run at once from different threads (the shift
+        ensemble's passes, :mod:`inference.ensemble`); 1 = one after the other.
     """
 
     name = ""
+    concurrent_runs = 1
 
     def __init__(self, config: ModelConfig, card: Mapping[str, Any] | None, path: pathlib.Path | None):
         self.config = config
@@ -142,6 +146,10 @@ class OnnxBackend(InferenceBackend):
     """The exported ONNX model run by ONNX Runtime (CPU, or the providers given)."""
 
     name = "onnx"
+    #: ``InferenceSession.run`` may be called from several threads. Two at once on the 2-core
+    #: machine: four passes of the demo in 1.62-1.71 s against 2.41 s one after the other, since
+    #: each run's samplers (most of its time) use one thread only (docs/results/bench_onnx_forward.md).
+    concurrent_runs = 2
 
     def __init__(self, onnx_path: str | os.PathLike, card: Mapping[str, Any],
                  providers: list[str] | None = None):

@@ -30,6 +30,7 @@ Steps
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import logging
@@ -417,16 +418,44 @@ def _run_network(job: _Job, net, atlas, network, grid, ensemble: bool, cancel, p
     entry = ensemble_lib.report_entry(None, ())
     if ensemble:
         shifts = ensemble_lib.DEFAULT_SHIFTS_ZYX
-        fields = [psi]
-        for index, shift in enumerate(shifts):
-            _check(cancel)
-            yield Progress(0.3 + 0.15 * (index + 1) / (len(shifts) + 1),
-                           f"Registering atlas (pass {index + 2} of {len(shifts) + 1})")
+        images = job.frame.images_in(job.case)
+
+        def shifted_pass(shift):
             moved = ensemble_lib.shifted_grid(grid, shift)
-            inputs = views.network_inputs(job.frame.images_in(job.case), job.registration_masks,
-                                          job.frame.projections, moved, net.config.detector_hw)
-            shifted = net.run(case_inputs(inputs.images, inputs.masks, inputs.projections, moved.index_to_world()))
-            fields.append(ensemble_lib.field_on_reference(shifted["psi"][0], shift))
+            inputs = views.network_inputs(images, job.registration_masks, job.frame.projections, moved,
+                                          net.config.detector_hw)
+            out = net.run(case_inputs(inputs.images, inputs.masks, inputs.projections, moved.index_to_world()))
+            return ensemble_lib.field_on_reference(out["psi"][0], shift)
+
+        def passed():
+            return Progress(0.3 + 0.15 * len(fields) / (len(shifts) + 1),
+                            f"Registering atlas (pass {len(fields)} of {len(shifts) + 1})")
+
+        fields = [psi]
+        workers = max(1, min(int(getattr(net, "concurrent_runs", 1)), os.cpu_count() or 1))
+        if workers == 1:
+            for shift in shifts:
+                _check(cancel)
+                fields.append(shifted_pass(shift))
+                yield passed()
+        else:  # up to ``workers`` passes in flight; progress and cancel as each one ends, in order
+            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="hipatlas-ensemble") as pool:
+                pending = []
+                try:
+                    for shift in shifts:
+                        _check(cancel)
+                        pending.append(pool.submit(shifted_pass, shift))
+                        if len(pending) - (len(fields) - 1) >= workers:
+                            fields.append(pending[len(fields) - 1].result())
+                            yield passed()
+                    while len(fields) <= len(shifts):
+                        _check(cancel)
+                        fields.append(pending[len(fields) - 1].result())
+                        yield passed()
+                except BaseException:
+                    for future in pending:
+                        future.cancel()
+                    raise
         combined = ensemble_lib.combine(fields, grid.spacing_xyz_mm[::-1])
         psi = combined.psi
         labels = ensemble_lib.warped_labels(atlas.labels, psi)

@@ -180,3 +180,47 @@ def test_a_forced_refinement_preloads_tensorflow_only_after_the_first_pass(monke
     assert labels.all() and entry == {"passes": 1}
     assert calls == (["pass"] if tensorflow_loaded else ["pass", "preload"])
     assert job.tensorflow_import == (None if tensorflow_loaded else "thread")
+
+
+@pytest.mark.parametrize("concurrent_runs", [1, 2])
+def test_a_consistent_network_gives_the_same_field_with_and_without_the_ensemble(setup, tmp_path, concurrent_runs):
+    """A stand-in network that maps every patient point to the same atlas coordinate however the grid
+    is placed: the ensemble's mean is its single pass exactly, passes run concurrently or not."""
+    import threading
+    import types
+
+    from inference.data import atlas as atlas_lib
+
+    sim, _ = setup
+    atlas = atlas_lib.load_atlas("compact")
+    job = pipeline._load_job(sim.case_dir, tmp_path / "out", False, None)
+    head = pipeline._locate_head(job)
+    grid, network = pipeline._network_views(job, atlas, head, (80, 112))
+    world_to_reference = np.linalg.inv(grid.index_to_world())
+    shape = grid.shape_zyx
+    own = np.indices(shape, dtype=float).reshape(3, -1)[::-1]  # x, y, z indices
+    threads = []
+
+    class Net:
+        config = types.SimpleNamespace(detector_hw=(80, 112))
+
+        def run(self, inputs):
+            threads.append(threading.current_thread().name)
+            world = inputs["index_to_world"][0].astype(float) @ np.vstack([own, np.ones(own.shape[1])])
+            reference = (world_to_reference @ world)[:3]
+            atlas_xyz = reference + 0.8 * np.sin(world[:3] / 15.0)
+            psi = (atlas_xyz - own)[::-1].T.reshape(shape + (3,))
+            return {"psi": psi[None].astype(np.float32),
+                    "warped_labels": np.ones((1, *shape, 1), np.float32)}
+
+    net = Net()
+    net.concurrent_runs = concurrent_runs
+    single, _, _ = pipeline.run_to_completion(pipeline._run_network(job, net, atlas, network, grid, False, None))
+    progress = []
+    psi, labels, entry = pipeline.run_to_completion(
+        pipeline._run_network(job, net, atlas, network, grid, True, None), on_progress=progress.append)
+    np.testing.assert_allclose(psi, single, atol=2e-4)
+    assert entry["passes"] == 5 and entry["spread_mm"]["p95"] < 1e-3
+    assert [p.message for p in progress] == [f"Registering atlas (pass {n} of 5)" for n in range(2, 6)]
+    pool_threads = [name for name in threads if name.startswith("hipatlas-ensemble")]
+    assert len(pool_threads) == (4 if concurrent_runs > 1 else 0)
