@@ -43,7 +43,14 @@ class SettingsDialog(QDialog):
                                 + ("" if with_tensorflow else ". TensorFlow is not installed (the TensorFlow-free "
                                    "runtime): training and the test-time refinement are not available."))
         form.addRow("Inference backend", self.backend)
-        note = QLabel("The device and the backend take effect the next time the workstation starts.")
+        self.ensemble = QCheckBox("Average five network passes (shift ensemble)")
+        self.ensemble.setChecked(settings.ensemble)
+        self.ensemble.setToolTip("Runs the network with the atlas grid placed a voxel off four ways and averages "
+                                 "the results: slightly more accurate (held-out cases: +0.001 to +0.006 Dice, "
+                                 "lower surface error), about 2 s more per registration. Same as "
+                                 "hipatlas register --ensemble / --no-ensemble.")
+        form.addRow("Registration", self.ensemble)
+        note = QLabel("The device, the backend and the ensemble take effect the next time the workstation starts.")
         note.setObjectName("hint")
         form.addRow("", note)
         self.units = QComboBox()
@@ -76,6 +83,7 @@ class SettingsDialog(QDialog):
         self.settings.model_path = self.model.text().strip()
         self.settings.device = self.device.currentText()
         self.settings.backend = self.backend.currentText()
+        self.settings.ensemble = self.ensemble.isChecked()
         self.settings.apply_backend()
         self.settings.units = self.units.currentText()
         self.settings.auto_propose = self.auto_propose.isChecked()

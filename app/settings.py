@@ -73,12 +73,29 @@ class Settings:
             raise ValueError(f"backend must be one of {BACKENDS}, not {value!r}")
         self.q.setValue("compute/backend", value)
 
+    @property
+    def ensemble(self) -> bool:
+        """Whether registration averages the shift ensemble's five network passes
+        (:mod:`inference.ensemble`); unset = ``$HIPATLAS_ENSEMBLE``'s default (on)."""
+        value = self._get("compute/ensemble", None)
+        if value is None:
+            from inference.ensemble import default_ensemble
+
+            return default_ensemble()
+        return str(value).strip().lower() in ("true", "1", "on", "yes")
+
+    @ensemble.setter
+    def ensemble(self, value: bool) -> None:
+        self.q.setValue("compute/ensemble", bool(value))
+
     def apply_backend(self) -> None:
-        """Make the setting the default of :func:`inference.backends.load_backend` in this process
-        and in the registration processes it starts (they inherit the environment)."""
+        """Make the compute settings (backend, shift ensemble) the defaults of registration in this
+        process and in the registration processes it starts (they inherit the environment)."""
         from inference.backends import BACKEND_ENV
+        from inference.ensemble import ENV_VAR as ENSEMBLE_ENV
 
         os.environ[BACKEND_ENV] = self.backend
+        os.environ[ENSEMBLE_ENV] = "on" if self.ensemble else "off"
 
     # display ----------------------------------------------------------------------------
     @property

@@ -440,17 +440,23 @@ def test_import_dialog_and_dicom_calibration_in_the_load_step(make_window, tmp_p
 def test_settings_dialog_applies_units_and_autosave(make_window, gui_settings, monkeypatch):
     from app.dialogs import SettingsDialog
     from inference.backends import BACKEND_ENV
+    from inference.ensemble import ENV_VAR as ENSEMBLE_ENV
 
     monkeypatch.setenv(BACKEND_ENV, "auto")  # restored afterwards: apply() sets it
+    monkeypatch.setenv(ENSEMBLE_ENV, "off")  # the tests' default (tests/conftest.py), restored afterwards
     window = make_window()
     dialog = SettingsDialog(gui_settings, window)
+    assert not dialog.ensemble.isChecked()  # unset: the environment's default
     dialog.units.setCurrentText("cm")
     dialog.autosave.setValue(5)
     dialog.model.setText("/opt/models/m.keras")
     dialog.backend.setCurrentText("onnx")
+    dialog.ensemble.setChecked(True)
     dialog.apply()
     assert (gui_settings.units, gui_settings.autosave_minutes, gui_settings.model_path) == ("cm", 5.0, "/opt/models/m.keras")
     assert gui_settings.backend == "onnx" and os.environ[BACKEND_ENV] == "onnx"
+    assert gui_settings.ensemble is True and os.environ[ENSEMBLE_ENV] == "on"
+    assert SettingsDialog(gui_settings, window).ensemble.isChecked()
     window.autosave.restart()
     assert window.autosave.timer.isActive() and window.autosave.timer.interval() == 300_000
 
