@@ -13,6 +13,8 @@ fresh child process per registration (:func:`app.isolated.run_isolated`).
 
 from __future__ import annotations
 
+import argparse
+import os
 import pathlib
 import sys
 import tempfile
@@ -27,6 +29,9 @@ from benchmarks._common import BenchReport, parse_args  # noqa: E402
 def _extra(parser) -> None:
     parser.add_argument("--case", help="case folder (default: the demo case)")
     parser.add_argument("--runs", type=int, default=3, help="registrations in the long-lived process")
+    parser.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=None,
+                        help="the workstation's 'Average five network passes' setting (default: as set, "
+                        "$HIPATLAS_ENSEMBLE, else on)")
 
 
 def process_cpu_s(pid: int | None) -> float | None:
@@ -64,6 +69,10 @@ def _register(session, runner, process=None) -> tuple[float, float | None]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv, __doc__, _extra)
+    if args.ensemble is not None:  # as the settings dialog applies it: the worker inherits it
+        from inference.ensemble import ENV_VAR
+
+        os.environ[ENV_VAR] = "on" if args.ensemble else "off"
     from app.isolated import WorkerProcess, run_isolated
     from app.session import Session
     from inference.resources import demo_dir
