@@ -25,9 +25,10 @@ better than four.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 
@@ -122,6 +123,39 @@ def warped_labels(labels: np.ndarray, psi: np.ndarray) -> np.ndarray:
     return out.reshape(psi.shape[:3])
 
 
+def run_passes(run_pass: Callable[[Sequence[int]], np.ndarray], shifts: Sequence[Sequence[int]], workers: int,
+               check: Callable[[], None]) -> Generator[int, None, list[np.ndarray]]:
+    """Run ``run_pass(shift)`` for every shift, up to ``workers`` at once on a thread pool (one:
+    in this thread), a generator: yields how many passes have ended (in shift order), calls
+    ``check()`` before starting each pass and before waiting for each result (it raises to stop;
+    passes not started then are dropped), returns their results in shift order."""
+    results: list[np.ndarray] = []
+    if workers <= 1:
+        for shift in shifts:
+            check()
+            results.append(run_pass(shift))
+            yield len(results)
+        return results
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="hipatlas-ensemble") as pool:
+        pending: list[concurrent.futures.Future] = []
+        try:
+            for shift in shifts:
+                check()
+                pending.append(pool.submit(run_pass, shift))
+                if len(pending) - len(results) >= workers:
+                    results.append(pending[len(results)].result())
+                    yield len(results)
+            while len(results) < len(shifts):
+                check()
+                results.append(pending[len(results)].result())
+                yield len(results)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    return results
+
+
 def report_entry(result: EnsembleField | None, shifts_zyx: Sequence[Sequence[int]],
                  femur: np.ndarray | None = None) -> dict[str, Any]:
     """``report.json`` -> ``ensemble``: passes, offsets, and the spread over ``femur`` (a boolean
@@ -136,4 +170,4 @@ def report_entry(result: EnsembleField | None, shifts_zyx: Sequence[Sequence[int
 
 
 __all__ = ["DEFAULT_SHIFTS_ZYX", "ENV_VAR", "EnsembleField", "combine", "default_ensemble", "field_on_reference",
-           "report_entry", "shifted_grid", "warped_labels"]
+           "report_entry", "run_passes", "shifted_grid", "warped_labels"]

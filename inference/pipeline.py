@@ -30,7 +30,6 @@ Steps
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import datetime
 import logging
@@ -241,9 +240,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     HipAtlasError
         Bad input (the message names the file and the problem); nothing is written then.
     """
-    from inference import refine as refine_lib
-
     from inference import ensemble as ensemble_lib
+    from inference import refine as refine_lib
 
     started = time.perf_counter()
     ensemble = ensemble_lib.default_ensemble() if ensemble is None else bool(ensemble)
@@ -427,35 +425,12 @@ def _run_network(job: _Job, net, atlas, network, grid, ensemble: bool, cancel, p
             out = net.run(case_inputs(inputs.images, inputs.masks, inputs.projections, moved.index_to_world()))
             return ensemble_lib.field_on_reference(out["psi"][0], shift)
 
-        def passed():
-            return Progress(0.3 + 0.15 * len(fields) / (len(shifts) + 1),
-                            f"Registering atlas (pass {len(fields)} of {len(shifts) + 1})")
-
-        fields = [psi]
         workers = max(1, min(int(getattr(net, "concurrent_runs", 1)), os.cpu_count() or 1))
-        if workers == 1:
-            for shift in shifts:
-                _check(cancel)
-                fields.append(shifted_pass(shift))
-                yield passed()
-        else:  # up to ``workers`` passes in flight; progress and cancel as each one ends, in order
-            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="hipatlas-ensemble") as pool:
-                pending = []
-                try:
-                    for shift in shifts:
-                        _check(cancel)
-                        pending.append(pool.submit(shifted_pass, shift))
-                        if len(pending) - (len(fields) - 1) >= workers:
-                            fields.append(pending[len(fields) - 1].result())
-                            yield passed()
-                    while len(fields) <= len(shifts):
-                        _check(cancel)
-                        fields.append(pending[len(fields) - 1].result())
-                        yield passed()
-                except BaseException:
-                    for future in pending:
-                        future.cancel()
-                    raise
+        shifted = yield from _relayed(
+            ensemble_lib.run_passes(shifted_pass, shifts, workers, lambda: _check(cancel)),
+            lambda done: Progress(0.3 + 0.15 * (done + 1) / (len(shifts) + 1),
+                                  f"Registering atlas (pass {done + 1} of {len(shifts) + 1})"))
+        fields = [psi, *shifted]
         combined = ensemble_lib.combine(fields, grid.spacing_xyz_mm[::-1])
         psi = combined.psi
         labels = ensemble_lib.warped_labels(atlas.labels, psi)
@@ -754,13 +729,8 @@ def register_cohort(case_dirs: list[str | os.PathLike], out_root: str | os.PathL
         try:
             steps = register_case(case, root / name, model=net, overwrite=overwrite, cancel=cancel,
                                   graph_mode=len(case_dirs) >= GRAPH_MODE_MIN_CASES, ensemble=ensemble)
-            while True:
-                try:
-                    step = next(steps)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-                yield Progress(base + width * step.fraction, f"{name}: {step.message}")
+            result = yield from _relayed(steps, lambda step: Progress(base + width * step.fraction,
+                                                                      f"{name}: {step.message}"))
         except Cancelled:
             raise
         except (DataError, InputFileError, ModelError, OutputError) as error:
@@ -858,15 +828,20 @@ def _below_lesser_trochanter(femur, margin_mm: float = 12.0) -> np.ndarray:
     return foot - depth * direction
 
 
+def _relayed(steps, to_progress: Callable[[Any], Progress]):
+    """Yield ``to_progress(item)`` for each item a sub-step's generator yields; return its result."""
+    while True:
+        try:
+            item = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield to_progress(item)
+
+
 def _scaled_progress(steps, start: float, width: float):
     """Forward a sub-step's (fraction, message) as :class:`Progress` in [start, start + width];
     returns the sub-step's result."""
-    while True:
-        try:
-            fraction, message = next(steps)
-        except StopIteration as stop:
-            return stop.value
-        yield Progress(start + width * fraction, message)
+    return (yield from _relayed(steps, lambda step: Progress(start + width * step[0], step[1])))
 
 
 def _refuse_existing_output(out_dir: str | os.PathLike, overwrite: bool) -> None:

@@ -224,3 +224,38 @@ def test_a_consistent_network_gives_the_same_field_with_and_without_the_ensemble
     assert [p.message for p in progress] == [f"Registering atlas (pass {n} of 5)" for n in range(2, 6)]
     pool_threads = [name for name in threads if name.startswith("hipatlas-ensemble")]
     assert len(pool_threads) == (4 if concurrent_runs > 1 else 0)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_run_passes_returns_results_in_order_and_stops_when_told(workers):
+    import time
+
+    def run_pass(shift):
+        time.sleep(0.02 * (3 - shift[0]))  # later passes end sooner
+        return np.full(1, shift[0])
+
+    shifts = [(0, 0, 0), (1, 0, 0), (2, 0, 0), (3, 0, 0)]
+    steps = ensemble.run_passes(run_pass, shifts, workers, lambda: None)
+    done = []
+    while True:
+        try:
+            done.append(next(steps))
+        except StopIteration as stop:
+            results = stop.value
+            break
+    assert done == [1, 2, 3, 4] and [int(r[0]) for r in results] == [0, 1, 2, 3]
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def check():
+        if len(seen) >= 2:
+            raise Stop
+
+    steps = ensemble.run_passes(run_pass, shifts, workers, check)
+    with pytest.raises(Stop):
+        for count in steps:
+            seen.append(count)
+    assert seen == [1, 2]
