@@ -5,9 +5,9 @@ Why: the network's field depends on where the atlas grid happens to sit relative
 (the grid is placed on the located head centre, and each view's detector crop follows it). Moving
 the grid by one voxel is a change the network has learnt to absorb (its training data places the
 femur up to 10 mm off), yet its answer changes by more than a voxel here and there; the mean of a
-few such answers is closer to the truth than any one of them. On held-out simulated cases
-(``tools/eval_cases.py --variants fullres,ensemble``, see docs/results/ensemble/) the default four
-extra passes raised the femur's Dice on every case measured.
+few such answers is usually closer to the truth. On 32 held-out simulated cases
+(``tools/eval_cases.py --variants fullres,ensemble``, docs/results/ensemble/) the four extra
+passes raised the femur's Dice in 23 and lowered it in 4 (by at most 0.003); mean 0.911 -> 0.914.
 
 How: for a shift ``k`` (z, y, x voxels), the grid ``G_k`` has its origin moved by ``k`` voxels.
 The network's pull-back field ``psi_k`` on ``G_k`` says that the patient voxel ``j`` of ``G_k``
@@ -20,7 +20,7 @@ reported (``report.json`` -> ``ensemble``) as a sign of how sure the network is.
 
 The offsets are the four vertices of a tetrahedron inscribed in the cube of +-1 voxel: every axis
 is moved both ways, and the mean of the offsets is zero. Eight (the cube's corners) measured no
-better than four.
+better than four in a prototype on seven cases.
 """
 
 from __future__ import annotations
