@@ -20,7 +20,9 @@ name                   what                                                     
 2-core CPU; ``--scale full`` takes a paper-preset model (``--model``) and more phantoms. Each run
 writes ``results.json`` (with provenance: command, commit, model sha256), ``results.md`` (a table
 laid out like the paper's) and PNG plots into ``--out``, and resumes where it stopped when run
-again with the same ``--out``.
+again with the same ``--out``. ``--ledger DIR`` (a folder kept in version control) also files each
+finished training's scores there, so that a fresh machine resumes without training them again
+(:class:`inference.experiments.common.Ledger`; table1, table2 and loso).
 """
 
 from __future__ import annotations
@@ -45,12 +47,13 @@ EXPERIMENTS: dict[str, str] = {
 
 def run_experiment(name: str, out: str | pathlib.Path, *, scale: str = "quick", model: str | None = None,
                    seed: int = 7, progress: Callable | None = None, cancel: Any = None,
-                   dry_run: bool = False) -> dict | str:
+                   dry_run: bool = False, ledger: str | pathlib.Path | None = None) -> dict | str:
     """Run (or resume) experiment ``name``; returns its results (also written to ``out``).
 
-    ``dry_run``: return the plan as text instead (experiments with a ``describe_plan``)."""
+    ``dry_run``: return the plan as text instead (experiments with a ``describe_plan``);
+    ``ledger``: the folder of finished trainings' results to use and add to (see :class:`Ledger`)."""
     from inference.errors import ConfigError
-    from inference.experiments.common import ExperimentContext
+    from inference.experiments.common import ExperimentContext, Ledger
     from inference.registration import model_file_in
     from inference.resources import default_model_file
 
@@ -62,7 +65,8 @@ def run_experiment(name: str, out: str | pathlib.Path, *, scale: str = "quick", 
     module = importlib.import_module(EXPERIMENTS[name])
     if dry_run and not hasattr(module, "describe_plan"):
         raise ConfigError(f"--dry-run is not available for {name}")
-    ctx = ExperimentContext(name, pathlib.Path(out), scale, model_path, seed=seed, progress=progress, cancel=cancel)
+    ctx = ExperimentContext(name, pathlib.Path(out), scale, model_path, seed=seed, progress=progress, cancel=cancel,
+                            ledger=Ledger(pathlib.Path(ledger)) if ledger else None)
     return module.describe_plan(ctx) if dry_run else module.run(ctx)
 
 
@@ -77,6 +81,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder (an existing run there is resumed)")
     parser.add_argument("--model", help="model .keras or folder (default: the shipped model)")
     parser.add_argument("--seed", type=int, default=7, help="seed of the held-out phantoms and views (default 7)")
+    parser.add_argument("--ledger", metavar="DIR",
+                        help="folder (kept in version control, e.g. docs/results/ledger) where each finished "
+                        "training's scores are filed and found again: a fresh machine trains only what is not there "
+                        "(table1, table2, loso)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan (its steps, done or to do) and exit (loso, angle-sensitivity)")
     parser.set_defaults(handler=_cli)
@@ -87,8 +95,10 @@ def _cli(args) -> int:
         print(f"{100 * p.fraction:5.1f}% {p.message}", file=sys.stderr, flush=True)
 
     if args.dry_run:
-        print(run_experiment(args.name, args.out, scale=args.scale, model=args.model, seed=args.seed, dry_run=True))
+        print(run_experiment(args.name, args.out, scale=args.scale, model=args.model, seed=args.seed, dry_run=True,
+                             ledger=args.ledger))
         return 0
-    run_experiment(args.name, args.out, scale=args.scale, model=args.model, seed=args.seed, progress=show)
+    run_experiment(args.name, args.out, scale=args.scale, model=args.model, seed=args.seed, progress=show,
+                   ledger=args.ledger)
     print(pathlib.Path(args.out) / "results.md")
     return 0

@@ -5,6 +5,12 @@ written to ``OUT/units/<key>.json`` as soon as it exists, so an interrupted expe
 with the same ``--out`` continues with the first unit that has no result. The phantoms of the
 held-out specimen are made once and kept in ``OUT/phantoms/``.
 
+A training costs most of an hour on a 2-core CPU, and a machine may be gone before an experiment
+of several trainings ends. A *ledger* (``--ledger DIR``, a folder kept in version control, e.g.
+``docs/results/ledger``) keeps what must outlive the machine: each finished training's scores on the
+held-out pairs, filed under a fingerprint of everything that made them (:class:`Ledger`). Run again
+on a fresh machine with the same ledger, an experiment trains only what has no entry there.
+
 The test set is by specimen: phantoms of the held-out specimen's femurs (default JIA_MRI, left and
 right, which no shipped model saw), shape-, pose- and tissue-augmented as in ``hipatlas synth``,
 with radiograph realism (noise, scatter, blur, gain, gamma).
@@ -12,6 +18,7 @@ with radiograph realism (noise, scatter, blur, gain, gamma).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -49,6 +56,7 @@ class ExperimentContext:
     seed: int = 7
     progress: Callable[[ExperimentProgress], None] | None = None
     cancel: Any = None
+    ledger: "Ledger | None" = None
     _model: Any = None
 
     def __post_init__(self) -> None:
@@ -88,6 +96,90 @@ class ExperimentContext:
         result = dict(compute())
         write_json_atomic(path, _finite_or_none(result))
         return json.loads(path.read_text(encoding="utf-8"))
+
+
+    # ---------------------------------------------------------------- ledger
+    def recorded(self, label: str, inputs: Mapping[str, Any]) -> dict | None:
+        """The ledger's result for ``inputs`` (None without a ledger or without an entry)."""
+        return None if self.ledger is None else self.ledger.get(label, inputs)
+
+    def record(self, label: str, inputs: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        """File ``result`` in the ledger, if there is one."""
+        if self.ledger is not None:
+            self.ledger.put(label, inputs, result)
+
+
+LEDGER_FORMAT = "hipatlas-experiment-ledger/1"
+
+
+def fingerprint(inputs: Mapping[str, Any]) -> str:
+    """sha256 of ``inputs`` as canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(_finite_or_none(inputs), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class Ledger:
+    """Finished trainings' results, kept where they outlive the machine that trained them.
+
+    An entry is ``FOLDER/<label>-<fingerprint[:12]>.json``: the inputs that made the result (model
+    configuration, data set and training arguments without paths, the test pairs), their
+    fingerprint, the result itself (per-pair scores, and what else the experiment needs of the
+    run) and the provenance of the run that recorded it. :meth:`get` returns a result only for
+    exactly the same inputs, so a changed budget, configuration or test set trains again; an entry
+    recorded by older code stays valid until it is deleted (its commit is in the entry).
+    Several experiments may share one ledger: the same training filed by one is found by another.
+    """
+
+    folder: pathlib.Path
+
+    def __post_init__(self) -> None:
+        self.folder = pathlib.Path(self.folder)
+        #: label -> where and when each result that was read or filed in this run was recorded
+        self.used: dict[str, dict[str, Any]] = {}
+
+    def path(self, label: str, inputs: Mapping[str, Any]) -> pathlib.Path:
+        slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in label)
+        return self.folder / f"{slug}-{fingerprint(inputs)[:12]}.json"
+
+    def get(self, label: str, inputs: Mapping[str, Any]) -> dict | None:
+        path = self.path(label, inputs)
+        if not path.is_file():
+            return None
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        wanted = fingerprint(inputs)
+        if (entry.get("format") != LEDGER_FORMAT or entry.get("fingerprint") != wanted
+                or fingerprint(entry.get("inputs", {})) != wanted):
+            log.warning("ledger entry %s does not match its inputs; ignored", path)
+            return None
+        record = entry.get("provenance", {})
+        log.info("%s: taken from the ledger (%s, recorded %s)", label, path.name, record.get("measured_at"))
+        self.used[label] = {"file": path.name, "measured_at": record.get("measured_at"), "commit": record.get("commit")}
+        return entry["result"]
+
+    def put(self, label: str, inputs: Mapping[str, Any], result: Mapping[str, Any]) -> pathlib.Path:
+        from inference.provenance import provenance
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path(label, inputs)
+        record = provenance()
+        write_json_atomic(path, _finite_or_none({"format": LEDGER_FORMAT, "label": label,
+                                                 "fingerprint": fingerprint(inputs), "inputs": inputs,
+                                                 "result": result, "provenance": record}))
+        self.used[label] = {"file": path.name, "measured_at": record["measured_at"], "commit": record.get("commit")}
+        log.info("%s: filed in the ledger as %s", label, path)
+        return path
+
+    def entries(self) -> list[dict]:
+        """Every entry (label, file, when and at which commit it was recorded)."""
+        out = []
+        for path in sorted(self.folder.glob("*.json")):
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            if entry.get("format") == LEDGER_FORMAT:
+                record = entry.get("provenance", {})
+                out.append({"label": entry["label"], "file": path.name, "measured_at": record.get("measured_at"),
+                            "commit": record.get("commit")})
+        return out
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -143,6 +235,14 @@ def held_out_phantoms(ctx: ExperimentContext, count: int, femurs: Sequence[str] 
             tmp.replace(path)
         with np.load(path, allow_pickle=False) as data:
             yield HeldOutPhantom(key, femur, data["ct_hu"], data["labels"], data["landmarks_mm"].astype(np.float64), seed)
+
+
+def test_pairs_spec(ctx: ExperimentContext, count: int, femurs: Sequence[str] = HELD_OUT_FEMURS,
+                    angles_deg: Sequence[float] = (0.0, 90.0)) -> dict[str, Any]:
+    """What defines the test pairs of :func:`held_out_phantoms` + :func:`render_pair` (for a
+    ledger fingerprint): the seed, how many, which femurs, the grid and the view angles."""
+    return {"seed": ctx.seed, "count": int(count), "femurs": list(femurs), "grid": ctx.config.grid,
+            "angles_deg": [float(a) for a in angles_deg], "max_translation_mm": 10.0}
 
 
 def render_pair(ctx: ExperimentContext, phantom: HeldOutPhantom, angles_deg: Sequence[float], *,
@@ -201,10 +301,17 @@ def write_results(ctx: ExperimentContext, results: Mapping[str, Any], markdown: 
     from inference.provenance import provenance, provenance_markdown
 
     record = provenance(ctx.model_path)
+    ledger = {} if ctx.ledger is None else dict(sorted(ctx.ledger.used.items()))
     write_json_atomic(ctx.out / "results.json", _finite_or_none({"experiment": ctx.name, "scale": ctx.scale,
-                                                                 "provenance": record, **results}))
+                                                                 "provenance": record, **results, "ledger": ledger}))
+    trained = ""
+    if ledger:
+        trained = ("\n\nTrainings and their scores, as filed in the ledger `" + str(ctx.ledger.folder) + "` "
+                   "(each may come from an earlier run on another machine):\n\n| training | entry | recorded | commit |\n"
+                   "|---|---|---|---|\n" + "\n".join(f"| {label} | `{e['file']}` | {e['measured_at']} | "
+                                                      f"`{(e['commit'] or '')[:10]}` |" for label, e in ledger.items()))
     write_text_atomic(ctx.out / "results.md", f"# Experiment `{ctx.name}` ({ctx.scale} scale)\n\n"
-                      + provenance_markdown(record) + "\n" + markdown.rstrip() + "\n")
+                      + provenance_markdown(record) + "\n" + markdown.rstrip() + trained + "\n")
 
 
 def pyplot():
@@ -224,5 +331,6 @@ def save_figure(fig, path: pathlib.Path) -> None:
 
 
 __all__ = ["SCALES", "HELD_OUT_FEMURS", "METRICS", "ExperimentContext", "ExperimentProgress", "HeldOutPhantom",
+           "Ledger", "LEDGER_FORMAT", "fingerprint", "test_pairs_spec",
            "held_out_phantoms", "render_pair", "register_metrics", "summary", "fmt", "write_results", "pyplot",
            "save_figure"]

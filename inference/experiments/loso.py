@@ -38,12 +38,12 @@ import json
 import math
 import pathlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from inference.experiments.common import (METRICS, ExperimentContext, fmt, held_out_phantoms, pyplot, render_pair,
-                                          save_figure, summary, write_results)
+                                          save_figure, summary, test_pairs_spec, write_results)
 
 #: The bundled specimens; each fold holds out one of them (FOLDS) and trains on the others.
 SPECIMENS = ("TLEM2", "MC22", "JIA")
@@ -69,8 +69,12 @@ class Step:
     setting: str | None
     args: tuple[str, ...]
     marker: pathlib.Path
+    #: the ledger holds the scores this step leads to: nothing to run
+    recorded: bool = False
 
     def is_done(self) -> bool:
+        if self.recorded:
+            return True
         if self.kind == "synth":
             manifest = self.marker
             return manifest.is_file() and bool(json.loads(manifest.read_text(encoding="utf-8")).get("complete"))
@@ -110,45 +114,69 @@ def model_config(ctx: ExperimentContext) -> dict:
     return ctx.config.to_dict()
 
 
-def _synth_args(budget: dict, grid: str, seed: int, train: list[str]) -> list[str]:
-    return ["--subjects", str(budget["subjects"]), "--grid", grid, "--geometry", "orthogonal", "--seed", str(seed),
-            "--max-translation-mm", "10", "--split", "train=" + ",".join(train)]
+def _synth_args(ctx: ExperimentContext, fold: str, setting: str) -> list[str]:
+    """``hipatlas synth`` arguments of one fold and setting, without paths (the shape model's
+    file is added by :func:`plan`)."""
+    budget = BUDGET[ctx.scale]
+    args = ["--subjects", str(budget["subjects"]), "--grid", model_config(ctx).get("grid", "compact"),
+            "--geometry", "orthogonal", "--seed", str(ctx.seed + 20), "--max-translation-mm", "10",
+            "--split", "train=" + ",".join(training_specimens(fold))]
+    sd = SETTINGS[setting]["shape_model_sd"]
+    return args if sd is None else args + ["--shape-model-sd", str(sd)]
+
+
+def _train_args(ctx: ExperimentContext) -> list[str]:
+    return ["--steps", str(BUDGET[ctx.scale]["steps"]), "--lr", "3e-4", "--seed", "0"]
+
+
+def ledger_key(ctx: ExperimentContext, fold: str, setting: str) -> tuple[str, dict]:
+    """The ledger label and inputs of one training: everything its scores depend on, no paths."""
+    uses_model = SETTINGS[setting]["shape_model_sd"] is not None
+    return f"loso-{fold}-{setting}", {
+        "experiment": "loso", "fold": fold, "setting": setting, "model_config": model_config(ctx),
+        "shape_model": {"split": "train=" + ",".join(training_specimens(fold))} if uses_model else None,
+        "synth": _synth_args(ctx, fold, setting), "train": _train_args(ctx),
+        "test": test_pairs_spec(ctx, BUDGET[ctx.scale]["test"], specimen_femurs(fold))}
 
 
 def plan(ctx: ExperimentContext) -> list[Step]:
     """Every command of the experiment, in order (folds x settings)."""
     budget = BUDGET[ctx.scale]
-    grid = model_config(ctx).get("grid", "compact")
     config_path = ctx.out / "model_config.json"
     steps: list[Step] = []
     for fold in FOLDS:
         train = training_specimens(fold)
         shape_model = ctx.out / "shape_models" / f"without-{fold}.npz"
-        if any(s["shape_model_sd"] is not None for s in SETTINGS.values()):
+        recorded = {setting: ctx.recorded(*ledger_key(ctx, fold, setting)) is not None for setting in SETTINGS}
+        users = [setting for setting, change in SETTINGS.items() if change["shape_model_sd"] is not None]
+        if users:
             steps.append(Step("shape-model", fold, None,
                               ("shape-model", "--out", str(shape_model), "--split", "train=" + ",".join(train),
-                               "--split", f"test={fold}", "--quiet"), shape_model))
+                               "--split", f"test={fold}", "--quiet"), shape_model,
+                              recorded=all(recorded[setting] for setting in users)))
         for setting, change in SETTINGS.items():
             data = ctx.out / "data" / fold / setting
-            extra = ([] if change["shape_model_sd"] is None
-                     else ["--shape-model", str(shape_model), "--shape-model-sd", str(change["shape_model_sd"])])
+            synth = _synth_args(ctx, fold, setting)
+            if change["shape_model_sd"] is not None:
+                synth[-2:-2] = ["--shape-model", str(shape_model)]
             steps.append(Step("synth", fold, setting,
-                              ("synth", "--out", str(data), *_synth_args(budget, grid, ctx.seed + 20, train), *extra,
-                               "--workers", str(budget["workers"]), "--quiet"), data / "manifest.json"))
+                              ("synth", "--out", str(data), *synth, "--workers", str(budget["workers"]), "--quiet"),
+                              data / "manifest.json", recorded=recorded[setting]))
             run = ctx.out / "runs" / fold / setting
             steps.append(Step("train", fold, setting,
                               ("train", "--data", str(data), "--out", str(run), "--model-config", str(config_path),
-                               "--steps", str(budget["steps"]), "--lr", "3e-4", "--seed", "0",
-                               "--checkpoint-every", str(budget["checkpoint_every"])), run / "done"))
+                               *_train_args(ctx), "--checkpoint-every", str(budget["checkpoint_every"])),
+                              run / "done", recorded=recorded[setting]))
     return steps
 
 
 def describe_plan(ctx: ExperimentContext) -> str:
     """The plan as text: one line per step, ``[done]`` or ``[todo]``, and its command."""
     lines = [f"# leave-one-specimen-out ({ctx.scale}): folds {', '.join(FOLDS)} x settings {', '.join(SETTINGS)}; "
-             f"{BUDGET[ctx.scale]['test']} held-out test pairs per fold"]
+             f"{BUDGET[ctx.scale]['test']} held-out test pairs per fold"
+             + (f"; ledger {ctx.ledger.folder} ([ledger]: its scores are there, nothing to run)" if ctx.ledger else "")]
     for step in plan(ctx):
-        state = "done" if step.is_done() else "todo"
+        state = "ledger" if step.recorded else "done" if step.is_done() else "todo"
         label = f"{step.fold} held out" + (f", {step.setting}" if step.setting else "")
         lines.append(f"[{state}] {step.kind} ({label}): hipatlas {' '.join(step.args)}")
     return "\n".join(lines)
@@ -156,11 +184,12 @@ def describe_plan(ctx: ExperimentContext) -> str:
 
 def _fold_context(ctx: ExperimentContext, fold: str) -> ExperimentContext:
     return ExperimentContext(f"{ctx.name}-{fold}", ctx.out / "folds" / fold, ctx.scale, ctx.model_path, seed=ctx.seed,
-                             progress=ctx.progress, cancel=ctx.cancel, _model=ctx.model)
+                             progress=ctx.progress, cancel=ctx.cancel, ledger=ctx.ledger, _model=ctx.model)
 
 
-def run_steps(ctx: ExperimentContext) -> list[Step]:
-    """Run every step of the plan that is not done yet (in order); returns the plan."""
+def run_steps(ctx: ExperimentContext, after: Callable[[Step], None] | None = None) -> list[Step]:
+    """Run every step of the plan that is not done yet (in order); ``after(step)`` is called once
+    each step is done (run now, before, or in the ledger). Returns the plan."""
     from inference.io import write_json_atomic
 
     write_json_atomic(ctx.out / "model_config.json", model_config(ctx))
@@ -168,39 +197,52 @@ def run_steps(ctx: ExperimentContext) -> list[Step]:
     for number, step in enumerate(steps):
         label = f"{step.kind}: {step.fold} held out" + (f", {step.setting}" if step.setting else "")
         ctx.report(number, len(steps) + 1, label)
-        if step.is_done():
-            continue
-        runner(list(step.args), f"loso {label}")
-        step.finish()
+        if not step.is_done():
+            runner(list(step.args), f"loso {label}")
+            step.finish()
+        if after is not None:
+            after(step)
     return steps
 
 
-def run(ctx: ExperimentContext) -> dict[str, Any]:
+def score(ctx: ExperimentContext, fold: str, setting: str) -> list[dict]:
+    """The held-out pairs' metrics of one finished training: from the ledger, else scored (each
+    pair a unit in ``OUT/folds/<fold>/units``) and then filed in the ledger."""
+    label, inputs = ledger_key(ctx, fold, setting)
+    recorded = ctx.recorded(label, inputs)
+    if recorded is not None:
+        return recorded["scores"]
     from inference.model import load_model
     from inference.registration import model_file_in
 
-    budget = BUDGET[ctx.scale]
-    steps = run_steps(ctx)
-    scores: dict[str, dict[str, list[dict]]] = {}
-    for fold in FOLDS:
-        fold_ctx = _fold_context(ctx, fold)
-        phantoms = list(held_out_phantoms(fold_ctx, budget["test"], specimen_femurs(fold)))
-        scores[fold] = {}
-        for setting in SETTINGS:
-            ctx.report(len(steps), len(steps) + 1, f"scoring {fold} held out, {setting}")
-            run_dir = ctx.out / "runs" / fold / setting
-            model = None
+    fold_ctx = _fold_context(ctx, fold)
+    run_dir = ctx.out / "runs" / fold / setting
+    model = None
 
-            def compute(phantom):
-                nonlocal model
-                from inference.evaluate import evaluate_samples
+    def compute(phantom):
+        nonlocal model
+        from inference.evaluate import evaluate_samples
 
-                model = model or load_model(model_file_in(run_dir / "model"))
-                row = evaluate_samples(model, [render_pair(fold_ctx, phantom, (0.0, 90.0))], with_hip_centre=False)[0]
-                return {m: row[m] for m in METRICS}
+        model = model or load_model(model_file_in(run_dir / "model"))
+        row = evaluate_samples(model, [render_pair(fold_ctx, phantom, (0.0, 90.0))], with_hip_centre=False)[0]
+        return {m: row[m] for m in METRICS}
 
-            scores[fold][setting] = [fold_ctx.unit(f"{setting}_{p.key}", lambda p=p: compute(p)) for p in phantoms]
-    return report(ctx, scores, budget)
+    phantoms = held_out_phantoms(fold_ctx, BUDGET[ctx.scale]["test"], specimen_femurs(fold))
+    rows = [fold_ctx.unit(f"{setting}_{p.key}", lambda p=p: compute(p)) for p in phantoms]
+    ctx.record(label, inputs, {"scores": rows})
+    return rows
+
+
+def run(ctx: ExperimentContext) -> dict[str, Any]:
+    scores: dict[str, dict[str, list[dict]]] = {fold: {} for fold in FOLDS}
+
+    def after(step: Step) -> None:
+        if step.kind == "train":
+            ctx.report(0, 1, f"scoring {step.fold} held out, {step.setting}")
+            scores[step.fold][step.setting] = score(ctx, step.fold, step.setting)
+
+    run_steps(ctx, after)
+    return report(ctx, scores, BUDGET[ctx.scale])
 
 
 def paired_test(a: list[dict], b: list[dict], metric: str) -> float:
@@ -343,5 +385,5 @@ def _plot(ctx: ExperimentContext, per_fold, pooled) -> None:
 
 
 __all__ = ["SPECIMENS", "FOLDS", "SETTINGS", "BUDGET", "Step", "plan", "describe_plan", "run_steps", "run", "report",
-           "final_recipe", "choose",
+           "final_recipe", "choose", "score", "ledger_key",
            "paired_test", "specimen_femurs", "training_specimens"]

@@ -32,6 +32,7 @@ and each scored test pair (``OUT/units/``).
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 from typing import Any
@@ -40,7 +41,8 @@ import numpy as np
 
 from inference.experiments import baselines
 from inference.experiments.common import (METRICS, ExperimentContext, fmt, held_out_phantoms, pyplot,
-                                          register_metrics, render_pair, save_figure, summary, write_results)
+                                          register_metrics, render_pair, save_figure, summary, test_pairs_spec,
+                                          write_results)
 
 ROWS = ("ours", "ours (reference model)", "SDM", "Kasten-style")
 #: table2's data and test pairs; the baselines' own steps (batch 4) and SDM size.
@@ -162,45 +164,51 @@ def paired_p_values(scores: dict[str, list[dict]], reference: str = "ours") -> d
     return out
 
 
+def _baseline_key(ctx: ExperimentContext, row: str, budget: dict) -> tuple[str, dict]:
+    """Ledger label and inputs of one baseline's training (its data set, budget, seed, test pairs)."""
+    from inference.experiments.table2 import _synth_args
+
+    return f"table1-{row.split(' ')[0].rstrip('-')}", {
+        "baseline": row, "grid": ctx.config.grid, "synth": _synth_args(ctx, budget),
+        "budget": {k: budget[k] for k in ("baseline_steps", "batch", "sdm_components")}, "seed": ctx.seed,
+        "test": test_pairs_spec(ctx, budget["test"])}
+
+
 def run(ctx: ExperimentContext) -> dict[str, Any]:
     from inference.data.atlas import load_atlas
-    from inference.experiments.table2 import _data, _train
-    from inference.model import load_model
-    from inference.pipeline import model_file_in
+    from inference.experiments.table2 import _data, trained_row
 
     budget = BUDGET[ctx.scale]
-    data = _data(ctx, budget)
+    data = functools.cache(lambda: _data(ctx, budget))  # made only if something trains
     atlas = load_atlas(ctx.config.grid)
     phantoms = list(held_out_phantoms(ctx, budget["test"]))
     ctx.report(0, 4, "training ours (hipatlas train)")
-    ours_run = _train(ctx, "ours", {}, data, budget)
-    nets = _baselines(ctx, data, budget, atlas)
-    ours_model = None
-
-    def ours(sample):
-        nonlocal ours_model
-        ours_model = ours_model or load_model(model_file_in(ours_run / "model"))
-        from inference.evaluate import evaluate_samples
-
-        row = evaluate_samples(ours_model, [sample], with_hip_centre=False)[0]
-        return {m: row[m] for m in METRICS}
-
-    scorers = {"ours": ours, "ours (reference model)": lambda s: register_metrics(ctx, s),
+    ours = [{m: r.get(m) for m in METRICS} for r in trained_row(ctx, "ours", {}, budget, data)["scores"]]
+    scores: dict[str, list[dict]] = {"ours": ours}
+    keys = {row: _baseline_key(ctx, row, budget) for row in ("SDM", "Kasten-style")}
+    recorded = {row: ctx.recorded(*key) for row, key in keys.items()}
+    nets = None if all(r is not None for r in recorded.values()) else _baselines(ctx, data(), budget, atlas)
+    scorers = {"ours (reference model)": lambda s: register_metrics(ctx, s),
                "SDM": lambda s: score_sdm(nets["sdm"], nets["regressor"], atlas, s),
                "Kasten-style": lambda s: score_kasten(nets["kasten"], s)}
-    scores: dict[str, list[dict]] = {row: [] for row in ROWS}
+    rows = [row for row in ROWS if row != "ours" and recorded.get(row) is None]
+    scores.update({row: [] for row in rows})
     for number, phantom in enumerate(phantoms):
         ctx.report(number, len(phantoms), f"scoring test pair {number + 1}/{len(phantoms)}")
         sample = None
-        for row in ROWS:
+        for row in rows:
             def compute(row=row):
                 nonlocal sample
                 sample = sample if sample is not None else render_pair(ctx, phantom, (0.0, 90.0))
                 return scorers[row](sample)
             slug = row.split(" (")[0].replace(" ", "-") + ("-reference" if "reference" in row else "")
             scores[row].append(ctx.unit(f"{slug}_{phantom.key}", compute))
-    results = report(ctx, scores, budget, len(phantoms))
-    return results
+    for row, key in keys.items():
+        if recorded[row] is None:
+            ctx.record(*key, {"scores": scores[row]})
+        else:
+            scores[row] = recorded[row]["scores"]
+    return report(ctx, {row: scores[row] for row in ROWS}, budget, len(phantoms))
 
 
 def report(ctx: ExperimentContext, scores: dict[str, list[dict]], budget: dict, n_pairs: int) -> dict[str, Any]:

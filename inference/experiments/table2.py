@@ -19,15 +19,16 @@ within 0.005 Dice of the run's best).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from inference.experiments.common import (METRICS, ExperimentContext, fmt, held_out_phantoms, pyplot, render_pair,
-                                          save_figure, summary, write_results)
+                                          save_figure, summary, test_pairs_spec, write_results)
 
 ROWS: dict[str, dict[str, Any]] = {
     "ours": {},
@@ -51,34 +52,79 @@ def _config(ctx: ExperimentContext, changes: dict) -> dict:
     return config
 
 
+def _synth_args(ctx: ExperimentContext, budget: dict) -> list[str]:
+    return ["--subjects", str(budget["subjects"]), "--grid", ctx.config.grid, "--geometry", "orthogonal",
+            "--seed", str(ctx.seed + 10), "--max-translation-mm", "10"]
+
+
+def _train_args(budget: dict) -> list[str]:
+    return ["--steps", str(budget["steps"]), "--lr", "3e-4", "--seed", "0",
+            "--validate-every", str(budget["validate_every"]), "--val-limit", str(budget["val_limit"])]
+
+
 def _data(ctx: ExperimentContext, budget: dict) -> pathlib.Path:
     from inference.recipe import run_hipatlas
 
     data = ctx.out / "data"
     if not (data / "manifest.json").is_file() or not json.loads((data / "manifest.json").read_text()).get("complete"):
-        run_hipatlas(["synth", "--out", str(data), "--subjects", str(budget["subjects"]), "--grid", ctx.config.grid,
-                      "--geometry", "orthogonal", "--seed", str(ctx.seed + 10), "--max-translation-mm", "10",
-                      "--quiet"], "table2 data set")
+        run_hipatlas(["synth", "--out", str(data), *_synth_args(ctx, budget), "--quiet"], "table2 data set")
     return data
+
+
+def _slug(row: str) -> str:
+    return row.split(" (")[0].replace(" ", "-").replace("/", "")
 
 
 def _train(ctx: ExperimentContext, row: str, changes: dict, data: pathlib.Path, budget: dict) -> pathlib.Path:
     from inference.io import write_json_atomic
     from inference.recipe import run_hipatlas
 
-    slug = row.split(" (")[0].replace(" ", "-").replace("/", "")
+    slug = _slug(row)
     run = ctx.out / "runs" / slug
     config = ctx.out / "configs" / f"{slug}.json"
     config.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config, _config(ctx, changes))
     if not (run / "done").is_file():
         run_hipatlas(["train", "--data", str(data), "--out", str(run), "--model-config", str(config),
-                      "--steps", str(budget["steps"]), "--lr", "3e-4", "--seed", "0",
-                      "--checkpoint-every", str(budget["validate_every"]),
-                      "--validate-every", str(budget["validate_every"]), "--val-limit", str(budget["val_limit"])],
+                      *_train_args(budget), "--checkpoint-every", str(budget["validate_every"])],
                      f"table2 training of '{row}'")
         (run / "done").write_text("")
     return run
+
+
+def ledger_key(ctx: ExperimentContext, row: str, changes: dict, budget: dict) -> tuple[str, dict]:
+    """Ledger label and inputs of one row's training (shared with table1's ``ours``: same inputs)."""
+    return f"row-{_slug(row)}", {"model_config": _config(ctx, changes), "synth": _synth_args(ctx, budget),
+                                 "train": _train_args(budget), "test": test_pairs_spec(ctx, budget["test"]),
+                                 "scores": "final and affine-only"}
+
+
+def trained_row(ctx: ExperimentContext, row: str, changes: dict, budget: dict,
+                data: Callable[[], pathlib.Path]) -> dict[str, Any]:
+    """One row's training, scored on the held-out pairs: ``{"scores": [per pair], "steps_to_converge",
+    "validation"}``, from the ledger when it is there; else trained (on ``data()``), scored (each
+    pair a unit) and filed in the ledger."""
+    from inference.model import load_model
+    from inference.registration import model_file_in
+
+    label, inputs = ledger_key(ctx, row, changes, budget)
+    recorded = ctx.recorded(label, inputs)
+    if recorded is not None:
+        return recorded
+    run = _train(ctx, row, changes, data(), budget)
+    model = None
+    scores = []
+    for phantom in held_out_phantoms(ctx, budget["test"]):
+        def compute():
+            nonlocal model
+            model = model or load_model(model_file_in(run / "model"))
+            return _score(model, render_pair(ctx, phantom, (0.0, 90.0)))
+        scores.append(ctx.unit(f"{run.name}_{phantom.key}", compute))
+    history = json.loads((run / "history.json").read_text())
+    result = {"scores": scores, "steps_to_converge": _steps_to_converge(run),
+              "validation": [{"step": h["step"], "dice": h["metrics"].get("dice")} for h in history if h.get("metrics")]}
+    ctx.record(label, inputs, result)
+    return result
 
 
 def _steps_to_converge(run: pathlib.Path) -> int | None:
@@ -119,26 +165,15 @@ def _score(model, sample) -> dict[str, float]:
 def run(ctx: ExperimentContext) -> dict[str, Any]:
     from scipy import stats
 
-    from inference.model import load_model
-    from inference.registration import model_file_in
-
     budget = BUDGET[ctx.scale]
-    data = _data(ctx, budget)
-    phantoms = list(held_out_phantoms(ctx, budget["test"]))
+    data = functools.cache(lambda: _data(ctx, budget))  # made only if a row trains
     scores: dict[str, list[dict]] = {}
     converge: dict[str, int | None] = {}
     for number, (row, changes) in enumerate(ROWS.items()):
         ctx.report(number, len(ROWS), f"training '{row}'")
-        run = _train(ctx, row, changes, data, budget)
-        converge[row] = _steps_to_converge(run)
-        model = None
-        scores[row] = []
-        for phantom in phantoms:
-            def compute():
-                nonlocal model
-                model = model or load_model(model_file_in(run / "model"))
-                return _score(model, render_pair(ctx, phantom, (0.0, 90.0)))
-            scores[row].append(ctx.unit(f"{run.name}_{phantom.key}", compute))
+        result = trained_row(ctx, row, changes, budget, data)
+        scores[row], converge[row] = result["scores"], result["steps_to_converge"]
+    n_pairs = len(scores["ours"])
     table, tests = {}, {}
     for row, rows in scores.items():
         table[row] = {m: summary([r.get(m) for r in rows]) for m in rows[0]}
@@ -152,7 +187,7 @@ def run(ctx: ExperimentContext) -> dict[str, Any]:
     _plot(ctx, table)
     lines = [f"Each row trained {budget['steps']} steps (Adam 3e-4, seed 0) on one data set ({budget['subjects']} "
              "phantoms of TLEM2 and MC22, orthogonal views); scored on the same "
-             f"{len(phantoms)} held-out test pairs (JIA_MRI phantoms, orthogonal). p: two-sided paired t-test "
+             f"{n_pairs} held-out test pairs (JIA_MRI phantoms, orthogonal). p: two-sided paired t-test "
              "against ours.", "",
              "| variant | affine Dice | Dice | Jaccard | ASSD (mm) | HD95 (mm) | SSIM | p (Dice) | p (ASSD) | "
              "steps to converge |", "|---|---|---|---|---|---|---|---|---|---|"]
