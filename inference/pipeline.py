@@ -384,13 +384,24 @@ def _network_views(job: _Job, atlas, head, detector_hw):
         if border:
             job.warnings.append(f"view '{view.name}': the femur mask touches the image border ({border})")
     grid = placed_grid(atlas.geometry, atlas.landmarks["head_centre"], head.centre_mm)
-    network = views.network_inputs(job.frame.images_in(job.case), job.registration_masks, job.frame.projections,
-                                   grid, detector_hw)
+    network = _views_on(job, job.frame.images_in(job.case), grid, detector_hw)
     for view, net_view in zip(job.case.views, network.views):
         if net_view.covered_fraction() < 0.6:
             job.warnings.append(f"view '{view.name}': the femur region extends beyond the radiograph (the femur "
                                 "beyond its border is extrapolated)")
     return grid, network
+
+
+def _views_on(job: _Job, images, grid, detector_hw):
+    """The case's views and registration masks resampled onto the network detector around ``grid``."""
+    return views.network_inputs(images, job.registration_masks, job.frame.projections, grid, detector_hw)
+
+
+def _forward(net, network, grid) -> dict:
+    """One network pass on views prepared for ``grid``."""
+    from inference.model_config import case_inputs
+
+    return net.run(case_inputs(network.images, network.masks, network.projections, grid.index_to_world()))
 
 
 def _run_network(job: _Job, net, atlas, network, grid, ensemble: bool, cancel, preload_tensorflow: bool = False):
@@ -403,10 +414,9 @@ def _run_network(job: _Job, net, atlas, network, grid, ensemble: bool, cancel, p
     has imported all it needs, so that the two never import at the same time
     (:func:`inference.refine.preload_tensorflow`; :func:`_refine` waits for it)."""
     from inference import ensemble as ensemble_lib
-    from inference.model_config import case_inputs
 
     t0 = time.perf_counter()
-    outputs = net.run(case_inputs(network.images, network.masks, network.projections, grid.index_to_world()))
+    outputs = _forward(net, network, grid)
     if preload_tensorflow and "tensorflow" not in sys.modules:
         from inference import refine as refine_lib
 
@@ -420,9 +430,7 @@ def _run_network(job: _Job, net, atlas, network, grid, ensemble: bool, cancel, p
 
         def shifted_pass(shift):
             moved = ensemble_lib.shifted_grid(grid, shift)
-            inputs = views.network_inputs(images, job.registration_masks, job.frame.projections, moved,
-                                          net.config.detector_hw)
-            out = net.run(case_inputs(inputs.images, inputs.masks, inputs.projections, moved.index_to_world()))
+            out = _forward(net, _views_on(job, images, moved, net.config.detector_hw), moved)
             return ensemble_lib.field_on_reference(out["psi"][0], shift)
 
         workers = max(1, min(int(getattr(net, "concurrent_runs", 1)), os.cpu_count() or 1))

@@ -107,14 +107,8 @@ def test_the_default_follows_the_environment(monkeypatch):
         ensemble.default_ensemble()
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    return rh.simulated_case(base, "left"), rh.saved_model(base)
-
-
-def test_register_with_the_ensemble_runs_five_passes_and_reports_their_spread(setup, tmp_path):
-    sim, model_path = setup
+def test_register_with_the_ensemble_runs_five_passes_and_reports_their_spread(left_case_and_model, tmp_path):
+    sim, model_path = left_case_and_model
     progress = []
     result = pipeline.run_to_completion(pipeline.register_case(
         sim.case_dir, tmp_path / "out", model=model_path, refine=False, full_resolution=False, ensemble=True),
@@ -135,8 +129,8 @@ def test_register_with_the_ensemble_runs_five_passes_and_reports_their_spread(se
     assert ours.any() and rh.dice(ours, theirs) > 0.8
 
 
-def test_the_ensemble_can_be_cancelled_between_passes(setup, tmp_path):
-    sim, model_path = setup
+def test_the_ensemble_can_be_cancelled_between_passes(left_case_and_model, tmp_path):
+    sim, model_path = left_case_and_model
     seen = []
 
     def cancel():
@@ -183,7 +177,7 @@ def test_a_forced_refinement_preloads_tensorflow_only_after_the_first_pass(monke
 
 
 @pytest.mark.parametrize("concurrent_runs", [1, 2])
-def test_a_consistent_network_gives_the_same_field_with_and_without_the_ensemble(setup, tmp_path, concurrent_runs):
+def test_a_consistent_network_gives_the_same_field_with_and_without_the_ensemble(left_case_and_model, tmp_path, concurrent_runs):
     """A stand-in network that maps every patient point to the same atlas coordinate however the grid
     is placed: the ensemble's mean is its single pass exactly, passes run concurrently or not."""
     import threading
@@ -191,7 +185,7 @@ def test_a_consistent_network_gives_the_same_field_with_and_without_the_ensemble
 
     from inference.data import atlas as atlas_lib
 
-    sim, _ = setup
+    sim, _ = left_case_and_model
     atlas = atlas_lib.load_atlas("compact")
     job = pipeline._load_job(sim.case_dir, tmp_path / "out", False, None)
     head = pipeline._locate_head(job)

@@ -10,17 +10,10 @@ import pytest
 from inference import io, pipeline, refine
 from inference.errors import Cancelled
 
-import register_helpers as rh
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    return rh.simulated_case(base, "left"), rh.saved_model(base)
-
-
-def test_refinement_reports_its_losses_and_pose_and_keeps_the_better_result(setup, tmp_path):
-    sim, model_path = setup
+def test_refinement_reports_its_losses_and_pose_and_keeps_the_better_result(left_case_and_model, tmp_path):
+    sim, model_path = left_case_and_model
     settings = refine.RefineSettings(max_steps=4, time_limit_s=120.0, self_calibrate=True)
     progress = []
     result = pipeline.run_to_completion(
@@ -42,8 +35,8 @@ def test_refinement_reports_its_losses_and_pose_and_keeps_the_better_result(setu
     assert labels.shape == (192, 128, 192) and result.report["output_resolution"]["grid"] == "paper"
 
 
-def test_refinement_can_be_cancelled(setup, tmp_path):
-    sim, model_path = setup
+def test_refinement_can_be_cancelled(left_case_and_model, tmp_path):
+    sim, model_path = left_case_and_model
     calls = {"n": 0}
 
     def cancel():
@@ -57,8 +50,8 @@ def test_refinement_can_be_cancelled(setup, tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_without_refinement_the_report_says_so(setup, tmp_path):
-    sim, model_path = setup
+def test_without_refinement_the_report_says_so(left_case_and_model, tmp_path):
+    sim, model_path = left_case_and_model
     result = pipeline.run_to_completion(pipeline.register_case(sim.case_dir, tmp_path / "out", model=model_path,
                                                                refine=False, full_resolution=False))
     assert result.report["refinement"] == {"run": False}
@@ -67,8 +60,8 @@ def test_without_refinement_the_report_says_so(setup, tmp_path):
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.01])
-def test_auto_refinement_follows_the_outlines_agreement(setup, tmp_path, monkeypatch, threshold):
-    sim, model_path = setup
+def test_auto_refinement_follows_the_outlines_agreement(left_case_and_model, tmp_path, monkeypatch, threshold):
+    sim, model_path = left_case_and_model
     monkeypatch.setattr(refine, "AUTO_REFINE_BELOW", threshold)
     progress = []
     result = pipeline.run_to_completion(pipeline.register_case(
@@ -89,10 +82,10 @@ def test_auto_refinement_follows_the_outlines_agreement(setup, tmp_path, monkeyp
     assert fractions == sorted(fractions)
 
 
-def test_refine_refuses_an_unknown_word(setup, tmp_path):
+def test_refine_refuses_an_unknown_word(left_case_and_model, tmp_path):
     from inference.errors import ConfigError
 
-    sim, model_path = setup
+    sim, model_path = left_case_and_model
     with pytest.raises(ConfigError, match="auto"):
         pipeline.run_to_completion(pipeline.register_case(sim.case_dir, tmp_path / "out", model=model_path,
                                                           refine="sometimes"))
