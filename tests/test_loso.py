@@ -184,7 +184,9 @@ def test_report_chooses_the_better_setting_and_writes_its_recipe(tmp_path, gain)
     else:
         assert "shape_models" not in recipe and all("--shape-model" not in a for a in synths)
     shipped = json.loads(default_model_file().with_name("model_card.json").read_text())["training"]["recipe"]
-    assert [s["name"] for s in recipe["stages"]] == [s["name"] for s in shipped["stages"]]
+    assert [s["name"] for s in recipe["stages"]] == [s["name"] + "-all" for s in shipped["stages"]]
+    assert [s["init_from"] for s in recipe["stages"]] == [s["init_from"] and s["init_from"] + "-all"
+                                                          for s in shipped["stages"]]
     assert recipe["model_config"] == shipped["model_config"]
 
 
@@ -230,3 +232,37 @@ def test_a_recipe_naming_an_unknown_shape_model_is_refused(tmp_path):
     recipe["shape_models"] = [{"name": "other", "build": "--split train=TLEM2"}]
     with pytest.raises(ConfigError, match="shape_models must be a list"):
         check_recipe(recipe)
+
+
+def test_a_model_of_every_specimen_ships_with_the_loso_estimate_instead_of_a_validation(tmp_path):
+    import hashlib
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location("ship_model", pathlib.Path(__file__).parents[1] / "tools" /
+                                                  "ship_model.py")
+    ship_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship_model)
+
+    ctx = _ctx(tmp_path)
+    results = loso.report(ctx, _scores(0.02), loso.BUDGET["quick"])
+    recipe = ctx.out / "final-recipe.json"
+    run = tmp_path / "run" / "model"
+    run.mkdir(parents=True)
+    (run / "m.keras").write_bytes(b"weights")
+    card = {"sha256": hashlib.sha256(b"weights").hexdigest(), "training": {"data_dir": "/x/compact", "steps": 5}}
+    (run / "model_card.json").write_text(json.dumps(card))
+    models = tmp_path / "models"
+    args = [str(run.parent), "compact-v2-all", "--held-out-estimate", str(ctx.out / "results.json"),
+            "--recipe", str(recipe), "--models-dir", str(models)]
+    assert ship_model.main(args) == 0
+    shipped = json.loads((models / "compact-v2-all" / "model_card.json").read_text())
+    estimate = shipped["held_out_estimate"]
+    assert "val_metrics" not in shipped and estimate["setting"] == results["chosen"] == "shape-model"
+    assert estimate["pooled"]["dice"] == pytest.approx(results["pooled"]["shape-model"]["dice"]["mean"])
+    assert estimate["pooled"]["pairs"] == 12 and set(estimate["per_fold"]) == set(loso.FOLDS)
+    assert shipped["training"]["recipe"]["stages"][-1]["name"] == "compact-v2-all"
+    assert "verify" not in shipped["training"]["recipe"]
+    # the recipe's last stage must be the model's name; a model of a held-out split needs --evaluation
+    with pytest.raises(SystemExit, match="not 'other'"):
+        ship_model.main([*args[:1], "other", *args[2:]])

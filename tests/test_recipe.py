@@ -36,7 +36,10 @@ def test_shipped_model_card_holds_its_recipe():
     path, card = _shipped_card()
     recipe = R.load_recipe(path)
     assert recipe["model_config"] == card["config"]
-    assert recipe["verify"]["dice"] == pytest.approx(card["val_metrics"]["dice"])
+    if "held_out_estimate" in card:  # trained on every specimen: no held-out split to verify on
+        assert "verify" not in recipe and "val_metrics" not in card
+    else:
+        assert recipe["verify"]["dice"] == pytest.approx(card["val_metrics"]["dice"])
     # The data sets are the ones the card's manifests were made from (same seeds and sizes).
     seeds = [str(p["seed"]) for p in card["training"]["dataset_parameters"]]
     assert [d["synth"][d["synth"].index("--seed") + 1] for d in recipe["datasets"]] == seeds

@@ -313,7 +313,9 @@ def report(ctx: ExperimentContext, scores: dict[str, dict[str, list[dict]]], bud
 def final_recipe(ctx: ExperimentContext, setting: str) -> dict[str, Any]:
     """The shipped model's recipe (its card's ``training.recipe``) with every specimen in training
     and ``setting``'s augmentation; no validation split is left, so each stage's last model is its
-    result and there is no ``verify`` (the held-out estimate is this experiment's table)."""
+    result and there is no ``verify`` (the held-out estimate is this experiment's table). Stages are
+    renamed ``<name>-all`` (``compact-v2`` -> ``compact-v2-all``): another model, shipped beside the
+    old one with ``tools/ship_model.py RUN NAME --held-out-estimate results.json``."""
     from inference.model_config import card_path_for, read_model_card
     from inference.recipe import RECIPE_FORMAT
 
@@ -336,7 +338,9 @@ def final_recipe(ctx: ExperimentContext, setting: str) -> dict[str, Any]:
     stages = []
     for stage in shipped["stages"]:
         args = list(stage["train"])
-        stages.append({**stage, "train": _without(_without(args, "--validate-every"), "--val-limit")})
+        stages.append({**stage, "name": f"{stage['name']}-all", "train": _without(_without(args, "--validate-every"),
+                                                                                   "--val-limit"),
+                       "init_from": f"{stage['init_from']}-all" if stage.get("init_from") else None})
     recipe = {"format": RECIPE_FORMAT, "name": f"{shipped.get('name', 'model')}-all-specimens",
               "description": f"{shipped.get('name', 'the shipped model')}'s stages with every bundled specimen "
               f"({', '.join(SPECIMENS)}) in training and the setting '{setting}' chosen by leave-one-specimen-out "
