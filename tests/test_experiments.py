@@ -90,7 +90,8 @@ def test_steps_to_converge_is_the_first_validation_near_the_best(tmp_path):
 
     history = [{"step": s, "metrics": {"dice": d}} for s, d in ((250, 0.80), (500, 0.905), (750, 0.91), (1000, 0.908))]
     (tmp_path / "history.json").write_text(json.dumps(history))
-    assert table2._steps_to_converge(tmp_path) == 500
+    assert table2.steps_to_converge(table2._validation(tmp_path)) == 500
+    assert table2._validation(tmp_path / "no-val-split") == [] and table2.steps_to_converge([]) is None
     import dataclasses
 
     from inference.model import ModelConfig
@@ -105,7 +106,8 @@ def test_table2_trains_every_row_and_tests_them_pairwise(tmp_path, monkeypatch):
     from inference.experiments import table2
 
     monkeypatch.setattr(table2, "ROWS", {"ours": {}, "no skip connections": {"skip_connections": False}})
-    monkeypatch.setitem(table2.BUDGET, "quick", {"subjects": 4, "steps": 2, "validate_every": 2, "val_limit": 1,
+    # 8 phantoms: one of them falls in the val split, so each run validates
+    monkeypatch.setitem(table2.BUDGET, "quick", {"subjects": 8, "steps": 2, "validate_every": 2, "val_limit": 1,
                                                  "test": 2})
     results = run_experiment("table2", tmp_path)
     assert set(results["table"]) == {"ours", "no skip connections"}

@@ -120,20 +120,25 @@ def trained_row(ctx: ExperimentContext, row: str, changes: dict, budget: dict,
             model = model or load_model(model_file_in(run / "model"))
             return _score(model, render_pair(ctx, phantom, (0.0, 90.0)))
         scores.append(ctx.unit(f"{run.name}_{phantom.key}", compute))
-    history = json.loads((run / "history.json").read_text())
-    result = {"scores": scores, "steps_to_converge": _steps_to_converge(run),
-              "validation": [{"step": h["step"], "dice": h["metrics"].get("dice")} for h in history if h.get("metrics")]}
+    validation = _validation(run)
+    result = {"scores": scores, "steps_to_converge": steps_to_converge(validation), "validation": validation}
     ctx.record(label, inputs, result)
     return result
 
 
-def _steps_to_converge(run: pathlib.Path) -> int | None:
-    history = json.loads((run / "history.json").read_text())
-    dice = [(h["step"], h["metrics"]["dice"]) for h in history if h.get("metrics")]
-    if not dice:
+def _validation(run: pathlib.Path) -> list[dict]:
+    """The run's validation rounds, ``[{"step", "dice"}]`` (none when its data had no val split)."""
+    path = run / "history.json"
+    history = json.loads(path.read_text()) if path.is_file() else []
+    return [{"step": h["step"], "dice": h["metrics"]["dice"]} for h in history if h.get("metrics")]
+
+
+def steps_to_converge(validation: list[dict]) -> int | None:
+    """The first validation step within 0.005 Dice of the run's best (None without validation)."""
+    if not validation:
         return None
-    best = max(d for _, d in dice)
-    return next(step for step, d in dice if d >= best - 0.005)
+    best = max(v["dice"] for v in validation)
+    return next(v["step"] for v in validation if v["dice"] >= best - 0.005)
 
 
 def _affine_labels(model, sample) -> np.ndarray:
