@@ -143,3 +143,23 @@ def test_the_ledger_option_reaches_the_plan(tmp_path, capsys):
     assert cli.main(["experiment", "loso", "--out", str(tmp_path / "out"), "--ledger", str(ledger), "--dry-run"]) == 0
     head = capsys.readouterr().out.splitlines()[0]
     assert f"ledger {ledger}" in head
+
+
+def test_table_plans_show_what_the_ledger_holds(tmp_path, monkeypatch):
+    budget = table2.BUDGET["quick"]
+    ledger = Ledger(tmp_path / "ledger")
+    ctx = ExperimentContext("table2", tmp_path / "t2", "quick", default_model_file(), ledger=ledger)
+    ledger.put(*table2.ledger_key(ctx, "ours", {}, budget), {"scores": [], "steps_to_converge": None})
+    (ctx.out / "runs" / "no-skip-connections").mkdir(parents=True)
+    (ctx.out / "runs" / "no-skip-connections" / "done").write_text("")
+    lines = table2.describe_plan(ctx).splitlines()
+    states = {line.split("] ")[1].split(":")[0]: line.split("]")[0][1:] for line in lines[1:]}
+    assert states["ours"] == "ledger" and states["no skip connections"] == "done"
+    assert states["data set"] == "todo" and list(states.values()).count("todo") == 1 + len(table2.ROWS) - 2
+    # table1's ours is the same training: in the ledger too; the baselines are not
+    t1 = ExperimentContext("table1", tmp_path / "t1", "quick", default_model_file(), ledger=ledger)
+    plan = table1.describe_plan(t1)
+    assert "[ledger] ours:" in plan and "[todo] SDM:" in plan and "[todo] Kasten-style:" in plan
+    # with every row filed, the data set is not needed
+    monkeypatch.setattr(table2, "ROWS", {"ours": {}})
+    assert table2.describe_plan(ctx).splitlines()[1].startswith("[not needed] data set")

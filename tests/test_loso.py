@@ -70,7 +70,7 @@ def test_dry_run_prints_the_plan(tmp_path, capsys):
     assert len(lines) == 1 + 3 + 6 + 6 and all(line.startswith("[todo] ") for line in lines[1:])
     assert sum("hipatlas train " in line for line in lines) == 6
     assert not (out / "model_config.json").exists()  # a dry run runs nothing
-    assert cli.main(["experiment", "table2", "--out", str(tmp_path / "t2"), "--dry-run"]) == 2
+    assert cli.main(["experiment", "view-map", "--out", str(tmp_path / "vm"), "--dry-run"]) == 2
 
 
 # ----------------------------------------------------------------------------------------------

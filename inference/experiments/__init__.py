@@ -86,7 +86,8 @@ def add_parser(subparsers) -> None:
                         "training's scores are filed and found again: a fresh machine trains only what is not there "
                         "(table1, table2, loso)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the plan (its steps, done or to do) and exit (loso, angle-sensitivity)")
+                        help="print the plan (its steps: in the ledger, done or to do) and exit (loso, table1, table2, "
+                        "angle-sensitivity)")
     parser.set_defaults(handler=_cli)
 
 

@@ -174,6 +174,23 @@ def _baseline_key(ctx: ExperimentContext, row: str, budget: dict) -> tuple[str, 
         "test": test_pairs_spec(ctx, budget["test"])}
 
 
+def describe_plan(ctx: ExperimentContext) -> str:
+    """The plan as text: ours (table2's row), the two baselines and the reference model, each
+    ``[ledger]``, ``[done]`` or ``[todo]``."""
+    from inference.experiments.table2 import plan_lines
+
+    budget = BUDGET[ctx.scale]
+    lines = [f"# table1 ({ctx.scale}): ours {budget['steps']} steps, baselines {budget['baseline_steps']} steps, "
+             f"{budget['test']} held-out test pairs" + (f"; ledger {ctx.ledger.folder}" if ctx.ledger else ""),
+             *plan_lines(ctx, {"ours": {}}, budget)]
+    for row in ("SDM", "Kasten-style"):
+        state = "ledger" if ctx.recorded(*_baseline_key(ctx, row, budget)) is not None else "todo"
+        lines.append(f"[{state}] {row}: {budget['baseline_steps']} steps in this process"
+                     + (" after the SDM registrations of the training set" if row == "SDM" else ""))
+    lines.append("[each run] ours (reference model): the shipped model scored on the test pairs")
+    return "\n".join(lines)
+
+
 def run(ctx: ExperimentContext) -> dict[str, Any]:
     from inference.data.atlas import load_atlas
     from inference.experiments.table2 import _data, trained_row

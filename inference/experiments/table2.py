@@ -92,6 +92,35 @@ def _train(ctx: ExperimentContext, row: str, changes: dict, data: pathlib.Path, 
     return run
 
 
+def row_state(ctx: ExperimentContext, row: str, changes: dict, budget: dict) -> str:
+    """``ledger`` (its scores are filed: nothing to run), ``done`` (trained here, to be scored) or ``todo``."""
+    if ctx.recorded(*ledger_key(ctx, row, changes, budget)) is not None:
+        return "ledger"
+    return "done" if (ctx.out / "runs" / _slug(row) / "done").is_file() else "todo"
+
+
+def plan_lines(ctx: ExperimentContext, rows: dict[str, dict], budget: dict) -> list[str]:
+    """One line per row, ``[state] row: hipatlas train ...``, after the data set's line."""
+    states = {row: row_state(ctx, row, changes, budget) for row, changes in rows.items()}
+    manifest = ctx.out / "data" / "manifest.json"
+    data_state = ("done" if manifest.is_file() and json.loads(manifest.read_text()).get("complete")
+                  else "todo" if "todo" in states.values() else "not needed")
+    lines = [f"[{data_state}] data set: hipatlas synth --out {ctx.out / 'data'} {' '.join(_synth_args(ctx, budget))}"]
+    for row, state in states.items():
+        slug = _slug(row)
+        lines.append(f"[{state}] {row}: hipatlas train --data {ctx.out / 'data'} --out {ctx.out / 'runs' / slug} "
+                     f"--model-config {ctx.out / 'configs' / (slug + '.json')} {' '.join(_train_args(budget))}")
+    return lines
+
+
+def describe_plan(ctx: ExperimentContext) -> str:
+    """The plan as text: the data set and one line per row, ``[ledger]``, ``[done]`` or ``[todo]``."""
+    budget = BUDGET[ctx.scale]
+    head = (f"# table2 ({ctx.scale}): {len(ROWS)} rows x {budget['steps']} steps, {budget['test']} held-out test pairs"
+            + (f"; ledger {ctx.ledger.folder}" if ctx.ledger else ""))
+    return "\n".join([head, *plan_lines(ctx, ROWS, budget)])
+
+
 def ledger_key(ctx: ExperimentContext, row: str, changes: dict, budget: dict) -> tuple[str, dict]:
     """Ledger label and inputs of one row's training (shared with table1's ``ours``: same inputs)."""
     return f"row-{_slug(row)}", {"model_config": _config(ctx, changes), "synth": _synth_args(ctx, budget),
