@@ -86,6 +86,10 @@ def test_loso_on_a_fresh_machine_trains_only_what_the_ledger_lacks(tmp_path, mon
     assert [c[0] for c in runner.commands] == ["shape-model", "synth", "train"]
     assert all("JIA" in c[c.index("--out") + 1] for c in runner.commands)
     assert {(f, s): rows[0] for f, settings in results["scores"].items() for s, rows in settings.items()} == recorded
+    # the shipped model never learnt from JIA: it is scored on JIA's pair as a reference row
+    assert set(results["reference_model"]["table"]) == {"JIA"}
+    assert 0.5 < results["reference_model"]["scores"]["JIA"][0]["dice"] <= 1.0
+    assert "| JIA | reference model, not retrained |" in (ctx.out / "results.md").read_text()
     written = json.loads((ctx.out / "results.json").read_text())["ledger"]
     assert len(written) == 6 and "loso-JIA-shape-model" in written
     assert "filed in the ledger" in (ctx.out / "results.md").read_text()

@@ -242,7 +242,8 @@ def run(ctx: ExperimentContext) -> dict[str, Any]:
             scores[step.fold][step.setting] = score(ctx, step.fold, step.setting)
 
     run_steps(ctx, after)
-    return report(ctx, scores, BUDGET[ctx.scale])
+    ctx.report(1, 1, "scoring the reference model")
+    return report(ctx, scores, BUDGET[ctx.scale], reference_scores(ctx))
 
 
 def paired_test(a: list[dict], b: list[dict], metric: str) -> float:
@@ -267,9 +268,51 @@ def choose(table: dict[str, dict[str, Any]]) -> str:
     return best or next(iter(SETTINGS))
 
 
-def report(ctx: ExperimentContext, scores: dict[str, dict[str, list[dict]]], budget: dict) -> dict[str, Any]:
-    """results.json, results.md, loso.png and final-recipe.json from the scored pairs."""
+def trained_specimens(model_path) -> set[str] | None:
+    """The specimens in the train split of any data set the model at ``model_path`` learnt from (its
+    card's ``training.dataset_parameters``); None when the card does not say."""
+    from inference.model_config import card_path_for, read_model_card
+
+    card = card_path_for(model_path)
+    parameters = (read_model_card(card).get("training") or {}).get("dataset_parameters") if card.is_file() else None
+    if not parameters:
+        return None
+    return {s for p in parameters for s in ((p.get("config") or {}).get("split") or {}).get("train", [])}
+
+
+def reference_scores(ctx: ExperimentContext) -> dict[str, list[dict]]:
+    """The reference model itself (``--model``, default the shipped one), not retrained, scored on
+    the pairs of each fold whose specimen it never learnt from: how far the quick budget's
+    trainings are from a fully trained model. Folds it trained on are left out."""
+    trained = trained_specimens(ctx.model_path)
+    if trained is None:
+        return {}
+    out = {}
+    for fold in FOLDS:
+        if fold in trained:
+            continue
+        fold_ctx = _fold_context(ctx, fold)
+
+        def compute(phantom):
+            from inference.evaluate import evaluate_samples
+
+            row = evaluate_samples(ctx.model, [render_pair(fold_ctx, phantom, (0.0, 90.0))], with_hip_centre=False)[0]
+            return {m: row[m] for m in METRICS}
+
+        phantoms = held_out_phantoms(fold_ctx, BUDGET[ctx.scale]["test"], specimen_femurs(fold))
+        out[fold] = [fold_ctx.unit(f"reference_{p.key}", lambda p=p: compute(p)) for p in phantoms]
+    return out
+
+
+def report(ctx: ExperimentContext, scores: dict[str, dict[str, list[dict]]], budget: dict,
+           reference_rows: dict[str, list[dict]] | None = None) -> dict[str, Any]:
+    """results.json, results.md, loso.png and final-recipe.json from the scored pairs;
+    ``reference_rows`` (:func:`reference_scores`) add a row per fold, outside the choice."""
     from inference.io import write_json_atomic
+
+    reference_rows = reference_rows or {}
+    reference_table = {fold: {m: summary([r.get(m) for r in rows]) for m in METRICS}
+                       for fold, rows in reference_rows.items()}
 
     settings = list(SETTINGS)
     per_fold = {fold: {s: {m: summary([r.get(m) for r in rows[s]]) for m in METRICS} for s in settings}
@@ -300,12 +343,22 @@ def report(ctx: ExperimentContext, scores: dict[str, dict[str, list[dict]]], bud
             p = (p_values.get(s, {}).get("pooled" if fold == "all folds" else fold, {}))
             lines.append(f"| {fold} | {s} | {fmt(t['dice'])} | {fmt(t['jaccard'])} | {fmt(t['assd_mm'], 2)} | "
                          f"{fmt(t['hd95_mm'], 2)} | {_p(p.get('dice'))} | {_p(p.get('assd_mm'))} |")
+        if fold in reference_table:
+            t = reference_table[fold]
+            lines.append(f"| {fold} | reference model, not retrained | {fmt(t['dice'])} | {fmt(t['jaccard'])} | "
+                         f"{fmt(t['assd_mm'], 2)} | {fmt(t['hd95_mm'], 2)} | - | - |")
+    if reference_table:
+        lines += ["", f"Reference model: `{ctx.model_path.name}` as shipped (its full recipe, more phantoms and "
+                  "steps than a run here), scored on the same pairs of the folds whose specimen it never learnt "
+                  "from (" + ", ".join(reference_table) + "); it takes no part in the choice. The gap between it "
+                  "and a fold's runs is what this quick budget leaves out."]
     lines += ["", f"Chosen setting (higher mean {CHOICE_METRIC} over all folds' pairs): **{chosen}**. The final model "
               "trains on every specimen with it: `hipatlas train --recipe final-recipe.json --out WORK`.", "",
               "![Dice per fold and setting](loso.png)"]
     results = {"budget": budget, "folds": list(scores), "settings": SETTINGS, "per_fold": per_fold, "pooled": pooled,
                "p_values": p_values, "chosen": chosen, "scores": scores, "test_pairs": n_pairs,
-               "final_recipe": "final-recipe.json"}
+               "final_recipe": "final-recipe.json", "reference_model": {"table": reference_table,
+                                                                        "scores": reference_rows}}
     write_results(ctx, results, "\n".join(lines))
     return results
 
