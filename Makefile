@@ -6,17 +6,18 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Defined before SYSTEM_PACKAGES, which := expands at once (defined after it, they were empty there
+# and never installed). The installer builds: strip and objdump (PyInstaller, the runtime flavour's
+# VTK stripping), zstd and xz (packaging/build_report.py estimate).
+PACKAGING_PACKAGES := binutils zstd xz-utils
+# A real PACS for the DICOM networking tests and `make pacs-demo` (started on localhost ports by them).
+PACS_PACKAGES := orthanc
 # Debian packages for offscreen VTK (EGL / OSMesa), Qt's xcb plugin under Xvfb, and poppler-utils
 # (pdftoppm, pdftotext) with which the report test renders and reads the PDF pages.
 SYSTEM_PACKAGES := xvfb xauth libgl1-mesa-dri libglx-mesa0 libegl1 libegl-mesa0 libosmesa6 \
 	libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 \
 	libxcb-render-util0 libxcb-randr0 libxcb-shape0 libxkbcommon-x11-0 libdbus-1-3 libfontconfig1 \
 	poppler-utils $(PACS_PACKAGES) $(PACKAGING_PACKAGES)
-# The installer builds: strip and objdump (PyInstaller, the runtime flavour's VTK stripping), zstd
-# and xz (packaging/build_report.py estimate).
-PACKAGING_PACKAGES := binutils zstd xz-utils
-# A real PACS for the DICOM networking tests and `make pacs-demo` (started on localhost ports by them).
-PACS_PACKAGES := orthanc
 PYTEST_ARGS ?=
 
 .PHONY: install system-packages demo pacs-demo test test-slow test-all bench lint clean package package-runtime model
