@@ -298,6 +298,10 @@ def retrieve_files(settings: PacsSettings, study_uid: str, folder: str | os.Path
         received.append(path)
         return 0x0000
 
+    def lost() -> PacsError:
+        return PacsError(f"{settings.describe()}: the connection was lost during the retrieve "
+                         f"({len(received)} image(s) received); nothing was kept")
+
     requests = [None] if not series_uids else list(series_uids)
     assoc = _associate(settings, [_GET, *RETRIEVE_SOP_CLASSES], scp_roles=RETRIEVE_SOP_CLASSES,
                        handlers=[(evt.EVT_C_STORE, on_store)])
@@ -308,7 +312,7 @@ def retrieve_files(settings: PacsSettings, study_uid: str, folder: str | os.Path
             query.StudyInstanceUID = study_uid
             if series_uid is not None:
                 query.SeriesInstanceUID = series_uid
-            for status, _ in assoc.send_c_get(query, _GET):
+            for status, _ in _c_get(assoc, query, lost):
                 if cancel is not None and cancel():
                     assoc.abort()
                     raise Cancelled("retrieve cancelled; no case was written")
@@ -319,8 +323,7 @@ def retrieve_files(settings: PacsSettings, study_uid: str, folder: str | os.Path
                     yield Progress(min(0.95, (index + done / max(1, done + remaining)) / len(requests)),
                                    f"Received {done} image(s)")
                 elif code == -1 or not assoc.is_established:
-                    raise PacsError(f"{settings.describe()}: the connection was lost during the retrieve "
-                                    f"({len(received)} image(s) received); nothing was kept")
+                    raise lost()
                 elif code not in (0x0000,):
                     raise PacsError(f"{settings.describe()}: C-GET failed ({_status_text(status)})")
     finally:
@@ -329,6 +332,19 @@ def retrieve_files(settings: PacsSettings, study_uid: str, folder: str | os.Path
     if not received:
         raise PacsError(f"{settings.describe()}: the study {study_uid} returned no images")
     return received
+
+
+def _c_get(assoc, query, lost: Callable[[], PacsError]):
+    """``assoc.send_c_get`` of ``query``; an association that is gone (the PACS went away after
+    the previous request's last response) raises ``lost()``, not pynetdicom's RuntimeError."""
+    if not assoc.is_established:
+        raise lost()
+    try:
+        yield from assoc.send_c_get(query, _GET)
+    except RuntimeError as exc:
+        if assoc.is_established:
+            raise
+        raise lost() from exc
 
 
 def retrieve_case(settings: PacsSettings, study_uid: str, case_dir: str | os.PathLike, *,

@@ -644,3 +644,36 @@ def test_pacs_demo_runs_the_whole_round_trip(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "stored 7 result objects: sr, pdf, stl" in done.stdout
     assert "(no duplicates)" in done.stdout and "SR read back from the PACS" in done.stdout
+
+
+class _GoneAfterFirstSeries:
+    """An association whose PACS answers the first C-GET completely and is gone before the next
+    (the race the test above meets now and then): pynetdicom then raises RuntimeError."""
+
+    def __init__(self, races: bool):
+        self.is_established = True
+        self.races = races  # True: still 'established' when the second C-GET starts, then drops
+        self.requests = 0
+
+    def send_c_get(self, query, sop_class):
+        self.requests += 1
+        if self.requests > 1:
+            self.is_established = False
+            raise RuntimeError("The association with a peer SCP must be established before sending a C-GET request")
+        status = pydicom.Dataset()
+        status.Status = 0x0000
+        yield status, None
+        self.is_established = self.races
+
+    def release(self):
+        self.is_established = False
+
+
+@pytest.mark.parametrize("races", [False, True])
+def test_a_pacs_gone_between_two_series_is_a_lost_connection_not_a_crash(tmp_path, monkeypatch, races):
+    assoc = _GoneAfterFirstSeries(races)
+    monkeypatch.setattr(pacs, "_associate", lambda *args, **kwargs: assoc)
+    settings = pacs.PacsSettings(port=free_port(), timeout_s=3.0)
+    with pytest.raises(PacsError, match="the connection was lost during the retrieve .* nothing was kept"):
+        run_to_completion(pacs.retrieve_files(settings, "1.2.3", tmp_path, series_uids=["1.2.3.1", "1.2.3.2"]))
+    assert assoc.requests == (2 if races else 1)
