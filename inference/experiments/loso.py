@@ -25,10 +25,10 @@ test pair is a unit (``OUT/folds/<fold>/units``). ``--dry-run`` prints the plan 
 and their commands) and which steps are already done.
 
 Budget (``BUDGET``): quick = 240 phantoms per data set and 2,000 steps per training (batch 1, the
-compact grid), 10 test pairs per fold. A compact step costs 2.6 CPU s here
-(``docs/results/bench_input.md``, ``train_step_cpu_s``), about 1.3 s of wall time on the 2 idle
-cores: ~45 min per training, 6 trainings, plus ~3 min of synth per data set (1.2 CPU s a
-phantom, measured), so about 5 h in all on this machine when it is idle (resumable across days).
+compact grid), 10 test pairs per fold. Measured in session 11 (2-core machine): 13-18 min per
+training (0.40 s a step when idle), ~3 min of synth per data set, ~1 min of scoring per training:
+the whole experiment in about 2 h. Earlier machines took 1.1-2 s a step (~5 h in all). Every finished
+training's scores go to the ``--ledger``, so the experiment also resumes on a fresh machine.
 full = 1,200 phantoms and 30,000 steps (a GPU).
 """
 
