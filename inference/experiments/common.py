@@ -182,6 +182,12 @@ class Ledger:
         return out
 
 
+def data_set_complete(folder: pathlib.Path) -> bool:
+    """Whether ``hipatlas synth`` finished the data set in ``folder`` (its manifest says complete)."""
+    manifest = pathlib.Path(folder) / "manifest.json"
+    return manifest.is_file() and bool(json.loads(manifest.read_text(encoding="utf-8")).get("complete"))
+
+
 def _finite_or_none(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _finite_or_none(v) for k, v in value.items()}
@@ -331,6 +337,6 @@ def save_figure(fig, path: pathlib.Path) -> None:
 
 
 __all__ = ["SCALES", "HELD_OUT_FEMURS", "METRICS", "ExperimentContext", "ExperimentProgress", "HeldOutPhantom",
-           "Ledger", "LEDGER_FORMAT", "fingerprint", "test_pairs_spec",
+           "Ledger", "LEDGER_FORMAT", "fingerprint", "test_pairs_spec", "data_set_complete",
            "held_out_phantoms", "render_pair", "register_metrics", "summary", "fmt", "write_results", "pyplot",
            "save_figure"]

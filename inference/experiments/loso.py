@@ -34,7 +34,6 @@ full = 1,200 phantoms and 30,000 steps (a GPU).
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 from dataclasses import dataclass
@@ -43,7 +42,8 @@ from typing import Any, Callable
 import numpy as np
 
 from inference.experiments.common import (METRICS, ExperimentContext, fmt, held_out_phantoms, pyplot, render_pair,
-                                          save_figure, summary, test_pairs_spec, write_results)
+                                          data_set_complete, save_figure, summary, test_pairs_spec,
+                                          write_results)
 
 #: The bundled specimens; each fold holds out one of them (FOLDS) and trains on the others.
 SPECIMENS = ("TLEM2", "MC22", "JIA")
@@ -76,8 +76,7 @@ class Step:
         if self.recorded:
             return True
         if self.kind == "synth":
-            manifest = self.marker
-            return manifest.is_file() and bool(json.loads(manifest.read_text(encoding="utf-8")).get("complete"))
+            return data_set_complete(self.marker.parent)
         return self.marker.is_file()
 
     def finish(self) -> None:

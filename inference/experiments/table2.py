@@ -28,7 +28,8 @@ from typing import Any, Callable
 import numpy as np
 
 from inference.experiments.common import (METRICS, ExperimentContext, fmt, held_out_phantoms, pyplot, render_pair,
-                                          save_figure, summary, test_pairs_spec, write_results)
+                                          data_set_complete, save_figure, summary, test_pairs_spec,
+                                          write_results)
 
 ROWS: dict[str, dict[str, Any]] = {
     "ours": {},
@@ -66,7 +67,7 @@ def _data(ctx: ExperimentContext, budget: dict) -> pathlib.Path:
     from inference.recipe import run_hipatlas
 
     data = ctx.out / "data"
-    if not (data / "manifest.json").is_file() or not json.loads((data / "manifest.json").read_text()).get("complete"):
+    if not data_set_complete(data):
         run_hipatlas(["synth", "--out", str(data), *_synth_args(ctx, budget), "--quiet"], "table2 data set")
     return data
 
@@ -102,9 +103,7 @@ def row_state(ctx: ExperimentContext, row: str, changes: dict, budget: dict) -> 
 def plan_lines(ctx: ExperimentContext, rows: dict[str, dict], budget: dict) -> list[str]:
     """One line per row, ``[state] row: hipatlas train ...``, after the data set's line."""
     states = {row: row_state(ctx, row, changes, budget) for row, changes in rows.items()}
-    manifest = ctx.out / "data" / "manifest.json"
-    data_state = ("done" if manifest.is_file() and json.loads(manifest.read_text()).get("complete")
-                  else "todo" if "todo" in states.values() else "not needed")
+    data_state = ("done" if data_set_complete(ctx.out / "data") else "todo" if "todo" in states.values() else "not needed")
     lines = [f"[{data_state}] data set: hipatlas synth --out {ctx.out / 'data'} {' '.join(_synth_args(ctx, budget))}"]
     for row, state in states.items():
         slug = _slug(row)
