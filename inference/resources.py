@@ -44,6 +44,8 @@ __all__ = [
     "demo_dir",
     "model_card_path",
     "default_model_file",
+    "trained_specimens",
+    "held_out_model_file",
     "check_model_file",
     "check_models",
     "check_atlas_grid",
@@ -182,6 +184,45 @@ def default_model_file(root: str | os.PathLike | None = None) -> pathlib.Path:
     if len(files) != 1:
         raise ModelError(f"the model folder {chosen} should hold one .keras file, not {len(files)}; {_REINSTALL}")
     return files[0]
+
+
+def trained_specimens(model_file: str | os.PathLike) -> set[str] | None:
+    """The specimens (``"TLEM2"``, ``"MC22"``, ``"JIA"``) in the train split of any data set the
+    model learnt from, read from its card's ``training.dataset_parameters``; None when the card is
+    missing or does not say."""
+    card_path = model_card_path(model_file)
+    try:
+        card = _read_json(card_path) if card_path is not None else None
+    except (OSError, ValueError):
+        return None
+    parameters = ((card or {}).get("training") or {}).get("dataset_parameters") if isinstance(card, dict) else None
+    if not parameters:
+        return None
+    return {s for p in parameters for s in ((p.get("config") or {}).get("split") or {}).get("train", [])}
+
+
+def held_out_model_file(specimen: str, root: str | os.PathLike | None = None) -> pathlib.Path:
+    """The shipped model to evaluate on phantoms of ``specimen``: the default model when its card
+    says it never learnt from that specimen, else the first other shipped model (sorted by folder
+    name) that never did. Figures on a specimen a model trained on are not held-out figures.
+
+    Raises
+    ------
+    ModelError
+        No shipped model is known to have left ``specimen`` out of training.
+    """
+    default = default_model_file(root)
+    folder = models_dir(root)
+    others = sorted(p for p in folder.glob("*/*.keras") if _visible(p.parent) and _visible(p) and p != default)
+    for candidate in [default, *others]:
+        trained = trained_specimens(candidate)
+        if trained is not None and specimen not in trained:
+            if candidate != default:
+                log.info("the default model learnt from %s; evaluating with %s, which never did", specimen,
+                         candidate.parent.name)
+            return candidate
+    raise ModelError(f"every shipped model in {folder} learnt from {specimen} (or its card does not say): none "
+                     f"gives held-out figures on it; pass a model trained without {specimen} (--model)")
 
 
 def check_model_file(model_file: str | os.PathLike) -> list[ResourceProblem]:

@@ -125,6 +125,26 @@ def _proposal_dice(out_dir: pathlib.Path, case_dir: pathlib.Path) -> tuple[float
     return float(np.mean(inside)), float(np.mean(full))
 
 
+def evaluation_model(model: str | None, subject: str, allow_trained: bool = False) -> pathlib.Path:
+    """The model to evaluate on phantoms of ``subject``: ``model`` (a folder, ``.keras`` or
+    ``.onnx``), else the shipped model that never learnt from the subject's specimen. A model whose
+    card says it learnt from that specimen is refused (SystemExit) unless ``allow_trained``: its
+    figures would not be held-out ones."""
+    from inference.data.bones import specimen_of
+    from inference.registration import model_file_in
+    from inference.resources import held_out_model_file, trained_specimens
+
+    specimen = specimen_of(subject)
+    if model is None:
+        return held_out_model_file(specimen)
+    path = pathlib.Path(model)
+    keras_file = model_file_in(path.parent if path.suffix == ".onnx" else path)
+    if specimen in (trained_specimens(keras_file) or ()) and not allow_trained:
+        raise SystemExit(f"{keras_file.parent.name} learnt from {specimen}: its figures on {subject} would not be "
+                         "held-out figures; choose another --subject or model, or pass --allow-trained-specimen")
+    return path
+
+
 def _load_model(args):
     from inference import registration
 
@@ -137,8 +157,9 @@ def _load_model(args):
         keras.utils.set_random_seed(0)
         net = model_lib.build_model(model_lib.preset(args.untrained), atlas_lib.load_atlas(args.untrained))
         return net, f"untrained {args.untrained}"
-    net = registration.load_registration_model(args.model)
-    return net, str(args.model or "shipped model")
+    model = evaluation_model(args.model, args.subject, args.allow_trained_specimen)
+    net = registration.load_registration_model(model)
+    return net, str(args.model or f"shipped model {model.parent.name}")
 
 
 def _provenance(net) -> dict[str, Any]:
@@ -181,7 +202,10 @@ def _summary_table(rows: list[dict[str, Any]], metrics: tuple[str, ...], group_k
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="model folder or .keras (default: the shipped model)")
+    parser.add_argument("--model", help="model folder or .keras (default: the shipped model that never learnt from "
+                        "--subject's specimen)")
+    parser.add_argument("--allow-trained-specimen", action="store_true",
+                        help="accept a --model that learnt from --subject's specimen (figures not held out)")
     parser.add_argument("--untrained", nargs="?", const="compact", choices=["compact", "paper"],
                         help="an untrained model of this grid instead (smoke test)")
     parser.add_argument("--out", required=True, help="folder for eval_cases.md / .json")

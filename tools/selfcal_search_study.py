@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"selfcal_search_lat{args.lat_angle_error:g}_seed{args.seed}"
-    net = backends.load_backend(None, "tf")
+    net = backends.load_backend(eval_cases.evaluation_model(None, "JIA_MRI"), "tf")
     atlas = pipeline.atlas_for(net)
     provenance = eval_cases._provenance(net.model)
     rows = []

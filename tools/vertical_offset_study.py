@@ -162,7 +162,8 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="model folder, .keras or .onnx (default: the shipped model)")
+    parser.add_argument("--model", help="model folder, .keras or .onnx (default: the shipped model that never "
+                        "learnt from --subject's specimen)")
     parser.add_argument("--backend", default="onnx", choices=["auto", "tf", "onnx"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--name", default="vertical_offset_study")
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from inference import backends, evaluate, io, pipeline
 
-    net = backends.load_backend(args.model, args.backend)
+    net = backends.load_backend(eval_cases.evaluation_model(args.model, args.subject), args.backend)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from inference.errors import InputFileError
 
-__all__ = ["BoneSubject", "bones_dir", "list_subjects"]
+__all__ = ["BoneSubject", "bones_dir", "list_subjects", "specimen_of"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -28,6 +28,13 @@ _SOURCES = {
     "TLEM2_MRI": ("TLEM 2.0 (Carbone et al. 2015)", "TLEM2", "MRI"),
     "TLEM2_CT": ("TLEM 2.0 (Carbone et al. 2015)", "TLEM2", "CT"),
 }
+
+
+def specimen_of(subject: str) -> str:
+    """The physical person of a subject or femur name: ``"JIA_MRI"`` and ``"JIA_MRI:left"`` give
+    ``"JIA"``, ``"TLEM2_CT"`` gives ``"TLEM2"``; an unknown subject is its own specimen."""
+    name = subject.split(":", 1)[0]
+    return _SOURCES.get(name, (name, name, ""))[1]
 
 
 @dataclass(frozen=True)

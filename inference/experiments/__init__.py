@@ -45,6 +45,11 @@ EXPERIMENTS: dict[str, str] = {
 }
 
 
+#: Experiments that score ``--model`` itself on the held-out phantoms (the others train their own
+#: networks and name the model only in their provenance, or score it only on folds it never saw).
+SCORES_THE_MODEL = ("angle-sensitivity", "view-map")
+
+
 def run_experiment(name: str, out: str | pathlib.Path, *, scale: str = "quick", model: str | None = None,
                    seed: int = 7, progress: Callable | None = None, cancel: Any = None,
                    dry_run: bool = False, ledger: str | pathlib.Path | None = None) -> dict | str:
@@ -53,15 +58,20 @@ def run_experiment(name: str, out: str | pathlib.Path, *, scale: str = "quick", 
     ``dry_run``: return the plan as text instead (experiments with a ``describe_plan``);
     ``ledger``: the folder of finished trainings' results to use and add to (see :class:`Ledger`)."""
     from inference.errors import ConfigError
-    from inference.experiments.common import ExperimentContext, Ledger
+    from inference.data.bones import specimen_of
+    from inference.experiments.common import HELD_OUT_FEMURS, ExperimentContext, Ledger
     from inference.registration import model_file_in
-    from inference.resources import default_model_file
+    from inference.resources import held_out_model_file, trained_specimens
 
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     if scale == "full" and model is None:
         raise ConfigError("--scale full needs --model (a paper-preset model, e.g. from `hipatlas train --preset paper`)")
-    model_path = model_file_in(model) if model else default_model_file()
+    held_out = specimen_of(HELD_OUT_FEMURS[0])
+    model_path = model_file_in(model) if model else held_out_model_file(held_out)
+    if name in SCORES_THE_MODEL and held_out in (trained_specimens(model_path) or ()):
+        raise ConfigError(f"{model_path.parent.name} learnt from {held_out}, the held-out specimen of the experiments: "
+                          f"its figures would not be held-out ones; choose a model trained without {held_out}")
     module = importlib.import_module(EXPERIMENTS[name])
     if dry_run and not hasattr(module, "describe_plan"):
         raise ConfigError(f"--dry-run is not available for {name}")
@@ -79,7 +89,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--scale", choices=("quick", "full"), default="quick",
                         help="quick: compact grid, fits a 2-core CPU; full: a paper-preset model, more cases")
     parser.add_argument("--out", required=True, help="output folder (an existing run there is resumed)")
-    parser.add_argument("--model", help="model .keras or folder (default: the shipped model)")
+    parser.add_argument("--model", help="model .keras or folder (default: the shipped model that never learnt "
+                        "from the held-out specimen JIA)")
     parser.add_argument("--seed", type=int, default=7, help="seed of the held-out phantoms and views (default 7)")
     parser.add_argument("--ledger", metavar="DIR",
                         help="folder (kept in version control, e.g. docs/results/ledger) where each finished "

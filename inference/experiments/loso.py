@@ -267,22 +267,12 @@ def choose(table: dict[str, dict[str, Any]]) -> str:
     return best or next(iter(SETTINGS))
 
 
-def trained_specimens(model_path) -> set[str] | None:
-    """The specimens in the train split of any data set the model at ``model_path`` learnt from (its
-    card's ``training.dataset_parameters``); None when the card does not say."""
-    from inference.model_config import card_path_for, read_model_card
-
-    card = card_path_for(model_path)
-    parameters = (read_model_card(card).get("training") or {}).get("dataset_parameters") if card.is_file() else None
-    if not parameters:
-        return None
-    return {s for p in parameters for s in ((p.get("config") or {}).get("split") or {}).get("train", [])}
-
-
 def reference_scores(ctx: ExperimentContext) -> dict[str, list[dict]]:
     """The reference model itself (``--model``, default the shipped one), not retrained, scored on
     the pairs of each fold whose specimen it never learnt from: how far the quick budget's
     trainings are from a fully trained model. Folds it trained on are left out."""
+    from inference.resources import trained_specimens
+
     trained = trained_specimens(ctx.model_path)
     if trained is None:
         return {}
