@@ -164,6 +164,7 @@ def test_table_plans_show_what_the_ledger_holds(tmp_path, monkeypatch):
     t1 = ExperimentContext("table1", tmp_path / "t1", "quick", default_model_file(), ledger=ledger)
     plan = table1.describe_plan(t1)
     assert "[ledger] ours:" in plan and "[todo] SDM:" in plan and "[todo] Kasten-style:" in plan
+    assert "[todo] data set:" in plan  # the baselines train on it although ours is filed
     # with every row filed, the data set is not needed
     monkeypatch.setattr(table2, "ROWS", {"ours": {}})
     assert table2.describe_plan(ctx).splitlines()[1].startswith("[not needed] data set")

@@ -180,11 +180,12 @@ def describe_plan(ctx: ExperimentContext) -> str:
     from inference.experiments.table2 import plan_lines
 
     budget = BUDGET[ctx.scale]
+    baselines = {row: "ledger" if ctx.recorded(*_baseline_key(ctx, row, budget)) is not None else "todo"
+                 for row in ("SDM", "Kasten-style")}
     lines = [f"# table1 ({ctx.scale}): ours {budget['steps']} steps, baselines {budget['baseline_steps']} steps, "
              f"{budget['test']} held-out test pairs" + (f"; ledger {ctx.ledger.folder}" if ctx.ledger else ""),
-             *plan_lines(ctx, {"ours": {}}, budget)]
-    for row in ("SDM", "Kasten-style"):
-        state = "ledger" if ctx.recorded(*_baseline_key(ctx, row, budget)) is not None else "todo"
+             *plan_lines(ctx, {"ours": {}}, budget, others_train="todo" in baselines.values())]
+    for row, state in baselines.items():
         lines.append(f"[{state}] {row}: {budget['baseline_steps']} steps in this process"
                      + (" after the SDM registrations of the training set" if row == "SDM" else ""))
     lines.append("[each run] ours (reference model): the shipped model scored on the test pairs")

@@ -100,10 +100,12 @@ def row_state(ctx: ExperimentContext, row: str, changes: dict, budget: dict) -> 
     return "done" if (ctx.out / "runs" / _slug(row) / "done").is_file() else "todo"
 
 
-def plan_lines(ctx: ExperimentContext, rows: dict[str, dict], budget: dict) -> list[str]:
-    """One line per row, ``[state] row: hipatlas train ...``, after the data set's line."""
+def plan_lines(ctx: ExperimentContext, rows: dict[str, dict], budget: dict, others_train: bool = False) -> list[str]:
+    """One line per row, ``[state] row: hipatlas train ...``, after the data set's line (needed when
+    a row is to train, or ``others_train``: the caller trains something else on it)."""
     states = {row: row_state(ctx, row, changes, budget) for row, changes in rows.items()}
-    data_state = ("done" if data_set_complete(ctx.out / "data") else "todo" if "todo" in states.values() else "not needed")
+    needed = others_train or "todo" in states.values()
+    data_state = "done" if data_set_complete(ctx.out / "data") else "todo" if needed else "not needed"
     lines = [f"[{data_state}] data set: hipatlas synth --out {ctx.out / 'data'} {' '.join(_synth_args(ctx, budget))}"]
     for row, state in states.items():
         slug = _slug(row)
