@@ -91,13 +91,15 @@ def run(argv: Sequence[str] | None = None,
         print("hipatlas: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ModuleNotFoundError as error:
-        if args.debug or error.name not in ("tensorflow", "keras", "tf2onnx", "onnx"):
+        if args.debug or error.name not in ("tensorflow", "keras", "tf2onnx", "onnx", "SimpleITK"):
             raise
         # the TensorFlow-free installation (packaging/requirements-onnx.txt) has no training,
-        # evaluation, export or refinement
+        # evaluation, export or refinement, and no SimpleITK (CT import, the baselines)
         missing = "tensorflow (its Keras)" if error.name == "keras" else error.name
+        hint = ("registration reads and writes NIfTI/MetaImage without it" if error.name == "SimpleITK"
+                else "registration runs with --backend onnx")
         print(f"hipatlas: error: {args.command} needs the package {missing}, which this installation "
-              "does not have (registration runs with --backend onnx)", file=sys.stderr)
+              f"does not have ({hint})", file=sys.stderr)
         return EXIT_BAD_INPUT
     except HipAtlasError as error:
         if args.debug:

@@ -53,9 +53,11 @@ from typing import Any
 
 import numpy as np
 
+from inference import imageio_numpy
 from inference.checksums import sha256_file
 from inference.errors import CaseFormatError, GeometryError, InputFileError, OutputError
 from inference.geometry import Calibration, VolumeGeometry, projection_from_dicom, validate_projection_matrix
+from inference.imageio_numpy import ImageData, ImageFileError
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +109,7 @@ _DICOM_META_KEYWORDS = (
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-_SITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
+_IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,23 +511,17 @@ def _invert_in_dtype_range(arr: np.ndarray) -> np.ndarray:
     return -arr.astype(np.float64)
 
 
-def _read_sitk_2d(path: pathlib.Path, kind: str) -> tuple[np.ndarray, tuple[float, float]]:
-    import SimpleITK as sitk
-
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
-        raise InputFileError(f"{path}: cannot read the {kind} file ({detail}); is it truncated or corrupt?") from exc
-    size = tuple(image.GetSize())  # ITK order (x, y[, z])
+def _read_image_2d(path: pathlib.Path, kind: str) -> tuple[np.ndarray, tuple[float, float]]:
+    image = _read_image_file(path, f"{kind} file")
+    size = image.size  # ITK order (x, y[, z])
     kept = [axis for axis, n in enumerate(size) if n != 1]
-    if image.GetDimension() not in (2, 3) or len(kept) != 2:
+    if len(kept) != 2:
         raise InputFileError(f"{path}: expected a 2D image (or a 3D image one slice thick), found size {size}")
-    arr = sitk.GetArrayFromImage(image)  # spatial axes reversed (row-major), components last
-    components = image.GetNumberOfComponentsPerPixel()
+    arr = image.array  # spatial axes reversed (row-major), components last
+    components = image.components
     spatial = arr.shape[:-1] if components > 1 else arr.shape
     arr = arr.reshape(tuple(n for n in spatial if n != 1) + ((components,) if components > 1 else ()))
-    spacing = image.GetSpacing()
+    spacing = image.spacing
     # ITK spacing is (x = column, y = row); Radiograph keeps DICOM's (row, column) order.
     return arr, (float(spacing[kept[1]]), float(spacing[kept[0]]))
 
@@ -665,7 +661,7 @@ def load_radiograph(path: str | os.PathLike) -> Radiograph:
     elif kind == "dicom":
         arr, spacing, meta, header = _read_dicom(file)
     else:
-        arr, spacing = _read_sitk_2d(file, {"nifti": "NIfTI", "mha": "MHA", "nrrd": "NRRD"}[kind])
+        arr, spacing = _read_image_2d(file, {"nifti": "NIfTI", "mha": "MHA", "nrrd": "NRRD"}[kind])
         arr = _single_channel(arr, file, is_mask=False)
     if arr.ndim != 2:
         raise InputFileError(f"{file}: expected a 2D image, found an array of shape {arr.shape}")
@@ -710,7 +706,7 @@ def load_mask(path: str | os.PathLike, expected_shape: Sequence[int] | None = No
     elif kind == "tiff":
         arr = _read_tiff(file)
     elif kind in ("nifti", "mha", "nrrd"):
-        arr, _ = _read_sitk_2d(file, kind.upper())
+        arr, _ = _read_image_2d(file, kind.upper())
     else:
         raise InputFileError(f"{file}: a mask must be an 8-bit PNG or TIFF, not {kind.upper()}")
     arr = _single_channel(np.asarray(arr), file, is_mask=True)
@@ -966,10 +962,10 @@ def _write_image(path: pathlib.Path, image: np.ndarray, image_format: str) -> No
 
         data = image if image.dtype in (np.uint8, np.uint16, np.int16, np.float32) else image.astype(np.float32)
         tifffile.imwrite(path, np.ascontiguousarray(data), photometric="minisblack")
-    else:
-        import SimpleITK as sitk
-
-        sitk.WriteImage(sitk.GetImageFromArray(image.astype(np.float32)), str(path), useCompression=True)
+    else:  # NIfTI / MetaImage: unit spacing, no geometry (the camera is in case.json)
+        pixels = image.astype(np.float32)
+        _write_image_file(path, ImageData(pixels, (1.0,) * pixels.ndim, (0.0,) * pixels.ndim,
+                                          tuple(np.eye(pixels.ndim).reshape(-1))), compress=True)
 
 
 def write_case(
@@ -1058,11 +1054,97 @@ def write_case(
 
 
 # --------------------------------------------------------------------------------------------
+# NIfTI / MetaImage / NRRD files: SimpleITK where installed, else inference.imageio_numpy
+# --------------------------------------------------------------------------------------------
+def _simpleitk() -> Any | None:
+    """The SimpleITK module, or None where it cannot be imported.
+
+    The one place that decides how image files are read and written. SimpleITK comes first, so
+    the full installation reads and writes exactly as it always has; the TensorFlow-free runtime
+    installer leaves it out (259 MiB of one library, for file I/O alone; issue 20) and gets
+    :mod:`inference.imageio_numpy`, which reads and writes NIfTI-1 and MetaImage the way
+    SimpleITK does. Imported here, on first use, never when a module is imported.
+    """
+    try:
+        import SimpleITK
+    except ImportError:
+        return None
+    return SimpleITK
+
+
+_NEEDS_SIMPLEITK = ("NRRD files (.nrrd, .nhdr) need SimpleITK, which this installation does not include "
+                    "(the TensorFlow-free runtime); save the image as NIfTI (.nii, .nii.gz) or MetaImage (.mha)")
+
+
+def _read_image_file(path: pathlib.Path, what: str) -> ImageData:
+    """Read a NIfTI/MetaImage/NRRD file as SimpleITK hands it over (2D or 3D).
+
+    Raises
+    ------
+    InputFileError
+        ``"<path>: cannot read the <what> (...)"``, or an image that is neither 2D nor 3D.
+    """
+    sitk = _simpleitk()
+    if sitk is None:
+        if path.name.lower().endswith((".nrrd", ".nhdr")):
+            raise InputFileError(f"{path}: cannot read the {what}: {_NEEDS_SIMPLEITK}")
+        try:
+            return imageio_numpy.read_image(path)
+        except ImageFileError as exc:
+            if exc.corrupt:
+                raise InputFileError(
+                    f"{path}: cannot read the {what} ({exc.reason}); is it truncated or corrupt?") from exc
+            raise InputFileError(f"{path}: cannot read the {what}: {exc.reason}") from exc
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+        raise InputFileError(f"{path}: cannot read the {what} ({detail}); is it truncated or corrupt?") from exc
+    if image.GetDimension() not in (2, 3):
+        raise InputFileError(f"{path}: expected a 2D or 3D image, found {image.GetDimension()}D "
+                             f"(size {tuple(image.GetSize())})")
+    return ImageData(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+
+def _write_image_file(path: pathlib.Path, image: ImageData, compress: bool, *, what: str = "image",
+                      shown_as: pathlib.Path | None = None) -> None:
+    """Write ``image`` in the format of ``path``'s suffix (NRRD only with SimpleITK).
+
+    ``shown_as`` is the file name for messages when ``path`` is a temporary name of it.
+
+    Raises
+    ------
+    OutputError
+        ``"<file>: cannot write the <what> ..."``: the file type or pixel type cannot be written,
+        or the file system refuses.
+    """
+    shown = path if shown_as is None else shown_as
+    sitk = _simpleitk()
+    if sitk is None:
+        if path.name.lower().endswith((".nrrd", ".nhdr")):
+            raise OutputError(f"{shown}: cannot write the {what}: {_NEEDS_SIMPLEITK}")
+        try:
+            imageio_numpy.write_image(path, image, compress=compress)
+        except OutputError as exc:
+            detail = str(exc).removeprefix(f"{path}: ")
+            raise OutputError(f"{shown}: cannot write the {what} ({detail})") from exc
+        return
+    itk_image = sitk.GetImageFromArray(np.ascontiguousarray(image.array), isVector=image.components > 1)
+    itk_image.SetSpacing(image.spacing)
+    itk_image.SetOrigin(image.origin)
+    itk_image.SetDirection(image.direction)
+    try:
+        sitk.WriteImage(itk_image, str(path), useCompression=compress)
+    except RuntimeError as exc:
+        raise OutputError(f"{shown}: cannot write the {what} ({str(exc).strip().splitlines()[-1]})") from exc
+
+
+# --------------------------------------------------------------------------------------------
 # volumes
 # --------------------------------------------------------------------------------------------
 def _volume_suffix(path: pathlib.Path) -> str:
     name = path.name.lower()
-    for suffix in sorted(_SITK_SUFFIXES, key=len, reverse=True):
+    for suffix in sorted(_IMAGE_SUFFIXES, key=len, reverse=True):
         if name.endswith(suffix):
             return suffix
     raise OutputError(f"{path}: unsupported volume file type; use .nii.gz, .nii, .mha or .nrrd")
@@ -1077,8 +1159,9 @@ def write_volume(
     """Write a 3D volume with its world geometry (origin, spacing, direction) atomically.
 
     The file is first written under a hidden temporary name in the same folder with the same
-    suffix (``.nii.gz`` keeps ITK on the compressed NIfTI writer), then renamed onto ``path``.
+    suffix (``.nii.gz`` keeps the writer on compressed NIfTI), then renamed onto ``path``.
     NIfTI stores the geometry in float32, so it reads back to about 1e-6 relative precision.
+    SimpleITK writes it where installed, :mod:`inference.imageio_numpy` otherwise (not NRRD).
 
     Parameters
     ----------
@@ -1087,8 +1170,6 @@ def write_volume(
     dtype : numpy dtype, optional
         Cast before writing (e.g. ``np.uint8`` for labels, ``np.float32`` for intensities).
     """
-    import SimpleITK as sitk
-
     final = pathlib.Path(path)
     suffix = _volume_suffix(final)
     arr = np.asarray(array_zyx)
@@ -1102,12 +1183,10 @@ def write_volume(
         raise GeometryError(
             f"{final}: volume of shape {arr.shape} does not match its geometry shape_zyx {tuple(geometry.shape_zyx)}"
         )
-    image = geometry.to_sitk(np.ascontiguousarray(arr))
+    image = ImageData(np.ascontiguousarray(arr), geometry.spacing_xyz_mm, geometry.origin_mm,
+                      tuple(np.asarray(geometry.direction).reshape(-1)))
     with atomic_file(final, suffix) as tmp:
-        try:
-            sitk.WriteImage(image, str(tmp), useCompression=suffix in (".nii.gz", ".mha", ".nrrd"))
-        except RuntimeError as exc:
-            raise OutputError(f"{final}: cannot write the volume ({str(exc).strip().splitlines()[-1]})") from exc
+        _write_image_file(tmp, image, compress=suffix in (".nii.gz", ".mha", ".nrrd"), what="volume", shown_as=final)
     return final
 
 
@@ -1119,18 +1198,13 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, VolumeGeometry]:
     InputFileError
         Missing or unreadable file, not 3D, or more than one component per voxel.
     """
-    import SimpleITK as sitk
-
     file = pathlib.Path(path)
     if not file.is_file():
         raise InputFileError(f"{file}: volume file not found")
-    try:
-        image = sitk.ReadImage(str(file))
-    except RuntimeError as exc:
-        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
-        raise InputFileError(f"{file}: cannot read the volume ({detail}); is it truncated or corrupt?") from exc
-    if image.GetDimension() != 3:
-        raise InputFileError(f"{file}: expected a 3D volume, found {image.GetDimension()}D")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputFileError(f"{file}: expected one value per voxel, found {image.GetNumberOfComponentsPerPixel()}")
-    return sitk.GetArrayFromImage(image), VolumeGeometry.from_sitk(image)
+    image = _read_image_file(file, "volume")
+    if image.dimension != 3:
+        raise InputFileError(f"{file}: expected a 3D volume, found {image.dimension}D")
+    if image.components != 1:
+        raise InputFileError(f"{file}: expected one value per voxel, found {image.components}")
+    direction = image.direction_matrix()
+    return image.array, VolumeGeometry(image.array.shape, image.spacing, image.origin, tuple(map(tuple, direction)))

@@ -134,15 +134,20 @@ EXCLUDES: tuple[str, ...] = (
 FLAVOUR_ENV = "HIPATLAS_FLAVOUR"
 #: ``full``: TensorFlow inside (training, evaluation, ONNX export, test-time refinement, both
 #: backends). ``runtime``: registration, mask proposal, self-test and the workstation through ONNX
-#: Runtime only (packaging/requirements-onnx.txt), no TensorFlow.
+#: Runtime only (packaging/requirements-onnx.txt), no TensorFlow and no SimpleITK.
 FLAVOURS: tuple[str, ...] = ("full", "runtime")
 
 #: Top-level packages the runtime flavour must not contain: the TensorFlow stack, the exporters and
-#: what only they pull in. The spec excludes them and fails the build if one is still collected
-#: (:func:`forbidden_in_bundle`).
+#: what only they pull in, and SimpleITK. The spec excludes them and fails the build if one is still
+#: collected (:func:`forbidden_in_bundle`).
 RUNTIME_FORBIDDEN: tuple[str, ...] = (
     "tensorflow", "tensorflow_io_gcs_filesystem", "tensorflow_estimator", "tensorboard",
     "tensorboard_data_server", "tf_keras", "keras", "tf2onnx", "onnx", "jax", "jaxlib", "torch",
+    # SimpleITK is one 259 MiB library (stripping saves nothing) of which registration, the self-test
+    # and the workstation only use NIfTI/MetaImage file I/O: inference.io falls back to the numpy
+    # reader and writer (inference.imageio_numpy) where it cannot be imported. What needs the rest
+    # of it (CT import, the registration baselines) is not part of this flavour (issue 20).
+    "SimpleITK",
 )
 #: Shared-library name stems that mean TensorFlow (or another forbidden runtime) slipped in.
 RUNTIME_FORBIDDEN_LIBRARIES: tuple[str, ...] = ("libtensorflow", "_pywrap_tensorflow", "libjax", "libtorch",
@@ -263,10 +268,12 @@ def forbidden_in_bundle(modules=(), files=(), name: str | None = None) -> list[s
         if banned:
             found.add(f"module {banned}")
     tops = {m for m in RUNTIME_FORBIDDEN if "." not in m}
+    # distribution folders spell the name in lower case (simpleitk-2.5.7.dist-info)
+    distributions = {m.lower() for m in tops}
     for path in files:
         parts = pathlib.PurePath(str(path).replace("\\", "/")).parts
         for part in parts[:-1]:
-            if part in tops or part.split("-")[0] in tops and part.endswith((".dist-info", ".libs")):
+            if part in tops or part.split("-")[0].lower() in distributions and part.endswith((".dist-info", ".libs")):
                 found.add(f"folder {part}")
         base = parts[-1] if parts else ""
         if base.startswith(RUNTIME_FORBIDDEN_LIBRARIES):

@@ -43,6 +43,7 @@ def test_runtime_spec_excludes_the_tensorflow_stack_and_the_full_spec_does_not(m
     (runtime,) = run_spec(monkeypatch, flavour="runtime")["Analysis"]
     excludes = set(runtime.kwargs["excludes"])
     assert TF_STACK <= excludes
+    assert "SimpleITK" in excludes  # NIfTI/MetaImage through inference.imageio_numpy
     assert not any(name.startswith("keras") for name in runtime.kwargs["hiddenimports"])
     assert "onnxruntime" not in excludes and "vtkmodules.vtkRenderingOpenGL2" in runtime.kwargs["hiddenimports"]
     # the registration code is bundled whole in both flavours
@@ -55,7 +56,7 @@ def test_runtime_spec_excludes_the_tensorflow_stack_and_the_full_spec_does_not(m
     assert collect.kwargs["strip"] is False  # PyInstaller's strip breaks auditwheel libraries
 
     (full,) = run_spec(monkeypatch, flavour=None)["Analysis"]
-    assert not {"tensorflow", "keras"} & set(full.kwargs["excludes"])
+    assert not {"tensorflow", "keras", "SimpleITK"} & set(full.kwargs["excludes"])
     assert {"keras.src.saving", "keras.src.layers"} <= set(full.kwargs["hiddenimports"])
     assert set(full.kwargs["excludes"]) < excludes
     (collect,) = run_spec(monkeypatch, flavour=None)["COLLECT"]
@@ -76,6 +77,8 @@ def test_pyvista_vtk_modules_cover_what_pyvista_loads_lazily():
     (("inference.cli", "keras.src.saving"), (), "module keras"),
     (("inference.cli",), ("tensorflow/libtensorflow_framework.so.2",), "folder tensorflow"),
     (("inference.cli",), ("libtensorflow_cc.so.2",), "library libtensorflow_cc.so.2"),
+    (("inference.io", "SimpleITK.SimpleITK"), (), "module SimpleITK"),
+    (("inference.cli",), ("SimpleITK/_SimpleITK.abi3.so",), "folder SimpleITK"),
 ])
 def test_runtime_spec_fails_when_tensorflow_is_collected(monkeypatch, pure, binaries, found):
     with pytest.raises(SystemExit, match=f"runtime flavour must not bundle: .*{re.escape(found)}"):
@@ -96,9 +99,11 @@ def test_forbidden_files_are_named_and_onnxruntime_is_not():
              "_internal/PySide6/Qt/lib/libQt6Core.so.6"]
     assert bm.forbidden_in_bundle(files=files, name="runtime") == []
     files += ["_internal/keras-3.15.0.dist-info/METADATA", "_internal/tf2onnx/convert.py",
-              "_internal/libtensorflow_framework.so.2", "_internal/jaxlib/xla_extension.so"]
+              "_internal/libtensorflow_framework.so.2", "_internal/jaxlib/xla_extension.so",
+              "_internal/SimpleITK/_SimpleITK.abi3.so", "_internal/simpleitk-2.5.7.dist-info/METADATA"]
     assert bm.forbidden_in_bundle(files=files, name="runtime") == [
-        "folder jaxlib", "folder keras-3.15.0.dist-info", "folder tf2onnx", "library libtensorflow_framework.so.2"]
+        "folder SimpleITK", "folder jaxlib", "folder keras-3.15.0.dist-info", "folder simpleitk-2.5.7.dist-info",
+        "folder tf2onnx", "library libtensorflow_framework.so.2"]
     assert bm.forbidden_in_bundle(files=files, name="full") == []
 
 
@@ -119,13 +124,14 @@ def test_check_bundle_command_fails_on_a_bundle_with_keras(tmp_path):
 
 def test_runtime_requirements_are_the_project_dependencies_without_tensorflow():
     """packaging/requirements-onnx.txt (the runtime build's venv) must follow pyproject.toml: a
-    dependency added there and not here would be missing from the runtime installer."""
+    dependency added there and not here would be missing from the runtime installer. Left out on
+    purpose: TensorFlow/Keras, and SimpleITK (NIfTI/MetaImage through inference.imageio_numpy)."""
     project = [d.replace(" ", "") for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
     runtime = [line.split("#")[0].replace(" ", "") for line in
                (PACKAGING / "requirements-onnx.txt").read_text().splitlines() if line.split("#")[0].strip()]
-    tensorflow = [d for d in project if re.match(r"(tensorflow|keras)\b", d)]
-    assert tensorflow, "pyproject.toml names TensorFlow and Keras"
-    assert sorted(runtime) == sorted(d for d in project if d not in tensorflow)
+    left_out = [d for d in project if re.match(r"(tensorflow|keras|simpleitk)\b", d, re.I)]
+    assert {re.match(r"[a-z]+", d, re.I)[0].lower() for d in left_out} == {"tensorflow", "keras", "simpleitk"}
+    assert sorted(runtime) == sorted(d for d in project if d not in left_out)
 
 
 # --------------------------------------------------------------------------------------------

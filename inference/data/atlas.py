@@ -30,7 +30,7 @@ import numpy as np
 
 from inference.checksums import sha256_file
 from inference.errors import DataError, InputFileError
-from inference.io import atomic_output_dir
+from inference.io import atomic_output_dir, read_volume
 
 logger = logging.getLogger(__name__)
 
@@ -132,10 +132,6 @@ def load_atlas(grid_name: str, root: str | os.PathLike | None = None, *, verify:
     DataError
         Files that disagree with each other (shape, grid).
     """
-    import SimpleITK as sitk
-
-    from inference.geometry import VolumeGeometry
-
     folder = (atlas_root() if root is None else pathlib.Path(root)) / grid_name
     meta_path = folder / "atlas.json"
     if not meta_path.is_file():
@@ -155,18 +151,18 @@ def load_atlas(grid_name: str, root: str | os.PathLike | None = None, *, verify:
             raise InputFileError(f"atlas file {path} is missing; rebuild the atlas or reinstall HipAtlas")
         if verify and sha256_file(path) != meta.get("files", {}).get(name):
             raise InputFileError(f"atlas file {path} does not match its checksum in atlas.json; it is damaged")
+    # read_volume: SimpleITK where installed, the numpy NIfTI reader otherwise (the runtime installer)
+    volume, geometry = read_volume(folder / "atlas.nii.gz")
+    labels, label_geometry = read_volume(folder / "labels.nii.gz")
     try:
-        image = sitk.ReadImage(str(folder / "atlas.nii.gz"))
-        label_image = sitk.ReadImage(str(folder / "labels.nii.gz"))
         marks = json.loads((folder / "landmarks.json").read_text())
-    except (RuntimeError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         raise InputFileError(f"cannot read the atlas in {folder}: {exc}") from exc
-    geometry = VolumeGeometry.from_sitk(image)
-    volume = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
-    labels = sitk.GetArrayFromImage(label_image).astype(np.uint8, copy=False)
+    volume = volume.astype(np.float32, copy=False)
+    labels = labels.astype(np.uint8, copy=False)
     if labels.shape != volume.shape:
         raise DataError(f"atlas labels {labels.shape} and volume {volume.shape} differ in shape in {folder}")
-    if not np.allclose(VolumeGeometry.from_sitk(label_image).index_to_world(), geometry.index_to_world(), atol=1e-4):
+    if not np.allclose(label_geometry.index_to_world(), geometry.index_to_world(), atol=1e-4):
         raise DataError(f"atlas labels and volume in {folder} have different geometry")
     landmarks = {k: np.asarray(v, dtype=np.float64) for k, v in marks["points_mm"].items()}
     directions = {k: np.asarray(v, dtype=np.float64) for k, v in marks.get("directions", {}).items()}
