@@ -28,7 +28,7 @@ sys.path.insert(0, str(PACKAGING / "linux"))
 import bundle_manifest as bm  # noqa: E402
 import make_deb  # noqa: E402
 import make_icons  # noqa: E402
-from tests.packaging_helpers import run_spec  # noqa: E402
+from packaging_helpers import run_spec  # noqa: E402
 
 from inference import resources  # noqa: E402
 from inference.errors import DataError, ModelError  # noqa: E402

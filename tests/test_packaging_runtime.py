@@ -30,7 +30,7 @@ import build_report  # noqa: E402
 import bundle_manifest as bm  # noqa: E402
 import make_deb  # noqa: E402
 
-from tests.packaging_helpers import VERSION, run_spec  # noqa: E402
+from packaging_helpers import VERSION, run_spec  # noqa: E402
 
 TF_STACK = {"tensorflow", "keras", "tf2onnx", "onnx", "jax", "tensorboard"}
 
