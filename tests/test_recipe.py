@@ -13,13 +13,18 @@ import pytest
 from inference import recipe as R
 from inference.cli import build_parser
 from inference.errors import Cancelled, ConfigError, DataError
-from inference.resources import default_model_file
+from inference.model_config import ModelConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _shipped_card() -> tuple[pathlib.Path, dict]:
-    path = default_model_file().with_name("model_card.json")
+#: every shipped model's card (the default and, e.g., the model that left a specimen out for evaluation)
+SHIPPED = sorted(p.parent.name for p in (ROOT / "resources" / "models").glob("*/model_card.json"))
+
+
+@pytest.fixture(params=SHIPPED)
+def shipped(request) -> tuple[pathlib.Path, dict]:
+    path = ROOT / "resources" / "models" / request.param / "model_card.json"
     return path, json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -32,10 +37,11 @@ def _tiny_recipe() -> dict:
             "verify": {"dataset": "a", "split": "val", "dice": 0.5, "tolerance": 0.01}}
 
 
-def test_shipped_model_card_holds_its_recipe():
-    path, card = _shipped_card()
+def test_shipped_model_card_holds_its_recipe(shipped):
+    path, card = shipped
     recipe = R.load_recipe(path)
-    assert recipe["model_config"] == card["config"]
+    # the same configuration (a recipe written before a switch existed leaves out its default)
+    assert ModelConfig.from_dict(recipe["model_config"]) == ModelConfig.from_dict(card["config"])
     if "held_out_estimate" in card:  # trained on every specimen: no held-out split to verify on
         assert "verify" not in recipe and "val_metrics" not in card
     else:
@@ -51,15 +57,17 @@ def test_shipped_model_card_holds_its_recipe():
     assert int(last[last.index("--stop-at") + 1]) == card["training"]["steps"]
 
 
-def test_every_recipe_command_parses(tmp_path):
-    _, card = _shipped_card()
-    commands = R.recipe_commands(card["training"]["recipe"], tmp_path)
-    assert [name.split()[0] for name, _ in commands] == ["data", "data", "training", "training", "verification"]
+def test_every_recipe_command_parses(tmp_path, shipped):
+    _, card = shipped
+    recipe = card["training"]["recipe"]
+    commands = R.recipe_commands(recipe, tmp_path)
+    kinds = [name.split()[0] for name, _ in commands]
+    assert kinds == (["shape"] * len(recipe.get("shape_models", {})) + ["data"] * len(recipe["datasets"])
+                     + ["training"] * len(recipe["stages"]) + ["verification"] * ("verify" in recipe))
     for _, argv in commands:
         build_parser().parse_args(argv)  # SystemExit on any unknown or missing argument
-    stage2 = commands[3][1]
-    assert stage2[stage2.index("--init-from") + 1] == str(tmp_path / "runs" / "compact-v1" / "model"
-                                                          / "hipatlas-compact.keras")
+    first, last = recipe["stages"][0]["name"], commands[kinds.index("training") + 1][1]
+    assert last[last.index("--init-from") + 1] == str(tmp_path / "runs" / first / "model" / "hipatlas-compact.keras")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -142,11 +150,14 @@ def test_a_far_verification_fails_the_command(tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "w" / "reproduction.json").read_text())["within_tolerance"] is False
 
 
-def test_dry_run_prints_the_commands(tmp_path, capsys):
-    path, _ = _shipped_card()
+def test_dry_run_prints_the_commands(tmp_path, capsys, shipped):
+    path, card = shipped
+    recipe = card["training"]["recipe"]
     assert R.run_cli(str(path), str(tmp_path), dry_run=True) == 0
     out = capsys.readouterr().out
-    assert out.count("hipatlas synth") == 2 and out.count("hipatlas train") == 2 and "hipatlas evaluate" in out
+    assert out.count("hipatlas synth") == len(recipe["datasets"]) and out.count("hipatlas train") == len(recipe["stages"])
+    assert out.count("hipatlas shape-model") == len(recipe.get("shape_models", {}))
+    assert ("hipatlas evaluate" in out) == ("verify" in recipe)
     assert not (tmp_path / "datasets").exists()
 
 

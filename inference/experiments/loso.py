@@ -371,20 +371,24 @@ def final_recipe(ctx: ExperimentContext, setting: str) -> dict[str, Any]:
     sd = SETTINGS[setting]["shape_model_sd"]
     datasets = []
     for item in shipped["datasets"]:
-        args = _without(list(item["synth"]), "--split")
+        args = _without(_without(list(item["synth"]), "--split"), "--shape-model-sd")
         entry = {"name": item["name"], "synth": args + ["--split", everyone]}
         if sd is not None:
             entry["synth"] += ["--shape-model-sd", str(sd)]
             entry["shape_model"] = "all-specimens"
         datasets.append(entry)
+    def all_of(name: str) -> str:  # idempotent: the recipe of a model already trained on everyone keeps its names
+        return name if name.endswith("-all") else f"{name}-all"
+
     stages = []
     for stage in shipped["stages"]:
         args = list(stage["train"])
-        stages.append({**stage, "name": f"{stage['name']}-all", "train": _without(_without(args, "--validate-every"),
-                                                                                   "--val-limit"),
-                       "init_from": f"{stage['init_from']}-all" if stage.get("init_from") else None})
-    recipe = {"format": RECIPE_FORMAT, "name": f"{shipped.get('name', 'model')}-all-specimens",
-              "description": f"{shipped.get('name', 'the shipped model')}'s stages with every bundled specimen "
+        stages.append({**stage, "name": all_of(stage["name"]), "train": _without(_without(args, "--validate-every"),
+                                                                                  "--val-limit"),
+                       "init_from": all_of(stage["init_from"]) if stage.get("init_from") else None})
+    base_name = shipped.get("name", "model").removesuffix("-all-specimens")
+    recipe = {"format": RECIPE_FORMAT, "name": f"{base_name}-all-specimens",
+              "description": f"{base_name}'s stages with every bundled specimen "
               f"({', '.join(SPECIMENS)}) in training and the setting '{setting}' chosen by leave-one-specimen-out "
               f"({ctx.scale} scale, {ctx.out / 'results.md'}). No specimen is left for validation: each stage's "
               "last model is its result.",
