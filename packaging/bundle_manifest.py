@@ -362,10 +362,21 @@ def missing_resources(root: str | os.PathLike = ROOT) -> list[BundledResource]:
     return [r for r in BUNDLED_RESOURCES if not is_present(r, root)]
 
 
+def _default_model_only(base: pathlib.Path) -> set[str] | None:
+    """The model folders an installer ships: only the one ``models/DEFAULT`` names (None: all).
+
+    The source tree may hold other models, e.g. ``compact-v2``, kept for held-out evaluation on a
+    specimen the default model learnt from; an installed workstation registers with the default
+    and has no bone surfaces to evaluate on, so they would add 15 MB each for nothing."""
+    pointer = base / "DEFAULT"
+    return {pointer.read_text(encoding="utf-8").strip()} if pointer.is_file() else None
+
+
 def resource_files(root: str | os.PathLike = ROOT) -> list[tuple[pathlib.Path, str]]:
     """Every file to ship: (absolute source file, destination folder inside the bundle).
 
-    Files and folders matching :data:`EXCLUDED_PATTERNS` are skipped, at any depth.
+    Files and folders matching :data:`EXCLUDED_PATTERNS` are skipped, at any depth; of the models,
+    only the default one (:func:`_default_model_only`).
     """
     root = pathlib.Path(root)
     files = []
@@ -373,8 +384,10 @@ def resource_files(root: str | os.PathLike = ROOT) -> list[tuple[pathlib.Path, s
         base = root / resource.source
         if not base.is_dir():
             continue
+        only = _default_model_only(base) if resource.source == "resources/models" else None
         for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = sorted(d for d in dirnames if not _excluded(d))
+            dirnames[:] = sorted(d for d in dirnames if not _excluded(d)
+                                 and (only is None or pathlib.Path(dirpath) != base or d in only))
             relative = pathlib.Path(dirpath).relative_to(base)
             for name in sorted(filenames):
                 if not _excluded(name):

@@ -69,6 +69,17 @@ def test_resource_files_skip_work_in_progress_and_keep_structure(tmp_path):
     assert [r.source for r in bm.missing_resources(tmp_path)] == ["resources/demo", "resources/implants"]
 
 
+def test_installers_ship_only_the_default_model(tmp_path):
+    models = tmp_path / "resources" / "models"
+    for name in ("a-held-out", "b-default"):
+        (models / name).mkdir(parents=True)
+        (models / name / "m.keras").write_bytes(b"x")
+    shipped = lambda: {src.relative_to(tmp_path).as_posix() for src, _ in bm.resource_files(tmp_path)}  # noqa: E731
+    assert shipped() == {"resources/models/a-held-out/m.keras", "resources/models/b-default/m.keras"}
+    (models / "DEFAULT").write_text("b-default\n")
+    assert shipped() == {"resources/models/DEFAULT", "resources/models/b-default/m.keras"}
+
+
 def test_build_refuses_missing_resources_with_a_clear_message(tmp_path):
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     with pytest.raises(SystemExit, match=r"missing the trained registration model .*resources/models"):
