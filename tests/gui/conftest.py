@@ -54,7 +54,7 @@ class GuiSuiteInSubprocess(pytest.Item):
         if reporter is not None:
             reporter.write_line(f"\n{self.name}: {summary}")
         if done.returncode != 0:
-            raise GuiSuiteFailed(f"{summary}\n\n{done.stdout[-30000:]}\n{done.stderr[-5000:]}")
+            raise GuiSuiteFailed(f"{summary}\n\n{done.stdout[-30000:]}\n{done.stderr[-20000:]}")
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, GuiSuiteFailed):
