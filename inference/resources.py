@@ -44,6 +44,7 @@ __all__ = [
     "demo_dir",
     "model_card_path",
     "default_model_file",
+    "require_held_out",
     "trained_specimens",
     "held_out_model_file",
     "check_model_file",
@@ -199,6 +200,21 @@ def trained_specimens(model_file: str | os.PathLike) -> set[str] | None:
     if not parameters:
         return None
     return {s for p in parameters for s in ((p.get("config") or {}).get("split") or {}).get("train", [])}
+
+
+def require_held_out(model_file: str | os.PathLike, specimen: str) -> None:
+    """Refuse a model whose card says it learnt from ``specimen``: its figures on that specimen's
+    phantoms would not be held-out figures. A card that does not say is accepted.
+
+    Raises
+    ------
+    ModelError
+        The model learnt from ``specimen``.
+    """
+    model_file = pathlib.Path(model_file)
+    if specimen in (trained_specimens(model_file) or ()):
+        raise ModelError(f"{model_file.parent.name} learnt from {specimen}: its figures on {specimen} phantoms would "
+                         f"not be held-out figures; choose a model trained without {specimen}")
 
 
 def held_out_model_file(specimen: str, root: str | os.PathLike | None = None) -> pathlib.Path:

@@ -10,8 +10,8 @@ import pathlib
 import pytest
 
 from inference.data.bones import specimen_of
-from inference.errors import ConfigError, ModelError
-from inference.resources import RESOURCES_ENV, held_out_model_file, trained_specimens
+from inference.errors import ModelError
+from inference.resources import RESOURCES_ENV, held_out_model_file, require_held_out, trained_specimens
 
 TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "eval_cases.py"
 
@@ -54,6 +54,13 @@ def test_the_default_is_kept_unless_it_learnt_from_the_specimen(models):
         held_out_model_file("MC22")
 
 
+def test_require_held_out_refuses_only_a_model_whose_card_names_the_specimen(models):
+    require_held_out(models["two"], "JIA")
+    require_held_out(models["unknown"], "JIA")  # a card that does not say is accepted
+    with pytest.raises(ModelError, match="would not be held-out"):
+        require_held_out(models["all"], "JIA")
+
+
 def test_eval_cases_picks_the_held_out_model_and_refuses_one_that_saw_the_specimen(models):
     spec = importlib.util.spec_from_file_location("eval_cases_held_out", TOOL)
     tool = importlib.util.module_from_spec(spec)
@@ -69,5 +76,5 @@ def test_eval_cases_picks_the_held_out_model_and_refuses_one_that_saw_the_specim
 def test_experiments_that_score_the_model_refuse_one_that_saw_the_held_out_specimen(models, tmp_path):
     from inference.experiments import run_experiment
 
-    with pytest.raises(ConfigError, match="learnt from JIA"):
+    with pytest.raises(ModelError, match="learnt from JIA"):
         run_experiment("angle-sensitivity", tmp_path / "out", model=str(models["all"]))

@@ -132,16 +132,19 @@ def evaluation_model(model: str | None, subject: str, allow_trained: bool = Fals
     figures would not be held-out ones."""
     from inference.data.bones import specimen_of
     from inference.registration import model_file_in
-    from inference.resources import held_out_model_file, trained_specimens
+    from inference.errors import ModelError
+    from inference.resources import held_out_model_file, require_held_out
 
     specimen = specimen_of(subject)
     if model is None:
         return held_out_model_file(specimen)
     path = pathlib.Path(model)
     keras_file = model_file_in(path.parent if path.suffix == ".onnx" else path)
-    if specimen in (trained_specimens(keras_file) or ()) and not allow_trained:
-        raise SystemExit(f"{keras_file.parent.name} learnt from {specimen}: its figures on {subject} would not be "
-                         "held-out figures; choose another --subject or model, or pass --allow-trained-specimen")
+    if not allow_trained:
+        try:
+            require_held_out(keras_file, specimen)
+        except ModelError as err:
+            raise SystemExit(f"{err}, another --subject, or pass --allow-trained-specimen") from None
     return path
 
 

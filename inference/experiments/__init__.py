@@ -61,7 +61,7 @@ def run_experiment(name: str, out: str | pathlib.Path, *, scale: str = "quick", 
     from inference.data.bones import specimen_of
     from inference.experiments.common import HELD_OUT_FEMURS, ExperimentContext, Ledger
     from inference.registration import model_file_in
-    from inference.resources import held_out_model_file, trained_specimens
+    from inference.resources import held_out_model_file, require_held_out
 
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
@@ -69,9 +69,8 @@ def run_experiment(name: str, out: str | pathlib.Path, *, scale: str = "quick", 
         raise ConfigError("--scale full needs --model (a paper-preset model, e.g. from `hipatlas train --preset paper`)")
     held_out = specimen_of(HELD_OUT_FEMURS[0])
     model_path = model_file_in(model) if model else held_out_model_file(held_out)
-    if name in SCORES_THE_MODEL and held_out in (trained_specimens(model_path) or ()):
-        raise ConfigError(f"{model_path.parent.name} learnt from {held_out}, the held-out specimen of the experiments: "
-                          f"its figures would not be held-out ones; choose a model trained without {held_out}")
+    if name in SCORES_THE_MODEL:
+        require_held_out(model_path, held_out)
     module = importlib.import_module(EXPERIMENTS[name])
     if dry_run and not hasattr(module, "describe_plan"):
         raise ConfigError(f"--dry-run is not available for {name}")
