@@ -140,6 +140,9 @@ def test_table2_and_table1_share_the_ledger_and_train_nothing_it_holds(tmp_path,
     assert 0.5 < results["table"]["ours (reference model)"]["dice"]["mean"] <= 1.0
     written = json.loads((tmp_path / "t1" / "results.json").read_text())["ledger"]
     assert set(written) == {"row-ours", "table1-SDM", "table1-Kasten-style"}
+    # an SDM entry without bounds (filed by older code) says so; the Kasten grid's bound needs no training
+    assert results["bounds"]["registration"] is None and results["bounds"]["kasten_grid"]["dice"]["n"] == 1
+    assert "not measured" in (tmp_path / "t1" / "results.md").read_text()
     assert not (tmp_path / "t1" / "data").exists()
 
 

@@ -185,9 +185,14 @@ def test_table1_report_and_resumable_units(tmp_path):
               for row, shift in (("ours", 0.0), ("SDM", 0.1), ("Kasten-style", 0.05))}
     again = [unit("ours", f"p{i}", 0.0) for i in range(4)]
     assert len(calls) == 12 and again == scores["ours"]
-    results = table1.report(ctx, scores, table1.BUDGET["quick"], 4)
+    bounds = {"registration": [{"dice": 0.95, "assd_mm": 0.5, "hd95_mm": 1.0}] * 4, "best_weights": None,
+              "kasten_grid": [{"dice": 0.96, "assd_mm": 0.4, "hd95_mm": 1.0}] * 4}
+    results = table1.report(ctx, scores, table1.BUDGET["quick"], 4, bounds)
     text = (tmp_path / "results.md").read_text()
     assert "| ours | " in text and "| 0.94 | 0.84 |" in text and "not found" in text
+    assert f"| {table1.BOUNDS['kasten_grid']} | 0.960 +- 0.000 |" in text
+    assert f"| {table1.BOUNDS['best_weights']} | not measured" in text
+    assert results["bounds"]["registration"]["dice"]["mean"] == pytest.approx(0.95)
     assert (tmp_path / "table1.png").stat().st_size > 1000
     assert results["table"]["SDM"]["dice"]["mean"] == pytest.approx(values.mean() - 0.1 - noise.mean())
     assert json.loads((tmp_path / "results.json").read_text())["test_pairs"] == 4
@@ -202,11 +207,17 @@ def test_table1_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     monkeypatch.setitem(table1.BUDGET, "quick", tiny)
     results = run_experiment("table1", tmp_path)
     assert results["test_pairs"] == 2 and set(results["rows"]) == set(table1.ROWS)
-    assert len(list((tmp_path / "units").glob("*.json"))) == 2 * len(table1.ROWS)
+    # per pair: the four rows and the two baselines' bounds
+    assert len(list((tmp_path / "units").glob("*.json"))) == 2 * (len(table1.ROWS) + 2)
     assert 0.5 < results["table"]["ours (reference model)"]["dice"]["mean"] <= 1.0
     for row in ("SDM", "Kasten-style"):
         assert 0.0 <= results["table"][row]["dice"]["mean"] <= 1.0
     assert results["table"]["SDM"]["ssim"]["n"] == 2 and results["table"]["Kasten-style"]["ssim"]["n"] == 0
+    # the bounds bound: the true label at the Kasten grid beats the network, the registration the SDM
+    bounds = results["bounds"]
+    assert bounds["kasten_grid"]["dice"]["mean"] > max(0.85, results["table"]["Kasten-style"]["dice"]["mean"])
+    assert bounds["registration"]["dice"]["mean"] > results["table"]["SDM"]["dice"]["mean"]
+    assert bounds["best_weights"]["dice"]["n"] == 2
     sdm = baselines.StatisticalDeformationModel.load(tmp_path / "sdm" / "sdm.npz")
     assert sdm.n_components == 3 and sdm.mean.shape[-1] == 3
     text = (tmp_path / "results.md").read_text()
