@@ -17,14 +17,18 @@ Metrics: Dice, Jaccard, ASSD, HD95 of the femur label and SSIM of the femur inte
 volume is produced (ours and the SDM warp the atlas CT; the Kasten-style network produces only a
 label map: SSIM n/a); two-sided paired t-tests (scipy) against ``ours``. The baselines' networks
 train in :func:`inference.experiments.baselines.train_baseline` (seeded, checkpointed, resumable);
-our network trains through ``hipatlas train``. The paper column holds the paper's stated numbers
+our network trains through ``hipatlas train``. Below the table, each baseline's upper bound on
+the same test femurs, from their true labels (no radiographs): the atlas warped by the femur's own
+3D/3D registration and by that field's projection on the SDM's components (filed with the SDM's
+ledger entry), and the true label carried to the Kasten-style output grid and back. The paper column holds the paper's stated numbers
 (Van Houtte et al., IJCARS 2022, abstract: Dice 0.94, ASSD 0.84 mm); its baseline numbers were not
 found in the text available here.
 
 Budget (``BUDGET``): quick = table2's data set (240 phantoms, compact grid) and 20 test pairs; ours
 2000 steps through ``hipatlas train`` (the table2 row itself, ~37 min); one SDM registration ~1.2 CPU s
 per training phantom; the SDM regressor 3000 steps (~0.015 CPU s a step) and the Kasten-style
-network 3000 steps (batch 4, ~0.6 CPU s a step, ~30 CPU min), measured on a loaded 2-core machine.
+network 3000 steps (batch 4, ~0.6 CPU s a step, ~30 CPU min), measured on a loaded 2-core machine
+(on session 13's idle one: registrations 2 min, regressor 20 s, Kasten-style network 2.4 min).
 full = 1200 phantoms, 30000 steps, 60 test pairs. Everything resumes: the data set, ours (``hipatlas
 train`` checkpoints), each registration (``OUT/sdm/``), the baselines' checkpoints (``OUT/runs/``)
 and each scored test pair (``OUT/units/``).
