@@ -265,9 +265,8 @@ def run(ctx: ExperimentContext) -> dict[str, Any]:
             scores[row] = recorded[row]["scores"]
             if row == "SDM":
                 sdm_bounds = recorded[row].get("bounds")
-    bounds = {"registration": [b["registration"] for b in sdm_bounds] if sdm_bounds else None,
-              "best_weights": [b["best_weights"] for b in sdm_bounds] if sdm_bounds else None,
-              "kasten_grid": scores["Kasten grid"]}
+    bounds = {key: [b[key] for b in sdm_bounds] if sdm_bounds else None for key in ("registration", "best_weights")}
+    bounds["kasten_grid"] = scores["Kasten grid"]
     return report(ctx, {row: scores[row] for row in ROWS}, budget, len(phantoms), bounds)
 
 
