@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
-TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "auto_refine_study.py"
+from tool_helpers import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("auto_refine_study", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("auto_refine_study")
 
 
 def _row(index, variant, dice, agreement=None):

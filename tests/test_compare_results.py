@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
-TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "compare_results.py"
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("compare_results", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tool_helpers import load_tool
 
 
 def test_differences_per_key_leave_out_provenance_and_clock_times(tmp_path, capsys):
-    tool = _tool()
+    tool = load_tool("compare_results")
     a = {"provenance": {"commit": 1}, "table": {"dice": [0.9, 0.8], "time_s": 3.0}, "rows": [{"n": 2, "ok": True}],
          "only_in_a": 1.0}
     b = {"provenance": {"commit": 2}, "table": {"dice": [0.9, 0.85], "time_s": 9.0}, "rows": [{"n": 2, "ok": False}]}

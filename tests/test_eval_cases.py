@@ -3,28 +3,19 @@ view pairs far from orthogonal, and the tool's old names for them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
 from inference.experiments import simcases
 
-TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "eval_cases.py"
-
-
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tool_helpers import TOOLS, load_tool
 
 
 @pytest.fixture(scope="module")
 def eval_cases():
-    return _load(TOOL, "eval_cases_tool")
+    return load_tool("eval_cases", "eval_cases_tool")
 
 
 def test_the_tool_reports_the_measurement_errors_and_coverage(eval_cases):
@@ -36,8 +27,8 @@ def test_the_study_tools_use_only_names_that_exist(name):
     # they take the case machinery from inference.experiments.simcases and the tool helpers from eval_cases
     import ast
 
-    source = (TOOL.parent / f"{name}.py").read_text(encoding="utf-8")
-    modules = {"simcases": simcases, "eval_cases": _load(TOOL, "eval_cases_for_" + name)}
+    source = (TOOLS / f"{name}.py").read_text(encoding="utf-8")
+    modules = {"simcases": simcases, "eval_cases": load_tool("eval_cases", "eval_cases_for_" + name)}
     used = {(node.value.id, node.attr) for node in ast.walk(ast.parse(source))
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules}
     assert used and all(hasattr(modules[module], attr) for module, attr in used), sorted(used)

@@ -3,7 +3,6 @@ tools and experiments pick a shipped model that never saw the test specimen, and
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
@@ -12,8 +11,7 @@ import pytest
 from inference.data.bones import specimen_of
 from inference.errors import ModelError
 from inference.resources import RESOURCES_ENV, held_out_model_file, require_held_out, trained_specimens
-
-TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "eval_cases.py"
+from tool_helpers import load_tool
 
 
 def _model(models: pathlib.Path, name: str, train: list[str] | None) -> pathlib.Path:
@@ -62,9 +60,7 @@ def test_require_held_out_refuses_only_a_model_whose_card_names_the_specimen(mod
 
 
 def test_eval_cases_picks_the_held_out_model_and_refuses_one_that_saw_the_specimen(models):
-    spec = importlib.util.spec_from_file_location("eval_cases_held_out", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("eval_cases", "eval_cases_held_out")
     assert tool.evaluation_model(None, "JIA_MRI") == models["two"]
     with pytest.raises(SystemExit, match="would not be held-out"):
         tool.evaluation_model(str(models["all"].parent), "JIA_MRI")

@@ -238,13 +238,10 @@ def test_a_recipe_naming_an_unknown_shape_model_is_refused(tmp_path):
 
 def test_a_model_of_every_specimen_ships_with_the_loso_estimate_instead_of_a_validation(tmp_path):
     import hashlib
-    import importlib.util
-    import pathlib
 
-    spec = importlib.util.spec_from_file_location("ship_model", pathlib.Path(__file__).parents[1] / "tools" /
-                                                  "ship_model.py")
-    ship_model = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ship_model)
+    from tool_helpers import load_tool
+
+    ship_model = load_tool("ship_model")
 
     ctx = _ctx(tmp_path)
     results = loso.report(ctx, _scores(0.02), loso.BUDGET["quick"])
