@@ -25,6 +25,7 @@ import time
 
 import pytest
 
+import gui_helpers
 from gui_helpers import synthetic_register, write_synthetic_case
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -118,6 +119,7 @@ def x_display():
         pytest.fail("Xvfb did not start (no display number within 30 s)")
     saved = {k: os.environ.get(k) for k in ("DISPLAY", "QT_QPA_PLATFORM")}
     os.environ["DISPLAY"] = f":{number.strip().decode()}"
+    gui_helpers.DISPLAY_SERVER_PIDS.append(process.pid)
     os.environ["QT_QPA_PLATFORM"] = "xcb"
     # The server must outlive the QApplication, which pytest-qt keeps until the interpreter has
     # finished tearing down: stopping it at fixture teardown or in an atexit handler makes Qt

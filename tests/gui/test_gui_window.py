@@ -9,6 +9,7 @@ import os
 import pathlib
 import sys
 import threading
+import time
 
 import numpy as np
 from PIL import Image
@@ -118,6 +119,31 @@ def test_gui_thread_never_blocks_during_registration(make_window, synthetic_case
     block, wall_gap, ticks = heartbeat.longest_block(started, finished_at[0])
     assert ticks > 10
     assert block < 0.2, f"GUI thread blocked for {block * 1000:.0f} ms (longest wall gap {wall_gap * 1000:.0f} ms)"
+
+
+def test_heartbeat_counts_a_worker_that_holds_the_gil(qtbot):
+    """The negative control of the two responsiveness tests: a worker thread in one long C call
+    that holds the GIL (sorting a list of floats) leaves the GUI thread asleep, and
+    :meth:`Heartbeat.longest_block` must count that sleep, load on the machine or not."""
+    import random
+
+    rng = random.Random(7)
+    values = [rng.random() for _ in range(4_000_000)]
+    heartbeat, marks = Heartbeat(), {}
+    heartbeat.start()
+    qtbot.wait(100)
+    marks["start"] = heartbeat.now()
+    worker = threading.Thread(target=lambda: (values.sort(), marks.setdefault("sorted", time.perf_counter())))
+    sort_started = time.perf_counter()
+    worker.start()
+    qtbot.waitUntil(lambda: "sorted" in marks, timeout=60_000)
+    qtbot.wait(50)
+    marks["end"] = heartbeat.now()
+    heartbeat.stop()
+    worker.join()
+    block, wall_gap, ticks = heartbeat.longest_block(marks["start"], marks["end"])
+    assert marks["sorted"] - sort_started > 0.4
+    assert block > 0.3, f"a GIL-holding sort of {marks['sorted'] - sort_started:.2f} s showed as a {block * 1000:.0f} ms block"
 
 
 def test_cancel_stops_between_steps_and_writes_nothing(make_window, synthetic_case, qtbot):
