@@ -97,9 +97,13 @@ def about_html(model_path) -> str:
     if "error" in model:
         model_text = f"<i>{model['error']}</i>"
     else:
-        model_text = f"{model.get('id')}<br><small>{model.get('file')}</small>"
-        if model.get("sha256"):
-            model_text += f"<br><small>sha256 {str(model['sha256'])[:16]}\u2026</small>"
+        members = model.get("members") or [model]
+        model_text = "<br>".join(
+            f"{member.get('id')}<br><small>{member.get('file')}</small>"
+            + (f"<br><small>sha256 {str(member['sha256'])[:16]}\u2026</small>" if member.get("sha256") else "")
+            for member in members)
+        if len(members) > 1:
+            model_text = f"{len(members)} models, their fields averaged:<br>{model_text}"
     return (f"<h3>HipAtlas planning workstation</h3><p>Version {__version__}</p>"
             f"<p><b>Model:</b> {model_text}</p>"
             "<p>3D proximal femur reconstruction from two calibrated radiographs by deep "

@@ -832,26 +832,42 @@ class Session:
 
 
 def describe_model(model_path: str | os.PathLike | None) -> dict[str, Any]:
-    """File, id and sha256 of the model a registration would use (for the About box).
+    """File, id and sha256 of the model a registration would use (for the About box); when
+    ``resources/models/DEFAULT`` names several (averaged), their ids joined and each in ``members``.
 
     Reads the model card JSON directly: loading :mod:`inference.model` would import TensorFlow
-    (seconds) just to show a name. The card sits beside the model as ``<stem>.card.json``
-    (:func:`inference.model.card_path_for`).
+    (seconds) just to show a name (:func:`inference.resources.model_card_path` finds the card).
     """
     from inference import registration
     from inference.errors import ModelError
 
     try:
-        path = registration.model_file_in(model_path) if model_path else registration.default_model_path()
+        paths = [registration.model_file_in(model_path)] if model_path else registration.default_model_paths()
     except ModelError as exc:
         return {"error": str(exc)}
+    infos = [_describe_model_file(path) for path in paths]
+    if len(infos) == 1:
+        return infos[0]
+    return {"id": " + ".join(str(info["id"]) for info in infos), "file": ", ".join(info["file"] for info in infos),
+            "members": infos}
+
+
+def _describe_model_file(path: pathlib.Path) -> dict[str, Any]:
+    from inference.resources import model_card_path
+
     info: dict[str, Any] = {"file": str(path), "id": path.stem}
-    card_path = path.with_name(path.stem + ".card.json")
+    card_path = model_card_path(path)
     try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
+        card = json.loads(card_path.read_text(encoding="utf-8")) if card_path is not None else None
     except (OSError, ValueError):
+        card = None
+    if not isinstance(card, dict):
         info["card"] = "missing or unreadable"
         return info
+    info["id"] = str(card.get("name") or card.get("model_id") or path.stem)
+    info["sha256"] = card.get("sha256")
+    info["software_version"] = card.get("software_version")
+    return info
     if isinstance(card, dict):
         info["id"] = str(card.get("name") or card.get("model_id") or path.stem)
         info["sha256"] = card.get("sha256")

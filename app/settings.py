@@ -76,12 +76,13 @@ class Settings:
     @property
     def ensemble(self) -> bool:
         """Whether registration averages the shift ensemble's five network passes
-        (:mod:`inference.ensemble`); unset = ``$HIPATLAS_ENSEMBLE``'s default (on)."""
+        (:mod:`inference.ensemble`); unset = ``$HIPATLAS_ENSEMBLE``'s default for the model(s) a
+        registration would use (auto: on for one model, off for several averaged)."""
         value = self._get("compute/ensemble", None)
         if value is None:
             from inference.ensemble import default_ensemble
 
-            return default_ensemble()
+            return default_ensemble(self._model_count())
         return str(value).strip().lower() in ("true", "1", "on", "yes")
 
     @ensemble.setter
@@ -95,7 +96,23 @@ class Settings:
         from inference.ensemble import ENV_VAR as ENSEMBLE_ENV
 
         os.environ[BACKEND_ENV] = self.backend
-        os.environ[ENSEMBLE_ENV] = "on" if self.ensemble else "off"
+        if self._get("compute/ensemble", None) is None:
+            os.environ.setdefault(ENSEMBLE_ENV, "auto")
+        else:
+            os.environ[ENSEMBLE_ENV] = "on" if self.ensemble else "off"
+
+    def _model_count(self) -> int:
+        """How many models a registration averages: one when a model file is chosen, else those
+        ``resources/models/DEFAULT`` names."""
+        if self.model_path:
+            return 1
+        from inference.errors import ModelError
+        from inference.registration import default_model_paths
+
+        try:
+            return len(default_model_paths())
+        except ModelError:
+            return 1
 
     # display ----------------------------------------------------------------------------
     @property

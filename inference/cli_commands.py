@@ -23,7 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="case folder holding case.json; with several, the model is loaded once "
                           "and each case goes to OUT/<case folder name>, with OUT/cohort.csv")
     register.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    register.add_argument("--model", help="model folder or .keras file (default: the shipped model)")
+    register.add_argument("--model", action="append",
+                          help="model folder or .keras file (default: the shipped model, or the models "
+                          "resources/models/DEFAULT names); given more than once, the models' fields are averaged")
     register.add_argument("--backend", choices=("auto", "tf", "onnx"),
                           help="who runs the network: TensorFlow, ONNX Runtime, or auto (ONNX Runtime when "
                           "the model has its .onnx and onnxruntime is installed); default $HIPATLAS_BACKEND "
@@ -44,8 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="with --refine, also estimate the lateral view's pose")
     register.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=None,
                           help="average the network's field over five placements of the atlas grid, a voxel "
-                          "apart (default on, or $HIPATLAS_ENSEMBLE; --no-ensemble: one pass, about 2.5 s "
-                          "faster; see docs/refinement.md)")
+                          "apart (default $HIPATLAS_ENSEMBLE, else on for one model and off when several "
+                          "models are averaged; --no-ensemble: one pass per model, about 2.5 s faster; see "
+                          "docs/refinement.md)")
     register.add_argument("--network-grid", action="store_true",
                           help="outputs on the network's grid instead of the full-resolution atlas grid")
     register.set_defaults(handler=_register)

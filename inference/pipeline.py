@@ -230,7 +230,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     ensemble : bool or None
         Run the network on the atlas grid placed at a few whole-voxel offsets and average the
         fields (:mod:`inference.ensemble`: four extra network passes); None =
-        :func:`inference.ensemble.default_ensemble` (on unless ``$HIPATLAS_ENSEMBLE=off``).
+        :func:`inference.ensemble.default_ensemble` (``$HIPATLAS_ENSEMBLE``; unset: on for one
+        model, off when several are averaged).
 
     Views without a mask get a proposed one (:mod:`inference.mask_proposal`), written to
     ``OUT_DIR/proposed_mask_<view>.png`` and marked unconfirmed in report.json.
@@ -244,7 +245,6 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     from inference import refine as refine_lib
 
     started = time.perf_counter()
-    ensemble = ensemble_lib.default_ensemble() if ensemble is None else bool(ensemble)
     refine = refine_lib.default_refine() if refine is None else refine
     if isinstance(refine, str):
         if refine != "auto":
@@ -260,6 +260,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
 
     yield Progress(0.08, "Loading model")
     net, atlas = _load_network(job, model, backend, graph_mode)
+    ensemble = ensemble_lib.default_ensemble(len(getattr(net, "members", [net]))) if ensemble is None else bool(ensemble)
     _check(cancel)
     proposal = None
     if head is None:
@@ -443,6 +444,8 @@ def _run_network(job: _Job, net, atlas, network, grid, ensemble: bool, cancel, p
         psi = combined.psi
         labels = ensemble_lib.warped_labels(atlas.labels, psi)
         entry = ensemble_lib.report_entry(combined, shifts, labels == 1)
+    if hasattr(net, "members"):
+        entry["models"] = len(net.members)  # each pass ran every model (inference.backends.EnsembleBackend)
     job.timings["network_s"] = time.perf_counter() - t0
     if not (labels == 1).any():
         raise DataError(f"{job.case_json}: the registration produced an empty femur; check the masks and calibration")

@@ -40,12 +40,19 @@ WARN_VIEW_ANGLE_DEG = 60.0
 # --------------------------------------------------------------------------------------------
 
 def default_model_path() -> pathlib.Path:
-    """The shipped model (:func:`inference.resources.default_model_file`: ``resources/models/DEFAULT``
-    names its folder, else the first model folder); its error also says how to choose another."""
-    from inference.resources import default_model_file
+    """The shipped model (the first of :func:`default_model_paths`): what takes one model (training
+    from it, the experiments); its error also says how to choose another."""
+    return default_model_paths()[0]
+
+
+def default_model_paths() -> list[pathlib.Path]:
+    """The shipped models registration uses together (:func:`inference.resources.default_model_files`:
+    the folders ``resources/models/DEFAULT`` names, one per line, else the first model folder;
+    several are averaged, :class:`inference.backends.EnsembleBackend`)."""
+    from inference.resources import default_model_files
 
     try:
-        return default_model_file()
+        return default_model_files()
     except ModelError as error:
         raise ModelError(f"{error}, or choose a model file (--model on the command line, Settings in "
                          "the window)") from None
@@ -80,7 +87,8 @@ def load_registration_model(model: Any = None):
     key = (str(path.resolve()), path.stat().st_mtime)
     if key not in _MODEL_CACHE:
         card = model_lib.card_path_for(path)
-        _MODEL_CACHE.clear()
+        if len(_MODEL_CACHE) >= 4:  # the members of an ensemble stay loaded together
+            _MODEL_CACHE.clear()
         _MODEL_CACHE[key] = model_lib.load_model(path, card=card if card.is_file() else None)
     return _MODEL_CACHE[key]
 

@@ -7,7 +7,8 @@ folder inside an installed bundle)::
       models/<name>/<file>.keras         trained registration model(s)
       models/<name>/<file>.card.json     its model card (format hipatlas-model-card/1, with sha256);
                                          ``model_card.json`` naming ``model_file`` is accepted too
-      models/DEFAULT                     optional: the name of the default model folder
+      models/DEFAULT                     optional: the default model folder's name, or several
+                                         (one per line: registration averages them)
       atlas/<grid>/atlas.json            atlas provenance with the sha256 of each atlas file
       atlas/<grid>/...                   atlas.nii.gz, labels.nii.gz, landmarks.json
       demo/case.json (+ images, masks)   the demo case (used by ``hipatlas --self-test``)
@@ -44,6 +45,8 @@ __all__ = [
     "demo_dir",
     "model_card_path",
     "default_model_file",
+    "default_model_files",
+    "default_model_names",
     "require_held_out",
     "trained_specimens",
     "held_out_model_file",
@@ -163,28 +166,47 @@ def model_card_path(model_file: str | os.PathLike) -> pathlib.Path | None:
     return None
 
 
-def default_model_file(root: str | os.PathLike | None = None) -> pathlib.Path:
-    """The shipped model used when none is chosen: the ``.keras`` file of the folder named in
-    ``models/DEFAULT``, else of the first model folder (sorted by name).
+def default_model_names(root: str | os.PathLike | None = None) -> list[str] | None:
+    """The folder names ``models/DEFAULT`` lists, one per line (None without the file)."""
+    pointer = models_dir(root) / "DEFAULT"
+    if not pointer.is_file():
+        return None
+    return [line.strip() for line in pointer.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def default_model_files(root: str | os.PathLike | None = None) -> list[pathlib.Path]:
+    """The shipped models used when none is chosen: the ``.keras`` file of each folder named in
+    ``models/DEFAULT`` (one per line; several are averaged, :class:`inference.backends.EnsembleBackend`),
+    else of the first model folder (sorted by name).
 
     Raises
     ------
     ModelError
-        No model installed, or the chosen folder does not hold exactly one ``.keras`` file.
+        No model installed, or a chosen folder does not hold exactly one ``.keras`` file.
     """
     folder = models_dir(root)
-    pointer = folder / "DEFAULT"
-    if pointer.is_file():
-        chosen = folder / pointer.read_text(encoding="utf-8").strip()
+    names = default_model_names(root)
+    if names:
+        chosen = [folder / name for name in names]
     else:
         candidates = sorted(p.parent for p in folder.glob("*/*.keras") if _visible(p.parent)) if folder.is_dir() else []
         if not candidates:
             raise ModelError(f"no trained model is installed in {folder}; {_REINSTALL}")
-        chosen = candidates[0]
-    files = sorted(p for p in chosen.glob("*.keras") if _visible(p)) if chosen.is_dir() else []
-    if len(files) != 1:
-        raise ModelError(f"the model folder {chosen} should hold one .keras file, not {len(files)}; {_REINSTALL}")
-    return files[0]
+        chosen = candidates[:1]
+    out = []
+    for model_folder in chosen:
+        files = sorted(p for p in model_folder.glob("*.keras") if _visible(p)) if model_folder.is_dir() else []
+        if len(files) != 1:
+            raise ModelError(f"the model folder {model_folder} should hold one .keras file, not {len(files)}; "
+                             f"{_REINSTALL}")
+        out.append(files[0])
+    return out
+
+
+def default_model_file(root: str | os.PathLike | None = None) -> pathlib.Path:
+    """The first of :func:`default_model_files`: the model of everything that takes one (training
+    from it, the experiments, the cards shown in the window)."""
+    return default_model_files(root)[0]
 
 
 def trained_specimens(model_file: str | os.PathLike) -> set[str] | None:
@@ -199,7 +221,10 @@ def trained_specimens(model_file: str | os.PathLike) -> set[str] | None:
     parameters = ((card or {}).get("training") or {}).get("dataset_parameters") if isinstance(card, dict) else None
     if not parameters:
         return None
-    return {s for p in parameters for s in ((p.get("config") or {}).get("split") or {}).get("train", [])}
+    if isinstance(parameters, dict):  # a model trained on one data set records its parameters alone
+        parameters = [parameters]
+    return {s for p in parameters if isinstance(p, dict)
+            for s in ((p.get("config") or {}).get("split") or {}).get("train", [])}
 
 
 def require_held_out(model_file: str | os.PathLike, specimen: str) -> None:
@@ -321,8 +346,7 @@ def check_models(root: str | os.PathLike | None = None) -> tuple[list[ResourcePr
     if not model_files:
         return [ResourceProblem("model", folder, f"no trained model is installed in {folder}; {_REINSTALL}")], grids
     pointer = folder / "DEFAULT"
-    if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
+    for name in default_model_names(root) or []:
         if not (folder / name).is_dir():
             problems.append(ResourceProblem(
                 "model", pointer, f"{pointer} names the model folder {name!r}, which is not installed; {_REINSTALL}"))

@@ -363,13 +363,16 @@ def missing_resources(root: str | os.PathLike = ROOT) -> list[BundledResource]:
 
 
 def _default_model_only(base: pathlib.Path) -> set[str] | None:
-    """The model folders an installer ships: only the one ``models/DEFAULT`` names (None: all).
+    """The model folders an installer ships: only those ``models/DEFAULT`` names, one per line
+    (several: registration averages them), None: all.
 
     The source tree may hold other models, e.g. ``compact-v2``, kept for held-out evaluation on a
     specimen the default model learnt from; an installed workstation registers with the default
     and has no bone surfaces to evaluate on, so they would add 15 MB each for nothing."""
     pointer = base / "DEFAULT"
-    return {pointer.read_text(encoding="utf-8").strip()} if pointer.is_file() else None
+    if not pointer.is_file():
+        return None
+    return {line.strip() for line in pointer.read_text(encoding="utf-8").splitlines() if line.strip()}
 
 
 def resource_files(root: str | os.PathLike = ROOT) -> list[tuple[pathlib.Path, str]]:

@@ -41,7 +41,7 @@ def test_dumped_inputs_run_standalone_and_agree(shipped_onnx, tmp_path, capsys):
         assert run["psi_max_abs_diff_vox"] < 1e-3
 
     # The saved inputs are what the backend sees: the same forward pass gives the same field.
-    net = backends.load_backend(None, "onnx")
+    net = backends.load_backend(resources.default_model_file(), "onnx")  # the first, if DEFAULT names several
     direct = net.run(feed)
     import onnxruntime
 

@@ -102,6 +102,11 @@ def test_the_default_follows_the_environment(monkeypatch):
     assert ensemble.default_ensemble() is True
     monkeypatch.delenv(ensemble.ENV_VAR)
     assert ensemble.default_ensemble() is True
+    assert ensemble.default_ensemble(models=2) is False  # several models averaged: no shifts
+    monkeypatch.setenv(ensemble.ENV_VAR, "auto")
+    assert ensemble.default_ensemble(1) is True and ensemble.default_ensemble(2) is False
+    monkeypatch.setenv(ensemble.ENV_VAR, "on")
+    assert ensemble.default_ensemble(2) is True
     monkeypatch.setenv(ensemble.ENV_VAR, "sometimes")
     with pytest.raises(ConfigError, match="HIPATLAS_ENSEMBLE"):
         ensemble.default_ensemble()

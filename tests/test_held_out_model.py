@@ -74,3 +74,13 @@ def test_experiments_that_score_the_model_refuse_one_that_saw_the_held_out_speci
 
     with pytest.raises(ModelError, match="learnt from JIA"):
         run_experiment("angle-sensitivity", tmp_path / "out", model=str(models["all"]))
+
+
+def test_a_card_of_one_data_set_names_its_specimens_too(tmp_path):
+    """Cards of models trained on one data set hold its parameters alone, not in a list."""
+    keras_file = _model(tmp_path, "one-set", None)
+    card = {"model_file": keras_file.name,
+            "training": {"dataset_parameters": {"config": {"split": {"train": ["TLEM2", "MC22"]}}}}}
+    (keras_file.parent / "model_card.json").write_text(json.dumps(card))
+    assert trained_specimens(keras_file) == {"TLEM2", "MC22"}
+    require_held_out(keras_file, "JIA")

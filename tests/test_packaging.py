@@ -78,6 +78,9 @@ def test_installers_ship_only_the_default_model(tmp_path):
     assert shipped() == {"resources/models/a-held-out/m.keras", "resources/models/b-default/m.keras"}
     (models / "DEFAULT").write_text("b-default\n")
     assert shipped() == {"resources/models/DEFAULT", "resources/models/b-default/m.keras"}
+    (models / "DEFAULT").write_text("b-default\na-held-out\n")  # an ensemble: both ship
+    assert shipped() == {"resources/models/DEFAULT", "resources/models/a-held-out/m.keras",
+                         "resources/models/b-default/m.keras"}
 
 
 def test_build_refuses_missing_resources_with_a_clear_message(tmp_path):

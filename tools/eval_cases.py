@@ -160,9 +160,15 @@ def _load_model(args):
         keras.utils.set_random_seed(0)
         net = model_lib.build_model(model_lib.preset(args.untrained), atlas_lib.load_atlas(args.untrained))
         return net, f"untrained {args.untrained}"
-    model = evaluation_model(args.model, args.subject, args.allow_trained_specimen)
+    if args.model and len(args.model) > 1:
+        from inference import backends
+
+        members = [backends.TensorFlowBackend(registration.load_registration_model(
+            evaluation_model(m, args.subject, args.allow_trained_specimen))) for m in args.model]
+        return backends.EnsembleBackend(members), " + ".join(args.model)
+    model = evaluation_model(args.model[0] if args.model else None, args.subject, args.allow_trained_specimen)
     net = registration.load_registration_model(model)
-    return net, str(args.model or f"shipped model {model.parent.name}")
+    return net, str(args.model[0] if args.model else f"shipped model {model.parent.name}")
 
 
 def _provenance(net) -> dict[str, Any]:
@@ -179,9 +185,10 @@ def _provenance(net) -> dict[str, Any]:
                                     capture_output=True, text=True, check=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", False
-    identity = registration.model_identity(net)
+    identity = net.identity() if hasattr(net, "identity") else registration.model_identity(net)
+    members = identity.get("members") or [identity]
     return {"commit": commit + ("+uncommitted changes" if dirty else ""), "model": identity.get("name"),
-            "model_sha256": identity.get("sha256")}
+            "model_sha256": ", ".join(str(m.get("sha256")) for m in members)}
 
 
 def _summary_table(rows: list[dict[str, Any]], metrics: tuple[str, ...], group_keys: tuple[str, ...]) -> str:
@@ -205,8 +212,10 @@ def _summary_table(rows: list[dict[str, Any]], metrics: tuple[str, ...], group_k
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="model folder or .keras (default: the shipped model that never learnt from "
-                        "--subject's specimen)")
+    parser.add_argument("--model", action="append",
+                        help="model folder or .keras (default: the shipped model that never learnt from "
+                        "--subject's specimen); more than once: the models' fields averaged, as when "
+                        "resources/models/DEFAULT names several")
     parser.add_argument("--allow-trained-specimen", action="store_true",
                         help="accept a --model that learnt from --subject's specimen (figures not held out)")
     parser.add_argument("--untrained", nargs="?", const="compact", choices=["compact", "paper"],

@@ -11,7 +11,10 @@ by signals available on a real case:
 * ``ncc``: NCC of the radiographs and the projected reconstruction (mean of the views);
 * ``phi_femur_mm`` / ``phi_all_mm``: mean magnitude of the network's local (non-affine) field over the
   atlas femur / the whole grid: a wrong geometry should force the atlas to deform more;
-* ``bending_femur`` / ``bending_all``: mean squared gradient of that field (same regions).
+* ``bending_femur`` / ``bending_all``: mean squared gradient of that field (same regions);
+* ``models_disagree_mm`` (with ``--second-model``): RMS distance (mm) between the two models' pull-back
+  fields over the voxels either puts in the femur: two networks that err differently may agree
+  best where the geometry they are told is the true one.
 
 For each signal the candidate it prefers (highest agreement or NCC, lowest deformation) is compared
 with the recorded angle and with the oracle (the candidate of best Dice against the truth). A signal
@@ -50,25 +53,35 @@ log = logging.getLogger("selfcal_search_study")
 
 #: signal -> True when higher is better
 SIGNALS = {"mask_agreement": True, "ncc": True, "phi_femur_mm": False, "phi_all_mm": False,
-           "bending_femur": False, "bending_all": False}
+           "bending_femur": False, "bending_all": False, "models_disagree_mm": False}
 
 
-def _field_signals(net, atlas, run_dir: pathlib.Path, scratch: pathlib.Path) -> dict[str, float]:
-    """Deformation statistics of the network's local field ``phi`` for the case in ``run_dir``."""
+def _field_signals(net, atlas, run_dir: pathlib.Path, scratch: pathlib.Path, second=None) -> dict[str, float]:
+    """Deformation statistics of the network's local field ``phi`` for the case in ``run_dir``, and
+    (``second``: another Keras model) how far the two models' fields disagree."""
+    from inference import ensemble as ensemble_lib
     from inference import pipeline
     from inference.model_config import case_inputs
 
     job = pipeline._load_job(run_dir, scratch, True, None)
     head = pipeline._locate_head(job)
     grid, network = pipeline._network_views(job, atlas, head, net.config.detector_hw)
-    outputs = net.model(case_inputs(network.images, network.masks, network.projections, grid.index_to_world()),
-                        training=False)
+    inputs = case_inputs(network.images, network.masks, network.projections, grid.index_to_world())
+    outputs = net.model(inputs, training=False)
     phi = np.asarray(outputs["phi"])[0]
     femur = np.asarray(atlas.labels) == 1
     magnitude = np.linalg.norm(phi, axis=-1)
     bending = sum(np.sum(g ** 2, axis=-1) for g in np.gradient(phi, axis=(0, 1, 2)))
-    return {"phi_femur_mm": float(magnitude[femur].mean()), "phi_all_mm": float(magnitude.mean()),
-            "bending_femur": float(bending[femur].mean()), "bending_all": float(bending.mean())}
+    out = {"phi_femur_mm": float(magnitude[femur].mean()), "phi_all_mm": float(magnitude.mean()),
+           "bending_femur": float(bending[femur].mean()), "bending_all": float(bending.mean())}
+    if second is not None:
+        psi = [np.asarray(outputs["psi"])[0], np.asarray(second(inputs, training=False)["psi"])[0]]
+        region = np.zeros(psi[0].shape[:3], bool)
+        for field in psi:
+            region |= ensemble_lib.warped_labels(atlas.labels, field) == 1
+        offset = (psi[0] - psi[1]) * np.asarray(grid.spacing_xyz_mm[::-1], np.float32)
+        out["models_disagree_mm"] = float(np.sqrt(np.mean(np.sum(offset[region] ** 2, axis=-1))))
+    return out
 
 
 def _mean_of_views(report: dict[str, Any], key: str) -> float:
@@ -81,6 +94,8 @@ def _choices(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     cases = sorted({r["case"] for r in rows})
     result = {}
     for signal, higher in SIGNALS.items():
+        if any(signal not in r for r in rows):
+            continue
         recorded, chosen, oracle, picks = [], [], [], []
         for case in cases:
             members = [r for r in rows if r["case"] == case]
@@ -101,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lat-angle-error", type=float, default=5.0, help="error of the recorded LAT angle, deg")
     parser.add_argument("--corrections", default="-8,-6,-4,-2,0,2,4",
                         help="candidate corrections of the LAT angle, deg (must include 0)")
+    parser.add_argument("--second-model", help="another model that never learnt from JIA: adds the signal "
+                        "models_disagree_mm")
     parser.add_argument("--out", required=True)
     parser.add_argument("--name", default=None)
     args = parser.parse_args(argv)
@@ -118,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     net = backends.load_backend(eval_cases.evaluation_model(None, "JIA_MRI"), "tf")
     atlas = pipeline.atlas_for(net)
     provenance = eval_cases._provenance(net.model)
+    second = None
+    if args.second_model:
+        from inference import registration
+
+        second = registration.load_registration_model(eval_cases.evaluation_model(args.second_model, "JIA_MRI"))
     rows = []
     with eval_cases.work_folder(out, False, "selfcal_search_") as work:
         for index in range(args.cases):
@@ -131,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                     if angle:
                         simcases.perturb_lateral(run_dir, angle)
                 row = {"case": index, "side": plan["side"], "correction_deg": correction,
-                       **_field_signals(net, atlas, run_dir, work / "scratch")}
+                       **_field_signals(net, atlas, run_dir, work / "scratch", second)}
                 result = pipeline.run_to_completion(pipeline.register_case(
                     run_dir, result_dir, model=net, overwrite=True, full_resolution=False))
                 row["dice"] = simcases.case_metrics(result_dir, truth_dir, plan["side"])["dice"]
@@ -145,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Self-calibration by search: LAT recorded angle off by {args.lat_angle_error:g} deg, "
              f"{args.cases} simulated JIA_MRI cases", "",
              f"- command: `tools/selfcal_search_study.py --cases {args.cases} --seed {args.seed} "
-             f"--lat-angle-error {args.lat_angle_error:g} --corrections {args.corrections} --out {args.out}`",
+             f"--lat-angle-error {args.lat_angle_error:g} --corrections {args.corrections} --out {args.out}"
+             + (f" --second-model {args.second_model}" if args.second_model else "") + "`",
              f"- commit: {provenance['commit']}; model {provenance['model']} (sha256 {provenance['model_sha256']})",
              f"- the right correction is {0.0 - args.lat_angle_error:+g} deg; network grid (no full resolution), "
              "TensorFlow backend", "",

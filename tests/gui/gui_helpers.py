@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 import time
 
@@ -259,15 +260,16 @@ class Heartbeat:
     """A 10 ms QTimer on the GUI thread that records when it fired, and what the scheduler did.
 
     :meth:`longest_block` is the longest stretch between two consecutive ticks that the GUI
-    thread spent *running* (a slot) or *asleep for a reason of this process* (a lock, the GIL
-    held by a worker). Left out is CPU contention, which nothing in this process causes or can
-    prevent on the shared, oversubscribed test machines: the time the GUI thread was runnable but
-    waiting for a CPU, and the time it slept while what it waited for did so: the process's
-    other threads (Mesa's llvmpipe render threads, the worker) and the X server's
-    (:data:`DISPLAY_SERVER_PIDS`). A stretch counts as ``run + max(0, sleep - their waits)``, so
-    contention never hides time the GUI thread itself ran, and a worker that holds the GIL while
-    it runs still counts in full. From Linux ``schedstat``; where that cannot be read every gap
-    counts in full (plain wall-clock gaps).
+    thread spent *running* (a slot) or *asleep while this process worked*: a worker thread that
+    holds the GIL, Mesa's llvmpipe threads drawing for it, the X server (:data:`DISPLAY_SERVER_PIDS`)
+    drawing for it. Per stretch: ``run + min(sleep - contention, others' run)``, where
+    ``contention`` is the time those other threads (and the GUI thread itself) were runnable but
+    waiting for a CPU: the test machines are shared and oversubscribed, which nothing in this
+    process causes or can prevent. So contention never hides time the GUI thread itself ran, a
+    worker that holds the GIL while it runs counts in full (the negative control,
+    ``test_heartbeat_counts_a_worker_that_holds_the_gil``), and a sleep while nothing of this
+    process ran (another process's disk or memory traffic) does not count. From Linux
+    ``schedstat``; where it cannot be read every gap counts in full (plain wall-clock gaps).
     """
 
     def __init__(self, interval_ms: int = 10):
@@ -281,9 +283,11 @@ class Heartbeat:
         self.timer.setInterval(interval_ms)
         self.timer.timeout.connect(lambda: self.ticks.append(self.now()))
 
-    def now(self) -> tuple[float, float, float, dict[str, float]]:
-        """``(wall time, GUI thread's run time, its run-queue wait, {other thread: its run-queue
-        wait})`` in seconds; callable from any thread."""
+    def now(self) -> tuple[float, float, float, float, dict[str, tuple[float, float]]]:
+        """``(wall time, GUI thread's run time, its run-queue wait, the process's CPU time (all
+        its threads, those that have ended included), {other thread: (run time, run-queue
+        wait)})`` in seconds; the other threads are this process's and the X server's. Callable
+        from any thread."""
         import glob
 
         wall = time.perf_counter()
@@ -292,7 +296,8 @@ class Heartbeat:
         paths = glob.glob("/proc/self/task/*/schedstat")
         for pid in DISPLAY_SERVER_PIDS:
             paths += glob.glob(f"/proc/{pid}/task/*/schedstat")
-        return wall, run, waited, {path: _schedstat(path)[1] for path in paths if path != mine}
+        others = {path: _schedstat(path) for path in paths if path != mine} if os.path.exists(mine) else {}
+        return wall, run, waited, time.process_time(), others
 
     def start(self) -> None:
         self.timer.start()
@@ -304,11 +309,18 @@ class Heartbeat:
         """``(longest block, longest wall-clock gap, ticks)`` between two :meth:`now` marks, seconds."""
         points = [start] + [t for t in self.ticks if start[0] < t[0] < end[0]] + [end]
         blocks, gaps = [], []
-        for (wall0, run0, wait0, others0), (wall1, run1, wait1, others1) in zip(points, points[1:]):
+        for (wall0, run0, wait0, cpu0, others0), (wall1, run1, wait1, cpu1, others1) in zip(points, points[1:]):
             run, gap = run1 - run0, wall1 - wall0
             sleep = gap - run - (wait1 - wait0)
-            contention = sum(max(0.0, wait - others0.get(path, 0.0)) for path, wait in others1.items())
-            blocks.append(run + max(0.0, sleep - contention))
+            if not others1:  # schedstat unreadable: the wall-clock gap
+                blocks.append(gap)
+            else:
+                before = {path: others0.get(path, (0.0, 0.0)) for path in others1}
+                server = [path for path in others1 if not path.startswith("/proc/self/")]
+                # this process's other threads (ended ones too: the process CPU time) and the X server
+                others_run = max(0.0, (cpu1 - cpu0) - run) + sum(others1[p][0] - before[p][0] for p in server)
+                contention = sum(max(0.0, w - before[path][1]) for path, (_, w) in others1.items())
+                blocks.append(run + min(max(0.0, sleep - contention), others_run))
             gaps.append(gap)
         return max(blocks), max(gaps), len(points) - 2
 
