@@ -206,8 +206,10 @@ class EnsembleBackend(InferenceBackend):
     pairs, femur Dice 0.9255 and 0.9250 alone, 0.9293 averaged: docs/results/model-ensemble/).
     :meth:`run` returns the mean ``psi`` and ``affine_params`` and the atlas labels warped by the
     mean field (nearest neighbour, as :func:`inference.ensemble.warped_labels`), so every caller
-    (registration, the mask proposal, the self-test) sees one network. The members run one after
-    the other; :attr:`concurrent_runs` is theirs (the shift ensemble runs its passes side by side).
+    (registration, the mask proposal, the self-test) sees one network. Members that may run side
+    by side (ONNX Runtime, :attr:`InferenceBackend.concurrent_runs`) do, in threads: their samplers
+    use one thread each, so two members on the 2-core machine take little more than one; the
+    ensemble itself then takes one run at a time (the shift ensemble's passes follow each other).
     """
 
     def __init__(self, members: "list[InferenceBackend]"):
@@ -224,13 +226,19 @@ class EnsembleBackend(InferenceBackend):
         self.members = list(members)
         names = {member.name for member in members}
         self.name = names.pop() if len(names) == 1 else "mixed"
-        self.concurrent_runs = min(member.concurrent_runs for member in members)
+        self.side_by_side = min(member.concurrent_runs for member in members) > 1
 
     def run(self, inputs):
         from inference import ensemble as ensemble_lib
         from inference.registration import atlas_for
 
-        outputs = [member.run(inputs) for member in self.members]
+        if self.side_by_side:
+            import concurrent.futures
+
+            with concurrent.futures.ThreadPoolExecutor(len(self.members), thread_name_prefix="hipatlas-models") as pool:
+                outputs = list(pool.map(lambda member: member.run(inputs), self.members))
+        else:
+            outputs = [member.run(inputs) for member in self.members]
         psi = np.mean([np.asarray(out["psi"], np.float32) for out in outputs], axis=0)
         affine = np.mean([np.asarray(out["affine_params"], np.float32) for out in outputs], axis=0)
         labels = ensemble_lib.warped_labels(atlas_for(self).labels, psi[0])
