@@ -130,12 +130,12 @@ class BenchReport:
         """``path.md`` (a table of the figures under their provenance) and ``path.json``."""
         from inference.io import write_json_atomic, write_text_atomic
         from inference.provenance import provenance, provenance_markdown
-        from inference.resources import default_model_file
+        from inference.resources import default_model_files
 
         model = self.model_file
         if model is None:
             try:
-                model = default_model_file()
+                model = default_model_files()
             except Exception:  # no installed model: the report names none
                 model = None
         record = provenance(model, command=["python", *sys.argv])

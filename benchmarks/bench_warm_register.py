@@ -62,7 +62,7 @@ def timed_steps(generator) -> tuple[object, dict[str, tuple[float, float]]]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv, __doc__.splitlines()[0], _extra)
-    from inference import backends, fullres, pipeline
+    from inference import backends, fullres, pipeline, registration
     from inference.resources import demo_dir
 
     report = BenchReport("warm_register", json_output=args.json, report=args.report)
@@ -70,7 +70,10 @@ def main(argv=None) -> dict:
     repeats = 2 if args.quick else args.repeats
     net = backends.load_backend(args.model, args.backend)
     report.add("backend", net.name)
-    report.note(f"case {case}, model {net.path}")
+    members = getattr(net, "members", [net])
+    report.model_file = [registration.model_file_in(m.path.parent if m.path.suffix == ".onnx" else m.path)
+                         for m in members]  # the .keras of each model that ran (its card's sha256)
+    report.note(f"case {case}, model {', '.join(str(m.path) for m in members)}")
     root = pathlib.Path(tempfile.mkdtemp(prefix="bench_warm_"))
     captured = {}
     real_warp = fullres.warp_fine

@@ -37,8 +37,9 @@ def git_commit(repo: str | os.PathLike = _REPO) -> dict[str, Any]:
 def provenance(model_file: str | os.PathLike | None = None, command: list[str] | None = None) -> dict[str, Any]:
     """The provenance record of a report (JSON-ready).
 
-    ``model_file``: the ``.keras`` model the figures were measured with (its sha256 is recorded);
-    ``command``: the argument list that produced the report (default ``sys.argv``).
+    ``model_file``: the ``.keras`` model the figures were measured with (its sha256 is recorded),
+    or a list of them (several averaged: each is recorded under ``models``, the first also as
+    ``model_file``); ``command``: the argument list that produced the report (default ``sys.argv``).
     """
     from inference.checksums import sha256_file
 
@@ -50,10 +51,13 @@ def provenance(model_file: str | os.PathLike | None = None, command: list[str] |
         "machine": {"python": platform.python_version(), "machine": platform.machine(),
                     "cpu_count": os.cpu_count()},
     }
-    if model_file is not None:
-        path = pathlib.Path(model_file)
-        record["model_file"] = path.name
-        record["model_sha256"] = sha256_file(path)
+    files = [pathlib.Path(f) for f in (model_file if isinstance(model_file, (list, tuple)) else [model_file])
+             if f is not None]
+    if files:
+        record["model_file"] = files[0].name
+        record["model_sha256"] = sha256_file(files[0])
+    if len(files) > 1:
+        record["models"] = [{"file": f"{path.parent.name}/{path.name}", "sha256": sha256_file(path)} for path in files]
     return record
 
 
@@ -64,6 +68,9 @@ def provenance_markdown(record: dict[str, Any]) -> str:
              f"- software version: {record['software_version']}; measured {record['measured_at']}",
              f"- machine: {record['machine']['machine']}, {record['machine']['cpu_count']} CPUs, "
              f"Python {record['machine']['python']}"]
-    if "model_sha256" in record:
+    if "models" in record:
+        lines.append("- models (their fields averaged): " + ", ".join(
+            f"`{m['file']}` sha256 `{m['sha256']}`" for m in record["models"]))
+    elif "model_sha256" in record:
         lines.append(f"- model: `{record['model_file']}` sha256 `{record['model_sha256']}`")
     return "\n".join(lines) + "\n"

@@ -139,3 +139,17 @@ def test_about_box_names_every_model_of_the_default(tmp_path, monkeypatch):
     assert [m["sha256"] for m in described["members"]] == ["two-sha", "one-sha"]
     alone = describe_model(folder / "one")
     assert alone["id"] == "model-one" and alone["sha256"] == "one-sha" and "members" not in alone
+
+
+def test_report_provenance_records_every_averaged_model(tmp_path):
+    from inference.checksums import sha256_file
+    from inference.provenance import provenance, provenance_markdown
+
+    a, b = _fake_model(tmp_path, "a"), _fake_model(tmp_path, "b")
+    pair = provenance([a, b], command=["bench"])
+    assert [m["sha256"] for m in pair["models"]] == [sha256_file(a), sha256_file(b)]
+    assert pair["model_sha256"] == sha256_file(a)  # the first, where readers expect one model
+    text = provenance_markdown(pair)
+    assert "`a/m.keras`" in text and "`b/m.keras`" in text and sha256_file(b) in text
+    single = provenance(a, command=["bench"])
+    assert "models" not in single and f"sha256 `{sha256_file(a)}`" in provenance_markdown(single)
