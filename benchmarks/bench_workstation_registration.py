@@ -31,7 +31,7 @@ def _extra(parser) -> None:
     parser.add_argument("--runs", type=int, default=3, help="registrations in the long-lived process")
     parser.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=None,
                         help="the workstation's 'Average five network passes' setting (default: as set, "
-                        "$HIPATLAS_ENSEMBLE, else on)")
+                        "$HIPATLAS_ENSEMBLE, else auto: off for the shipped pair of models, on for one)")
 
 
 def process_cpu_s(pid: int | None) -> float | None:
