@@ -203,7 +203,7 @@ class EnsembleBackend(InferenceBackend):
 
     Two networks trained on different data or from different seeds err differently; the mean of
     their pull-back fields is closer to the truth than either (on table1's 20 held-out JIA_MRI
-    pairs, femur Dice 0.9255 and 0.9250 alone, 0.9293 averaged: docs/results/model-ensemble/).
+    pairs, network grid: femur Dice 0.9242 and 0.9239 alone, 0.9281 averaged; docs/results/model-ensemble/).
     :meth:`run` returns the mean ``psi`` and ``affine_params`` and the atlas labels warped by the
     mean field (nearest neighbour, as :func:`inference.ensemble.warped_labels`), so every caller
     (registration, the mask proposal, the self-test) sees one network. Members that may run side
