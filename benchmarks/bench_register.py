@@ -12,8 +12,10 @@ A simulated case (``JIA_MRI`` phantom, 768 x 768 radiographs of 0.4 mm, the defa
   wall time divided by n (TensorFlow, the model and compilation are paid once; from 8 cases on
   the network runs as a traced graph).
 
-The model is the shipped one (``resources/models``) when there is one, else an untrained compact
-model saved to a temporary ``.keras`` file with its model card (same architecture and cost). The
+The model is the shipped default (``resources/models/DEFAULT``: since session 14 two models, whose
+fields registration averages; every command gets them as repeated ``--model``) when there is one,
+else an untrained compact model saved to a temporary ``.keras`` file with its model card (same
+architecture and cost). The
 breakdown comes from report.json's ``timings_s`` of the last command-line run, plus the cost of
 importing TensorFlow and loading the model measured in their own processes.
 
@@ -77,10 +79,11 @@ def _extra(parser) -> None:
 
 
 #: Run in a fresh interpreter: register the case ``repeats + 1`` times with one backend and print
-#: the first and the warm timings (argv: case, model, out root, backend, repeats).
+#: the first and the warm timings (argv: case, out root, backend, repeats, model(s)).
 _PROBE = """
 import json, statistics, sys, time
-case, model, root, backend, repeats = sys.argv[1:6]
+case, root, backend, repeats, *models = sys.argv[1:]
+model = models if len(models) > 1 else models[0]
 t0 = time.perf_counter()
 from inference import pipeline
 walls, network = [], []
@@ -110,14 +113,19 @@ print(json.dumps({"status": status, "peak_rss_mb": resource.getrusage(resource.R
 _RUNTIME_IMPORT = {"tf": "import tensorflow, inference.model", "onnx": "import onnxruntime"}
 
 
-def _fresh_registers(case: pathlib.Path, model: pathlib.Path, root: pathlib.Path, backend: str, repeats: int,
-                     extra: tuple[str, ...] = ()) -> tuple[list[float], list[float], dict]:
+def _model_args(models: list[pathlib.Path]) -> list[str]:
+    """``--model M`` for each model (several: registration averages them)."""
+    return [arg for model in models for arg in ("--model", str(model))]
+
+
+def _fresh_registers(case: pathlib.Path, models: list[pathlib.Path], root: pathlib.Path, backend: str,
+                     repeats: int, extra: tuple[str, ...] = ()) -> tuple[list[float], list[float], dict]:
     """Wall times and peak memory of ``repeats`` fresh-process registers, and the last report.json."""
     walls, rss, last = [], [], {}
     for index in range(repeats):
         out = root / f"fresh_{backend}_{index}"
         wall, completed = _timed_process(["-c", _CLI_WITH_RSS, "register", str(case), "--out", str(out),
-                                          "--model", str(model), "--backend", backend, "--quiet", *extra])
+                                          *_model_args(models), "--backend", backend, "--quiet", *extra])
         if completed.returncode != 0:
             raise SystemExit(f"register --backend {backend} {' '.join(extra)} failed: "
                              f"{completed.stderr.strip()[-2000:]}")
@@ -128,16 +136,16 @@ def _fresh_registers(case: pathlib.Path, model: pathlib.Path, root: pathlib.Path
     return walls, rss, last
 
 
-def compare_backends(report, case: pathlib.Path, model: pathlib.Path, root: pathlib.Path,
+def compare_backends(report, case: pathlib.Path, models: list[pathlib.Path], root: pathlib.Path,
                      backends: list[str], repeats: int, with_refine: bool = False) -> None:
     """The backend figures of the module docstring, one backend after the other."""
     for backend in backends:
-        walls, rss, _ = _fresh_registers(case, model, root, backend, repeats)
+        walls, rss, _ = _fresh_registers(case, models, root, backend, repeats)
         report.add(f"{backend}_fresh_wall_s", statistics.median(walls), "s",
                    f"hipatlas register --backend {backend} (fresh process, median)")
         report.add(f"{backend}_fresh_peak_rss_mb", max(rss), "MB", "  its peak resident memory")
         if with_refine:
-            walls, rss, last = _fresh_registers(case, model, root, backend, repeats, ("--refine",))
+            walls, rss, last = _fresh_registers(case, models, root, backend, repeats, ("--refine",))
             if not last.get("refinement", {}).get("run"):
                 raise SystemExit(f"register --backend {backend} --refine did not refine")
             report.add(f"{backend}_fresh_refine_wall_s", statistics.median(walls), "s",
@@ -152,8 +160,8 @@ def compare_backends(report, case: pathlib.Path, model: pathlib.Path, root: path
             _, completed = _timed_process(["-c", script])
             imports.append(float(completed.stdout.strip().splitlines()[-1]))
         report.add(f"{backend}_import_s", statistics.median(imports), "s", "  import pipeline + runtime")
-        _, completed = _timed_process(["-c", _PROBE, str(case), str(model), str(root / f"probe_{backend}"),
-                                       backend, str(max(1, repeats))])
+        _, completed = _timed_process(["-c", _PROBE, str(case), str(root / f"probe_{backend}"), backend,
+                                       str(max(1, repeats)), *map(str, models)])
         if completed.returncode != 0:
             raise SystemExit(f"in-process probe of {backend} failed: {completed.stderr.strip()[-2000:]}")
         probe = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -182,13 +190,13 @@ def _simulated_case(root: pathlib.Path, detector: int) -> pathlib.Path:
                                           detector=(detector, detector, 0.4 * 768 / detector))
 
 
-def _model_path(root: pathlib.Path, given: str | None) -> tuple[pathlib.Path, str]:
+def _models(root: pathlib.Path, given: str | None) -> tuple[list[pathlib.Path], str]:
     from inference import registration
 
     if given:
-        return registration.model_file_in(given), "given"
+        return [registration.model_file_in(given)], "given"
     try:
-        return registration.default_model_path(), "shipped"
+        return registration.default_model_paths(), "shipped"
     except Exception:  # no trained model installed yet: an untrained one costs the same
         import keras
 
@@ -198,7 +206,7 @@ def _model_path(root: pathlib.Path, given: str | None) -> tuple[pathlib.Path, st
         keras.utils.set_random_seed(0)
         net = model_lib.build_model(model_lib.preset("compact"), atlas_lib.load_atlas("compact"))
         path, _ = model_lib.save_model(net, root / "model" / "compact_untrained.keras")
-        return path, "untrained compact"
+        return [path], "untrained compact"
 
 
 def _timed_process(args: list[str]) -> tuple[float, subprocess.CompletedProcess]:
@@ -214,12 +222,13 @@ def main(argv=None) -> None:
     root = pathlib.Path(tempfile.mkdtemp(prefix="bench_register_"))
     try:
         case = pathlib.Path(args.case) if args.case else _simulated_case(root, args.detector)
-        model, model_kind = _model_path(root, args.model)
-        report.note(f"case {case}, model {model} ({model_kind})")
+        models, model_kind = _models(root, args.model)
+        report.model_file = models
+        report.note(f"case {case}, model(s) {', '.join(map(str, models))} ({model_kind})")
         report.add("model_kind", model_kind)
         backends = [b.strip() for b in args.backends.split(",") if b.strip()]
         if backends:
-            compare_backends(report, case, model, root, backends, repeats, args.with_refine)
+            compare_backends(report, case, models, root, backends, repeats, args.with_refine)
         if args.backends_only:
             shutil.rmtree(root, ignore_errors=True)
             report.finish()
@@ -229,16 +238,17 @@ def main(argv=None) -> None:
         wall, _ = _timed_process(["-c", "import tensorflow"])
         report.add("tf_import_s", wall, "s", "python + import tensorflow")
         load_script = ("import time; from inference import model; t = time.perf_counter(); "
-                       f"model.load_model({str(model)!r}); print(time.perf_counter() - t)")
+                       f"model.load_model({str(models[0])!r}); print(time.perf_counter() - t)")
         wall, completed = _timed_process(["-c", load_script])
         if completed.returncode == 0:
-            report.add("model_load_s", float(completed.stdout.strip().splitlines()[-1]), "s", "load_model (verified)")
+            report.add("model_load_s", float(completed.stdout.strip().splitlines()[-1]), "s",
+                       "load_model (verified), the first model")
 
         walls, last_report = [], None
         for index in range(repeats):
             out = root / f"out_{index}"
             wall, completed = _timed_process(["-m", "app.cli", "register", str(case), "--out", str(out),
-                                              "--model", str(model), "--backend", args.backend, "--quiet"])
+                                              *_model_args(models), "--backend", args.backend, "--quiet"])
             if completed.returncode != 0:
                 raise SystemExit(f"register failed ({completed.returncode}): {completed.stderr.strip()[-2000:]}")
             walls.append(wall)
@@ -258,7 +268,7 @@ def main(argv=None) -> None:
                 shutil.copytree(case, copy)
                 cases.append(str(copy))
             wall, completed = _timed_process(["-m", "app.cli", "register", *cases, "--out", str(root / "cohort"),
-                                              "--model", str(model), "--backend", args.backend, "--quiet"])
+                                              *_model_args(models), "--backend", args.backend, "--quiet"])
             if completed.returncode != 0:
                 raise SystemExit(f"cohort register failed: {completed.stderr.strip()[-2000:]}")
             report.add("register_cohort_per_case_s", wall / args.cohort, "s",
@@ -268,7 +278,8 @@ def main(argv=None) -> None:
         from inference import pipeline
 
         def run(out, masks=None, case_dir=case):
-            return pipeline.run_to_completion(pipeline.register_case(case_dir, out, model=str(model), masks=masks,
+            chosen = [str(m) for m in models] if len(models) > 1 else str(models[0])
+            return pipeline.run_to_completion(pipeline.register_case(case_dir, out, model=chosen, masks=masks,
                                                                      backend=args.backend))
 
         start = time.perf_counter()
