@@ -14,13 +14,12 @@ signals, which Qt delivers to the GUI thread as queued calls:
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import traceback
 from typing import Any, Callable, Generator
 
-from PySide6.QtCore import QObject, QThread, QTimer, Signal
+from PySide6.QtCore import QThread, Signal
 
 from inference.errors import Cancelled
 
@@ -86,49 +85,3 @@ class GeneratorWorker(QThread):
             self.succeeded.emit(self.result)
         finally:
             self.done.emit()
-
-
-class GuiThreadGarbageCollector(QObject):
-    """Python's cyclic garbage collection, run on the GUI thread only.
-
-    The collector runs in whichever thread happens to allocate when a generation's threshold is
-    crossed. If that is a worker thread (a PACS transfer, a DICOM export) and the garbage holds Qt
-    or VTK objects of an earlier window, their destructors run off the GUI thread, which Qt does
-    not survive: the GUI tests saw a segmentation fault while a DICOM export's worker thread was
-    "Garbage-collecting". So automatic collection is switched off, and a timer on the GUI thread
-    collects each generation whose count has passed its threshold (pyqtgraph's
-    ``GarbageCollector`` does the same for the same reason). Reference counting, which frees
-    almost everything, is untouched.
-    """
-
-    def __init__(self, interval_ms: int = 500, parent: QObject | None = None):
-        super().__init__(parent)
-        self.thresholds = gc.get_threshold()
-        gc.disable()
-        self.timer = QTimer(self)
-        self.timer.timeout.connect(self.collect)
-        self.timer.start(interval_ms)
-
-    def collect(self) -> None:
-        counts = gc.get_count()
-        generation = -1
-        for level in range(3):
-            if counts[level] > self.thresholds[level]:
-                generation = level
-        if generation >= 0:
-            gc.collect(generation)
-
-
-def collect_garbage_on_the_gui_thread() -> GuiThreadGarbageCollector:
-    """Install :class:`GuiThreadGarbageCollector` once per application (call on the GUI thread,
-    with a ``QApplication``); returns it."""
-    global _COLLECTOR
-    from PySide6.QtWidgets import QApplication
-
-    if _COLLECTOR is None:
-        _COLLECTOR = GuiThreadGarbageCollector(parent=QApplication.instance())
-    return _COLLECTOR
-
-
-_COLLECTOR: GuiThreadGarbageCollector | None = None
-
