@@ -868,8 +868,3 @@ def _describe_model_file(path: pathlib.Path) -> dict[str, Any]:
     info["sha256"] = card.get("sha256")
     info["software_version"] = card.get("software_version")
     return info
-    if isinstance(card, dict):
-        info["id"] = str(card.get("name") or card.get("model_id") or path.stem)
-        info["sha256"] = card.get("sha256")
-        info["software_version"] = card.get("software_version")
-    return info

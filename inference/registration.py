@@ -86,8 +86,10 @@ def load_registration_model(model: Any = None):
     path = model_file_in(model) if model is not None else default_model_path()
     key = (str(path.resolve()), path.stat().st_mtime)
     if key not in _MODEL_CACHE:
+        from inference.backends import CACHED_MODELS
+
         card = model_lib.card_path_for(path)
-        if len(_MODEL_CACHE) >= 4:  # the members of an ensemble stay loaded together
+        if len(_MODEL_CACHE) >= CACHED_MODELS:  # the members of an ensemble stay loaded together
             _MODEL_CACHE.clear()
         _MODEL_CACHE[key] = model_lib.load_model(path, card=card if card.is_file() else None)
     return _MODEL_CACHE[key]
