@@ -333,8 +333,6 @@ def verify_onnx_file(onnx_path: pathlib.Path, card: Mapping[str, Any] | None) ->
 
 
 _CACHE: dict[tuple, InferenceBackend] = {}
-#: Loaded models kept per process (the members of an ensemble, the GUI's many cases).
-CACHED_MODELS = 4
 
 
 def load_backend(model: Any = None, backend: str | None = None, *, graph: bool = False,
@@ -397,7 +395,7 @@ def load_backend(model: Any = None, backend: str | None = None, *, graph: bool =
         entry = verify_onnx_file(onnx_path, card)
         key = ("onnx", str(onnx_path.resolve()), onnx_path.stat().st_mtime, tuple(providers or ()))
         if key not in _CACHE:
-            if len(_CACHE) >= CACHED_MODELS:
+            if len(_CACHE) >= registration.CACHED_MODELS:
                 _CACHE.clear()
             _CACHE[key] = OnnxBackend(onnx_path, card, providers)
             log.info("ONNX model %s (opset %s) loaded", onnx_path.name, entry.get("opset"))

@@ -72,6 +72,9 @@ def model_file_in(path: str | os.PathLike) -> pathlib.Path:
 
 
 _MODEL_CACHE: dict[tuple[str, float], Any] = {}
+#: Loaded models kept per process, here and in :func:`inference.backends.load_backend` (the
+#: members of an ensemble, the GUI's many cases).
+CACHED_MODELS = 4
 
 
 def load_registration_model(model: Any = None):
@@ -86,8 +89,6 @@ def load_registration_model(model: Any = None):
     path = model_file_in(model) if model is not None else default_model_path()
     key = (str(path.resolve()), path.stat().st_mtime)
     if key not in _MODEL_CACHE:
-        from inference.backends import CACHED_MODELS
-
         card = model_lib.card_path_for(path)
         if len(_MODEL_CACHE) >= CACHED_MODELS:  # the members of an ensemble stay loaded together
             _MODEL_CACHE.clear()
