@@ -34,6 +34,7 @@ from app.template_panel import TemplatePanel
 from app.views.radiograph_view import RadiographPanel
 from app.views.slice_view import SlicePanel
 from app.views.surface_view import SurfaceView
+from app.workers import collect_garbage_on_the_gui_thread
 from inference import __version__
 from inference.errors import HipAtlasError
 
@@ -63,6 +64,7 @@ class MainWindow(QMainWindow):
 
     def __init__(self, settings: Settings | None = None, session: Session | None = None, *, interactive: bool = True):
         super().__init__()
+        collect_garbage_on_the_gui_thread()  # never in a worker thread (app.workers)
         self.settings = settings or Settings()
         self.session = session or Session()
         self.interactive = interactive

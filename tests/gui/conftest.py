@@ -152,6 +152,16 @@ def qapp_args(x_display):
     return ["hipatlas-gui-tests"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gui_thread_garbage_collection(qapp):
+    """Cyclic garbage collected on the GUI thread only, as in the application (its main window
+    installs app.workers.GuiThreadGarbageCollector), also for the tests that open a dialog without
+    one: a collection in a worker thread that meets an earlier test's Qt objects crashes."""
+    from app.workers import collect_garbage_on_the_gui_thread
+
+    return collect_garbage_on_the_gui_thread()
+
+
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture
 def synthetic_case(tmp_path):

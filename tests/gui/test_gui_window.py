@@ -559,3 +559,53 @@ def test_help_opens_the_user_guide_with_its_pictures(make_window, monkeypatch):
     targets = re.findall(r"\]\(([^)#\s]+)\)", text)
     assert sum(t.endswith(".png") for t in targets) >= 4
     assert all((guide.parent / t).is_file() for t in targets), targets
+
+
+def test_garbage_made_in_a_worker_thread_is_collected_on_the_gui_thread(make_window, qtbot):
+    """Cyclic garbage is collected only by the GUI thread's timer (app.workers): a worker thread
+    that allocates far past the collector's thresholds must not run the destructors of garbage
+    (in the application: Qt and VTK objects of an earlier window) in its own thread."""
+    from app import workers
+
+    make_window()
+    assert workers._COLLECTOR is not None and not gc.isenabled()
+    collected_in: list[str] = []
+
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+        def __del__(self):
+            collected_in.append(threading.current_thread().name)
+
+    def work():
+        for _ in range(50):
+            Cycle()  # unreachable at once, but a cycle: only the cyclic collector frees it
+            [(i, [i]) for i in range(2_000)]  # container allocations: what triggers a collection
+
+    worker = threading.Thread(target=work, name="allocating-worker")
+    worker.start()
+    worker.join()
+    qtbot.waitUntil(lambda: len(collected_in) == 50, timeout=10_000)
+    assert set(collected_in) == {threading.main_thread().name}
+
+
+def test_the_gui_thread_collector_keeps_cpythons_rule_for_full_collections(qapp, monkeypatch):
+    """A full collection (0.2 s for the workstation's objects) only once the oldest generation has
+    grown by a quarter since the last one, as CPython decides; younger generations by their counts."""
+    from app import workers
+
+    collector = workers.collect_garbage_on_the_gui_thread()
+    collector.long_lived_total = 1_000
+    state = {"counts": (0, 0, 11), "old": 1_100}
+    monkeypatch.setattr(workers.gc, "get_count", lambda: state["counts"])
+    monkeypatch.setattr(workers.gc, "get_objects", lambda generation=None: range(state["old"]))
+    assert collector.due_generation() == -1  # 100 new long-lived objects: under a quarter
+    state["counts"] = (0, 11, 11)
+    assert collector.due_generation() == 1
+    state["counts"] = (701, 0, 0)
+    assert collector.due_generation() == 0
+    state["counts"], state["old"] = (0, 0, 11), 1_250
+    assert collector.due_generation() == 2
+    state["counts"] = (0, 0, 10)
+    assert collector.due_generation() == -1  # not past its threshold
