@@ -139,6 +139,17 @@ class Mesh:
         b = np.concatenate([f[:, 1], f[:, 2], f[:, 0]])
         return a * self.n_vertices + b, b * self.n_vertices + a
 
+    def face_centres_and_reach(self) -> tuple[np.ndarray, float]:
+        """Each triangle's centroid (M, 3) and the largest distance from a centroid to one of its
+        corners (mm; cached): a plane farther than that from a centroid misses the triangle."""
+        if "face_centres" not in self._cache:
+            corners = self.vertices[self.faces]
+            centres = corners.mean(axis=1)
+            reach = float(np.sqrt(((corners - centres[:, None, :]) ** 2).sum(axis=2).max())) if len(centres) else 0.0
+            # A margin for rounding: the test is against distances computed another way.
+            self._cache["face_centres"] = (centres, reach * (1 + 1e-9) + 1e-9)
+        return self._cache["face_centres"]
+
     def is_closed(self) -> bool:
         """True if the surface is watertight and consistently oriented.
 

@@ -90,6 +90,37 @@ def test_cross_sections_of_boxes():
     assert sum(s.area_mm2 for s in at_face) in (0.0, pytest.approx(24.0))
 
 
+def test_cross_sections_skip_only_triangles_the_plane_cannot_cross(synthetic):
+    """The cut looks only at triangles whose centre lies within reach of the plane; every loop,
+    area and centroid must be bitwise those of the cut through all triangles (random planes)."""
+    _, surface = synthetic
+
+    class AllTriangles:  # the same surface without the pruning (infinite reach)
+        vertices, faces = surface.vertices, surface.faces
+
+        @staticmethod
+        def face_centres_and_reach():
+            return np.zeros((len(surface.faces), 3)), np.inf
+
+    rng = np.random.default_rng(5)
+    lo, hi = surface.vertices.min(axis=0), surface.vertices.max(axis=0)
+    cut = 0
+    for _ in range(40):
+        origin, normal = rng.uniform(lo, hi), rng.normal(size=3)
+        pruned, full = A.cross_sections(surface, origin, normal), A.cross_sections(AllTriangles, origin, normal)
+        assert len(pruned) == len(full)
+        cut += bool(full)
+        for a, b in zip(pruned, full):
+            assert a.area_mm2 == b.area_mm2
+            assert np.array_equal(a.centroid_mm, b.centroid_mm) and np.array_equal(a.polygon_mm, b.polygon_mm)
+    assert cut >= 20  # most planes meet the femur
+    # A plane through vertices exactly (a corner on the plane counts on the + side) as well.
+    vertex = surface.vertices[len(surface.vertices) // 2]
+    for normal in ((0, 0, 1), (1, 0, 0)):
+        pruned, full = A.cross_sections(surface, vertex, normal), A.cross_sections(AllTriangles, vertex, normal)
+        assert [s.area_mm2 for s in pruned] == [s.area_mm2 for s in full] and full
+
+
 # ----------------------------------------------------------------------------------------------
 # Synthetic femur with known answers
 # ----------------------------------------------------------------------------------------------
