@@ -213,13 +213,14 @@ def cross_sections(mesh: Mesh, origin_mm: np.ndarray, normal: np.ndarray) -> lis
     origin = np.asarray(origin_mm, dtype=np.float64)
     normal = _unit(normal)
     V = mesh.vertices
-    d = (V - origin) @ normal
     # Only triangles whose centre lies within the largest centre-to-corner distance of the plane
-    # can cross it: on the registration's ~77k-triangle surface a few percent, which cut this
-    # function's CPU time from 1.2 ms a call (~260 calls per registration) to about a third.
-    # d is still computed for every vertex, so that the points are bitwise those of the full cut.
+    # can cross it: on the registration's ~77k-triangle surface about 1 %, so only their
+    # corners' distances to the plane are computed (~260 calls per registration).
     centres, reach = mesh.face_centres_and_reach()
-    F = mesh.faces[np.abs(centres @ normal - origin @ normal) <= reach]
+    F = mesh.faces[np.flatnonzero(np.abs(centres @ normal - origin @ normal) <= reach)]
+    d = np.zeros(len(V))
+    corners = np.unique(F)
+    d[corners] = (V[corners] - origin) @ normal
     pos = d >= 0
     # Corners on the + side per triangle, summed as uint8 columns: numpy's sum over the short
     # axis of a (M, 3) bool array took half of this function's time (it is called ~230 times
