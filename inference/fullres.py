@@ -83,18 +83,20 @@ def upsample_displacement(psi_zyx3: np.ndarray) -> np.ndarray:
     return np.moveaxis(upsample_displacement_channels(psi_zyx3), 0, -1)
 
 
-def upsample_displacement_channels(psi_zyx3: np.ndarray) -> np.ndarray:
+def upsample_displacement_channels(psi_zyx3: np.ndarray, workspace: "Workspace | None" = None) -> np.ndarray:
     """:func:`upsample_displacement` channel first, (3, 2Z, 2Y, 2X): the layout
-    ``map_coordinates`` takes, so the 14 M-value fine field is never transposed."""
+    ``map_coordinates`` takes, so the 14 M-value fine field is never transposed. With a
+    ``workspace`` the result and every intermediate array are its (overwritten by its next use)."""
     # Doubling (voxels -> fine voxels) is exact in floating point, so it is done on the coarse
     # field, an eighth of the values, with the same result bit for bit.
     field = np.ascontiguousarray(np.moveaxis(np.asarray(psi_zyx3, np.float32), -1, 0)) * np.float32(2.0)
     for axis in (1, 2, 3):
-        field = _upsample_axis(field, axis)
+        field = _upsample_axis(field, axis, workspace, f"upsampled_{axis}")
     return field
 
 
-def _upsample_axis(field: np.ndarray, axis: int) -> np.ndarray:
+def _upsample_axis(field: np.ndarray, axis: int, workspace: "Workspace | None" = None,
+                   name: str = "upsampled") -> np.ndarray:
     """x2 along ``axis``: even = 3/4 f[i] + 1/4 f[i-1], odd = 3/4 f[i] + 1/4 f[i+1], ends held.
 
     Written into one preallocated array with float32 operations in the layer's order: bitwise
@@ -107,15 +109,56 @@ def _upsample_axis(field: np.ndarray, axis: int) -> np.ndarray:
 
     shape = list(field.shape)
     shape[axis] *= 2
-    out = np.empty(shape, np.float32)
-    three_quarters = np.float32(0.75) * field
-    quarter = np.float32(0.25) * field
+    if workspace is None:
+        out = np.empty(shape, np.float32)
+        three_quarters = np.float32(0.75) * field
+        quarter = np.float32(0.25) * field
+    else:
+        out = workspace.array(name, shape, np.float32)
+        three_quarters = np.multiply(np.float32(0.75), field, out=workspace.array("three_quarters", field.shape, np.float32))
+        quarter = np.multiply(np.float32(0.25), field, out=workspace.array("quarter", field.shape, np.float32))
     even, odd = out[at(slice(0, None, 2))], out[at(slice(1, None, 2))]
     np.add(three_quarters[at(slice(1, None))], quarter[at(slice(None, -1))], out=even[at(slice(1, None))])
     np.add(three_quarters[at(slice(0, 1))], quarter[at(slice(0, 1))], out=even[at(slice(0, 1))])
     np.add(three_quarters[at(slice(None, -1))], quarter[at(slice(1, None))], out=odd[at(slice(None, -1))])
     np.add(three_quarters[at(slice(-1, None))], quarter[at(slice(-1, None))], out=odd[at(slice(-1, None))])
     return out
+
+
+class Workspace:
+    """Scratch arrays that successive full-resolution warps reuse, each kept by name.
+
+    One warp of the demo allocates about 0.3 GB of scratch (the upsampled field and its
+    intermediates, the sample points, their nearest voxels). Fresh memory is faulted in page by
+    page, and on the 2-core development machine that made :func:`warp_fine` inside a registration
+    take 0.33-0.88 s of CPU from one registration to the next where a loop of warps alone took a
+    steady 0.34 s (session 15, ad hoc). Reused arrays are faulted in once, at the cost of keeping
+    them between registrations. Returned results never live here. One warp at a time uses
+    :data:`WORKSPACE` (a second, concurrent one gets none).
+    """
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def array(self, name: str, shape, dtype) -> np.ndarray:
+        """The array ``name`` of this shape and dtype (contents undefined)."""
+        shape = tuple(int(n) for n in shape)
+        array = self.arrays.get(name)
+        if array is None or array.shape != shape or array.dtype != np.dtype(dtype):
+            self.arrays.pop(name, None)  # freed before its successor is allocated
+            array = self.arrays[name] = np.empty(shape, dtype)
+        return array
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+#: the workspace of :func:`warp_fine`
+WORKSPACE = Workspace()
 
 
 def sample_coordinates(field_channels: np.ndarray, *, in_place: bool = False) -> np.ndarray:
@@ -177,21 +220,48 @@ def warp_fine(fine_atlas, psi_coarse: np.ndarray, coarse_grid_placed, coarse_atl
     if not np.allclose(ratio, 2.0):
         raise DataError(f"the fine atlas must be twice as fine as the network's grid on every axis, not {ratio}")
     fine_grid = fine_grid_placed(coarse_grid_placed, coarse_atlas_grid, fine_atlas.geometry)
-    coords = sample_coordinates(upsample_displacement_channels(psi_coarse), in_place=True)
     labels_in = np.asarray(fine_atlas.labels)
     volume = np.asarray(fine_atlas.volume, np.float32)
-    if dense:
+    workspace = WORKSPACE if WORKSPACE.lock.acquire(blocking=False) else None
+    try:
+        coords = sample_coordinates(upsample_displacement_channels(psi_coarse, workspace), in_place=True)
         # HU + 1000 so that the zero padding outside the atlas grid reads as air, not water.
-        hu = _map_linear(volume + np.float32(1000.0), coords)
-        femur = _map_linear((labels_in == 1).astype(np.float32), coords)
-        pelvis = _map_linear((labels_in == 2).astype(np.float32), coords)
-        labels = labels_from_indicators(femur, pelvis)
-    else:
-        nearest = nearest_voxels(coords, labels_in.shape)
-        hu = warp_linear_sparse(volume + np.float32(1000.0), coords, nearest, constant_neighbourhoods(volume))
-        labels, femur = _warp_labels_sparse(labels_in, coords, nearest)
+        shifted = _plus_1000(volume)
+        if dense:
+            hu = _map_linear(shifted, coords)
+            femur = _map_linear((labels_in == 1).astype(np.float32), coords)
+            pelvis = _map_linear((labels_in == 2).astype(np.float32), coords)
+            labels = labels_from_indicators(femur, pelvis)
+        else:
+            nearest = nearest_voxels(coords, labels_in.shape, workspace)
+            hu = warp_linear_sparse(shifted, coords, nearest, constant_neighbourhoods(volume))
+            labels, femur = _warp_labels_sparse(labels_in, coords, nearest)
+    finally:
+        if workspace is not None:
+            workspace.lock.release()
     hu -= np.float32(1000.0)
     return FineWarp(labels=labels, volume_hu=hu, femur_soft=femur, grid=fine_grid)
+
+
+_SHIFTED_CACHE: dict[int, tuple[Any, np.ndarray]] = {}
+
+
+def _plus_1000(volume: np.ndarray) -> np.ndarray:
+    """``volume + 1000`` (float32), cached for the last atlas volume warped (read-only)."""
+    import weakref
+
+    cached = _SHIFTED_CACHE.get(id(volume))
+    if cached is not None and cached[0]() is volume:
+        return cached[1]
+    shifted = volume + np.float32(1000.0)
+    shifted.setflags(write=False)
+    try:
+        reference = weakref.ref(volume)
+    except TypeError:
+        return shifted
+    _SHIFTED_CACHE.clear()
+    _SHIFTED_CACHE[id(volume)] = (reference, shifted)
+    return shifted
 
 
 _CONSTANT_CACHE: dict[int, tuple[Any, np.ndarray]] = {}
@@ -236,16 +306,24 @@ class NearestVoxels:
     outside: np.ndarray
 
 
-def nearest_voxels(coords: np.ndarray, shape: tuple[int, ...]) -> NearestVoxels:
-    """The nearest voxel of each sample point ``coords`` (3, Z, Y, X) on a grid of ``shape``."""
-    outside = np.zeros(coords.shape[1:], bool)
+def nearest_voxels(coords: np.ndarray, shape: tuple[int, ...], workspace: Workspace | None = None) -> NearestVoxels:
+    """The nearest voxel of each sample point ``coords`` (3, Z, Y, X) on a grid of ``shape``
+    (in ``workspace``'s arrays when given)."""
+    def scratch(name, array_shape, dtype):
+        return np.empty(array_shape, dtype) if workspace is None else workspace.array(name, array_shape, dtype)
+
+    outside = scratch("outside", coords.shape[1:], bool)
+    beyond = scratch("beyond", coords.shape[1:], bool)
+    outside[...] = False
     for axis in range(3):
-        outside |= (coords[axis] < 0) | (coords[axis] > shape[axis] - 1)
+        outside |= np.less(coords[axis], 0, out=beyond)
+        outside |= np.greater(coords[axis], shape[axis] - 1, out=beyond)
     # int(p + 0.5) rounds the coordinates inside [0, n - 1] to the nearest voxel; written in place
     # as int32: a third of the time of floor + astype(int64) on these 14 M values.
-    nearest = np.empty(coords.shape, np.int32)
+    nearest = scratch("nearest", coords.shape, np.int32)
     np.add(coords, np.float32(0.5), out=nearest, casting="unsafe")
-    flat = nearest[0] * np.int32(shape[1])
+    flat = nearest[0]  # the flat index, over the z index (not needed after)
+    flat *= np.int32(shape[1])
     flat += nearest[1]
     flat *= np.int32(shape[2])
     flat += nearest[2]

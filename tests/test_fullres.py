@@ -120,6 +120,37 @@ def test_the_sparse_warp_equals_the_dense_one_on_the_bundled_atlases():
     np.testing.assert_allclose(sparse.volume_hu, dense.volume_hu, atol=1e-3)
 
 
+def test_warps_through_the_reused_workspace_equal_fresh_ones_and_keep_their_results():
+    """warp_fine's scratch arrays are reused (fullres.WORKSPACE): a warp through it is bitwise
+    the warp with fresh arrays, a later warp leaves an earlier result alone, and a warp that
+    finds the workspace busy (another thread's) makes its own."""
+    coarse_grid, fine = _atlases()
+    first_psi, second_psi = (_smooth_field(coarse_grid.shape_zyx, 3.0, seed) for seed in (2, 3))
+    with fullres.WORKSPACE.lock:  # busy: both warps below get fresh arrays
+        fresh_first = fullres.warp_fine(fine, first_psi, coarse_grid, coarse_grid)
+        fresh_second = fullres.warp_fine(fine, second_psi, coarse_grid, coarse_grid)
+    assert not fullres.WORKSPACE.lock.locked()
+    first = fullres.warp_fine(fine, first_psi, coarse_grid, coarse_grid)
+    kept = (first.labels.copy(), first.volume_hu.copy(), first.femur_soft.copy())
+    assert fullres.WORKSPACE.arrays  # it was used
+    second = fullres.warp_fine(fine, second_psi, coarse_grid, coarse_grid)
+    for result, fresh in ((first, fresh_first), (second, fresh_second)):
+        np.testing.assert_array_equal(result.labels, fresh.labels)
+        np.testing.assert_array_equal(result.volume_hu, fresh.volume_hu)
+        np.testing.assert_array_equal(result.femur_soft, fresh.femur_soft)
+    for now, before in zip((first.labels, first.volume_hu, first.femur_soft), kept):
+        np.testing.assert_array_equal(now, before)
+    assert not np.array_equal(first.labels, second.labels)
+    # the upsampled field and the nearest voxels themselves, through a workspace or not
+    workspace = fullres.Workspace()
+    np.testing.assert_array_equal(fullres.upsample_displacement_channels(first_psi, workspace),
+                                  fullres.upsample_displacement_channels(first_psi))
+    coords = fullres.sample_coordinates(fullres.upsample_displacement_channels(first_psi))
+    a, b = fullres.nearest_voxels(coords, fine.labels.shape, workspace), fullres.nearest_voxels(coords, fine.labels.shape)
+    np.testing.assert_array_equal(a.flat, b.flat)
+    np.testing.assert_array_equal(a.outside, b.outside)
+
+
 def test_constant_neighbourhoods_exclude_label_boundaries_and_the_grid_border():
     labels = np.zeros((6, 7, 8), np.uint8)
     labels[2:, :, :] = 1
