@@ -344,18 +344,18 @@ def test_checkpoints_become_models_and_models_average(tmp_path, data_dir, atlas)
     from tool_helpers import load_tool
 
     tool = load_tool("checkpoint_models")
-    config = dataclasses.replace(SETTINGS, steps=4, checkpoint_every=2, validate_every=0, export="last")
+    config = dataclasses.replace(SETTINGS, steps=2, checkpoint_every=1, validate_every=0, export="last")
     run = T.train(TINY, data_dir, tmp_path / "run", train_config=config, atlas=atlas)
-    last = tool.export_checkpoint(tmp_path / "run", 4, tmp_path / "step4", atlas=atlas)
-    early = tool.export_checkpoint(tmp_path / "run", 2, tmp_path / "step2", atlas=atlas)
+    last = tool.export_checkpoint(tmp_path / "run", 2, tmp_path / "step2", atlas=atlas)
+    early = tool.export_checkpoint(tmp_path / "run", 1, tmp_path / "step1", atlas=atlas)
     exported = M.load_model(run.best_model_path).get_weights()
     for a, b in zip(M.load_model(last).get_weights(), exported):
         np.testing.assert_array_equal(a, b)
     early_weights = M.load_model(early).get_weights()
     assert any(not np.array_equal(a, b) for a, b in zip(early_weights, exported))
     card = json.loads((early.parent / "model_card.json").read_text())
-    assert card["training"]["exported_checkpoint_step"] == 2 and card["training"]["steps"] == 4
-    mean = tool.average_models([tmp_path / "step2", tmp_path / "step4"], tmp_path / "mean")
+    assert card["training"]["exported_checkpoint_step"] == 1 and card["training"]["steps"] == 2
+    mean = tool.average_models([tmp_path / "step1", tmp_path / "step2"], tmp_path / "mean")
     for m, a, b in zip(M.load_model(mean).get_weights(), early_weights, exported):
         np.testing.assert_allclose(m, (a.astype(np.float64) + b) / 2, rtol=1e-6, atol=1e-7)
     assert json.loads((mean.parent / "model_card.json").read_text())["training"]["weights_averaged_from"]
