@@ -116,7 +116,6 @@ class GuiThreadGarbageCollector(QObject):
         self.thresholds = gc.get_threshold()
         gc.disable()
         self.long_lived_total = len(gc.get_objects(generation=2))
-        self.collections = [0, 0, 0]
         self.timer = QTimer(self)
         self.timer.timeout.connect(self.collect)
         self.timer.start(interval_ms)
@@ -140,14 +139,8 @@ class GuiThreadGarbageCollector(QObject):
         if generation < 0:
             return
         gc.collect(generation)
-        self.collections[generation] += 1
         if generation == 2:
             self.long_lived_total = len(gc.get_objects(generation=2))
-
-    def stop(self) -> None:
-        """Stop the timer and give collection back to CPython."""
-        self.timer.stop()
-        gc.enable()
 
 
 def collect_garbage_on_the_gui_thread() -> GuiThreadGarbageCollector:

@@ -109,14 +109,9 @@ def _upsample_axis(field: np.ndarray, axis: int, workspace: "Workspace | None" =
 
     shape = list(field.shape)
     shape[axis] *= 2
-    if workspace is None:
-        out = np.empty(shape, np.float32)
-        three_quarters = np.float32(0.75) * field
-        quarter = np.float32(0.25) * field
-    else:
-        out = workspace.array(name, shape, np.float32)
-        three_quarters = np.multiply(np.float32(0.75), field, out=workspace.array("three_quarters", field.shape, np.float32))
-        quarter = np.multiply(np.float32(0.25), field, out=workspace.array("quarter", field.shape, np.float32))
+    out = _scratch(workspace, name, shape, np.float32)
+    three_quarters = np.multiply(np.float32(0.75), field, out=_scratch(workspace, "three_quarters", field.shape, np.float32))
+    quarter = np.multiply(np.float32(0.25), field, out=_scratch(workspace, "quarter", field.shape, np.float32))
     even, odd = out[at(slice(0, None, 2))], out[at(slice(1, None, 2))]
     np.add(three_quarters[at(slice(1, None))], quarter[at(slice(None, -1))], out=even[at(slice(1, None))])
     np.add(three_quarters[at(slice(0, 1))], quarter[at(slice(0, 1))], out=even[at(slice(0, 1))])
@@ -152,13 +147,14 @@ class Workspace:
             array = self.arrays[name] = np.empty(shape, dtype)
         return array
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values())
-
 
 #: the workspace of :func:`warp_fine`
 WORKSPACE = Workspace()
+
+
+def _scratch(workspace: Workspace | None, name: str, shape, dtype) -> np.ndarray:
+    """``workspace``'s array ``name``, or a fresh one without a workspace (contents undefined)."""
+    return np.empty(shape, dtype) if workspace is None else workspace.array(name, shape, dtype)
 
 
 def sample_coordinates(field_channels: np.ndarray, *, in_place: bool = False) -> np.ndarray:
@@ -243,41 +239,45 @@ def warp_fine(fine_atlas, psi_coarse: np.ndarray, coarse_grid_placed, coarse_atl
     return FineWarp(labels=labels, volume_hu=hu, femur_soft=femur, grid=fine_grid)
 
 
-_SHIFTED_CACHE: dict[int, tuple[Any, np.ndarray]] = {}
+class _DerivedArrays:
+    """Arrays computed from an input array (the atlas's, warped at every registration), kept for
+    the last ``keep`` inputs, each known by identity (a weak reference: a new array with the same
+    ``id`` is not mistaken for a freed one). Inputs that cannot be weakly referenced are not kept."""
+
+    def __init__(self, compute, keep: int):
+        self.compute, self.keep = compute, keep
+        self.entries: dict[int, tuple[Any, np.ndarray]] = {}
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        import weakref
+
+        cached = self.entries.get(id(array))
+        if cached is not None and cached[0]() is array:
+            return cached[1]
+        derived = self.compute(array)
+        try:
+            reference = weakref.ref(array)
+        except TypeError:
+            return derived
+        if len(self.entries) >= self.keep:
+            self.entries.pop(next(iter(self.entries)))
+        self.entries[id(array)] = (reference, derived)
+        return derived
 
 
-def _plus_1000(volume: np.ndarray) -> np.ndarray:
-    """``volume + 1000`` (float32), cached for the last atlas volume warped (read-only)."""
-    import weakref
-
-    cached = _SHIFTED_CACHE.get(id(volume))
-    if cached is not None and cached[0]() is volume:
-        return cached[1]
+def _shifted_by_1000(volume: np.ndarray) -> np.ndarray:
     shifted = volume + np.float32(1000.0)
     shifted.setflags(write=False)
-    try:
-        reference = weakref.ref(volume)
-    except TypeError:
-        return shifted
-    _SHIFTED_CACHE.clear()
-    _SHIFTED_CACHE[id(volume)] = (reference, shifted)
     return shifted
 
 
-_CONSTANT_CACHE: dict[int, tuple[Any, np.ndarray]] = {}
+#: ``volume + 1000`` (float32, read-only) of the last atlas volume warped
+_plus_1000 = _DerivedArrays(_shifted_by_1000, keep=1)
 
 
-def constant_neighbourhoods(array: np.ndarray) -> np.ndarray:
-    """True where a voxel's 3x3x3 neighbourhood lies inside the grid and holds one value only
-    (cached for the last two arrays: the atlas's labels and HU, warped at every registration)."""
-    import weakref
-
+def _constant_neighbourhoods(array: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
-    key = id(array)
-    cached = _CONSTANT_CACHE.get(key)
-    if cached is not None and cached[0]() is array:
-        return cached[1]
     values = np.asarray(array)
     constant = ndimage.minimum_filter(values, size=3, mode="nearest") == ndimage.maximum_filter(
         values, size=3, mode="nearest")
@@ -285,14 +285,12 @@ def constant_neighbourhoods(array: np.ndarray) -> np.ndarray:
         edges = [slice(None)] * 3
         edges[axis] = [0, -1]
         constant[tuple(edges)] = False
-    try:
-        reference = weakref.ref(array)
-    except TypeError:  # not weakly referenceable: not cached
-        return constant
-    if len(_CONSTANT_CACHE) >= 2:
-        _CONSTANT_CACHE.pop(next(iter(_CONSTANT_CACHE)))
-    _CONSTANT_CACHE[key] = (reference, constant)
     return constant
+
+
+#: True where a voxel's 3x3x3 neighbourhood lies inside the grid and holds one value only
+#: (cached for the last two arrays: the atlas's labels and HU, warped at every registration)
+constant_neighbourhoods = _DerivedArrays(_constant_neighbourhoods, keep=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,18 +307,15 @@ class NearestVoxels:
 def nearest_voxels(coords: np.ndarray, shape: tuple[int, ...], workspace: Workspace | None = None) -> NearestVoxels:
     """The nearest voxel of each sample point ``coords`` (3, Z, Y, X) on a grid of ``shape``
     (in ``workspace``'s arrays when given)."""
-    def scratch(name, array_shape, dtype):
-        return np.empty(array_shape, dtype) if workspace is None else workspace.array(name, array_shape, dtype)
-
-    outside = scratch("outside", coords.shape[1:], bool)
-    beyond = scratch("beyond", coords.shape[1:], bool)
+    outside = _scratch(workspace, "outside", coords.shape[1:], bool)
+    beyond = _scratch(workspace, "beyond", coords.shape[1:], bool)
     outside[...] = False
     for axis in range(3):
         outside |= np.less(coords[axis], 0, out=beyond)
         outside |= np.greater(coords[axis], shape[axis] - 1, out=beyond)
     # int(p + 0.5) rounds the coordinates inside [0, n - 1] to the nearest voxel; written in place
     # as int32: a third of the time of floor + astype(int64) on these 14 M values.
-    nearest = scratch("nearest", coords.shape, np.int32)
+    nearest = _scratch(workspace, "nearest", coords.shape, np.int32)
     np.add(coords, np.float32(0.5), out=nearest, casting="unsafe")
     flat = nearest[0]  # the flat index, over the z index (not needed after)
     flat *= np.int32(shape[1])
