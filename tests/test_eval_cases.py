@@ -96,3 +96,36 @@ def test_view_separation_sets_the_angle_between_the_views(side):
     plan = simcases.case_plan(0, 2024, False, [side], view_separation_deg=40.0)
     lateral = 90.0 if side == "right" else -90.0
     assert abs(lateral + plan["angles_offset_deg"][1] - plan["angles_offset_deg"][0]) == pytest.approx(40.0)
+
+
+def test_case_metrics_scores_against_the_phantom_surface_and_the_label_map(tmp_path, tmp_path_factory):
+    """A result equal to the true surface on a 1 mm grid scores Dice 1 against the surface truth;
+    against the phantom CT's 3 mm label map, resampled, it scores what that label map itself does."""
+    import register_helpers as rh
+
+    from inference import geometry, io
+    from inference.data import simulate
+
+    sim = rh.simulated_case(tmp_path_factory.getbasetemp(), "left")
+    hip = sim.hip_centre_mm
+    grid = geometry.VolumeGeometry.centered((70, 56, 56), (1.0, 1.0, 1.0), tuple(hip + [0.0, 0.0, -18.0]))
+    femur = simulate.true_femur_mask(sim.truth_dir, grid)
+    assert femur.sum() > 20000 and femur[tuple(np.round(grid.world_to_index()[:3] @ np.append(hip, 1.0))
+                                               .astype(int)[::-1])]
+    out = tmp_path / "out"
+    out.mkdir()
+    io.write_volume(out / "femur_labels.nii.gz", femur.astype(np.uint8), grid, dtype=np.uint8)
+    (out / "measurements.json").write_text(json.dumps({"hip_centre_mm": hip.tolist(),
+                                                        "head_radius_mm": sim.truth["head_radius_mm"]}))
+    row = simcases.case_metrics(out, sim.truth_dir, "left", assd=True)
+    assert row["dice_surface"] == 1.0 and row["assd_surface_mm"] == 0.0 and row["hd95_surface_mm"] == 0.0
+    assert 0.85 < row["truth_label_dice"] < 0.98  # the 3 mm label map's staircase
+    assert row["dice"] == pytest.approx(row["truth_label_dice"]) and row["assd_mm"] > 0.3
+    assert row["hip_centre_error_mm"] == 0.0 and row["head_radius_error_mm"] == 0.0
+    # One voxel layer less of femur: worse against the surface, by what a 1 mm shell costs.
+    from scipy import ndimage
+
+    io.write_volume(out / "femur_labels.nii.gz", ndimage.binary_erosion(femur).astype(np.uint8), grid,
+                    dtype=np.uint8)
+    eroded = simcases.case_metrics(out, sim.truth_dir, "left", assd=True)
+    assert 0.8 < eroded["dice_surface"] < 0.97 and 0.5 < eroded["assd_surface_mm"] < 1.5

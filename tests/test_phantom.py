@@ -355,6 +355,32 @@ def test_phantom_labels_match_the_deformed_posed_mesh():
 
 
 @needs_bones
+def test_femur_mask_is_the_phantom_label_on_any_grid():
+    """femur_mask: the phantom's femur label without the CT, also on a mirrored or finer grid."""
+    from inference.data.shape import ShapeParams
+
+    model = ph.load_subject_model(FAST_SUBJECTS[0], spacing_mm=2.0, with_pelvis=False)
+    shape = ShapeParams(global_scale=0.95, neck_shaft_delta_deg=-5.0, deformation_amplitude_mm=2.0, deformation_seed=3)
+    params = ph.PhantomParams(shape=shape, rotation_deg=(-3.0, 5.0, 2.0), tissue=ph.TissueParams(seed=4))
+    grid = VolumeGeometry.centered((40, 36, 36), (2.0, 2.0, 2.0), (-20.0, 0.0, -20.0))
+    mask = ph.femur_mask(model, params, grid, chunk_voxels=36 * 36 * 7)
+    assert mask.dtype == bool and mask.sum() > 3000
+    np.testing.assert_array_equal(mask, ph.make_phantom(model, params, grid).labels == 1)
+    # A mirrored grid (a left hip's output grid brought into the phantom's right-femur frame) holds
+    # the same points as a right-handed grid running the other way along x.
+    mirrored = grid.transformed(np.diag([-1.0, 1.0, 1.0, 1.0]))
+    last_x = mirrored.index_to_world() @ [grid.shape_zyx[2] - 1, 0, 0, 1]
+    reversed_x = VolumeGeometry(grid.shape_zyx, grid.spacing_xyz_mm, tuple(last_x[:3]),
+                                tuple(map(tuple, np.asarray(mirrored.direction) * [-1.0, 1.0, 1.0])))
+    assert np.linalg.det(np.asarray(mirrored.direction)) < 0 < np.linalg.det(np.asarray(reversed_x.direction))
+    a, b = ph.femur_mask(model, params, mirrored), ph.femur_mask(model, params, reversed_x)[:, :, ::-1]
+    assert a.sum() > 1000 and np.mean(a == b) > 0.999  # (the shape lattice is laid from the other end)
+    # A finer grid over the same box agrees with the coarse label where both are sampled.
+    fine = VolumeGeometry(tuple(2 * n - 1 for n in grid.shape_zyx), (1.0, 1.0, 1.0), grid.origin_mm)
+    np.testing.assert_array_equal(ph.femur_mask(model, params, fine)[::2, ::2, ::2], mask)
+
+
+@needs_bones
 @pytest.mark.slow
 @pytest.mark.parametrize("name", _all_subjects())
 def test_every_shared_subject_makes_a_phantom(name):

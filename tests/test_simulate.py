@@ -131,6 +131,14 @@ def test_phantom_case_and_separate_truth(tmp_path, side, monkeypatch):
     ct, ct_geometry = hio.read_volume(tmp_path / "truth" / "ct.nii.gz")
     labels, _ = hio.read_volume(tmp_path / "truth" / "labels.nii.gz")
     assert np.linalg.det(np.asarray(ct_geometry.direction)) > 0 and labels.max() == 1
+    # the true femur rebuilt from truth.json is the label map on its own grid, and on a finer grid
+    # the same surface (the phantom's, not the label map's staircase)
+    np.testing.assert_array_equal(sim.true_femur_mask(tmp_path / "truth", ct_geometry, model=_ball_model()), labels == 1)
+    fine = g.VolumeGeometry(tuple(2 * n - 1 for n in labels.shape), tuple(s / 2 for s in ct_geometry.spacing_xyz_mm),
+                            ct_geometry.origin_mm, ct_geometry.direction)
+    fine_mask = sim.true_femur_mask(tmp_path / "truth", fine, model=_ball_model())
+    np.testing.assert_array_equal(fine_mask[::2, ::2, ::2], labels == 1)
+    assert fine_mask[1::2, 1::2, 1::2].sum() > 0
     # the truth CT's femur label contains the hip centre (world positions agree with the case)
     i, j, k = np.round(ct_geometry.world_to_index()[:3] @ np.append(hip, 1.0)).astype(int)
     assert labels[k, j, i] == 1

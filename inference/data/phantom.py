@@ -1150,16 +1150,10 @@ def make_phantom(subject, params: PhantomParams, grid, *, chunk_voxels: int = 1 
 
     hu = np.empty(nz * ny * nx, dtype=np.float32)
     labels = np.empty(nz * ny * nx, dtype=np.uint8)
-    rows_per_chunk = max(1, chunk_voxels // (ny * nx))
     lt_z = float(model.landmarks_mm["lesser_trochanter"][2])
     shaft = model.landmarks_mm.get("shaft_point_proximal")
     shaft_xy = None if shaft is None else (float(shaft[0] - head[0]), float(shaft[1] - head[1]))
-    for k0 in range(0, nz, rows_per_chunk):
-        k1 = min(nz, k0 + rows_per_chunk)
-        kk, jj, ii = np.meshgrid(np.arange(k0, k1, dtype=np.float32), np.arange(ny, dtype=np.float32),
-                                 np.arange(nx, dtype=np.float32), indexing="ij")
-        ijk = np.stack([ii.ravel(), jj.ravel(), kk.ravel()])
-        del kk, jj, ii
+    for k0, k1, ijk in _index_chunks(shape_zyx, chunk_voxels):
         canonical = _affine(index_to_canonical, ijk)
         world = _affine(i2w, ijk)
         femur_uvw = canonical
@@ -1193,6 +1187,44 @@ def make_phantom(subject, params: PhantomParams, grid, *, chunk_voxels: int = 1 
     landmarks_world = {n: pose[:3, :3] @ np.asarray(p, dtype=np.float64) + pose[:3, 3] for n, p in landmarks.items()}
     return Phantom(hu, labels.reshape(shape_zyx), grid, landmarks_world,
                    model.head_radius_mm * head_scale, params, model.name)
+
+
+def femur_mask(subject, params: PhantomParams, grid, *, chunk_voxels: int = 1 << 20,
+               deformation: Any = None) -> np.ndarray:
+    """The femur of ``make_phantom(subject, params, grid)`` alone: (Z, Y, X) bool, True where the
+    phantom's femur signed distance is negative at the voxel centre.
+
+    No CT is composed, so it is cheap on fine grids: the ground truth of a simulated case sampled
+    on any grid (e.g. an output grid finer than the phantom CT), not a resampled voxel map. The
+    grid may be mirrored (a left hip's grid brought into the phantom's right-femur frame).
+    """
+    if not isinstance(params, PhantomParams):
+        raise DataError(f"params must be PhantomParams, not {type(params).__name__}")
+    model = _resolve_model(subject)
+    index_to_canonical = np.linalg.inv(pose_matrix(params)) @ grid.index_to_world()
+    transform = _shape_transform(model, params, deformation)
+    shape_zyx = tuple(grid.shape_zyx)
+    spacing = np.asarray(grid.spacing_xyz_mm, dtype=np.float64)
+    displacement = None if transform is None else _inverse_shape_lattice(transform, index_to_canonical, shape_zyx, spacing)
+    inside = np.empty(int(np.prod(shape_zyx)), dtype=bool)
+    plane = shape_zyx[1] * shape_zyx[2]
+    for k0, k1, ijk in _index_chunks(shape_zyx, chunk_voxels):
+        uvw = _affine(index_to_canonical, ijk)
+        if displacement is not None:
+            uvw += _sample_lattice(displacement, ijk)
+        inside[k0 * plane:k1 * plane] = model.femur_sdf.sample(uvw) < 0
+    return inside.reshape(shape_zyx)
+
+
+def _index_chunks(shape_zyx, chunk_voxels: int):
+    """(k0, k1, ijk) per slab of whole z slices: ijk the (3, N) float32 x, y, z indices of its voxels."""
+    nz, ny, nx = shape_zyx
+    rows_per_chunk = max(1, chunk_voxels // (ny * nx))
+    for k0 in range(0, nz, rows_per_chunk):
+        k1 = min(nz, k0 + rows_per_chunk)
+        kk, jj, ii = np.meshgrid(np.arange(k0, k1, dtype=np.float32), np.arange(ny, dtype=np.float32),
+                                 np.arange(nx, dtype=np.float32), indexing="ij")
+        yield k0, k1, np.stack([ii.ravel(), jj.ravel(), kk.ravel()])
 
 
 def _affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:

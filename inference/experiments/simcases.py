@@ -251,16 +251,30 @@ def truth_in_output_fov(out_dir: pathlib.Path, truth_dir: pathlib.Path):
 def case_metrics(out_dir: pathlib.Path, truth_dir: pathlib.Path, side: str, assd: bool = False) -> dict[str, float]:
     """An output of ``hipatlas register`` scored against the case's truth.
 
-    Returns ``dice`` (femur, within the output's field of view), ``hip_centre_error_mm``,
+    Returns ``dice`` (femur, within the output's field of view, against the phantom CT's label map
+    resampled), ``dice_surface`` (against the phantom's femur surface sampled on the output grid,
+    :func:`inference.data.simulate.true_femur_mask`: the truth a CT label at the output's resolution
+    would give), ``truth_label_dice`` (the resampled label map against that surface: the best
+    ``dice`` a perfect result could score), ``hip_centre_error_mm``,
     ``head_radius_error_mm`` (phantom truth), and per measurement of :data:`COMPARED` its error
     (:func:`error_name`: ours - the same method on the true femur in the same field of view, NaN
     when either is missing), ``truth_<key>`` and, with a stated uncertainty, :func:`covered_name`
-    (1.0 when within two uncertainties); with ``assd`` also ``assd_mm`` and ``hd95_mm``."""
+    (1.0 when within two uncertainties); with ``assd`` also ``assd_mm`` and ``hd95_mm`` (and
+    ``assd_surface_mm``, ``hd95_surface_mm`` against the surface truth)."""
+    from inference.data import simulate
+
     truth = json.loads((truth_dir / "truth.json").read_text())
     ours = json.loads((out_dir / "measurements.json").read_text())
     truth_fov, labels, grid = truth_in_output_fov(out_dir, truth_dir)
+    try:
+        surface = simulate.true_femur_mask(truth_dir, grid)
+    except HipAtlasError as error:  # a case made from a subject model that is not a shared one
+        log.warning("no surface truth for %s: %s", truth_dir, error)
+        surface = None
     row = {
         "dice": dice(labels == 1, truth_fov),
+        "dice_surface": math.nan if surface is None else dice(labels == 1, surface),
+        "truth_label_dice": math.nan if surface is None else dice(truth_fov, surface),
         "hip_centre_error_mm": float(np.linalg.norm(np.asarray(ours["hip_centre_mm"])
                                                     - np.asarray(truth["hip_centre_mm"]))),
         "head_radius_error_mm": float(ours["head_radius_mm"] - truth["head_radius_mm"]),
@@ -270,9 +284,13 @@ def case_metrics(out_dir: pathlib.Path, truth_dir: pathlib.Path, side: str, assd
         from inference import evaluate
 
         spacing = tuple(float(v) for v in grid.spacing_xyz_mm[::-1])
-        distances = np.concatenate(evaluate.surface_distances(labels == 1, truth_fov, spacing))
-        row["assd_mm"] = float(distances.mean()) if distances.size else math.nan
-        row["hd95_mm"] = float(np.percentile(distances, 95)) if distances.size else math.nan
+        for suffix, reference in (("", truth_fov), ("_surface", surface)):
+            if reference is None:
+                row[f"assd{suffix}_mm"] = row[f"hd95{suffix}_mm"] = math.nan
+                continue
+            distances = np.concatenate(evaluate.surface_distances(labels == 1, reference, spacing))
+            row[f"assd{suffix}_mm"] = float(distances.mean()) if distances.size else math.nan
+            row[f"hd95{suffix}_mm"] = float(np.percentile(distances, 95)) if distances.size else math.nan
     try:
         truth_measured = measure.measure_femur(truth_fov.astype(np.uint8), grid, side=side)
         for m in COMPARED:
