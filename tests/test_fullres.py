@@ -159,3 +159,41 @@ def test_constant_neighbourhoods_exclude_label_boundaries_and_the_grid_border():
     assert not constant[:, 0].any() and not constant[:, :, -1].any()
     assert not constant[1:3, 1:-1, 1:-1].any()          # next to the boundary between z = 1 and z = 2
     assert constant[3:-1, 1:-1, 1:-1].all()             # inside label 1, away from the border
+
+
+def _ellipsoid(points_zyx: np.ndarray) -> np.ndarray:
+    """A tilted ellipsoid (voxel coordinates of the 1 mm test grid), True inside."""
+    z, y, x = points_zyx[0] - 11.3, points_zyx[1] - 10.8, points_zyx[2] - 12.2
+    u, v = (x + 0.6 * z) / 1.17, (z - 0.6 * x) / 1.17
+    return (u / 8.3) ** 2 + (y / 6.1) ** 2 + (v / 5.2) ** 2 < 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_blurred_femur_indicator_follows_the_true_surface_better(seed, monkeypatch):
+    """Warped by sub-voxel fields, the blurred femur indicator's 0.5 level stays closer to the true
+    (analytic) surface than the plain indicator's, which inherits the label map's staircase."""
+    coarse_grid = VolumeGeometry.centered((12, 12, 12), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    fine_grid = VolumeGeometry.centered((24, 24, 24), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    labels = _ellipsoid(np.indices(fine_grid.shape_zyx).astype(float)).astype(np.uint8)
+    fine = SimpleNamespace(volume=np.zeros(labels.shape, np.float32), labels=labels, geometry=fine_grid, grid="fine")
+    psi = _smooth_field(coarse_grid.shape_zyx, 1.0, seed)
+    coords = fullres.sample_coordinates(fullres.upsample_displacement_channels(psi))
+    truth = _ellipsoid(coords)
+    scores = {}
+    for sigma_mm in (0.0, fullres.FEMUR_SMOOTHING_MM):
+        monkeypatch.setattr(fullres, "FEMUR_SMOOTHING_MM", sigma_mm)
+        femur = fullres.warp_fine(fine, psi, coarse_grid, coarse_grid).labels == 1
+        scores[sigma_mm] = 2 * (femur & truth).sum() / (femur.sum() + truth.sum())
+    assert scores[0.0] < scores[fullres.FEMUR_SMOOTHING_MM] < 1.0, scores
+
+
+def test_the_femur_indicator_is_blurred_near_the_surface_only_and_cached():
+    _, fine = _atlases()
+    femur = fullres.femur_indicator(fine)
+    assert femur is fullres.femur_indicator(fine) and not femur.flags.writeable
+    plain = fine.labels == 1
+    from scipy import ndimage
+
+    far = ~ndimage.binary_dilation(plain ^ ndimage.binary_erosion(plain), iterations=3)
+    np.testing.assert_array_equal(femur[far], plain[far].astype(np.float32))  # exactly 0 or 1 away from it
+    assert ((femur > 0) & (femur < 1)).sum() > 50
