@@ -309,7 +309,14 @@ constant_neighbourhoods = _DerivedArrays(_constant_neighbourhoods, keep=3)
 def _smoothed_indicator(labels: np.ndarray, label: int, sigma_zyx_vox: tuple[float, ...]) -> np.ndarray:
     from scipy import ndimage
 
-    smooth = ndimage.gaussian_filter((np.asarray(labels) == label).astype(np.float32), sigma_zyx_vox, mode="nearest")
+    inside = np.asarray(labels) == label
+    smooth = inside.astype(np.float32)
+    if inside.any() and max(sigma_zyx_vox) > 0:
+        # Only the label's bounding box and the blur's reach around it change (half the grid).
+        reach = [int(np.ceil(4.0 * s)) + 1 for s in sigma_zyx_vox]
+        box = tuple(slice(max(0, int(i.min()) - r), min(n, int(i.max()) + 1 + r))
+                    for i, r, n in zip(np.nonzero(inside), reach, inside.shape))
+        smooth[box] = ndimage.gaussian_filter(smooth[box], sigma_zyx_vox, mode="nearest")
     # Exactly 0 or 1 where the blur's tail alone is left: the 0.5 level is untouched, and the
     # sparse warp interpolates only within about 2.3 sigma of the surface.
     smooth[smooth < SMOOTH_TAIL] = 0.0
