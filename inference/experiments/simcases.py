@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from inference import measure
-from inference.errors import HipAtlasError
+from inference.errors import ConfigError, HipAtlasError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ VARIANTS = {
 }
 #: Measurements compared with the truth measured on the true label (the head radius has its phantom truth).
 COMPARED = tuple(m for m in measure.MEASUREMENTS if m.kind == "scalar" and m.key != "head_radius_mm")
+#: How the radiographs of a simulated case are drawn (:func:`simulate_case`).
+RENDERERS = ("drr", "xray")
 #: The detector of a plan without variety: rows, columns, pixel pitch (mm).
 DEFAULT_DETECTOR = (768, 768, 0.4)
 
@@ -101,19 +103,27 @@ def case_plan(index: int, seed: int, vary: bool, sides: list[str],
 
 
 def simulate_case(plan: dict[str, Any], subject: str, work: pathlib.Path, ct_spacing_mm: float,
-                  shaft_mm: float | None = None) -> tuple[pathlib.Path, pathlib.Path]:
+                  shaft_mm: float | None = None, renderer: str = "drr") -> tuple[pathlib.Path, pathlib.Path]:
     """The case folder and truth folder of ``plan`` (with only ``shaft_mm`` of shaft showing, if given).
 
     Written to ``work/case_NNN`` and ``work/truth_NNN`` (NNN the plan's index); ``subject`` is a
     shared femur such as ``"JIA_MRI:right"``; ``ct_spacing_mm`` the phantom CT's voxel size (1.5 mm
-    as evaluated, 3 mm for a quick look).
+    as evaluated, 3 mm for a quick look). ``renderer``: ``"drr"``, the radiographs of the training
+    data's renderer (:mod:`inference.drr` and its realism augmentation); ``"xray"``, the same
+    phantom CT drawn by the independent renderer :mod:`inference.experiments.xray`.
 
     Raises
     ------
     HipAtlasError
         The phantom or its radiographs could not be made.
     """
+    if renderer not in RENDERERS:
+        raise ConfigError(f"renderer must be one of {RENDERERS}, not {renderer!r}")
     case_dir, truth_dir = _simulate(plan, subject, work, ct_spacing_mm)
+    if renderer == "xray":
+        from inference.experiments import xray
+
+        xray.rerender_case(case_dir, truth_dir, seed=plan["seed"], pixel_mm=plan["detector"][2])
     if shaft_mm is not None:
         _crop_shaft(case_dir, truth_dir, shaft_mm)
     return case_dir, truth_dir
