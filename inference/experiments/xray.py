@@ -79,13 +79,15 @@ def line_integrals(volumes: list[np.ndarray], grid: Any, projection: np.ndarray,
     """Line integrals (value x mm) of each volume (on ``grid``) along the ray of every pixel.
 
     The ray from the camera centre of ``projection`` through the pixel centre, sampled every
-    ``step_mm`` between the nearest and the farthest corner of the grid's box (zero outside it).
+    ``step_mm`` between the nearest and the farthest corner of the grid's box (one voxel out); trilinear, and zero
+    beyond it (the outer voxels ramp to zero over one voxel: a box of n voxels integrates to n).
     """
     from scipy import ndimage
 
     centre, inverse = _camera(projection)
-    corners = np.array([[i, j, k] for i in (-0.5, grid.shape_zyx[2] - 0.5) for j in (-0.5, grid.shape_zyx[1] - 0.5)
-                        for k in (-0.5, grid.shape_zyx[0] - 0.5)])
+    # the corners of where trilinear sampling with zero beyond the grid is not zero (one voxel out)
+    nz, ny, nx = grid.shape_zyx
+    corners = np.array([[i, j, k] for i in (-1.0, nx) for j in (-1.0, ny) for k in (-1.0, nz)])
     corners_mm = corners @ grid.index_to_world()[:3, :3].T + grid.index_to_world()[:3, 3]
     towards = grid.center_mm() - centre
     distances = np.linalg.norm(corners_mm - centre, axis=1)
@@ -105,7 +107,8 @@ def line_integrals(volumes: list[np.ndarray], grid: Any, projection: np.ndarray,
         ijk = start[None, None, :] + t[None, :, None] * step[:, None, :]
         coords = ijk[..., ::-1].reshape(-1, 3).T.astype(np.float32)
         for volume, out in zip(volumes, outputs):
-            samples = ndimage.map_coordinates(volume, coords, order=1, mode="constant", cval=0.0, output=np.float32)
+            samples = ndimage.map_coordinates(volume, coords, order=1, mode="grid-constant", cval=0.0,
+                                              output=np.float32)
             out[r0:r1] = samples.reshape(r1 - r0, cols, t.size).sum(axis=2) * np.float32(step_mm)
     return outputs
 
