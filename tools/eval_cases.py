@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subject", default="JIA_MRI",
                         help="shared bone subject (default JIA_MRI, the validation specimen)")
     parser.add_argument("--sides", default="right,left", help="sides, cycled over the cases")
+    parser.add_argument("--femur", choices=("own", "other"), default="own",
+                        help="which of the subject's femurs a case shows: that of the case's side (default) or "
+                             "the other one, mirrored (to tell a bone's shape from its side)")
     parser.add_argument("--seed", type=int, default=2024, help="base seed (case i uses seed*1000+i)")
     parser.add_argument("--vary", action="store_true", help="vary sizes, pitch, format, intensity, P scale, angles")
     parser.add_argument("--no-masks", action="store_true", help="register without masks (proposals) and score them")
@@ -290,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         provenance = _provenance(net)  # the code that runs, not what HEAD is when it ends
         for index in range(args.start, args.start + args.cases):
             plan = case_plan(index, args.seed, args.vary, sides, args.view_separation_deg)
-            subject = f"{args.subject}:{plan['side']}"
+            bone_side = plan["side"] if args.femur == "own" else {"right": "left", "left": "right"}[plan["side"]]
+            subject = f"{args.subject}:{bone_side}"
             base: dict[str, Any] = {"subject": subject, "sample_index": index, **{k: plan[k] for k in (
                 "seed", "side", "detector", "angles_offset_deg", "image_format", "intensity_scale")}}
             try:
@@ -341,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     markdown = (f"# {title}\n\n- command: `{command}`\n- commit: {provenance['commit']}\n"
                 f"- model: {provenance['model']} (sha256 {provenance['model_sha256']})\n"
                 f"- seed {args.seed}, vary {args.vary}, sides {','.join(sides)}, CT spacing {args.ct_spacing} mm, "
-                f"renderer {args.renderer}"
+                f"renderer {args.renderer}, femur {args.femur}"
                 + (f", views {args.view_separation_deg:g} deg apart" if args.view_separation_deg is not None else "")
                 + (f", {args.shaft_mm:g} mm of shaft below the lesser trochanter" if args.shaft_mm is not None else "")
                 + "\n\n"
