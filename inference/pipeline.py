@@ -155,6 +155,7 @@ class _Warped:
     grid: "geometry.VolumeGeometry"
     landmarks_mm: dict[str, list[float]]
     resolution: dict[str, Any]
+    femur_soft: np.ndarray | None = None  # the warped soft femur indicator (full resolution only)
 
 
 @dataclass
@@ -507,8 +508,9 @@ def _warp_atlas(job: _Job, net, atlas, psi, labels, grid, full_resolution: bool)
     if fine_atlas is not None:
         # Outputs from the finer atlas warped by the upsampled field (inference.fullres).
         fine = fullres.warp_fine(fine_atlas, psi, grid, atlas.geometry)
-        labels, warped_hu, out_grid = fine.labels, fine.volume_hu, fine.grid
+        labels, warped_hu, out_grid, femur_soft = fine.labels, fine.volume_hu, fine.grid, fine.femur_soft
     else:
+        femur_soft = None
         # Warp HU + 1000 so that the zero padding outside the atlas grid reads as air, not water.
         warped_hu = net.warp_volume(np.asarray(atlas.volume, np.float32) + 1000.0, psi) - 1000.0
         out_grid = grid
@@ -517,7 +519,7 @@ def _warp_atlas(job: _Job, net, atlas, psi, labels, grid, full_resolution: bool)
     landmarks = {name: invert_displacement_at(np.asarray(point, float), psi, atlas.geometry, grid)
                  for name, point in atlas.landmarks.items() if np.size(point) == 3}
     job.timings["warp_s"] = time.perf_counter() - t0
-    return _Warped(labels, warped_hu, out_grid, landmarks, resolution)
+    return _Warped(labels, warped_hu, out_grid, landmarks, resolution, femur_soft)
 
 
 def _measure(job: _Job, warped: _Warped) -> _Measured:
@@ -530,7 +532,7 @@ def _measure(job: _Job, warped: _Warped) -> _Measured:
     # One surface serves the landmarks and the output (femur_landmarks_from_labels would extract
     # the same one again: 0.2 s); a left femur's is mirrored back with the label map.
     t_surface = time.perf_counter()
-    mesh = surface.label_surface(warped.labels, warped.grid, label=1)
+    mesh = surface.label_surface(warped.labels, warped.grid, label=1, soft=warped.femur_soft)
     job.timings["surface_s"] = time.perf_counter() - t_surface
     femur = anatomy.femur_landmarks(mesh, "right")
     # The hip centre from the head's outlines in the masks: a radiograph's edge of the head is

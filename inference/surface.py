@@ -57,6 +57,7 @@ def label_surface(
     smooth_sigma_vox: float = 0.7,
     step_size: int = 1,
     largest_component: bool = True,
+    soft: np.ndarray | None = None,
 ) -> Mesh:
     """Closed surface of one label, in world mm, outward normals.
 
@@ -76,6 +77,12 @@ def label_surface(
         Marching-cubes step in voxels (>1 = coarser, fewer triangles).
     largest_component : bool
         Keep only the largest 26-connected component of the label (drops stray islands).
+    soft : np.ndarray, optional
+        A continuous indicator of the label on the same grid, 0..1, whose 0.5 level is the label's
+        boundary (the warped atlas's soft femur, :class:`inference.fullres.FineWarp`). Its 0.5
+        level is taken instead of the blurred mask's (``smooth_sigma_vox`` is then ignored), so
+        the surface follows the boundary's sub-voxel position instead of the voxels' staircase.
+        Only its values within one voxel of the (kept) label count.
 
     Returns
     -------
@@ -104,6 +111,12 @@ def label_surface(
     box = _bounding_box(mask, int(step_size))
     if box is None:
         raise DataError(f"the label map holds no voxel with label {label}; no surface to extract")
+    if soft is not None:
+        if np.shape(soft) != labels.shape:
+            raise DataError(f"the soft indicator's shape {np.shape(soft)} differs from the label map's {labels.shape}")
+        smooth_sigma_vox = 0.0
+        # one voxel more on every side: the 0.5 level lies between a label voxel and its neighbour
+        box = tuple(slice(max(0, b.start - int(step_size)), min(n, b.stop + 1)) for b, n in zip(box, labels.shape))
     # Everything below runs on the label's bounding box: outside it the mask is 0, and so are the
     # blurred field and the surface (the femur fills 41 % of the paper grid's box, 9 % of its voxels).
     mask = mask[box]
@@ -114,7 +127,11 @@ def label_surface(
     # the mask outwards, so pad by its reach too (values beyond ~2 sigma stay far below 0.5, and
     # one more voxel guarantees a 0 rim everywhere).
     pad = 1 + (int(math.ceil(2.0 * smooth_sigma_vox)) if smooth_sigma_vox > 0 else 0)
-    field = np.pad(mask.astype(np.float32), pad, mode="constant")
+    if soft is not None:
+        near = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), dtype=bool))
+        field = np.pad(np.where(near, np.asarray(soft, np.float32)[box], np.float32(0.0)), pad, mode="constant")
+    else:
+        field = np.pad(mask.astype(np.float32), pad, mode="constant")
     if smooth_sigma_vox > 0:
         field = ndimage.gaussian_filter(field, sigma=float(smooth_sigma_vox), mode="constant", truncate=3.0)
         if field.max() <= 0.5:
