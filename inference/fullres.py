@@ -339,8 +339,6 @@ def femur_indicator(fine_atlas) -> np.ndarray:
     it was made from; session 16). Blurred by 0.6 mm the staircase's corners are rounded off:
     0.996."""
     spacing_zyx = np.asarray(fine_atlas.geometry.spacing_xyz_mm, float)[::-1]
-    if FEMUR_SMOOTHING_MM <= 0:
-        return smoothed_indicator(fine_atlas.labels, 1, (0.0, 0.0, 0.0))
     return smoothed_indicator(fine_atlas.labels, 1, tuple(float(v) for v in FEMUR_SMOOTHING_MM / spacing_zyx))
 
 

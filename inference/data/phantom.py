@@ -1123,11 +1123,8 @@ def make_phantom(subject, params: PhantomParams, grid, *, chunk_voxels: int = 1 
     pelvis_shift = rng.uniform(0.0, TEXTURE_TILE_MM, 3)  # pelvis texture must not copy the femur's
 
     pose = pose_matrix(params)
-    world_to_canonical = np.linalg.inv(pose)
     i2w = grid.index_to_world()
-    index_to_canonical = world_to_canonical @ i2w
-
-    transform = _shape_transform(model, params, deformation)
+    index_to_canonical, transform, displacement = _femur_sampling(model, params, grid, deformation)
     head = model.landmarks_mm["head_centre"]
     if transform is None:
         head_deformed, head_scale = head.copy(), 1.0
@@ -1146,7 +1143,6 @@ def make_phantom(subject, params: PhantomParams, grid, *, chunk_voxels: int = 1 
 
     shape_zyx = tuple(grid.shape_zyx)
     nz, ny, nx = shape_zyx
-    displacement = None if transform is None else _inverse_shape_lattice(transform, index_to_canonical, shape_zyx, spacing)
 
     hu = np.empty(nz * ny * nx, dtype=np.float32)
     labels = np.empty(nz * ny * nx, dtype=np.uint8)
@@ -1154,11 +1150,8 @@ def make_phantom(subject, params: PhantomParams, grid, *, chunk_voxels: int = 1 
     shaft = model.landmarks_mm.get("shaft_point_proximal")
     shaft_xy = None if shaft is None else (float(shaft[0] - head[0]), float(shaft[1] - head[1]))
     for k0, k1, ijk in _index_chunks(shape_zyx, chunk_voxels):
-        canonical = _affine(index_to_canonical, ijk)
         world = _affine(i2w, ijk)
-        femur_uvw = canonical
-        if displacement is not None:
-            femur_uvw = canonical + _sample_lattice(displacement, ijk)
+        femur_uvw = _femur_uvw(index_to_canonical, displacement, ijk)
         pelvis_uvw = _affine(index_to_pelvis, ijk)
         femur_sdf = model.femur_sdf.sample(femur_uvw)
         body = model.femur_body.sample(femur_uvw)
@@ -1201,19 +1194,33 @@ def femur_mask(subject, params: PhantomParams, grid, *, chunk_voxels: int = 1 <<
     if not isinstance(params, PhantomParams):
         raise DataError(f"params must be PhantomParams, not {type(params).__name__}")
     model = _resolve_model(subject)
-    index_to_canonical = np.linalg.inv(pose_matrix(params)) @ grid.index_to_world()
-    transform = _shape_transform(model, params, deformation)
+    index_to_canonical, _, displacement = _femur_sampling(model, params, grid, deformation)
     shape_zyx = tuple(grid.shape_zyx)
-    spacing = np.asarray(grid.spacing_xyz_mm, dtype=np.float64)
-    displacement = None if transform is None else _inverse_shape_lattice(transform, index_to_canonical, shape_zyx, spacing)
     inside = np.empty(int(np.prod(shape_zyx)), dtype=bool)
     plane = shape_zyx[1] * shape_zyx[2]
     for k0, k1, ijk in _index_chunks(shape_zyx, chunk_voxels):
-        uvw = _affine(index_to_canonical, ijk)
-        if displacement is not None:
-            uvw += _sample_lattice(displacement, ijk)
-        inside[k0 * plane:k1 * plane] = model.femur_sdf.sample(uvw) < 0
+        inside[k0 * plane:k1 * plane] = model.femur_sdf.sample(_femur_uvw(index_to_canonical, displacement, ijk)) < 0
     return inside.reshape(shape_zyx)
+
+
+def _femur_sampling(model: SubjectModel, params: PhantomParams, grid, deformation: Any = None):
+    """(index_to_canonical, shape transform, inverse-shape lattice) of a phantom on ``grid``: the
+    grid's voxel indices to the posed canonical frame, the shape map (None without one) and its
+    inverse's displacement on a lattice (None without one)."""
+    index_to_canonical = np.linalg.inv(pose_matrix(params)) @ grid.index_to_world()
+    transform = _shape_transform(model, params, deformation)
+    displacement = None if transform is None else _inverse_shape_lattice(
+        transform, index_to_canonical, tuple(grid.shape_zyx), np.asarray(grid.spacing_xyz_mm, dtype=np.float64))
+    return index_to_canonical, transform, displacement
+
+
+def _femur_uvw(index_to_canonical: np.ndarray, displacement: dict | None, ijk: np.ndarray) -> np.ndarray:
+    """The undeformed canonical femur coordinates (3, N) float32 of voxel indices ``ijk``, where
+    the femur's distance fields are sampled."""
+    uvw = _affine(index_to_canonical, ijk)
+    if displacement is not None:
+        uvw += _sample_lattice(displacement, ijk)
+    return uvw
 
 
 def _index_chunks(shape_zyx, chunk_voxels: int):

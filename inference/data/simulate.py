@@ -443,7 +443,7 @@ def true_femur_mask(truth_dir: str | os.PathLike, grid: Any, model: Any = None) 
     ``truth.json`` (subject, phantom parameters, placement), not the phantom CT's label map
     resampled: on a grid finer than the phantom CT (an output grid of 0.664 x 0.664 x 1 mm against
     a 1.5 mm phantom) the resampled label map carries the coarse grid's staircase, which costs a
-    perfect reconstruction about 0.02 Dice.
+    perfect reconstruction about 0.03 Dice (it scores 0.97 on it).
 
     Parameters
     ----------
@@ -471,6 +471,4 @@ def true_femur_mask(truth_dir: str | os.PathLike, grid: Any, model: Any = None) 
                 truth["subject"], spacing_mm=float(truth.get("femur_field_spacing_mm", phantom_mod.FINE_SPACING_MM)))
     except (KeyError, TypeError) as error:
         raise DataError(f"{truth_dir}: truth.json lacks the phantom's parameters or placement ({error})") from None
-    subject = model
-    return phantom_mod.femur_mask(subject, params, grid.transformed(np.linalg.inv(placement)))
-
+    return phantom_mod.femur_mask(model, params, grid.transformed(np.linalg.inv(placement)))

@@ -93,16 +93,16 @@ def line_integrals(volumes: list[np.ndarray], grid: Any, projection: np.ndarray,
     distances = np.linalg.norm(corners_mm - centre, axis=1)
     t = np.arange(distances.min(), distances.max() + step_mm, step_mm)
     world_to_index = grid.world_to_index()
+    start = world_to_index[:3, :3] @ centre + world_to_index[:3, 3]  # the camera centre in index space
     outputs = [np.zeros((rows, cols), np.float32) for _ in volumes]
     rows_per_chunk = max(1, chunk_samples // (cols * t.size))
     for r0 in range(0, rows, rows_per_chunk):
         r1 = min(rows, r0 + rows_per_chunk)
         vv, uu = np.meshgrid(np.arange(r0, r1, dtype=np.float64), np.arange(cols, dtype=np.float64), indexing="ij")
-        directions = np.stack([uu.ravel(), vv.ravel(), np.ones(uu.size)]) .T @ inverse.T
+        directions = np.stack([uu.ravel(), vv.ravel(), np.ones(uu.size)]).T @ inverse.T
         directions /= np.linalg.norm(directions, axis=1, keepdims=True)
         directions *= np.sign(directions @ towards)[:, None]
         # index coordinates of every sample: centre + t d, mapped to (k, j, i)
-        start = world_to_index[:3, :3] @ centre + world_to_index[:3, 3]
         step = directions @ world_to_index[:3, :3].T
         ijk = start[None, None, :] + t[None, :, None] * step[:, None, :]
         coords = ijk[..., ::-1].reshape(-1, 3).T.astype(np.float32)
