@@ -466,3 +466,46 @@ def test_synth_refuses_a_wide_range_without_generalised_views(tmp_path, capsys):
     assert app_cli.main(["synth", "--out", str(tmp_path / "d"), "--subjects", "1", "--angle-range-deg", "50"]) == 2
     assert "--geometry generalised" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_shaft_width_range_draws_from_its_own_stream():
+    """A shaft-width range adds the factor and changes no other draw of a sample."""
+    plain = ds.PhantomSampling(max_translation_mm=10.0)
+    wide = ds.PhantomSampling(max_translation_mm=10.0, shaft_width_range=(0.9, 1.1))
+    factors = []
+    for index in range(40):
+        rngs, again = ds._sample_rngs(7, index), ds._sample_rngs(7, index)
+        a = plain.sample(rngs["phantom"], rngs["shape"])
+        b = wide.sample(again["phantom"], again["shape"])
+        assert dataclasses.replace(b, shape=dataclasses.replace(b.shape, shaft_width_factor=1.0)) == a
+        factors.append(b.shape.shaft_width_factor)
+    assert 0.9 <= min(factors) < 0.95 and 1.05 < max(factors) <= 1.1
+    # The streams that existed before the shape stream was added are unchanged.
+    old = np.random.SeedSequence([7, 3]).spawn(4)
+    rngs = ds._sample_rngs(7, 3)
+    for name, child in zip(("phantom", "views", "realism", "calibration"), old):
+        assert rngs[name].integers(0, 2**62) == np.random.default_rng(child).integers(0, 2**62)
+    # Manifests: the range is recorded when set, absent when off (earlier manifests unchanged).
+    assert "shaft_width_range" not in plain.to_dict() and wide.to_dict()["shaft_width_range"] == [0.9, 1.1]
+    for bad in ((1.1, 0.9), (0.5, 1.0), ("a", 1.0)):
+        with pytest.raises((ConfigError, ValueError), match="shaft"):
+            ds.PhantomSampling(shaft_width_range=bad)
+    with pytest.raises(ConfigError, match="shape augmentation"):
+        ds.PhantomSampling(shape=False, shaft_width_range=(0.9, 1.1))
+
+
+def test_synth_shaft_width_range_reaches_the_phantoms(tmp_path, capsys):
+    from app import cli as app_cli
+    from inference import cli
+
+    out = tmp_path / "synth"
+    assert cli.run(["synth", "--out", str(out), "--subjects", "1", "--grid", "compact", "--seed", "3",
+                    "--workers", "1", "--shaft-width-range", "1.12", "1.12", "--quiet"], extra=_extra_commands()) == 0
+    manifest = ds.load_manifest(out)
+    assert manifest["parameters"]["config"]["phantom"]["shaft_width_range"] == [1.12, 1.12]
+    assert manifest["samples"][0]["phantom_params"]["shape"]["shaft_width_factor"] == 1.12
+    # Out of the mode's limits: one line, exit status 2, nothing written
+    assert app_cli.main(["synth", "--out", str(tmp_path / "d"), "--subjects", "1",
+                         "--shaft-width-range", "0.6", "1.0"]) == 2
+    assert "shaft_width_range" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

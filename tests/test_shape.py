@@ -225,3 +225,51 @@ def test_shared_femur_deforms_into_a_valid_surface():
     det = T.jacobian_determinant(bone_grid_points(canonical, step_mm=6.0))
     assert det.min() > 0.1
     assert deformed.volume_mm3() / canonical.volume_mm3() == pytest.approx(params.global_scale ** 3, rel=0.1)
+
+
+def test_shaft_width_scales_the_shaft_below_the_lesser_trochanter_only(bone):
+    _, surface, marks = bone
+    axis = marks.shaft_direction / np.linalg.norm(marks.shaft_direction)  # +z: towards the head
+    s_lt = float((marks.lesser_trochanter_mm - marks.shaft_point_mm) @ axis)
+    side = np.cross(axis, [1.0, 0.0, 0.0])
+    side /= np.linalg.norm(side)
+
+    def ring(s_mm, rho_mm):
+        """Points at height s along the shaft axis, rho from it, all round."""
+        angles = np.linspace(0, 2 * np.pi, 12, endpoint=False)
+        other = np.cross(axis, side)
+        return (marks.shaft_point_mm + s_mm * axis + rho_mm * (np.cos(angles)[:, None] * side
+                                                              + np.sin(angles)[:, None] * other))
+
+    def rho(points, s_mm):
+        rel = points - marks.shaft_point_mm
+        assert np.allclose(rel @ axis, s_mm)  # heights along the axis never change
+        return np.linalg.norm(rel - np.outer(rel @ axis, axis), axis=1)
+
+    for factor in (0.8, 0.9, 1.12, 1.25):
+        T = ShapeTransform(ShapeParams(shaft_width_factor=factor), marks)
+        below = s_lt - 30.0
+        # The shaft's cross-sections (and the bone around them) scale by the factor
+        assert rho(T.apply_points(ring(below, 14.0)), below) == pytest.approx(14.0 * factor, abs=1e-9)
+        # ... the far tissue and everything from 20 mm above the lesser trochanter stays
+        assert np.allclose(T.apply_points(ring(below, 80.0)), ring(below, 80.0))
+        above = ring(s_lt + 21.0, 14.0)
+        assert np.array_equal(T.apply_points(above), above)
+        head = marks.head_centre_mm + np.random.default_rng(1).normal(0, marks.head_radius_mm / 2, (50, 3))
+        assert np.array_equal(T.apply_points(head), head)
+        # An exact inverse and a diffeomorphism over the whole bone, with the fade in between
+        grid = bone_grid_points(surface)
+        assert np.abs(T.inverse_points(T.apply_points(grid)) - grid).max() < 1e-6
+        assert T.jacobian_determinant(grid).min() > 0.2
+        assert T.jacobian_determinant(ring(below, 14.0)) == pytest.approx(factor ** 2, rel=1e-4)
+    with pytest.raises(ValueError, match="shaft_width_factor"):
+        ShapeParams(shaft_width_factor=1.4)
+
+
+def test_shaft_width_is_left_out_of_manifests_when_off():
+    # Data sets made before the mode existed keep byte-identical manifests.
+    assert "shaft_width_factor" not in IDENTITY_SHAPE.to_dict()
+    params = ShapeParams(global_scale=1.05, shaft_width_factor=1.1)
+    assert params.to_dict()["shaft_width_factor"] == 1.1 and not params.is_identity
+    assert ShapeParams(**json.loads(json.dumps(params.to_dict()))) == params
+    assert ShapeParams(**IDENTITY_SHAPE.to_dict()) == IDENTITY_SHAPE

@@ -106,6 +106,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--max-translation-mm", type=float, default=None,
                        help="largest random shift of the femur from the grid's nominal place, mm "
                        "(default 5; the shipped models used 10)")
+    synth.add_argument("--shaft-width-range", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
+                       help="scale each phantom's shaft cross-sections below the lesser trochanter by a factor "
+                       "drawn uniformly from [LOW, HIGH] (within 0.8-1.25; e.g. 0.9 1.1); default off")
     synth.add_argument("--oversample", type=cli_int(1), default=2,
                        help="render DRRs this many times finer than the network detector (default 2)")
     synth.add_argument("--step-mm", type=float, help="ray-marching step (default: the grid's smallest spacing)")
@@ -237,6 +240,9 @@ def _synth(args: argparse.Namespace) -> int:
     if args.max_translation_mm is not None:
         config = dataclasses.replace(config, phantom=dataclasses.replace(
             config.phantom, max_translation_mm=args.max_translation_mm))
+    if args.shaft_width_range is not None:
+        config = dataclasses.replace(config, phantom=dataclasses.replace(
+            config.phantom, shaft_width_range=tuple(args.shaft_width_range)))
     split = parse_split(args.split)
     if args.shape_model_sd is not None and not args.shape_model:
         raise ConfigError("--shape-model-sd needs --shape-model PATH")

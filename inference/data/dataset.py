@@ -278,14 +278,49 @@ class PhantomSampling:
     max_hip_rotation_deg: float = 5.0
     shape: bool = True
     tissue: bool = True
+    #: (low, high) of the shaft-width factor (:class:`inference.data.shape.ShapeParams`), drawn
+    #: uniformly from the sample's own stream (so every other draw stays as it was); None: 1.
+    shaft_width_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         validate.number(self.max_rotation_deg, "PhantomSampling max_rotation_deg", 0, 45)
         validate.number(self.max_translation_mm, "PhantomSampling max_translation_mm", 0, 50)
         validate.number(self.max_hip_rotation_deg, "PhantomSampling max_hip_rotation_deg", 0, 30)
+        if self.shaft_width_range is not None:
+            if not self.shape:
+                raise ConfigError("a shaft-width range needs shape augmentation")
+            try:
+                low, high = (float(v) for v in self.shaft_width_range)
+            except (TypeError, ValueError):
+                raise ConfigError(f"the shaft-width range must be (low, high), not {self.shaft_width_range!r}") from None
+            validate.number(low, "PhantomSampling shaft_width_range low", 0.8, 1.25)
+            validate.number(high, "PhantomSampling shaft_width_range high", 0.8, 1.25)
+            if low > high:
+                raise ConfigError(f"the shaft-width range must have low <= high, not {low:g} > {high:g}")
+            object.__setattr__(self, "shaft_width_range", (low, high))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        # Without the range when it is off: manifests of earlier data sets stay as they were.
+        data = dataclasses.asdict(self)
+        if data["shaft_width_range"] is None:
+            del data["shaft_width_range"]
+        else:
+            data["shaft_width_range"] = list(data["shaft_width_range"])
+        return data
+
+    def sample(self, rng: np.random.Generator, shape_rng: np.random.Generator):
+        """Phantom parameters of a sample (:func:`inference.data.phantom.sample_phantom_params`),
+        with the shaft width drawn from ``shape_rng`` when a range is set."""
+        from inference.data import phantom as phantom_mod
+
+        params = phantom_mod.sample_phantom_params(rng, max_rotation_deg=self.max_rotation_deg,
+                                                   max_translation_mm=self.max_translation_mm,
+                                                   max_hip_rotation_deg=self.max_hip_rotation_deg,
+                                                   shape=self.shape, tissue=self.tissue)
+        if self.shaft_width_range is None:
+            return params
+        factor = float(shape_rng.uniform(*self.shaft_width_range))
+        return dataclasses.replace(params, shape=dataclasses.replace(params.shape, shaft_width_factor=factor))
 
 
 def _normalise_split(split: Mapping[str, Sequence[str]] | None) -> dict[str, tuple[str, ...]]:
@@ -568,9 +603,10 @@ def _landmark_array(landmarks: Mapping[str, Any]) -> np.ndarray:
 def _sample_rngs(seed: int, index: int) -> dict[str, np.random.Generator]:
     # Independent streams per purpose: changing e.g. the realism ranges never changes the phantom
     # or the views of a sample.
-    children = np.random.SeedSequence([int(seed), int(index)]).spawn(4)
-    return {name: np.random.default_rng(child) for name, child in zip(("phantom", "views", "realism", "calibration"),
-                                                                        children)}
+    # A stream added later goes last: spawned children are numbered, so the earlier ones keep theirs.
+    names = ("phantom", "views", "realism", "calibration", "shape")
+    children = np.random.SeedSequence([int(seed), int(index)]).spawn(len(names))
+    return {name: np.random.default_rng(child) for name, child in zip(names, children)}
 
 
 def synthesize_sample(config: SynthConfig, grid: DatasetGrid, seed: int, index: int, femur: str | Any,
@@ -609,11 +645,7 @@ def synthesize_view_sets(config: SynthConfig, grid: DatasetGrid, seed: int, inde
         if mode not in GEOMETRY_MODES:
             raise ConfigError(f"geometry mode must be one of {GEOMETRY_MODES}, not {mode!r}")
     rngs = _sample_rngs(seed, index)
-    ps = config.phantom
-    params = phantom_mod.sample_phantom_params(rngs["phantom"], max_rotation_deg=ps.max_rotation_deg,
-                                               max_translation_mm=ps.max_translation_mm,
-                                               max_hip_rotation_deg=ps.max_hip_rotation_deg,
-                                               shape=ps.shape, tissue=ps.tissue)
+    params = config.phantom.sample(rngs["phantom"], rngs["shape"])
     deformation = None if config.shape_model is None else config.shape_model.deformation(seed, index)
     phantom = phantom_mod.make_phantom(femur, params, grid.geometry, deformation=deformation)
     landmarks = _landmark_array(phantom.landmarks_mm)

@@ -11,18 +11,26 @@ The map is a composition of smooth, localised modes, applied in this order:
 
 1. a smooth random deformation of a few mm (four random shear fields, cubic B-splines on a 40 mm
    lattice; zero on the head so that the head stays a sphere, and beyond the bone's box);
-2. head radius: radial scaling about the head centre, fading out over the head-neck junction;
-3. neck length: translation of the head and neck along the neck axis, fading out towards the
+2. shaft width: the diaphysis widened or narrowed about the shaft axis below the lesser
+   trochanter (its cross-sections scaled), fading out above it: the shaft's girth relative to the
+   head and neck differs between people by about +-10 % (the bundled femurs' shaft diameter
+   80 mm below the lesser trochanter is 0.51-0.62 head radii); off unless asked for
+   (``hipatlas synth --shaft-width-range``);
+3. head radius: radial scaling about the head centre, fading out over the head-neck junction;
+4. neck length: translation of the head and neck along the neck axis, fading out towards the
    neck base;
-4. neck-shaft angle: rotation of the head and neck in the neck-shaft plane about a pivot at the
+5. neck-shaft angle: rotation of the head and neck in the neck-shaft plane about a pivot at the
    neck base;
-5. anteversion: rotation of the head and neck about the shaft axis;
-6. global scale about the head centre.
+6. anteversion: rotation of the head and neck about the shaft axis;
+7. global scale about the head centre.
 
 Why every mode is a diffeomorphism
 ----------------------------------
 Each anatomical mode moves points along a family of curves that it maps onto itself: rays from
-the head centre (2), lines parallel to the neck axis (3), circles about the rotation axis (4, 5).
+the head centre (3), lines parallel to the neck axis (4), circles about the rotation axis (5, 6).
+The shaft width (2) scales each cross-section of the shaft by ``a(s) = 1 + (factor - 1) w(s)``, a
+positive number, and leaves the height ``s`` along the axis alone: its inverse divides by the
+same ``a(s)`` and its Jacobian determinant is ``a(s)**2 > 0``.
 Its weight may change freely across the family (that only shears it) but along each curve the 1D
 map ``t -> t + amount * w(t)`` must be increasing, i.e. ``|amount| * max|dw/dt| < 1``. Weights
 are C2 "smootherstep" ramps with a known maximum slope (1.875 / width), and the widths below are
@@ -82,6 +90,9 @@ class ShapeParams:
         Lattice spacing of the random deformation (its smoothness scale).
     deformation_seed : int
         Seed of the random deformation.
+    shaft_width_factor : float
+        The shaft's cross-sections below the lesser trochanter are scaled by this about the shaft
+        axis (1 = none).
     """
 
     global_scale: float = 1.0
@@ -92,6 +103,7 @@ class ShapeParams:
     deformation_amplitude_mm: float = 0.0
     deformation_spacing_mm: float = 40.0
     deformation_seed: int = 0
+    shaft_width_factor: float = 1.0
 
     def __post_init__(self) -> None:
         for name, low, high in (("global_scale", 0.5, 2.0),
@@ -100,7 +112,8 @@ class ShapeParams:
                                  ("head_radius_factor", 0.85, 1.15),
                                  ("anteversion_delta_deg", -15, 15),
                                  ("deformation_amplitude_mm", 0.0, 5.0),
-                                 ("deformation_spacing_mm", 20.0, 200.0)):
+                                 ("deformation_spacing_mm", 20.0, 200.0),
+                                 ("shaft_width_factor", 0.8, 1.25)):
             object.__setattr__(self, name, number(getattr(self, name), f"ShapeParams {name}", low, high))
         seed = whole_number(self.deformation_seed, "ShapeParams deformation_seed", 0, 2**63 - 1)
         object.__setattr__(self, "deformation_seed", seed)
@@ -110,11 +123,16 @@ class ShapeParams:
         """True when the transform these parameters make is the identity."""
         return (self.global_scale == 1.0 and self.neck_shaft_delta_deg == 0.0 and self.neck_length_factor == 1.0
                 and self.head_radius_factor == 1.0 and self.anteversion_delta_deg == 0.0
-                and self.deformation_amplitude_mm == 0.0)
+                and self.deformation_amplitude_mm == 0.0 and self.shaft_width_factor == 1.0)
 
     def to_dict(self) -> dict:
-        """JSON-friendly dict (for manifests); ``ShapeParams(**d)`` rebuilds it."""
-        return dataclasses.asdict(self)
+        """JSON-friendly dict (for manifests); ``ShapeParams(**d)`` rebuilds it. Without
+        ``shaft_width_factor`` when it is 1, so that the manifests of data sets made before it
+        existed stay byte for byte the same."""
+        data = dataclasses.asdict(self)
+        if data["shaft_width_factor"] == 1.0:
+            del data["shaft_width_factor"]
+        return data
 
 
 IDENTITY_SHAPE = ShapeParams()
@@ -177,6 +195,11 @@ def sample_shape_params(rng: np.random.Generator, ranges: ShapeRanges | None = N
 # ----------------------------------------------------------------------------------------------
 # Weights
 # ----------------------------------------------------------------------------------------------
+#: Where the shaft-width mode is whole (this far below the lesser trochanter's tip) and where it
+#: has faded out (this far above it), mm along the shaft axis.
+SHAFT_WIDTH_FULL_BELOW_LT_MM = 10.0
+SHAFT_WIDTH_ZERO_ABOVE_LT_MM = 20.0
+
 #: Largest slope of the smootherstep ramp over a unit width.
 _RAMP_SLOPE = 1.875
 
@@ -305,6 +328,51 @@ class _AxialShift(_LocalMap):
         dh = lambda t: a * _window_derivative(t, *self.s_window)  # noqa: E731
         new = _solve_monotone(s_a, h, dh) if inverse else s_a + h(s_a)
         out[active] = X[active] + (new - s_a)[:, None] * self.direction
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class _ShaftWidth(_LocalMap):
+    """Cross-sections of the shaft scaled about its axis (through ``origin`` along ``direction``).
+
+    A point at height ``s`` along the axis and distance ``rho`` from it keeps ``s`` and its
+    direction from the axis; ``rho -> rho (1 + c(s) W(rho))`` with ``c = (factor - 1) w(s)``, ``w``
+    1 below ``s_full`` and 0 above ``s_zero``, ``W`` 1 within ``rho_full_mm`` of the axis (the
+    shaft) and 0 beyond ``rho_zero_mm`` (the thigh's far tissue and everything else stays).
+    Increasing in ``rho`` for factors 0.8-1.25 with these widths (checked in ``ShapeTransform``).
+    """
+
+    origin: np.ndarray
+    direction: np.ndarray
+    factor: float
+    s_full: float
+    s_zero: float
+    rho_full_mm: float = 40.0
+    rho_zero_mm: float = 75.0
+
+    def _map(self, X, inverse: bool):
+        out = X
+        rel = X - self.origin
+        s = _dot(rel, self.direction)
+        perp = rel - s[:, None] * self.direction
+        rho = np.sqrt(np.einsum("ij,ij->i", perp, perp))
+        active = (s < self.s_zero) & (rho < self.rho_zero_mm)
+        if not active.any():
+            return out
+        c = (self.factor - 1.0) * _ramp(s[active], self.s_zero, self.s_full)
+
+        def h(r):
+            return r * c * _ramp(r, self.rho_zero_mm, self.rho_full_mm)
+
+        def dh(r):
+            return c * (_ramp(r, self.rho_zero_mm, self.rho_full_mm)
+                        + r * _ramp_derivative(r, self.rho_zero_mm, self.rho_full_mm))
+
+        r = rho[active]
+        new = _solve_monotone(r, h, dh) if inverse else r + h(r)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.where(r > 0, new / r, 1.0)
+        out[active] = X[active] + perp[active] * (ratio - 1.0)[:, None]
         return out
 
 
@@ -538,6 +606,23 @@ class ShapeTransform:
             hi = np.array([r + 100.0, 100.0, r + 100.0])
             modes.append(_RandomShears(p.deformation_amplitude_mm, p.deformation_spacing_mm,
                                        p.deformation_seed, lo, hi, c, 1.1 * r, 1.1 * r + 15.0))
+
+        if p.shaft_width_factor != 1.0:
+            # Full below 10 mm under the lesser trochanter's tip, none from 20 mm above it: the
+            # trochanters, neck and head keep their shape.
+            s_lt = float((np.asarray(canon.lesser_trochanter_mm, dtype=np.float64) - shaft_point) @ z)
+            mode = _ShaftWidth(shaft_point, z, p.shaft_width_factor, s_lt - SHAFT_WIDTH_FULL_BELOW_LT_MM,
+                               s_lt + SHAFT_WIDTH_ZERO_ABOVE_LT_MM)
+            # rho -> rho (1 + c W(rho)) increases while 1 + c (W + rho W') > 0 (c <= factor - 1);
+            # W + rho W' lies between its minimum over the fade (sampled finely) and 1.
+            rho = np.linspace(mode.rho_full_mm, mode.rho_zero_mm, 701)
+            slope = mode.rho_zero_mm, mode.rho_full_mm
+            lowest = float(np.min(_ramp(rho, *slope) + rho * _ramp_derivative(rho, *slope)))
+            c = p.shaft_width_factor - 1.0
+            if 1.0 + min(c * lowest, c) <= 0.2:
+                raise DataError(f"shaft_width_factor {p.shaft_width_factor} is too far from 1 to stay a smooth "
+                                "deformation")
+            modes.append(mode)
 
         if p.head_radius_factor != 1.0:
             modes.append(_RadialScale(c, p.head_radius_factor, 1.05 * r, 1.05 * r + max(0.8 * r, 12.0)))
