@@ -129,3 +129,52 @@ def test_case_metrics_scores_against_the_phantom_surface_and_the_label_map(tmp_p
                     dtype=np.uint8)
     eroded = simcases.case_metrics(out, sim.truth_dir, "left", assd=True)
     assert 0.8 < eroded["dice_surface"] < 0.97 and 0.5 < eroded["assd_surface_mm"] < 1.5
+
+
+def test_shaft_metrics_see_a_shaft_drawn_too_thin():
+    """A cylinder of radius 10 mm, ours 9 mm thin from 10 mm below the lesser trochanter down."""
+    from inference import geometry
+
+    for direction in (None, ((-1, 0, 0), (0, 1, 0), (0, 0, 1))):  # plain and mirrored grids
+        x0 = -19.5 if direction is None else 19.5  # the mirrored grid runs from +x to -x
+        grid = geometry.VolumeGeometry((60, 40, 40), (1.0, 1.0, 1.0), (x0, -19.5, -30.0),
+                                       *(() if direction is None else (direction,)))
+        kk, jj, ii = np.meshgrid(*(np.arange(n) for n in grid.shape_zyx), indexing="ij")
+        world = np.tensordot(np.stack([ii, jj, kk, np.ones_like(ii)], -1), grid.index_to_world()[:3].T, 1)
+        rho = np.hypot(world[..., 0], world[..., 1])
+        lt_z = 5.0
+        surface = rho <= 10.0
+        ours = np.where(world[..., 2] <= lt_z - simcases.SHAFT_BELOW_LT_MM, rho <= 9.0, surface)
+        truth = {"landmark_names": ["head_centre", "lesser_trochanter"],
+                 "landmarks_mm": [[0.0, 0.0, 28.0], [0.0, 0.0, lt_z]]}
+        row = simcases.shaft_metrics(ours, surface, grid, truth)
+        area = (rho[0] <= 9.0).sum() / (rho[0] <= 10.0).sum()  # about 0.81
+        assert row["shaft_volume_ratio"] == pytest.approx(area)
+        assert row["shaft_dice"] == pytest.approx(2 * area / (1 + area))
+        shaft_slices = 26  # z = -30 .. -5
+        assert row["volume_ratio"] == pytest.approx((shaft_slices * area + 34) / 60)
+    no_lt = simcases.shaft_metrics(ours, surface, grid, {"landmark_names": [], "landmarks_mm": []})
+    assert no_lt["volume_ratio"] < 1 and np.isnan(no_lt["shaft_dice"])
+    assert np.isnan(simcases.shaft_metrics(ours, None, grid, truth)["volume_ratio"])
+
+
+def test_paired_variants_compares_two_reports_of_the_same_cases(tmp_path):
+    paired = load_tool("paired_variants", "paired_variants_tool")
+
+    def report(name, dices, seed=7):
+        rows = [{"sample_index": i, "lat_angle_error_deg": 0.0, "variant": "ensemble-auto", "dice_surface": d,
+                 "shaft_dice": d - 0.02} for i, d in enumerate(dices)]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"seed": seed, "subject": "JIA_MRI", "rows": rows}))
+        return path
+
+    old, new = report("old", [0.92, 0.93, 0.91]), report("new", [0.93, 0.93, 0.90])
+    result = paired.study([old], "ensemble-auto", "unused", against=[new])
+    entry = result["overall"]["dice_surface"]
+    assert entry["cases"] == 3 and entry["mean_delta"] == pytest.approx(0.0)
+    assert (entry["better"], entry["worse"], entry["equal"]) == (1, 1, 1)
+    assert result["overall"]["shaft_dice"]["mean_b"] == pytest.approx(0.9)
+    with pytest.raises(SystemExit, match="same cases"):
+        paired.study([old], "ensemble-auto", "unused", against=[report("other", [0.9], seed=8)])
+    with pytest.raises(SystemExit, match="one report per report"):
+        paired.study([old, new], "ensemble-auto", "unused", against=[new])

@@ -85,7 +85,8 @@ log = logging.getLogger("eval_cases")
 
 ERROR_METRICS = ("head_radius_error_mm", *(error_name(m) for m in COMPARED))
 ASSD_METRICS = ("assd_mm", "hd95_mm", "assd_surface_mm", "hd95_surface_mm")
-METRICS = ("dice", "dice_surface", "truth_label_dice", *ASSD_METRICS, "hip_centre_error_mm", *ERROR_METRICS,
+METRICS = ("dice", "dice_surface", "truth_label_dice", *ASSD_METRICS, "volume_ratio", "shaft_volume_ratio",
+           "shaft_dice", "hip_centre_error_mm", *ERROR_METRICS,
            *(covered_name(m) for m in COMPARED),
            "time_s")
 PROPOSAL_METRICS = ("proposed_mask_dice", "proposed_mask_dice_full")

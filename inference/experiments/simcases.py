@@ -40,6 +40,9 @@ VARIANTS = {
     "auto": {"full_resolution": True, "refine": "auto", "self_calibrate": False, "ensemble": False},
     "ensemble": {"full_resolution": True, "refine": False, "ensemble": True},
     "ensemble-auto": {"full_resolution": True, "refine": "auto", "self_calibrate": False, "ensemble": True},
+    # what register did before the shaft fit (session 17): its effect, paired on the same cases
+    "ensemble-auto-no-shaft-fit": {"full_resolution": True, "refine": "auto", "self_calibrate": False,
+                                   "ensemble": True, "shaft_fit": False},
 }
 #: Measurements compared with the truth measured on the true label (the head radius has its phantom truth).
 COMPARED = tuple(m for m in measure.MEASUREMENTS if m.kind == "scalar" and m.key != "head_radius_mm")
@@ -258,6 +261,36 @@ def truth_in_output_fov(out_dir: pathlib.Path, truth_dir: pathlib.Path):
     return sitk.GetArrayFromImage(resampled) == 1, labels, grid
 
 
+#: The shaft, for :func:`shaft_metrics`: the femur this far and more below the true lesser
+#: trochanter's tip (world z, mm), where the shaft-width shape mode is whole.
+SHAFT_BELOW_LT_MM = 10.0
+
+
+def shaft_metrics(ours: np.ndarray, surface: np.ndarray | None, grid, truth: dict) -> dict[str, float]:
+    """``volume_ratio`` (our femur's volume over the true one's, in the output's field of view),
+    ``shaft_volume_ratio`` and ``shaft_dice`` (the same and Dice, only for the voxels lying
+    :data:`SHAFT_BELOW_LT_MM` or more below the true lesser trochanter): a shaft drawn too thin or
+    too thick shows as a ratio away from 1. NaN without a surface truth."""
+    nan = {"volume_ratio": math.nan, "shaft_volume_ratio": math.nan, "shaft_dice": math.nan}
+    if surface is None or not surface.any():
+        return nan
+    names = list(truth.get("landmark_names", []))
+    row = dict(nan, volume_ratio=float(ours.sum() / surface.sum()))
+    if "lesser_trochanter" not in names:
+        return row
+    lt_z_mm = float(truth["landmarks_mm"][names.index("lesser_trochanter")][2])
+    m = grid.index_to_world()[2]  # world z of voxel (i, j, k): m @ (i, j, k, 1)
+    nz, ny, nx = ours.shape
+    z_mm = (m[0] * np.arange(nx)[None, None, :] + m[1] * np.arange(ny)[None, :, None]
+            + m[2] * np.arange(nz)[:, None, None] + m[3])
+    shaft = np.broadcast_to(z_mm <= lt_z_mm - SHAFT_BELOW_LT_MM, ours.shape)
+    if not surface[shaft].any():
+        return row
+    row["shaft_volume_ratio"] = float(ours[shaft].sum() / surface[shaft].sum())
+    row["shaft_dice"] = dice(ours[shaft], surface[shaft])
+    return row
+
+
 def case_metrics(out_dir: pathlib.Path, truth_dir: pathlib.Path, side: str, assd: bool = False) -> dict[str, float]:
     """An output of ``hipatlas register`` scored against the case's truth.
 
@@ -266,7 +299,7 @@ def case_metrics(out_dir: pathlib.Path, truth_dir: pathlib.Path, side: str, assd
     :func:`inference.data.simulate.true_femur_mask`: the truth a CT label at the output's resolution
     would give), ``truth_label_dice`` (the resampled label map against that surface: the best
     ``dice`` a perfect result could score), ``hip_centre_error_mm``,
-    ``head_radius_error_mm`` (phantom truth), and per measurement of :data:`COMPARED` its error
+    ``head_radius_error_mm`` (phantom truth), :func:`shaft_metrics`, and per measurement of :data:`COMPARED` its error
     (:func:`error_name`: ours - the same method on the true femur in the same field of view, NaN
     when either is missing), ``truth_<key>`` and, with a stated uncertainty, :func:`covered_name`
     (1.0 when within two uncertainties); with ``assd`` also ``assd_mm`` and ``hd95_mm`` (and
@@ -285,6 +318,7 @@ def case_metrics(out_dir: pathlib.Path, truth_dir: pathlib.Path, side: str, assd
         "dice": dice(labels == 1, truth_fov),
         "dice_surface": math.nan if surface is None else dice(labels == 1, surface),
         "truth_label_dice": math.nan if surface is None else dice(truth_fov, surface),
+        **shaft_metrics(labels == 1, surface, grid, truth),
         "hip_centre_error_mm": float(np.linalg.norm(np.asarray(ours["hip_centre_mm"])
                                                     - np.asarray(truth["hip_centre_mm"]))),
         "head_radius_error_mm": float(ours["head_radius_mm"] - truth["head_radius_mm"]),
