@@ -49,6 +49,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           "apart (default $HIPATLAS_ENSEMBLE, else on for one model and off when several "
                           "models are averaged; --no-ensemble: one pass per model, about 2.5 s faster; see "
                           "docs/refinement.md)")
+    register.add_argument("--shaft-fit", action=argparse.BooleanOptionalAction, default=True,
+                          help="fit the reconstructed shaft's cross-sections below the lesser trochanter to the "
+                          "masks (default on; --no-shaft-fit keeps the network's shaft; see docs/refinement.md)")
     register.add_argument("--network-grid", action="store_true",
                           help="outputs on the network's grid instead of the full-resolution atlas grid")
     register.set_defaults(handler=_register)
@@ -103,7 +106,8 @@ def _register(args: argparse.Namespace) -> int:
     result = pipeline.run_to_completion(
         pipeline.register_case(args.case_dir[0], args.out, model=args.model, overwrite=args.overwrite,
                                backend=args.backend, refine=refine, self_calibrate=args.self_calibrate,
-                               full_resolution=not args.network_grid, ensemble=args.ensemble),
+                               full_resolution=not args.network_grid, ensemble=args.ensemble,
+                               shaft_fit=args.shaft_fit),
         on_progress=_progress_printer(args.quiet))
     print(json.dumps(result.measurements, indent=2))
     for warning in result.warnings:

@@ -58,6 +58,10 @@ LOW_MASK_AGREEMENT_DICE = 0.8
 #: The shaft axis triangulated from the masks replaces the reconstruction's only when the two
 #: agree within this angle (a larger difference means a mask or the registration went wrong).
 MAX_SHAFT_AXIS_DISAGREEMENT_DEG = 20.0
+#: The shaft fit (inference.shaft_fit) warns past this mean move of the shaft (mm) or change of
+#: its width (fraction) in a view: the masks or the calibration may be off.
+SHAFT_FIT_WARN_SHIFT_MM = 3.0
+SHAFT_FIT_WARN_WIDTH = 0.12
 #: Standard uncertainty (mm) of the lesser trochanter's height when the masks' outlines give it:
 #: their depth against the true label map's trochanter had an RMS error of 1.5 mm (-1.4 to
 #: +2.8 mm) on held-out simulated cases (seeds 11 and 12, 8 cases; docs/measurements.md).
@@ -135,6 +139,8 @@ class _Job:
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     tensorflow_import: Any = None  # the background import thread of a refinement to come
+    shaft_fit: bool = True  # fit the shaft's cross-sections to the masks (inference.shaft_fit)
+    shaft_fit_entry: dict[str, Any] | None = None  # what the last fit did, for report.json
 
     @property
     def case_json(self) -> pathlib.Path:
@@ -196,7 +202,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
                   backend: str | None = None, full_resolution: bool = True,
                   refine: Any = None,
                   self_calibrate: bool | None = None,
-                  ensemble: bool | None = None) -> Iterator[Progress]:
+                  ensemble: bool | None = None,
+                  shaft_fit: bool = True) -> Iterator[Progress]:
     """Register the atlas to a case and write the outputs (a generator; see module docstring).
 
     Parameters
@@ -233,6 +240,10 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         fields (:mod:`inference.ensemble`: four extra network passes); None =
         :func:`inference.ensemble.default_ensemble` (``$HIPATLAS_ENSEMBLE``; unset: on for one
         model, off when several are averaged).
+    shaft_fit : bool
+        Fit the reconstruction's shaft (each cross-section's centre and width below the lesser
+        trochanter) to the masks (:mod:`inference.shaft_fit`); report.json's ``shaft_fit`` says
+        what it did.
 
     Views without a mask get a proposed one (:mod:`inference.mask_proposal`), written to
     ``OUT_DIR/proposed_mask_<view>.png`` and marked unconfirmed in report.json.
@@ -256,6 +267,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         refine_lib.require_tensorflow()  # before anything is read or written
     yield Progress(0.02, "Loading case")
     job = _load_job(case_dir, out_dir, overwrite, masks)
+    job.shaft_fit = bool(shaft_fit)
     _check(cancel)
     head = _locate_head(job) if all(m is not None for m in job.masks) else None
 
@@ -470,6 +482,9 @@ def _outputs(job: _Job, net, atlas, psi, labels, grid, full_resolution: bool, ca
     yield Progress(start, "Warping atlas")
     warped = _warp_atlas(job, net, atlas, psi, labels, grid, full_resolution)
     _check(cancel)
+    if job.shaft_fit:
+        warped = _fit_shaft(job, warped)
+        _check(cancel)
 
     yield Progress(start + step, "Measuring")
     measured = _measure(job, warped)
@@ -520,6 +535,46 @@ def _warp_atlas(job: _Job, net, atlas, psi, labels, grid, full_resolution: bool)
                  for name, point in atlas.landmarks.items() if np.size(point) == 3}
     job.timings["warp_s"] = time.perf_counter() - t0
     return _Warped(labels, warped_hu, out_grid, landmarks, resolution, femur_soft)
+
+
+def _fit_shaft(job: _Job, warped: _Warped) -> _Warped:
+    """The warped atlas with its shaft's cross-sections fitted to the masks (:mod:`inference.shaft_fit`)."""
+    from inference import shaft_fit
+
+    t0 = time.perf_counter()
+    marks = warped.landmarks_mm
+    needed = ("shaft_point_distal", "shaft_point_proximal", "lesser_trochanter")
+    masks = job.registration_masks
+    if any(m is None for m in masks) or any(source == "proposed" for source in job.mask_sources):
+        fit, reason = None, "needs a confirmed mask in every view"
+    elif not all(name in marks for name in needed):
+        fit, reason = None, "the atlas has no shaft landmarks"
+    else:
+        distal, proximal = (np.asarray(marks[name], float) for name in needed[:2])
+        fit, reason = shaft_fit.fit_shaft(warped.labels, warped.grid, list(job.frame.projections), masks, proximal,
+                                          proximal - distal, marks["lesser_trochanter"],
+                                          [v.name for v in job.case.views])
+    job.timings["shaft_fit_s"] = time.perf_counter() - t0
+    if fit is None:
+        job.shaft_fit_entry = {"used": False, "reason": reason}
+        return warped
+    soft = warped.femur_soft if warped.femur_soft is not None else (warped.labels == 1).astype(np.float32)
+    soft, volume_hu = shaft_fit.apply_shaft_fit(fit, warped.grid, soft, warped.volume_hu)
+    labels = np.array(warped.labels, copy=True)
+    femur = soft >= 0.5
+    labels[(labels == 1) & ~femur] = 0
+    labels[femur & (labels != 2)] = 1
+    entry = job.shaft_fit_entry = fit.report_entry()
+    factors = entry["mean_width_factor"]
+    if entry["mean_shift_mm"] > SHAFT_FIT_WARN_SHIFT_MM or any(abs(f - 1) > SHAFT_FIT_WARN_WIDTH
+                                                                for f in factors.values()):
+        job.warnings.append(
+            f"the reconstructed shaft differed from the masks (moved {entry['mean_shift_mm']:.1f} mm, width "
+            + ", ".join(f"{name} x{f:.2f}" for name, f in factors.items())
+            + ") and was fitted to them: check that the masks follow the femur's outline")
+    job.timings["shaft_fit_s"] = time.perf_counter() - t0
+    return dataclasses.replace(warped, labels=labels, volume_hu=volume_hu.astype(warped.volume_hu.dtype, copy=False),
+                               femur_soft=soft if warped.femur_soft is not None else None)
 
 
 def _measure(job: _Job, warped: _Warped) -> _Measured:
@@ -631,6 +686,7 @@ def _report(job: _Job, net, atlas, warped: _Warped, measured: _Measured, overlay
         "timings_s": job.timings,
         "warnings": job.warnings,
     }
+    report["shaft_fit"] = job.shaft_fit_entry if job.shaft_fit else {"used": False, "reason": "switched off"}
     report["refinement"] = refine_lib.report_entry(refinement, [v.name for v in case.views], frame, job.warnings)
     if proposal is not None:
         report["mask_proposal"] = {"atlas_head_mm": [float(x) for x in frame.point_out(proposal.pose.head_mm)],

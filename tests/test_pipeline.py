@@ -160,6 +160,10 @@ def _check_outputs(sim, out, result):
     assert report["hip_centre_source"] in ("masks", "reconstruction")
     # the lesser trochanter's height from the masks' outlines (issue 13), with its uncertainty
     assert report["lesser_trochanter_source"] in ("masks", "reconstruction")
+    # the shaft fitted to the masks (inference.shaft_fit): what it did, or why it did not
+    fit = report["shaft_fit"]
+    assert fit["used"] in (True, False) and "shaft_fit_s" in report["timings_s"]
+    assert fit["heights"] >= 15 and set(fit["mean_width_factor"]) == {"AP", "LAT"} if fit["used"] else fit["reason"]
     assert measurements["landmark_uncertainty_mm"]["lesser_trochanter"] == (
         pipeline.LT_FROM_MASKS_SD_MM if report["lesser_trochanter_source"] == "masks"
         else pipeline.LT_FROM_RECONSTRUCTION_SD_MM)
@@ -274,6 +278,7 @@ def test_views_without_masks_get_proposed_unconfirmed_masks(tmp_path, tmp_path_f
     assert sum("proposed automatically" in w for w in result.warnings) == 2
     assert np.linalg.norm(np.asarray(result.measurements["hip_centre_mm"]) - sim.hip_centre_mm) < 25.0
     assert "mask_proposal" in report and report["timings_s"]["mask_proposal_s"] > 0
+    assert report["shaft_fit"] == {"used": False, "reason": "needs a confirmed mask in every view"}
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

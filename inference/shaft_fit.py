@@ -1,0 +1,341 @@
+"""The femoral shaft fitted to the masks: each cross-section's centre and width from the outlines.
+
+Why
+---
+The network reads the shaft's outline less well than the head's. On held-out JIA phantoms
+(session 17) the reconstruction's shaft was 5 % thin on average (up to 11 %) and off-centre by
+about a millimetre, while the head and neck were right; its projection was 2-9 pixels narrower
+than the confirmed masks. Yet the diaphysis is nearly a straight tube, and two masks fix each of
+its cross-sections' position and width along two directions.
+
+What
+----
+:func:`fit_shaft` walks up the reconstruction's shaft axis in steps of :data:`STEP_MM`, from the
+bottom of the femur to :data:`FADE_ZERO_ABOVE_LT_MM` above the lesser trochanter. At each height
+it projects the axis point into every view and reads, along the image line across the projected
+axis, where the mask's outline lies and where the reconstruction's projection (its 0.5 mm
+path-length level, as :mod:`inference.silhouettes` draws it) lies. Per view that gives a centre
+difference in pixels and a width ratio. With two views these fix the cross-section's shift within
+its plane (two equations, two unknowns, through each view's projection derivative) and its
+scaling along the two directions the views see. The profiles along the shaft are median filtered
+and smoothed (:data:`SMOOTHING_MM`), limited to :data:`MAX_SHIFT_MM` and :data:`MAX_WIDTH_CHANGE`,
+faded out above the lesser trochanter (the trochanters, neck and head are kept) and beyond the
+heights the masks show.
+
+:func:`apply_shaft_fit` moves every voxel near the shaft accordingly (pull-back, linear
+interpolation) in the soft femur indicator and the warped intensities; the label map is the
+indicator's 0.5 level again. Heights along the shaft never change, so the femur's length and the
+lesser trochanter's height are the network's.
+
+Measured (session 17, docs/results/shaft-fit): see the report there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from inference.data.shape import _ramp  # the shape modes' C2 fade: 0 at its first argument, 1 at its second
+
+log = logging.getLogger(__name__)
+
+#: Spacing of the heights read along the shaft axis (mm).
+STEP_MM = 1.0
+#: Gaussian smoothing of the profiles along the shaft (sd, mm), after a median over MEDIAN_MM.
+SMOOTHING_MM = 6.0
+MEDIAN_MM = 5.0
+#: The correction is whole this far below the lesser trochanter's tip and gone this far above it.
+FADE_FULL_BELOW_LT_MM = 10.0
+FADE_ZERO_ABOVE_LT_MM = 20.0
+#: ... and fades out over this length beyond the heights the masks show.
+FADE_BEYOND_OBSERVED_MM = 20.0
+#: Largest shift of a cross-section (mm) and largest relative change of its width.
+MAX_SHIFT_MM = 4.0
+MAX_WIDTH_CHANGE = 0.15
+#: How far across the projected axis the outlines are looked for (mm at the axis, each side).
+SEARCH_MM = 45.0
+#: Views whose width directions are closer than this (deg) cannot separate the two directions.
+MIN_VIEW_SEPARATION_DEG = 25.0
+#: The fewest heights with both outlines read for a fit.
+MIN_HEIGHTS = 15
+#: Sampling step along the lines across the projected axis (pixels).
+PROFILE_STEP_PX = 0.25
+#: Path length (mm) of the reconstruction's outline, as the silhouettes and the mask agreement.
+OUTLINE_MM = 0.5
+#: Voxels up to this far outside the shifted and widened shaft are resampled (mm).
+REACH_MARGIN_MM = 8.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ShaftFit:
+    """The correction of the shaft's cross-sections (registration frame, mm).
+
+    ``heights_mm`` are positions along ``axis_direction`` from ``axis_point_mm``; per height,
+    ``shift_mm`` (2 components in the plane basis ``basis``), ``matrices`` (2 x 2, the
+    cross-section's scaling in that basis) and ``weights`` (the fades, already applied to both);
+    ``width_factors`` are each view's smoothed width ratio (mask over reconstruction) before the
+    fades; ``observed`` says which heights both views' outlines were read at.
+    """
+
+    axis_point_mm: np.ndarray
+    axis_direction: np.ndarray
+    basis: np.ndarray  # (2, 3) orthonormal, perpendicular to the axis
+    heights_mm: np.ndarray
+    shift_mm: np.ndarray
+    matrices: np.ndarray
+    weights: np.ndarray
+    width_factors: np.ndarray
+    observed: np.ndarray
+    view_names: tuple[str, ...]
+
+    def report_entry(self) -> dict[str, Any]:
+        """JSON-friendly summary for report.json."""
+        full = self.weights >= 0.999
+        shift = np.linalg.norm(self.shift_mm, axis=1)
+        return {
+            "used": True,
+            "heights": int(self.observed.sum()),
+            "shaft_length_mm": float(np.ptp(self.heights_mm[self.observed])) if self.observed.any() else 0.0,
+            "mean_shift_mm": float(shift[full].mean()) if full.any() else 0.0,
+            "max_shift_mm": float(shift.max()),
+            "mean_width_factor": {name: float(self.width_factors[full, i].mean()) if full.any() else 1.0
+                                  for i, name in enumerate(self.view_names)},
+        }
+
+
+def _unit(v) -> np.ndarray:
+    v = np.asarray(v, float)
+    return v / np.linalg.norm(v)
+
+
+def _project(projection: np.ndarray, points: np.ndarray) -> np.ndarray:
+    h = np.c_[points, np.ones(len(points))] @ np.asarray(projection, float).T
+    return h[:, :2] / h[:, 2:]
+
+
+def _outline_edges(profile: np.ndarray, inside_limit: int) -> tuple[float, float] | None:
+    """Sub-sample positions where ``profile`` crosses 0.5 on both sides of its middle sample (the
+    run of values >= 0.5 that holds the middle, or the nearest one); None when that run reaches
+    the profile's ends or ``inside_limit`` samples from them (the outline is not seen whole)."""
+    above = profile >= 0.5
+    if not above.any():
+        return None
+    middle = len(profile) // 2
+    idx = np.nonzero(above)[0]
+    runs = np.split(idx, np.nonzero(np.diff(idx) > 1)[0] + 1)
+    run = min(runs, key=lambda r: 0 if r[0] <= middle <= r[-1] else min(abs(r[0] - middle), abs(r[-1] - middle)))
+    lo, hi = int(run[0]), int(run[-1])
+    if lo <= inside_limit or hi >= len(profile) - 1 - inside_limit:
+        return None
+
+    def crossing(i_out: int, i_in: int) -> float:
+        a, b = profile[i_out], profile[i_in]
+        return i_out + (0.5 - a) / (b - a) * (i_in - i_out) if b != a else float(i_in)
+
+    return crossing(lo - 1, lo), crossing(hi + 1, hi)
+
+
+def _profile(image: np.ndarray, centre_uv: np.ndarray, normal_uv: np.ndarray, half_px: float,
+             step_px: float) -> np.ndarray:
+    """Bilinear samples of ``image`` (float32) along ``centre + s normal``, s in [-half, half]; NaN
+    outside the image."""
+    from scipy import ndimage
+
+    s = np.arange(-half_px, half_px + step_px / 2, step_px)
+    uv = centre_uv[None, :] + s[:, None] * normal_uv[None, :]
+    rows, cols = image.shape
+    inside = (uv[:, 0] >= 0) & (uv[:, 0] <= cols - 1) & (uv[:, 1] >= 0) & (uv[:, 1] <= rows - 1)
+    values = ndimage.map_coordinates(image, [uv[:, 1], uv[:, 0]], order=1, mode="nearest")
+    return np.where(inside, values, np.nan)
+
+
+def _smooth(values: np.ndarray, valid: np.ndarray, step_mm: float) -> np.ndarray:
+    """Median then Gaussian smoothing along the heights; invalid heights take their neighbours'."""
+    from scipy import ndimage
+
+    index = np.arange(len(values))
+    filled = np.stack([np.interp(index, index[valid], values[valid, c]) for c in range(values.shape[1])], 1)
+    size = max(1, int(round(MEDIAN_MM / step_mm)) | 1)
+    filled = ndimage.median_filter(filled, size=(size, 1), mode="nearest")
+    return ndimage.gaussian_filter1d(filled, SMOOTHING_MM / step_mm, axis=0, mode="nearest")
+
+
+def fit_shaft(labels: np.ndarray, grid, projections: Sequence[np.ndarray], masks: Sequence[np.ndarray | None],
+              axis_point_mm, axis_direction, lesser_trochanter_mm, view_names: Sequence[str] | None = None,
+              label: int = 1) -> tuple[ShaftFit | None, str]:
+    """Fit the shaft's cross-sections to the masks (see the module docstring).
+
+    Parameters
+    ----------
+    labels, grid : the reconstruction's label map and its grid (registration frame)
+    projections, masks : per view, P (world mm -> pixels) and the femur mask (bool, the radiograph's
+        pixels; None: the view is not used)
+    axis_point_mm, axis_direction : the reconstruction's shaft axis, its direction towards the hip
+    lesser_trochanter_mm : its tip; the fit fades out above it
+
+    Returns ``(fit, reason)``: the fit, or None and why none was made.
+    """
+    from inference.mask_proposal import project_label
+
+    used = [i for i, m in enumerate(masks) if m is not None]
+    if len(used) < 2:
+        return None, "needs two views with masks"
+    names = tuple(view_names[i] if view_names is not None else f"view {i}" for i in used)
+    femur = labels == label
+    if not femur.any():
+        return None, "the reconstruction has no femur"
+    a0 = np.asarray(axis_point_mm, float)
+    lt = np.asarray(lesser_trochanter_mm, float)
+    d = _unit(axis_direction)
+    i2w = np.asarray(grid.index_to_world(), float)
+    kk, jj, ii = np.nonzero(femur)
+    stride = max(1, len(kk) // 200_000)
+    points = (np.c_[ii[::stride], jj[::stride], kk[::stride], np.ones(len(kk[::stride]))] @ i2w.T)[:, :3]
+    heights = (points - a0) @ d
+    s_lt = float((lt - a0) @ d)
+    s_top = s_lt + FADE_ZERO_ABOVE_LT_MM
+    s_bottom = float(heights.min())
+    if s_top - s_bottom < MIN_HEIGHTS * STEP_MM:
+        return None, "too little shaft below the lesser trochanter"
+    b1 = _unit(np.cross(d, [1.0, 0.0, 0.0] if abs(d[0]) < 0.9 else [0.0, 1.0, 0.0]))
+    basis = np.stack([b1, np.cross(d, b1)])
+    s_grid = np.arange(s_bottom + STEP_MM, s_top + STEP_MM / 2, STEP_MM)
+    centres = a0[None, :] + s_grid[:, None] * d[None, :]
+
+    n_views = len(used)
+    du = np.full((len(s_grid), n_views), np.nan)
+    ratio = np.full((len(s_grid), n_views), np.nan)
+    gradient = np.zeros((len(s_grid), n_views, 2))
+    for column, view in enumerate(used):
+        projection = np.asarray(projections[view], float)
+        mask = (np.asarray(masks[view]) > 0).astype(np.float32)
+        thickness = project_label(labels, grid, projection, mask.shape, label=label)
+        ours = (thickness >= OUTLINE_MM).astype(np.float32)
+        uv = _project(projection, centres)
+        along = _project(projection, centres + 5.0 * d) - uv
+        for n in range(len(s_grid)):
+            t = along[n] / max(np.linalg.norm(along[n]), 1e-9)
+            normal = np.array([-t[1], t[0]])
+            # d(projection along the normal) / d(shift along b1, b2), pixels per mm
+            moved = _project(projection, centres[n] + np.stack([basis[0], basis[1]]) * 0.5)
+            g = ((moved - uv[n]) @ normal) / 0.5
+            px_per_mm = float(np.linalg.norm(g))
+            if px_per_mm <= 0:
+                continue
+            half = SEARCH_MM * px_per_mm
+            mask_line = _profile(mask, uv[n], normal, half, PROFILE_STEP_PX)
+            ours_line = _profile(ours, uv[n], normal, half, PROFILE_STEP_PX)
+            if np.isnan(mask_line).any() or np.isnan(ours_line).any():
+                continue  # the line leaves the radiograph: the outline is not seen whole
+            e_mask, e_ours = _outline_edges(mask_line, 2), _outline_edges(ours_line, 2)
+            if e_mask is None or e_ours is None or (e_ours[1] - e_ours[0]) * PROFILE_STEP_PX < 1.0:
+                continue
+            du[n, column] = PROFILE_STEP_PX * ((e_mask[0] + e_mask[1]) - (e_ours[0] + e_ours[1])) / 2.0
+            ratio[n, column] = (e_mask[1] - e_mask[0]) / (e_ours[1] - e_ours[0])
+            gradient[n, column] = g
+    observed = np.isfinite(du).all(1) & np.isfinite(ratio).all(1)
+    if observed.sum() < MIN_HEIGHTS:
+        return None, f"the masks show the shaft's outline at only {int(observed.sum())} heights"
+    # The two views must see the cross-section along different directions.
+    g1, g2 = gradient[observed, 0].mean(0), gradient[observed, 1].mean(0)
+    angle = np.degrees(np.arccos(np.clip(abs(g1 @ g2) / (np.linalg.norm(g1) * np.linalg.norm(g2)), 0, 1)))
+    if angle < MIN_VIEW_SEPARATION_DEG:
+        return None, f"the views see the shaft from directions only {angle:.0f} deg apart"
+    du_s = _smooth(du, observed, STEP_MM)
+    ratio_s = np.clip(_smooth(ratio, observed, STEP_MM), 1 - MAX_WIDTH_CHANGE, 1 + MAX_WIDTH_CHANGE)
+    g_s = _smooth(gradient.reshape(len(s_grid), -1), observed, STEP_MM).reshape(gradient.shape)
+
+    seen = s_grid[observed]
+    beyond = np.maximum(seen.min() - s_grid, 0) + np.maximum(s_grid - seen.max(), 0)
+    weights = (_ramp(s_grid, s_lt + FADE_ZERO_ABOVE_LT_MM, s_lt - FADE_FULL_BELOW_LT_MM)
+               * _ramp(beyond, FADE_BEYOND_OBSERVED_MM, 0.0))
+    shift = np.zeros((len(s_grid), 2))
+    matrices = np.repeat(np.eye(2)[None], len(s_grid), 0)
+    for n in range(len(s_grid)):
+        G = g_s[n]  # (views, 2)
+        shift[n] = np.clip(np.linalg.lstsq(G, du_s[n], rcond=None)[0], -MAX_SHIFT_MM, MAX_SHIFT_MM) * weights[n]
+        E = (G / np.linalg.norm(G, axis=1, keepdims=True)).T  # columns: the directions each view sees
+        scaling = E @ np.diag(ratio_s[n]) @ np.linalg.pinv(E) if n_views == 2 else np.eye(2)
+        matrices[n] = np.eye(2) + weights[n] * (scaling - np.eye(2))
+    fit = ShaftFit(a0, d, basis, s_grid, shift, matrices, weights, ratio_s, observed, names)
+    log.info("shaft fit: %d heights, mean shift %.2f mm, width factors %s", int(observed.sum()),
+             float(np.linalg.norm(shift, axis=1)[weights > 0.999].mean()) if (weights > 0.999).any() else 0.0,
+             np.round(ratio_s[weights > 0.999].mean(0), 3) if (weights > 0.999).any() else "-")
+    return fit, "fitted"
+
+
+def _blocks_shape(shape) -> tuple[int, ...]:
+    """The shape that splits an array of ``shape`` (each size rounded up to even) into 2 x 2 x 2
+    blocks: (n0 / 2, 2, n1 / 2, 2, n2 / 2, 2)."""
+    return tuple(v for n in shape for v in ((n + 1) // 2, 2))
+
+
+def apply_shaft_fit(fit: ShaftFit, grid, *volumes: np.ndarray) -> list[np.ndarray]:
+    """``volumes`` (on ``grid``) with the shaft's cross-sections moved by ``fit``: each voxel within
+    :data:`REACH_MARGIN_MM` of the first volume's non-zero part (the soft femur indicator) and up
+    to the fit's top takes the value from where the correction brings it from (linear
+    interpolation); every other voxel is copied. Returns new float32 arrays, in order."""
+    from scipy import ndimage
+
+    outputs = [np.array(v, np.float32, copy=True) for v in volumes]
+    active = fit.weights > 0
+    if not active.any() or not volumes:
+        return outputs
+    i2w = np.asarray(grid.index_to_world(), np.float64)
+    w2i = np.linalg.inv(i2w)
+    spacing_zyx = np.asarray(grid.spacing_xyz_mm, float)[::-1]
+    femur = np.asarray(volumes[0]) > 0
+    if not femur.any():
+        return outputs
+    # The voxels that may change: near the femur (a margin covers the largest move) and no
+    # higher along the axis than the fit's last height.
+    reach = REACH_MARGIN_MM + MAX_SHIFT_MM
+    # Only the femur up to the fit's top matters: bound the box by the slices (any axis) that
+    # the plane through the top height cuts within the femur's reach.
+    top = fit.axis_point_mm + fit.heights_mm[-1] * fit.axis_direction
+    zz, yy, xx = np.nonzero(femur)
+    points = np.c_[xx, yy, zz, np.ones(len(xx))] @ i2w.T
+    lowish = (points[:, :3] - top) @ fit.axis_direction <= reach
+    if not lowish.any():
+        return outputs
+    zz, yy, xx = zz[lowish], yy[lowish], xx[lowish]
+    margin = np.ceil(reach / spacing_zyx).astype(int)
+    lo = np.maximum(np.array([zz.min(), yy.min(), xx.min()]) - margin, 0)
+    hi = np.minimum(np.array([zz.max(), yy.max(), xx.max()]) + margin + 1, femur.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    # Within reach of the femur, on a twice coarser grid (a block is near when any of its voxels
+    # is within reach of the femur: the distance from its first voxel minus the block's diagonal).
+    block = femur[box]
+    pad = [(0, (-n) % 2) for n in block.shape]
+    coarse = np.pad(block, pad).reshape(_blocks_shape(block.shape)).any(axis=(1, 3, 5))
+    distance = ndimage.distance_transform_edt(~coarse, sampling=2 * spacing_zyx)
+    near = (distance <= reach + float(np.linalg.norm(2 * spacing_zyx)))
+    near = near.repeat(2, 0).repeat(2, 1).repeat(2, 2)[tuple(slice(0, n) for n in block.shape)]
+    k, j, i = (c + o for c, o in zip(np.nonzero(near), lo))
+    world = (np.c_[i, j, k, np.ones(len(i))].astype(np.float64) @ i2w.T)[:, :3]
+    rel = world - fit.axis_point_mm
+    s = rel @ fit.axis_direction
+    keep = s <= fit.heights_mm[-1]
+    k, j, i, rel, s = k[keep], j[keep], i[keep], rel[keep], s[keep]
+    local = (rel - np.outer(s, fit.axis_direction)) @ fit.basis.T  # (N, 2) in the plane basis
+    # Per height the inverse of "local -> shift + M local", interpolated linearly between heights.
+    inverse = np.linalg.inv(fit.matrices)
+    last = len(fit.heights_mm) - 1
+    pos = np.clip((s - fit.heights_mm[0]) / STEP_MM, 0, last)
+    below = np.minimum(np.floor(pos).astype(int), max(last - 1, 0))
+    above = np.minimum(below + 1, last)
+    frac = (pos - below)[:, None]
+    shift = (1 - frac) * fit.shift_mm[below] + frac * fit.shift_mm[above]
+    q = local - shift
+    inv = (1 - frac[:, :, None]) * inverse[below] + frac[:, :, None] * inverse[above]
+    source_local = np.stack([inv[:, 0, 0] * q[:, 0] + inv[:, 0, 1] * q[:, 1],
+                             inv[:, 1, 0] * q[:, 0] + inv[:, 1, 1] * q[:, 1]], 1)
+    source = fit.axis_point_mm + np.outer(s, fit.axis_direction) + source_local @ fit.basis
+    source_index = (np.c_[source, np.ones(len(source))] @ w2i.T)[:, :3]  # continuous (i, j, k)
+    coords = [source_index[:, 2], source_index[:, 1], source_index[:, 0]]
+    for out, volume in zip(outputs, volumes):
+        out[k, j, i] = ndimage.map_coordinates(np.asarray(volume, np.float32), coords, order=1, mode="nearest")
+    return outputs

@@ -1,0 +1,91 @@
+"""inference.shaft_fit: a shaft drawn off-centre and too thin is moved onto the masks' outlines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference import geometry, shaft_fit
+from inference.data import simulate
+from inference.mask_proposal import project_label
+
+LT_MM = np.array([0.0, 0.0, 40.0])  # the "lesser trochanter": the fit fades out above it
+
+
+def femur(grid, centre_xy, radius_mm):
+    """A tube along z (the shaft) under a ball (the proximal femur) that the fit must not touch."""
+    kk, jj, ii = np.meshgrid(*(np.arange(n) for n in grid.shape_zyx), indexing="ij")
+    world = np.tensordot(np.stack([ii, jj, kk, np.ones_like(ii)], -1).astype(float), grid.index_to_world()[:3].T, 1)
+    x, y, z = world[..., 0], world[..., 1], world[..., 2]
+    tube = (np.hypot(x - centre_xy[0], y - centre_xy[1]) <= radius_mm) & (z <= 60.0)
+    ball = np.linalg.norm(world - [0.0, 0.0, 75.0], axis=-1) <= 22.0
+    return (tube | ball).astype(np.uint8), world
+
+
+@pytest.fixture(scope="module")
+def scene():
+    grid = geometry.VolumeGeometry((150, 70, 70), (0.8, 0.8, 1.0), (-27.6, -27.6, -50.0))
+    views = simulate.standard_geometry((0.0, 0.0, 20.0), "right", rows=400, cols=300, pixel_mm=0.5)["views"]
+    projections = [np.asarray(v["projection_matrix"]) for v in views]
+    truth, world = femur(grid, (1.6, -0.8), 13.0)
+    masks = [project_label(truth, grid, p, (400, 300)) >= shaft_fit.OUTLINE_MM for p in projections]
+    ours, _ = femur(grid, (0.0, 0.0), 12.0)
+    return grid, projections, masks, truth, ours, world
+
+
+def _fit(grid, projections, masks, ours):
+    return shaft_fit.fit_shaft(ours, grid, projections, masks, (0.0, 0.0, 0.0), (0.0, 0.0, 1.0), LT_MM, ["AP", "LAT"])
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_a_thin_off_centre_shaft_is_moved_onto_the_masks(scene):
+    grid, projections, masks, truth, ours, world = scene
+    fit, reason = _fit(grid, projections, masks, ours)
+    assert fit is not None, reason
+    full = fit.weights >= 0.999
+    # known answer: the tube moved by (1.6, -0.8) mm (whole voxels) and widened by 13/12 in both directions
+    # (the plane basis is (b1, b2) perpendicular to z: compare in world x, y)
+    shift_xy = fit.shift_mm[full] @ fit.basis[:, :2]
+    assert np.abs(np.median(shift_xy, 0) - [1.6, -0.8]).max() < 0.25
+    # (within the voxel staircase of two tubes on a 0.8 mm grid)
+    assert np.abs(np.median(fit.width_factors[full], 0) - 13.0 / 12.0).max() < 0.05
+    entry = fit.report_entry()
+    assert entry["used"] and entry["heights"] >= 60 and set(entry["mean_width_factor"]) == {"AP", "LAT"}
+
+    soft, = shaft_fit.apply_shaft_fit(fit, grid, ours.astype(np.float32))
+    fitted = soft >= 0.5
+    z = world[..., 2]
+    shaft = z <= LT_MM[2] - shaft_fit.FADE_FULL_BELOW_LT_MM
+    before, after = _dice(ours[shaft] == 1, truth[shaft] == 1), _dice(fitted[shaft], truth[shaft] == 1)
+    assert before < 0.92 and after > 0.97, (before, after)
+    # the proximal femur (above the fade) is left exactly as it was
+    top = z >= LT_MM[2] + shaft_fit.FADE_ZERO_ABOVE_LT_MM
+    assert np.array_equal(fitted[top], ours[top] == 1)
+    # heights never change: every slice keeps femur iff it had some
+    assert np.array_equal(fitted.any(axis=(1, 2)), (ours == 1).any(axis=(1, 2)))
+
+
+def test_no_fit_without_two_masks_or_with_views_seeing_alike(scene):
+    grid, projections, masks, _, ours, _ = scene
+    assert _fit(grid, projections, [masks[0], None], ours) == (None, "needs two views with masks")
+    # the same view twice cannot tell the two directions of a cross-section apart
+    fit, reason = _fit(grid, [projections[0]] * 2, [masks[0]] * 2, ours)
+    assert fit is None and "apart" in reason
+    # masks that show no shaft below the proximal femur
+    cut = [m.copy() for m in masks]
+    for m in cut:
+        m[125:] = False  # rows below about 50 mm up the tube
+    fit, reason = _fit(grid, projections, cut, ours)
+    assert fit is None and "heights" in reason
+
+
+def test_a_shaft_that_agrees_with_the_masks_is_left_alone(scene):
+    grid, projections, masks, truth, _, _ = scene
+    fit, reason = _fit(grid, projections, masks, truth)
+    assert fit is not None, reason
+    assert np.abs(fit.shift_mm).max() < 0.2 and np.abs(fit.width_factors - 1).max() < 0.02
+    soft, = shaft_fit.apply_shaft_fit(fit, grid, truth.astype(np.float32))
+    assert _dice(soft >= 0.5, truth == 1) > 0.995
