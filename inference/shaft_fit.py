@@ -65,8 +65,6 @@ MIN_HEIGHTS = 15
 PROFILE_STEP_PX = 0.25
 #: Path length (mm) of the reconstruction's outline, as the silhouettes and the mask agreement.
 OUTLINE_MM = 0.5
-#: Voxels up to this far outside the shifted and widened shaft are resampled (mm).
-REACH_MARGIN_MM = 8.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,9 +273,10 @@ def _blocks_shape(shape) -> tuple[int, ...]:
 
 def apply_shaft_fit(fit: ShaftFit, grid, *volumes: np.ndarray) -> list[np.ndarray]:
     """``volumes`` (on ``grid``) with the shaft's cross-sections moved by ``fit``: each voxel within
-    :data:`REACH_MARGIN_MM` of the first volume's non-zero part (the soft femur indicator) and up
-    to the fit's top takes the value from where the correction brings it from (linear
-    interpolation); every other voxel is copied. Returns new float32 arrays, in order."""
+    reach of the first volume's boundary (the soft femur indicator's non-zero part; the reach is
+    the fit's largest move) and up to the fit's top takes the value from where the correction
+    brings it from (linear interpolation); every other voxel is copied, as the correction would
+    leave it inside or outside the femur. Returns new float32 arrays, in order."""
     from scipy import ndimage
 
     outputs = [np.array(v, np.float32, copy=True) for v in volumes]
@@ -290,33 +289,34 @@ def apply_shaft_fit(fit: ShaftFit, grid, *volumes: np.ndarray) -> list[np.ndarra
     femur = np.asarray(volumes[0]) > 0
     if not femur.any():
         return outputs
-    # The voxels that may change: near the femur (a margin covers the largest move) and no
-    # higher along the axis than the fit's last height.
-    reach = REACH_MARGIN_MM + MAX_SHIFT_MM
-    # Only the femur up to the fit's top matters: bound the box by the slices (any axis) that
-    # the plane through the top height cuts within the femur's reach.
-    top = fit.axis_point_mm + fit.heights_mm[-1] * fit.axis_direction
+    # The femur up to the fit's top (and a little above), and how far the fit moves any of it:
+    # the largest shift plus the largest change of scale times the femur's distance from the axis.
     zz, yy, xx = np.nonzero(femur)
-    points = np.c_[xx, yy, zz, np.ones(len(xx))] @ i2w.T
-    lowish = (points[:, :3] - top) @ fit.axis_direction <= reach
+    points = (np.c_[xx, yy, zz].astype(np.float32) @ i2w[:3, :3].T.astype(np.float32)
+              + i2w[:3, 3].astype(np.float32)) - fit.axis_point_mm.astype(np.float32)
+    along = points @ fit.axis_direction.astype(np.float32)
+    lowish = along <= fit.heights_mm[-1] + 2 * float(spacing_zyx.max())
     if not lowish.any():
         return outputs
+    radius_mm = float(np.sqrt(np.max(np.einsum("ij,ij->i", points[lowish], points[lowish]) - along[lowish] ** 2)))
+    scale_change = max(float(np.linalg.norm(m - np.eye(2), 2)) for m in fit.matrices)
+    reach = float(np.abs(fit.shift_mm).max() * np.sqrt(2) + scale_change * radius_mm + 2 * spacing_zyx.max())
     zz, yy, xx = zz[lowish], yy[lowish], xx[lowish]
-    margin = np.ceil(reach / spacing_zyx).astype(int)
+    margin = np.ceil(reach / spacing_zyx).astype(int) + 2
     lo = np.maximum(np.array([zz.min(), yy.min(), xx.min()]) - margin, 0)
     hi = np.minimum(np.array([zz.max(), yy.max(), xx.max()]) + margin + 1, femur.shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    # Within reach of the femur, on a twice coarser grid (a block is near when any of its voxels
-    # is within reach of the femur: the distance from its first voxel minus the block's diagonal).
+    # Within reach of the femur's boundary, on a twice coarser grid: 2 x 2 x 2 blocks that hold
+    # both femur and not, grown by the reach and a block's diagonal.
     block = femur[box]
     pad = [(0, (-n) % 2) for n in block.shape]
-    coarse = np.pad(block, pad).reshape(_blocks_shape(block.shape)).any(axis=(1, 3, 5))
-    distance = ndimage.distance_transform_edt(~coarse, sampling=2 * spacing_zyx)
-    near = (distance <= reach + float(np.linalg.norm(2 * spacing_zyx)))
+    blocks = np.pad(block, pad, mode="edge").reshape(_blocks_shape(block.shape))
+    mixed = blocks.any(axis=(1, 3, 5)) & ~blocks.all(axis=(1, 3, 5))
+    distance = ndimage.distance_transform_edt(~mixed, sampling=2 * spacing_zyx)
+    near = distance <= reach + float(np.linalg.norm(2 * spacing_zyx))
     near = near.repeat(2, 0).repeat(2, 1).repeat(2, 2)[tuple(slice(0, n) for n in block.shape)]
     k, j, i = (c + o for c, o in zip(np.nonzero(near), lo))
-    world = (np.c_[i, j, k, np.ones(len(i))].astype(np.float64) @ i2w.T)[:, :3]
-    rel = world - fit.axis_point_mm
+    rel = np.stack([i, j, k], 1).astype(np.float64) @ i2w[:3, :3].T + (i2w[:3, 3] - fit.axis_point_mm)
     s = rel @ fit.axis_direction
     keep = s <= fit.heights_mm[-1]
     k, j, i, rel, s = k[keep], j[keep], i[keep], rel[keep], s[keep]
@@ -334,7 +334,7 @@ def apply_shaft_fit(fit: ShaftFit, grid, *volumes: np.ndarray) -> list[np.ndarra
     source_local = np.stack([inv[:, 0, 0] * q[:, 0] + inv[:, 0, 1] * q[:, 1],
                              inv[:, 1, 0] * q[:, 0] + inv[:, 1, 1] * q[:, 1]], 1)
     source = fit.axis_point_mm + np.outer(s, fit.axis_direction) + source_local @ fit.basis
-    source_index = (np.c_[source, np.ones(len(source))] @ w2i.T)[:, :3]  # continuous (i, j, k)
+    source_index = source @ w2i[:3, :3].T + w2i[:3, 3]  # continuous (i, j, k)
     coords = [source_index[:, 2], source_index[:, 1], source_index[:, 0]]
     for out, volume in zip(outputs, volumes):
         out[k, j, i] = ndimage.map_coordinates(np.asarray(volume, np.float32), coords, order=1, mode="nearest")
