@@ -248,6 +248,15 @@ def _dot(X: np.ndarray, v: np.ndarray) -> np.ndarray:
     return X[:, 0] * v[0] + X[:, 1] * v[1] + X[:, 2] * v[2]
 
 
+def _about_line(X: np.ndarray, origin: np.ndarray, direction: np.ndarray):
+    """(s, perp, rho) of points about the line through ``origin`` along the unit ``direction``:
+    the coordinate along it, the offset from it and that offset's length."""
+    rel = X - origin
+    s = _dot(rel, direction)
+    perp = rel - s[:, None] * direction
+    return s, perp, np.sqrt(np.einsum("ij,ij->i", perp, perp))
+
+
 def _unit(v) -> np.ndarray:
     v = np.asarray(v, dtype=np.float64)
     return v / np.linalg.norm(v)
@@ -314,10 +323,7 @@ class _AxialShift(_LocalMap):
 
     def _map(self, X, inverse: bool):
         out = X
-        rel = X - self.origin
-        s = _dot(rel, self.direction)
-        perp = rel - s[:, None] * self.direction
-        rho = np.sqrt(np.einsum("ij,ij->i", perp, perp))
+        s, perp, rho = _about_line(X, self.origin, self.direction)
         lo, hi = self.s_window[2], self.s_window[3]
         active = (rho < self.rho_zero_mm) & (s > lo - abs(self.amount_mm)) & (s < hi + abs(self.amount_mm))
         if not active.any():
@@ -352,10 +358,7 @@ class _ShaftWidth(_LocalMap):
 
     def _map(self, X, inverse: bool):
         out = X
-        rel = X - self.origin
-        s = _dot(rel, self.direction)
-        perp = rel - s[:, None] * self.direction
-        rho = np.sqrt(np.einsum("ij,ij->i", perp, perp))
+        s, perp, rho = _about_line(X, self.origin, self.direction)
         active = (s < self.s_zero) & (rho < self.rho_zero_mm)
         if not active.any():
             return out
