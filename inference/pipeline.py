@@ -554,9 +554,9 @@ def _fit_shaft(job: _Job, warped: _Warped) -> _Warped:
         fit, reason = shaft_fit.fit_shaft(warped.labels, warped.grid, list(job.frame.projections), masks, proximal,
                                           proximal - distal, marks["lesser_trochanter"],
                                           [v.name for v in job.case.views])
-    job.timings["shaft_fit_s"] = time.perf_counter() - t0
     if fit is None:
         job.shaft_fit_entry = {"used": False, "reason": reason}
+        job.timings["shaft_fit_s"] = time.perf_counter() - t0
         return warped
     soft = warped.femur_soft if warped.femur_soft is not None else (warped.labels == 1).astype(np.float32)
     soft, volume_hu = shaft_fit.apply_shaft_fit(fit, warped.grid, soft, warped.volume_hu)

@@ -38,7 +38,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from inference.data.shape import _ramp  # the shape modes' C2 fade: 0 at its first argument, 1 at its second
+from inference.data.shape import _ramp, _unit  # _ramp: the shape modes' C2 fade, 0 at its first argument, 1 at its second
+from inference.geometry import project_points
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +103,6 @@ class ShaftFit:
             "mean_width_factor": {name: float(self.width_factors[full, i].mean()) if full.any() else 1.0
                                   for i, name in enumerate(self.view_names)},
         }
-
-
-def _unit(v) -> np.ndarray:
-    v = np.asarray(v, float)
-    return v / np.linalg.norm(v)
-
-
-def _project(projection: np.ndarray, points: np.ndarray) -> np.ndarray:
-    h = np.c_[points, np.ones(len(points))] @ np.asarray(projection, float).T
-    return h[:, :2] / h[:, 2:]
 
 
 def _outline_edges(profile: np.ndarray, inside_limit: int) -> tuple[float, float] | None:
@@ -212,13 +203,13 @@ def fit_shaft(labels: np.ndarray, grid, projections: Sequence[np.ndarray], masks
         mask = (np.asarray(masks[view]) > 0).astype(np.float32)
         thickness = project_label(labels, grid, projection, mask.shape, label=label)
         ours = (thickness >= OUTLINE_MM).astype(np.float32)
-        uv = _project(projection, centres)
-        along = _project(projection, centres + 5.0 * d) - uv
+        uv = project_points(projection, centres)
+        along = project_points(projection, centres + 5.0 * d) - uv
         for n in range(len(s_grid)):
             t = along[n] / max(np.linalg.norm(along[n]), 1e-9)
             normal = np.array([-t[1], t[0]])
             # d(projection along the normal) / d(shift along b1, b2), pixels per mm
-            moved = _project(projection, centres[n] + np.stack([basis[0], basis[1]]) * 0.5)
+            moved = project_points(projection, centres[n] + np.stack([basis[0], basis[1]]) * 0.5)
             g = ((moved - uv[n]) @ normal) / 0.5
             px_per_mm = float(np.linalg.norm(g))
             if px_per_mm <= 0:
