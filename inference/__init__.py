@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def _version() -> str:
     try:
@@ -21,3 +23,34 @@ def _version() -> str:
 
 
 __version__ = _version()
+
+
+#: The environment variable NumPy reads for the same choice; when it is set, it stands.
+HUGEPAGE_ENV = "NUMPY_MADVISE_HUGEPAGE"
+
+
+def _no_madvised_huge_pages() -> bool:
+    """Stop NumPy asking the kernel for transparent huge pages for its large arrays (``madvise``);
+    True when this call changed it.
+
+    NumPy marks every array of 4 MB or more for huge pages. Where the kernel then compacts memory
+    on the page fault (``/sys/kernel/mm/transparent_hugepage/defrag`` = ``madvise``, Ubuntu's and
+    Debian's default), a process that allocates its first gigabyte stalls in the kernel: a fresh
+    ``hipatlas register`` on the demo took 7.2-8.1 s (3.1-3.8 s of it system time) against
+    4.9-5.0 s (0.8 s) with NumPy's own switch ``NUMPY_MADVISE_HUGEPAGE=0`` (this machine, after
+    a day of uptime; docs/performance.md). The registration's arrays are read a few times each, so
+    huge pages buy it nothing back. A user who sets the variable keeps their choice.
+    """
+    if HUGEPAGE_ENV in os.environ:
+        return False
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:  # NumPy < 2
+        try:
+            from numpy.core.multiarray import _set_madvise_hugepage
+        except ImportError:
+            return False
+    return bool(_set_madvise_hugepage(False))
+
+
+_no_madvised_huge_pages()

@@ -200,3 +200,22 @@ def test_nothing_reads_outside_the_repository():
         if pattern.search(text):
             offenders.append(name)
     assert not offenders, offenders
+
+
+def _numpy_huge_pages_after(imports: str, environment: dict[str, str]) -> bool:
+    """Whether NumPy still marks large arrays for huge pages after ``imports`` (a fresh interpreter)."""
+    code = (f"{imports}\n"
+            "from numpy._core.multiarray import _set_madvise_hugepage\n"
+            "print(_set_madvise_hugepage(False))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", **environment})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_importing_inference_stops_numpy_asking_for_huge_pages():
+    # NumPy asks for them on Linux >= 4.6; importing inference stops it (a fresh register's page
+    # faults stalled 2-3 s in compaction: inference/__init__.py) unless the user chose otherwise.
+    assert not _numpy_huge_pages_after("import inference", {})
+    assert _numpy_huge_pages_after("import inference", {"NUMPY_MADVISE_HUGEPAGE": "1"})
+    assert not _numpy_huge_pages_after("import inference", {"NUMPY_MADVISE_HUGEPAGE": "0"})
