@@ -74,6 +74,11 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
     return median_times(fn, repeats, warmup)[0]
 
 
+#: Environment variables that change what a benchmark measures, written before its command in
+#: reports (NumPy's huge pages: docs/performance.md, *Session 18*).
+MEASURED_ENVIRONMENT = ("NUMPY_MADVISE_HUGEPAGE",)
+
+
 def machine_info() -> dict[str, Any]:
     """Where the figures were measured (so figures from different machines are not compared)."""
     return {"python": platform.python_version(), "machine": platform.machine(),
@@ -138,7 +143,9 @@ class BenchReport:
                 model = default_model_files()
             except Exception:  # no installed model: the report names none
                 model = None
-        record = provenance(model, command=["python", *sys.argv])
+        # Variables that change the figures are part of the command that measured them.
+        setting = [f"{name}={os.environ[name]}" for name in MEASURED_ENVIRONMENT if name in os.environ]
+        record = provenance(model, command=[*setting, "python", *sys.argv])
         write_json_atomic(f"{path}.json", {"benchmark": self.name, "provenance": record, "figures": self.figures})
         rows = [f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in self.figures.items()]
         write_text_atomic(f"{path}.md", f"# Benchmark {self.name}\n\n{provenance_markdown(record)}\n"
