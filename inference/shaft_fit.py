@@ -19,8 +19,11 @@ difference in pixels and a width ratio. With two views these fix the cross-secti
 its plane (two equations, two unknowns, through each view's projection derivative) and its
 scaling along the two directions the views see. The profiles along the shaft are median filtered
 and smoothed (:data:`SMOOTHING_MM`), limited to :data:`MAX_SHIFT_MM` and :data:`MAX_WIDTH_CHANGE`,
-faded out above the lesser trochanter (the trochanters, neck and head are kept) and beyond the
-heights the masks show.
+faded out above the lesser trochanter (the trochanters, neck and head are kept) and above the
+heights the masks show. Below the lowest height they show (a radiograph that ends above the bottom
+of the atlas's field of view), the network has nothing to read and its shaft may bend away; there
+each cross-section's centre is brought to within :data:`STRAIGHTENING_TOLERANCE_MM` of the straight
+line through the fitted centres just above (:func:`_continue_straight`).
 
 :func:`apply_shaft_fit` moves every voxel near the shaft accordingly (pull-back, linear
 interpolation) in the soft femur indicator and the warped intensities; the label map is the
@@ -51,8 +54,20 @@ MEDIAN_MM = 5.0
 #: The correction is whole this far below the lesser trochanter's tip and gone this far above it.
 FADE_FULL_BELOW_LT_MM = 10.0
 FADE_ZERO_ABOVE_LT_MM = 20.0
-#: ... and fades out over this length beyond the heights the masks show.
+#: ... and fades out over this length beyond the heights the masks show (below the lowest of them
+#: the width's change fades so, but the shift is replaced: :func:`_continue_straight`).
 FADE_BEYOND_OBSERVED_MM = 20.0
+#: Below the lowest height the masks show, the cross-sections' centres are brought towards the
+#: straight line through the fitted centres of this length of shaft above it ...
+STRAIGHT_FROM_MM = 40.0
+#: ... leaving a centre within this distance of the line where it is (the line's own error after
+#: 20-35 mm of extrapolation: session 18 measured up to 1.5 mm) and bringing one farther away to
+#: this distance, ...
+STRAIGHTENING_TOLERANCE_MM = 1.5
+#: ... moving it by at most this much.
+MAX_STRAIGHTENING_MM = 12.0
+#: Gaussian smoothing (sd, mm) of those moves along the shaft.
+CENTRE_SMOOTHING_MM = 2.0
 #: Largest shift of a cross-section (mm) and largest relative change of its width.
 MAX_SHIFT_MM = 4.0
 MAX_WIDTH_CHANGE = 0.15
@@ -89,17 +104,23 @@ class ShaftFit:
     width_factors: np.ndarray
     observed: np.ndarray
     view_names: tuple[str, ...]
+    #: heights below the lowest one the masks show whose centres were put on the straight line
+    continued: np.ndarray | None = None
 
     def report_entry(self) -> dict[str, Any]:
         """JSON-friendly summary for report.json."""
         full = self.weights >= 0.999
         shift = np.linalg.norm(self.shift_mm, axis=1)
+        continued = self.continued if self.continued is not None else np.zeros(len(shift), bool)
+        full &= ~continued
         return {
             "used": True,
             "heights": int(self.observed.sum()),
             "shaft_length_mm": float(np.ptp(self.heights_mm[self.observed])) if self.observed.any() else 0.0,
             "mean_shift_mm": float(shift[full].mean()) if full.any() else 0.0,
-            "max_shift_mm": float(shift.max()),
+            "max_shift_mm": float(shift[~continued].max()) if (~continued).any() else 0.0,
+            "continued_below_mm": float(continued.sum() * STEP_MM),
+            "max_continued_shift_mm": float(shift[continued].max()) if continued.any() else 0.0,
             "mean_width_factor": {name: float(self.width_factors[full, i].mean()) if full.any() else 1.0
                                   for i, name in enumerate(self.view_names)},
         }
@@ -249,11 +270,58 @@ def fit_shaft(labels: np.ndarray, grid, projections: Sequence[np.ndarray], masks
         E = (G / np.linalg.norm(G, axis=1, keepdims=True)).T  # columns: the directions each view sees
         scaling = E @ np.diag(ratio_s[n]) @ np.linalg.pinv(E) if n_views == 2 else np.eye(2)
         matrices[n] = np.eye(2) + weights[n] * (scaling - np.eye(2))
-    fit = ShaftFit(a0, d, basis, s_grid, shift, matrices, weights, ratio_s, observed, names)
+    local = (points - a0 - np.outer(heights, d)) @ basis.T
+    continued = _continue_straight(s_grid, shift, weights, observed, heights, local)
+    fit = ShaftFit(a0, d, basis, s_grid, shift, matrices, weights, ratio_s, observed, names, continued)
     log.info("shaft fit: %d heights, mean shift %.2f mm, width factors %s", int(observed.sum()),
              float(np.linalg.norm(shift, axis=1)[weights > 0.999].mean()) if (weights > 0.999).any() else 0.0,
              np.round(ratio_s[weights > 0.999].mean(0), 3) if (weights > 0.999).any() else "-")
     return fit, "fitted"
+
+
+def _continue_straight(s_grid: np.ndarray, shift: np.ndarray, weights: np.ndarray, observed: np.ndarray,
+                       heights: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """Below the lowest height the masks show, move each cross-section's centre towards the straight
+    line through the fitted centres (the reconstruction's centre plus the fit's shift) of the
+    :data:`STRAIGHT_FROM_MM` of shaft above it, to within :data:`STRAIGHTENING_TOLERANCE_MM`;
+    ``shift`` is changed in place. Returns which heights were so continued (moved or not).
+
+    Why: a radiograph often ends above the bottom of the atlas's field of view. There the network
+    has nothing to read and its shaft may bend away (held-out orthogonal JIA cases, session 18: up
+    to 10 mm at the bottom of the field of view, 21 mm below the radiographs' lower edge), while a
+    femoral diaphysis is straight over such lengths. ``heights`` and ``local`` are the
+    reconstruction's femur voxels' positions along the axis and in the plane basis.
+    """
+    from scipy import ndimage
+
+    continued = np.zeros(len(s_grid), bool)
+    if not observed.any():
+        return continued
+    lowest = float(s_grid[observed].min())
+    below = s_grid < lowest
+    bins = np.rint((heights - s_grid[0]) / STEP_MM).astype(int)
+    inside = (bins >= 0) & (bins < len(s_grid))
+    count = np.bincount(bins[inside], minlength=len(s_grid)).astype(float)
+    centre = np.stack([np.bincount(bins[inside], weights=local[inside, c], minlength=len(s_grid))
+                       for c in range(2)], 1) / np.maximum(count, 1)[:, None]
+    base = observed & (s_grid <= lowest + STRAIGHT_FROM_MM) & (weights >= 0.999) & (count > 0)
+    if not below.any() or base.sum() < MIN_HEIGHTS:
+        return continued
+    design = np.c_[np.ones(base.sum()), s_grid[base]]
+    line = np.linalg.lstsq(design, centre[base] + shift[base], rcond=None)[0]  # (2, 2): offset, slope
+    rows = np.nonzero(below & (count > 0))[0]
+    if len(rows) == 0:
+        return continued
+    target = np.c_[np.ones(len(rows)), s_grid[rows]] @ line
+    # The centres of 1 mm slabs of voxels jitter by the voxel staircase only: a light smoothing
+    # (SMOOTHING_MM would flatten the bend near the bottom end).
+    move = ndimage.gaussian_filter1d(target - centre[rows], CENTRE_SMOOTHING_MM / STEP_MM, axis=0, mode="nearest")
+    length = np.linalg.norm(move, axis=1, keepdims=True)
+    kept = np.clip(length - STRAIGHTENING_TOLERANCE_MM, 0.0, MAX_STRAIGHTENING_MM)
+    move *= kept / np.maximum(length, 1e-9)
+    shift[rows] = move
+    continued[rows] = True
+    return continued
 
 
 def _blocks_shape(shape) -> tuple[int, ...]:

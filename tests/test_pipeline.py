@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from inference import geometry, io, mask_proposal, pipeline, registration, silhouettes
+from inference import geometry, io, mask_proposal, pipeline, registration, shaft_fit, silhouettes
 from inference import mesh as mesh_lib
 from inference.checksums import sha256_file
 from inference.errors import Cancelled, HipAtlasError
@@ -164,6 +164,8 @@ def _check_outputs(sim, out, result):
     fit = report["shaft_fit"]
     assert fit["used"] in (True, False) and "shaft_fit_s" in report["timings_s"]
     assert fit["heights"] >= 15 and set(fit["mean_width_factor"]) == {"AP", "LAT"} if fit["used"] else fit["reason"]
+    if fit["used"]:  # the shaft below the radiographs, continued straight
+        assert fit["continued_below_mm"] >= 0 and 0 <= fit["max_continued_shift_mm"] <= shaft_fit.MAX_STRAIGHTENING_MM
     assert measurements["landmark_uncertainty_mm"]["lesser_trochanter"] == (
         pipeline.LT_FROM_MASKS_SD_MM if report["lesser_trochanter_source"] == "masks"
         else pipeline.LT_FROM_RECONSTRUCTION_SD_MM)

@@ -12,12 +12,14 @@ from inference.mask_proposal import project_label
 LT_MM = np.array([0.0, 0.0, 40.0])  # the "lesser trochanter": the fit fades out above it
 
 
-def femur(grid, centre_xy, radius_mm):
-    """A tube along z (the shaft) under a ball (the proximal femur) that the fit must not touch."""
+def femur(grid, centre_xy, radius_mm, bend_below_mm=None, bend_slope=0.0):
+    """A tube along z (the shaft) under a ball (the proximal femur) that the fit must not touch;
+    below ``bend_below_mm`` the tube's centre drifts along x by ``bend_slope`` mm per mm."""
     kk, jj, ii = np.meshgrid(*(np.arange(n) for n in grid.shape_zyx), indexing="ij")
     world = np.tensordot(np.stack([ii, jj, kk, np.ones_like(ii)], -1).astype(float), grid.index_to_world()[:3].T, 1)
     x, y, z = world[..., 0], world[..., 1], world[..., 2]
-    tube = (np.hypot(x - centre_xy[0], y - centre_xy[1]) <= radius_mm) & (z <= 60.0)
+    drift = 0.0 if bend_below_mm is None else bend_slope * np.maximum(bend_below_mm - z, 0.0)
+    tube = (np.hypot(x - centre_xy[0] - drift, y - centre_xy[1]) <= radius_mm) & (z <= 60.0)
     ball = np.linalg.norm(world - [0.0, 0.0, 75.0], axis=-1) <= 22.0
     return (tube | ball).astype(np.uint8), world
 
@@ -89,3 +91,43 @@ def test_a_shaft_that_agrees_with_the_masks_is_left_alone(scene):
     assert np.abs(fit.shift_mm).max() < 0.2 and np.abs(fit.width_factors - 1).max() < 0.02
     soft, = shaft_fit.apply_shaft_fit(fit, grid, truth.astype(np.float32))
     assert _dice(soft >= 0.5, truth == 1) > 0.995
+
+
+def test_below_the_radiographs_the_shaft_is_continued_straight(scene):
+    # The radiographs end 30 mm above the bottom of the grid; there the reconstruction's shaft bends
+    # away (0.3 mm per mm, 9 mm at the bottom) while the true one goes on straight.
+    grid, projections, masks, truth, _, world = scene
+    edge_z = -20.0
+    cut = []
+    for projection, mask in zip(projections, masks):
+        u, v = geometry.project_points(projection, np.array([[0.0, 0.0, edge_z]]))[0]
+        mask = mask.copy()
+        mask[int(np.ceil(v)):] = False  # the image ends at that row
+        cut.append(mask)
+    ours, _ = femur(grid, (1.6, -0.8), 13.0, bend_below_mm=edge_z, bend_slope=0.3)
+    fit, reason = _fit(grid, projections, cut, ours)
+    assert fit is not None, reason
+    entry = fit.report_entry()
+    assert 20.0 <= entry["continued_below_mm"] <= 31.0
+    assert entry["max_continued_shift_mm"] <= shaft_fit.MAX_STRAIGHTENING_MM
+    soft, = shaft_fit.apply_shaft_fit(fit, grid, ours.astype(np.float32))
+    z = world[..., 2]
+    unseen = z < edge_z - 2.0
+    before, after = _dice(ours[unseen] == 1, truth[unseen] == 1), _dice(soft[unseen] >= 0.5, truth[unseen] == 1)
+    assert before < 0.8 and after > 0.9, (before, after)
+    # known answer: each unseen slice's centre is brought to within the tolerance of the true line
+    # (and 0.6 mm: the smoothing's end effect at the bottom slices and the 0.8 mm voxel staircase)
+    x = world[..., 0]
+    for k in np.nonzero(unseen.all(axis=(1, 2)) & (truth == 1).any(axis=(1, 2)))[0]:
+        ours_x, fitted_x = x[k][ours[k] == 1].mean(), x[k][soft[k] >= 0.5].mean()
+        true_x = x[k][truth[k] == 1].mean()
+        assert abs(fitted_x - true_x) <= shaft_fit.STRAIGHTENING_TOLERANCE_MM + 0.6, (k, ours_x, fitted_x, true_x)
+    # where the masks show the shaft, it already agreed and stays where it was
+    seen = (z > edge_z + 10.0) & (z <= LT_MM[2] - shaft_fit.FADE_FULL_BELOW_LT_MM)
+    assert _dice(soft[seen] >= 0.5, ours[seen] == 1) > 0.99
+
+
+def test_no_continuation_when_the_masks_show_the_whole_shaft(scene):
+    grid, projections, masks, _, ours, _ = scene
+    fit, _ = _fit(grid, projections, masks, ours)
+    assert fit.report_entry()["continued_below_mm"] == 0.0
