@@ -840,6 +840,16 @@ class FemurLandmarks:
         return out
 
 
+def femoral_head_sphere(surface: Mesh, head_radius_range_mm: tuple[float, float] = (12.0, 36.0)
+                        ) -> tuple[np.ndarray, float]:
+    """(centre, radius) of the femoral head on a closed femur surface: the sphere
+    :func:`femur_landmarks` finds, without the rest of its landmarks. Raises DataError as it."""
+    surface.check_closed("femur surface")
+    centre, radius, _, _ = _find_head(surface, surface.vertex_normals(), _vertex_area_weights(surface),
+                                      tuple(float(v) for v in head_radius_range_mm))
+    return centre, radius
+
+
 def femur_landmarks(
     surface: Mesh,
     side: str,

@@ -45,7 +45,7 @@ import numpy as np
 from inference import __version__, geometry, io, views
 from inference import silhouettes as silhouettes_lib
 from inference.checksums import sha256_file
-from inference.errors import Cancelled, ConfigError, DataError, InputFileError, ModelError, OutputError
+from inference.errors import Cancelled, ConfigError, DataError, HipAtlasError, InputFileError, ModelError, OutputError
 from inference.registration import GRAPH_MODE_MIN_CASES, RegistrationFrame, atlas_for, placed_grid
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,8 @@ class _Job:
     tensorflow_import: Any = None  # the background import thread of a refinement to come
     shaft_fit: bool = True  # fit the shaft's cross-sections to the masks (inference.shaft_fit)
     shaft_fit_entry: dict[str, Any] | None = None  # what the last fit did, for report.json
+    head_anchor: bool = True  # move the reconstructed head onto the masks' (inference.head_anchor)
+    head_anchor_entry: dict[str, Any] | None = None  # what it did, for report.json
 
     @property
     def case_json(self) -> pathlib.Path:
@@ -203,7 +205,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
                   refine: Any = None,
                   self_calibrate: bool | None = None,
                   ensemble: bool | None = None,
-                  shaft_fit: bool = True) -> Iterator[Progress]:
+                  shaft_fit: bool = True, head_anchor: bool = True) -> Iterator[Progress]:
     """Register the atlas to a case and write the outputs (a generator; see module docstring).
 
     Parameters
@@ -244,6 +246,9 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         Fit the reconstruction's shaft (each cross-section's centre and width below the lesser
         trochanter) to the masks (:mod:`inference.shaft_fit`); report.json's ``shaft_fit`` says
         what it did.
+    head_anchor : bool
+        Move the reconstruction's femoral head onto the head the masks show
+        (:mod:`inference.head_anchor`); report.json's ``head_anchor`` says what it did.
 
     Views without a mask get a proposed one (:mod:`inference.mask_proposal`), written to
     ``OUT_DIR/proposed_mask_<view>.png`` and marked unconfirmed in report.json.
@@ -268,6 +273,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     yield Progress(0.02, "Loading case")
     job = _load_job(case_dir, out_dir, overwrite, masks)
     job.shaft_fit = bool(shaft_fit)
+    job.head_anchor = bool(head_anchor)
     _check(cancel)
     head = _locate_head(job) if all(m is not None for m in job.masks) else None
 
@@ -485,6 +491,9 @@ def _outputs(job: _Job, net, atlas, psi, labels, grid, full_resolution: bool, ca
     if job.shaft_fit:
         warped = _fit_shaft(job, warped)
         _check(cancel)
+    if job.head_anchor:
+        warped = _anchor_head(job, warped)
+        _check(cancel)
 
     yield Progress(start + step, "Measuring")
     measured = _measure(job, warped)
@@ -573,6 +582,36 @@ def _fit_shaft(job: _Job, warped: _Warped) -> _Warped:
             + ", ".join(f"{name} x{f:.2f}" for name, f in factors.items())
             + ") and was fitted to them: check that the masks follow the femur's outline")
     job.timings["shaft_fit_s"] = time.perf_counter() - t0
+    return dataclasses.replace(warped, labels=labels, volume_hu=volume_hu.astype(warped.volume_hu.dtype, copy=False),
+                               femur_soft=soft if warped.femur_soft is not None else None)
+
+
+def _anchor_head(job: _Job, warped: _Warped) -> _Warped:
+    """The warped atlas with its femoral head moved onto the masks' (:mod:`inference.head_anchor`)."""
+    from inference import head_anchor, surface
+
+    t0 = time.perf_counter()
+    masks = job.registration_masks
+    if any(m is None for m in masks) or any(source == "proposed" for source in job.mask_sources):
+        shift, reason = None, "needs a confirmed mask in every view"
+    else:
+        mesh = surface.label_surface(warped.labels, warped.grid, label=1, soft=warped.femur_soft)
+        try:
+            shift, reason = head_anchor.head_shift(mesh, list(job.frame.projections), masks)
+        except HipAtlasError as error:
+            shift, reason = None, str(error)
+    job.timings["head_anchor_s"] = time.perf_counter() - t0
+    if shift is None:
+        job.head_anchor_entry = {"used": False, "reason": reason}
+        return warped
+    soft = warped.femur_soft if warped.femur_soft is not None else (warped.labels == 1).astype(np.float32)
+    soft, volume_hu = head_anchor.apply_head_shift(shift, warped.grid, soft, warped.volume_hu)
+    labels = np.array(warped.labels, copy=True)
+    femur = soft >= 0.5
+    labels[(labels == 1) & ~femur] = 0
+    labels[femur & (labels != 2)] = 1
+    job.head_anchor_entry = shift.report_entry()
+    job.timings["head_anchor_s"] = time.perf_counter() - t0
     return dataclasses.replace(warped, labels=labels, volume_hu=volume_hu.astype(warped.volume_hu.dtype, copy=False),
                                femur_soft=soft if warped.femur_soft is not None else None)
 
@@ -687,6 +726,7 @@ def _report(job: _Job, net, atlas, warped: _Warped, measured: _Measured, overlay
         "warnings": job.warnings,
     }
     report["shaft_fit"] = job.shaft_fit_entry if job.shaft_fit else {"used": False, "reason": "switched off"}
+    report["head_anchor"] = job.head_anchor_entry if job.head_anchor else {"used": False, "reason": "switched off"}
     report["refinement"] = refine_lib.report_entry(refinement, [v.name for v in case.views], frame, job.warnings)
     if proposal is not None:
         report["mask_proposal"] = {"atlas_head_mm": [float(x) for x in frame.point_out(proposal.pose.head_mm)],
@@ -764,9 +804,10 @@ def cohort_output_names(case_dirs: list[str | os.PathLike]) -> list[str]:
 
 def register_cohort(case_dirs: list[str | os.PathLike], out_root: str | os.PathLike, *, model: Any = None,
                     overwrite: bool = False, cancel: Callable[[], bool] | None = None,
-                    backend: str | None = None, ensemble: bool | None = None) -> Iterator[Progress]:
+                    backend: str | None = None, ensemble: bool | None = None, shaft_fit: bool = True,
+                    head_anchor: bool = True) -> Iterator[Progress]:
     """Register several cases with one loaded model (a generator, like :func:`register_case`;
-    ``ensemble`` as there).
+    ``ensemble``, ``shaft_fit`` and ``head_anchor`` as there).
 
     Each case goes to ``out_root/<case folder name>``; a case with bad input is recorded as
     failed (its message in ``cohort.csv``) and the others go on. ``out_root/cohort.csv`` holds one
@@ -797,7 +838,8 @@ def register_cohort(case_dirs: list[str | os.PathLike], out_root: str | os.PathL
         row = {"case": str(case), "out_dir": str(root / name)}
         try:
             steps = register_case(case, root / name, model=net, overwrite=overwrite, cancel=cancel,
-                                  graph_mode=len(case_dirs) >= GRAPH_MODE_MIN_CASES, ensemble=ensemble)
+                                  graph_mode=len(case_dirs) >= GRAPH_MODE_MIN_CASES, ensemble=ensemble,
+                                  shaft_fit=shaft_fit, head_anchor=head_anchor)
             result = yield from _relayed(steps, lambda step: Progress(base + width * step.fraction,
                                                                       f"{name}: {step.message}"))
         except Cancelled:

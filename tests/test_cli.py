@@ -304,3 +304,26 @@ def test_the_ensemble_flags_reach_the_pipeline(tmp_path, monkeypatch, capsys, fl
                          *flags]) == 2
     assert seen == {"case": expected, "cohort": expected}
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("flags, expected", [([], (True, True)), (["--no-shaft-fit"], (False, True)),
+                                             (["--no-head-anchor"], (True, False))])
+def test_the_mask_fit_flags_reach_the_pipeline(tmp_path, monkeypatch, capsys, flags, expected):
+    """``--no-shaft-fit`` and ``--no-head-anchor`` (default: both on) for one case and for a cohort."""
+    from inference import pipeline
+
+    seen = {}
+
+    def fake(name):
+        def run(*args, **kwargs):
+            seen[name] = (kwargs["shaft_fit"], kwargs["head_anchor"])
+            raise pipeline.DataError("stop here")
+        return run
+
+    monkeypatch.setattr(pipeline, "register_case", fake("case"))
+    monkeypatch.setattr(pipeline, "register_cohort", fake("cohort"))
+    assert app_cli.main(["register", str(tmp_path / "a"), "--out", str(tmp_path / "o"), *flags]) == 2
+    assert app_cli.main(["register", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "o"),
+                         *flags]) == 2
+    assert seen == {"case": expected, "cohort": expected}
+    capsys.readouterr()

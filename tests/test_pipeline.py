@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from inference import geometry, io, mask_proposal, pipeline, registration, shaft_fit, silhouettes
+from inference import geometry, head_anchor, io, mask_proposal, pipeline, registration, shaft_fit, silhouettes
 from inference import mesh as mesh_lib
 from inference.checksums import sha256_file
 from inference.errors import Cancelled, HipAtlasError
@@ -164,6 +164,9 @@ def _check_outputs(sim, out, result):
     fit = report["shaft_fit"]
     assert fit["used"] in (True, False) and "shaft_fit_s" in report["timings_s"]
     assert fit["heights"] >= 15 and set(fit["mean_width_factor"]) == {"AP", "LAT"} if fit["used"] else fit["reason"]
+    # the head moved onto the masks' head (inference.head_anchor): how far, or why not
+    anchor = report["head_anchor"]
+    assert 0 < anchor["distance_mm"] <= head_anchor.MAX_SHIFT_MM if anchor["used"] else anchor["reason"]
     if fit["used"]:  # the shaft below the radiographs, continued straight
         assert fit["continued_below_mm"] >= 0 and 0 <= fit["max_continued_shift_mm"] <= shaft_fit.MAX_STRAIGHTENING_MM
     assert measurements["landmark_uncertainty_mm"]["lesser_trochanter"] == (
@@ -281,6 +284,7 @@ def test_views_without_masks_get_proposed_unconfirmed_masks(tmp_path, tmp_path_f
     assert np.linalg.norm(np.asarray(result.measurements["hip_centre_mm"]) - sim.hip_centre_mm) < 25.0
     assert "mask_proposal" in report and report["timings_s"]["mask_proposal_s"] > 0
     assert report["shaft_fit"] == {"used": False, "reason": "needs a confirmed mask in every view"}
+    assert report["head_anchor"] == {"used": False, "reason": "needs a confirmed mask in every view"}
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

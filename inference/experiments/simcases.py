@@ -43,6 +43,9 @@ VARIANTS = {
     # what register did before the shaft fit (session 17): its effect, paired on the same cases
     "ensemble-auto-no-shaft-fit": {"full_resolution": True, "refine": "auto", "self_calibrate": False,
                                    "ensemble": True, "shaft_fit": False},
+    # what register did before the head anchor (session 18)
+    "ensemble-auto-no-head-anchor": {"full_resolution": True, "refine": "auto", "self_calibrate": False,
+                                     "ensemble": True, "head_anchor": False},
 }
 #: Measurements compared with the truth measured on the true label (the head radius has its phantom truth).
 COMPARED = tuple(m for m in measure.MEASUREMENTS if m.kind == "scalar" and m.key != "head_radius_mm")
