@@ -164,6 +164,7 @@ class _Warped:
     landmarks_mm: dict[str, list[float]]
     resolution: dict[str, Any]
     femur_soft: np.ndarray | None = None  # the warped soft femur indicator (full resolution only)
+    surface: Any = None  # the femur surface of exactly these labels, when a step already made it
 
 
 @dataclass
@@ -582,7 +583,8 @@ def _fit_shaft(job: _Job, warped: _Warped) -> _Warped:
             + ", ".join(f"{name} x{f:.2f}" for name, f in factors.items())
             + ") and was fitted to them: check that the masks follow the femur's outline")
     job.timings["shaft_fit_s"] = time.perf_counter() - t0
-    return dataclasses.replace(warped, labels=labels, volume_hu=volume_hu.astype(warped.volume_hu.dtype, copy=False),
+    return dataclasses.replace(warped, labels=labels, surface=None,
+                               volume_hu=volume_hu.astype(warped.volume_hu.dtype, copy=False),
                                femur_soft=soft if warped.femur_soft is not None else None)
 
 
@@ -592,6 +594,7 @@ def _anchor_head(job: _Job, warped: _Warped) -> _Warped:
 
     t0 = time.perf_counter()
     masks = job.registration_masks
+    mesh = None
     if any(m is None for m in masks) or any(source == "proposed" for source in job.mask_sources):
         shift, reason = None, "needs a confirmed mask in every view"
     else:
@@ -603,7 +606,7 @@ def _anchor_head(job: _Job, warped: _Warped) -> _Warped:
     job.timings["head_anchor_s"] = time.perf_counter() - t0
     if shift is None:
         job.head_anchor_entry = {"used": False, "reason": reason}
-        return warped
+        return warped if mesh is None else dataclasses.replace(warped, surface=mesh)  # _measure's surface
     soft = warped.femur_soft if warped.femur_soft is not None else (warped.labels == 1).astype(np.float32)
     soft, volume_hu = head_anchor.apply_head_shift(shift, warped.grid, soft, warped.volume_hu)
     labels = np.array(warped.labels, copy=True)
@@ -612,7 +615,8 @@ def _anchor_head(job: _Job, warped: _Warped) -> _Warped:
     labels[femur & (labels != 2)] = 1
     job.head_anchor_entry = shift.report_entry()
     job.timings["head_anchor_s"] = time.perf_counter() - t0
-    return dataclasses.replace(warped, labels=labels, volume_hu=volume_hu.astype(warped.volume_hu.dtype, copy=False),
+    return dataclasses.replace(warped, labels=labels, surface=None,
+                               volume_hu=volume_hu.astype(warped.volume_hu.dtype, copy=False),
                                femur_soft=soft if warped.femur_soft is not None else None)
 
 
@@ -626,7 +630,8 @@ def _measure(job: _Job, warped: _Warped) -> _Measured:
     # One surface serves the landmarks and the output (femur_landmarks_from_labels would extract
     # the same one again: 0.2 s); a left femur's is mirrored back with the label map.
     t_surface = time.perf_counter()
-    mesh = surface.label_surface(warped.labels, warped.grid, label=1, soft=warped.femur_soft)
+    mesh = warped.surface if warped.surface is not None else surface.label_surface(
+        warped.labels, warped.grid, label=1, soft=warped.femur_soft)
     job.timings["surface_s"] = time.perf_counter() - t_surface
     femur = anatomy.femur_landmarks(mesh, "right")
     # The hip centre from the head's outlines in the masks: a radiograph's edge of the head is
