@@ -568,12 +568,7 @@ def _fit_shaft(job: _Job, warped: _Warped) -> _Warped:
         job.shaft_fit_entry = {"used": False, "reason": reason}
         job.timings["shaft_fit_s"] = time.perf_counter() - t0
         return warped
-    soft = warped.femur_soft if warped.femur_soft is not None else (warped.labels == 1).astype(np.float32)
-    soft, volume_hu = shaft_fit.apply_shaft_fit(fit, warped.grid, soft, warped.volume_hu)
-    labels = np.array(warped.labels, copy=True)
-    femur = soft >= 0.5
-    labels[(labels == 1) & ~femur] = 0
-    labels[femur & (labels != 2)] = 1
+    moved = _resampled(warped, lambda soft, hu: shaft_fit.apply_shaft_fit(fit, warped.grid, soft, hu))
     entry = job.shaft_fit_entry = fit.report_entry()
     factors = entry["mean_width_factor"]
     if entry["mean_shift_mm"] > SHAFT_FIT_WARN_SHIFT_MM or any(abs(f - 1) > SHAFT_FIT_WARN_WIDTH
@@ -583,6 +578,19 @@ def _fit_shaft(job: _Job, warped: _Warped) -> _Warped:
             + ", ".join(f"{name} x{f:.2f}" for name, f in factors.items())
             + ") and was fitted to them: check that the masks follow the femur's outline")
     job.timings["shaft_fit_s"] = time.perf_counter() - t0
+    return moved
+
+
+def _resampled(warped: _Warped, move: Callable[[np.ndarray, np.ndarray], list[np.ndarray]]) -> _Warped:
+    """``warped`` after ``move`` (the shaft fit's or the head anchor's resampling) of its soft femur
+    indicator (the label map's femur where there is none) and its HU; the femur label is the moved
+    indicator's 0.5 level again, other labels stay."""
+    soft = warped.femur_soft if warped.femur_soft is not None else (warped.labels == 1).astype(np.float32)
+    soft, volume_hu = move(soft, warped.volume_hu)
+    labels = np.array(warped.labels, copy=True)
+    femur = soft >= 0.5
+    labels[(labels == 1) & ~femur] = 0
+    labels[femur & (labels != 2)] = 1
     return dataclasses.replace(warped, labels=labels, surface=None,
                                volume_hu=volume_hu.astype(warped.volume_hu.dtype, copy=False),
                                femur_soft=soft if warped.femur_soft is not None else None)
@@ -607,17 +615,10 @@ def _anchor_head(job: _Job, warped: _Warped) -> _Warped:
     if shift is None:
         job.head_anchor_entry = {"used": False, "reason": reason}
         return warped if mesh is None else dataclasses.replace(warped, surface=mesh)  # _measure's surface
-    soft = warped.femur_soft if warped.femur_soft is not None else (warped.labels == 1).astype(np.float32)
-    soft, volume_hu = head_anchor.apply_head_shift(shift, warped.grid, soft, warped.volume_hu)
-    labels = np.array(warped.labels, copy=True)
-    femur = soft >= 0.5
-    labels[(labels == 1) & ~femur] = 0
-    labels[femur & (labels != 2)] = 1
+    moved = _resampled(warped, lambda soft, hu: head_anchor.apply_head_shift(shift, warped.grid, soft, hu))
     job.head_anchor_entry = shift.report_entry()
     job.timings["head_anchor_s"] = time.perf_counter() - t0
-    return dataclasses.replace(warped, labels=labels, surface=None,
-                               volume_hu=volume_hu.astype(warped.volume_hu.dtype, copy=False),
-                               femur_soft=soft if warped.femur_soft is not None else None)
+    return moved
 
 
 def _measure(job: _Job, warped: _Warped) -> _Measured:

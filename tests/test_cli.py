@@ -284,16 +284,16 @@ def test_several_cases_share_one_model_and_a_bad_one_is_reported(tmp_path, tmp_p
     assert not (tmp_path / "r2").exists()
 
 
-@pytest.mark.parametrize("flags, expected", [([], None), (["--ensemble"], True), (["--no-ensemble"], False)])
-def test_the_ensemble_flags_reach_the_pipeline(tmp_path, monkeypatch, capsys, flags, expected):
-    """``--ensemble`` / ``--no-ensemble`` (default: the setting) for one case and for a cohort."""
+def _pipeline_arguments(tmp_path, monkeypatch, flags, names) -> dict:
+    """What ``hipatlas register FLAGS`` passes the pipeline as ``names``, for one case and for a
+    cohort: {"case": values, "cohort": values}."""
     from inference import pipeline
 
     seen = {}
 
     def fake(name):
         def run(*args, **kwargs):
-            seen[name] = kwargs["ensemble"]
+            seen[name] = tuple(kwargs[key] for key in names)
             raise pipeline.DataError("stop here")
         return run
 
@@ -302,7 +302,14 @@ def test_the_ensemble_flags_reach_the_pipeline(tmp_path, monkeypatch, capsys, fl
     assert app_cli.main(["register", str(tmp_path / "a"), "--out", str(tmp_path / "o"), *flags]) == 2
     assert app_cli.main(["register", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "o"),
                          *flags]) == 2
-    assert seen == {"case": expected, "cohort": expected}
+    return seen
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--ensemble"], True), (["--no-ensemble"], False)])
+def test_the_ensemble_flags_reach_the_pipeline(tmp_path, monkeypatch, capsys, flags, expected):
+    """``--ensemble`` / ``--no-ensemble`` (default: the setting) for one case and for a cohort."""
+    seen = _pipeline_arguments(tmp_path, monkeypatch, flags, ["ensemble"])
+    assert seen == {"case": (expected,), "cohort": (expected,)}
     capsys.readouterr()
 
 
@@ -310,20 +317,6 @@ def test_the_ensemble_flags_reach_the_pipeline(tmp_path, monkeypatch, capsys, fl
                                              (["--no-head-anchor"], (True, False))])
 def test_the_mask_fit_flags_reach_the_pipeline(tmp_path, monkeypatch, capsys, flags, expected):
     """``--no-shaft-fit`` and ``--no-head-anchor`` (default: both on) for one case and for a cohort."""
-    from inference import pipeline
-
-    seen = {}
-
-    def fake(name):
-        def run(*args, **kwargs):
-            seen[name] = (kwargs["shaft_fit"], kwargs["head_anchor"])
-            raise pipeline.DataError("stop here")
-        return run
-
-    monkeypatch.setattr(pipeline, "register_case", fake("case"))
-    monkeypatch.setattr(pipeline, "register_cohort", fake("cohort"))
-    assert app_cli.main(["register", str(tmp_path / "a"), "--out", str(tmp_path / "o"), *flags]) == 2
-    assert app_cli.main(["register", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "o"),
-                         *flags]) == 2
+    seen = _pipeline_arguments(tmp_path, monkeypatch, flags, ["shaft_fit", "head_anchor"])
     assert seen == {"case": expected, "cohort": expected}
     capsys.readouterr()

@@ -8,6 +8,7 @@ import pytest
 from inference import geometry, head_anchor, surface
 from inference.data import simulate
 from inference.mask_proposal import project_label
+from synthetic_shapes import ball_on_tube
 
 HEAD_MM = np.array([0.0, 0.0, 75.0])
 HEAD_RADIUS_MM = 22.0
@@ -15,11 +16,7 @@ HEAD_RADIUS_MM = 22.0
 
 def femur(grid, head_mm):
     """A ball (the head) on a tube along z (the shaft)."""
-    kk, jj, ii = np.meshgrid(*(np.arange(n) for n in grid.shape_zyx), indexing="ij")
-    world = np.tensordot(np.stack([ii, jj, kk, np.ones_like(ii)], -1).astype(float), grid.index_to_world()[:3].T, 1)
-    tube = (np.hypot(world[..., 0], world[..., 1]) <= 12.0) & (world[..., 2] <= 60.0)
-    ball = np.linalg.norm(world - head_mm, axis=-1) <= HEAD_RADIUS_MM
-    return (tube | ball).astype(np.uint8), world
+    return ball_on_tube(grid, head_mm=head_mm, head_radius_mm=HEAD_RADIUS_MM)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 from inference import geometry, shaft_fit
 from inference.data import simulate
 from inference.mask_proposal import project_label
+from synthetic_shapes import ball_on_tube
 
 LT_MM = np.array([0.0, 0.0, 40.0])  # the "lesser trochanter": the fit fades out above it
 
@@ -15,13 +16,7 @@ LT_MM = np.array([0.0, 0.0, 40.0])  # the "lesser trochanter": the fit fades out
 def femur(grid, centre_xy, radius_mm, bend_below_mm=None, bend_slope=0.0):
     """A tube along z (the shaft) under a ball (the proximal femur) that the fit must not touch;
     below ``bend_below_mm`` the tube's centre drifts along x by ``bend_slope`` mm per mm."""
-    kk, jj, ii = np.meshgrid(*(np.arange(n) for n in grid.shape_zyx), indexing="ij")
-    world = np.tensordot(np.stack([ii, jj, kk, np.ones_like(ii)], -1).astype(float), grid.index_to_world()[:3].T, 1)
-    x, y, z = world[..., 0], world[..., 1], world[..., 2]
-    drift = 0.0 if bend_below_mm is None else bend_slope * np.maximum(bend_below_mm - z, 0.0)
-    tube = (np.hypot(x - centre_xy[0] - drift, y - centre_xy[1]) <= radius_mm) & (z <= 60.0)
-    ball = np.linalg.norm(world - [0.0, 0.0, 75.0], axis=-1) <= 22.0
-    return (tube | ball).astype(np.uint8), world
+    return ball_on_tube(grid, centre_xy, radius_mm, bend_below_mm=bend_below_mm, bend_slope=bend_slope)
 
 
 @pytest.fixture(scope="module")
