@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from inference import HUGEPAGE_ENV
+
 __all__ = ["BenchReport", "median_time", "median_times", "parse_args", "machine_info"]
 
 
@@ -76,7 +78,7 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
 
 #: Environment variables that change what a benchmark measures, written before its command in
 #: reports (NumPy's huge pages: docs/performance.md, *Session 18*).
-MEASURED_ENVIRONMENT = ("NUMPY_MADVISE_HUGEPAGE",)
+MEASURED_ENVIRONMENT = (HUGEPAGE_ENV,)
 
 
 def machine_info() -> dict[str, Any]:

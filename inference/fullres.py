@@ -425,3 +425,17 @@ def fine_atlas_for(coarse_atlas, name: str = FINE_ATLAS):
         log.warning("no full-resolution output: %s", error)
         return None
     return fine if np.allclose(ratio, 2.0) else None
+
+
+def pull_back_voxels(outputs: list[np.ndarray], volumes, voxels_kji, source_mm: np.ndarray, grid) -> None:
+    """Set the voxels ``voxels_kji`` (three index arrays) of each of ``outputs`` to its volume of
+    ``volumes`` interpolated (linear, edge values beyond the grid) at ``source_mm`` (N, 3: world
+    points on ``grid``): the pull-back of a local move (the shaft fit's, the head anchor's)."""
+    from scipy import ndimage
+
+    i2w = np.asarray(grid.index_to_world(), np.float64)
+    w2i = np.linalg.inv(i2w)
+    index = source_mm @ w2i[:3, :3].T + w2i[:3, 3]  # continuous (i, j, k)
+    coords = [index[:, 2], index[:, 1], index[:, 0]]
+    for out, volume in zip(outputs, volumes):
+        out[voxels_kji] = ndimage.map_coordinates(np.asarray(volume, np.float32), coords, order=1, mode="nearest")

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from inference.data.shape import _ramp  # the shape modes' C2 fade, 0 at its first argument, 1 at its second
+from inference.fullres import pull_back_voxels
 
 #: The move is whole within this many head radii of the head's centre ...
 FULL_RADII = 1.1
@@ -74,8 +75,6 @@ def head_shift(mesh, projections: Sequence[np.ndarray], masks: Sequence[np.ndarr
 def apply_head_shift(shift: HeadShift, grid, *volumes: np.ndarray) -> list[np.ndarray]:
     """``volumes`` (on ``grid``) with the head moved by ``shift`` (pull-back, linear); new float32
     arrays, in order."""
-    from scipy import ndimage
-
     outputs = [np.array(v, np.float32, copy=True) for v in volumes]
     t = shift.shift_mm
     full = FULL_RADII * shift.radius_mm
@@ -95,9 +94,5 @@ def apply_head_shift(shift: HeadShift, grid, *volumes: np.ndarray) -> list[np.nd
     weight = _ramp(distance, reach, full)
     moving = weight > 0
     k, j, i, world, weight = k[moving], j[moving], i[moving], world[moving], weight[moving]
-    source = world - weight[:, None] * t
-    index = source @ w2i[:3, :3].T + w2i[:3, 3]
-    coords = [index[:, 2], index[:, 1], index[:, 0]]
-    for out, volume in zip(outputs, volumes):
-        out[k, j, i] = ndimage.map_coordinates(np.asarray(volume, np.float32), coords, order=1, mode="nearest")
+    pull_back_voxels(outputs, volumes, (k, j, i), world - weight[:, None] * t, grid)
     return outputs

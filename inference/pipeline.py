@@ -153,6 +153,12 @@ class _Job:
         """The masks in the registration frame."""
         return [self.frame.image_in(m) for m in self.masks]
 
+    @property
+    def masks_confirmed(self) -> bool:
+        """Whether every view has a mask that is the user's, not a proposed one (what the steps
+        that fit the reconstruction to the masks need)."""
+        return all(m is not None for m in self.masks) and not any(s == "proposed" for s in self.mask_sources)
+
 
 @dataclass
 class _Warped:
@@ -555,7 +561,7 @@ def _fit_shaft(job: _Job, warped: _Warped) -> _Warped:
     marks = warped.landmarks_mm
     needed = ("shaft_point_distal", "shaft_point_proximal", "lesser_trochanter")
     masks = job.registration_masks
-    if any(m is None for m in masks) or any(source == "proposed" for source in job.mask_sources):
+    if not job.masks_confirmed:
         fit, reason = None, "needs a confirmed mask in every view"
     elif not all(name in marks for name in needed):
         fit, reason = None, "the atlas has no shaft landmarks"
@@ -601,14 +607,13 @@ def _anchor_head(job: _Job, warped: _Warped) -> _Warped:
     from inference import head_anchor, surface
 
     t0 = time.perf_counter()
-    masks = job.registration_masks
     mesh = None
-    if any(m is None for m in masks) or any(source == "proposed" for source in job.mask_sources):
+    if not job.masks_confirmed:
         shift, reason = None, "needs a confirmed mask in every view"
     else:
         mesh = surface.label_surface(warped.labels, warped.grid, label=1, soft=warped.femur_soft)
         try:
-            shift, reason = head_anchor.head_shift(mesh, list(job.frame.projections), masks)
+            shift, reason = head_anchor.head_shift(mesh, list(job.frame.projections), job.registration_masks)
         except HipAtlasError as error:
             shift, reason = None, str(error)
     job.timings["head_anchor_s"] = time.perf_counter() - t0

@@ -42,6 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from inference.data.shape import _ramp, _unit  # _ramp: the shape modes' C2 fade, 0 at its first argument, 1 at its second
+from inference.fullres import pull_back_voxels
 from inference.geometry import project_points
 
 log = logging.getLogger(__name__)
@@ -343,7 +344,6 @@ def apply_shaft_fit(fit: ShaftFit, grid, *volumes: np.ndarray) -> list[np.ndarra
     if not active.any() or not volumes:
         return outputs
     i2w = np.asarray(grid.index_to_world(), np.float64)
-    w2i = np.linalg.inv(i2w)
     spacing_zyx = np.asarray(grid.spacing_xyz_mm, float)[::-1]
     femur = np.asarray(volumes[0]) > 0
     if not femur.any():
@@ -393,8 +393,5 @@ def apply_shaft_fit(fit: ShaftFit, grid, *volumes: np.ndarray) -> list[np.ndarra
     source_local = np.stack([inv[:, 0, 0] * q[:, 0] + inv[:, 0, 1] * q[:, 1],
                              inv[:, 1, 0] * q[:, 0] + inv[:, 1, 1] * q[:, 1]], 1)
     source = fit.axis_point_mm + np.outer(s, fit.axis_direction) + source_local @ fit.basis
-    source_index = source @ w2i[:3, :3].T + w2i[:3, 3]  # continuous (i, j, k)
-    coords = [source_index[:, 2], source_index[:, 1], source_index[:, 0]]
-    for out, volume in zip(outputs, volumes):
-        out[k, j, i] = ndimage.map_coordinates(np.asarray(volume, np.float32), coords, order=1, mode="nearest")
+    pull_back_voxels(outputs, volumes, (k, j, i), source, grid)
     return outputs
