@@ -55,6 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     register.add_argument("--head-anchor", action=argparse.BooleanOptionalAction, default=True,
                           help="move the reconstructed femoral head onto the head the masks show (default on; "
                           "--no-head-anchor keeps the network's head; see docs/refinement.md)")
+    register.add_argument("--outline-fit", action=argparse.BooleanOptionalAction, default=True,
+                          help="then fit the reconstruction's outlines in both views to the masks by a smooth move "
+                          "(default on; --no-outline-fit skips it; see docs/refinement.md)")
     register.add_argument("--network-grid", action="store_true",
                           help="outputs on the network's grid instead of the full-resolution atlas grid")
     register.set_defaults(handler=_register)
@@ -110,7 +113,8 @@ def _register(args: argparse.Namespace) -> int:
         pipeline.register_case(args.case_dir[0], args.out, model=args.model, overwrite=args.overwrite,
                                backend=args.backend, refine=refine, self_calibrate=args.self_calibrate,
                                full_resolution=not args.network_grid, ensemble=args.ensemble,
-                               shaft_fit=args.shaft_fit, head_anchor=args.head_anchor),
+                               shaft_fit=args.shaft_fit, head_anchor=args.head_anchor,
+                               outline_fit=args.outline_fit),
         on_progress=_progress_printer(args.quiet))
     print(json.dumps(result.measurements, indent=2))
     for warning in result.warnings:
@@ -132,7 +136,7 @@ def _register_cohort(args: argparse.Namespace) -> int:
     result = pipeline.run_to_completion(
         pipeline.register_cohort(args.case_dir, args.out, model=args.model, overwrite=args.overwrite,
                                  backend=args.backend, ensemble=args.ensemble, shaft_fit=args.shaft_fit,
-                                 head_anchor=args.head_anchor),
+                                 head_anchor=args.head_anchor, outline_fit=args.outline_fit),
         on_progress=_progress_printer(args.quiet))
     for row in result.rows:
         if row["status"] == "ok":

@@ -439,3 +439,30 @@ def pull_back_voxels(outputs: list[np.ndarray], volumes, voxels_kji, source_mm: 
     coords = [index[:, 2], index[:, 1], index[:, 0]]
     for out, volume in zip(outputs, volumes):
         out[voxels_kji] = ndimage.map_coordinates(np.asarray(volume, np.float32), coords, order=1, mode="nearest")
+
+
+def near_boundary(mask: np.ndarray, lo, hi, reach_mm: float, spacing_zyx, reach_at=None) -> tuple[np.ndarray, ...]:
+    """Index arrays (k, j, i) of the voxels of the box ``lo:hi`` (per axis, z y x) of ``mask`` that
+    lie within ``reach_mm`` of its boundary, found on a twice coarser grid (2 x 2 x 2 blocks that
+    hold both mask and not, grown by the reach and a block's diagonal): the voxels that a local
+    move of at most ``reach_mm`` can take across the boundary (the shaft fit's, the outline fit's).
+
+    ``reach_at``, if given, narrows that per block: called with the blocks' centres (an (N, 3)
+    array of voxel indices k, j, i on the whole grid) within ``reach_mm``, it returns how far the
+    move reaches there (mm)."""
+    from scipy import ndimage
+
+    spacing_zyx = np.asarray(spacing_zyx, float)
+    block = np.asarray(mask[tuple(slice(a, b) for a, b in zip(lo, hi))], bool)
+    pad = [(0, (-n) % 2) for n in block.shape]
+    blocks = np.pad(block, pad, mode="edge").reshape(tuple(v for n in block.shape for v in ((n + 1) // 2, 2)))
+    mixed = blocks.any(axis=(1, 3, 5)) & ~blocks.all(axis=(1, 3, 5))
+    distance = ndimage.distance_transform_edt(~mixed, sampling=2 * spacing_zyx)
+    diagonal = float(np.linalg.norm(2 * spacing_zyx))
+    near = distance <= reach_mm + diagonal
+    if reach_at is not None and near.any():
+        blocks_kji = np.nonzero(near)
+        centres = np.stack(blocks_kji, 1) * 2.0 + 0.5 + np.asarray(lo, float)
+        near[blocks_kji] = distance[blocks_kji] <= np.asarray(reach_at(centres), float) + diagonal
+    near = near.repeat(2, 0).repeat(2, 1).repeat(2, 2)[tuple(slice(0, n) for n in block.shape)]
+    return tuple(c + o for c, o in zip(np.nonzero(near), lo))

@@ -44,6 +44,7 @@ import numpy as np
 
 from inference import __version__, geometry, io, views
 from inference import silhouettes as silhouettes_lib
+from inference.silhouettes import mask_agreement  # noqa: F401  (also for the GUI and tests)
 from inference.checksums import sha256_file
 from inference.errors import Cancelled, ConfigError, DataError, HipAtlasError, InputFileError, ModelError, OutputError
 from inference.registration import GRAPH_MODE_MIN_CASES, RegistrationFrame, atlas_for, placed_grid
@@ -69,7 +70,6 @@ LT_FROM_MASKS_SD_MM = 2.0
 #: ... and when only the reconstruction gives it: it keeps about the atlas's trochanter height,
 #: RMS error 5.8 mm on the same cases (up to 9.6 mm too high).
 LT_FROM_RECONSTRUCTION_SD_MM = 6.0
-
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,8 @@ class _Job:
     shaft_fit_entry: dict[str, Any] | None = None  # what the last fit did, for report.json
     head_anchor: bool = True  # move the reconstructed head onto the masks' (inference.head_anchor)
     head_anchor_entry: dict[str, Any] | None = None  # what it did, for report.json
+    outline_fit: bool = True  # fit the reconstruction's outlines to the masks (inference.outline_fit)
+    outline_fit_entry: dict[str, Any] | None = None  # what it did, for report.json
 
     @property
     def case_json(self) -> pathlib.Path:
@@ -212,7 +214,8 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
                   refine: Any = None,
                   self_calibrate: bool | None = None,
                   ensemble: bool | None = None,
-                  shaft_fit: bool = True, head_anchor: bool = True) -> Iterator[Progress]:
+                  shaft_fit: bool = True, head_anchor: bool = True,
+                  outline_fit: bool = True) -> Iterator[Progress]:
     """Register the atlas to a case and write the outputs (a generator; see module docstring).
 
     Parameters
@@ -256,6 +259,9 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     head_anchor : bool
         Move the reconstruction's femoral head onto the head the masks show
         (:mod:`inference.head_anchor`); report.json's ``head_anchor`` says what it did.
+    outline_fit : bool
+        Then fit the reconstruction's outlines in both views to the masks by a smooth move
+        (:mod:`inference.outline_fit`); report.json's ``outline_fit`` says what it did.
 
     Views without a mask get a proposed one (:mod:`inference.mask_proposal`), written to
     ``OUT_DIR/proposed_mask_<view>.png`` and marked unconfirmed in report.json.
@@ -281,6 +287,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     job = _load_job(case_dir, out_dir, overwrite, masks)
     job.shaft_fit = bool(shaft_fit)
     job.head_anchor = bool(head_anchor)
+    job.outline_fit = bool(outline_fit)
     _check(cancel)
     head = _locate_head(job) if all(m is not None for m in job.masks) else None
 
@@ -315,7 +322,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
                                                               full_resolution, cancel, 0.55)
     decision = None
     if auto:
-        decision = refine_lib.auto_refine_decision(overlays.mask_agreement_dice)
+        decision = refine_lib.auto_refine_decision(_network_agreement(job, overlays))
         note = refine_lib.auto_refine_warning(decision)
         if note:
             job.warnings.append(note)
@@ -501,6 +508,9 @@ def _outputs(job: _Job, net, atlas, psi, labels, grid, full_resolution: bool, ca
     if job.head_anchor:
         warped = _anchor_head(job, warped)
         _check(cancel)
+    if job.outline_fit:
+        warped = _fit_outline(job, warped)
+        _check(cancel)
 
     yield Progress(start + step, "Measuring")
     measured = _measure(job, warped)
@@ -626,6 +636,41 @@ def _anchor_head(job: _Job, warped: _Warped) -> _Warped:
     return moved
 
 
+def _fit_outline(job: _Job, warped: _Warped) -> _Warped:
+    """The warped atlas with its outlines fitted to the masks (:mod:`inference.outline_fit`)."""
+    from inference import outline_fit
+
+    t0 = time.perf_counter()
+    if not job.masks_confirmed:
+        fit, reason = None, "needs a confirmed mask in every view"
+    else:
+        soft = warped.femur_soft if warped.femur_soft is not None else (warped.labels == 1).astype(np.float32)
+        fit, reason = outline_fit.fit_outline(soft, warped.grid, list(job.frame.projections),
+                                              job.registration_masks, [v.name for v in job.case.views])
+    if fit is None:
+        job.outline_fit_entry = {"used": False, "reason": reason}
+        if "not fitted" in reason:
+            job.warnings.append(reason)
+        job.timings["outline_fit_s"] = time.perf_counter() - t0
+        return warped
+    moved = _resampled(warped, lambda soft, hu: outline_fit.apply_outline_fit(fit, warped.grid, soft, hu))
+    job.outline_fit_entry = fit.report_entry()
+    if fit.max_move_mm > outline_fit.WARN_MOVE_MM:
+        job.warnings.append(f"the reconstruction's outline differed from the masks by up to {fit.max_move_mm:.1f} mm "
+                            "and was fitted to them: check that the masks follow the femur's outline")
+    job.timings["outline_fit_s"] = time.perf_counter() - t0
+    return moved
+
+
+def _network_agreement(job: _Job, overlays: _Overlays) -> dict[str, float | None]:
+    """Per view, how well the reconstruction's outline agreed with the mask before the outline
+    fit drew it onto the mask (what the automatic refinement decides on), else the overlays'."""
+    entry = job.outline_fit_entry or {}
+    if job.outline_fit and entry.get("used"):
+        return dict(entry["mask_agreement_before"])
+    return overlays.mask_agreement_dice
+
+
 def _measure(job: _Job, warped: _Warped) -> _Measured:
     """Landmarks of the warped femur, hip centre and shaft axis from the masks where they agree,
     and the measurements in the case's world (:mod:`inference.measure`)."""
@@ -738,6 +783,7 @@ def _report(job: _Job, net, atlas, warped: _Warped, measured: _Measured, overlay
     }
     report["shaft_fit"] = job.shaft_fit_entry if job.shaft_fit else {"used": False, "reason": "switched off"}
     report["head_anchor"] = job.head_anchor_entry if job.head_anchor else {"used": False, "reason": "switched off"}
+    report["outline_fit"] = job.outline_fit_entry if job.outline_fit else {"used": False, "reason": "switched off"}
     report["refinement"] = refine_lib.report_entry(refinement, [v.name for v in case.views], frame, job.warnings)
     if proposal is not None:
         report["mask_proposal"] = {"atlas_head_mm": [float(x) for x in frame.point_out(proposal.pose.head_mm)],
@@ -816,9 +862,9 @@ def cohort_output_names(case_dirs: list[str | os.PathLike]) -> list[str]:
 def register_cohort(case_dirs: list[str | os.PathLike], out_root: str | os.PathLike, *, model: Any = None,
                     overwrite: bool = False, cancel: Callable[[], bool] | None = None,
                     backend: str | None = None, ensemble: bool | None = None, shaft_fit: bool = True,
-                    head_anchor: bool = True) -> Iterator[Progress]:
+                    head_anchor: bool = True, outline_fit: bool = True) -> Iterator[Progress]:
     """Register several cases with one loaded model (a generator, like :func:`register_case`;
-    ``ensemble``, ``shaft_fit`` and ``head_anchor`` as there).
+    ``ensemble``, ``shaft_fit``, ``head_anchor`` and ``outline_fit`` as there).
 
     Each case goes to ``out_root/<case folder name>``; a case with bad input is recorded as
     failed (its message in ``cohort.csv``) and the others go on. ``out_root/cohort.csv`` holds one
@@ -850,7 +896,7 @@ def register_cohort(case_dirs: list[str | os.PathLike], out_root: str | os.PathL
         try:
             steps = register_case(case, root / name, model=net, overwrite=overwrite, cancel=cancel,
                                   graph_mode=len(case_dirs) >= GRAPH_MODE_MIN_CASES, ensemble=ensemble,
-                                  shaft_fit=shaft_fit, head_anchor=head_anchor)
+                                  shaft_fit=shaft_fit, head_anchor=head_anchor, outline_fit=outline_fit)
             result = yield from _relayed(steps, lambda step: Progress(base + width * step.fraction,
                                                                       f"{name}: {step.message}"))
         except Cancelled:
@@ -1073,15 +1119,3 @@ def _with_masks(case, masks):
 def _touches_border(mask: np.ndarray) -> str:
     sides = {"top": mask[0].any(), "bottom": mask[-1].any(), "left": mask[:, 0].any(), "right": mask[:, -1].any()}
     return ", ".join(k for k, v in sides.items() if v)
-
-
-def mask_agreement(silhouette: np.ndarray, mask: np.ndarray | None) -> float | None:
-    """Dice between the projected reconstruction and the femur mask, inside the projection's
-    bounding box (the mask usually shows more shaft than the atlas field of view holds)."""
-    if mask is None or not silhouette.any():
-        return None
-    vv, uu = np.nonzero(silhouette)
-    box = (slice(vv.min(), vv.max() + 1), slice(uu.min(), uu.max() + 1))
-    a, b = silhouette[box], np.asarray(mask, bool)[box]
-    total = a.sum() + b.sum()
-    return float(2.0 * (a & b).sum() / total) if total else None

@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from inference.data.shape import _ramp, _unit  # _ramp: the shape modes' C2 fade, 0 at its first argument, 1 at its second
-from inference.fullres import pull_back_voxels
+from inference.fullres import near_boundary, pull_back_voxels
 from inference.geometry import project_points
 
 log = logging.getLogger(__name__)
@@ -325,20 +325,12 @@ def _continue_straight(s_grid: np.ndarray, shift: np.ndarray, weights: np.ndarra
     return continued
 
 
-def _blocks_shape(shape) -> tuple[int, ...]:
-    """The shape that splits an array of ``shape`` (each size rounded up to even) into 2 x 2 x 2
-    blocks: (n0 / 2, 2, n1 / 2, 2, n2 / 2, 2)."""
-    return tuple(v for n in shape for v in ((n + 1) // 2, 2))
-
-
 def apply_shaft_fit(fit: ShaftFit, grid, *volumes: np.ndarray) -> list[np.ndarray]:
     """``volumes`` (on ``grid``) with the shaft's cross-sections moved by ``fit``: each voxel within
     reach of the first volume's boundary (the soft femur indicator's non-zero part; the reach is
     the fit's largest move) and up to the fit's top takes the value from where the correction
     brings it from (linear interpolation); every other voxel is copied, as the correction would
     leave it inside or outside the femur. Returns new float32 arrays, in order."""
-    from scipy import ndimage
-
     outputs = [np.array(v, np.float32, copy=True) for v in volumes]
     active = fit.weights > 0
     if not active.any() or not volumes:
@@ -364,17 +356,7 @@ def apply_shaft_fit(fit: ShaftFit, grid, *volumes: np.ndarray) -> list[np.ndarra
     margin = np.ceil(reach / spacing_zyx).astype(int) + 2
     lo = np.maximum(np.array([zz.min(), yy.min(), xx.min()]) - margin, 0)
     hi = np.minimum(np.array([zz.max(), yy.max(), xx.max()]) + margin + 1, femur.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    # Within reach of the femur's boundary, on a twice coarser grid: 2 x 2 x 2 blocks that hold
-    # both femur and not, grown by the reach and a block's diagonal.
-    block = femur[box]
-    pad = [(0, (-n) % 2) for n in block.shape]
-    blocks = np.pad(block, pad, mode="edge").reshape(_blocks_shape(block.shape))
-    mixed = blocks.any(axis=(1, 3, 5)) & ~blocks.all(axis=(1, 3, 5))
-    distance = ndimage.distance_transform_edt(~mixed, sampling=2 * spacing_zyx)
-    near = distance <= reach + float(np.linalg.norm(2 * spacing_zyx))
-    near = near.repeat(2, 0).repeat(2, 1).repeat(2, 2)[tuple(slice(0, n) for n in block.shape)]
-    k, j, i = (c + o for c, o in zip(np.nonzero(near), lo))
+    k, j, i = near_boundary(femur, lo, hi, reach, spacing_zyx)
     rel = np.stack([i, j, k], 1).astype(np.float64) @ i2w[:3, :3].T + (i2w[:3, 3] - fit.axis_point_mm)
     s = rel @ fit.axis_direction
     keep = s <= fit.heights_mm[-1]

@@ -181,3 +181,15 @@ def read_silhouette(path: str | os.PathLike) -> Silhouette:
     except (OSError, ValueError) as error:
         raise InputFileError(f"{path}: cannot read the silhouette ({error})") from None
     return Silhouette.from_json(data, where=path)
+
+
+def mask_agreement(silhouette: np.ndarray, mask: np.ndarray | None) -> float | None:
+    """Dice between the projected reconstruction and the femur mask, inside the projection's
+    bounding box (the mask usually shows more shaft than the atlas field of view holds)."""
+    if mask is None or not silhouette.any():
+        return None
+    vv, uu = np.nonzero(silhouette)
+    box = (slice(vv.min(), vv.max() + 1), slice(uu.min(), uu.max() + 1))
+    a, b = silhouette[box], np.asarray(mask, bool)[box]
+    total = a.sum() + b.sum()
+    return float(2.0 * (a & b).sum() / total) if total else None

@@ -313,10 +313,12 @@ def test_the_ensemble_flags_reach_the_pipeline(tmp_path, monkeypatch, capsys, fl
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("flags, expected", [([], (True, True)), (["--no-shaft-fit"], (False, True)),
-                                             (["--no-head-anchor"], (True, False))])
+@pytest.mark.parametrize("flags, expected", [([], (True, True, True)), (["--no-shaft-fit"], (False, True, True)),
+                                             (["--no-head-anchor"], (True, False, True)),
+                                             (["--no-outline-fit"], (True, True, False))])
 def test_the_mask_fit_flags_reach_the_pipeline(tmp_path, monkeypatch, capsys, flags, expected):
-    """``--no-shaft-fit`` and ``--no-head-anchor`` (default: both on) for one case and for a cohort."""
-    seen = _pipeline_arguments(tmp_path, monkeypatch, flags, ["shaft_fit", "head_anchor"])
+    """``--no-shaft-fit``, ``--no-head-anchor`` and ``--no-outline-fit`` (default: all on) for one case
+    and for a cohort."""
+    seen = _pipeline_arguments(tmp_path, monkeypatch, flags, ["shaft_fit", "head_anchor", "outline_fit"])
     assert seen == {"case": expected, "cohort": expected}
     capsys.readouterr()

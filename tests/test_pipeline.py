@@ -15,7 +15,8 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from inference import geometry, head_anchor, io, mask_proposal, pipeline, registration, shaft_fit, silhouettes
+from inference import geometry, head_anchor, io, mask_proposal, outline_fit, pipeline, registration, shaft_fit
+from inference import silhouettes
 from inference import mesh as mesh_lib
 from inference.checksums import sha256_file
 from inference.errors import Cancelled, HipAtlasError
@@ -167,6 +168,11 @@ def _check_outputs(sim, out, result):
     # the head moved onto the masks' head (inference.head_anchor): how far, or why not
     anchor = report["head_anchor"]
     assert 0 < anchor["distance_mm"] <= head_anchor.MAX_SHIFT_MM if anchor["used"] else anchor["reason"]
+    # the outlines fitted to the masks (inference.outline_fit): how far it moved them, or why not
+    outline = report["outline_fit"]
+    assert "outline_fit_s" in report["timings_s"]
+    assert (0 <= outline["max_move_mm"] <= outline_fit.MAX_MOVE_MM
+            and set(outline["mask_agreement_before"]) == {"AP", "LAT"} if outline["used"] else outline["reason"])
     if fit["used"]:  # the shaft below the radiographs, continued straight
         assert fit["continued_below_mm"] >= 0 and 0 <= fit["max_continued_shift_mm"] <= shaft_fit.MAX_STRAIGHTENING_MM
     assert measurements["landmark_uncertainty_mm"]["lesser_trochanter"] == (
@@ -285,6 +291,7 @@ def test_views_without_masks_get_proposed_unconfirmed_masks(tmp_path, tmp_path_f
     assert "mask_proposal" in report and report["timings_s"]["mask_proposal_s"] > 0
     assert report["shaft_fit"] == {"used": False, "reason": "needs a confirmed mask in every view"}
     assert report["head_anchor"] == {"used": False, "reason": "needs a confirmed mask in every view"}
+    assert report["outline_fit"] == {"used": False, "reason": "needs a confirmed mask in every view"}
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

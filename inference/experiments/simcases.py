@@ -40,12 +40,17 @@ VARIANTS = {
     "auto": {"full_resolution": True, "refine": "auto", "self_calibrate": False, "ensemble": False},
     "ensemble": {"full_resolution": True, "refine": False, "ensemble": True},
     "ensemble-auto": {"full_resolution": True, "refine": "auto", "self_calibrate": False, "ensemble": True},
+    # the refinement always run (not only where the outlines disagree with the masks)
+    "ensemble-refine": {"full_resolution": True, "refine": True, "self_calibrate": False, "ensemble": True},
     # what register did before the shaft fit (session 17): its effect, paired on the same cases
     "ensemble-auto-no-shaft-fit": {"full_resolution": True, "refine": "auto", "self_calibrate": False,
                                    "ensemble": True, "shaft_fit": False},
     # what register did before the head anchor (session 18)
     "ensemble-auto-no-head-anchor": {"full_resolution": True, "refine": "auto", "self_calibrate": False,
                                      "ensemble": True, "head_anchor": False},
+    # what register did before the outline fit (session 19)
+    "ensemble-auto-no-outline-fit": {"full_resolution": True, "refine": "auto", "self_calibrate": False,
+                                     "ensemble": True, "outline_fit": False},
 }
 #: Measurements compared with the truth measured on the true label (the head radius has its phantom truth).
 COMPARED = tuple(m for m in measure.MEASUREMENTS if m.kind == "scalar" and m.key != "head_radius_mm")
