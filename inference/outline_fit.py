@@ -3,35 +3,39 @@
 Why
 ---
 Each confirmed mask is the femur's outline in its view, and the true femur projects onto the
-masks almost exactly (held-out JIA phantoms: silhouette Dice 0.992). After the network, the shaft
-fit (:mod:`inference.shaft_fit`) and the head anchor (:mod:`inference.head_anchor`) the
-reconstruction's own silhouettes still disagreed with the masks: Dice 0.96-0.98 on views 40 deg
-apart (session 19, kept outputs of docs/results/head-anchor), where the greater trochanter sat up
-to 8 mm from where it belongs, a part neither earlier step corrects.
+masks almost exactly (a held-out JIA phantom 40 deg apart: silhouette Dice 0.992 in both views).
+After the network, the shaft fit (:mod:`inference.shaft_fit`) and the head anchor
+(:mod:`inference.head_anchor`) the reconstruction's own silhouettes still disagreed with the
+masks: Dice 0.966-0.983 on eight pairs 40 deg apart (session 19, the kept outputs of
+docs/results/head-anchor), where the greater trochanter sat up to 8 mm from where it belongs, a
+part neither earlier step corrects.
 
 What
 ----
 :func:`fit_outline` works in :data:`ROUNDS` rounds. In each, per view, it projects the femur (its
 0.5 mm path-length level, as :mod:`inference.silhouettes` draws outlines) and reads, for every
-boundary voxel of the femur that projects onto that silhouette's edge (within one voxel inside
-it: the *rim* that draws the outline), how far along the outline's outward normal the mask's
-outline lies (pixels, from the signed distance maps of both outlines); not where the field of
-view cuts the femur (:data:`FACE_MARGIN_MM`). Each rim voxel at X gives
-one linear equation on the 3D move d there: ``n . J(X) d(X) = -distance``, J the projection's
-derivative (pixels per mm) and n the outline's normal. The move d is a trilinear field on a
-lattice of :data:`LATTICE_MM`; its nodes solve those equations in the least-squares sense with
-first differences between neighbouring nodes (:data:`SMOOTHNESS`) and a weak pull towards zero
-(:data:`SHRINK`), which leaves unmoved what no view sees. Distances are clipped to
-:data:`MAX_DISTANCE_MM`; rims within :data:`BORDER_PX` of the detector's edge are not read (the
-film's edge cuts the femur and its mask there).
+boundary voxel of the femur that projects onto that silhouette's edge (within :data:`RIM_VOXELS`
+voxels inside it: the *rim* that draws the outline), how far along the outline's outward normal
+the mask's outline lies (pixels, from the signed distance maps of both outlines). Each rim voxel
+at X gives one linear equation on the 3D move d there: ``n . J(X) d(X) = -distance``, J the
+projection's derivative (pixels per mm) and n the outline's normal. The move d is a trilinear
+field on a lattice of :data:`LATTICE_MM`; its nodes solve those equations in the least-squares
+sense with first differences between neighbouring nodes (:data:`SMOOTHNESS`) and a weak pull
+towards zero (:data:`SHRINK`), which leaves unmoved what no view sees. Distances are clipped to
+:data:`MAX_DISTANCE_MM`. Rims are not read within :data:`BORDER_PX` of the detector's edge (the
+film cuts the femur and its mask there) nor within :data:`FACE_MARGIN_MM` of the grid's faces
+(the field of view cuts the femur there, and the mask goes on).
 
 :func:`apply_outline_fit` moves the voxels near the femur's boundary by all rounds' fields in one
 pull-back (linear), like the shaft fit and the head anchor; the femur label is the moved soft
 indicator's 0.5 level.
 
 The fit believes the masks: a mask that misses part of the femur or adds soft tissue draws the
-reconstruction with it. Moves past :data:`MAX_MOVE_MM` are refused, and past
-:data:`WARN_MOVE_MM` the registration warns (:mod:`inference.pipeline`).
+reconstruction with it. Below :data:`MIN_AGREEMENT` no fit is made, moves past
+:data:`MAX_MOVE_MM` are refused, and past :data:`WARN_MOVE_MM` the registration warns
+(:mod:`inference.pipeline`).
+
+Measured (session 19, docs/results/outline-fit): see the report there.
 """
 
 from __future__ import annotations
@@ -112,18 +116,28 @@ class OutlineFit:
     mean_move_mm: float
 
     def source_points(self, points_mm: np.ndarray) -> np.ndarray:
-        """Where the moved femur's points ``points_mm`` come from (the pull-back: the last round's
-        move undone first)."""
-        source = np.asarray(points_mm, float)
-        for lattice in reversed(self.rounds):
-            source = source - lattice.at(source)
-        return source
+        """Where the moved femur's points ``points_mm`` come from."""
+        return _source_points(self.rounds, points_mm)
 
     def report_entry(self) -> dict[str, Any]:
         """JSON-friendly summary for report.json."""
         return {"used": True, "rounds": len(self.rounds), "rim_voxels": dict(self.rim_counts),
                 "mask_agreement_before": dict(self.agreement_before),
                 "max_move_mm": self.max_move_mm, "mean_move_mm": self.mean_move_mm}
+
+
+def _source_points(rounds: Sequence[Lattice], points_mm: np.ndarray) -> np.ndarray:
+    """Where the points ``points_mm`` of the femur moved by ``rounds`` come from (the pull-back:
+    the last round's move undone first)."""
+    source = np.asarray(points_mm, float)
+    for lattice in reversed(list(rounds)):
+        source = source - lattice.at(source)
+    return source
+
+
+def _moves(rounds: Sequence[Lattice], points_mm: np.ndarray) -> np.ndarray:
+    """How far (mm) each of ``points_mm`` is moved by ``rounds`` (its pull-back distance)."""
+    return np.linalg.norm(_source_points(rounds, points_mm) - points_mm, axis=1)
 
 
 def _projection_jacobian(P: np.ndarray, points_mm: np.ndarray) -> np.ndarray:
@@ -287,18 +301,12 @@ def _pull_back(volumes: Sequence[np.ndarray], grid, fit_rounds: Sequence[Lattice
     def world(kji: np.ndarray) -> np.ndarray:
         return kji @ kji_to_world + i2w[:3, 3]
 
-    def source_of(points: np.ndarray) -> np.ndarray:
-        source = points
-        for lattice in reversed(list(fit_rounds)):
-            source = source - lattice.at(source)
-        return source
-
     def reach_at(centres_kji: np.ndarray) -> np.ndarray:
-        points = world(centres_kji)
-        return np.linalg.norm(source_of(points) - points, axis=1) + REACH_MARGIN_MM
+        return _moves(fit_rounds, world(centres_kji)) + REACH_MARGIN_MM
 
     k, j, i = near_boundary(femur, lo, hi, reach_mm, spacing_zyx, reach_at=reach_at)
-    pull_back_voxels(outputs, volumes, (k, j, i), source_of(world(np.stack([k, j, i], 1).astype(np.float64))), grid)
+    source = _source_points(fit_rounds, world(np.stack([k, j, i], 1).astype(np.float64)))
+    pull_back_voxels(outputs, volumes, (k, j, i), source, grid)
     return outputs
 
 
@@ -343,14 +351,14 @@ def fit_outline(soft: np.ndarray, grid, projections: Sequence[np.ndarray], masks
             break
         lattice = _solve_lattice(*(np.concatenate(parts) for parts in zip(*equations)))
         rounds.append(lattice)
-        moves = np.linalg.norm(OutlineFit(tuple(rounds), {}, {}, 0, 0).source_points(points) - points, axis=1)
-        reach = max(reach, float(moves.max()))
+        reach = max(reach, float(_moves(rounds, points).max()))
         if reach > MAX_MOVE_MM:
             return None, (f"the masks' outlines lie up to {reach:.0f} mm from the reconstruction's; not fitted: "
                           "check that the masks follow the femur")
-        femur = _moved_femur(soft, grid, rounds, reach)
+        if round_index + 1 < ROUNDS:
+            femur = _moved_femur(soft, grid, rounds, reach)
     points = _boundary_points(np.asarray(soft) >= 0.5, grid)
-    moves = np.linalg.norm(OutlineFit(tuple(rounds), {}, {}, 0, 0).source_points(points) - points, axis=1)
+    moves = _moves(rounds, points)
     fit = OutlineFit(tuple(rounds), counts, before, float(moves.max()), float(moves.mean()))
     log.info("outline fit: %d rounds, moves mean %.2f / max %.2f mm, mask agreement before %s", len(rounds),
              fit.mean_move_mm, fit.max_move_mm, before)
