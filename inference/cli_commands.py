@@ -53,10 +53,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           help="fit the reconstructed shaft's cross-sections below the lesser trochanter to the "
                           "masks (default on; --no-shaft-fit keeps the network's shaft; see docs/refinement.md)")
     register.add_argument("--head-anchor", action=argparse.BooleanOptionalAction, default=True,
-                          help="move the reconstructed femoral head onto the head the masks show (default on; "
-                          "--no-head-anchor keeps the network's head; see docs/refinement.md)")
+                          help="where the outline fit is off or made no fit, move the reconstructed femoral head "
+                          "onto the head the masks show (default on; --no-head-anchor keeps the network's head; "
+                          "see docs/refinement.md)")
     register.add_argument("--outline-fit", action=argparse.BooleanOptionalAction, default=True,
-                          help="then fit the reconstruction's outlines in both views to the masks by a smooth move "
+                          help="fit the reconstruction's outlines in both views to the masks by a smooth move "
                           "(default on; --no-outline-fit skips it; see docs/refinement.md)")
     register.add_argument("--network-grid", action="store_true",
                           help="outputs on the network's grid instead of the full-resolution atlas grid")

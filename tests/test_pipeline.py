@@ -173,6 +173,8 @@ def _check_outputs(sim, out, result):
     assert "outline_fit_s" in report["timings_s"]
     assert (0 <= outline["max_move_mm"] <= outline_fit.MAX_MOVE_MM
             and set(outline["mask_agreement_before"]) == {"AP", "LAT"} if outline["used"] else outline["reason"])
+    if outline["used"]:  # the head anchor runs only where the outline fit made no fit
+        assert anchor == {"used": False, "reason": pipeline.OUTLINE_FIT_ANCHORED}
     if fit["used"]:  # the shaft below the radiographs, continued straight
         assert fit["continued_below_mm"] >= 0 and 0 <= fit["max_continued_shift_mm"] <= shaft_fit.MAX_STRAIGHTENING_MM
     assert measurements["landmark_uncertainty_mm"]["lesser_trochanter"] == (

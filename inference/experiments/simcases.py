@@ -45,10 +45,10 @@ VARIANTS = {
     # what register did before the shaft fit (session 17): its effect, paired on the same cases
     "ensemble-auto-no-shaft-fit": {"full_resolution": True, "refine": "auto", "self_calibrate": False,
                                    "ensemble": True, "shaft_fit": False},
-    # what register did before the head anchor (session 18)
+    # without the head anchor (session 18; since session 19 it runs only where the outline fit does not)
     "ensemble-auto-no-head-anchor": {"full_resolution": True, "refine": "auto", "self_calibrate": False,
                                      "ensemble": True, "head_anchor": False},
-    # what register did before the outline fit (session 19)
+    # what register did before the outline fit (session 19): the head anchor then runs
     "ensemble-auto-no-outline-fit": {"full_resolution": True, "refine": "auto", "self_calibrate": False,
                                      "ensemble": True, "outline_fit": False},
 }
