@@ -430,7 +430,8 @@ def fine_atlas_for(coarse_atlas, name: str = FINE_ATLAS):
 def pull_back_voxels(outputs: list[np.ndarray], volumes, voxels_kji, source_mm: np.ndarray, grid) -> None:
     """Set the voxels ``voxels_kji`` (three index arrays) of each of ``outputs`` to its volume of
     ``volumes`` interpolated (linear, edge values beyond the grid) at ``source_mm`` (N, 3: world
-    points on ``grid``): the pull-back of a local move (the shaft fit's, the head anchor's)."""
+    points on ``grid``): the pull-back of a local move (the shaft fit's, the head anchor's, the
+    outline fit's)."""
     from scipy import ndimage
 
     i2w = np.asarray(grid.index_to_world(), np.float64)
@@ -439,6 +440,16 @@ def pull_back_voxels(outputs: list[np.ndarray], volumes, voxels_kji, source_mm: 
     coords = [index[:, 2], index[:, 1], index[:, 0]]
     for out, volume in zip(outputs, volumes):
         out[voxels_kji] = ndimage.map_coordinates(np.asarray(volume, np.float32), coords, order=1, mode="nearest")
+
+
+def grown_box(voxels_zyx, reach_mm: float, spacing_zyx, shape) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) per axis (z, y, x): the box of the voxels ``voxels_zyx`` (three index arrays) grown
+    by ``reach_mm`` and two voxels, within ``shape``; the box :func:`near_boundary` searches for a
+    local move of that reach."""
+    margin = np.ceil(reach_mm / np.asarray(spacing_zyx, float)).astype(int) + 2
+    lo = np.maximum(np.array([v.min() for v in voxels_zyx]) - margin, 0)
+    hi = np.minimum(np.array([v.max() for v in voxels_zyx]) + margin + 1, shape)
+    return lo, hi
 
 
 def near_boundary(mask: np.ndarray, lo, hi, reach_mm: float, spacing_zyx, reach_at=None) -> tuple[np.ndarray, ...]:

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from inference.fullres import near_boundary, pull_back_voxels
+from inference.fullres import grown_box, near_boundary, pull_back_voxels
 from inference.silhouettes import mask_agreement
 
 log = logging.getLogger(__name__)
@@ -291,10 +291,7 @@ def _pull_back(volumes: Sequence[np.ndarray], grid, fit_rounds: Sequence[Lattice
     if not femur.any() or not fit_rounds:
         return outputs
     spacing_zyx = np.asarray(grid.spacing_xyz_mm, float)[::-1]
-    zz, yy, xx = np.nonzero(femur)
-    margin = np.ceil(reach_mm / spacing_zyx).astype(int) + 2
-    lo = np.maximum(np.array([zz.min(), yy.min(), xx.min()]) - margin, 0)
-    hi = np.minimum(np.array([zz.max(), yy.max(), xx.max()]) + margin + 1, femur.shape)
+    lo, hi = grown_box(np.nonzero(femur), reach_mm, spacing_zyx, femur.shape)
     i2w = np.asarray(grid.index_to_world(), np.float64)
     kji_to_world = np.ascontiguousarray(i2w[:3, :3][:, ::-1].T)  # rows: the world step of k, j, i
 
@@ -334,8 +331,10 @@ def fit_outline(soft: np.ndarray, grid, projections: Sequence[np.ndarray], masks
     counts: dict[str, int] = {}
     before: dict[str, float] = {}
     reach = 0.0
+    boundary = points = _boundary_points(femur, grid)  # the femur's own boundary, then the moved one's
     for round_index in range(ROUNDS):
-        points = _boundary_points(femur, grid)
+        if round_index:
+            points = _boundary_points(femur, grid)
         equations = []
         for name, P, mask in zip(names, projections, masks):
             rim, rows_3, rhs, agreement = _rim_equations(femur, points, grid, np.asarray(P, float), mask)
@@ -357,8 +356,7 @@ def fit_outline(soft: np.ndarray, grid, projections: Sequence[np.ndarray], masks
                           "check that the masks follow the femur")
         if round_index + 1 < ROUNDS:
             femur = _moved_femur(soft, grid, rounds, reach)
-    points = _boundary_points(np.asarray(soft) >= 0.5, grid)
-    moves = _moves(rounds, points)
+    moves = _moves(rounds, boundary)
     fit = OutlineFit(tuple(rounds), counts, before, float(moves.max()), float(moves.mean()))
     log.info("outline fit: %d rounds, moves mean %.2f / max %.2f mm, mask agreement before %s", len(rounds),
              fit.mean_move_mm, fit.max_move_mm, before)

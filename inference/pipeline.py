@@ -59,6 +59,8 @@ LOW_MASK_AGREEMENT_DICE = 0.8
 #: The shaft axis triangulated from the masks replaces the reconstruction's only when the two
 #: agree within this angle (a larger difference means a mask or the registration went wrong).
 MAX_SHAFT_AXIS_DISAGREEMENT_DEG = 20.0
+#: Why the steps that fit the reconstruction to the masks did not run on proposed masks (report.json).
+UNCONFIRMED = "needs a confirmed mask in every view"
 #: Why the head anchor did not run after a successful outline fit (report.json).
 OUTLINE_FIT_ANCHORED = "the outline fit brought the head onto the masks"
 #: The shaft fit (inference.shaft_fit) warns past this mean move of the shaft (mm) or change of
@@ -175,6 +177,11 @@ class _Warped:
     resolution: dict[str, Any]
     femur_soft: np.ndarray | None = None  # the warped soft femur indicator (full resolution only)
     surface: Any = None  # the femur surface of exactly these labels, when a step already made it
+
+    @property
+    def soft_femur(self) -> np.ndarray:
+        """The soft femur indicator, or the label map's femur (float32) where there is none."""
+        return self.femur_soft if self.femur_soft is not None else (self.labels == 1).astype(np.float32)
 
 
 @dataclass
@@ -579,7 +586,7 @@ def _fit_shaft(job: _Job, warped: _Warped) -> _Warped:
     needed = ("shaft_point_distal", "shaft_point_proximal", "lesser_trochanter")
     masks = job.registration_masks
     if not job.masks_confirmed:
-        fit, reason = None, "needs a confirmed mask in every view"
+        fit, reason = None, UNCONFIRMED
     elif not all(name in marks for name in needed):
         fit, reason = None, "the atlas has no shaft landmarks"
     else:
@@ -605,11 +612,10 @@ def _fit_shaft(job: _Job, warped: _Warped) -> _Warped:
 
 
 def _resampled(warped: _Warped, move: Callable[[np.ndarray, np.ndarray], list[np.ndarray]]) -> _Warped:
-    """``warped`` after ``move`` (the shaft fit's or the head anchor's resampling) of its soft femur
-    indicator (the label map's femur where there is none) and its HU; the femur label is the moved
-    indicator's 0.5 level again, other labels stay."""
-    soft = warped.femur_soft if warped.femur_soft is not None else (warped.labels == 1).astype(np.float32)
-    soft, volume_hu = move(soft, warped.volume_hu)
+    """``warped`` after ``move`` (the shaft fit's, the head anchor's or the outline fit's resampling)
+    of its soft femur indicator (the label map's femur where there is none) and its HU; the femur
+    label is the moved indicator's 0.5 level again, other labels stay."""
+    soft, volume_hu = move(warped.soft_femur, warped.volume_hu)
     labels = np.array(warped.labels, copy=True)
     femur = soft >= 0.5
     labels[(labels == 1) & ~femur] = 0
@@ -626,7 +632,7 @@ def _anchor_head(job: _Job, warped: _Warped) -> _Warped:
     t0 = time.perf_counter()
     mesh = None
     if not job.masks_confirmed:
-        shift, reason = None, "needs a confirmed mask in every view"
+        shift, reason = None, UNCONFIRMED
     else:
         mesh = surface.label_surface(warped.labels, warped.grid, label=1, soft=warped.femur_soft)
         try:
@@ -649,10 +655,9 @@ def _fit_outline(job: _Job, warped: _Warped) -> _Warped:
 
     t0 = time.perf_counter()
     if not job.masks_confirmed:
-        fit, reason = None, "needs a confirmed mask in every view"
+        fit, reason = None, UNCONFIRMED
     else:
-        soft = warped.femur_soft if warped.femur_soft is not None else (warped.labels == 1).astype(np.float32)
-        fit, reason = outline_fit.fit_outline(soft, warped.grid, list(job.frame.projections),
+        fit, reason = outline_fit.fit_outline(warped.soft_femur, warped.grid, list(job.frame.projections),
                                               job.registration_masks, [v.name for v in job.case.views])
     if fit is None:
         job.outline_fit_entry = {"used": False, "reason": reason}

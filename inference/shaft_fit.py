@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from inference.data.shape import _ramp, _unit  # _ramp: the shape modes' C2 fade, 0 at its first argument, 1 at its second
-from inference.fullres import near_boundary, pull_back_voxels
+from inference.fullres import grown_box, near_boundary, pull_back_voxels
 from inference.geometry import project_points
 
 log = logging.getLogger(__name__)
@@ -352,10 +352,7 @@ def apply_shaft_fit(fit: ShaftFit, grid, *volumes: np.ndarray) -> list[np.ndarra
     radius_mm = float(np.sqrt(np.max(np.einsum("ij,ij->i", points[lowish], points[lowish]) - along[lowish] ** 2)))
     scale_change = max(float(np.linalg.norm(m - np.eye(2), 2)) for m in fit.matrices)
     reach = float(np.abs(fit.shift_mm).max() * np.sqrt(2) + scale_change * radius_mm + 2 * spacing_zyx.max())
-    zz, yy, xx = zz[lowish], yy[lowish], xx[lowish]
-    margin = np.ceil(reach / spacing_zyx).astype(int) + 2
-    lo = np.maximum(np.array([zz.min(), yy.min(), xx.min()]) - margin, 0)
-    hi = np.minimum(np.array([zz.max(), yy.max(), xx.max()]) + margin + 1, femur.shape)
+    lo, hi = grown_box((zz[lowish], yy[lowish], xx[lowish]), reach, spacing_zyx, femur.shape)
     k, j, i = near_boundary(femur, lo, hi, reach, spacing_zyx)
     rel = np.stack([i, j, k], 1).astype(np.float64) @ i2w[:3, :3].T + (i2w[:3, 3] - fit.axis_point_mm)
     s = rel @ fit.axis_direction
