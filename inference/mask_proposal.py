@@ -142,7 +142,9 @@ def _splat_thickness(points_mm: np.ndarray, voxel_volume_mm3: float, projection:
     return out.reshape(rows, cols)
 
 
-def _label_points(labels: np.ndarray, grid: "geometry.VolumeGeometry", label: int) -> np.ndarray:
+def label_points(labels: np.ndarray, grid: "geometry.VolumeGeometry", label: int = 1) -> np.ndarray:
+    """World points (N, 3) of the voxel centres of ``label``: what :func:`project_label` splats,
+    for callers that project one label map into several views (``points=``)."""
     kk, jj, ii = np.nonzero(np.asarray(labels) == label)
     ijk = np.stack([ii, jj, kk]).astype(np.float64)
     matrix = grid.index_to_world()
@@ -150,7 +152,8 @@ def _label_points(labels: np.ndarray, grid: "geometry.VolumeGeometry", label: in
 
 
 def project_label(labels: np.ndarray, grid: "geometry.VolumeGeometry", projection: np.ndarray,
-                  shape_hw: tuple[int, int], *, label: int = 1, pixel_mm: float | None = None) -> np.ndarray:
+                  shape_hw: tuple[int, int], *, label: int = 1, pixel_mm: float | None = None,
+                  points: np.ndarray | None = None) -> np.ndarray:
     """Path length (mm) through ``label`` for every pixel of a ``shape_hw`` detector.
 
     A fast numpy stand-in for :func:`inference.drr.render_path_length` (no TensorFlow, no
@@ -166,9 +169,12 @@ def project_label(labels: np.ndarray, grid: "geometry.VolumeGeometry", projectio
     grid : VolumeGeometry of ``labels`` (any direction, spacing)
     projection : (3, 4) P of the full detector
     shape_hw : (rows, cols) of the full detector
+    points : :func:`label_points` of ``labels``, ``grid`` and ``label``, when the caller has them
+        (several views of one label map)
     """
     rows, cols = int(shape_hw[0]), int(shape_hw[1])
-    points = _label_points(labels, grid, label)
+    if points is None:
+        points = label_points(labels, grid, label)
     if len(points) == 0:
         return np.zeros((rows, cols), np.float32)
     centre = np.asarray(grid.center_mm(), float)
@@ -180,12 +186,23 @@ def project_label(labels: np.ndarray, grid: "geometry.VolumeGeometry", projectio
     thickness = _splat_thickness(points, float(np.prod(grid.spacing_xyz_mm)), p_small, small, centre)
     if small == (rows, cols):
         return thickness.astype(np.float32)
-    # Upsample pixel-area aligned: full pixel (c, r) sits at small coordinate (c + 0.5) * s - 0.5.
-    scale_v, scale_u = small[0] / rows, small[1] / cols
-    vv = (np.arange(rows) + 0.5) * scale_v - 0.5
-    uu = (np.arange(cols) + 0.5) * scale_u - 0.5
-    coords = np.meshgrid(vv, uu, indexing="ij")
-    return ndimage.map_coordinates(thickness, coords, order=1, mode="nearest").astype(np.float32)
+    # Upsample pixel-area aligned: full pixel (c, r) sits at small coordinate (c + 0.5) * s - 0.5;
+    # bilinear (edge values beyond the border), as rows then columns: what map_coordinates with
+    # order=1 gives, in a fifth of its time (this runs eight times per registration).
+    rows_up = _linear_resample(thickness, (np.arange(rows) + 0.5) * (small[0] / rows) - 0.5, axis=0)
+    return _linear_resample(rows_up, (np.arange(cols) + 0.5) * (small[1] / cols) - 0.5, axis=1).astype(np.float32)
+
+
+def _linear_resample(image: np.ndarray, at: np.ndarray, axis: int) -> np.ndarray:
+    """``image`` linearly interpolated at the coordinates ``at`` along ``axis`` (edge values beyond it)."""
+    n = image.shape[axis]
+    at = np.clip(at, 0.0, n - 1)
+    low = np.minimum(at.astype(np.intp), max(n - 2, 0))
+    high = np.minimum(low + 1, n - 1)
+    shape = [1, 1]
+    shape[axis] = len(at)
+    t = (at - low).reshape(shape)
+    return np.take(image, low, axis=axis) * (1.0 - t) + np.take(image, high, axis=axis) * t
 
 
 def label_silhouette(labels: np.ndarray, grid: "geometry.VolumeGeometry", projection: np.ndarray,
@@ -350,7 +367,7 @@ def locate_atlas(images: Sequence[np.ndarray], projections: Sequence[np.ndarray]
     if not femur.any():
         raise DataError("the atlas has no femur label")
     atlas_head = np.asarray(atlas.landmarks["head_centre"], float)
-    points = _label_points(femur, atlas.geometry, 1)
+    points = label_points(femur, atlas.geometry, 1)
     # Coarser point set for the search: every voxel of a 2 mm template is plenty.
     voxel_volume = float(np.prod(atlas.geometry.spacing_xyz_mm))
     start = AtlasPose(np.asarray(start_mm, float))

@@ -47,6 +47,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from inference.fullres import grown_box, near_boundary, pull_back_voxels
+from inference.mask_proposal import label_points
 from inference.silhouettes import mask_agreement
 
 log = logging.getLogger(__name__)
@@ -155,11 +156,12 @@ def _signed_distance(inside: np.ndarray) -> np.ndarray:
     return (ndimage.distance_transform_edt(~inside) - ndimage.distance_transform_edt(inside)).astype(np.float32)
 
 
-def _silhouette(femur: np.ndarray, grid, P: np.ndarray, shape_hw) -> np.ndarray:
-    """The femur's silhouette (bool, ``shape_hw`` pixels) at the overlays' path-length level."""
+def _silhouette(femur_points: np.ndarray, grid, P: np.ndarray, shape_hw) -> np.ndarray:
+    """The silhouette (bool, ``shape_hw`` pixels) at the overlays' path-length level of the femur
+    whose voxel centres are ``femur_points`` (:func:`inference.mask_proposal.label_points`)."""
     from inference.mask_proposal import project_label
 
-    return project_label(femur.astype(np.uint8), grid, P, shape_hw, label=1) >= OUTLINE_MM
+    return project_label(None, grid, P, shape_hw, points=femur_points) >= OUTLINE_MM
 
 
 def _boundary_points(femur: np.ndarray, grid) -> np.ndarray:
@@ -181,16 +183,17 @@ def _boundary_points(femur: np.ndarray, grid) -> np.ndarray:
     return np.stack([i, j, k], 1).astype(np.float64) @ i2w[:3, :3].T + i2w[:3, 3]
 
 
-def _rim_equations(femur: np.ndarray, points: np.ndarray, grid, P: np.ndarray, mask: np.ndarray
+def _rim_equations(femur_points: np.ndarray, points: np.ndarray, grid, P: np.ndarray, mask: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """For one view: the rim points (M, 3), their rows ``n . J`` (M, 3, pixels per mm), the
-    right-hand sides (M, pixels), and the silhouette's agreement with the mask (Dice)."""
+    """For one view: the rim points (M, 3) among the boundary ``points``, their rows ``n . J``
+    (M, 3, pixels per mm), the right-hand sides (M, pixels), and the agreement with the mask
+    (Dice) of the silhouette of the femur whose voxel centres are ``femur_points``."""
     from scipy import ndimage
 
     from inference.geometry import project_points
 
     rows, cols = mask.shape
-    silhouette = _silhouette(femur, grid, P, mask.shape)
+    silhouette = _silhouette(femur_points, grid, P, mask.shape)
     agreement = mask_agreement(silhouette, mask) or 0.0
     uv = project_points(P, points)
     inside = ((uv[:, 0] >= BORDER_PX) & (uv[:, 0] <= cols - 1 - BORDER_PX)
@@ -336,8 +339,9 @@ def fit_outline(soft: np.ndarray, grid, projections: Sequence[np.ndarray], masks
         if round_index:
             points = _boundary_points(femur, grid)
         equations = []
+        femur_points = label_points(femur, grid)  # splatted into each view
         for name, P, mask in zip(names, projections, masks):
-            rim, rows_3, rhs, agreement = _rim_equations(femur, points, grid, np.asarray(P, float), mask)
+            rim, rows_3, rhs, agreement = _rim_equations(femur_points, points, grid, np.asarray(P, float), mask)
             if round_index == 0:
                 before[name], counts[name] = agreement, len(rim)
                 if agreement < MIN_AGREEMENT:

@@ -739,10 +739,13 @@ def _project_outlines(job: _Job, outputs: _Outputs) -> _Overlays:
     """Each view's outline of the reconstruction (case world and pixels), the overlay drawn from
     it, and how well the projection agrees with the radiograph and the mask."""
     t0 = time.perf_counter()
+    from inference.mask_proposal import label_points
+
     overlays = _Overlays({}, {}, {}, {})
+    femur_points = label_points(outputs.labels, outputs.grid)  # splatted into each view
     for view, projection, mask in zip(job.case.views, job.frame.world_projections, job.masks):
         projected = silhouettes_lib.project_silhouette(outputs.labels, outputs.grid, projection,
-                                                       view.image.pixels.shape)
+                                                       view.image.pixels.shape, points=femur_points)
         overlays.silhouettes[view.name] = projected.silhouette(view.name)
         overlays.pictures[view.name] = silhouettes_lib.draw_overlay(view.image.pixels, projected.polylines)
         overlays.similarity_ncc[view.name] = silhouettes_lib.similarity_ncc(view.image.pixels, projected)

@@ -189,7 +189,7 @@ def fit_shaft(labels: np.ndarray, grid, projections: Sequence[np.ndarray], masks
 
     Returns ``(fit, reason)``: the fit, or None and why none was made.
     """
-    from inference.mask_proposal import project_label
+    from inference.mask_proposal import label_points, project_label
 
     used = [i for i, m in enumerate(masks) if m is not None]
     if len(used) < 2:
@@ -220,10 +220,11 @@ def fit_shaft(labels: np.ndarray, grid, projections: Sequence[np.ndarray], masks
     du = np.full((len(s_grid), n_views), np.nan)
     ratio = np.full((len(s_grid), n_views), np.nan)
     gradient = np.zeros((len(s_grid), n_views, 2))
+    femur_points = label_points(labels, grid, label)  # splatted into each view
     for column, view in enumerate(used):
         projection = np.asarray(projections[view], float)
         mask = (np.asarray(masks[view]) > 0).astype(np.float32)
-        thickness = project_label(labels, grid, projection, mask.shape, label=label)
+        thickness = project_label(labels, grid, projection, mask.shape, label=label, points=femur_points)
         ours = (thickness >= OUTLINE_MM).astype(np.float32)
         uv = project_points(projection, centres)
         along = project_points(projection, centres + 5.0 * d) - uv

@@ -105,17 +105,19 @@ class Projection:
 
 
 def project_silhouette(labels: np.ndarray, grid: Any, projection: np.ndarray, shape_hw: Sequence[int],
-                       label: int = 1) -> Projection:
+                       label: int = 1, points: np.ndarray | None = None) -> Projection:
     """Project ``label`` of a label volume onto a radiograph of ``shape_hw`` with ``projection``.
 
     The thickness is the label's path length from :func:`inference.mask_proposal.project_label`:
     voxel centres splatted onto a detector of about the voxel size, then upsampled. It is numpy
     only; ray marching with :func:`inference.drr.render_path_length` gave the same outline but
-    cost ~3 s per new image size in TensorFlow tracing, most of a command-line run.
+    cost ~3 s per new image size in TensorFlow tracing, most of a command-line run. ``points``:
+    the label's voxel centres (:func:`inference.mask_proposal.label_points`), when the caller
+    projects the label map into several views.
     """
     from inference.mask_proposal import project_label
 
-    thickness = project_label(labels, grid, projection, tuple(int(n) for n in shape_hw), label=label)
+    thickness = project_label(labels, grid, projection, tuple(int(n) for n in shape_hw), label=label, points=points)
     return Projection(thickness, outline_polylines(thickness))
 
 

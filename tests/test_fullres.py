@@ -161,6 +161,27 @@ def test_constant_neighbourhoods_exclude_label_boundaries_and_the_grid_border():
     assert constant[3:-1, 1:-1, 1:-1].all()             # inside label 1, away from the border
 
 
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_constant_neighbourhoods_are_where_the_3x3x3_minimum_equals_the_maximum(dtype):
+    """The axis-by-axis equalities give what the definition gives: the 3x3x3 minimum and maximum
+    filters agree, the grid's border excluded (blocky random data: some voxels constant, most not)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    values = rng.integers(0, 3, (5, 6, 7)).repeat(3, 0).repeat(3, 1).repeat(3, 2).astype(dtype)
+    values[rng.random(values.shape) < 0.01] = 7  # isolated odd voxels
+    expected = ndimage.minimum_filter(values, size=3, mode="nearest") == ndimage.maximum_filter(
+        values, size=3, mode="nearest")
+    for axis in range(3):
+        edges = [slice(None)] * 3
+        edges[axis] = [0, -1]
+        expected[tuple(edges)] = False
+    constant = fullres.constant_neighbourhoods(values)
+    assert 0.05 < expected.mean() < 0.5
+    np.testing.assert_array_equal(constant, expected)
+    assert not fullres.constant_neighbourhoods(np.zeros((2, 5, 5), dtype)).any()
+
 def _ellipsoid(points_zyx: np.ndarray) -> np.ndarray:
     """A tilted ellipsoid (voxel coordinates of the 1 mm test grid), True inside."""
     z, y, x = points_zyx[0] - 11.3, points_zyx[1] - 10.8, points_zyx[2] - 12.2

@@ -99,3 +99,26 @@ def test_no_femur_no_outline():
     projected = silhouettes.project_silhouette(np.zeros_like(labels), grid, _camera(), (200, 240))
     assert projected.polylines == () and not projected.mask.any()
     assert silhouettes.similarity_ncc(np.ones((200, 240)), projected) is None
+
+
+def test_projecting_shared_voxel_points_gives_the_same_thickness_and_the_upsampling_is_bilinear():
+    """Several views of one label map share its voxel points (``points=``) with the same result,
+    and the splatted detector is upsampled as map_coordinates' bilinear interpolation would."""
+    from scipy import ndimage
+
+    from inference import mask_proposal
+
+    labels, grid = _ball(spacing_mm=1.5)
+    points = mask_proposal.label_points(labels, grid)
+    assert len(points) == int(labels.sum())
+    for rows, cols in ((200, 240), (160, 300)):
+        P = _camera(rows, cols)
+        np.testing.assert_array_equal(mask_proposal.project_label(labels, grid, P, (rows, cols)),
+                                      mask_proposal.project_label(None, grid, P, (rows, cols), points=points))
+    rng = np.random.default_rng(3)
+    small = rng.random((23, 31))
+    at_rows = (np.arange(70) + 0.5) * (23 / 70) - 0.5
+    at_cols = (np.arange(95) + 0.5) * (31 / 95) - 0.5
+    expected = ndimage.map_coordinates(small, np.meshgrid(at_rows, at_cols, indexing="ij"), order=1, mode="nearest")
+    resampled = mask_proposal._linear_resample(mask_proposal._linear_resample(small, at_rows, 0), at_cols, 1)
+    np.testing.assert_allclose(resampled, expected, rtol=0, atol=1e-12)
