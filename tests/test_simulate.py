@@ -139,6 +139,13 @@ def test_phantom_case_and_separate_truth(tmp_path, side, monkeypatch):
     fine_mask = sim.true_femur_mask(tmp_path / "truth", fine, model=_ball_model())
     np.testing.assert_array_equal(fine_mask[::2, ::2, ::2], labels == 1)
     assert fine_mask[1::2, 1::2, 1::2].sum() > 0
+    # ... and at any points: the voxel centres give the mask, the hip centre is inside
+    k_, j_, i_ = np.indices(labels.shape).reshape(3, -1)
+    centres = (np.stack([i_, j_, k_], 1) @ np.asarray(ct_geometry.index_to_world())[:3, :3].T
+               + np.asarray(ct_geometry.index_to_world())[:3, 3])
+    inside = sim.true_femur_inside(tmp_path / "truth", centres, ct_geometry, model=_ball_model())
+    np.testing.assert_array_equal(inside.reshape(labels.shape), labels == 1)
+    assert sim.true_femur_inside(tmp_path / "truth", hip[None], fine, model=_ball_model()).tolist() == [True]
     # the truth CT's femur label contains the hip centre (world positions agree with the case)
     i, j, k = np.round(ct_geometry.world_to_index()[:3] @ np.append(hip, 1.0)).astype(int)
     assert labels[k, j, i] == 1

@@ -1223,6 +1223,21 @@ def _femur_uvw(index_to_canonical: np.ndarray, displacement: dict | None, ijk: n
     return uvw
 
 
+def femur_signed_distance_at(model: SubjectModel, params: PhantomParams, grid, ijk: np.ndarray,
+                             chunk: int = 1 << 20) -> np.ndarray:
+    """The phantom femur's signed distance (mm, < 0 inside) at continuous voxel indices ``ijk``
+    (3, N: x, y, z) of ``grid`` (phantom frame): :func:`femur_mask`'s field at any points, not only
+    voxel centres. The shape map's inverse is tabulated on a lattice tied to ``grid``; points a
+    little outside the grid read its clamped edge, which the map's millimetre scale allows."""
+    index_to_canonical, _, displacement = _femur_sampling(model, params, grid)
+    ijk = np.asarray(ijk, np.float32)
+    out = np.empty(ijk.shape[1], np.float32)
+    for start in range(0, ijk.shape[1], chunk):
+        part = ijk[:, start:start + chunk]
+        out[start:start + part.shape[1]] = model.femur_sdf.sample(_femur_uvw(index_to_canonical, displacement, part))
+    return out
+
+
 def _index_chunks(shape_zyx, chunk_voxels: int):
     """(k0, k1, ijk) per slab of whole z slices: ijk the (3, N) float32 x, y, z indices of its voxels."""
     nz, ny, nx = shape_zyx

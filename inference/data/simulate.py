@@ -462,6 +462,28 @@ def true_femur_mask(truth_dir: str | os.PathLike, grid: Any, model: Any = None) 
     """
     from inference.data import phantom as phantom_mod
 
+    model, params, placement = truth_phantom(truth_dir, model)
+    return phantom_mod.femur_mask(model, params, grid.transformed(np.linalg.inv(placement)))
+
+
+def true_femur_inside(truth_dir: str | os.PathLike, points_mm: np.ndarray, grid: Any, model: Any = None) -> np.ndarray:
+    """(N,) bool: whether each world point ``points_mm`` (N, 3) lies inside the true femur of a
+    simulated case: :func:`true_femur_mask` at any points (at ``grid``'s voxel centres it is that
+    mask). ``grid`` (case world) ties the phantom's shape map to a lattice; points should lie on
+    or near it. Raises DataError as :func:`true_femur_mask`."""
+    from inference.data import phantom as phantom_mod
+
+    model, params, placement = truth_phantom(truth_dir, model)
+    world_to_index = grid.world_to_index()
+    ijk = (np.asarray(points_mm, float) @ world_to_index[:3, :3].T + world_to_index[:3, 3]).T
+    return phantom_mod.femur_signed_distance_at(model, params, grid.transformed(np.linalg.inv(placement)), ijk) < 0
+
+
+def truth_phantom(truth_dir: str | os.PathLike, model: Any = None) -> tuple[Any, Any, np.ndarray]:
+    """(subject model, phantom parameters, phantom-to-world 4x4) of a simulated case's truth, from
+    ``truth.json`` (``model``, when given, stands for the subject model)."""
+    from inference.data import phantom as phantom_mod
+
     truth = json.loads((pathlib.Path(truth_dir) / "truth.json").read_text())
     try:
         params = phantom_mod.PhantomParams.from_dict(truth["phantom_params"])
@@ -471,4 +493,4 @@ def true_femur_mask(truth_dir: str | os.PathLike, grid: Any, model: Any = None) 
                 truth["subject"], spacing_mm=float(truth.get("femur_field_spacing_mm", phantom_mod.FINE_SPACING_MM)))
     except (KeyError, TypeError) as error:
         raise DataError(f"{truth_dir}: truth.json lacks the phantom's parameters or placement ({error})") from None
-    return phantom_mod.femur_mask(model, params, grid.transformed(np.linalg.inv(placement)))
+    return model, params, placement
