@@ -474,8 +474,15 @@ def near_boundary(mask: np.ndarray, lo, hi, reach_mm: float, spacing_zyx, reach_
     spacing_zyx = np.asarray(spacing_zyx, float)
     block = np.asarray(mask[tuple(slice(a, b) for a, b in zip(lo, hi))], bool)
     pad = [(0, (-n) % 2) for n in block.shape]
-    blocks = np.pad(block, pad, mode="edge").reshape(tuple(v for n in block.shape for v in ((n + 1) // 2, 2)))
-    mixed = blocks.any(axis=(1, 3, 5)) & ~blocks.all(axis=(1, 3, 5))
+    padded = np.pad(block, pad, mode="edge")
+    # any and all over each 2 x 2 x 2 block from its eight corner lattices (strided views): the
+    # same as any/all over the axes of a 6-D reshape, which numpy reduced 10x slower
+    corners = [padded[a::2, b::2, c::2] for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+    some, every = corners[0].copy(), corners[0].copy()
+    for corner in corners[1:]:
+        some |= corner
+        every &= corner
+    mixed = some & ~every
     distance = ndimage.distance_transform_edt(~mixed, sampling=2 * spacing_zyx)
     diagonal = float(np.linalg.norm(2 * spacing_zyx))
     near = distance <= reach_mm + diagonal
