@@ -348,6 +348,7 @@ def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     yield Progress(0.9, "Writing outputs")
     report = _report(job, net, atlas, warped, measured, overlays, head, refinement, proposal)
     report["ensemble"] = ensemble_entry
+    report["angle_sensitivity"] = _angle_sensitivity(job, outputs, measured)
     if decision is not None:
         report["refinement"]["auto"] = decision
     files = _write_outputs(job, out_dir, overwrite, outputs, measured, overlays, report, started)
@@ -805,6 +806,21 @@ def _report(job: _Job, net, atlas, warped: _Warped, measured: _Measured, overlay
                                    "atlas_scale": float(proposal.pose.scale),
                                    "timings_s": proposal.timings_s}
     return report
+
+
+def _angle_sensitivity(job: _Job, outputs: _Outputs, measured: _Measured) -> dict[str, Any]:
+    """Per view, how far the hip centre and the femur would move (mm per degree) if that view's
+    recorded angle about the patient's long axis were off: an error the radiographs cannot show
+    (:mod:`inference.angle_sensitivity`). Figures that cannot be computed are None."""
+    from inference import angle_sensitivity
+
+    names = [v.name for v in job.case.views]
+    hip = measured.measurements.get("hip_centre_mm")
+    with np.errstate(all="ignore"):
+        entry = angle_sensitivity.sensitivity(list(job.frame.world_projections), outputs.mesh.vertices, hip, names)
+    for name in names:
+        entry[name] = {k: (v if v is None or np.isfinite(v) else None) for k, v in entry[name].items()}
+    return entry
 
 
 def _write_outputs(job: _Job, out_dir, overwrite: bool, outputs: _Outputs, measured: _Measured,

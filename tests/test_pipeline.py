@@ -180,6 +180,12 @@ def _check_outputs(sim, out, result):
     assert measurements["landmark_uncertainty_mm"]["lesser_trochanter"] == (
         pipeline.LT_FROM_MASKS_SD_MM if report["lesser_trochanter_source"] == "masks"
         else pipeline.LT_FROM_RECONSTRUCTION_SD_MM)
+    # what a view's recorded angle off by a degree would move (inference.angle_sensitivity)
+    sensitivity = report["angle_sensitivity"]
+    for view in case.views:
+        row = sensitivity[view.name]
+        assert 0 <= row["hip_centre_mm_per_deg"] <= row["femur_max_mm_per_deg"] < 5.0
+        assert 0 < row["femur_mean_mm_per_deg"] <= row["femur_max_mm_per_deg"]
     return measurements, report
 
 

@@ -88,6 +88,8 @@ BOX_MARGIN_MM = 10.0
 #: Femur voxels of the triangulation check (geometry.triangulate is slower than the closed form).
 TRIANGULATE_CHECK_POINTS = 20_000
 VIEW_NAMES = ("AP", "LAT")
+#: The perturbed view's index in the pair.
+VIEW_INDEX = {"ap": 0, "lat": 1}
 #: Per-row metrics, in table order.
 FLOOR_METRICS = ("dice_floor", "assd_floor_mm", "sil_AP_true", "sil_AP_consistent", "sil_AP_truth_recorded",
                  "sil_AP_pair", "sil_LAT_true", "sil_LAT_consistent", "sil_LAT_truth_recorded", "sil_LAT_pair",
@@ -100,42 +102,6 @@ REGISTER_METRICS = ("reg_dice_truth", "reg_dice_consistent", "reg_dice_floor", "
 # --------------------------------------------------------------------------------------------
 # Geometry of the ambiguity
 # --------------------------------------------------------------------------------------------
-
-def rotation_about_z(angle_deg: float, centre_mm: np.ndarray) -> np.ndarray:
-    """(4, 4) rotation by ``+angle_deg`` about the world z axis through ``centre_mm``: the ``T`` of
-    :func:`inference.experiments.simcases.perturb_lateral` (``P_recorded = P_true @ T``)."""
-    angle_rad = math.radians(angle_deg)
-    transform = np.eye(4)
-    transform[:2, :2] = [[math.cos(angle_rad), -math.sin(angle_rad)], [math.sin(angle_rad), math.cos(angle_rad)]]
-    transform[:3, 3] = np.asarray(centre_mm, float) - transform[:3, :3] @ np.asarray(centre_mm, float)
-    return transform
-
-
-def apply_affine(transform: np.ndarray, points_mm: np.ndarray) -> np.ndarray:
-    """``transform`` (4, 4) applied to points (N, 3)."""
-    return points_mm @ transform[:3, :3].T + transform[:3, 3]
-
-
-def closest_approach(origin1_mm: np.ndarray, through1_mm: np.ndarray, origin2_mm: np.ndarray,
-                     through2_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Midpoints (N, 3) and distances (N,) of closest approach of the lines ``origin1 -> through1``
-    and ``origin2 -> through2`` (origins (3,) or (N, 3), points (N, 3), mm)."""
-    d1 = through1_mm - origin1_mm
-    d2 = through2_mm - origin2_mm
-    d1 = d1 / np.linalg.norm(d1, axis=-1, keepdims=True)
-    d2 = d2 / np.linalg.norm(d2, axis=-1, keepdims=True)
-    offset = origin1_mm - origin2_mm
-    cosine = np.einsum("ij,ij->i", d1, d2)
-    along1, along2 = np.einsum("ij,ij->i", d1, np.broadcast_to(offset, d1.shape)), \
-        np.einsum("ij,ij->i", d2, np.broadcast_to(offset, d2.shape))
-    # normal equations of min |o1 + s d1 - o2 - t d2|; the views are ~90 deg apart, so 1 - cos^2 ~ 1
-    denominator = 1.0 - cosine * cosine
-    s = (cosine * along2 - along1) / denominator
-    t = (along2 - cosine * along1) / denominator
-    point1 = origin1_mm + s[:, None] * d1
-    point2 = origin2_mm + t[:, None] * d2
-    return 0.5 * (point1 + point2), np.linalg.norm(point1 - point2, axis=-1)
-
 
 @dataclass(frozen=True)
 class ViewPair:
@@ -156,6 +122,8 @@ class ViewPair:
 
     def recorded(self, perturbed_view: str, angle_deg: float) -> tuple[np.ndarray, np.ndarray]:
         """(P_ap, P_lat) as recorded when ``perturbed_view`` ("ap" / "lat") is ``angle_deg`` off."""
+        from inference.angle_sensitivity import rotation_about_z
+
         transform = rotation_about_z(angle_deg, self.centre_mm)
         if perturbed_view == "lat":
             return self.P_ap, self.P_lat @ transform
@@ -164,35 +132,20 @@ class ViewPair:
     def true_points(self, recorded_points_mm: np.ndarray, perturbed_view: str,
                     angle_deg: float) -> tuple[np.ndarray, np.ndarray]:
         """The true points ``X`` (N, 3) whose true projections are the recorded projections of
-        ``recorded_points_mm`` (``Y``), and the two true rays' distance there (N,), mm.
+        ``recorded_points_mm`` (``Y``), and the two true rays' distance there (N,), mm
+        (:func:`inference.angle_sensitivity.true_points`)."""
+        from inference import angle_sensitivity
 
-        The recorded pixel of ``Y`` in the perturbed view is ``P_true (T Y)``: its true ray runs
-        from that view's true source through ``T Y``; the other view's ray runs from its source
-        through ``Y``.
-        """
-        from inference import geometry
-
-        moved = apply_affine(rotation_about_z(angle_deg, self.centre_mm), recorded_points_mm)
-        source_ap, source_lat = geometry.source_position(self.P_ap), geometry.source_position(self.P_lat)
-        if perturbed_view == "lat":
-            return closest_approach(source_ap, recorded_points_mm, source_lat, moved)
-        return closest_approach(source_ap, moved, source_lat, recorded_points_mm)
+        return angle_sensitivity.true_points(self.matrices(), recorded_points_mm, VIEW_INDEX[perturbed_view],
+                                             angle_deg, self.centre_mm)
 
     def recorded_point(self, true_point_mm: np.ndarray, perturbed_view: str, angle_deg: float) -> np.ndarray:
-        """Where the recorded matrices triangulate the two true projections of ``true_point_mm`` (3,):
-        the inverse of :meth:`true_points` (the recorded ray is ``T^-1`` of the true one)."""
-        from inference import geometry
+        """Where the recorded matrices triangulate the two true projections of ``true_point_mm`` (3,)
+        (:func:`inference.angle_sensitivity.recorded_point`)."""
+        from inference import angle_sensitivity
 
-        back = np.linalg.inv(rotation_about_z(angle_deg, self.centre_mm))
-        point = np.asarray(true_point_mm, float)[None]
-        source_ap, source_lat = geometry.source_position(self.P_ap), geometry.source_position(self.P_lat)
-        if perturbed_view == "lat":
-            found, _ = closest_approach(source_ap, point, apply_affine(back, source_lat[None]),
-                                        apply_affine(back, point))
-        else:
-            found, _ = closest_approach(apply_affine(back, source_ap[None]), apply_affine(back, point),
-                                        source_lat, point)
-        return found[0]
+        return angle_sensitivity.recorded_point(self.matrices(), true_point_mm, VIEW_INDEX[perturbed_view],
+                                                angle_deg, self.centre_mm)
 
 
 # --------------------------------------------------------------------------------------------
