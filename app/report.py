@@ -207,6 +207,7 @@ class ReportContent:
     model_lines: Sequence[tuple[str, str]]
     warnings: Sequence[str]
     measurement_notes: Sequence[str] = ()      # caveats of values marked (!) (inference.measure.caveat_lines)
+    angle_sensitivity_lines: Sequence[str] = ()  # per view: what a 1-degree angle error would move (angle_sensitivity_lines)
     plan: Any = None                           # app.plan_report.ReportPlan: the implant plan, if one was made
 
 
@@ -242,6 +243,28 @@ def calibration_rows(case, measurements: Mapping[str, Any]) -> list[tuple[str, .
     return rows
 
 
+def angle_sensitivity_lines(entry: Mapping[str, Any] | None, units: str = "mm") -> list[str]:
+    """One line per view of ``report.json`` -> ``angle_sensitivity`` (:mod:`inference.angle_sensitivity`):
+    how far one degree of error in that view's recorded angle would move the hip centre and the
+    femur. Empty when the registration did not state it."""
+    from app.session import LENGTH_UNITS
+
+    def format_length(value_mm: float, units: str) -> str:  # tenths of a millimetre per degree matter here
+        return f"{value_mm * LENGTH_UNITS[units]:.{2 if units == 'mm' else 3}f}"
+
+    if not isinstance(entry, Mapping):
+        return []
+    lines = []
+    for name, row in entry.items():
+        if not isinstance(row, Mapping) or not all(isinstance(row.get(k), (int, float)) for k in
+                                                   ("hip_centre_mm_per_deg", "femur_mean_mm_per_deg", "femur_max_mm_per_deg")):
+            continue
+        lines.append(f"{name}: hip centre {format_length(float(row['hip_centre_mm_per_deg']), units)} {units}, femur "
+                     f"{format_length(float(row['femur_mean_mm_per_deg']), units)} {units} on average and up to "
+                     f"{format_length(float(row['femur_max_mm_per_deg']), units)} {units}")
+    return lines
+
+
 def report_figures(case, measurements: Mapping[str, Any], landmarks_mm: Mapping[str, Any], *,
                    outlines: Mapping[str, Sequence[np.ndarray]] | None = None,
                    surface: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[list[ReportFigure], ReportFigure | None]:
@@ -274,8 +297,10 @@ def build_report_content(*, case, measurements: Mapping[str, Any], landmarks_mm:
                          patient: PatientInfo, case_label: str, landmarks_edited: bool = False,
                          units: str = "mm", anonymised: bool = False,
                          radiographs: Sequence[ReportFigure] = (), reconstruction: ReportFigure | None = None,
-                         plan: Any = None, now: datetime.datetime | None = None) -> ReportContent:
-    """The report's content from a case, its measurements and the registration's facts."""
+                         plan: Any = None, now: datetime.datetime | None = None,
+                         angle_sensitivity: Mapping[str, Any] | None = None) -> ReportContent:
+    """The report's content from a case, its measurements and the registration's facts
+    (``angle_sensitivity``: ``report.json``'s entry of that name, when the registration wrote one)."""
     from app.session import RESEARCH_NOTICE, format_length, landmark_label
     from inference import __version__
 
@@ -290,6 +315,7 @@ def build_report_content(*, case, measurements: Mapping[str, Any], landmarks_mm:
         anonymised=anonymised,
         side=case.side,
         measurement_rows=report_measurement_rows(measurements, units),
+        angle_sensitivity_lines=angle_sensitivity_lines(angle_sensitivity, units),
         landmark_rows=[(landmark_label(n), ", ".join(format_length(float(v), units) for v in p), units)
                        for n, p in landmarks_mm.items()],
         landmarks_edited=landmarks_edited,
@@ -395,7 +421,8 @@ def report_for_output_dir(out_dir: str | os.PathLike, pdf_path: str | os.PathLik
         warnings=list(run_report.get("warnings") or []), model=run_report.get("model") or {}, views=views,
         patient=patient, case_label=pathlib.Path(case.case_dir).resolve().name,
         landmarks_edited=bool((measurements.get("provenance") or {}).get("landmarks_edited")), units=units,
-        radiographs=radiographs, reconstruction=reconstruction, plan=plan)
+        radiographs=radiographs, reconstruction=reconstruction, plan=plan,
+        angle_sensitivity=run_report.get("angle_sensitivity"))
     return write_planning_report(pdf_path, content)
 
 
@@ -515,6 +542,11 @@ def _story(content: ReportContent) -> list[Any]:
                      Paragraph("Pixel sizes in mm per pixel. The size at the hip follows from the projection "
                                "matrix; the detector pixel size and the magnification need the detector pitch "
                                "(DICOM or calibration file).", small))
+    if content.angle_sensitivity_lines:
+        story.append(Paragraph(
+            "A view whose recorded angle about the patient's long axis is wrong cannot be recognised in the "
+            "radiographs: another femur explains both as well. Per degree of such an error the reconstruction "
+            "would move by: " + _escape("; ".join(content.angle_sensitivity_lines)) + ".", small))
 
     if content.reconstruction is not None:
         story += section("3D reconstruction", picture(content.reconstruction, 110 * mm),

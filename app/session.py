@@ -828,7 +828,8 @@ class Session:
             warnings=list(result.warnings), model=provenance["model"], views=provenance["views"],
             patient=patient, case_label=self.pseudonym if options.anonymise else self.case_label,
             landmarks_edited=self.landmarks_edited, units=options.units, anonymised=options.anonymise,
-            radiographs=radiographs, reconstruction=reconstruction, plan=plan)
+            radiographs=radiographs, reconstruction=reconstruction, plan=plan,
+            angle_sensitivity=(getattr(result, "report", None) or {}).get("angle_sensitivity"))
 
 
 def describe_model(model_path: str | os.PathLike | None) -> dict[str, Any]:

@@ -42,6 +42,13 @@ def registered(tmp_path_factory):
     measurements["neck_shaft_angle_deg_uncertainty"] = 2.4
     (out / "measurements.json").write_text(json.dumps(measurements))
     (out / "landmarks.json").write_text(json.dumps(FEMUR.landmarks()))
+    report = json.loads((out / "report.json").read_text())  # what the pipeline adds (inference.angle_sensitivity)
+    report["angle_sensitivity"] = {"about": "the patient's long axis", "axis_point_mm": [0.0, 0.0, 0.0], "per_deg_of": 1.0,
+                                   "AP": {"hip_centre_mm_per_deg": 0.28, "femur_mean_mm_per_deg": 0.36,
+                                          "femur_max_mm_per_deg": 0.76},
+                                   "LAT": {"hip_centre_mm_per_deg": 0.06, "femur_mean_mm_per_deg": 0.4,
+                                           "femur_max_mm_per_deg": 0.79}}
+    (out / "report.json").write_text(json.dumps(report))
     patient = root / "patient.json"
     patient.write_text(json.dumps({"name": "Testperson, Erika", "patient_id": "PID-4711",
                                    "birth_date": "1951-06-30", "study_date": "2026-11-02",
@@ -96,6 +103,9 @@ def test_report_pages_hold_the_record_and_the_pictures(registered, tmp_path):
         expected = graphics.view_calibration(view.P, hip).mm_per_px_at_hip
         assert f"{expected:.3f} mm" in flat
     assert "(UTC" in flat  # local time with its offset
+    # what a view's angle recorded a degree off would move (report.json -> angle_sensitivity)
+    assert "AP: hip centre 0.28 mm, femur 0.36 mm on average and up to 0.76 mm" in flat
+    assert "LAT: hip centre 0.06 mm, femur 0.40 mm on average and up to 0.79 mm" in flat
 
     # Every page renders, none is blank, and no page ends with a heading (no orphans).
     shutil.rmtree(tmp_path / "pages", ignore_errors=True)
@@ -155,6 +165,16 @@ def test_report_cli_refuses_bad_input_in_one_line(registered, tmp_path):
                      "--landmarks", tmp_path / "nowhere.json", cwd=tmp_path)
     assert done.returncode == 2 and "landmarks file not found" in done.stderr
     assert not (tmp_path / "x.pdf").exists()
+
+
+def test_angle_sensitivity_lines_skip_what_the_registration_did_not_state():
+    from app.report import angle_sensitivity_lines
+
+    assert angle_sensitivity_lines(None) == [] and angle_sensitivity_lines({"about": "x"}) == []
+    row = {"hip_centre_mm_per_deg": 0.5, "femur_mean_mm_per_deg": 1.0, "femur_max_mm_per_deg": None}
+    assert angle_sensitivity_lines({"AP": row}) == []
+    row["femur_max_mm_per_deg"] = 2.0
+    assert angle_sensitivity_lines({"AP": row}, "cm") == ["AP: hip centre 0.050 cm, femur 0.100 cm on average and up to 0.200 cm"]
 
 
 def test_uncertainty_forms_and_normal_ranges():
