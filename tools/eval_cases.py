@@ -78,7 +78,7 @@ if __package__ in (None, ""):
 
 from inference.errors import HipAtlasError  # noqa: E402
 from inference.experiments.simcases import (COMPARED, RENDERERS, VARIANTS, case_plan, covered_name,  # noqa: E402
-                                            dice, error_name, perturb_lateral, register_variant, simulate_case)
+                                            dice, error_name, lateral_perturbed_copy, register_variant, simulate_case)
 from inference.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("eval_cases")
@@ -306,12 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({**base, "error": str(error)})
                 continue
             for angle_error in angle_errors:
-                run_dir = case_dir
-                if angle_error:
-                    run_dir = work / f"case_{index:03d}_lat{angle_error:g}"
-                    shutil.rmtree(run_dir, ignore_errors=True)
-                    shutil.copytree(case_dir, run_dir)
-                    perturb_lateral(run_dir, angle_error)
+                run_dir = lateral_perturbed_copy(case_dir, work, index, angle_error)
                 if args.no_masks:
                     run_dir = _without_masks(run_dir, work / f"nomask_{index:03d}_lat{angle_error:g}")
                 for variant in variants:

@@ -316,7 +316,7 @@ def run_case(index: int, args: argparse.Namespace, work: pathlib.Path, angles_de
     """All rows of case ``index``: one per perturbed view and angle, and with ``net`` the registrations."""
     from inference import io
     from inference.data import simulate
-    from inference.experiments.simcases import case_plan, perturb_lateral, simulate_case
+    from inference.experiments.simcases import case_plan, lateral_perturbed_copy, simulate_case
 
     start = time.perf_counter()
     plan = case_plan(index, args.seed, False, args.sides)
@@ -351,12 +351,8 @@ def run_case(index: int, args: argparse.Namespace, work: pathlib.Path, angles_de
             rows.append(row)
     if net is not None:
         for angle in [0.0, *(a for a in angles_deg if a)]:
-            run_dir = case_dir
+            run_dir = lateral_perturbed_copy(case_dir, work, index, angle)
             if angle:
-                run_dir = work / f"case_{index:03d}_lat{angle:g}"
-                shutil.rmtree(run_dir, ignore_errors=True)
-                shutil.copytree(case_dir, run_dir)
-                perturb_lateral(run_dir, angle)
                 recorded = np.asarray(io.load_case(run_dir).views[1].P, float)
                 if not np.allclose(recorded, pair.recorded("lat", angle)[1], rtol=1e-9, atol=1e-9):
                     raise RuntimeError(f"{run_dir}: perturb_lateral recorded another matrix than P_lat @ T")

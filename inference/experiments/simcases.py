@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import pathlib
+import shutil
 import time
 from typing import Any
 
@@ -242,6 +243,18 @@ def perturb_lateral(case_dir: pathlib.Path, angle_deg: float) -> None:
     back[:3, 3] = -np.asarray(centre)
     raw["views"][1]["projection_matrix"] = (matrices[1] @ move @ rotation @ back).tolist()
     (case_dir / "case.json").write_text(json.dumps(raw, indent=2))
+
+
+def lateral_perturbed_copy(case_dir: pathlib.Path, work: pathlib.Path, index: int, angle_deg: float) -> pathlib.Path:
+    """The case to register with its LAT recorded ``angle_deg`` off: ``case_dir`` itself at 0,
+    else a fresh copy ``work/case_NNN_lat<angle>`` (NNN: ``index``) with :func:`perturb_lateral` applied."""
+    if not angle_deg:
+        return case_dir
+    run_dir = work / f"case_{index:03d}_lat{angle_deg:g}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.copytree(case_dir, run_dir)
+    perturb_lateral(run_dir, angle_deg)
+    return run_dir
 
 
 # --------------------------------------------------------------------------------------------
