@@ -816,8 +816,13 @@ def _angle_sensitivity(job: _Job, outputs: _Outputs, measured: _Measured) -> dic
 
     names = [v.name for v in job.case.views]
     hip = measured.measurements.get("hip_centre_mm")
-    with np.errstate(all="ignore"):
-        entry = angle_sensitivity.sensitivity(list(job.frame.world_projections), outputs.mesh.vertices, hip, names)
+    try:
+        with np.errstate(all="ignore"):
+            entry = angle_sensitivity.sensitivity(list(job.frame.world_projections), outputs.mesh.vertices, hip,
+                                                  names)
+    except (HipAtlasError, ValueError, np.linalg.LinAlgError) as error:  # a statement, never a failed registration
+        log.warning("no angle sensitivity: %s", error)
+        return {"not_computed": str(error)}
     for name in names:
         entry[name] = {k: (v if v is None or np.isfinite(v) else None) for k, v in entry[name].items()}
     return entry

@@ -58,3 +58,21 @@ def test_sensitivity_grows_with_the_distance_from_the_axis():
     # view is off (along y), and little when the AP is (x lies along the AP's rays)
     assert entry["LAT"]["femur_max_mm_per_deg"] == pytest.approx(40.0 * math.tan(math.radians(1.0)), rel=0.1)
     assert entry["AP"]["femur_max_mm_per_deg"] < 0.2
+
+
+def test_a_registration_states_no_sensitivity_rather_than_fail(monkeypatch):
+    """A pair whose sensitivity cannot be computed gets a reason in report.json, not an error."""
+    from types import SimpleNamespace
+
+    from inference import pipeline
+    from inference.errors import DataError
+
+    def refuse(*args, **kwargs):
+        raise DataError("the two views' central rays are parallel")
+
+    monkeypatch.setattr(sens, "sensitivity", refuse)
+    job = SimpleNamespace(case=SimpleNamespace(views=[SimpleNamespace(name="AP"), SimpleNamespace(name="LAT")]),
+                          frame=SimpleNamespace(world_projections=_pair()))
+    entry = pipeline._angle_sensitivity(job, SimpleNamespace(mesh=SimpleNamespace(vertices=np.zeros((3, 3)))),
+                                        SimpleNamespace(measurements={"hip_centre_mm": [0.0, 0.0, 0.0]}))
+    assert entry == {"not_computed": "the two views' central rays are parallel"}
