@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton
 
+from app.report import angle_sensitivity_lines
 from app.steps.base import Step
 
 
@@ -61,6 +62,10 @@ class ReviewStep(Step):
         lines = [f"Surface: {len(result.surface_faces):,} triangles", f"Label grid: {size} voxels"]
         if similarity:
             lines.append("Similarity " + ", ".join(similarity))
+        sensitivity = angle_sensitivity_lines(result.report.get("angle_sensitivity"))
+        if sensitivity:  # report.json -> angle_sensitivity (inference.angle_sensitivity)
+            lines.append("A view's recorded angle 1\u00b0 off would not show in the images but would move "
+                         + "; ".join(sensitivity))
         if result.warnings:
             lines.append(f"<span style='color:#FFB74D'>{len(result.warnings)} warning(s): see Register.</span>")
         self.review_summary.setText("<br>".join(lines))

@@ -98,6 +98,11 @@ def test_open_confirm_register_review_measure(make_window, synthetic_case, qtbot
     after = window.slice_panel.cursor_zyx
     assert after[1] == before[1] and (after[0], after[2]) != (before[0], before[2])
     assert window.surface_view._slice_point == pytest.approx(tuple(window.slice_panel.cursor_world_mm()))
+    # the summary states what a view's angle a degree off would move (report.json -> angle_sensitivity)
+    window.session.result.report["angle_sensitivity"] = {
+        "per_deg_of": 1.0, "AP": {"hip_centre_mm_per_deg": 0.28, "femur_mean_mm_per_deg": 0.36, "femur_max_mm_per_deg": 0.76}}
+    window.review_step.refresh()
+    assert "AP: hip centre 0.28 mm, femur 0.36 mm on average and up to 0.76 mm" in window.review_step.review_summary.text()
 
 
 def test_gui_thread_never_blocks_during_registration(make_window, synthetic_case, qtbot):
