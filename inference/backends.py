@@ -371,9 +371,15 @@ def load_backend(model: Any = None, backend: str | None = None, *, graph: bool =
             raise ConfigError("the ONNX backend needs a model file, not a loaded Keras model")
         return TensorFlowBackend(model, graph=graph)
 
+    return _load_resolved(_resolve_file(model, choice), graph, providers)
+
+
+def _load_resolved(resolved: tuple[str, pathlib.Path, pathlib.Path | None, Any], graph: bool,
+                   providers: list[str] | None) -> InferenceBackend:
+    """The backend of a model file resolved by :func:`_resolve_file` (ONNX backends cached)."""
     from inference import registration
 
-    choice, path, onnx_path, card = _resolve_file(model, choice)
+    choice, path, onnx_path, card = resolved
     if choice == "onnx":
         if onnx_path is None:
             raise ModelError(f"the model {path.name} has no ONNX export; run hipatlas export-onnx "
@@ -426,17 +432,20 @@ def _load_members(models: Sequence[Any], backend: str | None, graph: bool,
     """The backends of an ensemble's ``models``. ONNX Runtime sessions are built side by side:
     each session's graph optimisation runs on one thread, so two models load in 0.19 s instead
     of 0.34 s on the 2-core machine (session 20, ad hoc), time every fresh ``register`` pays."""
-    def load(model: Any) -> InferenceBackend:
-        return load_backend(model, backend, graph=graph, providers=providers)
-
+    if not all(isinstance(m, (str, os.PathLike)) for m in models):
+        return [load_backend(m, backend, graph=graph, providers=providers) for m in models]
     choice = requested_backend(backend)
-    files = all(isinstance(m, (str, os.PathLike)) for m in models)
-    if not files or any(_resolve_file(m, choice)[0] != "onnx" for m in models):
-        return [load(m) for m in models]  # Keras models load one at a time
+    resolved = [_resolve_file(m, choice) for m in models]
+
+    def load(one: tuple[str, pathlib.Path, pathlib.Path | None, Any]) -> InferenceBackend:
+        return _load_resolved(one, graph, providers)
+
+    if any(one[0] != "onnx" for one in resolved):
+        return [load(one) for one in resolved]  # Keras models load one at a time
     import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(len(models), thread_name_prefix="hipatlas-load") as pool:
-        return list(pool.map(load, models))
+        return list(pool.map(load, resolved))
 
 
 def as_backend(net: Any) -> InferenceBackend:

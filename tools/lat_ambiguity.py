@@ -67,7 +67,6 @@ import logging
 import math
 import pathlib
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -371,15 +370,14 @@ def run_case(index: int, args: argparse.Namespace, work: pathlib.Path, angles_de
 # --------------------------------------------------------------------------------------------
 
 def git_commit() -> str:
-    """``git rev-parse HEAD``, with ``+uncommitted changes`` when tracked files differ from it."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+    """The checkout's commit (:func:`inference.provenance.git_commit`), with ``+uncommitted changes``
+    when tracked code differs from it."""
+    from inference.provenance import git_commit as checkout
+
+    state = checkout(REPO)
+    if state["commit"] is None:
         return "unknown"
-    return commit + ("+uncommitted changes" if dirty else "")
+    return state["commit"] + ("+uncommitted changes" if state["dirty"] else "")
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
