@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from typing import Any
 
 import numpy as np
@@ -140,8 +141,6 @@ class Workspace:
     """
 
     def __init__(self):
-        import threading
-
         self.lock = threading.Lock()
         self.arrays: dict[str, np.ndarray] = {}
 
@@ -416,17 +415,54 @@ def _warp_labels_sparse(labels_in: np.ndarray, femur_in: np.ndarray, coords: np.
 
 
 _FINE_ATLAS_CACHE: dict[str, Any] = {}
+#: held while a fine atlas is loaded and its derived arrays are made (a prefetch and a warp)
+_FINE_ATLAS_LOCK = threading.Lock()
+
+
+def _loaded_fine_atlas(name: str):
+    """The fine atlas ``name``, loaded once per process with the arrays every warp of it derives
+    (:func:`warp_fine`'s cached ``volume + 1000``, femur indicator and constant neighbourhoods)."""
+    from inference.data import atlas as atlas_lib
+
+    with _FINE_ATLAS_LOCK:
+        if name not in _FINE_ATLAS_CACHE:
+            fine = atlas_lib.load_atlas(name)
+            volume = np.asarray(fine.volume, np.float32)
+            _plus_1000(volume)
+            constant_neighbourhoods(volume)
+            constant_neighbourhoods(np.asarray(fine.labels))
+            constant_neighbourhoods(femur_indicator(fine))
+            _FINE_ATLAS_CACHE[name] = fine
+        return _FINE_ATLAS_CACHE[name]
+
+
+def prefetch_fine_atlas(name: str = FINE_ATLAS):
+    """Start loading the fine atlas ``name`` (and its derived arrays) on a background thread, unless
+    this process has it: the first full-resolution registration of a process otherwise pays
+    0.3 s for it after the network (``register_case`` starts this before it reads the case, so that
+    it runs beside the case's loading and the model's). A failure is left for the warp, which
+    loads it again and reports it. Returns the :class:`inference.workers.Started` call, or None
+    when there is nothing to do."""
+    from inference import resources, workers  # noqa: F401 - imported here, not beside the caller's imports
+    from inference.data import atlas as atlas_lib  # noqa: F401 - (the thread imports SimpleITK alone)
+
+    if name in _FINE_ATLAS_CACHE:
+        return None
+
+    def load():
+        try:
+            _loaded_fine_atlas(name)
+        except Exception as error:  # noqa: BLE001 - see above
+            log.debug("fine atlas prefetch failed: %s", error)
+
+    return workers.start(load, "fine-atlas")
 
 
 def fine_atlas_for(coarse_atlas, name: str = FINE_ATLAS):
     """The fine atlas ``name`` when it covers the coarse atlas's box twice as finely, else None."""
-    from inference.data import atlas as atlas_lib
-
     if coarse_atlas.grid == name:
         return None
-    if name not in _FINE_ATLAS_CACHE:
-        _FINE_ATLAS_CACHE[name] = atlas_lib.load_atlas(name)
-    fine = _FINE_ATLAS_CACHE[name]
+    fine = _loaded_fine_atlas(name)
     try:
         ratio = spacing_ratio(coarse_atlas.geometry, fine.geometry)
     except DataError as error:
@@ -442,12 +478,18 @@ def pull_back_voxels(outputs: list[np.ndarray], volumes, voxels_kji, source_mm: 
     outline fit's)."""
     from scipy import ndimage
 
+    from inference.workers import thread_map
+
     i2w = np.asarray(grid.index_to_world(), np.float64)
     w2i = np.linalg.inv(i2w)
     index = source_mm @ w2i[:3, :3].T + w2i[:3, 3]  # continuous (i, j, k)
-    coords = [index[:, 2], index[:, 1], index[:, 0]]
-    for out, volume in zip(outputs, volumes):
-        out[voxels_kji] = ndimage.map_coordinates(np.asarray(volume, np.float32), coords, order=1, mode="nearest")
+    coords = np.stack([index[:, 2], index[:, 1], index[:, 0]])
+
+    def pulled(volume):
+        return ndimage.map_coordinates(np.asarray(volume, np.float32), coords, order=1, mode="nearest")
+
+    for out, values in zip(outputs, thread_map(pulled, volumes)):  # the volumes side by side
+        out[voxels_kji] = values
 
 
 def grown_box(voxels_zyx, reach_mm: float, spacing_zyx, shape) -> tuple[np.ndarray, np.ndarray]:

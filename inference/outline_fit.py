@@ -49,6 +49,7 @@ import numpy as np
 from inference.fullres import grown_box, near_boundary, pull_back_voxels
 from inference.mask_proposal import label_points
 from inference.silhouettes import mask_agreement
+from inference.workers import thread_map
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,18 @@ REACH_MARGIN_MM = 1.0
 MAX_RIM_PER_VIEW = 20_000
 
 
+class Refusal(str):
+    """Why :func:`fit_outline` made no fit (the text, for report.json). ``check_masks``: the masks
+    disagree with the reconstruction so that they may be wrong; the registration warns then."""
+
+    check_masks: bool
+
+    def __new__(cls, text: str, *, check_masks: bool = False) -> "Refusal":
+        refusal = super().__new__(cls, text)
+        refusal.check_masks = check_masks
+        return refusal
+
+
 @dataclasses.dataclass(frozen=True)
 class Lattice:
     """A trilinear move field: ``nodes_xyz3[a, b, c]`` is the move (mm) at ``origin_mm + (a, b, c) * spacing_mm``."""
@@ -102,8 +115,8 @@ class Lattice:
         from scipy import ndimage
 
         f = ((np.asarray(points_mm, float) - self.origin_mm) / self.spacing_mm).T
-        return np.stack([ndimage.map_coordinates(self.nodes_xyz3[..., c], f, order=1, mode="nearest")
-                         for c in range(3)], 1)
+        return np.stack(thread_map(lambda c: ndimage.map_coordinates(self.nodes_xyz3[..., c], f, order=1,
+                                                                     mode="nearest"), range(3)), 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +251,13 @@ def _rim_equations(femur_points: np.ndarray, points: np.ndarray, grid, P: np.nda
     return points, rows_3, -distance, agreement
 
 
+def _view_rims(femur_points: np.ndarray, points: np.ndarray, grid, projections: Sequence[np.ndarray],
+               masks: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
+    """:func:`_rim_equations` of every view, the views side by side (:mod:`inference.workers`)."""
+    return thread_map(lambda view: _rim_equations(femur_points, points, grid, np.asarray(view[0], float), view[1]),
+                      list(zip(projections, masks)))
+
+
 def _solve_lattice(points: np.ndarray, rows_3: np.ndarray, rhs: np.ndarray) -> Lattice:
     """The trilinear field whose moves at ``points`` best satisfy ``rows_3 . d = rhs`` (see the
     module docstring)."""
@@ -321,15 +341,15 @@ def fit_outline(soft: np.ndarray, grid, projections: Sequence[np.ndarray], masks
     projections, masks : per view, P (world mm -> pixels) and the femur mask (bool, the
         radiograph's pixels)
 
-    Returns ``(fit, "fitted")``, or None and why no fit was made.
+    Returns ``(fit, "fitted")``, or None and why no fit was made (a :class:`Refusal`).
     """
     if len(masks) < 2 or any(m is None for m in masks):
-        return None, "needs two views with masks"
+        return None, Refusal("needs two views with masks")
     names = [view_names[i] if view_names is not None else f"view {i}" for i in range(len(masks))]
     masks = [np.asarray(m) > 0 for m in masks]
     femur = np.asarray(soft) >= 0.5
     if not femur.any():
-        return None, "the reconstruction has no femur"
+        return None, Refusal("the reconstruction has no femur")
     rounds: list[Lattice] = []
     counts: dict[str, int] = {}
     before: dict[str, float] = {}
@@ -340,24 +360,26 @@ def fit_outline(soft: np.ndarray, grid, projections: Sequence[np.ndarray], masks
             points = _boundary_points(femur, grid)
         equations = []
         femur_points = label_points(femur, grid)  # splatted into each view
-        for name, P, mask in zip(names, projections, masks):
-            rim, rows_3, rhs, agreement = _rim_equations(femur_points, points, grid, np.asarray(P, float), mask)
+        for name, (rim, rows_3, rhs, agreement) in zip(names, _view_rims(femur_points, points, grid, projections,
+                                                                        masks)):
             if round_index == 0:
                 before[name], counts[name] = agreement, len(rim)
                 if agreement < MIN_AGREEMENT:
-                    return None, (f"view '{name}': the reconstruction's outline and the mask disagree too much to be "
-                                  f"fitted (Dice {agreement:.2f}); not fitted: check the mask")
+                    return None, Refusal(f"view '{name}': the reconstruction's outline and the mask disagree too much "
+                                         f"to be fitted (Dice {agreement:.2f}); not fitted: check the mask",
+                                         check_masks=True)
             equations.append((rim, rows_3, rhs))
         if any(len(e[0]) < MIN_RIM for e in equations):
             if not rounds:
-                return None, f"the masks show too little of the femur's outline ({min(counts.values())} rim voxels)"
+                return None, Refusal(f"the masks show too little of the femur's outline ({min(counts.values())} rim "
+                                     "voxels)")
             break
         lattice = _solve_lattice(*(np.concatenate(parts) for parts in zip(*equations)))
         rounds.append(lattice)
         reach = max(reach, float(_moves(rounds, points).max()))
         if reach > MAX_MOVE_MM:
-            return None, (f"the masks' outlines lie up to {reach:.0f} mm from the reconstruction's; not fitted: "
-                          "check that the masks follow the femur")
+            return None, Refusal(f"the masks' outlines lie up to {reach:.0f} mm from the reconstruction's; not "
+                                 "fitted: check that the masks follow the femur", check_masks=True)
         if round_index + 1 < ROUNDS:
             femur = _moved_femur(soft, grid, rounds, reach)
     moves = _moves(rounds, boundary)

@@ -44,6 +44,7 @@ import numpy as np
 from inference.data.shape import _ramp, _unit  # _ramp: the shape modes' C2 fade, 0 at its first argument, 1 at its second
 from inference.fullres import grown_box, near_boundary, pull_back_voxels
 from inference.geometry import project_points
+from inference.workers import thread_map
 
 log = logging.getLogger(__name__)
 
@@ -220,12 +221,14 @@ def fit_shaft(labels: np.ndarray, grid, projections: Sequence[np.ndarray], masks
     du = np.full((len(s_grid), n_views), np.nan)
     ratio = np.full((len(s_grid), n_views), np.nan)
     gradient = np.zeros((len(s_grid), n_views, 2))
-    femur_points = label_points(labels, grid, label)  # splatted into each view
+    femur_points = label_points(labels, grid, label)  # splatted into each view, the views side by side
+    silhouettes = thread_map(lambda view: project_label(labels, grid, np.asarray(projections[view], float),
+                                                        np.shape(masks[view]), label=label, points=femur_points)
+                             >= OUTLINE_MM, used)
     for column, view in enumerate(used):
         projection = np.asarray(projections[view], float)
         mask = (np.asarray(masks[view]) > 0).astype(np.float32)
-        thickness = project_label(labels, grid, projection, mask.shape, label=label, points=femur_points)
-        ours = (thickness >= OUTLINE_MM).astype(np.float32)
+        ours = silhouettes[column].astype(np.float32)
         uv = project_points(projection, centres)
         along = project_points(projection, centres + 5.0 * d) - uv
         for n in range(len(s_grid)):

@@ -64,8 +64,9 @@ def test_a_femur_on_the_masks_stays_and_bad_masks_are_refused(scene):
     fit, reason = outline_fit.fit_outline(soft, grid, projections, masks)
     assert fit is not None, reason
     assert fit.max_move_mm < 1.0 and min(fit.agreement_before.values()) > 0.99
-    assert outline_fit.fit_outline(soft, grid, projections, [masks[0], None]) == (None, "needs two views with masks")
-    # a mask of something else (30 mm away): refused, saying which view
+    fit, reason = outline_fit.fit_outline(soft, grid, projections, [masks[0], None])
+    assert (fit, reason) == (None, "needs two views with masks") and not reason.check_masks  # no warning
+    # a mask of something else (30 mm away): refused, saying which view, and the masks are to be checked
     shifted = [masks[0], np.roll(masks[1], 60, axis=1)]
     fit, reason = outline_fit.fit_outline(soft, grid, projections, shifted, ["AP", "LAT"])
-    assert fit is None and "view 'LAT'" in reason and "not fitted" in reason
+    assert fit is None and "view 'LAT'" in reason and "not fitted" in reason and reason.check_masks

@@ -207,6 +207,31 @@ def test_left_case_is_mirrored_back(left_run):
     np.testing.assert_allclose(result.landmarks_mm["head_centre"], measurements["hip_centre_mm"], atol=8.0)
 
 
+def test_side_by_side_steps_give_what_one_thread_gives(tmp_path, left_run, model_path, monkeypatch):
+    """The views' projections, the overlays drawn beside the measuring and the files written side
+    by side (inference.workers) leave every output as one thread makes it, warnings in order."""
+    from inference import workers
+
+    sim, out, result = left_run
+    monkeypatch.setenv(workers.THREADS_ENV, "1")
+    alone = pipeline.run_to_completion(pipeline.register_case(sim.case_dir, tmp_path / "one", model=model_path))
+    assert list(alone.files) == list(result.files)
+    for key, path in result.files.items():
+        other = alone.files[key]
+        if path.name == "report.json":
+            mine, theirs = (json.loads(p.read_text()) for p in (path, other))
+            for report in (mine, theirs):
+                for volatile in ("timings_s", "created", "case_dir"):
+                    report.pop(volatile)
+            assert mine == theirs
+        elif path.suffix == ".gz":
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(path))),
+                                          sitk.GetArrayFromImage(sitk.ReadImage(str(other))))
+        else:
+            assert path.read_bytes() == other.read_bytes(), path.name
+    assert alone.warnings == result.warnings
+
+
 def test_cancel_stops_without_output(tmp_path, tmp_path_factory, model_path):
     sim = rh.simulated_case(tmp_path_factory.getbasetemp(), "right")
     calls = []

@@ -183,21 +183,14 @@ def _load_model(args):
 
 def _provenance(net) -> dict[str, Any]:
     """Commit of the code and sha256 of the model, for the report."""
-    import subprocess
-
     from inference import registration
+    from inference.provenance import git_commit
 
-    repo = pathlib.Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                    capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", False
+    checkout = git_commit()
+    commit = (checkout["commit"] or "unknown") + ("+uncommitted changes" if checkout.get("dirty") else "")
     identity = net.identity() if hasattr(net, "identity") else registration.model_identity(net)
     members = identity.get("members") or [identity]
-    return {"commit": commit + ("+uncommitted changes" if dirty else ""), "model": identity.get("name"),
+    return {"commit": commit, "model": identity.get("name"),
             "model_sha256": ", ".join(str(m.get("sha256")) for m in members)}
 
 
