@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from inference import workers
 from inference.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -237,8 +238,10 @@ def warp_fine(fine_atlas, psi_coarse: np.ndarray, coarse_grid_placed, coarse_atl
             labels = labels_from_indicators(femur, pelvis)
         else:
             nearest = nearest_voxels(coords, labels_in.shape, workspace)
-            hu = warp_linear_sparse(shifted, coords, nearest, constant_neighbourhoods(volume))
-            labels, femur = _warp_labels_sparse(labels_in, femur_in, coords, nearest)
+            # the intensities and the labels side by side (inference.workers)
+            hu, (labels, femur) = workers.both(
+                lambda: warp_linear_sparse(shifted, coords, nearest, constant_neighbourhoods(volume)),
+                lambda: _warp_labels_sparse(labels_in, femur_in, coords, nearest))
     finally:
         if workspace is not None:
             workspace.lock.release()
