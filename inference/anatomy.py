@@ -225,8 +225,7 @@ def cross_sections(mesh: Mesh, origin_mm: np.ndarray, normal: np.ndarray) -> lis
     # Only triangles whose centre lies within the largest centre-to-corner distance of the plane
     # can cross it: on the registration's ~77k-triangle surface about 1 %, so only their
     # corners' distances to the plane are computed (~260 calls per registration).
-    centres, reach = mesh.face_centres_and_reach()
-    F = mesh.faces[np.flatnonzero(np.abs(centres @ normal - origin @ normal) <= reach)]
+    F = mesh.faces[mesh.faces_near_plane(origin, normal)]
     d = np.zeros(len(V))
     corners = F.ravel()  # with repeats (each writes the same value): cheaper than np.unique's sort
     d[corners] = (V[corners] - origin) @ normal

@@ -99,8 +99,8 @@ def test_cross_sections_skip_only_triangles_the_plane_cannot_cross(synthetic):
         vertices, faces = surface.vertices, surface.faces
 
         @staticmethod
-        def face_centres_and_reach():
-            return np.zeros((len(surface.faces), 3)), np.inf
+        def faces_near_plane(origin_mm, normal):
+            return np.arange(len(surface.faces))
 
     rng = np.random.default_rng(5)
     lo, hi = surface.vertices.min(axis=0), surface.vertices.max(axis=0)

@@ -100,6 +100,21 @@ def test_box_volume_normals_and_closedness():
     assert np.all(np.einsum("ij,ij->i", vn, m.vertices - centre) > 0)
 
 
+def test_faces_near_a_plane_are_those_within_reach_of_it():
+    """The sorted heights kept per normal select exactly what measuring every centroid selects,
+    for parallel planes and for more normals than are kept."""
+    rng = np.random.default_rng(11)
+    sphere = icosphere(20.0, 4, centre=(3.0, -2.0, 40.0))
+    centres, reach = sphere.face_centres_and_reach()
+    normals = [n / np.linalg.norm(n) for n in rng.normal(size=(M.PLANE_NORMALS_KEPT + 2, 3))]
+    for normal in normals + normals[:2]:
+        for height in np.linspace(-25.0, 25.0, 11):
+            origin = np.array([3.0, -2.0, 40.0]) + height * normal + np.cross(normal, [0.3, 0.1, 0.2])
+            expected = np.flatnonzero(np.abs(centres @ normal - origin @ normal) <= reach)
+            np.testing.assert_array_equal(sphere.faces_near_plane(origin, normal), expected)
+    assert len(sphere._cache["plane_heights"]) == M.PLANE_NORMALS_KEPT
+
+
 def test_open_or_inconsistent_meshes_are_not_closed():
     m = box_mesh()
     open_mesh = Mesh(m.vertices, m.faces[:-1])
