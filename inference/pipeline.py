@@ -484,9 +484,9 @@ def _run_network(job: _Job, net, atlas, network, grid, ensemble: bool, cancel, p
             out = _forward(net, _views_on(job, images, moved, net.config.detector_hw), moved)
             return ensemble_lib.field_on_reference(out["psi"][0], shift)
 
-        workers = max(1, min(int(getattr(net, "concurrent_runs", 1)), os.cpu_count() or 1))
+        at_once = max(1, min(int(getattr(net, "concurrent_runs", 1)), os.cpu_count() or 1))
         shifted = yield from _relayed(
-            ensemble_lib.run_passes(shifted_pass, shifts, workers, lambda: _check(cancel)),
+            ensemble_lib.run_passes(shifted_pass, shifts, at_once, lambda: _check(cancel)),
             lambda done: Progress(0.3 + 0.15 * (done + 1) / (len(shifts) + 1),
                                   f"Registering atlas (pass {done + 1} of {len(shifts) + 1})"))
         fields = [psi, *shifted]
