@@ -215,7 +215,9 @@ class _Overlays:
     pictures: dict[str, np.ndarray]
     similarity_ncc: dict[str, float | None]
     mask_agreement_dice: dict[str, float | None]
-    warnings: list[str] = field(default_factory=list)  # for the registration's warnings
+    # for the registration's warnings and timings (the overlays may be drawn on another thread)
+    warnings: list[str] = field(default_factory=list)
+    time_s: float = 0.0
 
 
 def register_case(case_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model: Any = None,
@@ -541,6 +543,7 @@ def _outputs(job: _Job, net, atlas, psi, labels, grid, full_resolution: bool, ca
     measured, overlays = workers.both(lambda: _measure(job, warped),
                                       lambda: _project_outlines(job, labels_out, grid_out))
     job.warnings.extend(overlays.warnings)
+    job.timings["overlay_s"] = overlays.time_s
     outputs = _in_case_world(job, warped, measured, labels_out, grid_out)
     _check(cancel)
     return warped, measured, outputs, overlays
@@ -761,9 +764,9 @@ def _project_outlines(job: _Job, labels: np.ndarray, grid) -> _Overlays:
         overlays.similarity_ncc[view.name] = silhouettes_lib.similarity_ncc(view.image.pixels, projected)
         overlays.mask_agreement_dice[view.name] = agreement = mask_agreement(projected.mask, mask)
         if agreement is not None and agreement < LOW_MASK_AGREEMENT_DICE:
-            overlays.warnings.append(f"view '{view.name}': the reconstruction's projection agrees poorly with the "
-                                f"femur mask (Dice {agreement:.2f}); check the result carefully")
-    job.timings["overlay_s"] = time.perf_counter() - t0
+            overlays.warnings.append(f"view '{view.name}': the reconstruction's projection agrees poorly with "
+                                     f"the femur mask (Dice {agreement:.2f}); check the result carefully")
+    overlays.time_s = time.perf_counter() - t0
     return overlays
 
 
