@@ -429,9 +429,10 @@ def _resolve_file(model: Any, choice: str) -> tuple[str, pathlib.Path, pathlib.P
 
 def _load_members(models: Sequence[Any], backend: str | None, graph: bool,
                   providers: list[str] | None) -> list[InferenceBackend]:
-    """The backends of an ensemble's ``models``. ONNX Runtime sessions are built side by side:
-    each session's graph optimisation runs on one thread, so two models load in 0.19 s instead
-    of 0.34 s on the 2-core machine (session 20, ad hoc), time every fresh ``register`` pays."""
+    """The backends of an ensemble's ``models``. ONNX Runtime sessions are built side by side
+    (:func:`inference.workers.thread_map`): each session's graph optimisation runs on one thread,
+    so two models load in 0.19 s instead of 0.34 s on the 2-core machine (session 20, ad hoc),
+    time every fresh ``register`` pays."""
     if not all(isinstance(m, (str, os.PathLike)) for m in models):
         return [load_backend(m, backend, graph=graph, providers=providers) for m in models]
     choice = requested_backend(backend)
@@ -442,10 +443,9 @@ def _load_members(models: Sequence[Any], backend: str | None, graph: bool,
 
     if any(one[0] != "onnx" for one in resolved):
         return [load(one) for one in resolved]  # Keras models load one at a time
-    import concurrent.futures
+    from inference import workers
 
-    with concurrent.futures.ThreadPoolExecutor(len(models), thread_name_prefix="hipatlas-load") as pool:
-        return list(pool.map(load, resolved))
+    return workers.thread_map(load, resolved)
 
 
 def as_backend(net: Any) -> InferenceBackend:

@@ -439,14 +439,13 @@ def _loaded_fine_atlas(name: str):
         return _FINE_ATLAS_CACHE[name]
 
 
-def prefetch_fine_atlas(name: str = FINE_ATLAS):
+def prefetch_fine_atlas(name: str = FINE_ATLAS) -> threading.Thread | None:
     """Start loading the fine atlas ``name`` (and its derived arrays) on a background thread, unless
     this process has it: the first full-resolution registration of a process otherwise pays
     0.3 s for it after the network (``register_case`` starts this before it reads the case, so that
     it runs beside the case's loading and the model's). A failure is left for the warp, which
-    loads it again and reports it. Returns the :class:`inference.workers.Started` call, or None
-    when there is nothing to do."""
-    from inference import resources, workers  # noqa: F401 - imported here, not beside the caller's imports
+    loads it again and reports it. Returns the thread, or None when there is nothing to do."""
+    from inference import resources  # noqa: F401 - imported on the caller's thread, not beside its imports
     from inference.data import atlas as atlas_lib  # noqa: F401 - (the thread imports SimpleITK alone)
 
     if name in _FINE_ATLAS_CACHE:
@@ -458,7 +457,10 @@ def prefetch_fine_atlas(name: str = FINE_ATLAS):
         except Exception as error:  # noqa: BLE001 - see above
             log.debug("fine atlas prefetch failed: %s", error)
 
-    return workers.start(load, "fine-atlas")
+    # not a daemon: a process that ends meanwhile (a refused case) waits for it, never cuts a read short
+    thread = threading.Thread(target=load, name="hipatlas-fine-atlas")
+    thread.start()
+    return thread
 
 
 def fine_atlas_for(coarse_atlas, name: str = FINE_ATLAS):
@@ -481,8 +483,6 @@ def pull_back_voxels(outputs: list[np.ndarray], volumes, voxels_kji, source_mm: 
     outline fit's)."""
     from scipy import ndimage
 
-    from inference.workers import thread_map
-
     i2w = np.asarray(grid.index_to_world(), np.float64)
     w2i = np.linalg.inv(i2w)
     index = source_mm @ w2i[:3, :3].T + w2i[:3, 3]  # continuous (i, j, k)
@@ -491,7 +491,7 @@ def pull_back_voxels(outputs: list[np.ndarray], volumes, voxels_kji, source_mm: 
     def pulled(volume):
         return ndimage.map_coordinates(np.asarray(volume, np.float32), coords, order=1, mode="nearest")
 
-    for out, values in zip(outputs, thread_map(pulled, volumes)):  # the volumes side by side
+    for out, values in zip(outputs, workers.thread_map(pulled, volumes)):  # the volumes side by side
         out[voxels_kji] = values
 
 

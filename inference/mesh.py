@@ -178,7 +178,7 @@ class Mesh:
         # a window a little wider than the test, then the test itself on the same numbers
         slack = 1e-6 * (abs(level) + reach + 1.0)
         lo, hi = np.searchsorted(sorted_heights, [level - reach - slack, level + reach + slack], side="left")
-        candidates = order[lo:hi + 1] if hi < len(order) else order[lo:]
+        candidates = order[lo:hi + 1]
         return np.sort(candidates[np.abs(heights[candidates] - level) <= reach])
 
     def is_closed(self) -> bool:

@@ -7,7 +7,8 @@ pull-back), and the bulk of that work is in calls that release the GIL: ``np.bin
 ``scipy.ndimage``'s ``map_coordinates``, ``distance_transform_edt``, ``gaussian_filter`` and
 ``binary_erosion`` (each 1.5-1.8x faster as two threads than one after the other on the 2-core
 build machine; ``np.nonzero`` does not release it). :func:`thread_map` runs such parts on the
-calling thread and :data:`max_workers` - 1 pool threads.
+calling thread and :data:`max_workers` - 1 pool threads. An ensemble's ONNX Runtime sessions are
+built through it too (:mod:`inference.backends`).
 
 The results are those of a plain loop, in order: every part computes the same values from the
 same inputs, only at the same time. Parts must not depend on each other or write to shared
@@ -115,34 +116,3 @@ def both(first: Callable[[], R], second: Callable[[], T]) -> tuple[R, T]:
     a, b = thread_map(lambda f: f(), [first, second])
     return a, b
 
-
-class Started:
-    """A call running on its own thread (:func:`start`); :meth:`result` waits for it."""
-
-    def __init__(self, function: Callable[[], R], name: str):
-        self._result = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(function,), name=name)
-        self._thread.start()
-
-    def _run(self, function) -> None:
-        try:
-            self._result = function()
-        except BaseException as error:  # noqa: BLE001 - handed to whoever asks for the result
-            self._error = error
-
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def result(self):
-        """The call's return value, or its exception raised here, once it has finished."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-
-def start(function: Callable[[], R], name: str) -> Started:
-    """Run ``function()`` on a new thread (not a daemon: a process that ends meanwhile waits for
-    it rather than cutting a file read short) and return at once."""
-    return Started(function, f"hipatlas-{name}")

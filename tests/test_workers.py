@@ -79,21 +79,13 @@ def test_both_returns_the_pair(two_threads):
     assert workers.both(lambda: "a", lambda: 2) == ("a", 2)
 
 
-def test_a_started_call_hands_back_its_result_or_its_error():
-    assert workers.start(lambda: 41 + 1, "test").result() == 42
-    started = workers.start(lambda: 1 / 0, "test")
-    with pytest.raises(ZeroDivisionError):
-        started.result()
-    assert started.done()
-
-
 def test_the_fine_atlas_prefetch_loads_what_the_warp_uses(monkeypatch):
     from inference.data import atlas as atlas_lib
 
     monkeypatch.setattr(fullres, "_FINE_ATLAS_CACHE", {})
-    started = fullres.prefetch_fine_atlas()
-    assert started is not None
-    started.result()
+    thread = fullres.prefetch_fine_atlas()
+    assert thread is not None
+    thread.join()
     fine = fullres._FINE_ATLAS_CACHE[fullres.FINE_ATLAS]
     assert fullres.prefetch_fine_atlas() is None  # nothing left to do
     compact = atlas_lib.load_atlas("compact")
